@@ -1,0 +1,28 @@
+// GuestRegion: one guest memory region as Firecracker describes it in the
+// uffd handshake (see shared DESIGN.md §2).
+//
+// A plain value type. `offset` is the region's byte offset in the memory
+// snapshot file; Firecracker lays regions out back to back in order, so the
+// file size is the sum of region sizes. `page_size` is in bytes (4096 or
+// 2097152) whatever the JSON field name says.
+#pragma once
+
+#include <cstdint>
+
+namespace faultline {
+
+inline constexpr uint64_t kPageSize4K = 4096;
+inline constexpr uint64_t kPageSize2M = 2ull * 1024 * 1024;
+
+struct GuestRegion {
+  uint64_t base_host_virt_addr = 0;  // start of the region in the client's address space
+  uint64_t size = 0;                 // bytes
+  uint64_t offset = 0;               // byte offset of the region in the memory file
+  uint64_t page_size = kPageSize4K;  // bytes
+
+  uint64_t end() const { return base_host_virt_addr + size; }
+  bool contains(uint64_t addr) const { return addr >= base_host_virt_addr && addr < end(); }
+  friend bool operator==(const GuestRegion&, const GuestRegion&) = default;
+};
+
+}  // namespace faultline

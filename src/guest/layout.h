@@ -1,0 +1,65 @@
+// GuestLayout: the guest's memory regions, validated against the memory file,
+// and the arithmetic from a client address to a page and a file offset.
+//
+// Immutable after create(): safe for concurrent use from any thread.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "guest/region.h"
+
+namespace faultline {
+
+// Where one guest page lives.
+struct PageLocation {
+  uint32_t region = 0;       // index into regions()
+  uint64_t page_index = 0;   // global index over all regions' pages (page-state table slot)
+  uint64_t address = 0;      // page-aligned client address
+  uint64_t file_offset = 0;  // byte offset of the page in the memory file
+  uint64_t page_size = 0;    // bytes
+};
+
+// A run of whole pages of one region, e.g. the pages a REMOVE covers.
+struct PageRange {
+  uint32_t region = 0;
+  uint64_t first_page = 0;  // global page index
+  uint64_t page_count = 0;
+  uint64_t address = 0;     // client address of the first page
+  uint64_t page_size = 0;
+};
+
+class GuestLayout {
+ public:
+  // Validates the regions: page size 4 KiB or 2 MiB; base, size and offset
+  // aligned to the page size; size > 0; no two regions overlapping in the
+  // client's address space or in the file; every region inside the file
+  // (offset + size <= memory_file_size, no overflow). Each failure is an
+  // error naming the region and the numbers.
+  static Result<GuestLayout> create(std::vector<GuestRegion> regions, uint64_t memory_file_size);
+
+  const std::vector<GuestRegion>& regions() const { return regions_; }
+  uint64_t page_count() const { return page_count_; }
+  uint64_t total_bytes() const { return total_bytes_; }
+
+  // The page containing `address`, or nullopt when no region holds it.
+  std::optional<PageLocation> locate(uint64_t address) const;
+  // Location of a page by its global index. REQUIRES: index < page_count().
+  PageLocation page(uint64_t index) const;
+
+  // The whole pages inside [start, end), split per region. Partial pages at
+  // either end are left out: the kernel only drops whole pages, so a partial
+  // page keeps its contents.
+  std::vector<PageRange> whole_pages_in(uint64_t start, uint64_t end) const;
+
+ private:
+  std::vector<GuestRegion> regions_;
+  std::vector<uint64_t> first_page_;  // global index of each region's first page
+  uint64_t page_count_ = 0;
+  uint64_t total_bytes_ = 0;
+};
+
+}  // namespace faultline

@@ -1,0 +1,76 @@
+// PageStateTable: what faultline knows about every guest page, one byte per
+// page, readable and updatable from any thread without a lock.
+//
+// The state decides where a page's next install comes from: the snapshot only
+// while the page has never been removed; zero after any REMOVE. It also
+// records whether the page was installed for a write (dirty from the start).
+//
+// Thread-safety: every operation is a single atomic access on the page's byte;
+// safe for concurrent use. Ordering between a REMOVE and a racing install is
+// NOT this table's job: see server/install_fence.h.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+namespace faultline {
+
+enum class PageState : uint8_t {
+  kUntouched = 0,  // never installed; the next fault is served from the snapshot
+  kSnapshot = 1,   // installed from the snapshot
+  kZero = 2,       // installed as zeros (after a REMOVE)
+  kRemoved = 3,    // removed since its last install; the next fault is served zero
+};
+const char* to_string(PageState state);
+
+class PageStateTable {
+ public:
+  explicit PageStateTable(uint64_t page_count)
+      : count_(page_count), bytes_(std::make_unique<std::atomic<uint8_t>[]>(page_count)) {
+    for (uint64_t i = 0; i < count_; ++i) bytes_[i].store(0, std::memory_order_relaxed);
+  }
+  PageStateTable(const PageStateTable&) = delete;
+  PageStateTable& operator=(const PageStateTable&) = delete;
+
+  uint64_t size() const { return count_; }
+
+  PageState state(uint64_t page) const { return decode(bytes_[page].load(std::memory_order_acquire)); }
+  bool written(uint64_t page) const {
+    return (bytes_[page].load(std::memory_order_acquire) & kWrittenBit) != 0;
+  }
+
+  // Whether a fault on this page must be served zero: true once it was ever
+  // removed, because the guest gave the page back and its snapshot bytes are
+  // stale from then on.
+  static bool serves_zero(PageState s) { return s == PageState::kZero || s == PageState::kRemoved; }
+
+  // REMOVE: the page reads zero from its next fault on.
+  void mark_removed(uint64_t page) { bytes_[page].store(static_cast<uint8_t>(PageState::kRemoved), std::memory_order_release); }
+
+  // Records an install, unless the state moved away from `expected` meanwhile
+  // (a REMOVE won the race: keep kRemoved). Returns whether it was recorded.
+  bool record_install(uint64_t page, PageState expected, PageState installed, bool for_write) {
+    uint8_t cur = bytes_[page].load(std::memory_order_acquire);
+    const uint8_t next = static_cast<uint8_t>(installed) | (for_write ? kWrittenBit : 0);
+    while (decode(cur) == expected) {
+      if (bytes_[page].compare_exchange_weak(cur, next, std::memory_order_acq_rel)) return true;
+    }
+    return false;
+  }
+
+  // The guest wrote an installed page (a write-protect fault was resolved).
+  void mark_written(uint64_t page) { bytes_[page].fetch_or(kWrittenBit, std::memory_order_acq_rel); }
+
+  static constexpr size_t kBytesPerPage = 1;
+
+ private:
+  static constexpr uint8_t kStateMask = 0x0f;
+  static constexpr uint8_t kWrittenBit = 0x10;
+  static PageState decode(uint8_t b) { return static_cast<PageState>(b & kStateMask); }
+
+  uint64_t count_;
+  std::unique_ptr<std::atomic<uint8_t>[]> bytes_;
+};
+
+}  // namespace faultline

@@ -1,0 +1,48 @@
+// Facts about the client process that only /proc and pidfds can tell.
+//
+// Thread-safety: free functions are safe from any thread; a PeerProcess may be
+// used from several threads once created.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "common/unique_fd.h"
+
+namespace faultline::kernel {
+
+// A handle on the peer (Firecracker) process that survives pid reuse: signals
+// go through the pidfd, so a recycled pid is never killed by mistake.
+class PeerProcess {
+ public:
+  PeerProcess() = default;
+  // pidfd_open(pid). Fails with ESRCH if the process is already gone.
+  static Result<PeerProcess> open(pid_t pid);
+
+  pid_t pid() const { return pid_; }
+  // Readable (POLLIN) once the process has exited.
+  int pidfd() const { return pidfd_.get(); }
+  bool exited() const;
+  // SIGKILL through the pidfd. Returns an error if it could not be sent.
+  Status kill() const;
+
+ private:
+  pid_t pid_ = 0;
+  UniqueFd pidfd_;
+};
+
+// Whether every VMA of `pid` covering [start, start+len) is registered with
+// the uffd in write-protect mode (VmFlags "uw" in /proc/PID/smaps). The server
+// cannot ask the uffd which modes the client registered, and guessing wrong
+// either loses dirty tracking (no WP) or makes every install fail (EINVAL).
+Result<bool> range_registered_for_wp(pid_t pid, uint64_t start, uint64_t len);
+
+// Reads /proc/PID/pagemap entries for `count` 4 KiB pages from `start`.
+// Bit 63 present, bit 57 uffd-wp (see uffd_abi.h).
+Result<std::vector<uint64_t>> read_pagemap(pid_t pid, uint64_t start, size_t count);
+
+}  // namespace faultline::kernel

@@ -1,0 +1,176 @@
+#include "server/server.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <array>
+
+#include "kernel/process.h"
+#include "protocol/handshake_socket.h"
+
+namespace faultline {
+
+struct Server::Connection {
+  uint64_t id = 0;
+  UniqueFd fd;
+  std::thread thread;
+  std::atomic<bool> done{false};
+  std::mutex mu;
+  std::unique_ptr<Session> session;  // GUARDED_BY(mu) while starting; then read-only
+};
+
+Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const Logger& logger) {
+  auto memory = MemoryFile::open(config.memory_path);
+  if (!memory) return std::unexpected(memory.error());
+  auto listener = protocol::UnixListener::bind(config.socket_path);
+  if (!listener) return std::unexpected(listener.error());
+  return std::unique_ptr<Server>(new Server(config, logger, std::move(*memory), std::move(*listener)));
+}
+
+Server::Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
+               protocol::UnixListener listener)
+    : config_(std::move(config)), log_(logger), memory_(std::move(memory)), listener_(std::move(listener)) {
+  stop_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+}
+
+Server::~Server() {
+  stop();
+  reap(true);
+}
+
+void Server::stop() {
+  uint64_t one = 1;
+  (void)!::write(stop_efd_.get(), &one, sizeof one);
+}
+
+Status Server::run() {
+  log_.info("server_start", {{"socket", config_.socket_path},
+                             {"memory", config_.memory_path},
+                             {"memory_bytes", memory_->size()},
+                             {"workers_per_session", config_.workers_per_session},
+                             {"on_fatal", to_string(config_.on_fatal)}});
+  for (;;) {
+    std::array<pollfd, 2> fds{{{listener_.fd(), POLLIN, 0}, {stop_efd_.get(), POLLIN, 0}}};
+    // Wake up now and then to join the threads of sessions that ended.
+    const int rc = ::poll(fds.data(), fds.size(), 200);
+    if (rc < 0 && errno != EINTR) return fail_errno("poll on the listening socket failed");
+    reap(false);
+    if (fds[1].revents) break;
+    if (rc <= 0 || !(fds[0].revents & POLLIN)) continue;
+    int cfd = ::accept4(listener_.fd(), nullptr, nullptr, SOCK_CLOEXEC);
+    if (cfd < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
+      log_.error("accept_failed", {{"error", std::string(std::strerror(errno))}});
+      continue;
+    }
+    auto c = std::make_unique<Connection>();
+    c->id = next_id_++;
+    c->fd.reset(cfd);
+    Connection* raw = c.get();
+    {
+      std::lock_guard lock(mu_);
+      connections_.push_back(std::move(c));
+    }
+    raw->thread = std::thread([this, raw] { handle_connection(*raw); });
+  }
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+    for (auto& c : connections_) {
+      std::lock_guard clock(c->mu);
+      if (c->session) c->session->stop();
+    }
+  }
+  reap(true);
+  log_.info("server_stop", {{"sessions", finished_sessions().size()}});
+  return {};
+}
+
+void Server::handle_connection(Connection& c) {
+  protocol::HandshakeOptions options;
+  options.timeout = config_.handshake_timeout;
+  auto hs = protocol::receive_handshake(std::move(c.fd), options);
+  if (!hs) {
+    log_.error("handshake_failed", {{"session", c.id}, {"error", hs.error().describe()}});
+    std::lock_guard lock(mu_);
+    rejected_.push_back(hs.error().describe());
+    c.done = true;
+    ended_cv_.notify_all();
+    return;
+  }
+  const pid_t pid = hs->peer.pid;
+  SessionConfig sc{.id = c.id, .workers = config_.workers_per_session, .on_fatal = config_.on_fatal, .logger = &log_};
+  auto session = Session::start(std::move(*hs), memory_, sc);
+  if (!session) {
+    // We hold the VM's uffd and cannot serve it: the guest would hang.
+    bool killed = false;
+    if (config_.on_fatal == OnFatal::kKill) {
+      if (auto peer = kernel::PeerProcess::open(pid)) killed = peer->kill().has_value();
+    }
+    log_.error("session_rejected", {{"session", c.id}, {"pid", pid}, {"error", session.error().describe()},
+                                    {"peer_killed", killed}, {"on_fatal", to_string(config_.on_fatal)}});
+    std::lock_guard lock(mu_);
+    rejected_.push_back(session.error().describe());
+    c.done = true;
+    ended_cv_.notify_all();
+    return;
+  }
+  Session* s = session->get();
+  {
+    std::lock_guard lock(mu_);
+    std::lock_guard clock(c.mu);
+    c.session = std::move(*session);
+    if (stopping_) s->stop();
+  }
+  s->wait();
+  std::lock_guard lock(mu_);
+  finished_.push_back(s->summary());
+  c.done = true;
+  ended_cv_.notify_all();
+}
+
+void Server::reap(bool all) {
+  std::list<std::unique_ptr<Connection>> done;
+  {
+    std::unique_lock lock(mu_);
+    for (auto it = connections_.begin(); it != connections_.end();) {
+      if (all || (*it)->done) {
+        done.push_back(std::move(*it));
+        it = connections_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& c : done) {
+    if (c->thread.joinable()) c->thread.join();
+  }
+}
+
+std::vector<SessionSummary> Server::finished_sessions() const {
+  std::lock_guard lock(mu_);
+  return finished_;
+}
+
+std::vector<std::string> Server::rejected_connections() const {
+  std::lock_guard lock(mu_);
+  return rejected_;
+}
+
+size_t Server::active_sessions() const {
+  std::lock_guard lock(mu_);
+  size_t n = 0;
+  for (const auto& c : connections_) n += c->done ? 0 : 1;
+  return n;
+}
+
+bool Server::wait_for_ended(size_t n, std::chrono::milliseconds timeout) const {
+  std::unique_lock lock(mu_);
+  return ended_cv_.wait_for(lock, timeout, [&] { return finished_.size() + rejected_.size() >= n; });
+}
+
+}  // namespace faultline

@@ -1,0 +1,85 @@
+// Server: the faultline daemon's core. Listens on one Unix socket and serves
+// every VM that connects from one memory snapshot file, one Session per
+// connection, several at once. A session that fails (bad handshake, bad
+// regions, truncated file, dead client) ends alone; the server keeps running.
+//
+// Model: one memory file per socket. Run one `faultline serve` per snapshot
+// (or per VM), each on its own socket.
+//
+// Thread-safety: run() from one thread; stop() from any thread or a signal
+// handler (it only writes an eventfd); the query methods from any thread.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "common/unique_fd.h"
+#include "protocol/handshake_socket.h"
+#include "server/session.h"
+#include "source/page_source.h"
+
+namespace faultline {
+
+struct ServerConfig {
+  std::string socket_path;
+  std::string memory_path;
+  int workers_per_session = 2;
+  OnFatal on_fatal = OnFatal::kKill;
+  std::chrono::milliseconds handshake_timeout{5000};
+};
+
+class Server {
+ public:
+  // Opens the memory file and binds the socket; serving starts with run().
+  static Result<std::unique_ptr<Server>> create(const ServerConfig& config, const Logger& logger);
+  ~Server();
+
+  // Serves until stop(). Live sessions are then stopped (their peers killed
+  // unless on_fatal == kLeave) and joined before run() returns.
+  Status run();
+  // Async-signal-safe.
+  void stop();
+
+  // Summaries of sessions that have ended, in the order they ended.
+  std::vector<SessionSummary> finished_sessions() const;
+  // Handshake failures so far (sessions that never started), with reasons.
+  std::vector<std::string> rejected_connections() const;
+  size_t active_sessions() const;
+  // Blocks until at least `n` sessions have ended or were rejected in total,
+  // or `timeout` passed. Returns whether the count was reached.
+  bool wait_for_ended(size_t n, std::chrono::milliseconds timeout) const;
+
+  const std::string& socket_path() const { return config_.socket_path; }
+
+ private:
+  struct Connection;
+  Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
+         protocol::UnixListener listener);
+  void handle_connection(Connection& c);
+  void reap(bool all);
+
+  const ServerConfig config_;
+  const Logger& log_;
+  std::shared_ptr<MemoryFile> memory_;
+  protocol::UnixListener listener_;  // unlinks the socket path when destroyed
+  UniqueFd stop_efd_;
+  uint64_t next_id_ = 1;
+
+  mutable std::mutex mu_;
+  mutable std::condition_variable ended_cv_;
+  std::list<std::unique_ptr<Connection>> connections_;  // GUARDED_BY(mu_)
+  std::vector<SessionSummary> finished_;                // GUARDED_BY(mu_)
+  std::vector<std::string> rejected_;                   // GUARDED_BY(mu_)
+  bool stopping_ = false;                               // GUARDED_BY(mu_)
+};
+
+}  // namespace faultline

@@ -1,0 +1,477 @@
+#include "server/session.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+
+#include "server/fault_ring.h"
+#include "server/install_fence.h"
+#include "server/test_hooks.h"
+#include "server/wake_signal.h"
+
+namespace faultline {
+
+const char* to_string(OnFatal v) { return v == OnFatal::kKill ? "kill" : "leave"; }
+
+const char* to_string(SessionEnd e) {
+  switch (e) {
+    case SessionEnd::kRunning: return "running";
+    case SessionEnd::kPeerExited: return "peer_exited";
+    case SessionEnd::kSocketClosed: return "socket_closed";
+    case SessionEnd::kPeerGone: return "peer_gone";
+    case SessionEnd::kStopped: return "stopped";
+    case SessionEnd::kFatal: return "fatal";
+  }
+  return "?";
+}
+
+namespace {
+
+// Enough for every vCPU thread of any VM to have a fault outstanding; the
+// reader spills to an overflow list beyond it rather than stop draining.
+constexpr size_t kRingCapacity = 16384;
+constexpr size_t kReadBatch = 64;
+
+std::string hex(uint64_t v) {
+  char buf[24];
+  std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+struct FreeDeleter {
+  void operator()(uint8_t* p) const { std::free(p); }
+};
+
+}  // namespace
+
+struct Session::Worker {
+  explicit Worker(size_t i, uint64_t buffer_size)
+      : index(i), ring(kRingCapacity), buffer(static_cast<uint8_t*>(std::aligned_alloc(4096, buffer_size))) {
+    deferred.reserve(1024);
+  }
+  size_t index;
+  FaultRing ring;
+  WakeSignal signal;
+  std::unique_ptr<uint8_t, FreeDeleter> buffer;  // staged snapshot bytes, one page of the largest size
+  std::vector<kernel::PageFault> deferred;       // faults that hit EAGAIN; owned by the worker thread
+  uint64_t deferred_generation = 0;
+  std::thread thread;
+  std::atomic<uint64_t> pages_snapshot{0}, pages_zero{0}, bytes{0}, exists{0}, retries{0};
+};
+
+Result<std::unique_ptr<Session>> Session::start(protocol::Handshake handshake,
+                                                std::shared_ptr<const PageSource> source,
+                                                const SessionConfig& config) {
+  auto layout = GuestLayout::create(handshake.regions, source->size());
+  if (!layout) return std::unexpected(layout.error());
+  if (config.workers < 1) return fail("a session needs at least one worker");
+  return std::unique_ptr<Session>(new Session(std::move(handshake), std::move(*layout), std::move(source), config));
+}
+
+Session::Session(protocol::Handshake handshake, GuestLayout layout, std::shared_ptr<const PageSource> source,
+                 const SessionConfig& config)
+    : config_(config),
+      log_(*config.logger),
+      handshake_(std::move(handshake)),
+      uffd_(std::move(handshake_.uffd)),
+      layout_(std::move(layout)),
+      source_(std::move(source)),
+      pages_(std::make_unique<PageStateTable>(layout_.page_count())),
+      started_(std::chrono::steady_clock::now()) {
+  stop_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  finished_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+
+  if (auto p = kernel::PeerProcess::open(handshake_.peer.pid)) {
+    peer_ = std::move(*p);
+  } else {
+    log_.warn("peer_pidfd_failed", {{"session", config_.id}, {"pid", handshake_.peer.pid},
+                                    {"error", p.error().describe()}});
+  }
+
+  uint64_t max_page = kPageSize4K;
+  for (const GuestRegion& r : layout_.regions()) {
+    max_page = std::max(max_page, r.page_size);
+    // The uffd cannot tell which modes the client registered; smaps can.
+    auto wp = kernel::range_registered_for_wp(handshake_.peer.pid, r.base_host_virt_addr, r.size);
+    region_wp_.push_back(wp.value_or(false));
+    any_wp_ = any_wp_ || region_wp_.back();
+  }
+  zero_page_ = std::unique_ptr<uint8_t[], void (*)(void*)>(static_cast<uint8_t*>(std::aligned_alloc(4096, max_page)),
+                                                         std::free);
+  std::memset(zero_page_.get(), 0, max_page);
+
+  // Firecracker >= 1.12 (the format with both page-size fields) keeps its end
+  // of the socket open for its whole life, so EOF there means it exited.
+  // Older versions close right after sending: EOF means nothing.
+  watch_socket_eof_ = handshake_.format == protocol::HandshakeFormat::kBothFields && !handshake_.peer_closed;
+
+  fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers));
+  for (int i = 0; i < config_.workers; ++i) workers_.push_back(std::make_unique<Worker>(i, max_page));
+  for (auto& w : workers_) w->thread = std::thread([this, wp = w.get()] { worker_loop(*wp); });
+  reader_ = std::thread([this] { reader_loop(); });
+
+  log_.info("session_start", {{"session", config_.id},
+                              {"pid", handshake_.peer.pid},
+                              {"regions", layout_.regions().size()},
+                              {"guest_bytes", layout_.total_bytes()},
+                              {"page_size", layout_.regions().front().page_size},
+                              {"format", protocol::to_string(handshake_.format)},
+                              {"write_protect", any_wp_},
+                              {"workers", config_.workers},
+                              {"extra_fds", handshake_.extra_fds.size()}});
+}
+
+Session::~Session() {
+  stop();
+  wait();
+}
+
+void Session::stop() { end(SessionEnd::kStopped); }
+
+void Session::end(SessionEnd reason, std::string error) {
+  bool kill = false;
+  {
+    std::lock_guard lock(end_mu_);
+    if (end_reason_ != SessionEnd::kRunning) return;
+    end_reason_ = reason;
+    end_error_ = std::move(error);
+    // The guest cannot be served any more but still runs: killing it is the
+    // only way not to leave it hanging on a fault forever.
+    kill = (reason == SessionEnd::kFatal || reason == SessionEnd::kStopped) && config_.on_fatal == OnFatal::kKill &&
+           !peer_.exited();
+    if (kill) peer_killed_ = peer_.kill().has_value();
+  }
+  if (reason == SessionEnd::kFatal) {
+    log_.error("session_fatal", {{"session", config_.id}, {"pid", handshake_.peer.pid}, {"error", end_error_},
+                                 {"peer_killed", peer_killed_}, {"on_fatal", to_string(config_.on_fatal)}});
+  }
+  stopping_.store(true, std::memory_order_release);
+  uint64_t one = 1;
+  (void)!::write(stop_efd_.get(), &one, sizeof one);
+  for (auto& w : workers_) w->signal.notify();
+}
+
+void Session::wait() {
+  if (reader_.joinable()) reader_.join();
+  for (auto& w : workers_) {
+    if (w->thread.joinable()) w->thread.join();
+  }
+  std::call_once(finish_once_, [this] { finish(); });
+}
+
+void Session::finish() {
+  finished_ns_.store(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - started_)
+                         .count(),
+                     std::memory_order_release);
+  SessionSummary s = summary();
+  log_.info("session_end", {{"session", s.id},
+                            {"pid", s.peer_pid},
+                            {"reason", to_string(s.end)},
+                            {"faults", s.counters.faults},
+                            {"pages_snapshot", s.counters.pages_snapshot},
+                            {"pages_zero", s.counters.pages_zero},
+                            {"bytes", s.counters.bytes_installed},
+                            {"already_present", s.counters.already_present},
+                            {"retries", s.counters.retries},
+                            {"removes", s.counters.removes},
+                            {"removed_pages", s.counters.removed_pages},
+                            {"seconds", s.seconds},
+                            {"peer_killed", s.peer_killed}});
+  finished_.store(true, std::memory_order_release);
+  uint64_t one = 1;
+  (void)!::write(finished_efd_.get(), &one, sizeof one);
+}
+
+SessionSummary Session::summary() const {
+  SessionSummary s;
+  s.id = config_.id;
+  s.peer_pid = handshake_.peer.pid;
+  {
+    std::lock_guard lock(end_mu_);
+    s.end = end_reason_;
+    s.error = end_error_;
+    s.peer_killed = peer_killed_;
+  }
+  s.write_protect = any_wp_;
+  s.counters.faults = faults_read_.load(std::memory_order_relaxed);
+  s.counters.removes = removes_.load(std::memory_order_relaxed);
+  s.counters.removed_pages = removed_pages_.load(std::memory_order_relaxed);
+  for (const auto& w : workers_) {
+    s.counters.pages_snapshot += w->pages_snapshot.load(std::memory_order_relaxed);
+    s.counters.pages_zero += w->pages_zero.load(std::memory_order_relaxed);
+    s.counters.bytes_installed += w->bytes.load(std::memory_order_relaxed);
+    s.counters.already_present += w->exists.load(std::memory_order_relaxed);
+    s.counters.retries += w->retries.load(std::memory_order_relaxed);
+  }
+  const int64_t ns = finished_ns_.load(std::memory_order_acquire);
+  s.seconds = ns > 0 ? static_cast<double>(ns) / 1e9
+                     : std::chrono::duration<double>(std::chrono::steady_clock::now() - started_).count();
+  return s;
+}
+
+// --- event reader --------------------------------------------------------
+
+void Session::handle_remove(const kernel::RemoveEvent& ev) {
+  uint64_t pages = 0;
+  for (const PageRange& r : layout_.whole_pages_in(ev.start, ev.end)) {
+    for (uint64_t p = r.first_page; p < r.first_page + r.page_count; ++p) pages_->mark_removed(p);
+    pages += r.page_count;
+  }
+  removes_.fetch_add(1, std::memory_order_relaxed);
+  removed_pages_.fetch_add(pages, std::memory_order_relaxed);
+}
+
+void Session::reader_loop() {
+  std::array<kernel::UffdEvent, kReadBatch> batch;
+  std::vector<std::pair<size_t, kernel::PageFault>> overflow;  // faults a full ring could not take
+  uint64_t generation = 0;
+  int socket_fd = handshake_.connection.get();
+
+  while (!stopping_.load(std::memory_order_acquire)) {
+    std::array<pollfd, 4> fds{};
+    fds[0] = {uffd_.fd(), POLLIN, 0};
+    fds[1] = {stop_efd_.get(), POLLIN, 0};
+    fds[2] = {peer_.pidfd(), POLLIN, 0};
+    fds[3] = {watch_socket_eof_ ? socket_fd : -1, POLLIN | POLLRDHUP, 0};
+    const int rc = ::poll(fds.data(), fds.size(), overflow.empty() ? -1 : 1);
+    if (rc < 0) {
+      if (errno == EINTR) continue;
+      end(SessionEnd::kFatal, std::string("poll failed: ") + std::strerror(errno));
+      break;
+    }
+    if (fds[1].revents) break;
+    if (fds[2].revents & POLLIN) {
+      end(SessionEnd::kPeerExited);
+      break;
+    }
+    if (fds[3].revents) {
+      char buf[256];
+      const ssize_t n = ::recv(socket_fd, buf, sizeof buf, MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) {
+        end(SessionEnd::kSocketClosed);
+        break;
+      }
+      // Firecracker sends nothing after the handshake; stray bytes are ignored.
+    }
+    if (fds[0].revents & (POLLIN | POLLERR)) {
+      for (;;) {
+        FAULTLINE_HOOK(HookPoint::kReaderBeforeRead, {});
+        fence_->begin_read();
+        auto n = uffd_.read_events(batch);
+        // REMOVEs are recorded before any snapshot install may run again.
+        if (n) {
+          for (size_t i = 0; i < *n; ++i) {
+            if (auto* rm = std::get_if<kernel::RemoveEvent>(&batch[i])) handle_remove(*rm);
+            if (auto* um = std::get_if<kernel::UnmapEvent>(&batch[i])) handle_remove({um->start, um->end});
+          }
+        }
+        fence_->end_read();
+        if (!n) {
+          end(SessionEnd::kFatal, n.error().describe());
+          break;
+        }
+        if (*n == 0) break;
+        ++generation;
+        for (size_t i = 0; i < *n; ++i) {
+          if (auto* f = std::get_if<kernel::PageFault>(&batch[i])) {
+            faults_read_.fetch_add(1, std::memory_order_relaxed);
+            auto loc = layout_.locate(f->address);
+            if (!loc) {
+              end(SessionEnd::kFatal, "fault at " + hex(f->address) +
+                                          " lies outside every region of the handshake: the client registered "
+                                          "memory it did not describe");
+              break;
+            }
+            const size_t w = loc->page_index % workers_.size();
+            if (!overflow.empty() || !workers_[w]->ring.push(*f)) overflow.emplace_back(w, *f);
+            workers_[w]->signal.notify();
+          } else if (auto* fk = std::get_if<kernel::ForkEvent>(&batch[i])) {
+            // The child's uffd arrived as a new fd in our table. Closing it
+            // unregisters the child's ranges: it faults like plain memory.
+            ::close(fk->child_uffd);
+            log_.error("fork_refused", {{"session", config_.id},
+                                        {"error", "the VM process forked with UFFD_FEATURE_EVENT_FORK; faultline "
+                                                  "serves only the original process"}});
+          } else if (auto* rm = std::get_if<kernel::RemapEvent>(&batch[i])) {
+            end(SessionEnd::kFatal, "guest memory was moved by mremap (" + hex(rm->from) + " -> " + hex(rm->to) +
+                                        "); faultline does not follow remapped regions yet");
+          } else if (auto* u = std::get_if<kernel::UnknownEvent>(&batch[i])) {
+            end(SessionEnd::kFatal, "unknown userfaultfd event " + std::to_string(u->event));
+          }
+        }
+        // Faults deferred on EAGAIN can make progress now that events were read.
+        for (auto& w : workers_) w->signal.notify();
+        if (stopping_.load(std::memory_order_acquire)) break;
+      }
+    }
+    // Hand spilled faults to their workers as rings drain, in arrival order.
+    size_t kept = 0;
+    for (auto& [w, f] : overflow) {
+      if (kept > 0 || !workers_[w]->ring.push(f)) overflow[kept++] = {w, f};
+      workers_[w]->signal.notify();
+    }
+    overflow.resize(kept);
+  }
+  // Faults read but never handed over must not be forgotten: wake their
+  // threads so they fault again (the message goes back into the uffd).
+  for (auto& [w, f] : overflow) wake_page(f.address);
+  (void)generation;
+}
+
+// --- install workers -----------------------------------------------------
+
+void Session::wake_page(uint64_t address) {
+  if (auto loc = layout_.locate(address)) (void)uffd_.wake(loc->address, loc->page_size);
+}
+
+bool Session::serve(Worker& w, const kernel::PageFault& fault) {
+  const auto loc = layout_.locate(fault.address);
+  if (!loc) return true;  // checked by the reader
+  // With a WP registration, a page installed for a read is write-protected
+  // so that the guest's first write to it is recorded; one installed for a
+  // write is dirty from the start.
+  const bool protect = region_wp_[loc->region] && !fault.write;
+  if (fault.wp) {
+    // A synchronous write-protect fault (WP registered without WP_ASYNC): the
+    // page is present and protected; the guest wrote it. Unprotecting wakes
+    // the writer; the page is dirty from now on.
+    FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, {loc->address, loc->page_index});
+    const kernel::IoctlResult r = uffd_.writeprotect(loc->address, loc->page_size, false, false);
+    if (r.outcome == kernel::IoctlOutcome::kRetry) {
+      w.retries.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+    if (r.outcome == kernel::IoctlOutcome::kDone) pages_->mark_written(loc->page_index);
+    if (r.outcome == kernel::IoctlOutcome::kGone) end(SessionEnd::kPeerGone);
+    if (r.outcome == kernel::IoctlOutcome::kFailed) {
+      end(SessionEnd::kFatal, "unprotecting " + hex(loc->address) + " failed: " + std::strerror(r.error));
+    }
+    return true;
+  }
+  for (;;) {
+    const PageState seen = pages_->state(loc->page_index);
+    kernel::IoctlResult r;
+    PageState installed;
+    if (PageStateTable::serves_zero(seen)) {
+      // Zeros are never stale: no fence needed. UFFDIO_ZEROPAGE has no WP mode
+      // and "zeropage then writeprotect" leaves a window with no record, so a
+      // protected zero install copies a zero buffer with MODE_WP (atomic).
+      // ZEROPAGE is not supported on hugetlbfs at all.
+      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, {loc->address, loc->page_index});
+      if (protect || loc->page_size != kPageSize4K) {
+        r = uffd_.copy(loc->address, zero_page_.get(), loc->page_size, protect, false);
+      } else {
+        r = uffd_.zeropage(loc->address, loc->page_size, false);
+      }
+      installed = PageState::kZero;
+      if (r.outcome == kernel::IoctlOutcome::kDone) pages_->record_install(loc->page_index, seen, installed, fault.write);
+    } else {
+      // Storage I/O happens here, before the fence, so the reader never waits on it.
+      if (auto s = source_->read(loc->file_offset, {w.buffer.get(), loc->page_size}); !s) {
+        end(SessionEnd::kFatal, s.error().describe());
+        return true;
+      }
+      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, {loc->address, loc->page_index});
+      fence_->enter(w.index);
+      const PageState now = pages_->state(loc->page_index);
+      if (PageStateTable::serves_zero(now)) {
+        // A REMOVE was recorded since we looked: the staged bytes are stale.
+        fence_->exit(w.index);
+        continue;
+      }
+      r = uffd_.copy(loc->address, w.buffer.get(), loc->page_size, protect, false);
+      if (r.outcome == kernel::IoctlOutcome::kDone) {
+        pages_->record_install(loc->page_index, now, PageState::kSnapshot, fault.write);
+      }
+      fence_->exit(w.index);
+      installed = PageState::kSnapshot;
+    }
+
+    switch (r.outcome) {
+      case kernel::IoctlOutcome::kDone:
+        (installed == PageState::kZero ? w.pages_zero : w.pages_snapshot).fetch_add(1, std::memory_order_relaxed);
+        w.bytes.fetch_add(loc->page_size, std::memory_order_relaxed);
+        return true;
+      case kernel::IoctlOutcome::kExists:
+        // Another fault installed the page first. The failed ioctl woke
+        // nobody, and this thread is still waiting: wake it.
+        w.exists.fetch_add(1, std::memory_order_relaxed);
+        (void)uffd_.wake(loc->address, loc->page_size);
+        return true;
+      case kernel::IoctlOutcome::kRetry:
+        // An unread REMOVE/UNMAP blocks every install until the reader reads
+        // it; the fault is retried after the reader's next batch.
+        w.retries.fetch_add(1, std::memory_order_relaxed);
+        return false;
+      case kernel::IoctlOutcome::kGone:
+        end(SessionEnd::kPeerGone);
+        return true;
+      case kernel::IoctlOutcome::kUnmapped:
+        // The range was unmapped under us: nobody waits on it any more.
+        return true;
+      case kernel::IoctlOutcome::kFailed:
+        end(SessionEnd::kFatal, std::string(installed == PageState::kZero ? "zero" : "snapshot") +
+                                    " install at " + hex(loc->address) + " (" + std::to_string(loc->page_size) +
+                                    " bytes) failed: " + std::strerror(r.error));
+        return true;
+    }
+    return true;
+  }
+}
+
+void Session::worker_loop(Worker& w) {
+  using namespace std::chrono;
+  microseconds backoff{1000};
+  kernel::PageFault f;
+  std::vector<kernel::PageFault> retry;
+  retry.reserve(1024);
+  while (!stopping_.load(std::memory_order_acquire)) {
+    const uint32_t seen = w.signal.value();
+    bool progressed = false;
+    if (!w.deferred.empty()) {
+      retry.swap(w.deferred);
+      for (const auto& d : retry) {
+        if (!serve(w, d)) w.deferred.push_back(d);
+      }
+      progressed = w.deferred.size() < retry.size();
+      retry.clear();
+    }
+    while (!stopping_.load(std::memory_order_acquire) && w.ring.pop(f)) {
+      progressed = true;
+      if (serve(w, f)) continue;
+      // De-duplicate: one deferred entry per page and access kind.
+      const uint64_t page = f.address & ~(kPageSize4K - 1);
+      const bool dup = std::any_of(w.deferred.begin(), w.deferred.end(), [&](const kernel::PageFault& d) {
+        return (d.address & ~(kPageSize4K - 1)) == page && d.write == f.write;
+      });
+      if (!dup) {
+        w.deferred.push_back(f);
+      } else {
+        (void)0;  // its thread waits on the same page and is woken by that install
+      }
+    }
+    if (stopping_.load(std::memory_order_acquire)) break;
+    if (!progressed || !w.deferred.empty()) {
+      // Deferred faults retry when the reader signals a new batch; the
+      // timeout is a backstop that grows, so nothing busy-loops.
+      if (w.deferred.empty()) {
+        backoff = microseconds{1000};
+        w.signal.wait(seen, microseconds{-1});
+      } else {
+        w.signal.wait(seen, backoff);
+        backoff = std::min(backoff * 2, microseconds{64000});
+      }
+    }
+  }
+  // Shutdown: every fault this worker still holds gets its thread woken; it
+  // faults again and the message waits in the uffd for whoever serves next.
+  for (const auto& d : w.deferred) wake_page(d.address);
+  while (w.ring.pop(f)) wake_page(f.address);
+}
+
+}  // namespace faultline

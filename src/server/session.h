@@ -1,0 +1,158 @@
+// Session: serves one VM's userfaultfd from a memory snapshot, from the moment
+// its handshake is received until the VM exits or the session is stopped.
+//
+// Threads: one event reader and N install workers. The reader drains the uffd
+// (faults, REMOVE and other events), records REMOVEs in the page-state table
+// at once and hands each fault to the worker that owns its page (page index
+// modulo N, so faults for one page never race each other and faults for
+// different pages never share a lock). Workers read snapshot bytes into
+// their own buffer (storage I/O happens here, outside any lock), then
+// install them (see install_fence.h for why snapshot installs are fenced
+// against the reading of REMOVEs). A REMOVE never waits for storage.
+//
+// A session ends when the peer process exits (pidfd), when the socket reaches
+// EOF for clients that keep it open (Firecracker >= 1.12), when an install
+// reports ESRCH, when stop() is called, or on a fatal error (the memory file
+// truncated or unreadable, an event it cannot handle). On a fatal error, and
+// on stop() while the VM still runs, the peer is SIGKILLed unless
+// on_fatal == kLeave: a guest whose memory server is gone would otherwise
+// hang forever (Firecracker's own example does the same).
+//
+// Thread-safety: stop(), finished(), summary() are safe from any thread.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "common/unique_fd.h"
+#include "guest/layout.h"
+#include "guest/page_state.h"
+#include "kernel/process.h"
+#include "kernel/userfaultfd.h"
+#include "protocol/handshake_socket.h"
+#include "source/page_source.h"
+
+namespace faultline {
+
+enum class OnFatal { kKill, kLeave };
+const char* to_string(OnFatal);
+
+enum class SessionEnd {
+  kRunning,
+  kPeerExited,    // the peer process exited (pidfd)
+  kSocketClosed,  // Firecracker >= 1.12 closed its socket: it exited
+  kPeerGone,      // an install returned ESRCH: the client's mm is gone
+  kStopped,       // stop() (server shutdown)
+  kFatal,         // the session could not go on; see SessionSummary::error
+};
+const char* to_string(SessionEnd);
+
+struct SessionConfig {
+  uint64_t id = 0;
+  int workers = 2;
+  OnFatal on_fatal = OnFatal::kKill;
+  const Logger* logger = nullptr;  // REQUIRES: outlives the session
+};
+
+// Counters, summed over the session's threads.
+struct SessionCounters {
+  uint64_t faults = 0;           // page-fault messages read
+  uint64_t pages_snapshot = 0;   // pages installed from the snapshot
+  uint64_t pages_zero = 0;       // pages installed as zeros
+  uint64_t bytes_installed = 0;  // bytes installed, snapshot and zero
+  uint64_t already_present = 0;  // EEXIST: another fault installed it first
+  uint64_t retries = 0;          // EAGAIN: deferred until the pending event was read
+  uint64_t removes = 0;          // REMOVE events
+  uint64_t removed_pages = 0;    // whole pages those REMOVEs covered
+};
+
+struct SessionSummary {
+  uint64_t id = 0;
+  pid_t peer_pid = 0;
+  SessionEnd end = SessionEnd::kRunning;
+  std::string error;  // why, when end == kFatal
+  bool peer_killed = false;
+  bool write_protect = false;  // the client registered WP: read installs are write-protected
+  SessionCounters counters;
+  double seconds = 0;
+};
+
+class Session {
+ public:
+  // Validates the handshake's regions against `source` and starts serving.
+  // An error means nothing was started (the caller decides about the peer).
+  static Result<std::unique_ptr<Session>> start(protocol::Handshake handshake,
+                                                std::shared_ptr<const PageSource> source, const SessionConfig& config);
+  ~Session();
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+
+  // Asks the session to end (kStopped); returns at once. Idempotent.
+  void stop();
+  // Blocks until every thread of the session has exited.
+  void wait();
+  bool finished() const { return finished_.load(std::memory_order_acquire); }
+  // Fd that becomes readable when the session has finished (for poll loops).
+  int finished_fd() const { return finished_efd_.get(); }
+
+  SessionSummary summary() const;
+  const GuestLayout& layout() const { return layout_; }
+  const PageStateTable& pages() const { return *pages_; }
+
+ private:
+  struct Worker;
+  Session(protocol::Handshake handshake, GuestLayout layout, std::shared_ptr<const PageSource> source,
+          const SessionConfig& config);
+
+  void reader_loop();
+  void worker_loop(Worker& w);
+  // Installs one faulted page. Returns false when the fault must be retried later.
+  bool serve(Worker& w, const kernel::PageFault& fault);
+  void handle_remove(const kernel::RemoveEvent& ev);
+  // Wakes the threads waiting on the page that holds `address`.
+  void wake_page(uint64_t address);
+  void end(SessionEnd reason, std::string error = {});
+  void finish();
+
+  const SessionConfig config_;
+  const Logger& log_;
+  protocol::Handshake handshake_;
+  kernel::Userfaultfd uffd_;
+  kernel::PeerProcess peer_;
+  GuestLayout layout_;
+  std::shared_ptr<const PageSource> source_;
+  std::unique_ptr<PageStateTable> pages_;
+  std::vector<bool> region_wp_;  // per region: registered MISSING|WP
+  bool any_wp_ = false;
+  std::unique_ptr<uint8_t[], void (*)(void*)> zero_page_{nullptr, nullptr};
+  bool watch_socket_eof_ = false;
+
+  std::vector<std::unique_ptr<Worker>> workers_;
+  std::unique_ptr<class InstallFence> fence_;
+  std::thread reader_;
+  UniqueFd stop_efd_;
+  UniqueFd finished_efd_;
+
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> finished_{false};
+  mutable std::mutex end_mu_;
+  SessionEnd end_reason_ = SessionEnd::kRunning;  // GUARDED_BY(end_mu_)
+  std::string end_error_;                         // GUARDED_BY(end_mu_)
+  bool peer_killed_ = false;                      // GUARDED_BY(end_mu_)
+  std::atomic<uint64_t> removes_{0};
+  std::atomic<uint64_t> removed_pages_{0};
+  std::atomic<uint64_t> faults_read_{0};
+  std::chrono::steady_clock::time_point started_;
+  std::atomic<int64_t> finished_ns_{0};
+  std::once_flag finish_once_;
+};
+
+}  // namespace faultline

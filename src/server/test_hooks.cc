@@ -1,0 +1,47 @@
+#include "server/test_hooks.h"
+
+#ifdef FAULTLINE_TEST_HOOKS
+
+#include <array>
+#include <atomic>
+#include <mutex>
+
+namespace faultline::test_hooks {
+
+namespace {
+constexpr size_t kPoints = static_cast<size_t>(HookPoint::kCount);
+std::mutex mu;
+std::array<HookFn, kPoints> hooks;              // GUARDED_BY(mu)
+std::array<std::atomic<bool>, kPoints> armed{};  // fast path: no lock when no hook is set
+}  // namespace
+
+void set(HookPoint point, HookFn fn) {
+  std::lock_guard lock(mu);
+  hooks[static_cast<size_t>(point)] = std::move(fn);
+  armed[static_cast<size_t>(point)].store(true, std::memory_order_release);
+}
+
+void clear(HookPoint point) {
+  std::lock_guard lock(mu);
+  armed[static_cast<size_t>(point)].store(false, std::memory_order_release);
+  hooks[static_cast<size_t>(point)] = nullptr;
+}
+
+void clear_all() {
+  for (size_t i = 0; i < kPoints; ++i) clear(static_cast<HookPoint>(i));
+}
+
+void fire(HookPoint point, const HookContext& context) {
+  const size_t i = static_cast<size_t>(point);
+  if (!armed[i].load(std::memory_order_acquire)) return;
+  HookFn fn;
+  {
+    std::lock_guard lock(mu);
+    fn = hooks[i];
+  }
+  if (fn) fn(context);
+}
+
+}  // namespace faultline::test_hooks
+
+#endif

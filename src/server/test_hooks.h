@@ -1,0 +1,50 @@
+// Test-only hook points inside the server.
+//
+// A test names a point (before an install ioctl, before the reader's read())
+// and installs a callback there; the server thread that reaches the point
+// runs it, so a test can park a worker at an exact step until it releases it
+// and force an interleaving that timing alone would almost never produce.
+//
+// Compiled only with FAULTLINE_TEST_HOOKS (on for test builds, off for
+// Release): without it FAULTLINE_HOOK expands to nothing and release builds
+// carry no hooks.
+//
+// Thread-safety: set()/clear() from any thread; fire() from server threads.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace faultline {
+
+enum class HookPoint {
+  kReaderBeforeRead,       // event reader, before it reads a batch from the uffd
+  kBeforeInstallIoctl,     // worker, before an install ioctl for a fault (page staged, fence not yet entered)
+  kBeforePrefaultInstall,  // prefault, before its install ioctl
+  kCount,
+};
+
+struct HookContext {
+  uint64_t address = 0;     // page address, when the point concerns one page
+  uint64_t page_index = 0;  // global page index
+};
+
+}  // namespace faultline
+
+#ifdef FAULTLINE_TEST_HOOKS
+
+namespace faultline::test_hooks {
+using HookFn = std::function<void(const HookContext&)>;
+void set(HookPoint point, HookFn fn);
+void clear(HookPoint point);
+void clear_all();
+void fire(HookPoint point, const HookContext& context);
+}  // namespace faultline::test_hooks
+
+#define FAULTLINE_HOOK(point, ...) ::faultline::test_hooks::fire(point, ::faultline::HookContext __VA_ARGS__)
+
+#else
+
+#define FAULTLINE_HOOK(point, ...) ((void)0)
+
+#endif

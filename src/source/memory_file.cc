@@ -1,0 +1,39 @@
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "source/page_source.h"
+
+namespace faultline {
+
+Result<std::shared_ptr<MemoryFile>> MemoryFile::open(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail_errno("cannot open memory file " + path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat memory file " + path);
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) return fail("memory file " + path + " is not a regular file");
+  if (st.st_size == 0) return fail("memory file " + path + " is empty");
+  return std::shared_ptr<MemoryFile>(new MemoryFile(path, std::move(fd), static_cast<uint64_t>(st.st_size)));
+}
+
+Status MemoryFile::read(uint64_t offset, std::span<uint8_t> out) const {
+  size_t done = 0;
+  while (done < out.size()) {
+    ssize_t n = ::pread(fd_.get(), out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return fail_errno("reading " + std::to_string(out.size()) + " bytes at offset " + std::to_string(offset) +
+                        " of memory file " + path_ + " failed");
+    }
+    if (n == 0) {
+      struct stat st {};
+      ::fstat(fd_.get(), &st);
+      return fail("memory file " + path_ + " was truncated while serving: needed bytes up to " +
+                  std::to_string(offset + out.size()) + " but it now holds " + std::to_string(st.st_size));
+    }
+    done += static_cast<size_t>(n);
+  }
+  return {};
+}
+
+}  // namespace faultline

@@ -1,0 +1,185 @@
+// Test harness: an in-process faultline Server on a temporary socket, serving
+// a generated memory file, plus helpers to run Firecracker-faithful clients
+// against it (in this process, or as a separate faultline-client process when
+// the server may SIGKILL the client).
+#pragma once
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "client/test_memory_file.h"
+#include "common/log.h"
+#include "server/server.h"
+
+namespace faultline::testing {
+
+inline constexpr uint64_t kMiB = 1024 * 1024;
+
+// A temporary directory removed with everything in it.
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/faultline-test-XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// Reserves 2 MiB huge pages for the test and gives them back afterwards.
+class HugePageReservation {
+ public:
+  explicit HugePageReservation(long pages) {
+    before_ = read();
+    write(before_ + pages);
+    ok_ = read() >= before_ + pages;
+  }
+  ~HugePageReservation() { write(before_); }
+  bool ok() const { return ok_; }
+
+ private:
+  static long read() {
+    std::ifstream f("/proc/sys/vm/nr_hugepages");
+    long v = 0;
+    f >> v;
+    return v;
+  }
+  static void write(long v) {
+    std::ofstream f("/proc/sys/vm/nr_hugepages");
+    f << v;
+  }
+  long before_ = 0;
+  bool ok_ = false;
+};
+
+// A faultline Server running on its own thread. Logs go to a file the test
+// can read.
+class ServerHarness {
+ public:
+  struct Options {
+    uint64_t memory_bytes = 64 * kMiB;
+    uint64_t seed = 7;
+    double zero_fraction = 0.1;
+    int workers = 2;
+    OnFatal on_fatal = OnFatal::kLeave;
+    std::chrono::milliseconds handshake_timeout{3000};
+    LogFormat log_format = LogFormat::kText;
+  };
+
+  ServerHarness() : ServerHarness(Options{}) {}
+  explicit ServerHarness(const Options& o) : options_(o) {
+    memory_path_ = dir_.file("mem");
+    socket_path_ = dir_.file("fl.sock");
+    log_path_ = dir_.file("server.log");
+    auto st = client::write_test_memory_file(memory_path_, o.memory_bytes, o.seed, o.zero_fraction);
+    EXPECT_TRUE(st) << st.error().describe();
+    log_fd_ = ::open(log_path_.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
+    logger_ = std::make_unique<Logger>(o.log_format, LogLevel::kDebug, log_fd_);
+    ServerConfig c;
+    c.socket_path = socket_path_;
+    c.memory_path = memory_path_;
+    c.workers_per_session = o.workers;
+    c.on_fatal = o.on_fatal;
+    c.handshake_timeout = o.handshake_timeout;
+    auto s = Server::create(c, *logger_);
+    EXPECT_TRUE(s) << s.error().describe();
+    if (s) {
+      server_ = std::move(*s);
+      thread_ = std::thread([this] { run_status_ = server_->run(); });
+    }
+  }
+  ~ServerHarness() { stop(); ::close(log_fd_); }
+
+  void stop() {
+    if (server_) server_->stop();
+    if (thread_.joinable()) thread_.join();
+  }
+
+  Server& server() { return *server_; }
+  const std::string& socket() const { return socket_path_; }
+  const std::string& memory() const { return memory_path_; }
+  const TempDir& dir() const { return dir_; }
+  std::string log() const {
+    std::ifstream f(log_path_);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+  }
+  // Blocks until `n` sessions ended or were rejected (10 s at most).
+  bool wait_ended(size_t n) { return server_->wait_for_ended(n, std::chrono::seconds(10)); }
+
+ private:
+  Options options_;
+  TempDir dir_;
+  std::string memory_path_, socket_path_, log_path_;
+  int log_fd_ = -1;
+  std::unique_ptr<Logger> logger_;
+  std::unique_ptr<Server> server_;
+  std::thread thread_;
+  Status run_status_;
+};
+
+// Path of a binary built beside the tests (CMake passes the directory).
+inline std::string built_binary(const std::string& name) {
+  return std::string(FAULTLINE_BINARY_DIR) + "/" + name;
+}
+
+// Runs a program with arguments; returns its pid (stdout/stderr to `out_path`).
+inline pid_t spawn(const std::vector<std::string>& args, const std::string& out_path) {
+  std::vector<char*> argv;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&fa, 1, 2);
+  pid_t pid = -1;
+  int rc = posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  return rc == 0 ? pid : -1;
+}
+
+// waitpid with a deadline; returns the wait status, or -1 on timeout (the
+// child is then killed so no test leaves processes behind).
+inline int wait_child(pid_t pid, std::chrono::seconds limit) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    int status = 0;
+    pid_t r = ::waitpid(pid, &status, WNOHANG);
+    if (r == pid) return status;
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));  // polling a child, not ordering a race
+  }
+}
+
+inline std::string read_file(const std::string& path) {
+  std::ifstream f(path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+}  // namespace faultline::testing

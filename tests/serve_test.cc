@@ -1,0 +1,257 @@
+// End-to-end: a Firecracker-faithful client restores guest memory through an
+// in-process faultline Server; every byte the guest reads is checked against
+// the memory file (or zero after a REMOVE, or the client's own writes).
+#include <sys/mman.h>
+
+#include <atomic>
+#include <barrier>
+#include <cstring>
+#include <thread>
+
+#include "client/firecracker_client.h"
+#include "kernel/process.h"
+#include "kernel/uffd_abi.h"
+#include "client/restore_scenario.h"
+#include "client/touch.h"
+#include "client/vcpu_touch.h"
+#include "client/verifier.h"
+#include "harness.h"
+
+namespace faultline::testing {
+namespace {
+
+using client::Access;
+using client::FirecrackerClient;
+using client::PageOrder;
+using client::RestoreOptions;
+
+RestoreOptions restore_options(const ServerHarness& h) {
+  RestoreOptions o;
+  o.socket_path = h.socket();
+  o.memory_path = h.memory();
+  return o;
+}
+
+void expect_clean(const Result<client::RestoreReport>& r) {
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
+  EXPECT_GT(r->pages_verified, 0u);
+}
+
+TEST(Serve, FirstTouchReadsAndWritesReturnSnapshotBytes) {
+  ServerHarness h;
+  RestoreOptions o = restore_options(h);
+  o.remove_fraction = 0;
+  auto r = client::run_restore(o);
+  expect_clean(r);
+  EXPECT_EQ(r->pages_touched, 64 * kMiB / 4096);
+  ASSERT_TRUE(h.wait_ended(1));
+  auto s = h.server().finished_sessions().at(0);
+  EXPECT_EQ(s.end, SessionEnd::kSocketClosed);  // v1.14 keeps its socket open until it exits
+  EXPECT_EQ(s.counters.pages_snapshot, 64 * kMiB / 4096);
+  EXPECT_EQ(s.counters.bytes_installed, 64 * kMiB);
+  EXPECT_FALSE(s.write_protect);
+}
+
+TEST(Serve, RandomTouchOf256MiBGuestFromTwoThreads) {
+  ServerHarness::Options ho;
+  ho.memory_bytes = 256 * kMiB;
+  ServerHarness h(ho);
+  RestoreOptions o = restore_options(h);
+  o.order = PageOrder::kRandom;
+  o.threads = 2;
+  o.remove_fraction = 0.02;
+  expect_clean(client::run_restore(o));
+}
+
+TEST(Serve, SequentialTouchOf256MiBGuest) {
+  ServerHarness::Options ho;
+  ho.memory_bytes = 256 * kMiB;
+  ServerHarness h(ho);
+  RestoreOptions o = restore_options(h);
+  o.order = PageOrder::kSequential;
+  o.threads = 1;
+  o.write_fraction = 0;
+  o.remove_fraction = 0;
+  expect_clean(client::run_restore(o));
+}
+
+TEST(Serve, ManyThreadsFaultingTheSamePagesAreAllWoken) {
+  ServerHarness h;
+  auto c = FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  auto v = client::Verifier::open(h.memory(), c->guest_size(), c->page_size());
+  ASSERT_TRUE(v);
+  auto pages = client::select_pages(c->page_count(), c->page_size(), 0.01, PageOrder::kRandom, 3);
+  auto r = client::touch_pages(*c, **v, pages, Access::kRead,
+                               {.threads = 16, .sharing = client::ThreadSharing::kIdentical});
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u);
+  EXPECT_EQ(r->page_reads, pages.size() * 16);
+}
+
+TEST(Serve, EveryFirecrackerVersionHandshakeIsServed) {
+  ServerHarness h;
+  const client::FirecrackerVersion versions[] = {{1, 1},  {1, 5},  {1, 6},  {1, 7},  {1, 10}, {1, 11},
+                                                 {1, 12}, {1, 13}, {1, 14}, {1, 15}, {1, 16}};
+  for (const auto& ver : versions) {
+    RestoreOptions o = restore_options(h);
+    o.version = ver;
+    o.touch_fraction = 0.05;
+    o.threads = 1;
+    expect_clean(client::run_restore(o));
+  }
+  // Versions before 1.12 close their socket right after sending, so their
+  // sessions end only with the process or the server; newer ones end on EOF.
+  h.stop();
+  auto ended = h.server().finished_sessions();
+  ASSERT_EQ(ended.size(), std::size(versions));
+  size_t on_eof = 0;
+  for (const auto& s : ended) {
+    EXPECT_NE(s.end, SessionEnd::kFatal) << s.error;
+    on_eof += s.end == SessionEnd::kSocketClosed;
+  }
+  EXPECT_EQ(on_eof, 5u);  // 1.12 .. 1.16
+}
+
+TEST(Serve, HandshakeInPiecesAndFdFirstAreServed) {
+  ServerHarness h;
+  RestoreOptions o = restore_options(h);
+  o.touch_fraction = 0.05;
+  o.send_plan = client::SendPlan{{10, 40, 70}, 2, std::chrono::milliseconds(20)};
+  expect_clean(client::run_restore(o));
+  o.send_plan = client::SendPlan::fds_with_first_byte();
+  expect_clean(client::run_restore(o));
+}
+
+TEST(Serve, MultiRegionLayoutServesEachRegionFromItsOffset) {
+  ServerHarness::Options ho;
+  ho.memory_bytes = 96 * kMiB;
+  ServerHarness h(ho);
+  RestoreOptions o = restore_options(h);
+  o.region_sizes = {64 * kMiB, 20 * kMiB, 12 * kMiB};
+  o.order = PageOrder::kRandom;
+  expect_clean(client::run_restore(o));
+}
+
+TEST(Serve, RemoveThenTouchReadsZero) {
+  ServerHarness h;
+  auto c = FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  auto v = client::Verifier::open(h.memory(), c->guest_size(), c->page_size());
+  ASSERT_TRUE(v);
+  // Touch 64 pages (installed from the snapshot), remove 32 of them plus 32
+  // never-touched ones, then read all: removed pages read zero, others snapshot.
+  std::vector<uint64_t> first(64);
+  for (size_t i = 0; i < first.size(); ++i) first[i] = i * 4096;
+  ASSERT_TRUE(client::touch_pages(*c, **v, first, Access::kRead));
+  auto removed = c->remove(32 * 4096, 64 * 4096);
+  ASSERT_TRUE(removed) << removed.error().describe();
+  for (uint64_t p = 32; p < 96; ++p) (*v)->record_removed(p * 4096);
+  std::vector<uint64_t> all(128);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i * 4096;
+  auto r = client::touch_pages(*c, **v, all, Access::kRead);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->mismatches, 0u);
+  for (uint64_t p = 32; p < 96; ++p) {
+    const uint8_t* page = c->guest_ptr(p * 4096);
+    for (size_t b = 0; b < 4096; ++b) ASSERT_EQ(page[b], 0) << "page " << p;
+  }
+  c->close_socket();
+  ASSERT_TRUE(h.wait_ended(1));
+  auto s = h.server().finished_sessions().at(0);
+  EXPECT_EQ(s.counters.removes, 1u);
+  EXPECT_EQ(s.counters.removed_pages, 64u);
+  EXPECT_EQ(s.counters.pages_zero, 64u);
+}
+
+TEST(Serve, UnalignedRemoveKeepsPartialPages) {
+  ServerHarness h;
+  auto c = FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  auto v = client::Verifier::open(h.memory(), c->guest_size(), c->page_size());
+  std::vector<uint64_t> pages{0, 4096, 8192, 12288};
+  ASSERT_TRUE(client::touch_pages(*c, **v, pages, Access::kRead));
+  // [100, 3*4096+100): only pages 1 and 2 are whole inside.
+  auto removed = c->remove(100, 3 * 4096);
+  ASSERT_TRUE(removed);
+  (*v)->record_removed(4096);
+  (*v)->record_removed(8192);
+  auto r = client::touch_pages(*c, **v, pages, Access::kRead);
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->mismatches, 0u);
+}
+
+TEST(Serve, TwoVmsAtOnceOnOneDaemon) {
+  ServerHarness h;
+  RestoreOptions o = restore_options(h);
+  o.order = PageOrder::kRandom;
+  Result<client::RestoreReport> a, b;
+  std::thread ta([&] { a = client::run_restore(o); });
+  RestoreOptions o2 = o;
+  o2.seed = 99;
+  std::thread tb([&] { b = client::run_restore(o2); });
+  ta.join();
+  tb.join();
+  expect_clean(a);
+  expect_clean(b);
+  ASSERT_TRUE(h.wait_ended(2));
+}
+
+TEST(Serve, KvmVcpusTouchingPagesAreServed) {
+  if (!client::VcpuToucher::available()) GTEST_SKIP() << "no /dev/kvm";
+  ServerHarness h;
+  RestoreOptions o = restore_options(h);
+  o.threads = 1;
+  o.kvm_vcpus = 2;
+  o.touch_fraction = 0.1;
+  o.order = PageOrder::kRandom;
+  auto r = client::run_restore(o);
+  expect_clean(r);
+  EXPECT_GT(r->vcpu_pages, 0u);
+}
+
+TEST(Serve, KvmVcpusOnlyAcrossTwoRegions) {
+  if (!client::VcpuToucher::available()) GTEST_SKIP() << "no /dev/kvm";
+  ServerHarness h;
+  RestoreOptions o = restore_options(h);
+  o.threads = 0;
+  o.kvm_vcpus = 1;
+  o.region_sizes = {48 * kMiB, 16 * kMiB};
+  o.touch_fraction = 0.05;
+  o.remove_fraction = 0.02;
+  auto r = client::run_restore(o);
+  expect_clean(r);
+  EXPECT_GT(r->vcpu_pages, 0u);
+}
+
+TEST(Serve, WpAsyncClientGetsReadInstallsWriteProtected) {
+  ServerHarness h;
+  auto c = FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}, .wp_async = true});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  auto v = client::Verifier::open(h.memory(), c->guest_size(), c->page_size());
+  // Page 0 read only, page 1 written first, page 2 read then written.
+  ASSERT_TRUE(client::touch_pages(*c, **v, std::vector<uint64_t>{0}, Access::kRead));
+  ASSERT_TRUE(client::touch_pages(*c, **v, std::vector<uint64_t>{4096}, Access::kWrite));
+  ASSERT_TRUE(client::touch_pages(*c, **v, std::vector<uint64_t>{8192}, Access::kReadThenWrite));
+  auto pm = kernel::read_pagemap(::getpid(), reinterpret_cast<uint64_t>(c->guest_ptr(0)), 4);
+  ASSERT_TRUE(pm);
+  const auto& e = *pm;
+  EXPECT_TRUE(e[0] & kPagemapPresent);
+  EXPECT_TRUE(e[0] & kPagemapUffdWp) << "read install must be write-protected";
+  EXPECT_TRUE(e[1] & kPagemapPresent);
+  EXPECT_FALSE(e[1] & kPagemapUffdWp) << "write install must not be protected";
+  EXPECT_TRUE(e[2] & kPagemapPresent);
+  EXPECT_FALSE(e[2] & kPagemapUffdWp) << "WP_ASYNC clears the bit on the guest's write";
+  EXPECT_FALSE(e[3] & kPagemapPresent);
+  c->close_socket();
+  ASSERT_TRUE(h.wait_ended(1));
+  EXPECT_TRUE(h.server().finished_sessions().at(0).write_protect);
+}
+
+}  // namespace
+}  // namespace faultline::testing

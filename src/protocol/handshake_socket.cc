@@ -1,0 +1,309 @@
+#include "protocol/handshake_socket.h"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <optional>
+#include <string_view>
+
+namespace faultline::protocol {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr std::string_view kUserfaultfdLink = "anon_inode:[userfaultfd]";
+constexpr size_t kReceiveChunk = 64 * 1024;
+
+// What /proc/self/fd/N points at: "anon_inode:[userfaultfd]", "pipe:[123]",
+// "/memfd:guest (deleted)"... Empty when it cannot be read.
+std::string fd_link(int fd) {
+  std::string proc = "/proc/self/fd/" + std::to_string(fd);
+  char target[256];
+  ssize_t n = ::readlink(proc.c_str(), target, sizeof target);
+  if (n < 0) return {};
+  return std::string(target, static_cast<size_t>(n));
+}
+
+// Takes ownership of every SCM_RIGHTS fd in `msg`, whatever else is wrong
+// with the message, so that no error path can leak one.
+void adopt_received_fds(msghdr& msg, std::vector<UniqueFd>& fds) {
+  for (cmsghdr* cmsg = CMSG_FIRSTHDR(&msg); cmsg != nullptr; cmsg = CMSG_NXTHDR(&msg, cmsg)) {
+    if (cmsg->cmsg_level != SOL_SOCKET || cmsg->cmsg_type != SCM_RIGHTS) continue;
+    size_t count = (cmsg->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    const unsigned char* data = CMSG_DATA(cmsg);
+    for (size_t i = 0; i < count; ++i) {
+      int fd;
+      std::memcpy(&fd, data + i * sizeof(int), sizeof(int));
+      fds.emplace_back(fd);
+    }
+  }
+}
+
+std::string progress(size_t bytes, size_t fds, bool json_complete) {
+  return std::to_string(bytes) + " bytes (" + (json_complete ? "JSON complete" : "JSON incomplete") +
+         ") and " + std::to_string(fds) + (fds == 1 ? " fd" : " fds");
+}
+
+// The parse error for bytes the completeness scan rejected: nlohmann's own
+// message says what a JSON reader thinks is wrong; the scan's reason says
+// where the array broke. Both help someone debugging a client.
+std::string invalid_json_message(const std::string& json, const std::string& scan_reason) {
+  std::string message = "handshake bytes are not a JSON array: " + scan_reason;
+  auto parsed = parse_handshake_json(json);
+  if (!parsed) message += " (" + parsed.error().message + ")";
+  return message;
+}
+
+}  // namespace
+
+Result<PeerCredentials> peer_credentials(int connection_fd) {
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(connection_fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    return fail_errno("getsockopt(SO_PEERCRED) on the handshake connection failed");
+  }
+  return PeerCredentials{cred.pid, cred.uid, cred.gid};
+}
+
+Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options) {
+  if (!connection.valid()) return fail("receive_handshake was given no connection", EBADF);
+
+  auto peer = peer_credentials(connection.get());
+  if (!peer) return std::unexpected(peer.error());
+
+  const Clock::time_point deadline = Clock::now() + options.timeout;
+  std::string json;
+  json.reserve(4096);
+  std::vector<UniqueFd> fds;
+  std::optional<ParsedHandshake> parsed;
+  bool peer_closed = false;
+  std::vector<unsigned char> control(CMSG_SPACE(sizeof(int) * std::max<size_t>(options.max_fds, 1)));
+
+  while (!(parsed && !fds.empty())) {
+    const Clock::time_point now = Clock::now();
+    if (now >= deadline) {
+      return fail("timed out after " + std::to_string(options.timeout.count()) +
+                      " ms waiting for the Firecracker handshake; received " +
+                      progress(json.size(), fds.size(), parsed.has_value()),
+                  ETIMEDOUT);
+    }
+    auto wait = std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
+    pollfd pfd{connection.get(), POLLIN, 0};
+    int ready = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(wait.count(), INT32_MAX)));
+    if (ready < 0) {
+      if (errno == EINTR) continue;
+      return fail_errno("poll on the handshake connection failed");
+    }
+    if (ready == 0) continue;  // the deadline check at the loop top reports it
+    if (pfd.revents & POLLNVAL) return fail("handshake connection fd is not open", EBADF);
+
+    // Never read more than one byte past the limit: enough to know it was
+    // exceeded without buffering an unbounded stream.
+    const size_t old_size = json.size();
+    const size_t room = std::min(kReceiveChunk, options.max_json_bytes + 1 - old_size);
+    json.resize(old_size + room);
+    iovec iov{json.data() + old_size, room};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.data();
+    msg.msg_controllen = options.max_fds == 0 ? 0 : control.size();
+    // MSG_CMSG_CLOEXEC: received fds must not leak into anything we exec.
+    // MSG_DONTWAIT: poll said readable, but never block past the deadline.
+    ssize_t received = ::recvmsg(connection.get(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    const int recv_errno = errno;
+    json.resize(old_size + static_cast<size_t>(std::max<ssize_t>(received, 0)));
+    if (received < 0) {
+      if (recv_errno == EAGAIN || recv_errno == EWOULDBLOCK || recv_errno == EINTR) continue;
+      return fail("recvmsg on the handshake connection failed after " +
+                      progress(json.size(), fds.size(), parsed.has_value()),
+                  recv_errno);
+    }
+    adopt_received_fds(msg, fds);
+    // With MSG_CTRUNC the kernel installed only the fds that fit and closed
+    // the rest: the client sent more than we are prepared to hold.
+    if (msg.msg_flags & MSG_CTRUNC) {
+      return fail("handshake control data was truncated (MSG_CTRUNC): the client sent more than " +
+                  std::to_string(options.max_fds) + " fds in one message");
+    }
+    if (fds.size() > options.max_fds) {
+      return fail("handshake client sent " + std::to_string(fds.size()) + " fds; at most " +
+                  std::to_string(options.max_fds) + " are accepted");
+    }
+
+    if (received == 0) {
+      peer_closed = true;
+      if (!parsed) {
+        return fail("client closed the connection mid-handshake after " + std::to_string(json.size()) +
+                    " bytes and " + std::to_string(fds.size()) + (fds.size() == 1 ? " fd" : " fds"));
+      }
+      // Complete JSON but no fd. Note a zero-length sendmsg on a Unix stream
+      // socket carries no SCM_RIGHTS at all (the kernel drops the fds), so a
+      // client that "sent the fd" with no data reaches this branch too.
+      return fail("client closed the connection after sending the " + std::to_string(json.size()) +
+                  "-byte handshake JSON but no userfaultfd");
+    }
+    if (json.size() > options.max_json_bytes) {
+      return fail("handshake JSON exceeds the " + std::to_string(options.max_json_bytes) +
+                  "-byte limit without completing");
+    }
+
+    // Rescan everything: cheap at handshake sizes, and a complete array
+    // followed by new non-whitespace bytes must be rejected too.
+    CompletenessScan scan = scan_json_array(json);
+    if (scan.state == Completeness::kInvalid) return fail(invalid_json_message(json, scan.reason));
+    if (scan.state == Completeness::kComplete && !parsed) {
+      auto result = parse_handshake_json(json);
+      if (!result) return fail("invalid Firecracker handshake: " + result.error().message);
+      parsed = std::move(*result);
+    }
+  }
+
+  if (!peer_closed) {
+    // Firecracker before v1.12 closes right after its single sendmsg; record
+    // that now so the server does not mistake the expected EOF for a crash.
+    pollfd pfd{connection.get(), POLLRDHUP, 0};
+    if (::poll(&pfd, 1, 0) > 0 && (pfd.revents & (POLLRDHUP | POLLHUP))) peer_closed = true;
+  }
+
+  Handshake handshake;
+  std::string seen;
+  for (UniqueFd& fd : fds) {
+    std::string link = fd_link(fd.get());
+    if (!handshake.uffd.valid() && link == kUserfaultfdLink) {
+      handshake.uffd = std::move(fd);
+      continue;
+    }
+    if (!seen.empty()) seen += ", ";
+    seen += link.empty() ? "unreadable fd link" : link;
+    handshake.extra_fds.push_back(std::move(fd));
+  }
+  if (!handshake.uffd.valid()) {
+    // Firecracker always sends the uffd it created; anything else means the
+    // client is not Firecracker (or a fork that changed the protocol).
+    return fail("none of the " + std::to_string(handshake.extra_fds.size()) +
+                " fds received in the handshake is a userfaultfd (got: " + seen + ")");
+  }
+  handshake.regions = std::move(parsed->regions);
+  handshake.format = parsed->format;
+  handshake.peer = *peer;
+  handshake.connection = std::move(connection);
+  handshake.peer_closed = peer_closed;
+  handshake.raw_json = std::move(json);
+  return handshake;
+}
+
+// ---------------------------------------------------------------------------
+// UnixListener
+
+Result<UnixListener> UnixListener::bind(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty()) return fail("Unix socket path is empty", EINVAL);
+  if (path.size() >= sizeof addr.sun_path) {
+    return fail("Unix socket path \"" + path + "\" is longer than " +
+                    std::to_string(sizeof addr.sun_path - 1) + " bytes",
+                ENAMETOOLONG);
+  }
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+
+  // A socket file outlives the process that bound it, so a restart finds the
+  // previous one and bind() would fail EADDRINUSE. Remove it, but only if it
+  // is a socket: a typo in the path must not delete someone's file.
+  struct stat existing {};
+  if (::lstat(path.c_str(), &existing) == 0) {
+    if (!S_ISSOCK(existing.st_mode)) {
+      return fail("refusing to replace \"" + path + "\": it exists and is not a socket", EEXIST);
+    }
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return fail_errno("cannot remove stale socket \"" + path + "\"");
+    }
+  } else if (errno != ENOENT) {
+    return fail_errno("cannot inspect socket path \"" + path + "\"");
+  }
+
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!fd) return fail_errno("socket(AF_UNIX, SOCK_STREAM) failed");
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
+    return fail_errno("cannot bind Unix socket \"" + path + "\"");
+  }
+  struct stat created {};
+  if (::lstat(path.c_str(), &created) != 0) {
+    int saved = errno;
+    ::unlink(path.c_str());
+    return fail("cannot stat freshly bound socket \"" + path + "\"", saved);
+  }
+  if (::listen(fd.get(), 64) != 0) {
+    int saved = errno;
+    ::unlink(path.c_str());
+    return fail("cannot listen on Unix socket \"" + path + "\"", saved);
+  }
+  return UnixListener(std::move(fd), path, created.st_dev, created.st_ino);
+}
+
+UnixListener::UnixListener(UnixListener&& other) noexcept
+    : fd_(std::move(other.fd_)),
+      path_(std::exchange(other.path_, std::string())),
+      dev_(other.dev_),
+      ino_(other.ino_) {}
+
+UnixListener& UnixListener::operator=(UnixListener&& other) noexcept {
+  if (this != &other) {
+    unlink_if_ours();
+    fd_ = std::move(other.fd_);
+    path_ = std::exchange(other.path_, std::string());
+    dev_ = other.dev_;
+    ino_ = other.ino_;
+  }
+  return *this;
+}
+
+UnixListener::~UnixListener() { unlink_if_ours(); }
+
+void UnixListener::unlink_if_ours() {
+  if (path_.empty()) return;
+  // Another process may have bound a new socket at the same path since (e.g.
+  // a second server started by mistake); only remove the file we created.
+  struct stat current {};
+  if (::lstat(path_.c_str(), &current) == 0 && current.st_dev == dev_ && current.st_ino == ino_) {
+    ::unlink(path_.c_str());
+  }
+  path_.clear();
+}
+
+Result<UniqueFd> UnixListener::accept() {
+  while (true) {
+    int fd = ::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd >= 0) return UniqueFd(fd);
+    // A connection reset before accept() shows up as ECONNABORTED on Linux;
+    // it is no reason to stop listening.
+    if (errno == EINTR || errno == ECONNABORTED) continue;
+    return fail_errno("accept on \"" + path_ + "\" failed");
+  }
+}
+
+Result<UniqueFd> UnixListener::accept_with_timeout(std::chrono::milliseconds timeout) {
+  const Clock::time_point deadline = Clock::now() + timeout;
+  while (true) {
+    auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+    if (left.count() <= 0) {
+      return fail("no client connected to \"" + path_ + "\" within " + std::to_string(timeout.count()) + " ms",
+                  ETIMEDOUT);
+    }
+    pollfd pfd{fd_.get(), POLLIN, 0};
+    int ready = ::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left.count(), INT32_MAX)));
+    if (ready < 0) {
+      if (errno == EINTR) continue;
+      return fail_errno("poll on listening socket \"" + path_ + "\" failed");
+    }
+    if (ready > 0) return accept();
+  }
+}
+
+}  // namespace faultline::protocol

@@ -161,6 +161,7 @@ inline pid_t spawn(const std::vector<std::string>& args, const std::string& out_
 // waitpid with a deadline; returns the wait status, or -1 on timeout (the
 // child is then killed so no test leaves processes behind).
 inline int wait_child(pid_t pid, std::chrono::seconds limit) {
+  if (pid <= 0) return -1;  // never kill(-1) or a process group by mistake
   const auto deadline = std::chrono::steady_clock::now() + limit;
   for (;;) {
     int status = 0;

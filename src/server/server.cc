@@ -168,6 +168,16 @@ size_t Server::active_sessions() const {
   return n;
 }
 
+std::vector<SessionSummary> Server::live_sessions() const {
+  std::lock_guard lock(mu_);
+  std::vector<SessionSummary> out;
+  for (const auto& c : connections_) {
+    std::lock_guard clock(c->mu);
+    if (c->session && !c->done) out.push_back(c->session->summary());
+  }
+  return out;
+}
+
 bool Server::wait_for_ended(size_t n, std::chrono::milliseconds timeout) const {
   std::unique_lock lock(mu_);
   return ended_cv_.wait_for(lock, timeout, [&] { return finished_.size() + rejected_.size() >= n; });

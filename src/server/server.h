@@ -54,6 +54,8 @@ class Server {
   // Handshake failures so far (sessions that never started), with reasons.
   std::vector<std::string> rejected_connections() const;
   size_t active_sessions() const;
+  // Current counters of the sessions still running.
+  std::vector<SessionSummary> live_sessions() const;
   // Blocks until at least `n` sessions have ended or were rejected in total,
   // or `timeout` passed. Returns whether the count was reached.
   bool wait_for_ended(size_t n, std::chrono::milliseconds timeout) const;

@@ -1,0 +1,104 @@
+// The faultline command as an operator runs it: `faultline serve` in its own
+// process, restored into by faultline-client processes, stopped by SIGTERM,
+// with logs a machine can read.
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+
+#include "harness.h"
+
+namespace faultline::testing {
+namespace {
+
+bool wait_for_socket(const std::string& path) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  struct stat st {};
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (::stat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling for the daemon to bind
+  }
+  return false;
+}
+
+std::vector<nlohmann::json> json_lines(const std::string& text) {
+  std::vector<nlohmann::json> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    EXPECT_FALSE(j.is_discarded()) << "not JSON: " << line;
+    if (!j.is_discarded()) out.push_back(j);
+  }
+  return out;
+}
+
+TEST(Cli, ServeRestoreAndSigtermWithJsonLogs) {
+  TempDir dir;
+  const std::string mem = dir.file("mem"), sock = dir.file("vm.sock"), log = dir.file("server.log");
+  ASSERT_TRUE(client::write_test_memory_file(mem, 32 * kMiB, 5, 0.2));
+  pid_t server = spawn({built_binary("faultline"), "serve", "--socket", sock, "--memory", mem, "--log-format=json"},
+                       log);
+  ASSERT_GT(server, 0);
+  ASSERT_TRUE(wait_for_socket(sock)) << read_file(log);
+
+  for (const char* version : {"1.10", "1.16"}) {
+    const std::string out = dir.file(std::string("client-") + version + ".out");
+    pid_t c = spawn({built_binary("faultline-client"), "restore", "--socket", sock, "--memory", mem, "--fc-version",
+                     version, "--pattern", "random", "--json"},
+                    out);
+    int status = wait_child(c, std::chrono::seconds(60));
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(out);
+    auto report = nlohmann::json::parse(read_file(out), nullptr, false);
+    ASSERT_FALSE(report.is_discarded()) << read_file(out);
+    EXPECT_EQ(report["mismatches"], 0);
+  }
+
+  ::kill(server, SIGTERM);
+  int status = wait_child(server, std::chrono::seconds(20));
+  ASSERT_TRUE(WIFEXITED(status)) << read_file(log);
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+
+  auto lines = json_lines(read_file(log));
+  size_t starts = 0, ends = 0;
+  uint64_t faults = 0;
+  for (const auto& j : lines) {
+    EXPECT_TRUE(j.contains("ts") && j.contains("level") && j.contains("event"));
+    if (j["event"] == "session_start") ++starts;
+    if (j["event"] == "session_end") {
+      ++ends;
+      faults += j["faults"].get<uint64_t>();
+      EXPECT_TRUE(j.contains("bytes") && j.contains("retries") && j.contains("removes"));
+    }
+  }
+  EXPECT_EQ(starts, 2u);
+  EXPECT_EQ(ends, 2u);  // the 1.10 session (socket closed at once) ends when the daemon stops
+  EXPECT_GT(faults, 0u);
+  EXPECT_FALSE(std::filesystem::exists(sock)) << "the daemon removes its socket on exit";
+}
+
+TEST(Cli, ServeHelpDescribesTheModelAndOptions) {
+  TempDir dir;
+  const std::string out = dir.file("help.out");
+  pid_t p = spawn({built_binary("faultline"), "serve", "--help"}, out);
+  int status = wait_child(p, std::chrono::seconds(10));
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  const std::string help = read_file(out);
+  for (const char* needle : {"one memory file per socket", "--socket", "--memory", "--on-fatal", "--log-format",
+                             "backend_type", "Uffd"}) {
+    EXPECT_NE(help.find(needle), std::string::npos) << needle;
+  }
+}
+
+TEST(Cli, MissingMemoryFileIsAClearStartupError) {
+  TempDir dir;
+  const std::string out = dir.file("err.out");
+  pid_t p = spawn({built_binary("faultline"), "serve", "--socket", dir.file("s"), "--memory", dir.file("nope")}, out);
+  int status = wait_child(p, std::chrono::seconds(10));
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_NE(WEXITSTATUS(status), 0);
+  EXPECT_NE(read_file(out).find("nope"), std::string::npos) << read_file(out);
+}
+
+}  // namespace
+}  // namespace faultline::testing

@@ -35,6 +35,7 @@ UniqueFd ready_uffd() {
 
 // A good client still gets every byte right after the bad one was rejected.
 void expect_daemon_still_serves(ServerHarness& h) {
+  const size_t ended_before = h.server().finished_sessions().size() + h.server().rejected_connections().size();
   client::RestoreOptions o;
   o.socket_path = h.socket();
   o.memory_path = h.memory();
@@ -43,6 +44,9 @@ void expect_daemon_still_serves(ServerHarness& h) {
   auto r = client::run_restore(o);
   ASSERT_TRUE(r) << r.error().describe();
   EXPECT_EQ(r->mismatches, 0u);
+  // Let the session see the client's EOF before the harness stops the server:
+  // with on_fatal=kill a stop would kill its peer, this very test process.
+  ASSERT_TRUE(h.server().wait_for_ended(ended_before + 1, std::chrono::seconds(10)));
 }
 
 struct BadHandshake {

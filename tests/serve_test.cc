@@ -104,6 +104,7 @@ TEST(Serve, EveryFirecrackerVersionHandshakeIsServed) {
   }
   // Versions before 1.12 close their socket right after sending, so their
   // sessions end only with the process or the server; newer ones end on EOF.
+  ASSERT_TRUE(h.wait_ended(5));
   h.stop();
   auto ended = h.server().finished_sessions();
   ASSERT_EQ(ended.size(), std::size(versions));

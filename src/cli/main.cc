@@ -1,11 +1,14 @@
 // The faultline command line.
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cstdio>
 #include <map>
+#include <cstring>
 #include <string>
 
 #include "common/log.h"
@@ -38,6 +41,41 @@ read are write-protected and pages installed for a write are not.
 SIGTERM or SIGINT stops the daemon: it stops accepting, ends every session (applying
 --on-fatal to VMs still running) and exits 0.)";
 
+// Sends one request line to a daemon's control socket; returns the reply line.
+faultline::Result<std::string> control_request(const std::string& path, const std::string& request) {
+  faultline::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path) return faultline::fail("control socket path too long: " + path);
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    return faultline::fail_errno("cannot connect to the control socket " + path + " (is faultline serve --control running?)");
+  }
+  const std::string line = request + "\n";
+  if (::send(fd.get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) {
+    return faultline::fail_errno("sending to the control socket failed");
+  }
+  std::string reply;
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
+    if (n < 0) return faultline::fail_errno("reading the control socket failed");
+    if (n == 0) break;
+    reply.append(buf, static_cast<size_t>(n));
+  }
+  while (!reply.empty() && reply.back() == '\n') reply.pop_back();
+  return reply;
+}
+
+int print_control_reply(const faultline::Result<std::string>& reply) {
+  if (!reply) {
+    std::fprintf(stderr, "faultline: %s\n", reply.error().describe().c_str());
+    return 1;
+  }
+  std::printf("%s\n", reply->c_str());
+  return reply->rfind("{\"error\"", 0) == 0 ? 1 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -50,7 +88,8 @@ int main(int argc, char** argv) {
   std::string log_level = "info";
   int handshake_timeout_ms = 5000;
 
-  CLI::App* serve = app.add_subcommand("serve", kServeDescription);
+  CLI::App* serve = app.add_subcommand("serve", "Serve Firecracker VMs' guest memory from a memory snapshot (the daemon)");
+  serve->footer(kServeDescription);
   serve->add_option("--socket", config.socket_path, "Unix socket to listen on (Firecracker's backend_path)")
       ->required();
   serve->add_option("--memory", config.memory_path, "Memory snapshot file to serve guest pages from")
@@ -75,7 +114,33 @@ int main(int argc, char** argv) {
       ->default_val("info")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
 
+  serve->add_option("--control", config.control_path,
+                    "Control socket for `faultline sessions` and `faultline dirty` (off when not given)");
+
+  std::string control_path;
+  uint64_t session_id = 0;
+  bool fallback = false;
+  CLI::App* sessions = app.add_subcommand("sessions", "List a running daemon's sessions as JSON (needs serve --control)");
+  sessions->add_option("--control", control_path, "The daemon's control socket")->required();
+  CLI::App* dirty = app.add_subcommand(
+      "dirty",
+      "Print which pages a live VM changed since restore, as JSON: the input of a diff snapshot.\n"
+      "dirty = written by the guest (present and not uffd-wp in its pagemap; without a WP\n"
+      "registration every present page counts); zero = installed zero after a REMOVE and not\n"
+      "written; removed = given back and not touched since. Ranges are [offset, length] in the\n"
+      "memory file.");
+  dirty->add_option("--control", control_path, "The daemon's control socket")->required();
+  dirty->add_option("--session", session_id, "Session id, as in the session_start log line")->required();
+  dirty->add_flag("--pagemap-fallback", fallback, "Read /proc/PID/pagemap instead of using PAGEMAP_SCAN");
+
   CLI11_PARSE(app, argc, argv);
+
+  if (sessions->parsed()) return print_control_reply(control_request(control_path, R"({"cmd":"sessions"})"));
+  if (dirty->parsed()) {
+    return print_control_reply(control_request(
+        control_path, std::string(R"({"cmd":"page_map","session":)") + std::to_string(session_id) +
+                          (fallback ? R"(,"fallback":true})" : "}")));
+  }
 
   if (serve->parsed()) {
     const std::map<std::string, faultline::LogLevel> levels{{"debug", faultline::LogLevel::kDebug},

@@ -10,6 +10,7 @@
 #include <array>
 
 #include "kernel/process.h"
+#include "server/control.h"
 #include "protocol/handshake_socket.h"
 
 namespace faultline {
@@ -20,7 +21,7 @@ struct Server::Connection {
   std::thread thread;
   std::atomic<bool> done{false};
   std::mutex mu;
-  std::unique_ptr<Session> session;  // GUARDED_BY(mu) while starting; then read-only
+  std::shared_ptr<Session> session;  // GUARDED_BY(mu)
 };
 
 Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const Logger& logger) {
@@ -28,7 +29,13 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   if (!memory) return std::unexpected(memory.error());
   auto listener = protocol::UnixListener::bind(config.socket_path);
   if (!listener) return std::unexpected(listener.error());
-  return std::unique_ptr<Server>(new Server(config, logger, std::move(*memory), std::move(*listener)));
+  auto server = std::unique_ptr<Server>(new Server(config, logger, std::move(*memory), std::move(*listener)));
+  if (!config.control_path.empty()) {
+    auto control = protocol::UnixListener::bind(config.control_path);
+    if (!control) return std::unexpected(control.error());
+    server->control_.emplace(std::move(*control));
+  }
+  return server;
 }
 
 Server::Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
@@ -54,12 +61,21 @@ Status Server::run() {
                              {"workers_per_session", config_.workers_per_session},
                              {"on_fatal", to_string(config_.on_fatal)}});
   for (;;) {
-    std::array<pollfd, 2> fds{{{listener_.fd(), POLLIN, 0}, {stop_efd_.get(), POLLIN, 0}}};
+    std::array<pollfd, 3> fds{{{listener_.fd(), POLLIN, 0},
+                               {stop_efd_.get(), POLLIN, 0},
+                               {control_ ? control_->fd() : -1, POLLIN, 0}}};
     // Wake up now and then to join the threads of sessions that ended.
     const int rc = ::poll(fds.data(), fds.size(), 200);
     if (rc < 0 && errno != EINTR) return fail_errno("poll on the listening socket failed");
     reap(false);
     if (fds[1].revents) break;
+    if (fds[2].revents & POLLIN) {
+      int cfd = ::accept4(control_->fd(), nullptr, nullptr, SOCK_CLOEXEC);
+      if (cfd >= 0) {
+        UniqueFd owned(cfd);
+        answer_control(cfd);
+      }
+    }
     if (rc <= 0 || !(fds[0].revents & POLLIN)) continue;
     int cfd = ::accept4(listener_.fd(), nullptr, nullptr, SOCK_CLOEXEC);
     if (cfd < 0) {
@@ -88,6 +104,27 @@ Status Server::run() {
   reap(true);
   log_.info("server_stop", {{"sessions", finished_sessions().size()}});
   return {};
+}
+
+void Server::answer_control(int fd) const {
+  // One short request per connection; a client that stalls is dropped
+  // after a second so it cannot hold up accepting VMs.
+  timeval tv{1, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string request;
+  char buf[4096];
+  while (request.find('\n') == std::string::npos && request.size() < 65536) {
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    request.append(buf, static_cast<size_t>(n));
+  }
+  std::string reply = handle_control_request(*this, request.substr(0, request.find('\n'))) + "\n";
+  size_t off = 0;
+  while (off < reply.size()) {
+    const ssize_t n = ::send(fd, reply.data() + off, reply.size() - off, MSG_NOSIGNAL);
+    if (n <= 0) break;
+    off += static_cast<size_t>(n);
+  }
 }
 
 void Server::handle_connection(Connection& c) {
@@ -119,11 +156,12 @@ void Server::handle_connection(Connection& c) {
     ended_cv_.notify_all();
     return;
   }
-  Session* s = session->get();
+  std::shared_ptr<Session> owned = std::move(*session);
+  Session* s = owned.get();
   {
     std::lock_guard lock(mu_);
     std::lock_guard clock(c.mu);
-    c.session = std::move(*session);
+    c.session = std::move(owned);
     if (stopping_) s->stop();
   }
   s->wait();
@@ -166,6 +204,15 @@ size_t Server::active_sessions() const {
   size_t n = 0;
   for (const auto& c : connections_) n += c->done ? 0 : 1;
   return n;
+}
+
+std::shared_ptr<Session> Server::session(uint64_t id) const {
+  std::lock_guard lock(mu_);
+  for (const auto& c : connections_) {
+    std::lock_guard clock(c->mu);
+    if (c->id == id && c->session && !c->done) return c->session;
+  }
+  return nullptr;
 }
 
 std::vector<SessionSummary> Server::live_sessions() const {

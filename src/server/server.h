@@ -16,6 +16,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,6 +36,8 @@ struct ServerConfig {
   int workers_per_session = 2;
   OnFatal on_fatal = OnFatal::kKill;
   std::chrono::milliseconds handshake_timeout{5000};
+  // Optional control socket (see control.h); empty: none.
+  std::string control_path;
 };
 
 class Server {
@@ -54,6 +57,9 @@ class Server {
   // Handshake failures so far (sessions that never started), with reasons.
   std::vector<std::string> rejected_connections() const;
   size_t active_sessions() const;
+  // A running session by id (as logged), or null. Holding it keeps the
+  // Session object alive, not the session running.
+  std::shared_ptr<Session> session(uint64_t id) const;
   // Current counters of the sessions still running.
   std::vector<SessionSummary> live_sessions() const;
   // Blocks until at least `n` sessions have ended or were rejected in total,
@@ -67,12 +73,14 @@ class Server {
   Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
          protocol::UnixListener listener);
   void handle_connection(Connection& c);
+  void answer_control(int fd) const;
   void reap(bool all);
 
   const ServerConfig config_;
   const Logger& log_;
   std::shared_ptr<MemoryFile> memory_;
   protocol::UnixListener listener_;  // unlinks the socket path when destroyed
+  std::optional<protocol::UnixListener> control_;
   UniqueFd stop_efd_;
   uint64_t next_id_ = 1;
 

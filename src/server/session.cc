@@ -59,6 +59,7 @@ struct Session::Worker {
   WakeSignal signal;
   std::unique_ptr<uint8_t, FreeDeleter> buffer;  // staged snapshot bytes, one page of the largest size
   std::vector<kernel::PageFault> deferred;       // faults that hit EAGAIN; owned by the worker thread
+  std::atomic<bool> deferred_empty{true};        // for demand_pending(), read by other threads
   uint64_t deferred_generation = 0;
   std::thread thread;
   std::atomic<uint64_t> pages_snapshot{0}, pages_zero{0}, bytes{0}, exists{0}, retries{0};
@@ -110,7 +111,8 @@ Session::Session(protocol::Handshake handshake, GuestLayout layout, std::shared_
   // Older versions close right after sending: EOF means nothing.
   watch_socket_eof_ = handshake_.format == protocol::HandshakeFormat::kBothFields && !handshake_.peer_closed;
 
-  fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers));
+  // One fence slot per worker, plus one for prefault().
+  fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers) + 1);
   for (int i = 0; i < config_.workers; ++i) workers_.push_back(std::make_unique<Worker>(i, max_page));
   for (auto& w : workers_) w->thread = std::thread([this, wp = w.get()] { worker_loop(*wp); });
   reader_ = std::thread([this] { reader_loop(); });
@@ -154,6 +156,7 @@ void Session::end(SessionEnd reason, std::string error) {
   uint64_t one = 1;
   (void)!::write(stop_efd_.get(), &one, sizeof one);
   for (auto& w : workers_) w->signal.notify();
+  reader_progress_.notify();
 }
 
 void Session::wait() {
@@ -180,6 +183,7 @@ void Session::finish() {
                             {"retries", s.counters.retries},
                             {"removes", s.counters.removes},
                             {"removed_pages", s.counters.removed_pages},
+                            {"prefaulted_pages", s.counters.prefaulted_pages},
                             {"seconds", s.seconds},
                             {"peer_killed", s.peer_killed}});
   finished_.store(true, std::memory_order_release);
@@ -201,6 +205,7 @@ SessionSummary Session::summary() const {
   s.counters.faults = faults_read_.load(std::memory_order_relaxed);
   s.counters.removes = removes_.load(std::memory_order_relaxed);
   s.counters.removed_pages = removed_pages_.load(std::memory_order_relaxed);
+  s.counters.prefaulted_pages = prefaulted_pages_.load(std::memory_order_relaxed);
   for (const auto& w : workers_) {
     s.counters.pages_snapshot += w->pages_snapshot.load(std::memory_order_relaxed);
     s.counters.pages_zero += w->pages_zero.load(std::memory_order_relaxed);
@@ -304,8 +309,10 @@ void Session::reader_loop() {
             end(SessionEnd::kFatal, "unknown userfaultfd event " + std::to_string(u->event));
           }
         }
-        // Faults deferred on EAGAIN can make progress now that events were read.
+        // Faults deferred on EAGAIN (and prefaults) can make progress now
+        // that events were read.
         for (auto& w : workers_) w->signal.notify();
+        reader_progress_.notify();
         if (stopping_.load(std::memory_order_acquire)) break;
       }
     }
@@ -455,6 +462,7 @@ void Session::worker_loop(Worker& w) {
         (void)0;  // its thread waits on the same page and is woken by that install
       }
     }
+    w.deferred_empty.store(w.deferred.empty(), std::memory_order_release);
     if (stopping_.load(std::memory_order_acquire)) break;
     if (!progressed || !w.deferred.empty()) {
       // Deferred faults retry when the reader signals a new batch; the
@@ -472,6 +480,119 @@ void Session::worker_loop(Worker& w) {
   // faults again and the message waits in the uffd for whoever serves next.
   for (const auto& d : w.deferred) wake_page(d.address);
   while (w.ring.pop(f)) wake_page(f.address);
+}
+
+}  // namespace faultline
+
+namespace faultline {
+
+// --- prefault --------------------------------------------------------------
+
+bool Session::demand_pending() const {
+  for (const auto& w : workers_) {
+    if (!w->ring.empty() || !w->deferred_empty.load(std::memory_order_acquire)) return true;
+  }
+  return false;
+}
+
+Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes, const PrefaultOptions& options) {
+  using namespace std::chrono;
+  std::lock_guard serial(prefault_mu_);
+  const size_t slot = workers_.size();  // the fence slot reserved for prefault
+  PrefaultReport report;
+
+  std::vector<uint64_t> pages(page_indexes.begin(), page_indexes.end());
+  std::sort(pages.begin(), pages.end());
+  pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
+  if (!pages.empty() && pages.back() >= layout_.page_count()) {
+    return fail("prefault: page " + std::to_string(pages.back()) + " is beyond the guest's " +
+                std::to_string(layout_.page_count()) + " pages");
+  }
+
+  std::unique_ptr<uint8_t, void (*)(void*)> buffer(
+      static_cast<uint8_t*>(std::aligned_alloc(4096, std::max<uint64_t>(options.max_run_bytes, kPageSize2M))),
+      std::free);
+
+  size_t i = 0;
+  while (i < pages.size()) {
+    if (stopping_.load(std::memory_order_acquire)) return fail("prefault: the session ended");
+    // Demand faults first: a guest thread waiting on a fault matters more
+    // than a page it may never touch.
+    if (options.yield_to_demand) {
+      while (demand_pending() && !stopping_.load(std::memory_order_acquire)) {
+        const uint32_t seen = reader_progress_.value();
+        reader_progress_.wait(seen, microseconds{200});
+      }
+    }
+    // Build a run: contiguous page indexes of one region, all untouched.
+    const PageLocation first = layout_.page(pages[i]);
+    const PageState first_state = pages_->state(pages[i]);
+    if (first_state != PageState::kUntouched) {
+      // Removed pages are never brought back; installed ones never overwritten.
+      (PageStateTable::serves_zero(first_state) ? report.skipped_removed : report.skipped_present)++;
+      ++i;
+      continue;
+    }
+    size_t n = 1;
+    while (i + n < pages.size() && pages[i + n] == pages[i] + n && (n + 1) * first.page_size <= options.max_run_bytes) {
+      const PageLocation next = layout_.page(pages[i + n]);
+      if (next.region != first.region || pages_->state(pages[i + n]) != PageState::kUntouched) break;
+      ++n;
+    }
+    const uint64_t len = n * first.page_size;
+    // Storage I/O before the fence, in one large read.
+    if (auto s = source_->read(first.file_offset, {buffer.get(), len}); !s) {
+      end(SessionEnd::kFatal, s.error().describe());
+      return std::unexpected(s.error());
+    }
+    FAULTLINE_HOOK(HookPoint::kBeforePrefaultInstall, {first.address, first.page_index});
+    fence_->enter(slot);
+    // Re-check inside the fence: a REMOVE recorded since the run was built
+    // ends the run before that page.
+    size_t still = 0;
+    while (still < n && pages_->state(pages[i] + still) == PageState::kUntouched) ++still;
+    kernel::IoctlResult r{kernel::IoctlOutcome::kDone, 0, 0};
+    if (still > 0) {
+      r = uffd_.copy(first.address, buffer.get(), still * first.page_size, region_wp_[first.region], false);
+      const uint64_t done_pages = r.outcome == kernel::IoctlOutcome::kDone ? still : r.bytes / first.page_size;
+      for (uint64_t k = 0; k < done_pages; ++k) {
+        pages_->record_install(pages[i] + k, PageState::kUntouched, PageState::kSnapshot, false);
+      }
+      report.installed_pages += done_pages;
+      report.bytes += done_pages * first.page_size;
+      if (r.outcome != kernel::IoctlOutcome::kDone) still = done_pages;
+    }
+    fence_->exit(slot);
+    i += still;
+    switch (r.outcome) {
+      case kernel::IoctlOutcome::kDone:
+        break;
+      case kernel::IoctlOutcome::kExists:
+        // The guest (or a fault) got there first: leave that page alone.
+        report.skipped_present++;
+        ++i;
+        break;
+      case kernel::IoctlOutcome::kRetry: {
+        // A REMOVE is pending: wait until the reader has read it, then the
+        // loop re-checks every remaining page against it.
+        report.retries++;
+        const uint32_t seen = reader_progress_.value();
+        reader_progress_.wait(seen, milliseconds{5});
+        break;
+      }
+      case kernel::IoctlOutcome::kGone:
+        end(SessionEnd::kPeerGone);
+        return fail("prefault: the client process is gone", ESRCH);
+      case kernel::IoctlOutcome::kUnmapped:
+        report.skipped_unmapped++;
+        ++i;
+        break;
+      case kernel::IoctlOutcome::kFailed:
+        return fail("prefault install at " + hex(first.address) + " failed", r.error);
+    }
+  }
+  prefaulted_pages_.fetch_add(report.installed_pages, std::memory_order_relaxed);
+  return report;
 }
 
 }  // namespace faultline

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -35,9 +36,11 @@
 #include "common/unique_fd.h"
 #include "guest/layout.h"
 #include "guest/page_state.h"
+#include "kernel/pagemap_scan.h"
 #include "kernel/process.h"
 #include "kernel/userfaultfd.h"
 #include "protocol/handshake_socket.h"
+#include "server/wake_signal.h"
 #include "source/page_source.h"
 
 namespace faultline {
@@ -72,6 +75,47 @@ struct SessionCounters {
   uint64_t retries = 0;          // EAGAIN: deferred until the pending event was read
   uint64_t removes = 0;          // REMOVE events
   uint64_t removed_pages = 0;    // whole pages those REMOVEs covered
+  uint64_t prefaulted_pages = 0; // pages installed ahead of any fault by prefault()
+};
+
+// What prefault() did.
+struct PrefaultReport {
+  uint64_t installed_pages = 0;   // installed from the snapshot by this call
+  uint64_t bytes = 0;
+  uint64_t skipped_present = 0;   // already installed (by a fault, the guest or an earlier prefault)
+  uint64_t skipped_removed = 0;   // removed since restore: they serve zero, never the snapshot
+  uint64_t skipped_unmapped = 0;  // the range is no longer mapped
+  uint64_t retries = 0;           // installs deferred by a pending event (EAGAIN)
+};
+
+struct PrefaultOptions {
+  // Largest single UFFDIO_COPY: contiguous pages are coalesced up to this.
+  uint64_t max_run_bytes = 1 << 20;
+  // Wait while demand faults are queued, so that they always come first.
+  bool yield_to_demand = true;
+};
+
+// A run of bytes of the memory file.
+struct FileRange {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  friend bool operator==(const FileRange&, const FileRange&) = default;
+};
+
+// Which pages of a live guest differ from the snapshot: the input of a diff
+// snapshot. Ranges are in memory-file offsets, sorted and merged.
+struct PageMap {
+  uint64_t session = 0;
+  pid_t pid = 0;
+  kernel::ScanMethod method = kernel::ScanMethod::kPagemapScan;
+  // Whether the client registered WP. Without it a write leaves no trace,
+  // so every present page that was not installed zero is reported dirty.
+  bool write_protect = false;
+  std::vector<FileRange> dirty;    // written by the guest: take these bytes from guest memory
+  std::vector<FileRange> zero;     // installed zero after a REMOVE and not written since
+  std::vector<FileRange> removed;  // removed and not touched since: zero when next read
+  uint64_t dirty_bytes = 0, zero_bytes = 0, removed_bytes = 0;
+  std::string to_json() const;
 };
 
 struct SessionSummary {
@@ -104,6 +148,23 @@ class Session {
   int finished_fd() const { return finished_efd_.get(); }
 
   SessionSummary summary() const;
+
+  // Which pages the guest changed since restore, from the client's pagemap
+  // (PAGEMAP_SCAN, or /proc/PID/pagemap when `force_fallback` or the kernel
+  // lacks it), and which are zero or removed, from the page-state table.
+  // Thread-safety: safe from any thread while the session runs.
+  Result<PageMap> page_map(bool force_fallback = false) const;
+
+  // Installs the snapshot bytes of the given pages (global page indexes, any
+  // order, duplicates allowed) ahead of any fault, in runs of contiguous pages
+  // read with one pread and installed with one UFFDIO_COPY. It keeps every
+  // rule a fault install keeps: a page removed since restore is never
+  // brought back (it serves zero on its next fault), a present page is never
+  // overwritten (the guest may have written it), installs are fenced against
+  // REMOVEs and write-protected when the client registered WP. Returns when
+  // every page was installed or skipped.
+  // Thread-safety: safe from any thread; concurrent calls are serialized.
+  Result<PrefaultReport> prefault(std::span<const uint64_t> page_indexes, const PrefaultOptions& options = {});
   const GuestLayout& layout() const { return layout_; }
   const PageStateTable& pages() const { return *pages_; }
 
@@ -119,6 +180,8 @@ class Session {
   void handle_remove(const kernel::RemoveEvent& ev);
   // Wakes the threads waiting on the page that holds `address`.
   void wake_page(uint64_t address);
+  // Whether any demand fault is queued or deferred.
+  bool demand_pending() const;
   void end(SessionEnd reason, std::string error = {});
   void finish();
 
@@ -150,6 +213,9 @@ class Session {
   std::atomic<uint64_t> removes_{0};
   std::atomic<uint64_t> removed_pages_{0};
   std::atomic<uint64_t> faults_read_{0};
+  std::atomic<uint64_t> prefaulted_pages_{0};
+  WakeSignal reader_progress_;  // bumped after every batch the reader reads
+  std::mutex prefault_mu_;
   std::chrono::steady_clock::time_point started_;
   std::atomic<int64_t> finished_ns_{0};
   std::once_flag finish_once_;

@@ -1,0 +1,57 @@
+#include "server/control.h"
+
+#include <nlohmann/json.hpp>
+
+#include "server/server.h"
+
+namespace faultline {
+
+namespace {
+
+nlohmann::ordered_json summary_json(const SessionSummary& s) {
+  nlohmann::ordered_json j;
+  j["session"] = s.id;
+  j["pid"] = s.peer_pid;
+  j["state"] = to_string(s.end);
+  j["write_protect"] = s.write_protect;
+  j["faults"] = s.counters.faults;
+  j["pages_snapshot"] = s.counters.pages_snapshot;
+  j["pages_zero"] = s.counters.pages_zero;
+  j["prefaulted_pages"] = s.counters.prefaulted_pages;
+  j["bytes"] = s.counters.bytes_installed;
+  j["retries"] = s.counters.retries;
+  j["removes"] = s.counters.removes;
+  j["seconds"] = s.seconds;
+  return j;
+}
+
+std::string error_json(const std::string& message) { return nlohmann::json{{"error", message}}.dump(); }
+
+}  // namespace
+
+std::string handle_control_request(const Server& server, std::string_view request) {
+  auto req = nlohmann::json::parse(request, nullptr, false);
+  if (req.is_discarded() || !req.is_object() || !req.contains("cmd") || !req["cmd"].is_string()) {
+    return error_json("a request is one JSON object with a \"cmd\" string");
+  }
+  const std::string cmd = req["cmd"];
+  if (cmd == "sessions") {
+    nlohmann::ordered_json out;
+    out["sessions"] = nlohmann::ordered_json::array();
+    for (const SessionSummary& s : server.live_sessions()) out["sessions"].push_back(summary_json(s));
+    return out.dump();
+  }
+  if (cmd == "page_map") {
+    if (!req.contains("session") || !req["session"].is_number_unsigned()) {
+      return error_json("page_map needs \"session\": the id from the session_start log line");
+    }
+    auto session = server.session(req["session"].get<uint64_t>());
+    if (!session) return error_json("no running session " + std::to_string(req["session"].get<uint64_t>()));
+    auto map = session->page_map(req.value("fallback", false));
+    if (!map) return error_json(map.error().describe());
+    return map->to_json();
+  }
+  return error_json("unknown command \"" + cmd + "\" (known: sessions, page_map)");
+}
+
+}  // namespace faultline

@@ -1,0 +1,82 @@
+// Session::page_map(): the dirty query.
+#include <nlohmann/json.hpp>
+
+#include "server/session.h"
+
+namespace faultline {
+
+namespace {
+
+void add(std::vector<FileRange>& out, uint64_t offset, uint64_t length) {
+  if (!out.empty() && out.back().offset + out.back().length == offset) {
+    out.back().length += length;
+  } else {
+    out.push_back({offset, length});
+  }
+}
+
+nlohmann::json ranges_json(const std::vector<FileRange>& ranges) {
+  nlohmann::json a = nlohmann::json::array();
+  for (const FileRange& r : ranges) a.push_back({r.offset, r.length});
+  return a;
+}
+
+}  // namespace
+
+std::string PageMap::to_json() const {
+  nlohmann::ordered_json j;
+  j["session"] = session;
+  j["pid"] = pid;
+  j["method"] = kernel::to_string(method);
+  j["write_protect"] = write_protect;
+  j["dirty_bytes"] = dirty_bytes;
+  j["zero_bytes"] = zero_bytes;
+  j["removed_bytes"] = removed_bytes;
+  j["dirty"] = ranges_json(dirty);
+  j["zero"] = ranges_json(zero);
+  j["removed"] = ranges_json(removed);
+  return j.dump();
+}
+
+Result<PageMap> Session::page_map(bool force_fallback) const {
+  PageMap map;
+  map.session = config_.id;
+  map.pid = handshake_.peer.pid;
+  map.write_protect = any_wp_;
+  for (uint32_t ri = 0; ri < layout_.regions().size(); ++ri) {
+    const GuestRegion& r = layout_.regions()[ri];
+    auto written = kernel::scan_written_pages(handshake_.peer.pid, r.base_host_virt_addr, r.size, force_fallback);
+    if (!written) return std::unexpected(written.error());
+    map.method = written->method;
+    // Present-and-not-protected, per guest page: a page is dirty if any 4 KiB
+    // of it is (hugetlb pages report all their 4 KiB entries alike).
+    std::vector<bool> dirty(r.size / r.page_size, false);
+    for (const kernel::AddressRange& a : written->ranges) {
+      for (uint64_t p = (a.start - r.base_host_virt_addr) / r.page_size;
+           p < dirty.size() && r.base_host_virt_addr + p * r.page_size < a.end; ++p) {
+        dirty[p] = true;
+      }
+    }
+    const uint64_t first = layout_.locate(r.base_host_virt_addr)->page_index;
+    for (uint64_t p = 0; p < dirty.size(); ++p) {
+      const PageState st = pages_->state(first + p);
+      const uint64_t off = r.offset + p * r.page_size;
+      // Without WP a write leaves no trace: every present page counts as
+      // dirty (conservative, never a lost write).
+      const bool is_dirty = dirty[p];
+      if (is_dirty) {
+        add(map.dirty, off, r.page_size);
+        map.dirty_bytes += r.page_size;
+      } else if (st == PageState::kZero) {
+        add(map.zero, off, r.page_size);
+        map.zero_bytes += r.page_size;
+      } else if (st == PageState::kRemoved) {
+        add(map.removed, off, r.page_size);
+        map.removed_bytes += r.page_size;
+      }
+    }
+  }
+  return map;
+}
+
+}  // namespace faultline

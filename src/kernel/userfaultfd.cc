@@ -67,6 +67,8 @@ IoctlResult classify(int rc, int err, int64_t progress, uint64_t len) {
 
 }  // namespace
 
+IoctlResult result_for_errno(int err) { return classify(-1, err, 0, 0); }
+
 Result<size_t> Userfaultfd::read_events(std::span<UffdEvent> out) const {
   std::array<uffd_msg, 64> msgs;
   const size_t want = std::min(out.size(), msgs.size());

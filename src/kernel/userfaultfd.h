@@ -69,6 +69,10 @@ struct IoctlResult {
   int error = 0;       // errno when not kDone
 };
 
+// The result an install ioctl reports when it fails with `err` and no
+// progress (for fault injection in tests, and for callers that need one).
+IoctlResult result_for_errno(int err);
+
 class Userfaultfd {
  public:
   Userfaultfd() = default;

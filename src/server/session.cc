@@ -265,7 +265,8 @@ void Session::reader_loop() {
     }
     if (fds[0].revents & (POLLIN | POLLERR)) {
       for (;;) {
-        FAULTLINE_HOOK(HookPoint::kReaderBeforeRead, {});
+        HookContext reader_hook;
+        FAULTLINE_HOOK(HookPoint::kReaderBeforeRead, reader_hook);
         fence_->begin_read();
         auto n = uffd_.read_events(batch);
         // REMOVEs are recorded before any snapshot install may run again.
@@ -347,8 +348,11 @@ bool Session::serve(Worker& w, const kernel::PageFault& fault) {
     // A synchronous write-protect fault (WP registered without WP_ASYNC): the
     // page is present and protected; the guest wrote it. Unprotecting wakes
     // the writer; the page is dirty from now on.
-    FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, {loc->address, loc->page_index});
-    const kernel::IoctlResult r = uffd_.writeprotect(loc->address, loc->page_size, false, false);
+    HookContext hook{loc->address, loc->page_index};
+    FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
+    const kernel::IoctlResult r = hook.inject_errno
+                                      ? kernel::result_for_errno(hook.inject_errno)
+                                      : uffd_.writeprotect(loc->address, loc->page_size, false, false);
     if (r.outcome == kernel::IoctlOutcome::kRetry) {
       w.retries.fetch_add(1, std::memory_order_relaxed);
       return false;
@@ -369,8 +373,11 @@ bool Session::serve(Worker& w, const kernel::PageFault& fault) {
       // and "zeropage then writeprotect" leaves a window with no record, so a
       // protected zero install copies a zero buffer with MODE_WP (atomic).
       // ZEROPAGE is not supported on hugetlbfs at all.
-      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, {loc->address, loc->page_index});
-      if (protect || loc->page_size != kPageSize4K) {
+      HookContext hook{loc->address, loc->page_index};
+      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
+      if (hook.inject_errno) {
+        r = kernel::result_for_errno(hook.inject_errno);
+      } else if (protect || loc->page_size != kPageSize4K) {
         r = uffd_.copy(loc->address, zero_page_.get(), loc->page_size, protect, false);
       } else {
         r = uffd_.zeropage(loc->address, loc->page_size, false);
@@ -383,7 +390,8 @@ bool Session::serve(Worker& w, const kernel::PageFault& fault) {
         end(SessionEnd::kFatal, s.error().describe());
         return true;
       }
-      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, {loc->address, loc->page_index});
+      HookContext hook{loc->address, loc->page_index};
+      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
       fence_->enter(w.index);
       const PageState now = pages_->state(loc->page_index);
       if (PageStateTable::serves_zero(now)) {
@@ -391,7 +399,8 @@ bool Session::serve(Worker& w, const kernel::PageFault& fault) {
         fence_->exit(w.index);
         continue;
       }
-      r = uffd_.copy(loc->address, w.buffer.get(), loc->page_size, protect, false);
+      r = hook.inject_errno ? kernel::result_for_errno(hook.inject_errno)
+                            : uffd_.copy(loc->address, w.buffer.get(), loc->page_size, protect, false);
       if (r.outcome == kernel::IoctlOutcome::kDone) {
         pages_->record_install(loc->page_index, now, PageState::kSnapshot, fault.write);
       }
@@ -545,7 +554,8 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
       end(SessionEnd::kFatal, s.error().describe());
       return std::unexpected(s.error());
     }
-    FAULTLINE_HOOK(HookPoint::kBeforePrefaultInstall, {first.address, first.page_index});
+    HookContext hook{first.address, first.page_index};
+    FAULTLINE_HOOK(HookPoint::kBeforePrefaultInstall, hook);
     fence_->enter(slot);
     // Re-check inside the fence: a REMOVE recorded since the run was built
     // ends the run before that page.
@@ -553,7 +563,9 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
     while (still < n && pages_->state(pages[i] + still) == PageState::kUntouched) ++still;
     kernel::IoctlResult r{kernel::IoctlOutcome::kDone, 0, 0};
     if (still > 0) {
-      r = uffd_.copy(first.address, buffer.get(), still * first.page_size, region_wp_[first.region], false);
+      r = hook.inject_errno ? kernel::result_for_errno(hook.inject_errno)
+                            : uffd_.copy(first.address, buffer.get(), still * first.page_size, region_wp_[first.region],
+                                         false);
       const uint64_t done_pages = r.outcome == kernel::IoctlOutcome::kDone ? still : r.bytes / first.page_size;
       for (uint64_t k = 0; k < done_pages; ++k) {
         pages_->record_install(pages[i] + k, PageState::kUntouched, PageState::kSnapshot, false);

@@ -31,7 +31,7 @@ void clear_all() {
   for (size_t i = 0; i < kPoints; ++i) clear(static_cast<HookPoint>(i));
 }
 
-void fire(HookPoint point, const HookContext& context) {
+void fire(HookPoint point, HookContext& context) {
   const size_t i = static_cast<size_t>(point);
   if (!armed[i].load(std::memory_order_acquire)) return;
   HookFn fn;

@@ -27,6 +27,9 @@ enum class HookPoint {
 struct HookContext {
   uint64_t address = 0;     // page address, when the point concerns one page
   uint64_t page_index = 0;  // global page index
+  // Install points only: a hook may set an errno here to make the install
+  // report that failure without issuing the ioctl (fault injection).
+  int inject_errno = 0;
 };
 
 }  // namespace faultline
@@ -34,17 +37,18 @@ struct HookContext {
 #ifdef FAULTLINE_TEST_HOOKS
 
 namespace faultline::test_hooks {
-using HookFn = std::function<void(const HookContext&)>;
+using HookFn = std::function<void(HookContext&)>;
 void set(HookPoint point, HookFn fn);
 void clear(HookPoint point);
 void clear_all();
-void fire(HookPoint point, const HookContext& context);
+void fire(HookPoint point, HookContext& context);
 }  // namespace faultline::test_hooks
 
-#define FAULTLINE_HOOK(point, ...) ::faultline::test_hooks::fire(point, ::faultline::HookContext __VA_ARGS__)
+// Runs the hook at `point` with `context` (a HookContext lvalue it may modify).
+#define FAULTLINE_HOOK(point, context) ::faultline::test_hooks::fire(point, context)
 
 #else
 
-#define FAULTLINE_HOOK(point, ...) ((void)0)
+#define FAULTLINE_HOOK(point, context) ((void)(context))
 
 #endif

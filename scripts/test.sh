@@ -11,7 +11,7 @@ ctest --test-dir build -j2 --output-on-failure --timeout 600
 
 # The sanitizer runs cover the concurrent parts: the server's sessions and
 # fence, the page-state table, the protocol, and the end-to-end tests.
-concurrency_tests='^(Serve|SessionEnd|PageStateTable|ReceiveHandshake|Handshake|Regions|Race|Stress|Prefetch)'
+concurrency_tests='(Serve|SessionEnd|PageStateTable|ReceiveHandshake|BadInput|BadLayout|Race|Stress|Events|HugePages)'
 echo "== ThreadSanitizer"
 BUILD_DIR=build-tsan scripts/build.sh -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFAULTLINE_SANITIZER=thread
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \

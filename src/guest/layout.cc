@@ -53,7 +53,8 @@ Result<GuestLayout> GuestLayout::create(std::vector<GuestRegion> regions, uint64
                     std::to_string(r.offset) + " and " + std::to_string(o.offset) + ")");
       }
     }
-    layout.first_page_.push_back(layout.page_count_);
+    layout.segments_.push_back(
+        Segment{r.base_host_virt_addr, r.size, r.offset, r.page_size, layout.page_count_, static_cast<uint32_t>(i)});
     layout.page_count_ += r.size / r.page_size;
     layout.total_bytes_ += r.size;
   }
@@ -62,41 +63,88 @@ Result<GuestLayout> GuestLayout::create(std::vector<GuestRegion> regions, uint64
 }
 
 std::optional<PageLocation> GuestLayout::locate(uint64_t address) const {
-  // Few regions (one or two on x86): a linear scan beats anything cleverer.
-  for (uint32_t i = 0; i < regions_.size(); ++i) {
-    const GuestRegion& r = regions_[i];
-    if (!r.contains(address)) continue;
-    const uint64_t in_region = (address - r.base_host_virt_addr) / r.page_size;
-    return PageLocation{i, first_page_[i] + in_region, r.base_host_virt_addr + in_region * r.page_size,
-                        r.offset + in_region * r.page_size, r.page_size};
+  // Few segments (one or two regions on x86): a linear scan beats anything cleverer.
+  for (const Segment& g : segments_) {
+    if (address < g.base || address >= g.end()) continue;
+    const uint64_t in = (address - g.base) / g.page_size;
+    return PageLocation{g.region, g.first_page + in, g.base + in * g.page_size, g.offset + in * g.page_size,
+                        g.page_size};
   }
   return std::nullopt;
 }
 
-PageLocation GuestLayout::page(uint64_t index) const {
-  auto it = std::upper_bound(first_page_.begin(), first_page_.end(), index);
-  const uint32_t i = static_cast<uint32_t>(it - first_page_.begin() - 1);
-  const GuestRegion& r = regions_[i];
-  const uint64_t in_region = index - first_page_[i];
-  return PageLocation{i, index, r.base_host_virt_addr + in_region * r.page_size, r.offset + in_region * r.page_size,
-                      r.page_size};
+std::optional<PageLocation> GuestLayout::page(uint64_t index) const {
+  for (const Segment& g : segments_) {
+    const uint64_t count = g.size / g.page_size;
+    if (index < g.first_page || index >= g.first_page + count) continue;
+    const uint64_t in = index - g.first_page;
+    return PageLocation{g.region, index, g.base + in * g.page_size, g.offset + in * g.page_size, g.page_size};
+  }
+  return std::nullopt;
 }
 
 std::vector<PageRange> GuestLayout::whole_pages_in(uint64_t start, uint64_t end) const {
   std::vector<PageRange> out;
-  for (uint32_t i = 0; i < regions_.size(); ++i) {
-    const GuestRegion& r = regions_[i];
-    const uint64_t lo = std::max(start, r.base_host_virt_addr);
-    const uint64_t hi = std::min(end, r.end());
+  for (const Segment& g : segments_) {
+    const uint64_t lo = std::max(start, g.base);
+    const uint64_t hi = std::min(end, g.end());
     if (lo >= hi) continue;
     // Round inwards: only pages wholly inside [lo, hi) are dropped.
-    const uint64_t first = (lo - r.base_host_virt_addr + r.page_size - 1) / r.page_size;
-    const uint64_t last = (hi - r.base_host_virt_addr) / r.page_size;  // exclusive
+    const uint64_t first = (lo - g.base + g.page_size - 1) / g.page_size;
+    const uint64_t last = (hi - g.base) / g.page_size;  // exclusive
     if (first >= last) continue;
-    out.push_back(PageRange{i, first_page_[i] + first, last - first, r.base_host_virt_addr + first * r.page_size,
-                            r.page_size});
+    out.push_back(PageRange{g.region, g.first_page + first, last - first, g.base + first * g.page_size, g.page_size});
   }
   return out;
+}
+
+namespace {
+
+// Splits `segments` at [start, end): returns the pieces outside, and appends
+// the pieces inside to `inside` (page-aligned cuts; the kernel only unmaps or
+// moves whole pages of a mapping).
+std::vector<Segment> cut(const std::vector<Segment>& segments, uint64_t start, uint64_t end,
+                         std::vector<Segment>* inside) {
+  std::vector<Segment> out;
+  for (const Segment& g : segments) {
+    const uint64_t lo = std::max(start, g.base);
+    const uint64_t hi = std::min(end, g.end());
+    if (lo >= hi) {
+      out.push_back(g);
+      continue;
+    }
+    const uint64_t a = (lo - g.base) / g.page_size * g.page_size;                  // bytes before the cut
+    const uint64_t b = (hi - g.base + g.page_size - 1) / g.page_size * g.page_size;  // end of the cut
+    auto piece = [&](uint64_t from, uint64_t to) {
+      return Segment{g.base + from, to - from, g.offset + from, g.page_size, g.first_page + from / g.page_size,
+                     g.region};
+    };
+    if (a > 0) out.push_back(piece(0, a));
+    if (inside != nullptr) inside->push_back(piece(a, b));
+    if (b < g.size) out.push_back(piece(b, g.size));
+  }
+  return out;
+}
+
+}  // namespace
+
+GuestLayout GuestLayout::unmapped(uint64_t start, uint64_t end) const {
+  GuestLayout next = *this;
+  next.segments_ = cut(segments_, start, end, nullptr);
+  return next;
+}
+
+GuestLayout GuestLayout::remapped(uint64_t from, uint64_t to, uint64_t len) const {
+  GuestLayout next = *this;
+  std::vector<Segment> moved;
+  next.segments_ = cut(segments_, from, from + len, &moved);
+  // Whatever was mapped at the destination is gone (mremap replaces it).
+  next.segments_ = cut(next.segments_, to, to + len, nullptr);
+  for (Segment g : moved) {
+    g.base = g.base - from + to;
+    next.segments_.push_back(g);
+  }
+  return next;
 }
 
 }  // namespace faultline

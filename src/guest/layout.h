@@ -16,7 +16,7 @@ namespace faultline {
 
 // Where one guest page lives.
 struct PageLocation {
-  uint32_t region = 0;       // index into regions()
+  uint32_t region = 0;       // index into regions() (the handshake region the page belongs to)
   uint64_t page_index = 0;   // global index over all regions' pages (page-state table slot)
   uint64_t address = 0;      // page-aligned client address
   uint64_t file_offset = 0;  // byte offset of the page in the memory file
@@ -32,6 +32,19 @@ struct PageRange {
   uint64_t page_size = 0;
 };
 
+// A mapped stretch of one region: where (part of) a region lives in the
+// client's address space now. A new layout has one segment per region;
+// munmap (UNMAP events) and mremap (REMAP events) split and move them.
+struct Segment {
+  uint64_t base = 0;        // client address
+  uint64_t size = 0;        // bytes
+  uint64_t offset = 0;      // memory-file offset of `base`
+  uint64_t page_size = 0;
+  uint64_t first_page = 0;  // global page index of `base`
+  uint32_t region = 0;      // handshake region it came from
+  uint64_t end() const { return base + size; }
+};
+
 class GuestLayout {
  public:
   // Validates the regions: page size 4 KiB or 2 MiB; base, size and offset
@@ -45,10 +58,19 @@ class GuestLayout {
   uint64_t page_count() const { return page_count_; }
   uint64_t total_bytes() const { return total_bytes_; }
 
-  // The page containing `address`, or nullopt when no region holds it.
+  const std::vector<Segment>& segments() const { return segments_; }
+
+  // The page containing `address`, or nullopt when no segment holds it.
   std::optional<PageLocation> locate(uint64_t address) const;
-  // Location of a page by its global index. REQUIRES: index < page_count().
-  PageLocation page(uint64_t index) const;
+  // Location of a page by its global index; nullopt when it is unmapped.
+  std::optional<PageLocation> page(uint64_t index) const;
+
+  // This layout with [start, end) unmapped (munmap). Page indexes of the
+  // pages that stay are unchanged.
+  GuestLayout unmapped(uint64_t start, uint64_t end) const;
+  // This layout with [from, from+len) moved to `to` (mremap): the same pages
+  // (same indexes and file offsets) at new addresses.
+  GuestLayout remapped(uint64_t from, uint64_t to, uint64_t len) const;
 
   // The whole pages inside [start, end), split per region. Partial pages at
   // either end are left out: the kernel only drops whole pages, so a partial
@@ -57,7 +79,7 @@ class GuestLayout {
 
  private:
   std::vector<GuestRegion> regions_;
-  std::vector<uint64_t> first_page_;  // global index of each region's first page
+  std::vector<Segment> segments_;
   uint64_t page_count_ = 0;
   uint64_t total_bytes_ = 0;
 };

@@ -33,7 +33,7 @@ TEST(GuestLayout, MultiRegionUsesCumulativeOffsetsAndGlobalPageIndexes) {
   EXPECT_EQ(loc->region, 1u);
   EXPECT_EQ(loc->page_index, 8 * kMiB / 4096 + 1);
   EXPECT_EQ(loc->file_offset, 8 * kMiB + 4096);
-  PageLocation p = l->page(loc->page_index);
+  PageLocation p = *l->page(loc->page_index);
   EXPECT_EQ(p.address, loc->address);
   EXPECT_EQ(p.file_offset, loc->file_offset);
 }
@@ -88,6 +88,38 @@ TEST(GuestLayout, WholePagesInRoundsInwardsAndSplitsAcrossRegions) {
   EXPECT_TRUE(l->whole_pages_in(0x10000 + 1, 0x10000 + 4096).empty());
   // Outside the guest: nothing.
   EXPECT_TRUE(l->whole_pages_in(0x1000, 0x2000).empty());
+}
+
+TEST(GuestLayout, UnmapCutsASegmentAndKeepsTheOtherPagesIndexes) {
+  auto l = GuestLayout::create({region(0x10000, 8 * 4096, 0)}, 8 * 4096);
+  ASSERT_TRUE(l);
+  GuestLayout u = l->unmapped(0x10000 + 2 * 4096, 0x10000 + 4 * 4096);
+  EXPECT_EQ(u.segments().size(), 2u);
+  EXPECT_FALSE(u.locate(0x10000 + 2 * 4096));
+  EXPECT_FALSE(u.locate(0x10000 + 3 * 4096));
+  EXPECT_FALSE(u.page(2));
+  auto loc = u.locate(0x10000 + 5 * 4096);
+  ASSERT_TRUE(loc);
+  EXPECT_EQ(loc->page_index, 5u);
+  EXPECT_EQ(loc->file_offset, 5u * 4096);
+}
+
+TEST(GuestLayout, RemapMovesPagesWithTheirIndexesAndFileOffsets) {
+  auto l = GuestLayout::create({region(0x10000, 8 * 4096, 0)}, 8 * 4096);
+  ASSERT_TRUE(l);
+  // Move pages 4..7 to 0x900000.
+  GuestLayout m = l->remapped(0x10000 + 4 * 4096, 0x900000, 4 * 4096);
+  EXPECT_FALSE(m.locate(0x10000 + 4 * 4096));
+  auto loc = m.locate(0x900000 + 4096);
+  ASSERT_TRUE(loc);
+  EXPECT_EQ(loc->page_index, 5u);
+  EXPECT_EQ(loc->file_offset, 5u * 4096);
+  EXPECT_EQ(m.page(5)->address, 0x900000u + 4096);
+  EXPECT_EQ(m.page(1)->address, 0x10000u + 4096);
+  // Whole pages in a range of the moved part.
+  auto r = m.whole_pages_in(0x900000, 0x900000 + 2 * 4096);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].first_page, 4u);
 }
 
 }  // namespace

@@ -1,4 +1,5 @@
 // Session::page_map(): the dirty query.
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "server/session.h"
@@ -43,21 +44,22 @@ Result<PageMap> Session::page_map(bool force_fallback) const {
   map.session = config_.id;
   map.pid = handshake_.peer.pid;
   map.write_protect = any_wp_;
-  for (uint32_t ri = 0; ri < layout_.regions().size(); ++ri) {
-    const GuestRegion& r = layout_.regions()[ri];
-    auto written = kernel::scan_written_pages(handshake_.peer.pid, r.base_host_virt_addr, r.size, force_fallback);
+  // Segments in file order, so that the ranges come out sorted.
+  std::vector<Segment> segments = layout().segments();
+  std::sort(segments.begin(), segments.end(), [](const Segment& a, const Segment& b) { return a.offset < b.offset; });
+  for (const Segment& r : segments) {
+    auto written = kernel::scan_written_pages(handshake_.peer.pid, r.base, r.size, force_fallback);
     if (!written) return std::unexpected(written.error());
     map.method = written->method;
     // Present-and-not-protected, per guest page: a page is dirty if any 4 KiB
     // of it is (hugetlb pages report all their 4 KiB entries alike).
     std::vector<bool> dirty(r.size / r.page_size, false);
     for (const kernel::AddressRange& a : written->ranges) {
-      for (uint64_t p = (a.start - r.base_host_virt_addr) / r.page_size;
-           p < dirty.size() && r.base_host_virt_addr + p * r.page_size < a.end; ++p) {
+      for (uint64_t p = (a.start - r.base) / r.page_size; p < dirty.size() && r.base + p * r.page_size < a.end; ++p) {
         dirty[p] = true;
       }
     }
-    const uint64_t first = layout_.locate(r.base_host_virt_addr)->page_index;
+    const uint64_t first = r.first_page;
     for (uint64_t p = 0; p < dirty.size(); ++p) {
       const PageState st = pages_->state(first + p);
       const uint64_t off = r.offset + p * r.page_size;

@@ -74,16 +74,16 @@ Result<std::unique_ptr<Session>> Session::start(protocol::Handshake handshake,
   return std::unique_ptr<Session>(new Session(std::move(handshake), std::move(*layout), std::move(source), config));
 }
 
-Session::Session(protocol::Handshake handshake, GuestLayout layout, std::shared_ptr<const PageSource> source,
-                 const SessionConfig& config)
+Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
+                 std::shared_ptr<const PageSource> source, const SessionConfig& config)
     : config_(config),
       log_(*config.logger),
       handshake_(std::move(handshake)),
       uffd_(std::move(handshake_.uffd)),
-      layout_(std::move(layout)),
       source_(std::move(source)),
-      pages_(std::make_unique<PageStateTable>(layout_.page_count())),
+      pages_(std::make_unique<PageStateTable>(initial_layout.page_count())),
       started_(std::chrono::steady_clock::now()) {
+  publish(std::move(initial_layout));
   stop_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   finished_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
 
@@ -95,7 +95,7 @@ Session::Session(protocol::Handshake handshake, GuestLayout layout, std::shared_
   }
 
   uint64_t max_page = kPageSize4K;
-  for (const GuestRegion& r : layout_.regions()) {
+  for (const GuestRegion& r : layout().regions()) {
     max_page = std::max(max_page, r.page_size);
     // The uffd cannot tell which modes the client registered; smaps can.
     auto wp = kernel::range_registered_for_wp(handshake_.peer.pid, r.base_host_virt_addr, r.size);
@@ -119,9 +119,9 @@ Session::Session(protocol::Handshake handshake, GuestLayout layout, std::shared_
 
   log_.info("session_start", {{"session", config_.id},
                               {"pid", handshake_.peer.pid},
-                              {"regions", layout_.regions().size()},
-                              {"guest_bytes", layout_.total_bytes()},
-                              {"page_size", layout_.regions().front().page_size},
+                              {"regions", layout().regions().size()},
+                              {"guest_bytes", layout().total_bytes()},
+                              {"page_size", layout().regions().front().page_size},
                               {"format", protocol::to_string(handshake_.format)},
                               {"write_protect", any_wp_},
                               {"workers", config_.workers},
@@ -221,9 +221,31 @@ SessionSummary Session::summary() const {
 
 // --- event reader --------------------------------------------------------
 
+void Session::publish(GuestLayout next) {
+  layouts_.push_back(std::make_unique<GuestLayout>(std::move(next)));
+  layout_.store(layouts_.back().get(), std::memory_order_release);
+}
+
+void Session::handle_unmap(const kernel::UnmapEvent& ev) {
+  // The range is gone: its pages will never be faulted again, and nothing
+  // (prefetch included) may install them.
+  for (const PageRange& r : layout().whole_pages_in(ev.start, ev.end)) {
+    for (uint64_t p = r.first_page; p < r.first_page + r.page_count; ++p) pages_->mark_removed(p);
+  }
+  publish(layout().unmapped(ev.start, ev.end));
+  log_.info("guest_unmap", {{"session", config_.id}, {"start", hex(ev.start)}, {"end", hex(ev.end)}});
+}
+
+void Session::handle_remap(const kernel::RemapEvent& ev) {
+  // mremap moved the pages, contents and all: same page states, new addresses.
+  publish(layout().remapped(ev.from, ev.to, ev.len));
+  log_.info("guest_remap",
+            {{"session", config_.id}, {"from", hex(ev.from)}, {"to", hex(ev.to)}, {"len", ev.len}});
+}
+
 void Session::handle_remove(const kernel::RemoveEvent& ev) {
   uint64_t pages = 0;
-  for (const PageRange& r : layout_.whole_pages_in(ev.start, ev.end)) {
+  for (const PageRange& r : layout().whole_pages_in(ev.start, ev.end)) {
     for (uint64_t p = r.first_page; p < r.first_page + r.page_count; ++p) pages_->mark_removed(p);
     pages += r.page_count;
   }
@@ -270,10 +292,13 @@ void Session::reader_loop() {
         fence_->begin_read();
         auto n = uffd_.read_events(batch);
         // REMOVEs are recorded before any snapshot install may run again.
+        // So are UNMAPs and REMAPs, before any fault of the batch is located:
+        // a fault at a remapped address is read before its REMAP event.
         if (n) {
           for (size_t i = 0; i < *n; ++i) {
             if (auto* rm = std::get_if<kernel::RemoveEvent>(&batch[i])) handle_remove(*rm);
-            if (auto* um = std::get_if<kernel::UnmapEvent>(&batch[i])) handle_remove({um->start, um->end});
+            if (auto* um = std::get_if<kernel::UnmapEvent>(&batch[i])) handle_unmap(*um);
+            if (auto* mv = std::get_if<kernel::RemapEvent>(&batch[i])) handle_remap(*mv);
           }
         }
         fence_->end_read();
@@ -286,8 +311,15 @@ void Session::reader_loop() {
         for (size_t i = 0; i < *n; ++i) {
           if (auto* f = std::get_if<kernel::PageFault>(&batch[i])) {
             faults_read_.fetch_add(1, std::memory_order_relaxed);
-            auto loc = layout_.locate(f->address);
+            auto loc = layout().locate(f->address);
             if (!loc) {
+              // Either the range was unmapped or moved away after the thread
+              // faulted (its retry then sees the new mapping, or none), or the
+              // client registered memory it never described.
+              if (layouts_.size() > 1) {
+                wake_page(f->address);
+                continue;
+              }
               end(SessionEnd::kFatal, "fault at " + hex(f->address) +
                                           " lies outside every region of the handshake: the client registered "
                                           "memory it did not describe");
@@ -303,9 +335,6 @@ void Session::reader_loop() {
             log_.error("fork_refused", {{"session", config_.id},
                                         {"error", "the VM process forked with UFFD_FEATURE_EVENT_FORK; faultline "
                                                   "serves only the original process"}});
-          } else if (auto* rm = std::get_if<kernel::RemapEvent>(&batch[i])) {
-            end(SessionEnd::kFatal, "guest memory was moved by mremap (" + hex(rm->from) + " -> " + hex(rm->to) +
-                                        "); faultline does not follow remapped regions yet");
           } else if (auto* u = std::get_if<kernel::UnknownEvent>(&batch[i])) {
             end(SessionEnd::kFatal, "unknown userfaultfd event " + std::to_string(u->event));
           }
@@ -334,12 +363,21 @@ void Session::reader_loop() {
 // --- install workers -----------------------------------------------------
 
 void Session::wake_page(uint64_t address) {
-  if (auto loc = layout_.locate(address)) (void)uffd_.wake(loc->address, loc->page_size);
+  if (auto loc = layout().locate(address)) {
+    (void)uffd_.wake(loc->address, loc->page_size);
+  } else {
+    (void)uffd_.wake(address & ~(kPageSize4K - 1), kPageSize4K);
+  }
 }
 
 bool Session::serve(Worker& w, const kernel::PageFault& fault) {
-  const auto loc = layout_.locate(fault.address);
-  if (!loc) return true;  // checked by the reader
+  const auto loc = layout().locate(fault.address);
+  if (!loc) {
+    // Unmapped or moved since the reader located it: wake the thread, whose
+    // retry faults at the right place or finds no mapping.
+    wake_page(fault.address);
+    return true;
+  }
   // With a WP registration, a page installed for a read is write-protected
   // so that the guest's first write to it is recorded; one installed for a
   // write is dirty from the start.
@@ -428,7 +466,9 @@ bool Session::serve(Worker& w, const kernel::PageFault& fault) {
         end(SessionEnd::kPeerGone);
         return true;
       case kernel::IoctlOutcome::kUnmapped:
-        // The range was unmapped under us: nobody waits on it any more.
+        // The range was unmapped or moved under us: a thread may still wait
+        // on the old address; wake it so it retries against the new mapping.
+        wake_page(fault.address);
         return true;
       case kernel::IoctlOutcome::kFailed:
         end(SessionEnd::kFatal, std::string(installed == PageState::kZero ? "zero" : "snapshot") +
@@ -513,9 +553,9 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
   std::vector<uint64_t> pages(page_indexes.begin(), page_indexes.end());
   std::sort(pages.begin(), pages.end());
   pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
-  if (!pages.empty() && pages.back() >= layout_.page_count()) {
+  if (!pages.empty() && pages.back() >= layout().page_count()) {
     return fail("prefault: page " + std::to_string(pages.back()) + " is beyond the guest's " +
-                std::to_string(layout_.page_count()) + " pages");
+                std::to_string(layout().page_count()) + " pages");
   }
 
   std::unique_ptr<uint8_t, void (*)(void*)> buffer(
@@ -534,7 +574,14 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
       }
     }
     // Build a run: contiguous page indexes of one region, all untouched.
-    const PageLocation first = layout_.page(pages[i]);
+    const GuestLayout& layout_now = layout();
+    const std::optional<PageLocation> located = layout_now.page(pages[i]);
+    if (!located) {
+      report.skipped_unmapped++;
+      ++i;
+      continue;
+    }
+    const PageLocation first = *located;
     const PageState first_state = pages_->state(pages[i]);
     if (first_state != PageState::kUntouched) {
       // Removed pages are never brought back; installed ones never overwritten.
@@ -544,8 +591,12 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
     }
     size_t n = 1;
     while (i + n < pages.size() && pages[i + n] == pages[i] + n && (n + 1) * first.page_size <= options.max_run_bytes) {
-      const PageLocation next = layout_.page(pages[i + n]);
-      if (next.region != first.region || pages_->state(pages[i + n]) != PageState::kUntouched) break;
+      const std::optional<PageLocation> next = layout_now.page(pages[i + n]);
+      // One run must be contiguous in the client's address space too.
+      if (!next || next->address != first.address + n * first.page_size ||
+          pages_->state(pages[i + n]) != PageState::kUntouched) {
+        break;
+      }
       ++n;
     }
     const uint64_t len = n * first.page_size;

@@ -165,7 +165,9 @@ class Session {
   // every page was installed or skipped.
   // Thread-safety: safe from any thread; concurrent calls are serialized.
   Result<PrefaultReport> prefault(std::span<const uint64_t> page_indexes, const PrefaultOptions& options = {});
-  const GuestLayout& layout() const { return layout_; }
+  // The current layout (UNMAP and REMAP events change it). The reference
+  // stays valid for the session's life.
+  const GuestLayout& layout() const { return *layout_.load(std::memory_order_acquire); }
   const PageStateTable& pages() const { return *pages_; }
 
  private:
@@ -178,6 +180,10 @@ class Session {
   // Installs one faulted page. Returns false when the fault must be retried later.
   bool serve(Worker& w, const kernel::PageFault& fault);
   void handle_remove(const kernel::RemoveEvent& ev);
+  // UNMAP / REMAP: record the pages as removed (UNMAP) and publish a new layout.
+  void handle_unmap(const kernel::UnmapEvent& ev);
+  void handle_remap(const kernel::RemapEvent& ev);
+  void publish(GuestLayout next);
   // Wakes the threads waiting on the page that holds `address`.
   void wake_page(uint64_t address);
   // Whether any demand fault is queued or deferred.
@@ -190,7 +196,10 @@ class Session {
   protocol::Handshake handshake_;
   kernel::Userfaultfd uffd_;
   kernel::PeerProcess peer_;
-  GuestLayout layout_;
+  // Published by the reader, read lock-free by everyone; every layout ever
+  // published is kept until the session ends, as workers may hold one.
+  std::atomic<const GuestLayout*> layout_{nullptr};
+  std::vector<std::unique_ptr<GuestLayout>> layouts_;
   std::shared_ptr<const PageSource> source_;
   std::unique_ptr<PageStateTable> pages_;
   std::vector<bool> region_wp_;  // per region: registered MISSING|WP

@@ -1,0 +1,116 @@
+// The guest memories faultline-bench compares: one fresh guest per
+// repetition, backed by the kernel alone, by a file mapping, by the naive
+// reference server or by faultline (in-process, over the real handshake).
+//
+// Thread-safety: a FaultlineHost and the guests made from it are driven by
+// one controlling thread; guest memory may be touched from any thread while
+// its BenchGuest lives.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include "bench/naive_server.h"
+#include "client/firecracker_client.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "common/mapping.h"
+#include "server/server.h"
+
+namespace faultline::bench {
+
+enum class Backend {
+  kKernel,             // (a) MAP_PRIVATE|MAP_ANONYMOUS, no uffd
+  kFileMmap,           // (b) the memory file mmap'ed MAP_PRIVATE, page cache warm
+  kNaive,              // (c) NaiveServer: one thread, one UFFDIO_COPY per fault
+  kFaultline,          // faultline on demand
+  kFaultlinePrefetch,  // faultline replaying a recorded working set (--prefetch FILE)
+  kFaultlineEager,     // faultline filling everything in the background (--prefetch all)
+};
+const char* to_string(Backend b);
+// Short label for tables and the chart: "kernel", "file-mmap", ...
+const char* label(Backend b);
+
+// An errno that means "this backend does not apply here" (printed "n/a").
+inline constexpr int kNotApplicable = ENOTSUP;
+
+// Whether this build's ServerConfig has the prefetch fields
+// (record_path, prefetch_path, prefetch_all) another change is adding.
+bool prefetch_supported();
+
+// A faultline Server on its own thread, serving one memory file, in this
+// process. on_fatal is kLeave: the "peer" is this very process.
+class FaultlineHost {
+ public:
+  struct Options {
+    std::string memory_path;
+    std::string socket_path;
+    int workers = 2;
+    // Only honoured when prefetch_supported().
+    std::string record_path;
+    std::string prefetch_path;
+    bool prefetch_all = false;
+  };
+  static Result<std::unique_ptr<FaultlineHost>> start(const Options& options, const Logger& logger);
+  ~FaultlineHost();
+
+  Server& server() { return *server_; }
+  const std::string& socket_path() const { return options_.socket_path; }
+  // Sessions this host was asked to serve so far.
+  uint64_t sessions_started() const { return started_; }
+  void count_session() { ++started_; }
+
+ private:
+  explicit FaultlineHost(Options o) : options_(std::move(o)) {}
+  Options options_;
+  std::unique_ptr<Server> server_;
+  std::thread thread_;
+  Status run_status_;
+  uint64_t started_ = 0;
+};
+
+struct GuestSpec {
+  uint64_t bytes = 0;
+  uint64_t page_size = 4096;
+  std::string memory_path;         // memory file, at least `bytes` long
+  FaultlineHost* host = nullptr;   // for the faultline backends
+  // For uffd backends: return only once the server has the uffd (scenario 1
+  // measures fault service, not the handshake). Scenario 2 times it all.
+  bool wait_until_served = true;
+};
+
+// One guest memory. Destroying it unmaps the memory and, for faultline, waits
+// until the session has ended (its socket closed), so repetitions never
+// overlap.
+class BenchGuest {
+ public:
+  static Result<std::unique_ptr<BenchGuest>> create(Backend backend, const GuestSpec& spec);
+  ~BenchGuest();
+
+  uint8_t* base() const { return base_; }
+  uint64_t size() const { return spec_.bytes; }
+  uint64_t page_size() const { return spec_.page_size; }
+  Backend backend() const { return backend_; }
+  client::FirecrackerClient* client() { return client_ ? &*client_ : nullptr; }
+  NaiveServer* naive() { return naive_.get(); }
+  // For madvise: the kernel and file backends call madvise directly, the
+  // uffd backends go through FirecrackerClient::remove (same syscall).
+  Status remove(uint64_t offset, uint64_t length);
+
+ private:
+  BenchGuest(Backend b, GuestSpec s) : backend_(b), spec_(std::move(s)) {}
+  Backend backend_;
+  GuestSpec spec_;
+  uint8_t* base_ = nullptr;
+  Mapping mapping_;                                // kernel / file backends
+  std::optional<client::FirecrackerClient> client_;  // uffd backends
+  std::unique_ptr<NaiveServer> naive_;             // destroyed before client_
+};
+
+// Resident set size of this process (Rss of /proc/self/smaps_rollup), bytes.
+uint64_t resident_bytes();
+
+}  // namespace faultline::bench

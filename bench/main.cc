@@ -1,0 +1,258 @@
+// faultline-bench: runs the scenarios of issue 4 with faultline and with the
+// baselines in one invocation and prints a table, a JSON file and a chart.
+// A program that prints figures, not a test: nothing here asserts a timing.
+//
+//   faultline-bench [--quick] [--scenario N]... [--json FILE] [--chart FILE.png]
+//
+// Needs root (userfaultfd of KVM faults, /proc/sys/vm/nr_hugepages). Memory
+// files go to a temporary directory under /tmp, removed at exit; 2 MiB huge
+// pages are reserved for the run and the old vm.nr_hugepages is restored at
+// exit, also on error or SIGINT/SIGTERM/SIGHUP/SIGPIPE.
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <set>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "bench/guests.h"
+#include "bench/report.h"
+#include "bench/scenarios.h"
+#include "client/firecracker_client.h"
+#include "client/test_memory_file.h"
+#include "common/log.h"
+#if FAULTLINE_BENCH_HAVE_KVM
+#include "client/kvm/kvm_guest.h"
+#endif
+
+namespace fb = faultline::bench;
+
+namespace {
+
+// --- cleanup that also runs from a signal handler ---------------------------
+// Fixed buffers written before the handler is installed; the handler only uses
+// async-signal-safe calls (open, write, close, unlink, rmdir, _exit).
+char g_hugepages_old[32];  // "" when nothing to restore
+char g_dir[128];
+constexpr int kMaxFiles = 64;
+char g_files[kMaxFiles][192];
+int g_file_count = 0;
+
+void restore_hugepages() {
+  if (g_hugepages_old[0] == '\0') return;
+  int fd = ::open("/proc/sys/vm/nr_hugepages", O_WRONLY | O_CLOEXEC);
+  if (fd >= 0) {
+    (void)!::write(fd, g_hugepages_old, std::strlen(g_hugepages_old));
+    ::close(fd);
+  }
+  g_hugepages_old[0] = '\0';
+}
+
+void on_signal(int sig) {
+  restore_hugepages();
+  for (int i = 0; i < g_file_count; ++i) ::unlink(g_files[i]);
+  if (g_dir[0] != '\0') ::rmdir(g_dir);
+  ::_exit(128 + sig);
+}
+
+void track_file(const std::string& path) {
+  if (g_file_count < kMaxFiles && path.size() < sizeof g_files[0]) {
+    std::memcpy(g_files[g_file_count], path.c_str(), path.size() + 1);
+    ++g_file_count;
+  }
+}
+
+long read_nr_hugepages() {
+  FILE* f = std::fopen("/proc/sys/vm/nr_hugepages", "r");
+  if (!f) return -1;
+  long v = -1;
+  if (std::fscanf(f, "%ld", &v) != 1) v = -1;
+  std::fclose(f);
+  return v;
+}
+
+bool write_nr_hugepages(long v) {
+  FILE* f = std::fopen("/proc/sys/vm/nr_hugepages", "w");
+  if (!f) return false;
+  const bool ok = std::fprintf(f, "%ld", v) > 0;
+  return std::fclose(f) == 0 && ok;
+}
+
+// Restores vm.nr_hugepages and removes the temp dir on every normal exit path.
+struct Cleanup {
+  ~Cleanup() {
+    restore_hugepages();
+    if (g_dir[0] != '\0') {
+      std::error_code ec;
+      std::filesystem::remove_all(g_dir, ec);
+      g_dir[0] = '\0';
+    }
+  }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"faultline-bench: faultline against the kernel, a file mapping and a naive uffd server"};
+  bool quick = false;
+  std::vector<int> scenarios;
+  std::string json_path, chart_path;
+  int reps = 0;
+  bool no_vcpu = false, no_huge = false;
+  int workers = 2;
+  app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke; well under a minute)");
+  app.add_option("--scenario", scenarios, "run only this scenario (1-4); repeatable")->check(CLI::Range(1, 4));
+  app.add_option("--json", json_path, "write the results as JSON to FILE");
+  app.add_option("--chart", chart_path, "draw a PNG chart with gnuplot to FILE.png");
+  app.add_option("--reps", reps, "repetitions per configuration (default 3, quick 1)")->check(CLI::Range(1, 50));
+  app.add_flag("--no-vcpu", no_vcpu, "skip the KVM vCPU configurations");
+  app.add_flag("--no-huge", no_huge, "skip the 2 MiB page configurations");
+  app.add_option("--workers", workers, "faultline install workers per session (ServerConfig default 2)")
+      ->check(CLI::Range(1, 64));
+  CLI11_PARSE(app, argc, argv);
+  const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4} : std::set<int>(scenarios.begin(), scenarios.end());
+
+  fb::Sizes sizes = quick ? fb::Sizes::quick() : fb::Sizes{};
+  if (reps > 0) sizes.reps = reps;
+  if (!json_path.empty()) json_path = std::filesystem::absolute(json_path).string();
+  if (!chart_path.empty()) chart_path = std::filesystem::absolute(chart_path).string();
+
+  Cleanup cleanup;
+  char tmpl[] = "/tmp/faultline-bench-XXXXXX";
+  if (::mkdtemp(tmpl) == nullptr) {
+    std::perror("mkdtemp");
+    return 2;
+  }
+  std::snprintf(g_dir, sizeof g_dir, "%s", tmpl);
+  const std::string dir = g_dir;
+  struct sigaction sa{};
+  sa.sa_handler = on_signal;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGHUP, &sa, nullptr);
+  sigaction(SIGPIPE, &sa, nullptr);  // e.g. `faultline-bench | head`
+
+  // 2 MiB pages: enough for the largest guest fully touched (scenario 1's
+  // kernel baseline, scenario 2's eager fill), one guest at a time.
+  bool huge = false;
+  if (!no_huge) {
+    uint64_t need_bytes = 0;
+    if (want.count(1)) need_bytes = std::max(need_bytes, sizes.s1_guest);
+    if (want.count(2)) need_bytes = std::max(need_bytes, sizes.s2_guest);
+    if (want.count(3)) need_bytes = std::max(need_bytes, sizes.s3_guest);
+    const long need = static_cast<long>(need_bytes / faultline::kPageSize2M) + 8;
+    const long old = read_nr_hugepages();
+    if (need_bytes > 0 && old >= 0) {
+      std::snprintf(g_hugepages_old, sizeof g_hugepages_old, "%ld", old);
+      if (write_nr_hugepages(old + need) &&
+          faultline::client::free_huge_pages_2m() >= static_cast<uint64_t>(need)) {
+        huge = true;
+        std::fprintf(stderr, "reserved %ld huge pages (vm.nr_hugepages %ld -> %ld; restored at exit)\n", need, old,
+                     old + need);
+      } else {
+        std::fprintf(stderr, "could not reserve %ld 2 MiB huge pages: 2 MiB configurations skipped\n", need);
+        restore_hugepages();
+      }
+    }
+  }
+
+  bool kvm = false;
+#if FAULTLINE_BENCH_HAVE_KVM
+  kvm = !no_vcpu && faultline::client::KvmGuest::available();
+#endif
+
+  const std::string log_path = dir + "/server.log";
+  track_file(log_path);
+  const int log_fd = ::open(log_path.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
+  faultline::Logger logger(faultline::LogFormat::kText, faultline::LogLevel::kWarn, log_fd >= 0 ? log_fd : 2);
+
+  fb::Results results;
+  fb::Context ctx;
+  ctx.sizes = sizes;
+  ctx.dir = dir;
+  ctx.file_small = dir + "/mem-small";
+  ctx.file_large = dir + "/mem-large";
+  ctx.file_sparse = dir + "/mem-sparse";
+  ctx.logger = &logger;
+  ctx.huge_pages = huge;
+  ctx.kvm = kvm;
+  ctx.faultline_workers = workers;
+  ctx.results = &results;
+  for (const char* n : {"mem-small", "mem-large", "mem-sparse", "s1.sock", "s2.sock", "s2-eager.sock",
+                        "s2-record.sock", "s2-prefetch.sock", "s3.sock", "s4.sock"}) {
+    track_file(dir + "/" + n);
+  }
+
+  auto make_file = [&](const std::string& path, uint64_t size) -> bool {
+    std::fprintf(stderr, "writing a %llu MiB memory file...\n", static_cast<unsigned long long>(size / fb::kMiB));
+    auto st = faultline::client::write_test_memory_file(path, size, fb::kFileSeed, fb::kZeroFraction);
+    if (!st) {
+      std::fprintf(stderr, "cannot write the memory file %s: %s\n", path.c_str(), st.error().describe().c_str());
+      return false;
+    }
+    fb::warm_page_cache(path);
+    return true;
+  };
+  if ((want.count(1) || want.count(3)) && !make_file(ctx.file_small, std::max(sizes.s1_guest, sizes.s3_guest))) return 2;
+  if (want.count(2) && !make_file(ctx.file_large, sizes.s2_guest)) return 2;
+  if (want.count(4)) {
+    // Scenario 4 never reads the file: a sparse one of the largest guest size.
+    const int fd = ::open(ctx.file_sparse.c_str(), O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0644);
+    const uint64_t size = *std::max_element(sizes.s4_guests.begin(), sizes.s4_guests.end());
+    if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0) {
+      std::perror("sparse memory file");
+      return 2;
+    }
+    ::close(fd);
+  }
+
+  if (!huge && !no_huge) results.notes.push_back("2 MiB page configurations skipped: no huge pages could be reserved");
+  if (!kvm && !no_vcpu) results.notes.push_back("vCPU configurations skipped: /dev/kvm unusable or built without client/kvm");
+  if (!fb::prefetch_supported()) {
+    results.notes.push_back("record+prefetch and eager rows: n/a (not built yet): ServerConfig has no "
+                            "record_path/prefetch_path/prefetch_all in this build");
+  }
+
+  const auto t0 = std::chrono::steady_clock::now();
+  if (want.count(1)) fb::run_scenario1(ctx);
+  if (want.count(2)) fb::run_scenario2(ctx);
+  if (want.count(3)) fb::run_scenario3(ctx);
+  if (want.count(4)) fb::run_scenario4(ctx);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  const auto targets = fb::evaluate_targets(results);
+  fb::print_report(results, targets, sizes, quick);
+  std::printf("\nscenarios ran in %.1f s\n", seconds);
+
+  int rc = 0;
+  if (!json_path.empty()) {
+    if (auto e = fb::write_json(json_path, results, targets, sizes, quick)) {
+      std::fprintf(stderr, "%s\n", e->c_str());
+      rc = 2;
+    } else {
+      std::printf("JSON written to %s\n", json_path.c_str());
+    }
+  }
+  if (!chart_path.empty()) std::printf("%s\n", fb::write_chart(chart_path, dir, results).c_str());
+
+  bool row_errors = false;
+  for (const fb::Row& row : results.rows) row_errors = row_errors || row.note.rfind("error:", 0) == 0;
+  if (results.data_mismatches > 0) {
+    std::printf("FAILED: %llu pages were served with wrong content\n",
+                static_cast<unsigned long long>(results.data_mismatches));
+    rc = 1;
+  } else if (row_errors) {
+    std::printf("FAILED: some configurations ended in an error (see the notes in the tables)\n");
+    rc = 1;
+  }
+  if (log_fd >= 0) ::close(log_fd);
+  return rc;
+}

@@ -1,0 +1,368 @@
+#include "bench/report.h"
+
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+
+#include <nlohmann/json.hpp>
+
+namespace faultline::bench {
+
+namespace {
+
+std::string num(double v, int precision = 1) {
+  if (std::isnan(v)) return "-";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.*f", precision, v);
+  return buf;
+}
+
+std::string human_bytes(double b) {
+  if (std::isnan(b)) return "-";
+  const char* unit[] = {"B", "KiB", "MiB", "GiB"};
+  int u = 0;
+  double v = b;
+  while (std::fabs(v) >= 1024 && u < 3) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[64];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.1f %s", v, unit[u]);
+  return buf;
+}
+
+const Row* find(const Results& r, int scenario, const std::string& config, Backend b) {
+  for (const Row& row : r.rows) {
+    if (row.scenario == scenario && row.config() == config && row.backend == b) return &row;
+  }
+  return nullptr;
+}
+
+double metric_of(const Results& r, int scenario, const std::string& config, Backend b, const std::string& key) {
+  const Row* row = find(r, scenario, config, b);
+  return row && !row->not_applicable ? row->metric(key) : std::nan("");
+}
+
+std::string status_text(const Row& row) {
+  if (row.not_applicable) return row.note.empty() ? "n/a" : row.note;
+  return row.note;
+}
+
+void heading(const std::string& title) { std::printf("\n%s\n%s\n", title.c_str(), std::string(title.size(), '=').c_str()); }
+
+}  // namespace
+
+std::vector<Target> evaluate_targets(const Results& r) {
+  std::vector<Target> out;
+  auto ratio_target = [&](std::string name, double num_v, double den_v, std::string num_name, std::string den_name,
+                          std::string unit, bool higher_is_met, double bound, std::string why_missing) {
+    Target t;
+    t.name = std::move(name);
+    t.ratio = num_v / den_v;
+    if (std::isnan(t.ratio)) {
+      t.measured = why_missing;
+    } else {
+      t.measured = num_name + " " + num(num_v, 1) + unit + " / " + den_name + " " + num(den_v, 1) + unit + " = " +
+                   num(t.ratio, 2) + "x";
+      t.met = higher_is_met ? t.ratio >= bound : t.ratio <= bound;
+    }
+    out.push_back(std::move(t));
+  };
+
+  const std::string s2 = "4K host 1T";
+  const double naive2 = metric_of(r, 2, s2, Backend::kNaive, "restore_ms");
+  const double prefetch2 = metric_of(r, 2, s2, Backend::kFaultlinePrefetch, "restore_ms");
+  const double file2 = metric_of(r, 2, s2, Backend::kFileMmap, "restore_ms");
+  const Row* pre = find(r, 2, s2, Backend::kFaultlinePrefetch);
+  const std::string pre_missing = pre ? "record+prefetch " + status_text(*pre) : "scenario 2 not run";
+  ratio_target("scenario 2 (" + s2 + "): record+prefetch >= 5x faster than (c) naive on demand", naive2, prefetch2,
+               "naive", "prefetch", " ms", true, 5.0, pre_missing);
+  ratio_target("scenario 2 (" + s2 + "): record+prefetch within 1.5x of (b) file mmap", prefetch2, file2,
+               "prefetch", "file-mmap", " ms", false, 1.5, pre_missing);
+
+  for (const std::string c : {"4K host 1T random", "4K host 1T seq"}) {
+    ratio_target("scenario 1 (" + c + "): faultline p50 no worse than (c) naive",
+                 metric_of(r, 1, c, Backend::kFaultline, "p50_us"), metric_of(r, 1, c, Backend::kNaive, "p50_us"),
+                 "faultline", "naive", " us", false, 1.0, "scenario 1 not run");
+  }
+  for (const std::string c : {"4K host 2T random", "4K host 2T seq"}) {
+    ratio_target("scenario 1 (" + c + "): faultline faults/s >= 1.5x (c) naive",
+                 metric_of(r, 1, c, Backend::kFaultline, "faults_per_s"),
+                 metric_of(r, 1, c, Backend::kNaive, "faults_per_s"), "faultline", "naive", "/s", true, 1.5,
+                 "scenario 1 not run");
+  }
+
+  {
+    Target t;
+    t.name = "scenario 3: faultline madvise p99 < 1 ms (worst configuration)";
+    double worst = std::nan("");
+    std::string where;
+    for (const Row& row : r.rows) {
+      if (row.scenario != 3 || row.backend != Backend::kFaultline || row.not_applicable) continue;
+      const double p99 = row.metric("madvise_p99_us");
+      if (std::isnan(worst) || p99 > worst) {
+        worst = p99;
+        where = row.config();
+      }
+    }
+    t.ratio = worst / 1000.0;
+    if (std::isnan(worst)) {
+      t.measured = "scenario 3 not run";
+    } else {
+      t.measured = "p99 " + num(worst, 1) + " us (" + where + ") / 1000 us = " + num(t.ratio, 3) + "x";
+      t.met = worst < 1000.0;
+    }
+    out.push_back(std::move(t));
+  }
+  {
+    Target t;
+    t.name = "scenario 4: faultline state <= 1 byte per 4 KiB page (largest 4K guest, table + session buffers)";
+    const Row* best = nullptr;
+    for (const Row& row : r.rows) {
+      if (row.scenario == 4 && row.backend == Backend::kFaultline && row.page_size == kPageSize4K &&
+          !row.not_applicable && (!best || row.guest_bytes > best->guest_bytes)) {
+        best = &row;
+      }
+    }
+    if (!best) {
+      t.ratio = std::nan("");
+      t.measured = "scenario 4 not run";
+    } else {
+      t.ratio = best->metric("state_bytes_per_4k_page");
+      t.measured = num(t.ratio, 3) + " bytes per 4 KiB page over " + human_bytes(static_cast<double>(best->guest_bytes)) +
+                   " (page-state table alone: " + num(best->metric("table_bytes_per_4k_page"), 3) + ")";
+      t.met = t.ratio <= 1.0;
+    }
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+void print_report(const Results& r, const std::vector<Target>& targets, const Sizes& sz, bool quick) {
+  std::printf("faultline-bench (%s run, %d repetition%s, medians; baselines and faultline interleaved)\n",
+              quick ? "quick" : "full", sz.reps, sz.reps == 1 ? "" : "s");
+  std::printf("backends: (a) kernel = anonymous memory, no uffd; (b) file-mmap = memory file MAP_PRIVATE, warm page "
+              "cache;\n          (c) naive-uffd = one thread, one read + pread + UFFDIO_COPY per fault; faultline = "
+              "in-process Server, real handshake\n");
+
+  bool any = false;
+  for (const Row& row : r.rows) any = any || row.scenario == 1;
+  if (any) {
+    heading("Scenario 1: on-demand fault service (first read of every page, timed by the touching thread)");
+    std::printf("host threads: %s guest; vCPUs: %s (4K) / %s (2M) guest, one KVM_RUN per page (kvm_pvm emulates the "
+                "guest: slow per page, so smaller)\n",
+                human_bytes(static_cast<double>(sz.s1_guest)).c_str(),
+                human_bytes(static_cast<double>(sz.s1_vcpu_guest_4k)).c_str(),
+                human_bytes(static_cast<double>(sz.s1_vcpu_guest_2m)).c_str());
+    std::printf("%-20s %-11s %10s %10s %12s %10s %10s  %s\n", "config", "backend", "p50 us", "p99 us", "faults/s",
+                "p50/naive", "f/s/naive", "note");
+    for (const Row& row : r.rows) {
+      if (row.scenario != 1) continue;
+      const double np50 = metric_of(r, 1, row.config(), Backend::kNaive, "p50_us");
+      const double nfps = metric_of(r, 1, row.config(), Backend::kNaive, "faults_per_s");
+      std::printf("%-20s %-11s %10s %10s %12s %10s %10s  %s\n", row.config().c_str(), label(row.backend),
+                  num(row.metric("p50_us"), 2).c_str(), num(row.metric("p99_us"), 1).c_str(),
+                  num(row.metric("faults_per_s"), 0).c_str(), num(row.metric("p50_us") / np50, 2).c_str(),
+                  num(row.metric("faults_per_s") / nfps, 2).c_str(), status_text(row).c_str());
+    }
+  }
+
+  any = false;
+  for (const Row& row : r.rows) any = any || row.scenario == 2;
+  if (any) {
+    heading("Scenario 2: restore of a working set (time from mapping/handshake until every page of the set was read)");
+    std::printf("host threads: %s of a %s guest; vCPUs: %s of %s (one KVM_RUN per vCPU); pages random over the guest\n",
+                human_bytes(static_cast<double>(sz.s2_set)).c_str(), human_bytes(static_cast<double>(sz.s2_guest)).c_str(),
+                human_bytes(static_cast<double>(sz.s2_vcpu_set)).c_str(),
+                human_bytes(static_cast<double>(sz.s2_vcpu_guest)).c_str());
+    std::printf("%-20s %-11s %12s %12s %12s  %s\n", "config", "backend", "restore ms", "naive/this", "this/file", "note");
+    for (const Row& row : r.rows) {
+      if (row.scenario != 2) continue;
+      const double ms = row.metric("restore_ms");
+      std::printf("%-20s %-11s %12s %12s %12s  %s\n", row.config().c_str(), label(row.backend), num(ms, 1).c_str(),
+                  num(metric_of(r, 2, row.config(), Backend::kNaive, "restore_ms") / ms, 2).c_str(),
+                  num(ms / metric_of(r, 2, row.config(), Backend::kFileMmap, "restore_ms"), 2).c_str(),
+                  status_text(row).c_str());
+    }
+  }
+
+  any = false;
+  for (const Row& row : r.rows) any = any || row.scenario == 3;
+  if (any) {
+    heading("Scenario 3: REMOVE under load (madvise(MADV_DONTNEED) latency while other threads fault)");
+    std::printf("%s guest swept by the faulting threads; %llu removes of 64 KiB (4K) or one 2 MiB page, one every "
+                "~200 us\n",
+                human_bytes(static_cast<double>(sz.s3_guest)).c_str(),
+                static_cast<unsigned long long>(sz.s3_min_removes));
+    std::printf("%-20s %-11s %12s %12s %12s  %s\n", "config", "backend", "p50 us", "p99 us", "max us", "note");
+    for (const Row& row : r.rows) {
+      if (row.scenario != 3) continue;
+      std::printf("%-20s %-11s %12s %12s %12s  %s\n", row.config().c_str(), label(row.backend),
+                  num(row.metric("madvise_p50_us"), 1).c_str(), num(row.metric("madvise_p99_us"), 1).c_str(),
+                  num(row.metric("madvise_max_us"), 1).c_str(), status_text(row).c_str());
+    }
+  }
+
+  any = false;
+  for (const Row& row : r.rows) any = any || row.scenario == 4;
+  if (any) {
+    heading("Scenario 4: server memory (state = page-state table + per-session buffers; RSS delta at session start)");
+    std::printf("%-10s %-5s %-11s %12s %14s %12s %12s %12s  %s\n", "guest", "page", "backend", "state", "state/GiB",
+                "B/4K page", "table/4K", "RSS delta", "note");
+    for (const Row& row : r.rows) {
+      if (row.scenario != 4) continue;
+      std::printf("%-10s %-5s %-11s %12s %14s %12s %12s %12s  %s\n",
+                  human_bytes(static_cast<double>(row.guest_bytes)).c_str(), row.page_size == kPageSize2M ? "2M" : "4K",
+                  label(row.backend), human_bytes(row.metric("state_bytes")).c_str(),
+                  human_bytes(row.metric("state_bytes_per_gib")).c_str(),
+                  num(row.metric("state_bytes_per_4k_page"), 3).c_str(),
+                  num(row.metric("table_bytes_per_4k_page"), 3).c_str(), human_bytes(row.metric("rss_delta_bytes")).c_str(),
+                  status_text(row).c_str());
+    }
+  }
+
+  if (!r.notes.empty()) {
+    heading("Notes");
+    for (const std::string& n : r.notes) std::printf("- %s\n", n.c_str());
+  }
+
+  heading("Targets (issue 4; measured ratios, never asserted)");
+  for (const Target& t : targets) {
+    std::printf("%-9s %s\n          %s\n", t.met ? (*t.met ? "MET" : "NOT MET") : "n/a", t.name.c_str(),
+                t.measured.c_str());
+  }
+  std::fflush(stdout);
+}
+
+std::optional<std::string> write_json(const std::string& path, const Results& r, const std::vector<Target>& targets,
+                                      const Sizes& sz, bool quick) {
+  using nlohmann::json;
+  auto finite = [](double v) -> json { return std::isnan(v) || std::isinf(v) ? json(nullptr) : json(v); };
+  json j;
+  j["mode"] = quick ? "quick" : "full";
+  j["repetitions"] = sz.reps;
+  j["sizes"] = {{"s1_guest", sz.s1_guest},       {"s1_vcpu_guest_4k", sz.s1_vcpu_guest_4k},
+                {"s1_vcpu_guest_2m", sz.s1_vcpu_guest_2m}, {"s2_guest", sz.s2_guest},
+                {"s2_set", sz.s2_set},           {"s2_vcpu_guest", sz.s2_vcpu_guest},
+                {"s2_vcpu_set", sz.s2_vcpu_set}, {"s3_guest", sz.s3_guest},
+                {"s3_removes", sz.s3_min_removes}, {"s4_guests", sz.s4_guests}};
+  j["rows"] = json::array();
+  for (const Row& row : r.rows) {
+    json m = json::object();
+    for (const auto& [k, v] : row.metrics) m[k] = finite(v);
+    j["rows"].push_back({{"scenario", row.scenario},
+                         {"config", row.config()},
+                         {"page_size", row.page_size},
+                         {"toucher", row.toucher},
+                         {"threads", row.threads},
+                         {"order", row.order},
+                         {"backend", label(row.backend)},
+                         {"backend_description", to_string(row.backend)},
+                         {"guest_bytes", row.guest_bytes},
+                         {"pages", row.pages},
+                         {"repetitions", row.reps},
+                         {"not_applicable", row.not_applicable},
+                         {"note", row.note},
+                         {"metrics", m}});
+  }
+  j["targets"] = json::array();
+  for (const Target& t : targets) {
+    j["targets"].push_back({{"name", t.name},
+                            {"measured", t.measured},
+                            {"ratio", finite(t.ratio)},
+                            {"met", t.met ? json(*t.met) : json(nullptr)}});
+  }
+  j["data_mismatches"] = r.data_mismatches;
+  j["notes"] = r.notes;
+  std::ofstream f(path);
+  if (!f) return "cannot write " + path;
+  f << j.dump(2) << "\n";
+  if (!f) return "write to " + path + " failed";
+  return std::nullopt;
+}
+
+namespace {
+
+// One gnuplot data file: a row per configuration, a column per backend ("-" = missing).
+bool write_panel(const std::string& path, const Results& r, int scenario, const std::vector<Backend>& backends,
+                 const std::string& key) {
+  std::vector<std::string> configs;
+  for (const Row& row : r.rows) {
+    if (row.scenario == scenario && std::find(configs.begin(), configs.end(), row.config()) == configs.end()) {
+      configs.push_back(row.config());
+    }
+  }
+  if (configs.empty()) return false;
+  std::ofstream f(path);
+  f << "config";
+  for (Backend b : backends) f << " \"" << label(b) << "\"";
+  f << "\n";
+  for (const std::string& c : configs) {
+    f << "\"" << c << "\"";
+    for (Backend b : backends) {
+      const double v = metric_of(r, scenario, c, b, key);
+      f << " " << (std::isnan(v) || v <= 0 ? std::string("-") : num(v, 3));
+    }
+    f << "\n";
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string write_chart(const std::string& png_path, const std::string& work_dir, const Results& r) {
+  if (std::system("command -v gnuplot >/dev/null 2>&1") != 0) {
+    return "chart skipped: gnuplot not found (apt-get install gnuplot-nox)";
+  }
+  const std::vector<Backend> four{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
+  const std::vector<Backend> six{Backend::kKernel,    Backend::kFileMmap,          Backend::kNaive,
+                                 Backend::kFaultline, Backend::kFaultlinePrefetch, Backend::kFaultlineEager};
+  struct Panel {
+    std::string file, title, ylabel;
+    size_t columns;
+  };
+  std::vector<Panel> panels;
+  auto add = [&](int scenario, const std::vector<Backend>& b, const std::string& key, const std::string& title,
+                 const std::string& ylabel) {
+    const std::string file = work_dir + "/chart-" + std::to_string(panels.size()) + ".dat";
+    if (write_panel(file, r, scenario, b, key)) panels.push_back({file, title, ylabel, b.size()});
+  };
+  add(1, four, "p50_us", "Scenario 1: fault latency p50 (lower is better)", "microseconds (log)");
+  add(1, four, "faults_per_s", "Scenario 1: faults per second (higher is better)", "faults/s (log)");
+  add(2, six, "restore_ms", "Scenario 2: working-set restore time (lower is better)", "milliseconds (log)");
+  add(3, four, "madvise_p99_us", "Scenario 3: madvise(DONTNEED) p99 under load (lower is better)",
+      "microseconds (log)");
+  if (panels.empty()) return "chart skipped: no data";
+
+  const std::string script = work_dir + "/chart.gp";
+  std::ofstream g(script);
+  g << "set terminal pngcairo size 1600," << 520 * panels.size() << " font 'Sans,10'\n"
+    << "set output '" << png_path << "'\n"
+    << "set datafile missing '-'\n"
+    << "set style data histograms\nset style histogram clustered gap 1\n"
+    << "set style fill solid 0.85 border -1\nset boxwidth 0.9\n"
+    << "set logscale y\nset grid ytics\nset key outside right top\n"
+    << "set xtics rotate by -30 noenhanced\nset key noenhanced\n"
+    << "set multiplot layout " << panels.size() << ",1\n";
+  for (const Panel& p : panels) {
+    g << "set title '" << p.title << "'\nset ylabel '" << p.ylabel << "'\n"
+      << "plot for [i=2:" << p.columns + 1 << "] '" << p.file << "' using i:xtic(1) title columnheader(i)\n";
+  }
+  g << "unset multiplot\n";
+  g.close();
+  const std::string cmd = "gnuplot '" + script + "' 2>" + work_dir + "/gnuplot.err";
+  const int rc = std::system(cmd.c_str());
+  if (rc != 0) {
+    std::ifstream e(work_dir + "/gnuplot.err");
+    std::string first;
+    std::getline(e, first);
+    return "chart failed: gnuplot exited " + std::to_string(WEXITSTATUS(rc)) + ": " + first;
+  }
+  return "chart written to " + png_path;
+}
+
+}  // namespace faultline::bench

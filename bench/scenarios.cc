@@ -1,0 +1,575 @@
+#include "bench/scenarios.h"
+
+#include <fcntl.h>
+#include <malloc.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <random>
+#include <span>
+#include <thread>
+
+#include "bench/stats.h"
+#include "client/test_memory_file.h"
+#include "client/touch.h"
+#include "guest/page_state.h"
+#include "kernel/userfaultfd.h"
+#if FAULTLINE_BENCH_HAVE_KVM
+#include "client/kvm/kvm_guest.h"
+#endif
+
+namespace faultline::bench {
+
+Sizes Sizes::quick() {
+  Sizes s;
+  s.reps = 1;
+  s.s1_guest = 32 * kMiB;
+  s.s1_vcpu_guest_4k = 4 * kMiB;
+  s.s1_vcpu_guest_2m = 16 * kMiB;
+  s.s2_guest = 128 * kMiB;
+  s.s2_set = 16 * kMiB;
+  s.s2_vcpu_guest = 32 * kMiB;
+  s.s2_vcpu_set = 4 * kMiB;
+  s.s3_guest = 32 * kMiB;
+  s.s3_min_removes = 100;
+  s.s4_guests = {64 * kMiB, 256 * kMiB};
+  return s;
+}
+
+double Row::metric(const std::string& key) const {
+  for (const auto& [k, v] : metrics) {
+    if (k == key) return v;
+  }
+  return std::nan("");
+}
+
+std::string Row::config() const {
+  std::string s = page_size == kPageSize2M ? "2M" : "4K";
+  s += " " + toucher + " " + std::to_string(threads) + "T";
+  if (order != "-") s += " " + order;
+  return s;
+}
+
+void warm_page_cache(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return;
+  std::vector<uint8_t> buf(4 * kMiB);
+  while (::read(fd.get(), buf.data(), buf.size()) > 0) {
+  }
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count(); }
+
+// What the first qword of the page at guest offset `offset` holds in the
+// memory file (client/test_memory_file.h: the 4 KiB page index, or 0).
+uint64_t expected_first_qword(uint64_t offset) {
+  const uint64_t p = offset / client::kTestPageBytes;
+  return client::test_page_is_zero(p, kFileSeed, kZeroFraction) ? 0 : p;
+}
+
+bool content_checked(Backend b) { return b != Backend::kKernel; }
+
+struct TouchOutcome {
+  std::vector<uint32_t> latencies_ns;  // one per first access (empty for batched vCPU runs)
+  double seconds = 0;                  // first thread's start to last thread's end
+  uint64_t bad_pages = 0;
+  std::string error;
+};
+
+// Host threads read the first byte of every page of their contiguous slice of
+// `offsets`; each first access is timed by the thread that makes it.
+TouchOutcome touch_host(uint8_t* base, std::span<const uint64_t> offsets, int threads, bool verify) {
+  TouchOutcome out;
+  std::vector<std::vector<uint32_t>> lat(static_cast<size_t>(threads));
+  std::vector<int64_t> start(static_cast<size_t>(threads)), end(static_cast<size_t>(threads));
+  std::vector<uint64_t> bad(static_cast<size_t>(threads));
+  std::barrier sync(threads);
+  {
+    std::vector<std::jthread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        const size_t b = offsets.size() * static_cast<size_t>(t) / static_cast<size_t>(threads);
+        const size_t e = offsets.size() * static_cast<size_t>(t + 1) / static_cast<size_t>(threads);
+        std::vector<uint32_t>& l = lat[static_cast<size_t>(t)];
+        l.assign(e - b, 0);  // allocated and touched before the clock starts
+        sync.arrive_and_wait();
+        start[static_cast<size_t>(t)] = now_ns();
+        uint64_t sink = 0;
+        for (size_t i = b; i < e; ++i) {
+          const int64_t t0 = now_ns();
+          sink += *reinterpret_cast<volatile const uint64_t*>(base + offsets[i]);
+          const int64_t t1 = now_ns();
+          l[i - b] = static_cast<uint32_t>(std::min<int64_t>(t1 - t0, UINT32_MAX));
+        }
+        end[static_cast<size_t>(t)] = now_ns();
+        asm volatile("" ::"r"(sink));
+        if (verify) {
+          for (size_t i = b; i < e; ++i) {
+            if (*reinterpret_cast<const uint64_t*>(base + offsets[i]) != expected_first_qword(offsets[i])) {
+              ++bad[static_cast<size_t>(t)];
+            }
+          }
+        }
+      });
+    }
+  }
+  for (int t = 0; t < threads; ++t) {
+    out.latencies_ns.insert(out.latencies_ns.end(), lat[static_cast<size_t>(t)].begin(), lat[static_cast<size_t>(t)].end());
+    out.bad_pages += bad[static_cast<size_t>(t)];
+  }
+  out.seconds = static_cast<double>(*std::max_element(end.begin(), end.end()) -
+                                    *std::min_element(start.begin(), start.end())) / 1e9;
+  return out;
+}
+
+#if FAULTLINE_BENCH_HAVE_KVM
+// KVM vCPUs read the first and last qword of every page of their slice.
+// per_page: one KVM_RUN per page, timed around it (the latency then includes
+// a guest entry and exit, the same for every backend); otherwise one run per
+// vCPU over its whole slice (throughput only).
+TouchOutcome touch_vcpu(BenchGuest& g, std::span<const uint64_t> offsets, int vcpus, bool per_page, bool verify) {
+  TouchOutcome out;
+  auto kvm = client::KvmGuest::create({{g.base(), g.size()}}, vcpus, g.page_size());
+  if (!kvm) {
+    out.error = kvm.error().describe();
+    return out;
+  }
+  std::vector<std::vector<uint32_t>> lat(static_cast<size_t>(vcpus));
+  std::vector<int64_t> start(static_cast<size_t>(vcpus)), end(static_cast<size_t>(vcpus));
+  std::vector<uint64_t> bad(static_cast<size_t>(vcpus));
+  std::vector<std::string> errors(static_cast<size_t>(vcpus));
+  std::barrier sync(vcpus);
+  {
+    std::vector<std::jthread> pool;
+    for (int v = 0; v < vcpus; ++v) {
+      pool.emplace_back([&, v] {
+        const size_t vi = static_cast<size_t>(v);
+        const size_t b = offsets.size() * vi / static_cast<size_t>(vcpus);
+        const size_t e = offsets.size() * (vi + 1) / static_cast<size_t>(vcpus);
+        auto check = [&](uint64_t off, uint64_t first) {
+          if (verify && first != expected_first_qword(off)) ++bad[vi];
+        };
+        if (per_page) lat[vi].assign(e - b, 0);
+        sync.arrive_and_wait();
+        start[vi] = now_ns();
+        if (per_page) {
+          for (size_t i = b; i < e; ++i) {
+            const int64_t t0 = now_ns();
+            auto r = kvm->run_touch(v, offsets.subspan(i, 1), client::VcpuAccess::kRead, 1);
+            const int64_t t1 = now_ns();
+            if (!r) {
+              errors[vi] = r.error().describe();
+              break;
+            }
+            lat[vi][i - b] = static_cast<uint32_t>(std::min<int64_t>(t1 - t0, UINT32_MAX));
+            check(offsets[i], r->first_qword[0]);
+          }
+        } else if (e > b) {
+          auto r = kvm->run_touch(v, offsets.subspan(b, e - b), client::VcpuAccess::kRead, 1);
+          if (!r) {
+            errors[vi] = r.error().describe();
+          } else {
+            for (size_t i = b; i < e; ++i) check(offsets[i], r->first_qword[i - b]);
+          }
+        }
+        end[vi] = now_ns();
+      });
+    }
+  }
+  for (size_t v = 0; v < static_cast<size_t>(vcpus); ++v) {
+    if (!errors[v].empty() && out.error.empty()) out.error = "vCPU " + std::to_string(v) + ": " + errors[v];
+    out.latencies_ns.insert(out.latencies_ns.end(), lat[v].begin(), lat[v].end());
+    out.bad_pages += bad[v];
+  }
+  out.seconds = static_cast<double>(*std::max_element(end.begin(), end.end()) -
+                                    *std::min_element(start.begin(), start.end())) / 1e9;
+  return out;
+}
+#endif
+
+TouchOutcome touch(BenchGuest& g, const std::string& toucher, std::span<const uint64_t> offsets, int threads,
+                   bool per_page) {
+  const bool verify = content_checked(g.backend());
+  if (toucher == "host") return touch_host(g.base(), offsets, threads, verify);
+#if FAULTLINE_BENCH_HAVE_KVM
+  return touch_vcpu(g, offsets, threads, per_page, verify);
+#else
+  (void)per_page;
+  TouchOutcome out;
+  out.error = "built without client/kvm";
+  return out;
+#endif
+}
+
+// Collects one backend's repetitions for one configuration.
+struct Series {
+  Backend backend;
+  std::map<std::string, std::vector<double>> values;
+  bool not_applicable = false;
+  std::string note;
+  void add(const std::string& key, double v) { values[key].push_back(v); }
+};
+
+// Runs `body(series, rep)` for every repetition and backend, the backend
+// order rotated each repetition so that no backend always runs first (the
+// machine is shared and noisy: interleaving spreads the noise over all).
+template <typename Body>
+std::vector<Series> interleaved(const std::vector<Backend>& backends, int reps, Body body) {
+  std::vector<Series> series;
+  for (Backend b : backends) series.push_back(Series{b, {}, false, {}});
+  for (int rep = 0; rep < reps; ++rep) {
+    for (size_t k = 0; k < series.size(); ++k) {
+      Series& s = series[(k + static_cast<size_t>(rep)) % series.size()];
+      if (s.not_applicable || !s.note.empty()) continue;
+      body(s, rep);
+    }
+  }
+  return series;
+}
+
+void record_failure(Series& s, const Error& e) {
+  if (e.code == kNotApplicable) {
+    s.not_applicable = true;
+    s.note = e.message;
+  } else {
+    s.note = "error: " + e.describe();
+  }
+}
+
+void push_rows(Context& ctx, const Row& proto, const std::vector<Series>& series, int reps) {
+  for (const Series& s : series) {
+    Row r = proto;
+    r.backend = s.backend;
+    r.reps = reps;
+    r.not_applicable = s.not_applicable;
+    r.note = s.note;
+    for (const auto& [k, v] : s.values) r.metrics.emplace_back(k, median(v));
+    ctx.results->rows.push_back(std::move(r));
+  }
+}
+
+std::vector<uint64_t> page_sizes(const Context& ctx) {
+  std::vector<uint64_t> v{kPageSize4K};
+  if (ctx.huge_pages) v.push_back(kPageSize2M);
+  return v;
+}
+
+std::vector<std::string> touchers(const Context& ctx) {
+  std::vector<std::string> v{"host"};
+  if (ctx.kvm) v.push_back("vcpu");
+  return v;
+}
+
+void progress(const std::string& what) {
+  std::fprintf(stderr, "  %s\n", what.c_str());
+  std::fflush(stderr);
+}
+
+Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::string& memory_path,
+                                                  const std::string& name, FaultlineHost::Options o = {}) {
+  o.memory_path = memory_path;
+  o.workers = ctx.faultline_workers;
+  o.socket_path = ctx.dir + "/" + name + ".sock";
+  return FaultlineHost::start(o, *ctx.logger);
+}
+
+void note_bad(Context& ctx, const TouchOutcome& t, Backend b, const std::string& where) {
+  if (t.bad_pages == 0) return;
+  ctx.results->data_mismatches += t.bad_pages;
+  ctx.results->notes.push_back(std::string("DATA MISMATCH: ") + label(b) + " served " + std::to_string(t.bad_pages) +
+                               " pages with wrong content in " + where);
+}
+
+}  // namespace
+
+// --- scenario 1: on-demand fault service ---------------------------------
+
+void run_scenario1(Context& ctx) {
+  auto host = start_host(ctx, ctx.file_small, "s1");
+  if (!host) {
+    ctx.results->notes.push_back("scenario 1: faultline did not start: " + host.error().describe());
+    return;
+  }
+  warm_page_cache(ctx.file_small);
+  const std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
+  for (uint64_t ps : page_sizes(ctx)) {
+    for (const std::string& toucher : touchers(ctx)) {
+      const uint64_t bytes = toucher == "host" ? ctx.sizes.s1_guest
+                                               : (ps == kPageSize4K ? ctx.sizes.s1_vcpu_guest_4k : ctx.sizes.s1_vcpu_guest_2m);
+      const uint64_t pages = bytes / ps;
+      for (int threads : {1, 2}) {
+        for (auto order : {client::PageOrder::kSequential, client::PageOrder::kRandom}) {
+          Row proto;
+          proto.scenario = 1;
+          proto.page_size = ps;
+          proto.toucher = toucher;
+          proto.threads = threads;
+          proto.order = order == client::PageOrder::kSequential ? "seq" : "random";
+          proto.guest_bytes = bytes;
+          proto.pages = pages;
+          progress("scenario 1: " + proto.config());
+          const auto offsets = client::select_pages(pages, ps, 1.0, order, 11);
+          auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int) {
+            GuestSpec spec{bytes, ps, ctx.file_small, host->get(), true};
+            auto g = BenchGuest::create(s.backend, spec);
+            if (!g) return record_failure(s, g.error());
+            TouchOutcome t = touch(**g, toucher, offsets, threads, true);
+            if (!t.error.empty()) return record_failure(s, Error{0, t.error});
+            note_bad(ctx, t, s.backend, "scenario 1 " + proto.config());
+            s.add("faults_per_s", static_cast<double>(offsets.size()) / t.seconds);
+            s.add("p50_us", percentile(t.latencies_ns, 50) / 1e3);
+            s.add("p99_us", percentile(t.latencies_ns, 99) / 1e3);
+          });
+          push_rows(ctx, proto, series, ctx.sizes.reps);
+        }
+      }
+    }
+  }
+}
+
+// --- scenario 2: restore of a working set ---------------------------------
+
+void run_scenario2(Context& ctx) {
+  auto on_demand = start_host(ctx, ctx.file_large, "s2");
+  if (!on_demand) {
+    ctx.results->notes.push_back("scenario 2: faultline did not start: " + on_demand.error().describe());
+    return;
+  }
+  std::unique_ptr<FaultlineHost> eager;
+  std::string eager_note = "n/a (not built yet)";
+  if (prefetch_supported()) {
+    FaultlineHost::Options o;
+    o.prefetch_all = true;
+    auto h = start_host(ctx, ctx.file_large, "s2-eager", o);
+    if (h) {
+      eager = std::move(*h);
+    } else {
+      eager_note = "error: " + h.error().describe();
+    }
+  }
+  warm_page_cache(ctx.file_large);
+  const std::vector<Backend> backends{Backend::kKernel,   Backend::kFileMmap,          Backend::kNaive,
+                                      Backend::kFaultline, Backend::kFaultlinePrefetch, Backend::kFaultlineEager};
+  for (uint64_t ps : page_sizes(ctx)) {
+    for (const std::string& toucher : touchers(ctx)) {
+      const uint64_t bytes = toucher == "host" ? ctx.sizes.s2_guest : ctx.sizes.s2_vcpu_guest;
+      const uint64_t set_bytes = toucher == "host" ? ctx.sizes.s2_set : ctx.sizes.s2_vcpu_set;
+      const uint64_t pages = bytes / ps;
+      const double fraction = static_cast<double>(set_bytes) / static_cast<double>(bytes);
+      // The working set: pages spread over the whole guest, first touched in random order.
+      const auto set = client::select_pages(pages, ps, fraction, client::PageOrder::kRandom, 13);
+      for (int threads : {1, 2}) {
+        Row proto;
+        proto.scenario = 2;
+        proto.page_size = ps;
+        proto.toucher = toucher;
+        proto.threads = threads;
+        proto.guest_bytes = bytes;
+        proto.pages = set.size();
+        progress("scenario 2: " + proto.config());
+
+        // record+prefetch: one recorded run first (not timed), then replays.
+        std::unique_ptr<FaultlineHost> prefetch;
+        std::string prefetch_note = "n/a (not built yet)";
+        if (prefetch_supported()) {
+          const std::string record = ctx.dir + "/record-" + std::to_string(ps) + "-" + toucher + "-" +
+                                     std::to_string(threads) + ".flrec";
+          FaultlineHost::Options ro;
+          ro.record_path = record;
+          auto rh = start_host(ctx, ctx.file_large, "s2-record", ro);
+          if (!rh) {
+            prefetch_note = "error: " + rh.error().describe();
+          } else {
+            {
+              auto g = BenchGuest::create(Backend::kFaultline, GuestSpec{bytes, ps, ctx.file_large, rh->get(), true});
+              if (g) (void)touch(**g, toucher, set, threads, false);
+            }  // the session ends here and writes the record
+            rh->reset();
+            FaultlineHost::Options po;
+            po.prefetch_path = record;
+            auto ph = start_host(ctx, ctx.file_large, "s2-prefetch", po);
+            if (ph) {
+              prefetch = std::move(*ph);
+            } else {
+              prefetch_note = "error: " + ph.error().describe();
+            }
+          }
+        }
+
+        auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int) {
+          FaultlineHost* host = on_demand->get();
+          if (s.backend == Backend::kFaultlinePrefetch) host = prefetch.get();
+          if (s.backend == Backend::kFaultlineEager) host = eager.get();
+          if (host == nullptr) {
+            s.not_applicable = true;
+            s.note = s.backend == Backend::kFaultlinePrefetch ? prefetch_note : eager_note;
+            return;
+          }
+          const int64_t t0 = now_ns();
+          auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_large, host, false});
+          if (!g) return record_failure(s, g.error());
+          const double setup = static_cast<double>(now_ns() - t0) / 1e9;
+          TouchOutcome t = touch(**g, toucher, set, threads, false);
+          if (!t.error.empty()) return record_failure(s, Error{0, t.error});
+          note_bad(ctx, t, s.backend, "scenario 2 " + proto.config());
+          s.add("restore_ms", (setup + t.seconds) * 1e3);
+        });
+        push_rows(ctx, proto, series, ctx.sizes.reps);
+      }
+    }
+  }
+}
+
+// --- scenario 3: REMOVE under load -----------------------------------------
+
+void run_scenario3(Context& ctx) {
+  auto host = start_host(ctx, ctx.file_small, "s3");
+  if (!host) {
+    ctx.results->notes.push_back("scenario 3: faultline did not start: " + host.error().describe());
+    return;
+  }
+  warm_page_cache(ctx.file_small);
+  const std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
+  for (uint64_t ps : page_sizes(ctx)) {
+    const uint64_t bytes = ctx.sizes.s3_guest;
+    const uint64_t pages = bytes / ps;
+    // What a balloon gives back at a time: 64 KiB of 4 KiB pages, one 2 MiB page.
+    const uint64_t remove_bytes = ps == kPageSize4K ? 16 * ps : ps;
+    for (int threads : {1, 2}) {
+      Row proto;
+      proto.scenario = 3;
+      proto.page_size = ps;
+      proto.threads = threads;
+      proto.guest_bytes = bytes;
+      proto.pages = ctx.sizes.s3_min_removes;
+      progress("scenario 3: " + proto.config());
+      const auto offsets = client::select_pages(pages, ps, 1.0, client::PageOrder::kSequential, 17);
+      auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int rep) {
+        auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_small, host->get(), true});
+        if (!g) return record_failure(s, g.error());
+        // Touchers sweep the guest over and over (the first sweep faults every
+        // page, later ones re-fault what was removed) until the removes are done.
+        std::atomic<bool> stop{false};
+        std::atomic<uint64_t> sweeps{0};
+        std::vector<std::jthread> pool;
+        for (int t = 0; t < threads; ++t) {
+          pool.emplace_back([&, t] {
+            const size_t b = offsets.size() * static_cast<size_t>(t) / static_cast<size_t>(threads);
+            const size_t e = offsets.size() * static_cast<size_t>(t + 1) / static_cast<size_t>(threads);
+            uint64_t sink = 0;
+            while (!stop.load(std::memory_order_relaxed)) {
+              for (size_t i = b; i < e && !stop.load(std::memory_order_relaxed); ++i) {
+                sink += *reinterpret_cast<volatile const uint64_t*>((*g)->base() + offsets[i]);
+              }
+              sweeps.fetch_add(1, std::memory_order_relaxed);
+            }
+            asm volatile("" ::"r"(sink));
+          });
+        }
+        std::mt19937_64 rng(1000 + static_cast<uint64_t>(rep));
+        std::vector<uint32_t> lat;
+        lat.reserve(ctx.sizes.s3_min_removes);
+        std::string error;
+        for (uint64_t i = 0; i < ctx.sizes.s3_min_removes; ++i) {
+          const uint64_t off = (rng() % ((bytes - remove_bytes) / ps + 1)) * ps;
+          const int64_t t0 = now_ns();
+          auto st = (*g)->remove(off, remove_bytes);
+          const int64_t t1 = now_ns();
+          if (!st) {
+            error = st.error().describe();
+            break;
+          }
+          lat.push_back(static_cast<uint32_t>(std::min<int64_t>(t1 - t0, UINT32_MAX)));
+          // Pacing, not ordering: a balloon returns memory now and then, not in a tight loop.
+          std::this_thread::sleep_for(std::chrono::microseconds(200));
+        }
+        stop.store(true);
+        pool.clear();
+        if (!error.empty()) return record_failure(s, Error{0, error});
+        s.add("madvise_p50_us", percentile(lat, 50) / 1e3);
+        s.add("madvise_p99_us", percentile(lat, 99) / 1e3);
+        s.add("madvise_max_us", percentile(lat, 100) / 1e3);
+        s.add("removes", static_cast<double>(lat.size()));
+      });
+      push_rows(ctx, proto, series, ctx.sizes.reps);
+    }
+  }
+}
+
+// --- scenario 4: server memory ---------------------------------------------
+
+namespace {
+
+// Per-session allocations of faultline's Session, mirrored from
+// src/server/session.cc (kRingCapacity = 16384 faults per worker ring, a
+// staging buffer of one page per worker, 1024 reserved deferred faults per
+// worker, one zero page). Keep in step with session.cc.
+uint64_t faultline_session_buffer_bytes(int workers, uint64_t page_size) {
+  constexpr uint64_t kRingCapacity = 16384, kDeferredReserve = 1024;
+  const uint64_t per_worker = kRingCapacity * sizeof(kernel::PageFault) + page_size +
+                              kDeferredReserve * sizeof(kernel::PageFault);
+  return static_cast<uint64_t>(workers) * per_worker + page_size;
+}
+
+}  // namespace
+
+void run_scenario4(Context& ctx) {
+  const int kWorkers = ctx.faultline_workers;
+  for (uint64_t ps : {kPageSize4K, kPageSize2M}) {
+    for (uint64_t bytes : ctx.sizes.s4_guests) {
+      Row proto;
+      proto.scenario = 4;
+      proto.page_size = ps;
+      proto.toucher = "-";
+      proto.guest_bytes = bytes;
+      proto.pages = bytes / ps;
+      progress("scenario 4: " + std::to_string(bytes / kMiB) + " MiB guest, " + (ps == kPageSize2M ? "2M" : "4K"));
+      auto series = interleaved({Backend::kNaive, Backend::kFaultline}, ctx.sizes.reps, [&](Series& s, int) {
+        // Give freed heap pages back first, so that the session's allocations
+        // show up in RSS instead of reusing memory a previous guest left resident.
+        // A fresh server per measurement: sessions of earlier repetitions are
+        // freed lazily and would shrink the delta while it is measured.
+        std::unique_ptr<FaultlineHost> host;
+        if (s.backend == Backend::kFaultline) {
+          auto h = start_host(ctx, ctx.file_sparse, "s4");
+          if (!h) return record_failure(s, h.error());
+          host = std::move(*h);
+        }
+        ::malloc_trim(0);
+        const uint64_t before = resident_bytes();
+        auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_sparse, host.get(), true});
+        if (!g) return record_failure(s, g.error());
+        const uint64_t after = resident_bytes();
+        const uint64_t pages = bytes / ps;
+        double state = 0, table = 0;
+        if (s.backend == Backend::kNaive) {
+          state = static_cast<double>((*g)->naive()->state_bytes());
+          table = static_cast<double>(pages);  // its removed-page map, one byte a page
+        } else {
+          table = static_cast<double>(pages * PageStateTable::kBytesPerPage);
+          state = table + static_cast<double>(faultline_session_buffer_bytes(kWorkers, ps));
+        }
+        const double pages_4k = static_cast<double>(bytes) / 4096.0;
+        const double gib = static_cast<double>(bytes) / static_cast<double>(kGiB);
+        s.add("state_bytes", state);
+        s.add("state_bytes_per_gib", state / gib);
+        s.add("state_bytes_per_4k_page", state / pages_4k);
+        s.add("table_bytes_per_4k_page", table / pages_4k);
+        s.add("rss_delta_bytes", static_cast<double>(after) - static_cast<double>(before));
+      });
+      push_rows(ctx, proto, series, ctx.sizes.reps);
+    }
+  }
+}
+
+}  // namespace faultline::bench

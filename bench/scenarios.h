@@ -1,0 +1,86 @@
+// The four scenarios of faultline-bench (issue 4, "Benchmark"), each run with
+// faultline and the baselines side by side, repetitions interleaved so that
+// the machine's noise hits every backend alike. Every scenario appends Rows
+// (medians over repetitions) to a Results.
+//
+// Thread-safety: one controlling thread; the scenarios start and join their
+// own touching threads.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "bench/guests.h"
+#include "common/log.h"
+
+namespace faultline::bench {
+
+inline constexpr uint64_t kMiB = 1024 * 1024;
+inline constexpr uint64_t kGiB = 1024 * kMiB;
+// Memory files are client::write_test_memory_file(seed, zero fraction).
+inline constexpr uint64_t kFileSeed = 7;
+inline constexpr double kZeroFraction = 0.1;
+
+struct Sizes {
+  int reps = 3;
+  uint64_t s1_guest = 1 * kGiB;          // host threads
+  uint64_t s1_vcpu_guest_4k = 32 * kMiB;  // vCPUs: kvm_pvm emulates the guest, ~200 µs per uffd fault
+  uint64_t s1_vcpu_guest_2m = 256 * kMiB;
+  uint64_t s2_guest = 2 * kGiB;
+  uint64_t s2_set = 256 * kMiB;
+  uint64_t s2_vcpu_guest = 256 * kMiB;
+  uint64_t s2_vcpu_set = 32 * kMiB;
+  uint64_t s3_guest = 512 * kMiB;
+  uint64_t s3_min_removes = 1000;
+  std::vector<uint64_t> s4_guests = {1 * kGiB, 4 * kGiB};
+  static Sizes quick();
+};
+
+struct Row {
+  int scenario = 0;
+  uint64_t page_size = 4096;
+  std::string toucher = "host";  // "host" or "vcpu"
+  int threads = 1;
+  std::string order = "-";       // "seq", "random" or "-"
+  Backend backend = Backend::kKernel;
+  uint64_t guest_bytes = 0;
+  uint64_t pages = 0;             // pages touched per repetition (or removes)
+  int reps = 0;
+  bool not_applicable = false;
+  std::string note;               // why n/a, or an error
+  std::vector<std::pair<std::string, double>> metrics;  // medians over reps
+
+  double metric(const std::string& key) const;  // NaN when absent
+  std::string config() const;                   // "4K host 1T random"
+};
+
+struct Results {
+  std::vector<Row> rows;
+  uint64_t data_mismatches = 0;  // pages whose content was wrong (a server bug)
+  std::vector<std::string> notes;
+};
+
+struct Context {
+  Sizes sizes;
+  std::string dir;           // temp dir for sockets, logs, records
+  std::string file_small;    // scenarios 1 and 3
+  std::string file_large;    // scenario 2
+  std::string file_sparse;   // scenario 4 (never read)
+  const Logger* logger = nullptr;
+  bool huge_pages = false;   // 2 MiB pages reserved
+  bool kvm = false;          // /dev/kvm usable and built with client/kvm
+  int faultline_workers = 2; // ServerConfig::workers_per_session
+  Results* results = nullptr;
+};
+
+void run_scenario1(Context& ctx);
+void run_scenario2(Context& ctx);
+void run_scenario3(Context& ctx);
+void run_scenario4(Context& ctx);
+
+// Reads a file once so that every backend starts from a warm page cache.
+void warm_page_cache(const std::string& path);
+
+}  // namespace faultline::bench

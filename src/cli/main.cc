@@ -11,6 +11,8 @@
 #include <cstring>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "common/log.h"
 #include "server/server.h"
 
@@ -114,6 +116,20 @@ int main(int argc, char** argv) {
       ->default_val("info")
       ->check(CLI::IsMember({"debug", "info", "warn", "error"}));
 
+  std::string prefetch;
+  std::string zero_index_mode = "auto";
+  serve->add_option("--record", config.record_path,
+                    "Write each session's working set (pages it faulted, in first-touch order) to this file when "
+                    "the session ends; {session} in the path becomes the session id");
+  serve->add_option("--prefetch", prefetch,
+                    "Install a recorded working set (a --record file) as each VM starts, or 'all' to fill the "
+                    "whole snapshot in the background; demand faults always come first");
+  serve->add_option("--zero-index", zero_index_mode,
+                    "auto: install pages that are all zero in the snapshot without reading them, using "
+                    "MEMORY.zeroidx (built on first use, rebuilt when the snapshot changes); off: do not")
+      ->default_val("auto")
+      ->check(CLI::IsMember({"auto", "off"}));
+  serve->add_option("--zero-index-path", config.zero_index_path, "Where the zero index lives (default MEMORY.zeroidx)");
   serve->add_option("--control", config.control_path,
                     "Control socket for `faultline sessions` and `faultline dirty` (off when not given)");
 
@@ -133,7 +149,45 @@ int main(int argc, char** argv) {
   dirty->add_option("--session", session_id, "Session id, as in the session_start log line")->required();
   dirty->add_flag("--pagemap-fallback", fallback, "Read /proc/PID/pagemap instead of using PAGEMAP_SCAN");
 
+  std::string zi_memory, zi_output;
+  CLI::App* zero_index = app.add_subcommand(
+      "zero-index", "Build the zero-page index of a memory snapshot (serve builds it on first use otherwise)");
+  zero_index->add_option("--memory", zi_memory, "Memory snapshot file")->required()->check(CLI::ExistingFile);
+  zero_index->add_option("--output", zi_output, "Index file (default MEMORY.zeroidx)");
+
+  std::string record_output;
+  CLI::App* record = app.add_subcommand("record", "Write a live session's working set now (needs serve --control)");
+  record->add_option("--control", control_path, "The daemon's control socket")->required();
+  record->add_option("--session", session_id, "Session id, as in the session_start log line")->required();
+  record->add_option("--output", record_output, "Working-set file to write")->required();
+
   CLI11_PARSE(app, argc, argv);
+
+  if (zero_index->parsed()) {
+    auto memory = faultline::MemoryFile::open(zi_memory);
+    auto id = faultline::identify_file(zi_memory);
+    if (!memory || !id) {
+      std::fprintf(stderr, "faultline: %s\n", (!memory ? memory.error() : id.error()).describe().c_str());
+      return 1;
+    }
+    auto z = faultline::ZeroIndex::build(**memory, *id);
+    const std::string out = zi_output.empty() ? zi_memory + ".zeroidx" : zi_output;
+    if (!z) {
+      std::fprintf(stderr, "faultline: %s\n", z.error().describe().c_str());
+      return 1;
+    }
+    if (auto st = z->save(out); !st) {
+      std::fprintf(stderr, "faultline: %s\n", st.error().describe().c_str());
+      return 1;
+    }
+    std::printf("%s: %llu of %llu pages are zero\n", out.c_str(), static_cast<unsigned long long>(z->zero_pages()),
+                static_cast<unsigned long long>(z->pages()));
+    return 0;
+  }
+  if (record->parsed()) {
+    nlohmann::json req{{"cmd", "record"}, {"session", session_id}, {"path", record_output}};
+    return print_control_reply(control_request(control_path, req.dump()));
+  }
 
   if (sessions->parsed()) return print_control_reply(control_request(control_path, R"({"cmd":"sessions"})"));
   if (dirty->parsed()) {
@@ -150,6 +204,9 @@ int main(int argc, char** argv) {
     faultline::Logger logger(log_format == "json" ? faultline::LogFormat::kJson : faultline::LogFormat::kText,
                              levels.at(log_level));
     config.on_fatal = on_fatal == "leave" ? faultline::OnFatal::kLeave : faultline::OnFatal::kKill;
+    config.prefetch_all = prefetch == "all";
+    if (!config.prefetch_all) config.prefetch_path = prefetch;
+    config.zero_index = zero_index_mode == "auto";
     config.handshake_timeout = std::chrono::milliseconds(handshake_timeout_ms);
 
     auto server = faultline::Server::create(config, logger);

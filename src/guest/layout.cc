@@ -83,6 +83,13 @@ std::optional<PageLocation> GuestLayout::page(uint64_t index) const {
   return std::nullopt;
 }
 
+std::optional<uint64_t> GuestLayout::page_at_offset(uint64_t offset) const {
+  for (const Segment& g : segments_) {
+    if (offset >= g.offset && offset < g.offset + g.size) return g.first_page + (offset - g.offset) / g.page_size;
+  }
+  return std::nullopt;
+}
+
 std::vector<PageRange> GuestLayout::whole_pages_in(uint64_t start, uint64_t end) const {
   std::vector<PageRange> out;
   for (const Segment& g : segments_) {

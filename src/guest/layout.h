@@ -65,6 +65,10 @@ class GuestLayout {
   // Location of a page by its global index; nullopt when it is unmapped.
   std::optional<PageLocation> page(uint64_t index) const;
 
+  // Global index of the page at byte `offset` of the memory file; nullopt if
+  // no mapped segment holds it.
+  std::optional<uint64_t> page_at_offset(uint64_t offset) const;
+
   // This layout with [start, end) unmapped (munmap). Page indexes of the
   // pages that stay are unchanged.
   GuestLayout unmapped(uint64_t start, uint64_t end) const;

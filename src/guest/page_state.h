@@ -45,19 +45,36 @@ class PageStateTable {
   // stale from then on.
   static bool serves_zero(PageState s) { return s == PageState::kZero || s == PageState::kRemoved; }
 
-  // REMOVE: the page reads zero from its next fault on.
-  void mark_removed(uint64_t page) { bytes_[page].store(static_cast<uint8_t>(PageState::kRemoved), std::memory_order_release); }
+  // REMOVE: the page reads zero from its next fault on. Clears the written
+  // bit (the guest's bytes are gone); keeps the bookkeeping bits.
+  void mark_removed(uint64_t page) {
+    uint8_t cur = bytes_[page].load(std::memory_order_acquire);
+    while (!bytes_[page].compare_exchange_weak(cur, static_cast<uint8_t>((cur & kKeepMask) |
+                                                                         static_cast<uint8_t>(PageState::kRemoved)),
+                                               std::memory_order_acq_rel)) {
+    }
+  }
 
   // Records an install, unless the state moved away from `expected` meanwhile
   // (a REMOVE won the race: keep kRemoved). Returns whether it was recorded.
   bool record_install(uint64_t page, PageState expected, PageState installed, bool for_write) {
     uint8_t cur = bytes_[page].load(std::memory_order_acquire);
-    const uint8_t next = static_cast<uint8_t>(installed) | (for_write ? kWrittenBit : 0);
     while (decode(cur) == expected) {
+      const uint8_t next = static_cast<uint8_t>((cur & kKeepMask) | static_cast<uint8_t>(installed) |
+                                                (for_write ? kWrittenBit : 0));
       if (bytes_[page].compare_exchange_weak(cur, next, std::memory_order_acq_rel)) return true;
     }
     return false;
   }
+
+  // First fault on the page since restore? Sets the touched bit; returns
+  // true only for the call that set it (for first-touch recording).
+  bool mark_touched(uint64_t page) {
+    return (bytes_[page].fetch_or(kTouchedBit, std::memory_order_acq_rel) & kTouchedBit) == 0;
+  }
+  // The page is in the prefetch plan (for counting faults prefetch was too late for).
+  void mark_planned(uint64_t page) { bytes_[page].fetch_or(kPlannedBit, std::memory_order_acq_rel); }
+  bool planned(uint64_t page) const { return (bytes_[page].load(std::memory_order_acquire) & kPlannedBit) != 0; }
 
   // The guest wrote an installed page (a write-protect fault was resolved).
   void mark_written(uint64_t page) { bytes_[page].fetch_or(kWrittenBit, std::memory_order_acq_rel); }
@@ -65,8 +82,12 @@ class PageStateTable {
   static constexpr size_t kBytesPerPage = 1;
 
  private:
+  // bits 0-3 state, 4 written, 5 touched (faulted), 6 planned (prefetch)
   static constexpr uint8_t kStateMask = 0x0f;
   static constexpr uint8_t kWrittenBit = 0x10;
+  static constexpr uint8_t kTouchedBit = 0x20;
+  static constexpr uint8_t kPlannedBit = 0x40;
+  static constexpr uint8_t kKeepMask = kTouchedBit | kPlannedBit;
   static PageState decode(uint8_t b) { return static_cast<PageState>(b & kStateMask); }
 
   uint64_t count_;

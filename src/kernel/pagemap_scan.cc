@@ -49,7 +49,7 @@ void append(std::vector<AddressRange>& out, uint64_t start, uint64_t end) {
   }
 }
 
-Result<bool> try_pagemap_scan(int fd, uint64_t start, uint64_t len, std::vector<AddressRange>& out) {
+Result<bool> try_pagemap_scan(int fd, uint64_t start, uint64_t len, uint64_t mask, std::vector<AddressRange>& out) {
   std::vector<pm_page_region> vec(512);
   uint64_t cursor = start;
   const uint64_t end = start + len;
@@ -60,9 +60,9 @@ Result<bool> try_pagemap_scan(int fd, uint64_t start, uint64_t len, std::vector<
     arg.end = end;
     arg.vec = reinterpret_cast<uint64_t>(vec.data());
     arg.vec_len = vec.size();
-    // Pages that are present AND written (not uffd-wp).
-    arg.category_mask = kPageIsPresent | kPageIsWritten;
-    arg.return_mask = kPageIsPresent | kPageIsWritten;
+    // Pages in every category of `mask` (present, and written = not uffd-wp).
+    arg.category_mask = mask;
+    arg.return_mask = mask;
     const long n = ::ioctl(fd, kPagemapScan, &arg);
     if (n < 0) {
       // ENOTTY/EINVAL: a kernel without PAGEMAP_SCAN; use the fallback.
@@ -78,13 +78,16 @@ Result<bool> try_pagemap_scan(int fd, uint64_t start, uint64_t len, std::vector<
 
 }  // namespace
 
-Result<WrittenPages> scan_written_pages(pid_t pid, uint64_t start, uint64_t len, bool force_fallback) {
+namespace {
+
+Result<WrittenPages> scan(pid_t pid, uint64_t start, uint64_t len, bool force_fallback, bool need_written) {
   const std::string path = "/proc/" + std::to_string(pid) + "/pagemap";
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) return fail_errno("cannot open " + path);
   WrittenPages result;
   if (!force_fallback) {
-    auto ok = try_pagemap_scan(fd.get(), start, len, result.ranges);
+    auto ok = try_pagemap_scan(fd.get(), start, len, kPageIsPresent | (need_written ? kPageIsWritten : 0),
+                               result.ranges);
     if (!ok) return std::unexpected(ok.error());
     if (*ok) {
       result.method = ScanMethod::kPagemapScan;
@@ -103,10 +106,22 @@ Result<WrittenPages> scan_written_pages(pid_t pid, uint64_t start, uint64_t len,
     }
     for (uint64_t k = 0; k < count; ++k) {
       const uint64_t e = entries[k];
-      if ((e & kPagemapPresent) && !(e & kPagemapUffdWp)) append(result.ranges, (page + k) * 4096, (page + k + 1) * 4096);
+      if ((e & kPagemapPresent) && !(need_written && (e & kPagemapUffdWp))) {
+        append(result.ranges, (page + k) * 4096, (page + k + 1) * 4096);
+      }
     }
   }
   return result;
+}
+
+}  // namespace
+
+Result<WrittenPages> scan_written_pages(pid_t pid, uint64_t start, uint64_t len, bool force_fallback) {
+  return scan(pid, start, len, force_fallback, true);
+}
+
+Result<WrittenPages> scan_present_pages(pid_t pid, uint64_t start, uint64_t len, bool force_fallback) {
+  return scan(pid, start, len, force_fallback, false);
 }
 
 }  // namespace faultline::kernel

@@ -33,5 +33,7 @@ struct WrittenPages {
 // Ranges of [start, start+len) in `pid` that are present and not uffd-wp.
 // `force_fallback` skips PAGEMAP_SCAN (to test the fallback path).
 Result<WrittenPages> scan_written_pages(pid_t pid, uint64_t start, uint64_t len, bool force_fallback = false);
+// Ranges of [start, start+len) in `pid` that are present at all.
+Result<WrittenPages> scan_present_pages(pid_t pid, uint64_t start, uint64_t len, bool force_fallback = false);
 
 }  // namespace faultline::kernel

@@ -18,6 +18,8 @@ nlohmann::ordered_json summary_json(const SessionSummary& s) {
   j["pages_snapshot"] = s.counters.pages_snapshot;
   j["pages_zero"] = s.counters.pages_zero;
   j["prefaulted_pages"] = s.counters.prefaulted_pages;
+  j["prefetch_late"] = s.counters.prefetch_late;
+  j["snapshot_zero_pages"] = s.counters.snapshot_zero_pages;
   j["bytes"] = s.counters.bytes_installed;
   j["retries"] = s.counters.retries;
   j["removes"] = s.counters.removes;
@@ -51,7 +53,17 @@ std::string handle_control_request(const Server& server, std::string_view reques
     if (!map) return error_json(map.error().describe());
     return map->to_json();
   }
-  return error_json("unknown command \"" + cmd + "\" (known: sessions, page_map)");
+  if (cmd == "record") {
+    if (!req.contains("session") || !req["session"].is_number_unsigned() || !req.contains("path") ||
+        !req["path"].is_string()) {
+      return error_json("record needs \"session\" and \"path\"");
+    }
+    auto session = server.session(req["session"].get<uint64_t>());
+    if (!session) return error_json("no running session " + std::to_string(req["session"].get<uint64_t>()));
+    if (auto st = session->write_record(req["path"].get<std::string>()); !st) return error_json(st.error().describe());
+    return nlohmann::json{{"path", req["path"]}, {"pages", session->recorded_pages()}}.dump();
+  }
+  return error_json("unknown command \"" + cmd + "\" (known: sessions, page_map, record)");
 }
 
 }  // namespace faultline

@@ -3,6 +3,7 @@
 // JSON each way:
 //   {"cmd":"sessions"}                  -> {"sessions":[{summary}, ...]}
 //   {"cmd":"page_map","session":N}      -> PageMap::to_json() (the dirty query)
+//   {"cmd":"record","session":N,"path":P} -> writes the session's working set now
 // Errors come back as {"error":"..."}.
 //
 // Thread-safety: handle_control_request() is safe from any thread.

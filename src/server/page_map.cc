@@ -50,29 +50,36 @@ Result<PageMap> Session::page_map(bool force_fallback) const {
   for (const Segment& r : segments) {
     auto written = kernel::scan_written_pages(handshake_.peer.pid, r.base, r.size, force_fallback);
     if (!written) return std::unexpected(written.error());
+    auto present = kernel::scan_present_pages(handshake_.peer.pid, r.base, r.size, force_fallback);
+    if (!present) return std::unexpected(present.error());
     map.method = written->method;
-    // Present-and-not-protected, per guest page: a page is dirty if any 4 KiB
-    // of it is (hugetlb pages report all their 4 KiB entries alike).
-    std::vector<bool> dirty(r.size / r.page_size, false);
-    for (const kernel::AddressRange& a : written->ranges) {
-      for (uint64_t p = (a.start - r.base) / r.page_size; p < dirty.size() && r.base + p * r.page_size < a.end; ++p) {
-        dirty[p] = true;
+    // Per guest page: a page is written/present if any 4 KiB of it is
+    // (hugetlb pages report all their 4 KiB entries alike).
+    auto per_page = [&](const std::vector<kernel::AddressRange>& ranges) {
+      std::vector<bool> out(r.size / r.page_size, false);
+      for (const kernel::AddressRange& a : ranges) {
+        for (uint64_t p = (a.start - r.base) / r.page_size; p < out.size() && r.base + p * r.page_size < a.end; ++p) {
+          out[p] = true;
+        }
       }
-    }
-    const uint64_t first = r.first_page;
+      return out;
+    };
+    const std::vector<bool> dirty = per_page(written->ranges);
+    const std::vector<bool> is_present = per_page(present->ranges);
     for (uint64_t p = 0; p < dirty.size(); ++p) {
-      const PageState st = pages_->state(first + p);
+      const PageState st = pages_->state(r.first_page + p);
       const uint64_t off = r.offset + p * r.page_size;
       // Without WP a write leaves no trace: every present page counts as
-      // dirty (conservative, never a lost write).
-      const bool is_dirty = dirty[p];
-      if (is_dirty) {
+      // dirty (conservative, never a lost write). The kernel is the judge of
+      // presence: a zero install can be zapped by a REMOVE that was read just
+      // before it, so the page-state table alone could call it installed.
+      if (dirty[p]) {
         add(map.dirty, off, r.page_size);
         map.dirty_bytes += r.page_size;
-      } else if (st == PageState::kZero) {
+      } else if (PageStateTable::serves_zero(st) && is_present[p]) {
         add(map.zero, off, r.page_size);
         map.zero_bytes += r.page_size;
-      } else if (st == PageState::kRemoved) {
+      } else if (PageStateTable::serves_zero(st)) {
         add(map.removed, off, r.page_size);
         map.removed_bytes += r.page_size;
       }

@@ -24,12 +24,57 @@ struct Server::Connection {
   std::shared_ptr<Session> session;  // GUARDED_BY(mu)
 };
 
+namespace {
+
+// Loads FILE.zeroidx, or builds it on first use (and when the snapshot
+// changed), saving it beside the snapshot when the directory is writable.
+Result<std::shared_ptr<const ZeroIndex>> open_zero_index(const ServerConfig& config, const MemoryFile& memory,
+                                                         const Logger& log) {
+  const std::string path = config.zero_index_path.empty() ? config.memory_path + ".zeroidx" : config.zero_index_path;
+  auto id = identify_file(config.memory_path);
+  if (!id) return std::unexpected(id.error());
+  auto loaded = ZeroIndex::load(path, *id);
+  if (loaded) {
+    log.info("zero_index_loaded", {{"path", path}, {"zero_pages", loaded->zero_pages()}, {"pages", loaded->pages()}});
+    return std::make_shared<const ZeroIndex>(std::move(*loaded));
+  }
+  const auto started = std::chrono::steady_clock::now();
+  auto built = ZeroIndex::build(memory, *id);
+  if (!built) return std::unexpected(built.error());
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  log.info("zero_index_built", {{"path", path},
+                                {"reason", loaded.error().describe()},
+                                {"zero_pages", built->zero_pages()},
+                                {"pages", built->pages()},
+                                {"seconds", seconds}});
+  if (auto st = built->save(path); !st) {
+    log.warn("zero_index_not_saved", {{"path", path}, {"error", st.error().describe()}});
+  }
+  return std::make_shared<const ZeroIndex>(std::move(*built));
+}
+
+}  // namespace
+
 Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const Logger& logger) {
   auto memory = MemoryFile::open(config.memory_path);
   if (!memory) return std::unexpected(memory.error());
   auto listener = protocol::UnixListener::bind(config.socket_path);
   if (!listener) return std::unexpected(listener.error());
+  std::shared_ptr<const WorkingSet> prefetch;
+  if (!config.prefetch_path.empty()) {
+    auto set = read_working_set(config.prefetch_path, (*memory)->size());
+    if (!set) return std::unexpected(set.error());
+    prefetch = std::make_shared<const WorkingSet>(std::move(*set));
+  }
+  std::shared_ptr<const ZeroIndex> zero_index;
+  if (config.zero_index) {
+    auto z = open_zero_index(config, **memory, logger);
+    if (!z) return std::unexpected(z.error());
+    zero_index = std::move(*z);
+  }
   auto server = std::unique_ptr<Server>(new Server(config, logger, std::move(*memory), std::move(*listener)));
+  server->prefetch_ = std::move(prefetch);
+  server->zero_index_ = std::move(zero_index);
   if (!config.control_path.empty()) {
     auto control = protocol::UnixListener::bind(config.control_path);
     if (!control) return std::unexpected(control.error());
@@ -59,7 +104,11 @@ Status Server::run() {
                              {"memory", config_.memory_path},
                              {"memory_bytes", memory_->size()},
                              {"workers_per_session", config_.workers_per_session},
-                             {"on_fatal", to_string(config_.on_fatal)}});
+                             {"on_fatal", to_string(config_.on_fatal)},
+                             {"record", config_.record_path},
+                             {"prefetch", config_.prefetch_all ? std::string("all") : config_.prefetch_path},
+                             {"prefetch_pages", prefetch_ ? prefetch_->offsets.size() : 0},
+                             {"zero_pages", zero_index_ ? zero_index_->zero_pages() : 0}});
   for (;;) {
     std::array<pollfd, 3> fds{{{listener_.fd(), POLLIN, 0},
                                {stop_efd_.get(), POLLIN, 0},
@@ -140,7 +189,14 @@ void Server::handle_connection(Connection& c) {
     return;
   }
   const pid_t pid = hs->peer.pid;
-  SessionConfig sc{.id = c.id, .workers = config_.workers_per_session, .on_fatal = config_.on_fatal, .logger = &log_};
+  SessionConfig sc{.id = c.id,
+                   .workers = config_.workers_per_session,
+                   .on_fatal = config_.on_fatal,
+                   .logger = &log_,
+                   .record_path = config_.record_path,
+                   .prefetch = prefetch_,
+                   .prefetch_all = config_.prefetch_all,
+                   .zero_index = zero_index_};
   auto session = Session::start(std::move(*hs), memory_, sc);
   if (!session) {
     // We hold the VM's uffd and cannot serve it: the guest would hang.

@@ -26,6 +26,8 @@
 #include "common/unique_fd.h"
 #include "protocol/handshake_socket.h"
 #include "server/session.h"
+#include "snapshot/working_set.h"
+#include "snapshot/zero_index.h"
 #include "source/page_source.h"
 
 namespace faultline {
@@ -38,6 +40,13 @@ struct ServerConfig {
   std::chrono::milliseconds handshake_timeout{5000};
   // Optional control socket (see control.h); empty: none.
   std::string control_path;
+  // Working-set recording and replay (see snapshot/working_set.h).
+  std::string record_path;    // write each session's first touches here when it ends
+  std::string prefetch_path;  // install this working set as each VM starts
+  bool prefetch_all = false;  // install the whole snapshot in the background
+  // Zero-page index: use (and build if missing or stale) FILE.zeroidx.
+  bool zero_index = true;
+  std::string zero_index_path;  // empty: memory_path + ".zeroidx"
 };
 
 class Server {
@@ -79,6 +88,8 @@ class Server {
   const ServerConfig config_;
   const Logger& log_;
   std::shared_ptr<MemoryFile> memory_;
+  std::shared_ptr<const WorkingSet> prefetch_;
+  std::shared_ptr<const ZeroIndex> zero_index_;
   protocol::UnixListener listener_;  // unlinks the socket path when destroyed
   std::optional<protocol::UnixListener> control_;
   UniqueFd stop_efd_;

@@ -62,7 +62,7 @@ struct Session::Worker {
   std::atomic<bool> deferred_empty{true};        // for demand_pending(), read by other threads
   uint64_t deferred_generation = 0;
   std::thread thread;
-  std::atomic<uint64_t> pages_snapshot{0}, pages_zero{0}, bytes{0}, exists{0}, retries{0};
+  std::atomic<uint64_t> pages_snapshot{0}, pages_zero{0}, bytes{0}, exists{0}, retries{0}, snapshot_zero{0};
 };
 
 Result<std::unique_ptr<Session>> Session::start(protocol::Handshake handshake,
@@ -116,6 +116,8 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
   for (int i = 0; i < config_.workers; ++i) workers_.push_back(std::make_unique<Worker>(i, max_page));
   for (auto& w : workers_) w->thread = std::thread([this, wp = w.get()] { worker_loop(*wp); });
   reader_ = std::thread([this] { reader_loop(); });
+  if (config_.prefetch || config_.prefetch_all) prefetcher_ = std::thread([this] { prefetch_loop(); });
+  if (!config_.record_path.empty()) first_touches_.reserve(std::min<uint64_t>(layout().page_count(), 1 << 20));
 
   log_.info("session_start", {{"session", config_.id},
                               {"pid", handshake_.peer.pid},
@@ -160,6 +162,7 @@ void Session::end(SessionEnd reason, std::string error) {
 }
 
 void Session::wait() {
+  if (prefetcher_.joinable()) prefetcher_.join();
   if (reader_.joinable()) reader_.join();
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();
@@ -172,6 +175,15 @@ void Session::finish() {
                          .count(),
                      std::memory_order_release);
   SessionSummary s = summary();
+  if (!config_.record_path.empty()) {
+    std::string path = config_.record_path;
+    if (auto at = path.find("{session}"); at != std::string::npos) path.replace(at, 9, std::to_string(config_.id));
+    if (auto st = write_record(path); st) {
+      log_.info("record_written", {{"session", s.id}, {"path", path}, {"pages", recorded_pages()}});
+    } else {
+      log_.error("record_failed", {{"session", s.id}, {"path", path}, {"error", st.error().describe()}});
+    }
+  }
   log_.info("session_end", {{"session", s.id},
                             {"pid", s.peer_pid},
                             {"reason", to_string(s.end)},
@@ -184,6 +196,8 @@ void Session::finish() {
                             {"removes", s.counters.removes},
                             {"removed_pages", s.counters.removed_pages},
                             {"prefaulted_pages", s.counters.prefaulted_pages},
+                            {"prefetch_late", s.counters.prefetch_late},
+                            {"snapshot_zero_pages", s.counters.snapshot_zero_pages},
                             {"seconds", s.seconds},
                             {"peer_killed", s.peer_killed}});
   finished_.store(true, std::memory_order_release);
@@ -206,12 +220,14 @@ SessionSummary Session::summary() const {
   s.counters.removes = removes_.load(std::memory_order_relaxed);
   s.counters.removed_pages = removed_pages_.load(std::memory_order_relaxed);
   s.counters.prefaulted_pages = prefaulted_pages_.load(std::memory_order_relaxed);
+  s.counters.prefetch_late = prefetch_late_.load(std::memory_order_relaxed);
   for (const auto& w : workers_) {
     s.counters.pages_snapshot += w->pages_snapshot.load(std::memory_order_relaxed);
     s.counters.pages_zero += w->pages_zero.load(std::memory_order_relaxed);
     s.counters.bytes_installed += w->bytes.load(std::memory_order_relaxed);
     s.counters.already_present += w->exists.load(std::memory_order_relaxed);
     s.counters.retries += w->retries.load(std::memory_order_relaxed);
+    s.counters.snapshot_zero_pages += w->snapshot_zero.load(std::memory_order_relaxed);
   }
   const int64_t ns = finished_ns_.load(std::memory_order_acquire);
   s.seconds = ns > 0 ? static_cast<double>(ns) / 1e9
@@ -325,6 +341,17 @@ void Session::reader_loop() {
                                           "memory it did not describe");
               break;
             }
+            if (pages_->mark_touched(loc->page_index)) {
+              // First touch since restore: record it, and count it as late
+              // if prefetch planned the page but had not installed it yet.
+              if (pages_->planned(loc->page_index) && pages_->state(loc->page_index) == PageState::kUntouched) {
+                prefetch_late_.fetch_add(1, std::memory_order_relaxed);
+              }
+              if (!config_.record_path.empty()) {
+                std::lock_guard lock(record_mu_);
+                first_touches_.push_back(loc->file_offset);
+              }
+            }
             const size_t w = loc->page_index % workers_.size();
             if (!overflow.empty() || !workers_[w]->ring.push(*f)) overflow.emplace_back(w, *f);
             workers_[w]->signal.notify();
@@ -422,6 +449,24 @@ bool Session::serve(Worker& w, const kernel::PageFault& fault) {
       }
       installed = PageState::kZero;
       if (r.outcome == kernel::IoctlOutcome::kDone) pages_->record_install(loc->page_index, seen, installed, fault.write);
+    } else if (config_.zero_index && config_.zero_index->is_zero(loc->file_offset, loc->page_size)) {
+      // All zero in the snapshot (zero index): install zeros without reading
+      // the file. Zeros are never stale, so no fence.
+      HookContext hook{loc->address, loc->page_index};
+      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
+      if (hook.inject_errno) {
+        r = kernel::result_for_errno(hook.inject_errno);
+      } else if (protect || loc->page_size != kPageSize4K) {
+        r = uffd_.copy(loc->address, zero_page_.get(), loc->page_size, protect, false);
+      } else {
+        r = uffd_.zeropage(loc->address, loc->page_size, false);
+      }
+      installed = PageState::kSnapshot;
+      if (r.outcome == kernel::IoctlOutcome::kDone) {
+        // Recorded only if no REMOVE came in between (then it stays removed).
+        pages_->record_install(loc->page_index, seen, installed, fault.write);
+        w.snapshot_zero.fetch_add(1, std::memory_order_relaxed);
+      }
     } else {
       // Storage I/O happens here, before the fence, so the reader never waits on it.
       if (auto s = source_->read(loc->file_offset, {w.buffer.get(), loc->page_size}); !s) {
@@ -589,8 +634,13 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
       ++i;
       continue;
     }
+    // Runs are all-data or all-zero (zero index): zero runs are installed
+    // without reading the file.
+    const ZeroIndex* zi = config_.zero_index.get();
+    const bool zero_run = zi != nullptr && zi->is_zero(first.file_offset, first.page_size);
     size_t n = 1;
     while (i + n < pages.size() && pages[i + n] == pages[i] + n && (n + 1) * first.page_size <= options.max_run_bytes) {
+      if ((zi != nullptr && zi->is_zero(first.file_offset + n * first.page_size, first.page_size)) != zero_run) break;
       const std::optional<PageLocation> next = layout_now.page(pages[i + n]);
       // One run must be contiguous in the client's address space too.
       if (!next || next->address != first.address + n * first.page_size ||
@@ -601,7 +651,10 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
     }
     const uint64_t len = n * first.page_size;
     // Storage I/O before the fence, in one large read.
-    if (auto s = source_->read(first.file_offset, {buffer.get(), len}); !s) {
+    const bool use_zeropage = zero_run && !region_wp_[first.region] && first.page_size == kPageSize4K;
+    if (zero_run) {
+      if (!use_zeropage) std::memset(buffer.get(), 0, len);
+    } else if (auto s = source_->read(first.file_offset, {buffer.get(), len}); !s) {
       end(SessionEnd::kFatal, s.error().describe());
       return std::unexpected(s.error());
     }
@@ -614,9 +667,13 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
     while (still < n && pages_->state(pages[i] + still) == PageState::kUntouched) ++still;
     kernel::IoctlResult r{kernel::IoctlOutcome::kDone, 0, 0};
     if (still > 0) {
-      r = hook.inject_errno ? kernel::result_for_errno(hook.inject_errno)
-                            : uffd_.copy(first.address, buffer.get(), still * first.page_size, region_wp_[first.region],
-                                         false);
+      if (hook.inject_errno) {
+        r = kernel::result_for_errno(hook.inject_errno);
+      } else if (use_zeropage) {
+        r = uffd_.zeropage(first.address, still * first.page_size, false);
+      } else {
+        r = uffd_.copy(first.address, buffer.get(), still * first.page_size, region_wp_[first.region], false);
+      }
       const uint64_t done_pages = r.outcome == kernel::IoctlOutcome::kDone ? still : r.bytes / first.page_size;
       for (uint64_t k = 0; k < done_pages; ++k) {
         pages_->record_install(pages[i] + k, PageState::kUntouched, PageState::kSnapshot, false);
@@ -656,6 +713,76 @@ Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes,
   }
   prefaulted_pages_.fetch_add(report.installed_pages, std::memory_order_relaxed);
   return report;
+}
+
+}  // namespace faultline
+
+namespace faultline {
+
+// --- record and prefetch ---------------------------------------------------
+
+uint64_t Session::recorded_pages() const {
+  std::lock_guard lock(record_mu_);
+  return first_touches_.size();
+}
+
+Status Session::write_record(const std::string& path) const {
+  WorkingSet set;
+  set.page_size = static_cast<uint32_t>(layout().regions().front().page_size);
+  set.memory_file_size = source_->size();
+  {
+    std::lock_guard lock(record_mu_);
+    set.offsets = first_touches_;
+  }
+  return write_working_set(path, set);
+}
+
+void Session::prefetch_loop() {
+  const auto started = std::chrono::steady_clock::now();
+  const GuestLayout& l = layout();
+  std::vector<uint64_t> plan;
+  if (config_.prefetch_all) {
+    plan.resize(l.page_count());
+    for (uint64_t i = 0; i < plan.size(); ++i) plan[i] = i;
+  } else {
+    plan.reserve(config_.prefetch->offsets.size());
+    for (uint64_t off : config_.prefetch->offsets) {
+      if (auto idx = l.page_at_offset(off)) plan.push_back(*idx);
+    }
+  }
+  for (uint64_t p : plan) pages_->mark_planned(p);
+  // In first-touch order, a chunk at a time: each chunk is sorted and
+  // coalesced into large runs by prefault(), so the pages the guest needs
+  // first come first and the file is still read in large sequential pieces.
+  constexpr size_t kChunk = 4096;
+  PrefaultReport total;
+  std::string error;
+  for (size_t at = 0; at < plan.size() && !stopping_.load(std::memory_order_acquire); at += kChunk) {
+    const size_t n = std::min(kChunk, plan.size() - at);
+    auto r = prefault(std::span<const uint64_t>(plan.data() + at, n));
+    if (!r) {
+      if (!stopping_.load(std::memory_order_acquire)) error = r.error().describe();
+      break;
+    }
+    total.installed_pages += r->installed_pages;
+    total.bytes += r->bytes;
+    total.skipped_present += r->skipped_present;
+    total.skipped_removed += r->skipped_removed;
+    total.skipped_unmapped += r->skipped_unmapped;
+    total.retries += r->retries;
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  log_.info("prefetch_done", {{"session", config_.id},
+                              {"mode", config_.prefetch_all ? "all" : "working_set"},
+                              {"planned_pages", plan.size()},
+                              {"prefetched_pages", total.installed_pages},
+                              {"bytes", total.bytes},
+                              {"already_present", total.skipped_present},
+                              {"skipped_removed", total.skipped_removed},
+                              {"retries", total.retries},
+                              {"late_faults", prefetch_late_.load(std::memory_order_relaxed)},
+                              {"seconds", seconds},
+                              {"error", error}});
 }
 
 }  // namespace faultline

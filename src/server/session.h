@@ -41,6 +41,8 @@
 #include "kernel/userfaultfd.h"
 #include "protocol/handshake_socket.h"
 #include "server/wake_signal.h"
+#include "snapshot/working_set.h"
+#include "snapshot/zero_index.h"
 #include "source/page_source.h"
 
 namespace faultline {
@@ -63,6 +65,15 @@ struct SessionConfig {
   int workers = 2;
   OnFatal on_fatal = OnFatal::kKill;
   const Logger* logger = nullptr;  // REQUIRES: outlives the session
+  // Record the first-touch order of faulted pages into this working-set file
+  // when the session ends ("{session}" in the path becomes the session id).
+  std::string record_path;
+  // Install this working set in the background as the VM starts.
+  std::shared_ptr<const WorkingSet> prefetch;
+  // Install the whole snapshot in the background (eager fill).
+  bool prefetch_all = false;
+  // Pages that are all zero in the snapshot: installed without reading.
+  std::shared_ptr<const ZeroIndex> zero_index;
 };
 
 // Counters, summed over the session's threads.
@@ -76,6 +87,8 @@ struct SessionCounters {
   uint64_t removes = 0;          // REMOVE events
   uint64_t removed_pages = 0;    // whole pages those REMOVEs covered
   uint64_t prefaulted_pages = 0; // pages installed ahead of any fault by prefault()
+  uint64_t snapshot_zero_pages = 0;  // snapshot pages known zero (zero index): installed without reading
+  uint64_t prefetch_late = 0;    // demand faults on planned pages prefetch had not reached yet
 };
 
 // What prefault() did.
@@ -155,6 +168,12 @@ class Session {
   // Thread-safety: safe from any thread while the session runs.
   Result<PageMap> page_map(bool force_fallback = false) const;
 
+  // Writes the pages faulted so far, in first-touch order, to `path`.
+  // Thread-safety: safe from any thread.
+  Status write_record(const std::string& path) const;
+  // Pages faulted so far (first touches).
+  uint64_t recorded_pages() const;
+
   // Installs the snapshot bytes of the given pages (global page indexes, any
   // order, duplicates allowed) ahead of any fault, in runs of contiguous pages
   // read with one pread and installed with one UFFDIO_COPY. It keeps every
@@ -177,6 +196,7 @@ class Session {
 
   void reader_loop();
   void worker_loop(Worker& w);
+  void prefetch_loop();
   // Installs one faulted page. Returns false when the fault must be retried later.
   bool serve(Worker& w, const kernel::PageFault& fault);
   void handle_remove(const kernel::RemoveEvent& ev);
@@ -223,6 +243,10 @@ class Session {
   std::atomic<uint64_t> removed_pages_{0};
   std::atomic<uint64_t> faults_read_{0};
   std::atomic<uint64_t> prefaulted_pages_{0};
+  std::atomic<uint64_t> prefetch_late_{0};
+  std::thread prefetcher_;
+  mutable std::mutex record_mu_;
+  std::vector<uint64_t> first_touches_;  // GUARDED_BY(record_mu_): file offsets, first-touch order
   WakeSignal reader_progress_;  // bumped after every batch the reader reads
   std::mutex prefault_mu_;
   std::chrono::steady_clock::time_point started_;

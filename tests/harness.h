@@ -83,6 +83,7 @@ class ServerHarness {
     OnFatal on_fatal = OnFatal::kLeave;
     std::chrono::milliseconds handshake_timeout{3000};
     LogFormat log_format = LogFormat::kText;
+    bool reader_serves_cached = true;
   };
 
   ServerHarness() : ServerHarness(Options{}) {}
@@ -100,6 +101,7 @@ class ServerHarness {
     c.workers_per_session = o.workers;
     c.on_fatal = o.on_fatal;
     c.handshake_timeout = o.handshake_timeout;
+    c.reader_serves_cached = o.reader_serves_cached;
     auto s = Server::create(c, *logger_);
     EXPECT_TRUE(s) << s.error().describe();
     if (s) {

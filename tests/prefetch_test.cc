@@ -115,14 +115,16 @@ TEST(Prefetch, ReplayInstallsTheWorkingSetAndEveryByteIsRight) {
   const uint64_t base = reinterpret_cast<uint64_t>(c->guest_ptr(0));
   auto pm = kernel::read_pagemap(::getpid(), base, 16384);
   ASSERT_TRUE(pm);
-  for (uint64_t off : ws) EXPECT_TRUE((*pm)[off / 4096] & kPagemapPresent) << off;
+  uint64_t missing = 0;
+  for (uint64_t off : ws) missing += ((*pm)[off / 4096] & kPagemapPresent) == 0;
+  EXPECT_EQ(missing, 0u) << s.log();
   auto v = client::Verifier::open(s.memory, c->guest_size(), c->page_size());
   auto r = client::touch_pages(*c, **v, ws, client::Access::kRead);
   ASSERT_TRUE(r);
   EXPECT_EQ(r->mismatches, 0u);
   const SessionCounters counters = session->summary().counters;
-  EXPECT_EQ(counters.prefaulted_pages, 2000u);
-  EXPECT_EQ(counters.faults, 0u) << "the guest found its working set installed";
+  EXPECT_EQ(counters.prefaulted_pages, 2000u) << s.log();
+  EXPECT_EQ(counters.faults, 0u) << "the guest found its working set installed\n" << s.log();
   std::remove(record.c_str());
 }
 

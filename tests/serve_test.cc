@@ -56,12 +56,49 @@ TEST(Serve, FirstTouchReadsAndWritesReturnSnapshotBytes) {
 TEST(Serve, RandomTouchOf256MiBGuestFromTwoThreads) {
   ServerHarness::Options ho;
   ho.memory_bytes = 256 * kMiB;
+  ho.reader_serves_cached = false;  // every fault through the workers
   ServerHarness h(ho);
   RestoreOptions o = restore_options(h);
   o.order = PageOrder::kRandom;
   o.threads = 2;
   o.remove_fraction = 0.02;
   expect_clean(client::run_restore(o));
+}
+
+TEST(Serve, UncachedSnapshotPagesGoToWorkersAndCachedOnesAreServedByTheReader) {
+  ServerHarness::Options ho;
+  ho.memory_bytes = 64 * kMiB;
+  ServerHarness h(ho);
+  // The client verifies against a copy, so that only the server reads the
+  // served file; then drop the served file from the page cache.
+  const std::string copy = h.dir().file("mem.copy");
+  std::filesystem::copy_file(h.memory(), copy);
+  {
+    int fd = ::open(h.memory().c_str(), O_RDONLY);
+    ::fdatasync(fd);
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+  }
+  for (int round = 0; round < 2; ++round) {
+    auto c = FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+    ASSERT_TRUE(c);
+    ASSERT_TRUE(c->connect_and_send(h.socket()));
+    auto v = client::Verifier::open(copy, c->guest_size(), c->page_size());
+    auto pages = client::select_pages(c->page_count(), 4096, 1.0, PageOrder::kRandom, 5);
+    auto r = client::touch_pages(*c, **v, pages, Access::kRead);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->mismatches, 0u);
+    c->close_socket();
+    ASSERT_TRUE(h.wait_ended(round + 1));
+  }
+  auto s = h.server().finished_sessions();
+  const uint64_t pages = 64 * kMiB / 4096;
+  EXPECT_EQ(s.at(0).counters.pages_snapshot, pages);
+  EXPECT_EQ(s.at(1).counters.pages_snapshot, pages);
+  // Cold cache: storage reads went to the workers (readahead then warms
+  // neighbours, which the reader serves). Warm cache: the reader served all.
+  EXPECT_LT(s.at(0).counters.reader_served, pages);
+  EXPECT_EQ(s.at(1).counters.reader_served, pages);
 }
 
 TEST(Serve, SequentialTouchOf256MiBGuest) {
@@ -187,7 +224,9 @@ TEST(Serve, UnalignedRemoveKeepsPartialPages) {
 }
 
 TEST(Serve, TwoVmsAtOnceOnOneDaemon) {
-  ServerHarness h;
+  ServerHarness::Options ho;
+  ho.reader_serves_cached = false;  // every fault through the workers
+  ServerHarness h(ho);
   RestoreOptions o = restore_options(h);
   o.order = PageOrder::kRandom;
   Result<client::RestoreReport> a, b;

@@ -129,6 +129,12 @@ int main(int argc, char** argv) {
                     "MEMORY.zeroidx (built on first use, rebuilt when the snapshot changes); off: do not")
       ->default_val("auto")
       ->check(CLI::IsMember({"auto", "off"}));
+  std::string reader_serves = "on";
+  serve->add_option("--reader-serves-cached", reader_serves,
+                    "on: the event reader serves a 4 KiB fault itself when the page needs no storage I/O (zero, or "
+                    "in the page cache, checked with RWF_NOWAIT), saving a thread hand-off; off: workers serve all")
+      ->default_val("on")
+      ->check(CLI::IsMember({"on", "off"}));
   serve->add_option("--zero-index-path", config.zero_index_path, "Where the zero index lives (default MEMORY.zeroidx)");
   serve->add_option("--control", config.control_path,
                     "Control socket for `faultline sessions` and `faultline dirty` (off when not given)");
@@ -207,6 +213,7 @@ int main(int argc, char** argv) {
     config.prefetch_all = prefetch == "all";
     if (!config.prefetch_all) config.prefetch_path = prefetch;
     config.zero_index = zero_index_mode == "auto";
+    config.reader_serves_cached = reader_serves == "on";
     config.handshake_timeout = std::chrono::milliseconds(handshake_timeout_ms);
 
     auto server = faultline::Server::create(config, logger);

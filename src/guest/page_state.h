@@ -19,7 +19,9 @@ namespace faultline {
 enum class PageState : uint8_t {
   kUntouched = 0,  // never installed; the next fault is served from the snapshot
   kSnapshot = 1,   // installed from the snapshot
-  kZero = 2,       // installed as zeros (after a REMOVE)
+  kZero = 2,       // installed as zeros (after a REMOVE). The kernel may still zap it: a REMOVE
+                   // read just before the install zaps asynchronously, so presence is the
+                   // kernel's to say (pagemap), never this table's.
   kRemoved = 3,    // removed since its last install; the next fault is served zero
 };
 const char* to_string(PageState state);

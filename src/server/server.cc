@@ -196,7 +196,8 @@ void Server::handle_connection(Connection& c) {
                    .record_path = config_.record_path,
                    .prefetch = prefetch_,
                    .prefetch_all = config_.prefetch_all,
-                   .zero_index = zero_index_};
+                   .zero_index = zero_index_,
+                   .reader_serves_cached = config_.reader_serves_cached};
   auto session = Session::start(std::move(*hs), memory_, sc);
   if (!session) {
     // We hold the VM's uffd and cannot serve it: the guest would hang.

@@ -44,6 +44,8 @@ struct ServerConfig {
   std::string record_path;    // write each session's first touches here when it ends
   std::string prefetch_path;  // install this working set as each VM starts
   bool prefetch_all = false;  // install the whole snapshot in the background
+  // The event reader serves faults itself when that needs no I/O (see SessionConfig).
+  bool reader_serves_cached = true;
   // Zero-page index: use (and build if missing or stale) FILE.zeroidx.
   bool zero_index = true;
   std::string zero_index_path;  // empty: memory_path + ".zeroidx"

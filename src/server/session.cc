@@ -34,7 +34,7 @@ namespace {
 
 // Enough for every vCPU thread of any VM to have a fault outstanding; the
 // reader spills to an overflow list beyond it rather than stop draining.
-constexpr size_t kRingCapacity = 16384;
+constexpr size_t kRingCapacity = 1024;
 constexpr size_t kReadBatch = 64;
 
 std::string hex(uint64_t v) {
@@ -114,6 +114,8 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
   // One fence slot per worker, plus one for prefault().
   fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers) + 1);
   for (int i = 0; i < config_.workers; ++i) workers_.push_back(std::make_unique<Worker>(i, max_page));
+  // The reader's own stats and page buffer, for the faults it serves itself.
+  reader_worker_ = std::make_unique<Worker>(workers_.size(), kPageSize4K);
   for (auto& w : workers_) w->thread = std::thread([this, wp = w.get()] { worker_loop(*wp); });
   reader_ = std::thread([this] { reader_loop(); });
   if (config_.prefetch || config_.prefetch_all) prefetcher_ = std::thread([this] { prefetch_loop(); });
@@ -198,6 +200,7 @@ void Session::finish() {
                             {"prefaulted_pages", s.counters.prefaulted_pages},
                             {"prefetch_late", s.counters.prefetch_late},
                             {"snapshot_zero_pages", s.counters.snapshot_zero_pages},
+                            {"reader_served", s.counters.reader_served},
                             {"seconds", s.seconds},
                             {"peer_killed", s.peer_killed}});
   finished_.store(true, std::memory_order_release);
@@ -221,13 +224,18 @@ SessionSummary Session::summary() const {
   s.counters.removed_pages = removed_pages_.load(std::memory_order_relaxed);
   s.counters.prefaulted_pages = prefaulted_pages_.load(std::memory_order_relaxed);
   s.counters.prefetch_late = prefetch_late_.load(std::memory_order_relaxed);
-  for (const auto& w : workers_) {
+  for (const Worker* w : all_workers()) {
     s.counters.pages_snapshot += w->pages_snapshot.load(std::memory_order_relaxed);
     s.counters.pages_zero += w->pages_zero.load(std::memory_order_relaxed);
     s.counters.bytes_installed += w->bytes.load(std::memory_order_relaxed);
     s.counters.already_present += w->exists.load(std::memory_order_relaxed);
     s.counters.retries += w->retries.load(std::memory_order_relaxed);
     s.counters.snapshot_zero_pages += w->snapshot_zero.load(std::memory_order_relaxed);
+  }
+  if (reader_worker_) {
+    s.counters.reader_served = reader_worker_->pages_snapshot.load(std::memory_order_relaxed) +
+                               reader_worker_->pages_zero.load(std::memory_order_relaxed) +
+                               reader_worker_->exists.load(std::memory_order_relaxed);
   }
   const int64_t ns = finished_ns_.load(std::memory_order_acquire);
   s.seconds = ns > 0 ? static_cast<double>(ns) / 1e9
@@ -352,6 +360,7 @@ void Session::reader_loop() {
                 first_touches_.push_back(loc->file_offset);
               }
             }
+            if (config_.reader_serves_cached && serve(*reader_worker_, *f, true) == Served::kDone) continue;
             const size_t w = loc->page_index % workers_.size();
             if (!overflow.empty() || !workers_[w]->ring.push(*f)) overflow.emplace_back(w, *f);
             workers_[w]->signal.notify();
@@ -389,6 +398,13 @@ void Session::reader_loop() {
 
 // --- install workers -----------------------------------------------------
 
+std::vector<const Session::Worker*> Session::all_workers() const {
+  std::vector<const Worker*> out;
+  for (const auto& w : workers_) out.push_back(w.get());
+  if (reader_worker_) out.push_back(reader_worker_.get());
+  return out;
+}
+
 void Session::wake_page(uint64_t address) {
   if (auto loc = layout().locate(address)) {
     (void)uffd_.wake(loc->address, loc->page_size);
@@ -397,13 +413,30 @@ void Session::wake_page(uint64_t address) {
   }
 }
 
-bool Session::serve(Worker& w, const kernel::PageFault& fault) {
+kernel::IoctlResult Session::install_zero(const PageLocation& loc, bool protect, HookContext& hook) {
+  FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
+  if (hook.inject_errno) return kernel::result_for_errno(hook.inject_errno);
+  // UFFDIO_ZEROPAGE has no WP mode, and "zeropage then writeprotect" leaves a
+  // window in which a write goes unrecorded (and a failed protect leaves the
+  // page unarmed for good): a protected zero install copies a zero buffer
+  // with MODE_WP, which is atomic. ZEROPAGE does not exist on hugetlbfs.
+  if (protect || loc.page_size != kPageSize4K) return uffd_.copy(loc.address, zero_page_.get(), loc.page_size, protect, false);
+  return uffd_.zeropage(loc.address, loc.page_size, false);
+}
+
+Session::Served Session::serve(Worker& w, const kernel::PageFault& fault, bool by_reader) {
   const auto loc = layout().locate(fault.address);
   if (!loc) {
     // Unmapped or moved since the reader located it: wake the thread, whose
     // retry faults at the right place or finds no mapping.
     wake_page(fault.address);
-    return true;
+    return Served::kDone;
+  }
+  // The reader serves only what costs a few microseconds and no I/O: 4 KiB
+  // pages that are zero or already in the page cache. The rest (storage
+  // reads, 2 MiB copies) goes to the workers.
+  if (by_reader && (loc->page_size != kPageSize4K || fault.wp || FAULTLINE_HOOK_ARMED(HookPoint::kBeforeInstallIoctl))) {
+    return Served::kNeedsWorker;
   }
   // With a WP registration, a page installed for a read is write-protected
   // so that the guest's first write to it is recorded; one installed for a
@@ -418,62 +451,46 @@ bool Session::serve(Worker& w, const kernel::PageFault& fault) {
     const kernel::IoctlResult r = hook.inject_errno
                                       ? kernel::result_for_errno(hook.inject_errno)
                                       : uffd_.writeprotect(loc->address, loc->page_size, false, false);
-    if (r.outcome == kernel::IoctlOutcome::kRetry) {
-      w.retries.fetch_add(1, std::memory_order_relaxed);
-      return false;
-    }
     if (r.outcome == kernel::IoctlOutcome::kDone) pages_->mark_written(loc->page_index);
-    if (r.outcome == kernel::IoctlOutcome::kGone) end(SessionEnd::kPeerGone);
-    if (r.outcome == kernel::IoctlOutcome::kFailed) {
-      end(SessionEnd::kFatal, "unprotecting " + hex(loc->address) + " failed: " + std::strerror(r.error));
-    }
-    return true;
+    return finish_install(w, r, PageState::kSnapshot, *loc, fault, /*count=*/false);
   }
   for (;;) {
     const PageState seen = pages_->state(loc->page_index);
+    HookContext hook{loc->address, loc->page_index};
     kernel::IoctlResult r;
-    PageState installed;
-    if (PageStateTable::serves_zero(seen)) {
-      // Zeros are never stale: no fence needed. UFFDIO_ZEROPAGE has no WP mode
-      // and "zeropage then writeprotect" leaves a window with no record, so a
-      // protected zero install copies a zero buffer with MODE_WP (atomic).
-      // ZEROPAGE is not supported on hugetlbfs at all.
-      HookContext hook{loc->address, loc->page_index};
-      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
-      if (hook.inject_errno) {
-        r = kernel::result_for_errno(hook.inject_errno);
-      } else if (protect || loc->page_size != kPageSize4K) {
-        r = uffd_.copy(loc->address, zero_page_.get(), loc->page_size, protect, false);
-      } else {
-        r = uffd_.zeropage(loc->address, loc->page_size, false);
-      }
-      installed = PageState::kZero;
-      if (r.outcome == kernel::IoctlOutcome::kDone) pages_->record_install(loc->page_index, seen, installed, fault.write);
-    } else if (config_.zero_index && config_.zero_index->is_zero(loc->file_offset, loc->page_size)) {
-      // All zero in the snapshot (zero index): install zeros without reading
-      // the file. Zeros are never stale, so no fence.
-      HookContext hook{loc->address, loc->page_index};
-      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
-      if (hook.inject_errno) {
-        r = kernel::result_for_errno(hook.inject_errno);
-      } else if (protect || loc->page_size != kPageSize4K) {
-        r = uffd_.copy(loc->address, zero_page_.get(), loc->page_size, protect, false);
-      } else {
-        r = uffd_.zeropage(loc->address, loc->page_size, false);
-      }
-      installed = PageState::kSnapshot;
+    PageState installed = PageState::kSnapshot;
+    const bool removed = PageStateTable::serves_zero(seen);
+    const bool snapshot_zero =
+        !removed && config_.zero_index && config_.zero_index->is_zero(loc->file_offset, loc->page_size);
+    if (removed || snapshot_zero) {
+      // Zeros are never stale: no fence needed.
+      r = install_zero(*loc, protect, hook);
+      installed = removed ? PageState::kZero : PageState::kSnapshot;
       if (r.outcome == kernel::IoctlOutcome::kDone) {
         // Recorded only if no REMOVE came in between (then it stays removed).
         pages_->record_install(loc->page_index, seen, installed, fault.write);
-        w.snapshot_zero.fetch_add(1, std::memory_order_relaxed);
+        if (snapshot_zero) w.snapshot_zero.fetch_add(1, std::memory_order_relaxed);
+      }
+    } else if (by_reader) {
+      auto cached = source_->read_if_cached(loc->file_offset, {w.buffer.get(), loc->page_size});
+      if (!cached) {
+        end(SessionEnd::kFatal, cached.error().describe());
+        return Served::kDone;
+      }
+      if (!*cached) return Served::kNeedsWorker;  // it would wait for storage
+      // No fence: the reader itself records every REMOVE it reads before it
+      // serves anything, and a REMOVE it has not read yet makes this copy
+      // fail with EAGAIN.
+      r = uffd_.copy(loc->address, w.buffer.get(), loc->page_size, protect, false);
+      if (r.outcome == kernel::IoctlOutcome::kDone) {
+        pages_->record_install(loc->page_index, seen, PageState::kSnapshot, fault.write);
       }
     } else {
       // Storage I/O happens here, before the fence, so the reader never waits on it.
       if (auto s = source_->read(loc->file_offset, {w.buffer.get(), loc->page_size}); !s) {
         end(SessionEnd::kFatal, s.error().describe());
-        return true;
+        return Served::kDone;
       }
-      HookContext hook{loc->address, loc->page_index};
       FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
       fence_->enter(w.index);
       const PageState now = pages_->state(loc->page_index);
@@ -488,41 +505,47 @@ bool Session::serve(Worker& w, const kernel::PageFault& fault) {
         pages_->record_install(loc->page_index, now, PageState::kSnapshot, fault.write);
       }
       fence_->exit(w.index);
-      installed = PageState::kSnapshot;
     }
-
-    switch (r.outcome) {
-      case kernel::IoctlOutcome::kDone:
-        (installed == PageState::kZero ? w.pages_zero : w.pages_snapshot).fetch_add(1, std::memory_order_relaxed);
-        w.bytes.fetch_add(loc->page_size, std::memory_order_relaxed);
-        return true;
-      case kernel::IoctlOutcome::kExists:
-        // Another fault installed the page first. The failed ioctl woke
-        // nobody, and this thread is still waiting: wake it.
-        w.exists.fetch_add(1, std::memory_order_relaxed);
-        (void)uffd_.wake(loc->address, loc->page_size);
-        return true;
-      case kernel::IoctlOutcome::kRetry:
-        // An unread REMOVE/UNMAP blocks every install until the reader reads
-        // it; the fault is retried after the reader's next batch.
-        w.retries.fetch_add(1, std::memory_order_relaxed);
-        return false;
-      case kernel::IoctlOutcome::kGone:
-        end(SessionEnd::kPeerGone);
-        return true;
-      case kernel::IoctlOutcome::kUnmapped:
-        // The range was unmapped or moved under us: a thread may still wait
-        // on the old address; wake it so it retries against the new mapping.
-        wake_page(fault.address);
-        return true;
-      case kernel::IoctlOutcome::kFailed:
-        end(SessionEnd::kFatal, std::string(installed == PageState::kZero ? "zero" : "snapshot") +
-                                    " install at " + hex(loc->address) + " (" + std::to_string(loc->page_size) +
-                                    " bytes) failed: " + std::strerror(r.error));
-        return true;
-    }
-    return true;
+    return finish_install(w, r, installed, *loc, fault, /*count=*/true);
   }
+}
+
+Session::Served Session::finish_install(Worker& w, const kernel::IoctlResult& r, PageState installed,
+                                        const PageLocation& loc, const kernel::PageFault& fault, bool count) {
+  switch (r.outcome) {
+    case kernel::IoctlOutcome::kDone:
+      if (count) {
+        (installed == PageState::kZero ? w.pages_zero : w.pages_snapshot).fetch_add(1, std::memory_order_relaxed);
+        w.bytes.fetch_add(loc.page_size, std::memory_order_relaxed);
+      }
+      return Served::kDone;
+    case kernel::IoctlOutcome::kExists:
+      // Another fault installed the page first. The failed ioctl woke
+      // nobody, and this thread is still waiting: wake it.
+      w.exists.fetch_add(1, std::memory_order_relaxed);
+      (void)uffd_.wake(loc.address, loc.page_size);
+      return Served::kDone;
+    case kernel::IoctlOutcome::kRetry:
+      // An unread REMOVE/UNMAP blocks every install until the reader reads
+      // it; the fault is retried after the reader's next batch.
+      w.retries.fetch_add(1, std::memory_order_relaxed);
+      return Served::kRetry;
+    case kernel::IoctlOutcome::kGone:
+      end(SessionEnd::kPeerGone);
+      return Served::kDone;
+    case kernel::IoctlOutcome::kUnmapped:
+      // The range was unmapped or moved under us: a thread may still wait
+      // on the old address; wake it so it retries against the new mapping.
+      wake_page(fault.address);
+      return Served::kDone;
+    case kernel::IoctlOutcome::kFailed:
+      end(SessionEnd::kFatal, std::string(fault.wp ? "unprotecting" : installed == PageState::kZero ? "zero install"
+                                                                                                  : "snapshot install") +
+                                  " at " + hex(loc.address) + " (" + std::to_string(loc.page_size) +
+                                  " bytes) failed: " + std::strerror(r.error));
+      return Served::kDone;
+  }
+  return Served::kDone;
 }
 
 void Session::worker_loop(Worker& w) {
@@ -537,14 +560,14 @@ void Session::worker_loop(Worker& w) {
     if (!w.deferred.empty()) {
       retry.swap(w.deferred);
       for (const auto& d : retry) {
-        if (!serve(w, d)) w.deferred.push_back(d);
+        if (serve(w, d, false) == Served::kRetry) w.deferred.push_back(d);
       }
       progressed = w.deferred.size() < retry.size();
       retry.clear();
     }
     while (!stopping_.load(std::memory_order_acquire) && w.ring.pop(f)) {
       progressed = true;
-      if (serve(w, f)) continue;
+      if (serve(w, f, false) != Served::kRetry) continue;
       // De-duplicate: one deferred entry per page and access kind.
       const uint64_t page = f.address & ~(kPageSize4K - 1);
       const bool dup = std::any_of(w.deferred.begin(), w.deferred.end(), [&](const kernel::PageFault& d) {

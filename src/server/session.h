@@ -40,6 +40,7 @@
 #include "kernel/process.h"
 #include "kernel/userfaultfd.h"
 #include "protocol/handshake_socket.h"
+#include "server/test_hooks.h"
 #include "server/wake_signal.h"
 #include "snapshot/working_set.h"
 #include "snapshot/zero_index.h"
@@ -74,6 +75,9 @@ struct SessionConfig {
   bool prefetch_all = false;
   // Pages that are all zero in the snapshot: installed without reading.
   std::shared_ptr<const ZeroIndex> zero_index;
+  // The event reader serves a fault itself when that costs no I/O (4 KiB
+  // page, zero or in the page cache): no hand-off, no thread wake-up.
+  bool reader_serves_cached = true;
 };
 
 // Counters, summed over the session's threads.
@@ -89,6 +93,7 @@ struct SessionCounters {
   uint64_t prefaulted_pages = 0; // pages installed ahead of any fault by prefault()
   uint64_t snapshot_zero_pages = 0;  // snapshot pages known zero (zero index): installed without reading
   uint64_t prefetch_late = 0;    // demand faults on planned pages prefetch had not reached yet
+  uint64_t reader_served = 0;    // faults the event reader served itself (no I/O needed)
 };
 
 // What prefault() did.
@@ -197,8 +202,15 @@ class Session {
   void reader_loop();
   void worker_loop(Worker& w);
   void prefetch_loop();
-  // Installs one faulted page. Returns false when the fault must be retried later.
-  bool serve(Worker& w, const kernel::PageFault& fault);
+  enum class Served { kDone, kRetry, kNeedsWorker };
+  // Installs one faulted page. kRetry: retry after the reader's next batch.
+  // `by_reader`: the event reader serving it itself, which it does only for
+  // 4 KiB pages that need no storage I/O (else kNeedsWorker).
+  Served serve(Worker& w, const kernel::PageFault& fault, bool by_reader);
+  Served finish_install(Worker& w, const kernel::IoctlResult& r, PageState installed, const PageLocation& loc,
+                        const kernel::PageFault& fault, bool count);
+  kernel::IoctlResult install_zero(const PageLocation& loc, bool protect, HookContext& hook);
+  std::vector<const Worker*> all_workers() const;
   void handle_remove(const kernel::RemoveEvent& ev);
   // UNMAP / REMAP: record the pages as removed (UNMAP) and publish a new layout.
   void handle_unmap(const kernel::UnmapEvent& ev);
@@ -228,6 +240,7 @@ class Session {
   bool watch_socket_eof_ = false;
 
   std::vector<std::unique_ptr<Worker>> workers_;
+  std::unique_ptr<Worker> reader_worker_;  // stats and buffer of the faults the reader serves itself
   std::unique_ptr<class InstallFence> fence_;
   std::thread reader_;
   UniqueFd stop_efd_;

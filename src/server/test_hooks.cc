@@ -12,18 +12,18 @@ namespace {
 constexpr size_t kPoints = static_cast<size_t>(HookPoint::kCount);
 std::mutex mu;
 std::array<HookFn, kPoints> hooks;              // GUARDED_BY(mu)
-std::array<std::atomic<bool>, kPoints> armed{};  // fast path: no lock when no hook is set
+std::array<std::atomic<bool>, kPoints> armed_points{};  // fast path: no lock when no hook is set
 }  // namespace
 
 void set(HookPoint point, HookFn fn) {
   std::lock_guard lock(mu);
   hooks[static_cast<size_t>(point)] = std::move(fn);
-  armed[static_cast<size_t>(point)].store(true, std::memory_order_release);
+  armed_points[static_cast<size_t>(point)].store(true, std::memory_order_release);
 }
 
 void clear(HookPoint point) {
   std::lock_guard lock(mu);
-  armed[static_cast<size_t>(point)].store(false, std::memory_order_release);
+  armed_points[static_cast<size_t>(point)].store(false, std::memory_order_release);
   hooks[static_cast<size_t>(point)] = nullptr;
 }
 
@@ -31,9 +31,11 @@ void clear_all() {
   for (size_t i = 0; i < kPoints; ++i) clear(static_cast<HookPoint>(i));
 }
 
+bool armed(HookPoint point) { return armed_points[static_cast<size_t>(point)].load(std::memory_order_acquire); }
+
 void fire(HookPoint point, HookContext& context) {
   const size_t i = static_cast<size_t>(point);
-  if (!armed[i].load(std::memory_order_acquire)) return;
+  if (!armed_points[i].load(std::memory_order_acquire)) return;
   HookFn fn;
   {
     std::lock_guard lock(mu);

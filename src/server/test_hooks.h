@@ -42,7 +42,11 @@ void set(HookPoint point, HookFn fn);
 void clear(HookPoint point);
 void clear_all();
 void fire(HookPoint point, HookContext& context);
+bool armed(HookPoint point);
 }  // namespace faultline::test_hooks
+
+// Whether a test has a hook at `point` (always false without hooks).
+#define FAULTLINE_HOOK_ARMED(point) ::faultline::test_hooks::armed(point)
 
 // Runs the hook at `point` with `context` (a HookContext lvalue it may modify).
 #define FAULTLINE_HOOK(point, context) ::faultline::test_hooks::fire(point, context)
@@ -50,5 +54,6 @@ void fire(HookPoint point, HookContext& context);
 #else
 
 #define FAULTLINE_HOOK(point, context) ((void)(context))
+#define FAULTLINE_HOOK_ARMED(point) false
 
 #endif

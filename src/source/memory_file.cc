@@ -1,4 +1,5 @@
 #include <fcntl.h>
+#include <sys/uio.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -34,6 +35,24 @@ Status MemoryFile::read(uint64_t offset, std::span<uint8_t> out) const {
     done += static_cast<size_t>(n);
   }
   return {};
+}
+
+}  // namespace faultline
+
+namespace faultline {
+
+Result<bool> MemoryFile::read_if_cached(uint64_t offset, std::span<uint8_t> out) const {
+  iovec iov{out.data(), out.size()};
+  for (;;) {
+    // RWF_NOWAIT: fail with EAGAIN instead of waiting for storage.
+    const ssize_t n = ::preadv2(fd_.get(), &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+    if (n == static_cast<ssize_t>(out.size())) return true;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EOPNOTSUPP)) return false;
+    if (n < 0) return fail_errno("reading memory file " + path_ + " failed");
+    // Short: partly cached, or the file shrank. read() tells which.
+    return false;
+  }
 }
 
 }  // namespace faultline

@@ -24,6 +24,14 @@ class PageSource {
   // Fills `out` with the bytes at [offset, offset + out.size()). A read past
   // the current end (the file shrank) is an error, never zero-filled.
   virtual Status read(uint64_t offset, std::span<uint8_t> out) const = 0;
+  // Like read(), but only from memory (the page cache): returns false,
+  // having read nothing useful, when the bytes would have to come from
+  // storage. Lets a thread that must never wait on I/O serve cached pages.
+  virtual Result<bool> read_if_cached(uint64_t offset, std::span<uint8_t> out) const {
+    (void)offset;
+    (void)out;
+    return false;
+  }
   // Size in bytes when the source was opened.
   virtual uint64_t size() const = 0;
   virtual const std::string& describe() const = 0;
@@ -35,6 +43,7 @@ class MemoryFile final : public PageSource {
   static Result<std::shared_ptr<MemoryFile>> open(const std::string& path);
 
   Status read(uint64_t offset, std::span<uint8_t> out) const override;
+  Result<bool> read_if_cached(uint64_t offset, std::span<uint8_t> out) const override;
   uint64_t size() const override { return size_; }
   const std::string& describe() const override { return path_; }
 

@@ -24,6 +24,8 @@
 #include <cstddef>
 #include <memory>
 
+#include "server/wake_signal.h"
+
 namespace faultline {
 
 class InstallFence {
@@ -39,31 +41,59 @@ class InstallFence {
       // sides use seq_cst so that at least one of them sees the other.
       slots_[slot].active.store(true, std::memory_order_seq_cst);
       if (!reading_.load(std::memory_order_seq_cst)) return;
-      slots_[slot].active.store(false, std::memory_order_release);
-      wait_while(reading_, true);
+      exit(slot);
+      wait_until([&] { return !reading_.load(std::memory_order_seq_cst); }, read_done_, workers_waiting_);
     }
   }
-  void exit(size_t slot) { slots_[slot].active.store(false, std::memory_order_release); }
+  void exit(size_t slot) {
+    slots_[slot].active.store(false, std::memory_order_seq_cst);
+    if (reader_waiting_.load(std::memory_order_seq_cst) != 0) slot_exited_.notify();
+  }
 
   // Reader: waits until no worker is inside the fence, and keeps new ones out
   // until end_read().
   void begin_read() {
     reading_.store(true, std::memory_order_seq_cst);
-    for (size_t i = 0; i < count_; ++i) wait_while(slots_[i].active, true);
+    for (size_t i = 0; i < count_; ++i) {
+      wait_until([&] { return !slots_[i].active.load(std::memory_order_seq_cst); }, slot_exited_, reader_waiting_);
+    }
   }
-  void end_read() { reading_.store(false, std::memory_order_release); }
+  void end_read() {
+    reading_.store(false, std::memory_order_seq_cst);
+    if (workers_waiting_.load(std::memory_order_seq_cst) != 0) read_done_.notify_all();
+  }
 
  private:
   struct alignas(64) Slot {
     std::atomic<bool> active{false};
   };
   // Both sides hold the fence for microseconds (a memory-to-memory ioctl, or
-  // a non-blocking read plus table stores), so spin briefly, then yield.
-  static void wait_while(const std::atomic<bool>& flag, bool value);
+  // a non-blocking read plus table stores): spin briefly, then sleep on a
+  // futex that the other side bumps (never sched_yield, which on a busy
+  // 2-core machine can cost a whole time slice).
+  template <typename Pred>
+  static void wait_until(Pred done, WakeSignal& signal, std::atomic<int>& waiting) {
+    for (int spins = 0; spins < 200; ++spins) {
+      if (done()) return;
+      __builtin_ia32_pause();
+    }
+    for (;;) {
+      const uint32_t seen = signal.value();
+      waiting.fetch_add(1, std::memory_order_seq_cst);
+      const bool ready = done();
+      if (!ready) signal.wait(seen, std::chrono::microseconds(500));  // the timeout is only a backstop
+      waiting.fetch_sub(1, std::memory_order_seq_cst);
+      if (ready || done()) return;
+    }
+  }
 
   size_t count_;
   std::unique_ptr<Slot[]> slots_;
   alignas(64) std::atomic<bool> reading_{false};
+  alignas(64) std::atomic<int> reader_waiting_{0};
+  alignas(64) std::atomic<int> workers_waiting_{0};
+  WakeSignal slot_exited_;
+  WakeSignal read_done_;
 };
 
 }  // namespace faultline

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <climits>
 #include <ctime>
 
 namespace faultline {
@@ -23,6 +24,11 @@ class WakeSignal {
   void notify() {
     seq_.fetch_add(1, std::memory_order_release);
     ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&seq_), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+  }
+
+  void notify_all() {
+    seq_.fetch_add(1, std::memory_order_release);
+    ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&seq_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
   }
 
   // Sleeps while the counter still equals `seen`, at most `timeout` (negative: no limit).

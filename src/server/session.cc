@@ -243,6 +243,24 @@ SessionSummary Session::summary() const {
   return s;
 }
 
+Session::MemoryUse Session::memory_use() const {
+  MemoryUse m;
+  m.page_state_bytes = pages_->size() * PageStateTable::kBytesPerPage;
+  uint64_t max_page = kPageSize4K;
+  for (const GuestRegion& r : layout().regions()) max_page = std::max(max_page, r.page_size);
+  m.buffer_bytes = max_page;  // the zero page
+  for (const Worker* w : all_workers()) {
+    m.buffer_bytes += sizeof(Worker) + kRingCapacity * sizeof(kernel::PageFault) +
+                      (w == reader_worker_.get() ? kPageSize4K : max_page) +
+                      w->deferred.capacity() * sizeof(kernel::PageFault);
+  }
+  {
+    std::lock_guard lock(record_mu_);
+    m.record_bytes = first_touches_.capacity() * sizeof(uint64_t);
+  }
+  return m;
+}
+
 // --- event reader --------------------------------------------------------
 
 void Session::publish(GuestLayout next) {

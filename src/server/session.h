@@ -167,6 +167,17 @@ class Session {
 
   SessionSummary summary() const;
 
+  // Bytes of server memory this session holds: the page-state table (one
+  // byte per guest page) plus fixed per-session buffers (fault rings, page
+  // buffers, the zero page) and, when recording, the first-touch list.
+  struct MemoryUse {
+    uint64_t page_state_bytes = 0;
+    uint64_t buffer_bytes = 0;
+    uint64_t record_bytes = 0;
+    uint64_t total() const { return page_state_bytes + buffer_bytes + record_bytes; }
+  };
+  MemoryUse memory_use() const;
+
   // Which pages the guest changed since restore, from the client's pagemap
   // (PAGEMAP_SCAN, or /proc/PID/pagemap when `force_fallback` or the kernel
   // lacks it), and which are zero or removed, from the page-state table.

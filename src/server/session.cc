@@ -36,6 +36,7 @@ namespace {
 // reader spills to an overflow list beyond it rather than stop draining.
 constexpr size_t kRingCapacity = 1024;
 constexpr size_t kReadBatch = 64;
+constexpr size_t kDeferredReserve = 1024;  // deferred faults held without reallocating
 
 std::string hex(uint64_t v) {
   char buf[24];
@@ -52,7 +53,7 @@ struct FreeDeleter {
 struct Session::Worker {
   explicit Worker(size_t i, uint64_t buffer_size)
       : index(i), ring(kRingCapacity), buffer(static_cast<uint8_t*>(std::aligned_alloc(4096, buffer_size))) {
-    deferred.reserve(1024);
+    deferred.reserve(kDeferredReserve);
   }
   size_t index;
   FaultRing ring;
@@ -252,7 +253,7 @@ Session::MemoryUse Session::memory_use() const {
   for (const Worker* w : all_workers()) {
     m.buffer_bytes += sizeof(Worker) + kRingCapacity * sizeof(kernel::PageFault) +
                       (w == reader_worker_.get() ? kPageSize4K : max_page) +
-                      w->deferred.capacity() * sizeof(kernel::PageFault);
+                      kDeferredReserve * sizeof(kernel::PageFault);
   }
   {
     std::lock_guard lock(record_mu_);

@@ -5,6 +5,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "client/firecracker_client.h"
+#include "client/touch.h"
+#include "client/verifier.h"
 #include "harness.h"
 
 namespace faultline::testing {
@@ -75,6 +78,63 @@ TEST(Cli, ServeRestoreAndSigtermWithJsonLogs) {
   EXPECT_EQ(ends, 2u);  // the 1.10 session (socket closed at once) ends when the daemon stops
   EXPECT_GT(faults, 0u);
   EXPECT_FALSE(std::filesystem::exists(sock)) << "the daemon removes its socket on exit";
+}
+
+TEST(Cli, DirtyQueryAndSessionsThroughTheControlSocket) {
+  TempDir dir;
+  const std::string mem = dir.file("mem"), sock = dir.file("vm.sock"), ctl = dir.file("vm.ctl"), log = dir.file("log");
+  ASSERT_TRUE(client::write_test_memory_file(mem, 16 * kMiB, 5, 0.0));
+  pid_t server = spawn({built_binary("faultline"), "serve", "--socket", sock, "--memory", mem, "--control", ctl}, log);
+  ASSERT_GT(server, 0);
+  ASSERT_TRUE(wait_for_socket(sock) && wait_for_socket(ctl)) << read_file(log);
+  {
+    auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {16 * kMiB}, .wp_async = true});
+    ASSERT_TRUE(c) << c.error().describe();
+    ASSERT_TRUE(c->connect_and_send(sock));
+    auto v = client::Verifier::open(mem, c->guest_size(), c->page_size());
+    ASSERT_TRUE(client::touch_pages(*c, **v, std::vector<uint64_t>{0, 4096}, client::Access::kRead));
+    ASSERT_TRUE(client::touch_pages(*c, **v, std::vector<uint64_t>{8192, 12288}, client::Access::kWrite));
+    ASSERT_TRUE(c->remove(5 * 4096, 4096));
+
+    const std::string sessions_out = dir.file("sessions.out");
+    int status = wait_child(spawn({built_binary("faultline"), "sessions", "--control", ctl}, sessions_out),
+                            std::chrono::seconds(10));
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(sessions_out);
+    auto sessions = nlohmann::json::parse(read_file(sessions_out));
+    ASSERT_EQ(sessions["sessions"].size(), 1u);
+    const uint64_t id = sessions["sessions"][0]["session"];
+
+    const std::string dirty_out = dir.file("dirty.out");
+    status = wait_child(spawn({built_binary("faultline"), "dirty", "--control", ctl, "--session", std::to_string(id)},
+                              dirty_out),
+                        std::chrono::seconds(10));
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(dirty_out);
+    auto map = nlohmann::json::parse(read_file(dirty_out));
+    EXPECT_EQ(map["method"], "pagemap_scan");
+    EXPECT_EQ(map["write_protect"], true);
+    EXPECT_EQ(map["dirty"], nlohmann::json::parse("[[8192, 8192]]")) << map.dump();
+    EXPECT_EQ(map["removed"], nlohmann::json::parse("[[20480, 4096]]")) << map.dump();
+
+    const std::string bad_out = dir.file("bad.out");
+    status = wait_child(spawn({built_binary("faultline"), "dirty", "--control", ctl, "--session", "99"}, bad_out),
+                        std::chrono::seconds(10));
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) != 0);
+    EXPECT_NE(read_file(bad_out).find("no running session 99"), std::string::npos);
+  }
+  ::kill(server, SIGTERM);
+  EXPECT_NE(wait_child(server, std::chrono::seconds(20)), -1);
+}
+
+TEST(Cli, ZeroIndexSubcommandCountsZeroPages) {
+  TempDir dir;
+  const std::string mem = dir.file("mem"), out = dir.file("out");
+  ASSERT_TRUE(client::write_test_memory_file(mem, 4 * kMiB, 3, 0.5));
+  uint64_t zero = 0;
+  for (uint64_t p = 0; p < 1024; ++p) zero += client::test_page_is_zero(p, 3, 0.5);
+  int status = wait_child(spawn({built_binary("faultline"), "zero-index", "--memory", mem}, out), std::chrono::seconds(10));
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(out);
+  EXPECT_NE(read_file(out).find(std::to_string(zero) + " of 1024 pages are zero"), std::string::npos) << read_file(out);
+  EXPECT_TRUE(std::filesystem::exists(mem + ".zeroidx"));
 }
 
 TEST(Cli, ServeHelpDescribesTheModelAndOptions) {

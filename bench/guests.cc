@@ -38,32 +38,6 @@ const char* label(Backend b) {
 
 namespace {
 
-// The prefetch options are being added to ServerConfig by another change
-// (issue 4: `std::string record_path; std::string prefetch_path; bool
-// prefetch_all = false;`). Detected at compile time so this file builds both
-// before and after: the discarded branch of `if constexpr` in a template is
-// never instantiated.
-template <typename Config>
-constexpr bool has_prefetch_fields() {
-  return requires(Config c) {
-    c.record_path = std::string();
-    c.prefetch_path = std::string();
-    c.prefetch_all = true;
-  };
-}
-
-template <typename Config>
-bool apply_prefetch_options(Config& c, const FaultlineHost::Options& o) {
-  if constexpr (has_prefetch_fields<Config>()) {
-    c.record_path = o.record_path;
-    c.prefetch_path = o.prefetch_path;
-    c.prefetch_all = o.prefetch_all;
-    return true;
-  } else {
-    return o.record_path.empty() && o.prefetch_path.empty() && !o.prefetch_all;
-  }
-}
-
 // Polling the server's counters from a benchmark, never ordering a test.
 template <typename Pred>
 bool wait_for(Pred pred, std::chrono::milliseconds limit) {
@@ -77,8 +51,6 @@ bool wait_for(Pred pred, std::chrono::milliseconds limit) {
 
 }  // namespace
 
-bool prefetch_supported() { return has_prefetch_fields<ServerConfig>(); }
-
 Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& options, const Logger& logger) {
   std::unique_ptr<FaultlineHost> h(new FaultlineHost(options));
   ServerConfig c;
@@ -87,9 +59,10 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   c.workers_per_session = options.workers;
   // The client is this process: a fatal session must not SIGKILL the bench.
   c.on_fatal = OnFatal::kLeave;
-  if (!apply_prefetch_options(c, options)) {
-    return fail("this faultline build has no record/prefetch options yet", kNotApplicable);
-  }
+  c.record_path = options.record_path;
+  c.prefetch_path = options.prefetch_path;
+  c.prefetch_all = options.prefetch_all;
+  c.reader_serves_cached = options.reader_serves_cached;
   auto s = Server::create(c, logger);
   if (!s) return std::unexpected(s.error());
   h->server_ = std::move(*s);

@@ -37,10 +37,6 @@ const char* label(Backend b);
 // An errno that means "this backend does not apply here" (printed "n/a").
 inline constexpr int kNotApplicable = ENOTSUP;
 
-// Whether this build's ServerConfig has the prefetch fields
-// (record_path, prefetch_path, prefetch_all) another change is adding.
-bool prefetch_supported();
-
 // A faultline Server on its own thread, serving one memory file, in this
 // process. on_fatal is kLeave: the "peer" is this very process.
 class FaultlineHost {
@@ -49,10 +45,11 @@ class FaultlineHost {
     std::string memory_path;
     std::string socket_path;
     int workers = 2;
-    // Only honoured when prefetch_supported().
+    // ServerConfig::record_path, prefetch_path, prefetch_all, reader_serves_cached.
     std::string record_path;
     std::string prefetch_path;
     bool prefetch_all = false;
+    bool reader_serves_cached = true;
   };
   static Result<std::unique_ptr<FaultlineHost>> start(const Options& options, const Logger& logger);
   ~FaultlineHost();

@@ -117,6 +117,9 @@ int main(int argc, char** argv) {
   app.add_flag("--no-huge", no_huge, "skip the 2 MiB page configurations");
   app.add_option("--workers", workers, "faultline install workers per session (ServerConfig default 2)")
       ->check(CLI::Range(1, 64));
+  bool reader_serves_cached = true;
+  app.add_option("--reader-serves-cached", reader_serves_cached,
+                 "ServerConfig::reader_serves_cached: the event reader serves 4 KiB faults needing no I/O (default true)");
   CLI11_PARSE(app, argc, argv);
   const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4} : std::set<int>(scenarios.begin(), scenarios.end());
 
@@ -185,10 +188,18 @@ int main(int argc, char** argv) {
   ctx.huge_pages = huge;
   ctx.kvm = kvm;
   ctx.faultline_workers = workers;
+  ctx.faultline_reader_serves_cached = reader_serves_cached;
   ctx.results = &results;
-  for (const char* n : {"mem-small", "mem-large", "mem-sparse", "s1.sock", "s2.sock", "s2-eager.sock",
-                        "s2-record.sock", "s2-prefetch.sock", "s3.sock", "s4.sock"}) {
+  for (const char* n : {"mem-small", "mem-large", "mem-sparse", "mem-small.zeroidx", "mem-large.zeroidx",
+                        "mem-sparse.zeroidx", "s1.sock", "s2.sock", "s2-eager.sock", "s2-record.sock",
+                        "s2-prefetch.sock", "s3.sock", "s4.sock"}) {
     track_file(dir + "/" + n);
+  }
+  // Scenario 2's recorded working sets (record-PAGESIZE-TOUCHER-THREADS.flrec).
+  for (const char* ps : {"4096", "2097152"}) {
+    for (const char* who : {"host", "vcpu"}) {
+      for (const char* t : {"1", "2"}) track_file(dir + "/record-" + ps + "-" + who + "-" + t + ".flrec");
+    }
   }
 
   auto make_file = [&](const std::string& path, uint64_t size) -> bool {
@@ -216,10 +227,6 @@ int main(int argc, char** argv) {
 
   if (!huge && !no_huge) results.notes.push_back("2 MiB page configurations skipped: no huge pages could be reserved");
   if (!kvm && !no_vcpu) results.notes.push_back("vCPU configurations skipped: /dev/kvm unusable or built without client/kvm");
-  if (!fb::prefetch_supported()) {
-    results.notes.push_back("record+prefetch and eager rows: n/a (not built yet): ServerConfig has no "
-                            "record_path/prefetch_path/prefetch_all in this build");
-  }
 
   const auto t0 = std::chrono::steady_clock::now();
   if (want.count(1)) fb::run_scenario1(ctx);

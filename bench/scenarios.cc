@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <malloc.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <random>
 #include <span>
@@ -78,6 +81,28 @@ uint64_t expected_first_qword(uint64_t offset) {
 }
 
 bool content_checked(Backend b) { return b != Backend::kKernel; }
+
+// The memory file mapped read-only and shared (its page cache is warm): what
+// every byte of a served page must equal. Guest offset == file offset (one
+// region at file offset 0).
+Result<Mapping> map_memory_file(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail_errno("cannot open " + path);
+  struct stat st{};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
+  return Mapping::map(static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get(), 0);
+}
+
+// Pages of `offsets` whose bytes differ anywhere from the memory file's.
+// Runs after the touching threads have joined, outside every timed region.
+uint64_t count_bad_pages(const uint8_t* guest, const Mapping& file, std::span<const uint64_t> offsets,
+                         uint64_t page_size) {
+  uint64_t bad = 0;
+  for (uint64_t off : offsets) {
+    if (off + page_size > file.size() || std::memcmp(guest + off, file.bytes() + off, page_size) != 0) ++bad;
+  }
+  return bad;
+}
 
 struct TouchOutcome {
   std::vector<uint32_t> latencies_ns;  // one per first access (empty for batched vCPU runs)
@@ -197,12 +222,20 @@ TouchOutcome touch_vcpu(BenchGuest& g, std::span<const uint64_t> offsets, int vc
 }
 #endif
 
+// Touches, then (backends other than the kernel's, when `file` is given)
+// compares every byte of every touched page with the memory file.
 TouchOutcome touch(BenchGuest& g, const std::string& toucher, std::span<const uint64_t> offsets, int threads,
-                   bool per_page) {
-  const bool verify = content_checked(g.backend());
-  if (toucher == "host") return touch_host(g.base(), offsets, threads, verify);
+                   bool per_page, const Mapping* file) {
+  const bool verify = content_checked(g.backend()) && file != nullptr;
+  auto with_full_check = [&](TouchOutcome t) {
+    if (verify && t.error.empty()) t.bad_pages += count_bad_pages(g.base(), *file, offsets, g.page_size());
+    return t;
+  };
+  // Host threads read first qwords only while timed; the full check follows.
+  if (toucher == "host") return with_full_check(touch_host(g.base(), offsets, threads, false));
 #if FAULTLINE_BENCH_HAVE_KVM
-  return touch_vcpu(g, offsets, threads, per_page, verify);
+  // vCPUs also check the qwords the guest itself read.
+  return with_full_check(touch_vcpu(g, offsets, threads, per_page, verify));
 #else
   (void)per_page;
   TouchOutcome out;
@@ -279,6 +312,7 @@ Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::strin
                                                   const std::string& name, FaultlineHost::Options o = {}) {
   o.memory_path = memory_path;
   o.workers = ctx.faultline_workers;
+  o.reader_serves_cached = ctx.faultline_reader_serves_cached;
   o.socket_path = ctx.dir + "/" + name + ".sock";
   return FaultlineHost::start(o, *ctx.logger);
 }
@@ -301,6 +335,11 @@ void run_scenario1(Context& ctx) {
     return;
   }
   warm_page_cache(ctx.file_small);
+  auto file = map_memory_file(ctx.file_small);
+  if (!file) {
+    ctx.results->notes.push_back("scenario 1: cannot map the memory file: " + file.error().describe());
+    return;
+  }
   const std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
   for (uint64_t ps : page_sizes(ctx)) {
     for (const std::string& toucher : touchers(ctx)) {
@@ -323,7 +362,7 @@ void run_scenario1(Context& ctx) {
             GuestSpec spec{bytes, ps, ctx.file_small, host->get(), true};
             auto g = BenchGuest::create(s.backend, spec);
             if (!g) return record_failure(s, g.error());
-            TouchOutcome t = touch(**g, toucher, offsets, threads, true);
+            TouchOutcome t = touch(**g, toucher, offsets, threads, true, &*file);
             if (!t.error.empty()) return record_failure(s, Error{0, t.error});
             note_bad(ctx, t, s.backend, "scenario 1 " + proto.config());
             s.add("faults_per_s", static_cast<double>(offsets.size()) / t.seconds);
@@ -346,8 +385,8 @@ void run_scenario2(Context& ctx) {
     return;
   }
   std::unique_ptr<FaultlineHost> eager;
-  std::string eager_note = "n/a (not built yet)";
-  if (prefetch_supported()) {
+  std::string eager_note;
+  {
     FaultlineHost::Options o;
     o.prefetch_all = true;
     auto h = start_host(ctx, ctx.file_large, "s2-eager", o);
@@ -358,6 +397,11 @@ void run_scenario2(Context& ctx) {
     }
   }
   warm_page_cache(ctx.file_large);
+  auto file = map_memory_file(ctx.file_large);
+  if (!file) {
+    ctx.results->notes.push_back("scenario 2: cannot map the memory file: " + file.error().describe());
+    return;
+  }
   const std::vector<Backend> backends{Backend::kKernel,   Backend::kFileMmap,          Backend::kNaive,
                                       Backend::kFaultline, Backend::kFaultlinePrefetch, Backend::kFaultlineEager};
   for (uint64_t ps : page_sizes(ctx)) {
@@ -380,8 +424,8 @@ void run_scenario2(Context& ctx) {
 
         // record+prefetch: one recorded run first (not timed), then replays.
         std::unique_ptr<FaultlineHost> prefetch;
-        std::string prefetch_note = "n/a (not built yet)";
-        if (prefetch_supported()) {
+        std::string prefetch_note;
+        {
           const std::string record = ctx.dir + "/record-" + std::to_string(ps) + "-" + toucher + "-" +
                                      std::to_string(threads) + ".flrec";
           FaultlineHost::Options ro;
@@ -392,16 +436,24 @@ void run_scenario2(Context& ctx) {
           } else {
             {
               auto g = BenchGuest::create(Backend::kFaultline, GuestSpec{bytes, ps, ctx.file_large, rh->get(), true});
-              if (g) (void)touch(**g, toucher, set, threads, false);
+              if (!g) {
+                prefetch_note = "error: recording run: " + g.error().describe();
+              } else {
+                TouchOutcome t = touch(**g, toucher, set, threads, false, &*file);
+                if (!t.error.empty()) prefetch_note = "error: recording run: " + t.error;
+                note_bad(ctx, t, Backend::kFaultline, "the recording run of scenario 2 " + proto.config());
+              }
             }  // the session ends here and writes the record
             rh->reset();
             FaultlineHost::Options po;
             po.prefetch_path = record;
-            auto ph = start_host(ctx, ctx.file_large, "s2-prefetch", po);
-            if (ph) {
-              prefetch = std::move(*ph);
-            } else {
-              prefetch_note = "error: " + ph.error().describe();
+            if (prefetch_note.rfind("error:", 0) != 0) {  // the recording run went well
+              auto ph = start_host(ctx, ctx.file_large, "s2-prefetch", po);
+              if (ph) {
+                prefetch = std::move(*ph);
+              } else {
+                prefetch_note = "error: " + ph.error().describe();
+              }
             }
           }
         }
@@ -419,10 +471,20 @@ void run_scenario2(Context& ctx) {
           auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_large, host, false});
           if (!g) return record_failure(s, g.error());
           const double setup = static_cast<double>(now_ns() - t0) / 1e9;
-          TouchOutcome t = touch(**g, toucher, set, threads, false);
+          TouchOutcome t = touch(**g, toucher, set, threads, false, &*file);
           if (!t.error.empty()) return record_failure(s, Error{0, t.error});
           note_bad(ctx, t, s.backend, "scenario 2 " + proto.config());
           s.add("restore_ms", (setup + t.seconds) * 1e3);
+          if (s.backend == Backend::kFaultline || s.backend == Backend::kFaultlinePrefetch ||
+              s.backend == Backend::kFaultlineEager) {
+            // What the session did by the time the set was verified (the
+            // eager fill may still be running).
+            for (const SessionSummary& live : host->server().live_sessions()) {
+              s.add("prefetched_pages", static_cast<double>(live.counters.prefaulted_pages));
+              s.add("demand_faults", static_cast<double>(live.counters.faults));
+              s.add("prefetch_late", static_cast<double>(live.counters.prefetch_late));
+            }
+          }
         });
         push_rows(ctx, proto, series, ctx.sizes.reps);
       }

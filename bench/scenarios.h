@@ -72,6 +72,7 @@ struct Context {
   bool huge_pages = false;   // 2 MiB pages reserved
   bool kvm = false;          // /dev/kvm usable and built with client/kvm
   int faultline_workers = 2; // ServerConfig::workers_per_session
+  bool faultline_reader_serves_cached = true;  // ServerConfig::reader_serves_cached
   Results* results = nullptr;
 };
 

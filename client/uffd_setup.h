@@ -12,31 +12,13 @@
 // Free functions over fds the caller owns; thread-compatible.
 #pragma once
 
-#include <linux/userfaultfd.h>
-
 #include <cstdint>
 
 #include "common/error.h"
 #include "common/unique_fd.h"
-
-// Debian 12's kernel headers (6.1) predate these; values from the upstream
-// uapi header. They are defined only for completeness of what the client may
-// be asked to request.
-#ifndef UFFD_FEATURE_WP_UNPOPULATED
-#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
-#endif
-#ifndef UFFD_FEATURE_POISON
-#define UFFD_FEATURE_POISON (1 << 14)
-#endif
-#ifndef UFFD_FEATURE_WP_ASYNC
-#define UFFD_FEATURE_WP_ASYNC (1 << 15)
-#endif
-#ifndef UFFD_FEATURE_MOVE
-#define UFFD_FEATURE_MOVE (1 << 16)
-#endif
-#ifndef USERFAULTFD_IOC_NEW
-#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
-#endif
+// The ABI values Debian 12's headers lack (WP_ASYNC, USERFAULTFD_IOC_NEW, ...),
+// shared with the server.
+#include "kernel/uffd_abi.h"
 
 namespace faultline::client {
 

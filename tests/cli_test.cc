@@ -96,12 +96,20 @@ TEST(Cli, DirtyQueryAndSessionsThroughTheControlSocket) {
     ASSERT_TRUE(client::touch_pages(*c, **v, std::vector<uint64_t>{8192, 12288}, client::Access::kWrite));
     ASSERT_TRUE(c->remove(5 * 4096, 4096));
 
+    // madvise returns once the daemon has read the REMOVE; it records it
+    // right after. Ask (bounded) until the session shows it.
     const std::string sessions_out = dir.file("sessions.out");
-    int status = wait_child(spawn({built_binary("faultline"), "sessions", "--control", ctl}, sessions_out),
-                            std::chrono::seconds(10));
-    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(sessions_out);
-    auto sessions = nlohmann::json::parse(read_file(sessions_out));
-    ASSERT_EQ(sessions["sessions"].size(), 1u);
+    nlohmann::json sessions;
+    for (int attempt = 0; attempt < 200; ++attempt) {
+      int status = wait_child(spawn({built_binary("faultline"), "sessions", "--control", ctl}, sessions_out),
+                              std::chrono::seconds(10));
+      ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(sessions_out);
+      sessions = nlohmann::json::parse(read_file(sessions_out));
+      ASSERT_EQ(sessions["sessions"].size(), 1u);
+      if (sessions["sessions"][0]["removes"] == 1) break;
+    }
+    ASSERT_EQ(sessions["sessions"][0]["removes"], 1);
+    int status = 0;
     const uint64_t id = sessions["sessions"][0]["session"];
 
     const std::string dirty_out = dir.file("dirty.out");

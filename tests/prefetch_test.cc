@@ -202,9 +202,15 @@ TEST(Prefetch, ZeroPagesAreInstalledWithoutReadingTheSnapshot) {
   ASSERT_GT(zero_pages.size(), 100u);
   auto r = client::touch_pages(*c, **v, zero_pages, client::Access::kRead);
   EXPECT_EQ(r->mismatches, 0u);
-  EXPECT_EQ(session->summary().counters.snapshot_zero_pages, zero_pages.size());
+  // The server counts an install just after the ioctl that woke the guest.
+  EXPECT_TRUE(wait_until([&] { return session->summary().counters.snapshot_zero_pages == zero_pages.size(); }))
+      << session->summary().counters.snapshot_zero_pages;
   r = client::touch_pages(*c, **v, data_pages, client::Access::kRead);
   EXPECT_EQ(r->mismatches, 0u);
+  EXPECT_TRUE(wait_until([&] {
+    const SessionCounters k = session->summary().counters;
+    return k.pages_snapshot == c->page_count();
+  }));
   EXPECT_EQ(session->summary().counters.snapshot_zero_pages, zero_pages.size());
   // The next daemon loads the index instead of building it.
   c->close_socket();

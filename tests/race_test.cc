@@ -481,6 +481,8 @@ TEST_P(Race, TenThousandConcurrentFaultsOnOnePage) {
   for (auto& v : vcpus) v->join();
   EXPECT_EQ(good.load(), threads);
   EXPECT_EQ(vcpu_good.load(), static_cast<int>(vcpus.size()));
+  // The server counts an install just after the ioctl that woke everyone.
+  ASSERT_TRUE(wait_counter([](const SessionCounters& k) { return k.pages_snapshot >= 1; }));
   const SessionCounters c = counters();
   EXPECT_EQ(c.pages_snapshot, 1u) << "one install for the page, every other fault only woken";
   std::printf("%d concurrent faults on one page: %llu fault messages, %llu already present\n", threads,

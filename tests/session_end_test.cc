@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "client/firecracker_client.h"
@@ -180,6 +181,27 @@ TEST(SessionEnd, SocketEofEndsANewerFirecrackersSession) {
   EXPECT_EQ(s.counters.pages_snapshot, 2u);
   EXPECT_NE(h.log().find("event=session_end"), std::string::npos);
   EXPECT_NE(h.log().find("reason=socket_closed"), std::string::npos);
+}
+
+size_t count_entries(const std::string& dir) {
+  size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir)) ++n;
+  return n;
+}
+
+TEST(SessionEnd, EndedSessionsReleaseEveryFdAndThread) {
+  ServerHarness h;
+  // One session first, so that lazily created process-wide things exist.
+  expect_daemon_still_serves(h);
+  const size_t fds = count_entries("/proc/self/fd");
+  const size_t threads = count_entries("/proc/self/task");
+  for (int i = 0; i < 3; ++i) expect_daemon_still_serves(h);
+  // The server joins a finished session's threads on its next loop turn.
+  for (int i = 0; i < 2000 && count_entries("/proc/self/task") > threads; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling for the join, bounded
+  }
+  EXPECT_EQ(count_entries("/proc/self/fd"), fds);
+  EXPECT_EQ(count_entries("/proc/self/task"), threads);
 }
 
 // --- separate client processes (the server may kill them) -----------------

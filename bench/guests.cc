@@ -126,10 +126,12 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
       spec.host->count_session();
       if (spec.wait_until_served) {
         Server& srv = spec.host->server();
-        if (!wait_for([&] { return srv.active_sessions() > 0 || srv.rejected_connections().size() +
-                                                                      srv.finished_sessions().size() > ended_before; },
+        // live_sessions(), not active_sessions(): the latter also counts a
+        // connection whose handshake is still being read.
+        if (!wait_for([&] { return !srv.live_sessions().empty() || srv.rejected_connections().size() +
+                                                                         srv.finished_sessions().size() > ended_before; },
                       std::chrono::seconds(10)) ||
-            srv.active_sessions() == 0) {
+            srv.live_sessions().empty()) {
           auto rej = srv.rejected_connections();
           return fail("faultline did not start a session: " + (rej.empty() ? std::string("timeout") : rej.back()));
         }

@@ -112,7 +112,7 @@ int main(int argc, char** argv) {
   app.add_option("--scenario", scenarios, "run only this scenario (1-4); repeatable")->check(CLI::Range(1, 4));
   app.add_option("--json", json_path, "write the results as JSON to FILE");
   app.add_option("--chart", chart_path, "draw a PNG chart with gnuplot to FILE.png");
-  app.add_option("--reps", reps, "repetitions per configuration (default 3, quick 1)")->check(CLI::Range(1, 50));
+  app.add_option("--reps", reps, "repetitions per configuration (default 2, quick 1)")->check(CLI::Range(1, 50));
   app.add_flag("--no-vcpu", no_vcpu, "skip the KVM vCPU configurations");
   app.add_flag("--no-huge", no_huge, "skip the 2 MiB page configurations");
   app.add_option("--workers", workers, "faultline install workers per session (ServerConfig default 2)")

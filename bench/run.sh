@@ -16,7 +16,9 @@ if ! command -v gnuplot >/dev/null 2>&1; then
   fi
 fi
 
-cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
+# -U FAULTLINE_DIRS: a build dir configured before src/snapshot existed keeps
+# the old directory list in its cache and then fails to link.
+cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Release -U FAULTLINE_DIRS >/dev/null
 cmake --build "$build" -j"$(nproc)" --target faultline-bench
 "$build/bin/faultline-bench" --json "$repo/docs/bench-results.json" --chart "$repo/docs/bench-chart.png" "$@" |
   tee "$build/bench-output.txt"

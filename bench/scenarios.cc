@@ -558,6 +558,14 @@ void run_scenario3(Context& ctx) {
         stop.store(true);
         pool.clear();
         if (!error.empty()) return record_failure(s, Error{0, error});
+        if (s.backend == Backend::kFaultline) {
+          // Where the session's work went while the removes ran.
+          for (const SessionSummary& live : host->get()->server().live_sessions()) {
+            s.add("faults", static_cast<double>(live.counters.faults));
+            s.add("reader_served", static_cast<double>(live.counters.reader_served));
+            s.add("eagain_retries", static_cast<double>(live.counters.retries));
+          }
+        }
         s.add("madvise_p50_us", percentile(lat, 50) / 1e3);
         s.add("madvise_p99_us", percentile(lat, 99) / 1e3);
         s.add("madvise_max_us", percentile(lat, 100) / 1e3);
@@ -570,23 +578,7 @@ void run_scenario3(Context& ctx) {
 
 // --- scenario 4: server memory ---------------------------------------------
 
-namespace {
-
-// Per-session allocations of faultline's Session, mirrored from
-// src/server/session.cc (kRingCapacity = 16384 faults per worker ring, a
-// staging buffer of one page per worker, 1024 reserved deferred faults per
-// worker, one zero page). Keep in step with session.cc.
-uint64_t faultline_session_buffer_bytes(int workers, uint64_t page_size) {
-  constexpr uint64_t kRingCapacity = 16384, kDeferredReserve = 1024;
-  const uint64_t per_worker = kRingCapacity * sizeof(kernel::PageFault) + page_size +
-                              kDeferredReserve * sizeof(kernel::PageFault);
-  return static_cast<uint64_t>(workers) * per_worker + page_size;
-}
-
-}  // namespace
-
 void run_scenario4(Context& ctx) {
-  const int kWorkers = ctx.faultline_workers;
   for (uint64_t ps : {kPageSize4K, kPageSize2M}) {
     for (uint64_t bytes : ctx.sizes.s4_guests) {
       Row proto;
@@ -613,13 +605,19 @@ void run_scenario4(Context& ctx) {
         if (!g) return record_failure(s, g.error());
         const uint64_t after = resident_bytes();
         const uint64_t pages = bytes / ps;
-        double state = 0, table = 0;
+        double state = 0, table = 0, record = 0;
         if (s.backend == Backend::kNaive) {
           state = static_cast<double>((*g)->naive()->state_bytes());
           table = static_cast<double>(pages);  // its removed-page map, one byte a page
         } else {
-          table = static_cast<double>(pages * PageStateTable::kBytesPerPage);
-          state = table + static_cast<double>(faultline_session_buffer_bytes(kWorkers, ps));
+          // What the session itself says it holds (Session::memory_use()).
+          std::shared_ptr<Session> session;
+          for (const SessionSummary& live : host->server().live_sessions()) session = host->server().session(live.id);
+          if (!session) return record_failure(s, Error{0, "faultline has no live session to measure"});
+          const Session::MemoryUse use = session->memory_use();
+          table = static_cast<double>(use.page_state_bytes);
+          record = static_cast<double>(use.record_bytes);
+          state = static_cast<double>(use.total());
         }
         const double pages_4k = static_cast<double>(bytes) / 4096.0;
         const double gib = static_cast<double>(bytes) / static_cast<double>(kGiB);
@@ -627,6 +625,7 @@ void run_scenario4(Context& ctx) {
         s.add("state_bytes_per_gib", state / gib);
         s.add("state_bytes_per_4k_page", state / pages_4k);
         s.add("table_bytes_per_4k_page", table / pages_4k);
+        s.add("record_bytes", record);
         s.add("rss_delta_bytes", static_cast<double>(after) - static_cast<double>(before));
       });
       push_rows(ctx, proto, series, ctx.sizes.reps);

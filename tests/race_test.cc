@@ -37,6 +37,10 @@ std::string param_name(const ::testing::TestParamInfo<RaceParam>& info) {
          (info.param.vcpu ? "Vcpu" : "Host");
 }
 
+void PrintTo(const RaceParam& p, std::ostream* os) {
+  *os << (p.huge ? "2 MiB" : "4 KiB") << (p.wp ? ", WP" : ", no WP") << (p.vcpu ? ", vCPU" : ", host thread");
+}
+
 struct Bits {
   bool present;
   bool wp;

@@ -58,6 +58,9 @@ struct BadHandshake {
   const char* error_needle;
 };
 
+// gtest prints parameters in test listings: the case's name, not its bytes.
+void PrintTo(const BadHandshake& c, std::ostream* os) { *os << c.name; }
+
 class BadInput : public ::testing::TestWithParam<BadHandshake> {};
 
 TEST_P(BadInput, EndsOnlyItsOwnSessionWithAClearError) {
@@ -117,6 +120,8 @@ struct BadRegions {
   std::vector<GuestRegion> regions;
   const char* error_needle;
 };
+
+void PrintTo(const BadRegions& c, std::ostream* os) { *os << c.name; }
 
 class BadLayout : public ::testing::TestWithParam<BadRegions> {};
 

@@ -1,6 +1,7 @@
 #include "server/session.h"
 
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 
@@ -117,9 +118,26 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
   for (int i = 0; i < config_.workers; ++i) workers_.push_back(std::make_unique<Worker>(i, max_page));
   // The reader's own stats and page buffer, for the faults it serves itself.
   reader_worker_ = std::make_unique<Worker>(workers_.size(), kPageSize4K);
-  for (auto& w : workers_) w->thread = std::thread([this, wp = w.get()] { worker_loop(*wp); });
-  reader_ = std::thread([this] { reader_loop(); });
-  if (config_.prefetch || config_.prefetch_all) prefetcher_ = std::thread([this] { prefetch_loop(); });
+  // Threads are named (fl-r<session>, fl-w<session>.<n>, fl-p<session>) so
+  // that top, perf and gdb can tell them apart.
+  auto named = [](const std::string& name) { ::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str()); };
+  const std::string id = std::to_string(config_.id);
+  for (auto& w : workers_) {
+    w->thread = std::thread([this, wp = w.get(), named, id] {
+      named("fl-w" + id + "." + std::to_string(wp->index));
+      worker_loop(*wp);
+    });
+  }
+  reader_ = std::thread([this, named, id] {
+    named("fl-r" + id);
+    reader_loop();
+  });
+  if (config_.prefetch || config_.prefetch_all) {
+    prefetcher_ = std::thread([this, named, id] {
+      named("fl-p" + id);
+      prefetch_loop();
+    });
+  }
   if (!config_.record_path.empty()) first_touches_.reserve(std::min<uint64_t>(layout().page_count(), 1 << 20));
 
   log_.info("session_start", {{"session", config_.id},
@@ -395,8 +413,11 @@ void Session::reader_loop() {
           }
         }
         // Faults deferred on EAGAIN (and prefaults) can make progress now
-        // that events were read.
-        for (auto& w : workers_) w->signal.notify();
+        // that events were read. Only workers holding deferred faults are
+        // woken: waking idle ones would cost a context switch per batch.
+        for (auto& w : workers_) {
+          if (!w->deferred_empty.load(std::memory_order_acquire)) w->signal.notify();
+        }
         reader_progress_.notify();
         if (stopping_.load(std::memory_order_acquire)) break;
       }
@@ -594,6 +615,7 @@ void Session::worker_loop(Worker& w) {
       });
       if (!dup) {
         w.deferred.push_back(f);
+        w.deferred_empty.store(false, std::memory_order_release);
       } else {
         (void)0;  // its thread waits on the same page and is woken by that install
       }

@@ -5,14 +5,16 @@
 #include <array>
 #include <atomic>
 #include <mutex>
+#include <thread>
 
 namespace faultline::test_hooks {
 
 namespace {
 constexpr size_t kPoints = static_cast<size_t>(HookPoint::kCount);
 std::mutex mu;
-std::array<HookFn, kPoints> hooks;              // GUARDED_BY(mu)
+std::array<HookFn, kPoints> hooks;                     // GUARDED_BY(mu)
 std::array<std::atomic<bool>, kPoints> armed_points{};  // fast path: no lock when no hook is set
+std::array<std::atomic<int>, kPoints> running{};        // calls in progress, per point
 }  // namespace
 
 void set(HookPoint point, HookFn fn) {
@@ -22,9 +24,15 @@ void set(HookPoint point, HookFn fn) {
 }
 
 void clear(HookPoint point) {
-  std::lock_guard lock(mu);
-  armed_points[static_cast<size_t>(point)].store(false, std::memory_order_release);
-  hooks[static_cast<size_t>(point)] = nullptr;
+  const size_t i = static_cast<size_t>(point);
+  {
+    std::lock_guard lock(mu);
+    armed_points[i].store(false, std::memory_order_release);
+    hooks[i] = nullptr;
+  }
+  // A hook usually captures its test's objects: return only once no server
+  // thread is still running it, so the test may destroy them.
+  while (running[i].load(std::memory_order_acquire) != 0) std::this_thread::yield();
 }
 
 void clear_all() {
@@ -40,8 +48,11 @@ void fire(HookPoint point, HookContext& context) {
   {
     std::lock_guard lock(mu);
     fn = hooks[i];
+    if (fn) running[i].fetch_add(1, std::memory_order_acq_rel);
   }
-  if (fn) fn(context);
+  if (!fn) return;
+  fn(context);
+  running[i].fetch_sub(1, std::memory_order_acq_rel);
 }
 
 }  // namespace faultline::test_hooks

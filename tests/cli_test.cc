@@ -84,7 +84,11 @@ TEST(Cli, DirtyQueryAndSessionsThroughTheControlSocket) {
   TempDir dir;
   const std::string mem = dir.file("mem"), sock = dir.file("vm.sock"), ctl = dir.file("vm.ctl"), log = dir.file("log");
   ASSERT_TRUE(client::write_test_memory_file(mem, 16 * kMiB, 5, 0.0));
-  pid_t server = spawn({built_binary("faultline"), "serve", "--socket", sock, "--memory", mem, "--control", ctl}, log);
+  // The VM here is this test process: --on-fatal=leave, so that stopping the
+  // daemon before it noticed the client's EOF cannot kill the test.
+  pid_t server = spawn({built_binary("faultline"), "serve", "--socket", sock, "--memory", mem, "--control", ctl,
+                        "--on-fatal=leave"},
+                       log);
   ASSERT_GT(server, 0);
   ASSERT_TRUE(wait_for_socket(sock) && wait_for_socket(ctl)) << read_file(log);
   {

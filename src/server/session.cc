@@ -118,6 +118,8 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
   for (int i = 0; i < config_.workers; ++i) workers_.push_back(std::make_unique<Worker>(i, max_page));
   // The reader's own stats and page buffer, for the faults it serves itself.
   reader_worker_ = std::make_unique<Worker>(workers_.size(), kPageSize4K);
+  // Before any thread starts: the reader appends to it.
+  if (!config_.record_path.empty()) first_touches_.reserve(std::min<uint64_t>(layout().page_count(), 1 << 20));
   // Threads are named (fl-r<session>, fl-w<session>.<n>, fl-p<session>) so
   // that top, perf and gdb can tell them apart.
   auto named = [](const std::string& name) { ::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str()); };
@@ -138,7 +140,6 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
       prefetch_loop();
     });
   }
-  if (!config_.record_path.empty()) first_touches_.reserve(std::min<uint64_t>(layout().page_count(), 1 << 20));
 
   log_.info("session_start", {{"session", config_.id},
                               {"pid", handshake_.peer.pid},

@@ -11,12 +11,19 @@ ctest --test-dir build -j2 --output-on-failure --timeout 600
 
 # The sanitizer runs cover the concurrent parts: the server's sessions and
 # fence, the page-state table, the protocol, and the end-to-end tests.
-concurrency_tests='(Serve|SessionEnd|PageStateTable|ReceiveHandshake|BadInput|BadLayout|Race|Stress|Events|HugePages)'
+concurrency_tests='(Serve|SessionEnd|PageStateTable|ReceiveHandshake|BadInput|BadLayout|Race|Stress|Events|HugePages|Prefetch)'
+# Only the test programs those tests live in (and the programs they start).
+concurrency_targets=(serve_test session_end_test race_test stress_test stress_hugepage_test events_test
+                     prefetch_test hugepage_test guest_test protocol_test faultline faultline-client)
+sanitizer_build() {  # $1 = sanitizer, $2 = build dir
+  cmake -S . -B "$2" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFAULTLINE_SANITIZER="$1" >/dev/null
+  cmake --build "$2" -j"$(nproc)" --target "${concurrency_targets[@]}"
+}
 echo "== ThreadSanitizer"
-BUILD_DIR=build-tsan scripts/build.sh -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFAULTLINE_SANITIZER=thread
+sanitizer_build thread build-tsan
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
   ctest --test-dir build-tsan -j2 --output-on-failure --timeout 900 -R "$concurrency_tests"
 echo "== AddressSanitizer"
-BUILD_DIR=build-asan scripts/build.sh -DCMAKE_BUILD_TYPE=RelWithDebInfo -DFAULTLINE_SANITIZER=address
+sanitizer_build address build-asan
 ASAN_OPTIONS="detect_leaks=1" \
   ctest --test-dir build-asan -j2 --output-on-failure --timeout 900 -R "$concurrency_tests"

@@ -123,7 +123,8 @@ TEST(Prefetch, ReplayInstallsTheWorkingSetAndEveryByteIsRight) {
   ASSERT_TRUE(r);
   EXPECT_EQ(r->mismatches, 0u);
   const SessionCounters counters = session->summary().counters;
-  EXPECT_EQ(counters.prefaulted_pages, 2000u) << s.log();
+  // At least the set; small gaps between its pages are filled too.
+  EXPECT_GE(counters.prefaulted_pages, 2000u) << s.log();
   EXPECT_EQ(counters.faults, 0u) << "the guest found its working set installed\n" << s.log();
   std::remove(record.c_str());
 }

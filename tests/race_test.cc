@@ -369,6 +369,36 @@ TEST_P(Race, PrefaultNeverOverwritesAWrittenPageNorRevivesARemovedOne) {
   EXPECT_TRUE(holds(p + 2, snapshot(p + 2)));
 }
 
+TEST_P(Race, PrefaultFillsSmallGapsButNeverARemovedPage) {
+  const bool small = !GetParam().huge;  // gap filling is for 4 KiB pages only
+  const uint64_t first = session_->layout().locate(address(0))->page_index;
+  PrefaultOptions options;
+  options.max_gap_pages = 4;
+  // A removed page in a gap ends the run: nothing crosses it.
+  remove(1);
+  std::vector<uint64_t> plan{first, first + 3};
+  auto report = session_->prefault(plan, options);
+  ASSERT_TRUE(report) << report.error().describe();
+  EXPECT_EQ(report->installed_pages, 2u);
+  EXPECT_FALSE(bits(1).present) << "gap filling revived a removed page";
+  EXPECT_FALSE(bits(2).present) << "a run starts on a planned page";
+  // Gaps up to the limit are filled with snapshot pages; larger ones are not.
+  plan = {first + 5, first + 8, first + 14};
+  report = session_->prefault(plan, options);
+  ASSERT_TRUE(report) << report.error().describe();
+  EXPECT_EQ(report->installed_pages, small ? 5u : 3u);
+  for (uint64_t q : {6ull, 7ull}) {
+    EXPECT_EQ(bits(q).present, small) << q;
+    if (small) EXPECT_TRUE(holds(q, snapshot(q)));
+  }
+  EXPECT_FALSE(bits(9).present) << "a gap of 5 is above the limit of 4";
+  for (uint64_t q : {0ull, 3ull, 5ull, 8ull, 14ull}) {
+    EXPECT_TRUE(bits(q).present) << q;
+    EXPECT_TRUE(holds(q, snapshot(q))) << q;
+  }
+  EXPECT_TRUE(read_matches(1, zero()));
+}
+
 TEST_P(Race, ZeroFillForAReadIsProtectedEvenAfterAnInjectedFailure) {
   const uint64_t p = 12;
   remove(p);  // never touched: its next fault serves zero

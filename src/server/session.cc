@@ -38,10 +38,12 @@ namespace {
 constexpr size_t kRingCapacity = 1024;
 constexpr size_t kReadBatch = 64;
 constexpr size_t kDeferredReserve = 1024;
-// Prefetch fills gaps of up to this many unplanned 4 KiB pages: an extra
-// 32 KiB copied (~8 us at the bulk rate) costs about what one more ioctl and
-// pread cost, and usually saves several.
-constexpr uint64_t kPrefetchMaxGapPages = 8;  // deferred faults held without reallocating
+// Gap filling for working-set prefetch (PrefaultOptions::max_gap_pages).
+// Measured with faultline-bench scenario 2 (a 12 % dense random set): gaps
+// of 8 were no faster than none (27-30 ms vs 17-24 ms for 4096 pages), the
+// extra copying eating what fewer ioctls saved. Off until a denser set says
+// otherwise.
+constexpr uint64_t kPrefetchMaxGapPages = 0;
 
 std::string hex(uint64_t v) {
   char buf[24];

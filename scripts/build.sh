@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build_dir=${BUILD_DIR:-build}
 cmake -S . -B "$build_dir" "$@" >/dev/null
-cmake --build "$build_dir" -j"$(nproc)"
+# BUILD_TARGETS: build only these targets (default: everything).
+cmake --build "$build_dir" -j"$(nproc)" ${BUILD_TARGETS:+--target $BUILD_TARGETS}

@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 echo "== building (Release) into build-demo/"
 mkdir -p build-demo
-BUILD_DIR=build-demo scripts/build.sh -DCMAKE_BUILD_TYPE=Release >build-demo/build.log 2>&1 ||
+BUILD_DIR=build-demo BUILD_TARGETS="faultline faultline-client" scripts/build.sh -DCMAKE_BUILD_TYPE=Release \
+  >build-demo/build.log 2>&1 ||
   { tail -50 build-demo/build.log; exit 1; }
 bin=build-demo/bin
 work=$(mktemp -d /tmp/faultline-demo-XXXXXX)

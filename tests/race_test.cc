@@ -389,7 +389,9 @@ TEST_P(Race, PrefaultFillsSmallGapsButNeverARemovedPage) {
   EXPECT_EQ(report->installed_pages, small ? 5u : 3u);
   for (uint64_t q : {6ull, 7ull}) {
     EXPECT_EQ(bits(q).present, small) << q;
-    if (small) EXPECT_TRUE(holds(q, snapshot(q)));
+    if (small) {
+      EXPECT_TRUE(holds(q, snapshot(q)));
+    }
   }
   EXPECT_FALSE(bits(9).present) << "a gap of 5 is above the limit of 4";
   for (uint64_t q : {0ull, 3ull, 5ull, 8ull, 14ull}) {

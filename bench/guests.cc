@@ -63,6 +63,7 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   c.prefetch_path = options.prefetch_path;
   c.prefetch_all = options.prefetch_all;
   c.reader_serves_cached = options.reader_serves_cached;
+  c.busy_poll = std::chrono::microseconds(options.busy_poll_us);
   auto s = Server::create(c, logger);
   if (!s) return std::unexpected(s.error());
   h->server_ = std::move(*s);

@@ -50,6 +50,7 @@ class FaultlineHost {
     std::string prefetch_path;
     bool prefetch_all = false;
     bool reader_serves_cached = true;
+    int64_t busy_poll_us = 100;  // ServerConfig::busy_poll
   };
   static Result<std::unique_ptr<FaultlineHost>> start(const Options& options, const Logger& logger);
   ~FaultlineHost();

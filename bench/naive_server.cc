@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -113,41 +114,46 @@ bool NaiveServer::serve(uint64_t address) {
 void NaiveServer::loop() {
   while (error_.empty()) {
     pollfd fds[2] = {{uffd_, POLLIN, 0}, {stop_efd_.get(), POLLIN, 0}};
-    // The madvising thread clears the kernel's "mmap changing" mark only after
-    // its REMOVE was read, so an install right after the read can still fail
-    // EAGAIN: deferred faults are retried on a short timeout too.
-    if (::poll(fds, 2, deferred_.empty() ? -1 : 1) < 0) {
+    // While faults wait on EAGAIN the loop polls without sleeping: the
+    // madvising thread clears the kernel's "mmap changing" mark only once it
+    // runs again after its REMOVE was read, and no event announces that.
+    const int rc = ::poll(fds, 2, deferred_.empty() ? -1 : 0);
+    if (rc < 0) {
       if (errno == EINTR) continue;
       error_ = std::string("poll failed: ") + std::strerror(errno);
       break;
     }
     if (fds[1].revents) break;
+    if (fds[0].revents & POLLIN) {
+      uffd_msg msg;
+      const ssize_t n = ::read(uffd_, &msg, sizeof msg);  // ONE message per read, like the example
+      if (n < 0 && errno != EAGAIN && errno != EINTR) {
+        error_ = std::string("read of the uffd failed: ") + std::strerror(errno);
+        break;
+      }
+      if (n == sizeof msg) {
+        switch (msg.event) {
+          case UFFD_EVENT_PAGEFAULT:
+            faults_.fetch_add(1, std::memory_order_relaxed);
+            if (!serve(msg.arg.pagefault.address)) deferred_.push_back(msg.arg.pagefault.address);
+            break;
+          case UFFD_EVENT_REMOVE:
+            on_remove(msg.arg.remove.start, msg.arg.remove.end);
+            break;
+          default:
+            break;  // Firecracker requests no other events
+        }
+      }
+    }
+    // Deferred faults are retried after the event (a pending REMOVE fails
+    // every install until it is read, so retrying before reading it is futile).
     if (!deferred_.empty()) {
       std::vector<uint64_t> retry;
       retry.swap(deferred_);
       for (uint64_t a : retry) {
         if (!serve(a)) deferred_.push_back(a);
       }
-    }
-    if (!(fds[0].revents & POLLIN)) continue;
-    uffd_msg msg;
-    const ssize_t n = ::read(uffd_, &msg, sizeof msg);  // ONE message per read, like the example
-    if (n < 0) {
-      if (errno == EAGAIN || errno == EINTR) continue;
-      error_ = std::string("read of the uffd failed: ") + std::strerror(errno);
-      break;
-    }
-    if (n != sizeof msg) continue;
-    switch (msg.event) {
-      case UFFD_EVENT_PAGEFAULT:
-        faults_.fetch_add(1, std::memory_order_relaxed);
-        if (!serve(msg.arg.pagefault.address)) deferred_.push_back(msg.arg.pagefault.address);
-        break;
-      case UFFD_EVENT_REMOVE:
-        on_remove(msg.arg.remove.start, msg.arg.remove.end);
-        break;
-      default:
-        break;  // Firecracker requests no other events
+      if (!deferred_.empty() && rc == 0) ::sched_yield();  // let the madvising thread run
     }
   }
 }

@@ -73,6 +73,7 @@ struct Context {
   bool kvm = false;          // /dev/kvm usable and built with client/kvm
   int faultline_workers = 2; // ServerConfig::workers_per_session
   bool faultline_reader_serves_cached = true;  // ServerConfig::reader_serves_cached
+  int64_t faultline_busy_poll_us = 100;        // ServerConfig::busy_poll
   Results* results = nullptr;
 };
 

@@ -84,6 +84,7 @@ class ServerHarness {
     std::chrono::milliseconds handshake_timeout{3000};
     LogFormat log_format = LogFormat::kText;
     bool reader_serves_cached = true;
+    std::chrono::microseconds busy_poll{100};
   };
 
   ServerHarness() : ServerHarness(Options{}) {}
@@ -102,6 +103,7 @@ class ServerHarness {
     c.on_fatal = o.on_fatal;
     c.handshake_timeout = o.handshake_timeout;
     c.reader_serves_cached = o.reader_serves_cached;
+    c.busy_poll = o.busy_poll;
     auto s = Server::create(c, *logger_);
     EXPECT_TRUE(s) << s.error().describe();
     if (s) {

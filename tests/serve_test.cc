@@ -6,6 +6,9 @@
 #include <atomic>
 #include <barrier>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
 #include <thread>
 
 #include "client/firecracker_client.h"
@@ -100,6 +103,89 @@ TEST(Serve, UncachedSnapshotPagesGoToWorkersAndCachedOnesAreServedByTheReader) {
   EXPECT_LT(s.at(0).counters.reader_served, pages);
   EXPECT_EQ(s.at(1).counters.reader_served, pages);
 }
+
+// The state letter and kernel wait channel of one of this process's threads,
+// found by name (faultline names its threads fl-r<session>, fl-w...).
+struct ThreadState {
+  char state = '?';
+  std::string wchan;
+};
+std::optional<ThreadState> thread_state(const std::string& name) {
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(e.path() / "comm");
+    std::string c;
+    std::getline(comm, c);
+    if (c != name) continue;
+    std::ifstream stat(e.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    ThreadState t;
+    if (auto at = line.rfind(')'); at != std::string::npos && at + 2 < line.size()) t.state = line[at + 2];
+    std::ifstream wchan(e.path() / "wchan");
+    std::getline(wchan, t.wchan);
+    return t;
+  }
+  return std::nullopt;
+}
+
+// Busy-polling: while faults keep coming the reader finds them without
+// sleeping (counted), and once they stop it goes back to sleep in poll():
+// an idle guest costs no CPU. Sampled from /proc: a busy-polling reader
+// never sleeps, so it is never seen in state S.
+void check_busy_poll(std::chrono::microseconds window, bool expect_polled_reads) {
+  ServerHarness::Options ho;
+  ho.memory_bytes = 16 * kMiB;
+  ho.busy_poll = window;
+  ServerHarness h(ho);
+  auto c = FirecrackerClient::create({.version = {1, 14}, .region_sizes = {16 * kMiB}});
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  auto v = client::Verifier::open(h.memory(), c->guest_size(), c->page_size());
+  ASSERT_TRUE(v) << v.error().describe();
+  auto pages = client::select_pages(c->page_count(), 4096, 1.0, PageOrder::kSequential, 5);
+  auto r = client::touch_pages(*c, **v, pages, Access::kRead);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u);
+
+  const auto live = h.server().live_sessions();
+  ASSERT_EQ(live.size(), 1u);
+  const SessionSummary& s = live[0];
+  EXPECT_EQ(s.counters.faults, c->page_count());
+  if (expect_polled_reads) {
+    EXPECT_GT(s.counters.busy_poll_reads, 0u);
+  } else {
+    EXPECT_EQ(s.counters.busy_poll_reads, 0u);
+  }
+
+  // No more faults: the reader must end up asleep in poll() and stay there.
+  const std::string reader = "fl-r" + std::to_string(s.id);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  bool asleep = false;
+  while (!asleep && std::chrono::steady_clock::now() < deadline) {
+    auto t = thread_state(reader);
+    ASSERT_TRUE(t) << "no thread named " << reader;
+    asleep = t->state == 'S';
+    if (!asleep) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ASSERT_TRUE(asleep) << "the reader never slept after the faults stopped";
+  for (int i = 0; i < 50; ++i) {
+    auto t = thread_state(reader);
+    ASSERT_TRUE(t);
+    EXPECT_EQ(t->state, 'S') << "sample " << i;
+    EXPECT_NE(t->wchan.find("poll"), std::string::npos) << "waits in " << t->wchan;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  c->close_socket();
+  ASSERT_TRUE(h.wait_ended(1));
+}
+
+TEST(Serve, BusyPollingReaderReadsFaultsWithoutSleepingThenSleepsWhenIdle) {
+  // A wide window, so that on a loaded machine too the next fault of the
+  // sequential toucher comes within it.
+  check_busy_poll(std::chrono::milliseconds(20), true);
+}
+
+TEST(Serve, BusyPollingOffReaderAlwaysSleeps) { check_busy_poll(std::chrono::microseconds(0), false); }
 
 TEST(Serve, SequentialTouchOf256MiBGuest) {
   ServerHarness::Options ho;

@@ -185,7 +185,7 @@ TEST(SessionEnd, SocketEofEndsANewerFirecrackersSession) {
   EXPECT_EQ(s.end, SessionEnd::kSocketClosed);
   EXPECT_EQ(s.counters.pages_snapshot, 2u);
   EXPECT_NE(h.log().find("event=session_end"), std::string::npos);
-  EXPECT_NE(h.log().find("reason=socket_closed"), std::string::npos);
+  EXPECT_NE(h.log().find("state=socket_closed"), std::string::npos);
 }
 
 size_t count_entries(const std::string& dir) {

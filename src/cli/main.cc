@@ -135,6 +135,13 @@ int main(int argc, char** argv) {
                     "in the page cache, checked with RWF_NOWAIT), saving a thread hand-off; off: workers serve all")
       ->default_val("on")
       ->check(CLI::IsMember({"on", "off"}));
+  int64_t busy_poll_us = 100;
+  serve->add_option("--busy-poll-us", busy_poll_us,
+                    "After each uffd event, keep polling for this many microseconds before sleeping, so that the "
+                    "next fault is read without a thread wake-up (costs CPU only while faults keep coming); 0: "
+                    "always sleep")
+      ->default_val(100)
+      ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   serve->add_option("--zero-index-path", config.zero_index_path, "Where the zero index lives (default MEMORY.zeroidx)");
   serve->add_option("--control", config.control_path,
                     "Control socket for `faultline sessions` and `faultline dirty` (off when not given)");
@@ -214,6 +221,7 @@ int main(int argc, char** argv) {
     if (!config.prefetch_all) config.prefetch_path = prefetch;
     config.zero_index = zero_index_mode == "auto";
     config.reader_serves_cached = reader_serves == "on";
+    config.busy_poll = std::chrono::microseconds(busy_poll_us);
     config.handshake_timeout = std::chrono::milliseconds(handshake_timeout_ms);
 
     auto server = faultline::Server::create(config, logger);

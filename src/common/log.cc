@@ -47,7 +47,7 @@ void append_logfmt_value(std::string& out, const std::string& v) {
 }  // namespace
 
 std::string Logger::format_line(LogLevel level, std::string_view event,
-                                std::initializer_list<LogField> fields) const {
+                                std::span<const LogField> fields) const {
   if (format_ == LogFormat::kJson) {
     nlohmann::ordered_json j;
     j["ts"] = timestamp();
@@ -87,7 +87,7 @@ std::string Logger::format_line(LogLevel level, std::string_view event,
   return line;
 }
 
-void Logger::log(LogLevel level, std::string_view event, std::initializer_list<LogField> fields) const {
+void Logger::log(LogLevel level, std::string_view event, std::span<const LogField> fields) const {
   if (level < min_level_) return;
   std::string line = format_line(level, event, fields);
   line += '\n';

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <span>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -44,14 +45,20 @@ class Logger {
   explicit Logger(LogFormat format = LogFormat::kText, LogLevel min_level = LogLevel::kInfo, int fd = 2)
       : format_(format), min_level_(min_level), fd_(fd) {}
 
-  void log(LogLevel level, std::string_view event, std::initializer_list<LogField> fields = {}) const;
+  void log(LogLevel level, std::string_view event, std::span<const LogField> fields) const;
+  void log(LogLevel level, std::string_view event, std::initializer_list<LogField> fields = {}) const {
+    log(level, event, std::span<const LogField>(fields.begin(), fields.size()));
+  }
   void debug(std::string_view event, std::initializer_list<LogField> f = {}) const { log(LogLevel::kDebug, event, f); }
   void info(std::string_view event, std::initializer_list<LogField> f = {}) const { log(LogLevel::kInfo, event, f); }
   void warn(std::string_view event, std::initializer_list<LogField> f = {}) const { log(LogLevel::kWarn, event, f); }
   void error(std::string_view event, std::initializer_list<LogField> f = {}) const { log(LogLevel::kError, event, f); }
 
   // The line log() would write, without the trailing newline (for tests).
-  std::string format_line(LogLevel level, std::string_view event, std::initializer_list<LogField> fields) const;
+  std::string format_line(LogLevel level, std::string_view event, std::span<const LogField> fields) const;
+  std::string format_line(LogLevel level, std::string_view event, std::initializer_list<LogField> fields) const {
+    return format_line(level, event, std::span<const LogField>(fields.begin(), fields.size()));
+  }
 
  private:
   LogFormat format_;

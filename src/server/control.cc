@@ -10,20 +10,9 @@ namespace {
 
 nlohmann::ordered_json summary_json(const SessionSummary& s) {
   nlohmann::ordered_json j;
-  j["session"] = s.id;
-  j["pid"] = s.peer_pid;
-  j["state"] = to_string(s.end);
-  j["write_protect"] = s.write_protect;
-  j["faults"] = s.counters.faults;
-  j["pages_snapshot"] = s.counters.pages_snapshot;
-  j["pages_zero"] = s.counters.pages_zero;
-  j["prefaulted_pages"] = s.counters.prefaulted_pages;
-  j["prefetch_late"] = s.counters.prefetch_late;
-  j["snapshot_zero_pages"] = s.counters.snapshot_zero_pages;
-  j["bytes"] = s.counters.bytes_installed;
-  j["retries"] = s.counters.retries;
-  j["removes"] = s.counters.removes;
-  j["seconds"] = s.seconds;
+  for (const LogField& f : summary_fields(s)) {
+    std::visit([&](const auto& v) { j[std::string(f.key)] = v; }, f.value);
+  }
   return j;
 }
 

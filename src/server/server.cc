@@ -197,7 +197,8 @@ void Server::handle_connection(Connection& c) {
                    .prefetch = prefetch_,
                    .prefetch_all = config_.prefetch_all,
                    .zero_index = zero_index_,
-                   .reader_serves_cached = config_.reader_serves_cached};
+                   .reader_serves_cached = config_.reader_serves_cached,
+                   .busy_poll = config_.busy_poll};
   auto session = Session::start(std::move(*hs), memory_, sc);
   if (!session) {
     // We hold the VM's uffd and cannot serve it: the guest would hang.

@@ -46,6 +46,9 @@ struct ServerConfig {
   bool prefetch_all = false;  // install the whole snapshot in the background
   // The event reader serves faults itself when that needs no I/O (see SessionConfig).
   bool reader_serves_cached = true;
+  // How long each session's reader keeps polling after an event before it
+  // sleeps (see SessionConfig::busy_poll); zero: never busy-poll.
+  std::chrono::microseconds busy_poll{100};
   // Zero-page index: use (and build if missing or stale) FILE.zeroidx.
   bool zero_index = true;
   std::string zero_index_path;  // empty: memory_path + ".zeroidx"

@@ -78,6 +78,11 @@ struct SessionConfig {
   // The event reader serves a fault itself when that costs no I/O (4 KiB
   // page, zero or in the page cache): no hand-off, no thread wake-up.
   bool reader_serves_cached = true;
+  // After an event, the reader keeps polling the uffd (without sleeping) for
+  // this long before it blocks in poll(): a fault that arrives meanwhile is
+  // read at once instead of after a thread wake-up, which on this kind of
+  // machine is most of a fault's cost. Zero: always block.
+  std::chrono::microseconds busy_poll{100};
 };
 
 // Counters, summed over the session's threads.
@@ -94,6 +99,7 @@ struct SessionCounters {
   uint64_t snapshot_zero_pages = 0;  // snapshot pages known zero (zero index): installed without reading
   uint64_t prefetch_late = 0;    // demand faults on planned pages prefetch had not reached yet
   uint64_t reader_served = 0;    // faults the event reader served itself (no I/O needed)
+  uint64_t busy_poll_reads = 0;  // event batches the reader found while busy-polling (no wake-up)
 };
 
 // What prefault() did.
@@ -149,6 +155,10 @@ struct SessionSummary {
   SessionCounters counters;
   double seconds = 0;
 };
+
+// The summary as named fields, in one order: the session_end log line and the
+// control socket's `sessions` reply both render these.
+std::vector<LogField> summary_fields(const SessionSummary& s);
 
 class Session {
  public:
@@ -271,6 +281,7 @@ class Session {
   std::atomic<uint64_t> faults_read_{0};
   std::atomic<uint64_t> prefaulted_pages_{0};
   std::atomic<uint64_t> prefetch_late_{0};
+  std::atomic<uint64_t> busy_poll_reads_{0};
   std::thread prefetcher_;
   mutable std::mutex record_mu_;
   std::vector<uint64_t> first_touches_;  // GUARDED_BY(record_mu_): file offsets, first-touch order

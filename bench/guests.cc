@@ -62,6 +62,7 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   c.record_path = options.record_path;
   c.prefetch_path = options.prefetch_path;
   c.prefetch_all = options.prefetch_all;
+  c.prefetch_threads = options.prefetch_threads;
   c.reader_serves_cached = options.reader_serves_cached;
   c.busy_poll = std::chrono::microseconds(options.busy_poll_us);
   auto s = Server::create(c, logger);

@@ -51,6 +51,7 @@ class FaultlineHost {
     bool prefetch_all = false;
     bool reader_serves_cached = true;
     int64_t busy_poll_us = 100;  // ServerConfig::busy_poll
+    int prefetch_threads = 2;    // ServerConfig::prefetch_threads
   };
   static Result<std::unique_ptr<FaultlineHost>> start(const Options& options, const Logger& logger);
   ~FaultlineHost();

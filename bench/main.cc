@@ -138,6 +138,8 @@ int main(int argc, char** argv) {
   app.add_option("--workers", workers, "faultline install workers per session (ServerConfig default 2)")
       ->check(CLI::Range(1, 64));
   bool reader_serves_cached = true;
+  int prefetch_threads = 2;
+  app.add_option("--prefetch-threads", prefetch_threads, "ServerConfig::prefetch_threads (default 2)")->check(CLI::Range(1, 64));
   int64_t busy_poll_us = 100;
   app.add_option("--busy-poll-us", busy_poll_us, "ServerConfig::busy_poll in microseconds (default 100; 0: the reader always sleeps)")
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
@@ -214,6 +216,7 @@ int main(int argc, char** argv) {
   ctx.faultline_workers = workers;
   ctx.faultline_reader_serves_cached = reader_serves_cached;
   ctx.faultline_busy_poll_us = busy_poll_us;
+  ctx.faultline_prefetch_threads = prefetch_threads;
   ctx.results = &results;
   for (const char* n : {"mem-small", "mem-large", "mem-sparse", "mem-small.zeroidx", "mem-large.zeroidx",
                         "mem-sparse.zeroidx", "s1.sock", "s2.sock", "s2-eager.sock", "s2-record.sock",

@@ -314,6 +314,7 @@ Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::strin
   o.workers = ctx.faultline_workers;
   o.reader_serves_cached = ctx.faultline_reader_serves_cached;
   o.busy_poll_us = ctx.faultline_busy_poll_us;
+  o.prefetch_threads = ctx.faultline_prefetch_threads;
   o.socket_path = ctx.dir + "/" + name + ".sock";
   return FaultlineHost::start(o, *ctx.logger);
 }

@@ -74,6 +74,7 @@ struct Context {
   int faultline_workers = 2; // ServerConfig::workers_per_session
   bool faultline_reader_serves_cached = true;  // ServerConfig::reader_serves_cached
   int64_t faultline_busy_poll_us = 100;        // ServerConfig::busy_poll
+  int faultline_prefetch_threads = 2;          // ServerConfig::prefetch_threads
   Results* results = nullptr;
 };
 

@@ -19,6 +19,7 @@
 #include "client/byte_size.h"
 #include "client/firecracker_client.h"
 #include "client/handshake.h"
+#include "client/huge_page_reservation.h"
 #include "client/restore_scenario.h"
 #include "client/test_fault_server.h"
 #include "client/test_memory_file.h"
@@ -651,9 +652,8 @@ TEST(RestoreWpAsync, WholeScenarioHasNoMismatches) {
 }
 
 TEST(RestoreHugePages, WholeScenarioHasNoMismatches) {
-  // Needs reserved 2 MiB pages (vm.nr_hugepages); the test does not change
-  // system settings.
-  if (free_huge_pages_2m() < 8) GTEST_SKIP() << "fewer than 8 free 2 MiB huge pages (vm.nr_hugepages)";
+  HugePageReservation reservation(8);
+  ASSERT_TRUE(reservation.ok()) << "could not reserve 8 free 2 MiB huge pages (vm.nr_hugepages)";
   TempDir dir;
   ASSERT_TRUE(write_test_memory_file(dir.file("memory"), 8 * kMiB, 4, 0.2));
   auto server = testing::TestFaultServer::listen(dir.file("sock"), dir.file("memory"));

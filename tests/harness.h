@@ -22,6 +22,7 @@
 
 #include <gtest/gtest.h>
 
+#include "client/huge_page_reservation.h"
 #include "client/test_memory_file.h"
 #include "common/log.h"
 #include "server/server.h"
@@ -45,31 +46,7 @@ class TempDir {
   std::string path_;
 };
 
-// Reserves 2 MiB huge pages for the test and gives them back afterwards.
-class HugePageReservation {
- public:
-  explicit HugePageReservation(long pages) {
-    before_ = read();
-    write(before_ + pages);
-    ok_ = read() >= before_ + pages;
-  }
-  ~HugePageReservation() { write(before_); }
-  bool ok() const { return ok_; }
-
- private:
-  static long read() {
-    std::ifstream f("/proc/sys/vm/nr_hugepages");
-    long v = 0;
-    f >> v;
-    return v;
-  }
-  static void write(long v) {
-    std::ofstream f("/proc/sys/vm/nr_hugepages");
-    f << v;
-  }
-  long before_ = 0;
-  bool ok_ = false;
-};
+using client::HugePageReservation;
 
 // A faultline Server running on its own thread. Logs go to a file the test
 // can read.

@@ -1,6 +1,7 @@
 // Tests for KvmGuest: the bytes a vCPU reads and writes are the host's bytes
 // at the right offsets, across regions, vCPUs, huge pages and userfaultfd.
 #include "client/kvm/kvm_guest.h"
+#include "client/huge_page_reservation.h"
 
 #include <gtest/gtest.h>
 #include <linux/mman.h>
@@ -211,27 +212,7 @@ TEST(KvmGuest, OffsetsMapAcrossTheBoundaryOfTwoRegions) {
   }
 }
 
-// Reserves 2 MiB hugetlb pages for one test and gives them back afterwards.
-class HugePageReservation {
- public:
-  explicit HugePageReservation(long extra) {
-    std::ifstream in(kPath);
-    if (!(in >> old_)) return;
-    std::ofstream(kPath) << old_ + extra << "\n";
-    long now = -1;
-    std::ifstream(kPath) >> now;
-    ok_ = now >= old_ + extra;
-  }
-  ~HugePageReservation() {
-    if (old_ >= 0) std::ofstream(kPath) << old_ << "\n";
-  }
-  bool ok() const { return ok_; }
 
- private:
-  static constexpr const char* kPath = "/proc/sys/vm/nr_hugepages";
-  long old_ = -1;
-  bool ok_ = false;
-};
 
 TEST(KvmGuest, HugetlbRegionWithTwoMiBPagesReadsAndWritesTheRightBytes) {
   SKIP_WITHOUT_KVM();

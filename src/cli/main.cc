@@ -142,6 +142,11 @@ int main(int argc, char** argv) {
                     "always sleep")
       ->default_val(100)
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
+  serve->add_option("--prefetch-threads", config.prefetch_threads,
+                    "Threads per session installing the --prefetch plan (single-page installs cost kernel time, "
+                    "so a scattered working set goes faster over several cores)")
+      ->default_val(2)
+      ->check(CLI::Range(1, 64));
   serve->add_option("--zero-index-path", config.zero_index_path, "Where the zero index lives (default MEMORY.zeroidx)");
   serve->add_option("--control", config.control_path,
                     "Control socket for `faultline sessions` and `faultline dirty` (off when not given)");

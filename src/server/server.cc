@@ -196,6 +196,7 @@ void Server::handle_connection(Connection& c) {
                    .record_path = config_.record_path,
                    .prefetch = prefetch_,
                    .prefetch_all = config_.prefetch_all,
+                   .prefetch_threads = config_.prefetch_threads,
                    .zero_index = zero_index_,
                    .reader_serves_cached = config_.reader_serves_cached,
                    .busy_poll = config_.busy_poll};

@@ -44,6 +44,7 @@ struct ServerConfig {
   std::string record_path;    // write each session's first touches here when it ends
   std::string prefetch_path;  // install this working set as each VM starts
   bool prefetch_all = false;  // install the whole snapshot in the background
+  int prefetch_threads = 2;   // threads installing the prefetch plan (SessionConfig::prefetch_threads)
   // The event reader serves faults itself when that needs no I/O (see SessionConfig).
   bool reader_serves_cached = true;
   // How long each session's reader keeps polling after an event before it

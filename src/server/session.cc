@@ -119,8 +119,9 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
   // Older versions close right after sending: EOF means nothing.
   watch_socket_eof_ = handshake_.format == protocol::HandshakeFormat::kBothFields && !handshake_.peer_closed;
 
-  // One fence slot per worker, plus one for prefault().
-  fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers) + 1);
+  // One fence slot per worker, one for prefault(), one per prefetch thread.
+  fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers) + 1 +
+                                          static_cast<size_t>(std::max(1, config_.prefetch_threads)));
   for (int i = 0; i < config_.workers; ++i) workers_.push_back(std::make_unique<Worker>(i, max_page));
   // The reader's own stats and page buffer, for the faults it serves itself.
   reader_worker_ = std::make_unique<Worker>(workers_.size(), kPageSize4K);
@@ -683,9 +684,13 @@ bool Session::demand_pending() const {
 }
 
 Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes, const PrefaultOptions& options) {
-  using namespace std::chrono;
   std::lock_guard serial(prefault_mu_);
-  const size_t slot = workers_.size();  // the fence slot reserved for prefault
+  return prefault_in_slot(page_indexes, options, workers_.size());  // the fence slot reserved for prefault()
+}
+
+Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_indexes,
+                                                 const PrefaultOptions& options, size_t slot) {
+  using namespace std::chrono;
   PrefaultReport report;
 
   std::vector<uint64_t> pages(page_indexes.begin(), page_indexes.end());
@@ -872,30 +877,51 @@ void Session::prefetch_loop() {
   // In first-touch order, a chunk at a time: each chunk is sorted and
   // coalesced into large runs by prefault(), so the pages the guest needs
   // first come first and the file is still read in large sequential pieces.
+  // prefetch_threads threads take the next chunk as they finish one.
   constexpr size_t kChunk = 4096;
+  std::atomic<size_t> next_chunk{0};
+  std::mutex mu;  // guards total and error
   PrefaultReport total;
   std::string error;
-  for (size_t at = 0; at < plan.size() && !stopping_.load(std::memory_order_acquire); at += kChunk) {
-    const size_t n = std::min(kChunk, plan.size() - at);
-    // Working sets are scattered: fill small gaps so that copies stay large.
-    PrefaultOptions options;
-    options.max_gap_pages = config_.prefetch_all ? 0 : kPrefetchMaxGapPages;
-    auto r = prefault(std::span<const uint64_t>(plan.data() + at, n), options);
-    if (!r) {
-      if (!stopping_.load(std::memory_order_acquire)) error = r.error().describe();
-      break;
+  auto install = [&](size_t thread_index) {
+    const size_t slot = workers_.size() + 1 + thread_index;
+    for (;;) {
+      const size_t at = next_chunk.fetch_add(kChunk, std::memory_order_relaxed);
+      if (at >= plan.size() || stopping_.load(std::memory_order_acquire)) return;
+      const size_t n = std::min(kChunk, plan.size() - at);
+      // Working sets are scattered: fill small gaps so that copies stay large.
+      PrefaultOptions options;
+      options.max_gap_pages = config_.prefetch_all ? 0 : kPrefetchMaxGapPages;
+      auto r = prefault_in_slot(std::span<const uint64_t>(plan.data() + at, n), options, slot);
+      std::lock_guard lock(mu);
+      if (!r) {
+        if (!stopping_.load(std::memory_order_acquire) && error.empty()) error = r.error().describe();
+        next_chunk.store(plan.size(), std::memory_order_relaxed);  // the others stop too
+        return;
+      }
+      total.installed_pages += r->installed_pages;
+      total.bytes += r->bytes;
+      total.skipped_present += r->skipped_present;
+      total.skipped_removed += r->skipped_removed;
+      total.skipped_unmapped += r->skipped_unmapped;
+      total.retries += r->retries;
     }
-    total.installed_pages += r->installed_pages;
-    total.bytes += r->bytes;
-    total.skipped_present += r->skipped_present;
-    total.skipped_removed += r->skipped_removed;
-    total.skipped_unmapped += r->skipped_unmapped;
-    total.retries += r->retries;
+  };
+  const int threads = std::max(1, config_.prefetch_threads);
+  std::vector<std::thread> helpers;
+  for (int k = 1; k < threads; ++k) {
+    helpers.emplace_back([&, k] {
+      ::pthread_setname_np(::pthread_self(), ("fl-p" + std::to_string(config_.id) + "." + std::to_string(k)).substr(0, 15).c_str());
+      install(static_cast<size_t>(k));
+    });
   }
+  install(0);
+  for (auto& t : helpers) t.join();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   log_.info("prefetch_done", {{"session", config_.id},
                               {"mode", config_.prefetch_all ? "all" : "working_set"},
                               {"planned_pages", plan.size()},
+                              {"threads", threads},
                               {"prefetched_pages", total.installed_pages},
                               {"bytes", total.bytes},
                               {"already_present", total.skipped_present},

@@ -73,6 +73,10 @@ struct SessionConfig {
   std::shared_ptr<const WorkingSet> prefetch;
   // Install the whole snapshot in the background (eager fill).
   bool prefetch_all = false;
+  // Threads that install the prefetch plan (a chunk of it each at a time):
+  // a single-page UFFDIO_COPY costs a few microseconds of kernel time, so a
+  // scattered working set goes faster split over cores.
+  int prefetch_threads = 2;
   // Pages that are all zero in the snapshot: installed without reading.
   std::shared_ptr<const ZeroIndex> zero_index;
   // The event reader serves a fault itself when that costs no I/O (4 KiB
@@ -287,6 +291,10 @@ class Session {
   std::vector<uint64_t> first_touches_;  // GUARDED_BY(record_mu_): file offsets, first-touch order
   WakeSignal reader_progress_;  // bumped after every batch the reader reads
   std::mutex prefault_mu_;
+  // prefault() in fence slot `slot`: prefault() uses one of its own, each
+  // prefetch thread another, so that they may run at once.
+  Result<PrefaultReport> prefault_in_slot(std::span<const uint64_t> page_indexes, const PrefaultOptions& options,
+                                          size_t slot);
   std::chrono::steady_clock::time_point started_;
   std::atomic<int64_t> finished_ns_{0};
   std::once_flag finish_once_;

@@ -66,30 +66,9 @@ FirecrackerClient make_client(ClientConfig config) {
 
 // Receives everything until the JSON array is complete; returns it and the fds.
 std::string receive_handshake(int socket, std::vector<int>& fds, std::vector<size_t>* piece_sizes = nullptr) {
-  std::string json;
-  while (!nlohmann::json::accept(json)) {
-    char buffer[4096];
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
-    iovec iov{buffer, sizeof buffer};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    ssize_t n = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC);
-    if (n <= 0) break;
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-      const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (size_t i = 0; i < count; ++i) {
-        int fd;
-        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-        fds.push_back(fd);
-      }
-    }
-    if (piece_sizes) piece_sizes->push_back(static_cast<size_t>(n));
-    json.append(buffer, static_cast<size_t>(n));
-  }
-  return json;
+  auto json = testing::read_handshake(socket, fds, piece_sizes);
+  EXPECT_TRUE(json) << json.error().describe();
+  return json ? *json : std::string();
 }
 
 // ---------------------------------------------------------------- versions

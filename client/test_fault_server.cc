@@ -83,17 +83,8 @@ void TestFaultServer::run() {
   }
 }
 
-Status TestFaultServer::receive_handshake() {
-  pollfd fds[2] = {{listen_socket_.get(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
-  while (::poll(fds, 2, -1) < 0) {
-    if (errno != EINTR) return fail_errno("poll for a client failed");
-  }
-  if (fds[1].revents & POLLIN) return fail("stopped before a client connected");
-  connection_.reset(::accept4(listen_socket_.get(), nullptr, nullptr, SOCK_CLOEXEC));
-  if (!connection_) return fail_errno("accept failed");
+Result<std::string> read_handshake(int socket, std::vector<int>& fds, std::vector<size_t>* piece_sizes) {
   std::string json;
-  // The JSON may come in pieces and the fds with any of them; read until the
-  // array parses.
   while (!nlohmann::json::accept(json)) {
     char buffer[4096];
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 8)];
@@ -103,7 +94,7 @@ Status TestFaultServer::receive_handshake() {
     msg.msg_iovlen = 1;
     msg.msg_control = control;
     msg.msg_controllen = sizeof control;
-    ssize_t n = ::recvmsg(connection_.get(), &msg, MSG_CMSG_CLOEXEC);
+    const ssize_t n = ::recvmsg(socket, &msg, MSG_CMSG_CLOEXEC);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return fail_errno("recvmsg of the handshake failed");
     for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
@@ -112,17 +103,35 @@ Status TestFaultServer::receive_handshake() {
       for (size_t i = 0; i < count; ++i) {
         int fd;
         std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-        // The first fd is the uffd; extra ones (a fork's memfd) are closed.
-        if (!uffd_) uffd_.reset(fd); else ::close(fd);
-        fds_received_.fetch_add(1);
+        fds.push_back(fd);
       }
     }
     if (n == 0) return fail("client closed the socket before the handshake was complete");
+    if (piece_sizes) piece_sizes->push_back(static_cast<size_t>(n));
     json.append(buffer, static_cast<size_t>(n));
   }
+  return json;
+}
+
+Status TestFaultServer::receive_handshake() {
+  pollfd fds[2] = {{listen_socket_.get(), POLLIN, 0}, {stop_.get(), POLLIN, 0}};
+  while (::poll(fds, 2, -1) < 0) {
+    if (errno != EINTR) return fail_errno("poll for a client failed");
+  }
+  if (fds[1].revents & POLLIN) return fail("stopped before a client connected");
+  connection_.reset(::accept4(listen_socket_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+  if (!connection_) return fail_errno("accept failed");
+  std::vector<int> received;
+  auto json = read_handshake(connection_.get(), received);
+  for (int fd : received) {
+    // The first fd is the uffd; extra ones (a fork's memfd) are closed.
+    if (!uffd_) uffd_.reset(fd); else ::close(fd);
+    fds_received_.fetch_add(1);
+  }
+  if (!json) return std::unexpected(json.error());
   if (!uffd_) return fail("handshake carried no uffd");
   std::vector<GuestRegion> regions;
-  for (const auto& r : nlohmann::json::parse(json)) {
+  for (const auto& r : nlohmann::json::parse(*json)) {
     GuestRegion region;
     region.base_host_virt_addr = r.at("base_host_virt_addr").get<uint64_t>();
     region.size = r.at("size").get<uint64_t>();
@@ -133,7 +142,7 @@ Status TestFaultServer::receive_handshake() {
     regions.push_back(region);
   }
   std::lock_guard lock(mutex_);
-  json_ = std::move(json);
+  json_ = std::move(*json);
   regions_ = std::move(regions);
   return {};
 }

@@ -29,6 +29,12 @@
 
 namespace faultline::client::testing {
 
+// Reads a handshake from a connected stream socket until the JSON array is
+// complete (it may come in pieces; fds may ride on any piece). Every fd
+// received is appended to `fds` (the caller owns them); with `piece_sizes`,
+// the byte count of each recvmsg too. Fails on EOF before the array is whole.
+Result<std::string> read_handshake(int socket, std::vector<int>& fds, std::vector<size_t>* piece_sizes = nullptr);
+
 struct TestFaultServerOptions {
   // Serve this guest page (file offset) with its byte 100 flipped.
   std::optional<uint64_t> corrupt_page_offset;

@@ -308,6 +308,58 @@ TEST(SessionEnd, BadRegionsFromARealClientProcessGetItKilled) {
   expect_daemon_still_serves(h);
 }
 
+// A client process that sends `json` (with a ready userfaultfd, or with no fd)
+// and then waits to be served, as Firecracker would after resuming the VM.
+pid_t fork_client_sending(const std::string& socket, const std::string& json, bool with_uffd) {
+  const pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  UniqueFd sock = connect_to(socket);
+  UniqueFd uffd = with_uffd ? ready_uffd() : UniqueFd();
+  std::vector<int> fds;
+  if (uffd) fds.push_back(uffd.get());
+  if (!sock || (with_uffd && !uffd) || !client::send_handshake(sock.get(), json, fds)) ::_exit(3);
+  for (;;) ::pause();
+}
+
+// A handshake that fails after the uffd arrived leaves a VM nobody serves:
+// with --on-fatal=kill its process is killed, as for any other fatal end.
+TEST(SessionEnd, HandshakeFailingAfterTheUffdArrivedKillsTheClient) {
+  ServerHarness::Options ho;
+  ho.memory_bytes = 16 * kMiB;
+  ho.on_fatal = OnFatal::kKill;
+  ServerHarness h(ho);
+  const pid_t pid = fork_client_sending(h.socket(), R"([{"base_host_virt_addr": 1,, }])", true);
+  ASSERT_GT(pid, 0);
+  const int status = wait_child(pid, std::chrono::seconds(30));
+  ASSERT_NE(status, -1) << "the client was left hanging";
+  ASSERT_TRUE(WIFSIGNALED(status)) << status;
+  EXPECT_EQ(WTERMSIG(status), SIGKILL);
+  ASSERT_TRUE(h.wait_ended(1));
+  EXPECT_NE(h.log().find("handshake_failed"), std::string::npos) << h.log();
+  EXPECT_NE(h.log().find("uffd_received=true"), std::string::npos) << h.log();
+  EXPECT_NE(h.log().find("peer_killed=true"), std::string::npos) << h.log();
+  expect_daemon_still_serves(h);
+}
+
+// Without a uffd nothing was handed over (no VM can be waiting on us), and
+// with --on-fatal=leave nothing is killed either.
+TEST(SessionEnd, HandshakeFailingWithoutAUffdOrWithLeaveKillsNobody) {
+  for (const bool with_uffd : {false, true}) {
+    ServerHarness::Options ho;
+    ho.memory_bytes = 16 * kMiB;
+    ho.on_fatal = with_uffd ? OnFatal::kLeave : OnFatal::kKill;
+    ServerHarness h(ho);
+    const pid_t pid = fork_client_sending(h.socket(), R"([{"base_host_virt_addr": 1,, }])", with_uffd);
+    ASSERT_GT(pid, 0);
+    ASSERT_TRUE(h.wait_ended(1));
+    EXPECT_NE(h.log().find(with_uffd ? "uffd_received=true" : "uffd_received=false"), std::string::npos) << h.log();
+    EXPECT_NE(h.log().find("peer_killed=false"), std::string::npos) << h.log();
+    EXPECT_EQ(::waitpid(pid, nullptr, WNOHANG), 0) << "the client is still alive";
+    ::kill(pid, SIGKILL);
+    wait_child(pid, std::chrono::seconds(10));
+  }
+}
+
 TEST(SessionEnd, OnFatalLeaveLogsButDoesNotKill) {
   ServerHarness::Options ho;
   ho.memory_bytes = 16 * kMiB;

@@ -71,16 +71,21 @@ Result<PeerCredentials> peer_credentials(int connection_fd) {
   return PeerCredentials{cred.pid, cred.uid, cred.gid};
 }
 
-Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options) {
+namespace {
+
+// The body of receive_handshake(); received fds live in `fds` (the caller's)
+// and the peer in `peer_out`, so that a failure can still be looked at.
+Result<Handshake> receive_handshake_into(UniqueFd connection, const HandshakeOptions& options,
+                                         std::vector<UniqueFd>& fds, std::optional<PeerCredentials>& peer_out) {
   if (!connection.valid()) return fail("receive_handshake was given no connection", EBADF);
 
   auto peer = peer_credentials(connection.get());
   if (!peer) return std::unexpected(peer.error());
+  peer_out = *peer;
 
   const Clock::time_point deadline = Clock::now() + options.timeout;
   std::string json;
   json.reserve(4096);
-  std::vector<UniqueFd> fds;
   std::optional<ParsedHandshake> parsed;
   bool peer_closed = false;
   std::vector<unsigned char> control(CMSG_SPACE(sizeof(int) * std::max<size_t>(options.max_fds, 1)));
@@ -197,6 +202,21 @@ Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions&
   handshake.peer_closed = peer_closed;
   handshake.raw_json = std::move(json);
   return handshake;
+}
+
+}  // namespace
+
+Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options, HandshakeFailure* failure) {
+  std::vector<UniqueFd> fds;
+  std::optional<PeerCredentials> peer;
+  auto hs = receive_handshake_into(std::move(connection), options, fds, peer);
+  if (!hs && failure != nullptr) {
+    failure->peer = peer;
+    failure->uffd_received = std::any_of(fds.begin(), fds.end(), [](const UniqueFd& fd) {
+      return fd.valid() && fd_link(fd.get()) == kUserfaultfdLink;
+    });
+  }
+  return hs;
 }
 
 // ---------------------------------------------------------------------------

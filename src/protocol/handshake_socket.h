@@ -16,6 +16,7 @@
 
 #include <chrono>
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -73,7 +74,16 @@ struct HandshakeOptions {
 // max_json_bytes, bytes that cannot be a JSON array, invalid JSON or regions
 // (parse_handshake_json's message), EOF after the JSON with no fd, truncated
 // control data, more than max_fds fds, and no userfaultfd among the fds.
-Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options = {});
+//
+// With `failure`, an error also says whether a userfaultfd had arrived and who
+// sent it: the client may then resume a VM that nobody serves, which hangs on
+// its first fault, so the caller may want to kill it.
+struct HandshakeFailure {
+  bool uffd_received = false;
+  std::optional<PeerCredentials> peer;
+};
+Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options = {},
+                                    HandshakeFailure* failure = nullptr);
 
 // Reads SO_PEERCRED of a connected Unix socket.
 Result<PeerCredentials> peer_credentials(int connection_fd);

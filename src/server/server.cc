@@ -179,9 +179,20 @@ void Server::answer_control(int fd) const {
 void Server::handle_connection(Connection& c) {
   protocol::HandshakeOptions options;
   options.timeout = config_.handshake_timeout;
-  auto hs = protocol::receive_handshake(std::move(c.fd), options);
+  protocol::HandshakeFailure failure;
+  auto hs = protocol::receive_handshake(std::move(c.fd), options, &failure);
   if (!hs) {
-    log_.error("handshake_failed", {{"session", c.id}, {"error", hs.error().describe()}});
+    // A client that already handed over its uffd may resume a VM nobody
+    // serves: it would hang on its first fault. --on-fatal applies.
+    bool killed = false;
+    if (failure.uffd_received && failure.peer && config_.on_fatal == OnFatal::kKill) {
+      if (auto peer = kernel::PeerProcess::open(failure.peer->pid)) killed = peer->kill().has_value();
+    }
+    log_.error("handshake_failed", {{"session", c.id},
+                                    {"pid", failure.peer ? static_cast<int64_t>(failure.peer->pid) : int64_t{0}},
+                                    {"error", hs.error().describe()},
+                                    {"uffd_received", failure.uffd_received},
+                                    {"peer_killed", killed}});
     std::lock_guard lock(mu_);
     rejected_.push_back(hs.error().describe());
     c.done = true;

@@ -341,6 +341,7 @@ void Session::reader_loop() {
   // reader would first have to be woken, which costs a cross-CPU wake-up and
   // a context switch (most of a 4 KiB fault's round trip on this kind of
   // machine). An idle guest costs nothing: past the window the reader blocks.
+  // The window restarts at each 4 KiB fault (see below).
   using Clock = std::chrono::steady_clock;
   Clock::time_point last_event = Clock::now() - config_.busy_poll;
   while (!stopping_.load(std::memory_order_acquire)) {
@@ -397,12 +398,16 @@ void Session::reader_loop() {
           break;
         }
         if (*n == 0) break;
-        last_event = Clock::now();
         ++generation;
         for (size_t i = 0; i < *n; ++i) {
           if (auto* f = std::get_if<kernel::PageFault>(&batch[i])) {
             faults_read_.fetch_add(1, std::memory_order_relaxed);
             auto loc = layout().locate(f->address);
+            // Only 4 KiB faults restart the busy-poll window: they are served
+            // in microseconds, so the vCPU's next fault comes soon. A 2 MiB
+            // install takes hundreds, and polling meanwhile only takes a CPU
+            // from the worker copying it.
+            if (loc && loc->page_size == kPageSize4K) last_event = Clock::now();
             if (!loc) {
               // Either the range was unmapped or moved away after the thread
               // faulted (its retry then sees the new mapping, or none), or the

@@ -1,6 +1,7 @@
 #include "server/session.h"
 
 #include <poll.h>
+#include <sched.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -341,7 +342,9 @@ void Session::reader_loop() {
   // reader would first have to be woken, which costs a cross-CPU wake-up and
   // a context switch (most of a 4 KiB fault's round trip on this kind of
   // machine). An idle guest costs nothing: past the window the reader blocks.
-  // The window restarts at each 4 KiB fault (see below).
+  // The window restarts at each 4 KiB fault (see below); while polling the
+  // reader yields its CPU to any other runnable thread (a vCPU, or the VMM
+  // thread finishing a madvise).
   using Clock = std::chrono::steady_clock;
   Clock::time_point last_event = Clock::now() - config_.busy_poll;
   while (!stopping_.load(std::memory_order_acquire)) {
@@ -353,7 +356,7 @@ void Session::reader_loop() {
     const bool spinning = config_.busy_poll.count() > 0 && Clock::now() - last_event < config_.busy_poll;
     const int rc = ::poll(fds.data(), fds.size(), spinning ? 0 : overflow.empty() ? -1 : 1);
     if (rc == 0 && spinning && overflow.empty()) {
-      __builtin_ia32_pause();
+      ::sched_yield();
       continue;
     }
     if (spinning && rc > 0 && (fds[0].revents & POLLIN)) busy_poll_reads_.fetch_add(1, std::memory_order_relaxed);
@@ -380,6 +383,7 @@ void Session::reader_loop() {
       for (;;) {
         HookContext reader_hook;
         FAULTLINE_HOOK(HookPoint::kReaderBeforeRead, reader_hook);
+        bool removed_in_batch = false;
         fence_->begin_read();
         auto n = uffd_.read_events(batch);
         // REMOVEs are recorded before any snapshot install may run again.
@@ -387,7 +391,10 @@ void Session::reader_loop() {
         // a fault at a remapped address is read before its REMAP event.
         if (n) {
           for (size_t i = 0; i < *n; ++i) {
-            if (auto* rm = std::get_if<kernel::RemoveEvent>(&batch[i])) handle_remove(*rm);
+            if (auto* rm = std::get_if<kernel::RemoveEvent>(&batch[i])) {
+              handle_remove(*rm);
+              removed_in_batch = true;
+            }
             if (auto* um = std::get_if<kernel::UnmapEvent>(&batch[i])) handle_unmap(*um);
             if (auto* mv = std::get_if<kernel::RemapEvent>(&batch[i])) handle_remap(*mv);
           }
@@ -447,6 +454,10 @@ void Session::reader_loop() {
             end(SessionEnd::kFatal, "unknown userfaultfd event " + std::to_string(u->event));
           }
         }
+        // The thread that madvise()d is waiting to be woken by this read and
+        // needs a CPU to finish: sleep instead of polling (a fault later in
+        // the batch would have restarted the window).
+        if (removed_in_batch) last_event = Clock::time_point{};
         // Faults deferred on EAGAIN (and prefaults) can make progress now
         // that events were read. Only workers holding deferred faults are
         // woken: waking idle ones would cost a context switch per batch.

@@ -137,7 +137,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"on", "off"}));
   int64_t busy_poll_us = 100;
   serve->add_option("--busy-poll-us", busy_poll_us,
-                    "After each uffd event, keep polling for this many microseconds before sleeping, so that the "
+                    "After each 4 KiB fault, keep polling the uffd for this many microseconds before sleeping (yielding the CPU between polls), so that the "
                     "next fault is read without a thread wake-up (costs CPU only while faults keep coming); 0: "
                     "always sleep")
       ->default_val(100)

@@ -196,15 +196,21 @@ size_t count_entries(const std::string& dir) {
 
 TEST(SessionEnd, EndedSessionsReleaseEveryFdAndThread) {
   ServerHarness h;
+  // The server joins a finished session's threads on its next loop turn
+  // (every 200 ms): wait for that before counting, both times.
+  auto all_joined = [&] {
+    for (int i = 0; i < 5000 && h.server().connection_threads() > 0; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling for the join, bounded
+    }
+    return h.server().connection_threads() == 0;
+  };
   // One session first, so that lazily created process-wide things exist.
   expect_daemon_still_serves(h);
+  ASSERT_TRUE(all_joined());
   const size_t fds = count_entries("/proc/self/fd");
   const size_t threads = count_entries("/proc/self/task");
   for (int i = 0; i < 3; ++i) expect_daemon_still_serves(h);
-  // The server joins a finished session's threads on its next loop turn.
-  for (int i = 0; i < 2000 && count_entries("/proc/self/task") > threads; ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling for the join, bounded
-  }
+  ASSERT_TRUE(all_joined());
   EXPECT_EQ(count_entries("/proc/self/fd"), fds);
   EXPECT_EQ(count_entries("/proc/self/task"), threads);
 }

@@ -140,6 +140,7 @@ Status Server::run() {
       std::lock_guard lock(mu_);
       connections_.push_back(std::move(c));
     }
+    connection_threads_.fetch_add(1, std::memory_order_acq_rel);
     raw->thread = std::thread([this, raw] { handle_connection(*raw); });
   }
   {
@@ -255,7 +256,10 @@ void Server::reap(bool all) {
     }
   }
   for (auto& c : done) {
-    if (c->thread.joinable()) c->thread.join();
+    if (c->thread.joinable()) {
+      c->thread.join();
+      connection_threads_.fetch_sub(1, std::memory_order_acq_rel);
+    }
   }
 }
 

@@ -10,6 +10,7 @@
 // handler (it only writes an eventfd); the query methods from any thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -72,6 +73,9 @@ class Server {
   // Handshake failures so far (sessions that never started), with reasons.
   std::vector<std::string> rejected_connections() const;
   size_t active_sessions() const;
+  // Connection threads started and not yet joined (running, or ended and
+  // waiting for the accept loop to join them, which it does every 200 ms).
+  size_t connection_threads() const { return connection_threads_.load(std::memory_order_acquire); }
   // A running session by id (as logged), or null. Holding it keeps the
   // Session object alive, not the session running.
   std::shared_ptr<Session> session(uint64_t id) const;
@@ -100,6 +104,8 @@ class Server {
   std::optional<protocol::UnixListener> control_;
   UniqueFd stop_efd_;
   uint64_t next_id_ = 1;
+
+  std::atomic<size_t> connection_threads_{0};
 
   mutable std::mutex mu_;
   mutable std::condition_variable ended_cv_;

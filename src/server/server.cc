@@ -177,6 +177,12 @@ void Server::answer_control(int fd) const {
   }
 }
 
+bool Server::kill_unserved_peer(pid_t pid) const {
+  if (config_.on_fatal != OnFatal::kKill) return false;
+  auto peer = kernel::PeerProcess::open(pid);
+  return peer && peer->kill().has_value();
+}
+
 void Server::handle_connection(Connection& c) {
   protocol::HandshakeOptions options;
   options.timeout = config_.handshake_timeout;
@@ -185,10 +191,7 @@ void Server::handle_connection(Connection& c) {
   if (!hs) {
     // A client that already handed over its uffd may resume a VM nobody
     // serves: it would hang on its first fault. --on-fatal applies.
-    bool killed = false;
-    if (failure.uffd_received && failure.peer && config_.on_fatal == OnFatal::kKill) {
-      if (auto peer = kernel::PeerProcess::open(failure.peer->pid)) killed = peer->kill().has_value();
-    }
+    const bool killed = failure.uffd_received && failure.peer && kill_unserved_peer(failure.peer->pid);
     log_.error("handshake_failed", {{"session", c.id},
                                     {"pid", failure.peer ? static_cast<int64_t>(failure.peer->pid) : int64_t{0}},
                                     {"error", hs.error().describe()},
@@ -215,10 +218,7 @@ void Server::handle_connection(Connection& c) {
   auto session = Session::start(std::move(*hs), memory_, sc);
   if (!session) {
     // We hold the VM's uffd and cannot serve it: the guest would hang.
-    bool killed = false;
-    if (config_.on_fatal == OnFatal::kKill) {
-      if (auto peer = kernel::PeerProcess::open(pid)) killed = peer->kill().has_value();
-    }
+    const bool killed = kill_unserved_peer(pid);
     log_.error("session_rejected", {{"session", c.id}, {"pid", pid}, {"error", session.error().describe()},
                                     {"peer_killed", killed}, {"on_fatal", to_string(config_.on_fatal)}});
     std::lock_guard lock(mu_);

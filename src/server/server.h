@@ -91,6 +91,9 @@ class Server {
   struct Connection;
   Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
          protocol::UnixListener listener);
+  // Under --on-fatal=kill, SIGKILLs a client that handed us a uffd we will
+  // not serve (its VM would hang on its first fault); true if it was killed.
+  bool kill_unserved_peer(pid_t pid) const;
   void handle_connection(Connection& c);
   void answer_control(int fd) const;
   void reap(bool all);

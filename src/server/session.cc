@@ -46,6 +46,10 @@ constexpr size_t kDeferredReserve = 1024;
 // otherwise.
 constexpr uint64_t kPrefetchMaxGapPages = 0;
 
+// Threads are named (fl-r<session>, fl-w<session>.<n>, fl-p<session>[.<n>])
+// so that top, perf and gdb can tell them apart; Linux keeps 15 characters.
+void name_this_thread(const std::string& name) { ::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str()); }
+
 std::string hex(uint64_t v) {
   char buf[24];
   std::snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
@@ -128,23 +132,20 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
   reader_worker_ = std::make_unique<Worker>(workers_.size(), kPageSize4K);
   // Before any thread starts: the reader appends to it.
   if (!config_.record_path.empty()) first_touches_.reserve(std::min<uint64_t>(layout().page_count(), 1 << 20));
-  // Threads are named (fl-r<session>, fl-w<session>.<n>, fl-p<session>) so
-  // that top, perf and gdb can tell them apart.
-  auto named = [](const std::string& name) { ::pthread_setname_np(::pthread_self(), name.substr(0, 15).c_str()); };
   const std::string id = std::to_string(config_.id);
   for (auto& w : workers_) {
-    w->thread = std::thread([this, wp = w.get(), named, id] {
-      named("fl-w" + id + "." + std::to_string(wp->index));
+    w->thread = std::thread([this, wp = w.get(), id] {
+      name_this_thread("fl-w" + id + "." + std::to_string(wp->index));
       worker_loop(*wp);
     });
   }
-  reader_ = std::thread([this, named, id] {
-    named("fl-r" + id);
+  reader_ = std::thread([this, id] {
+    name_this_thread("fl-r" + id);
     reader_loop();
   });
   if (config_.prefetch || config_.prefetch_all) {
-    prefetcher_ = std::thread([this, named, id] {
-      named("fl-p" + id);
+    prefetcher_ = std::thread([this, id] {
+      name_this_thread("fl-p" + id);
       prefetch_loop();
     });
   }
@@ -927,7 +928,7 @@ void Session::prefetch_loop() {
   std::vector<std::thread> helpers;
   for (int k = 1; k < threads; ++k) {
     helpers.emplace_back([&, k] {
-      ::pthread_setname_np(::pthread_self(), ("fl-p" + std::to_string(config_.id) + "." + std::to_string(k)).substr(0, 15).c_str());
+      name_this_thread("fl-p" + std::to_string(config_.id) + "." + std::to_string(k));
       install(static_cast<size_t>(k));
     });
   }

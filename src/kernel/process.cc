@@ -22,6 +22,13 @@ Result<PeerProcess> PeerProcess::open(pid_t pid) {
   return p;
 }
 
+PeerProcess PeerProcess::adopt(pid_t pid, UniqueFd pidfd) {
+  PeerProcess p;
+  p.pid_ = pid;
+  p.pidfd_ = std::move(pidfd);
+  return p;
+}
+
 bool PeerProcess::exited() const {
   if (!pidfd_.valid()) return true;
   pollfd pfd{pidfd_.get(), POLLIN, 0};
@@ -30,8 +37,16 @@ bool PeerProcess::exited() const {
 
 Status PeerProcess::kill() const {
   if (!pidfd_.valid()) return fail("no pidfd for the peer");
-  if (::syscall(SYS_pidfd_send_signal, pidfd_.get(), SIGKILL, nullptr, 0) != 0) {
-    return fail_errno("sending SIGKILL to pid " + std::to_string(pid_) + " failed");
+  return kill_through_pidfd(pidfd_.get(), pid_);
+}
+
+Status kill_through_pidfd(int pidfd, pid_t pid) {
+  if (::syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0) != 0) {
+    // EINVAL: the process lives in a pid namespace that is not ours or a
+    // descendant of ours (its SO_PEERCRED pid reads 0); nothing here may
+    // signal it. ESRCH: it has exited (never another process: the pidfd
+    // pins this one).
+    return fail_errno("sending SIGKILL to pid " + std::to_string(pid) + " failed");
   }
   return {};
 }

@@ -21,7 +21,15 @@ class PeerProcess {
  public:
   PeerProcess() = default;
   // pidfd_open(pid). Fails with ESRCH if the process is already gone.
+  // Prefer adopt() with a pidfd taken when the peer connected: between a
+  // connect and a later pidfd_open the process may have exited and its pid
+  // been given to another process.
   static Result<PeerProcess> open(pid_t pid);
+  // Takes ownership of a pidfd obtained elsewhere (SO_PEERPIDFD at accept
+  // time). `pid` is only for logs and /proc: it is 0 for a peer in a pid
+  // namespace this process cannot see, whose pidfd still reports its exit
+  // but cannot be signalled (the kernel refuses with EINVAL).
+  static PeerProcess adopt(pid_t pid, UniqueFd pidfd);
 
   pid_t pid() const { return pid_; }
   // Readable (POLLIN) once the process has exited.
@@ -34,6 +42,10 @@ class PeerProcess {
   pid_t pid_ = 0;
   UniqueFd pidfd_;
 };
+
+// SIGKILL through `pidfd` (`pid` only names the process in the error). See
+// PeerProcess::kill().
+Status kill_through_pidfd(int pidfd, pid_t pid);
 
 // Whether every VMA of `pid` covering [start, start+len) is registered with
 // the uffd in write-protect mode (VmFlags "uw" in /proc/PID/smaps). The server

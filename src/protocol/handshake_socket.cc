@@ -1,7 +1,10 @@
 #include "protocol/handshake_socket.h"
 
+#include <fcntl.h>
 #include <poll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -19,6 +22,11 @@ using Clock = std::chrono::steady_clock;
 
 constexpr std::string_view kUserfaultfdLink = "anon_inode:[userfaultfd]";
 constexpr size_t kReceiveChunk = 64 * 1024;
+
+// Debian 12's headers predate SO_PEERPIDFD (Linux 6.5, asm-generic value 77).
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
 
 // What /proc/self/fd/N points at: "anon_inode:[userfaultfd]", "pipe:[123]",
 // "/memfd:guest (deleted)"... Empty when it cannot be read.
@@ -76,7 +84,8 @@ namespace {
 // The body of receive_handshake(); received fds live in `fds` (the caller's)
 // and the peer in `peer_out`, so that a failure can still be looked at.
 Result<Handshake> receive_handshake_into(UniqueFd connection, const HandshakeOptions& options,
-                                         std::vector<UniqueFd>& fds, std::optional<PeerCredentials>& peer_out) {
+                                         std::vector<UniqueFd>& fds, std::optional<PeerCredentials>& peer_out,
+                                         bool& fds_lost) {
   if (!connection.valid()) return fail("receive_handshake was given no connection", EBADF);
 
   auto peer = peer_credentials(connection.get());
@@ -134,6 +143,9 @@ Result<Handshake> receive_handshake_into(UniqueFd connection, const HandshakeOpt
     // With MSG_CTRUNC the kernel installed only the fds that fit and closed
     // the rest: the client sent more than we are prepared to hold.
     if (msg.msg_flags & MSG_CTRUNC) {
+      // Also what EMFILE looks like here: the kernel could not install the
+      // fds in our table and dropped them.
+      fds_lost = true;
       return fail("handshake control data was truncated (MSG_CTRUNC): the client sent more than " +
                   std::to_string(options.max_fds) + " fds in one message");
     }
@@ -209,9 +221,11 @@ Result<Handshake> receive_handshake_into(UniqueFd connection, const HandshakeOpt
 Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options, HandshakeFailure* failure) {
   std::vector<UniqueFd> fds;
   std::optional<PeerCredentials> peer;
-  auto hs = receive_handshake_into(std::move(connection), options, fds, peer);
+  bool fds_lost = false;
+  auto hs = receive_handshake_into(std::move(connection), options, fds, peer, fds_lost);
   if (!hs && failure != nullptr) {
     failure->peer = peer;
+    failure->fds_lost = fds_lost;
     failure->uffd_received = std::any_of(fds.begin(), fds.end(), [](const UniqueFd& fd) {
       return fd.valid() && fd_link(fd.get()) == kUserfaultfdLink;
     });
@@ -219,10 +233,113 @@ Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions&
   return hs;
 }
 
+const char* to_string(PeerIdentity::PidfdSource source) {
+  switch (source) {
+    case PeerIdentity::PidfdSource::kPeerPidfd: return "so_peerpidfd";
+    case PeerIdentity::PidfdSource::kPidfdOpen: return "pidfd_open";
+    case PeerIdentity::PidfdSource::kNone: return "none";
+  }
+  return "none";
+}
+
+Result<PeerIdentity> identify_peer(int connection_fd) {
+  auto cred = peer_credentials(connection_fd);
+  if (!cred) return std::unexpected(cred.error());
+  PeerIdentity id;
+  id.cred = *cred;
+  // SO_PEERPIDFD names the process that called connect() (the kernel keeps
+  // its struct pid with the socket), so no later process can stand in for
+  // it. Verified on Linux 6.18: it also works for a peer in a pid namespace
+  // we cannot see (SO_PEERCRED pid 0), whose exit the pidfd then reports,
+  // though pidfd_send_signal() refuses it with EINVAL.
+  int pidfd = -1;
+  socklen_t len = sizeof pidfd;
+  if (::getsockopt(connection_fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0 && pidfd >= 0) {
+    ::fcntl(pidfd, F_SETFD, FD_CLOEXEC);
+    id.pidfd.reset(pidfd);
+    id.source = PeerIdentity::PidfdSource::kPeerPidfd;
+    return id;
+  }
+  // Older kernels (ENOPROTOOPT): pidfd_open right away. The process may
+  // have exited and its pid been reused between its connect and this call;
+  // taking it now, not when a kill is needed, makes that window as small as
+  // it can be.
+  if (errno == EMFILE || errno == ENFILE || errno == ENOMEM) {
+    return fail_errno("no pidfd for the peer (pid " + std::to_string(id.cred.pid) + ")");
+  }
+  if (id.cred.pid > 0) {
+    const int fd = static_cast<int>(::syscall(SYS_pidfd_open, id.cred.pid, 0));
+    if (fd >= 0) {
+      ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+      id.pidfd.reset(fd);
+      id.source = PeerIdentity::PidfdSource::kPidfdOpen;
+    } else if (errno == EMFILE || errno == ENFILE || errno == ENOMEM) {
+      return fail_errno("no pidfd for the peer (pid " + std::to_string(id.cred.pid) + ")");
+    }
+  }
+  return id;
+}
+
+bool drain_pending_uffd(int connection_fd) {
+  bool uffd = false;
+  std::vector<unsigned char> control(CMSG_SPACE(sizeof(int) * 8));
+  char data[4096];
+  // A few reads at most: Firecracker sends everything in one sendmsg, and a
+  // client that keeps sending is not waited for.
+  for (int round = 0; round < 4; ++round) {
+    iovec iov{data, sizeof data};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.data();
+    msg.msg_controllen = control.size();
+    const ssize_t n = ::recvmsg(connection_fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n <= 0) break;
+    std::vector<UniqueFd> fds;
+    adopt_received_fds(msg, fds);
+    for (const UniqueFd& fd : fds) uffd = uffd || fd_link(fd.get()) == kUserfaultfdLink;
+    if (msg.msg_flags & MSG_CTRUNC) uffd = true;  // fds were dropped: assume the worst
+  }
+  return uffd;
+}
+
 // ---------------------------------------------------------------------------
 // UnixListener
 
-Result<UnixListener> UnixListener::bind(const std::string& path) {
+namespace {
+
+// Applies `access` to the socket file bind() just created at `path`. The
+// file is opened with O_PATH|O_NOFOLLOW and checked to be the very inode
+// bind() created, so that a path swapped in the meantime (a symlink planted
+// by someone who can write the directory) never redirects a chmod or chown.
+Status apply_socket_access(const std::string& path, dev_t dev, ino_t ino, const SocketAccess& access) {
+  UniqueFd file(::open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+  if (!file) return fail_errno("cannot open the socket file \"" + path + "\" to set its permissions");
+  struct stat st {};
+  if (::fstat(file.get(), &st) != 0) return fail_errno("cannot stat the socket file \"" + path + "\"");
+  if (!S_ISSOCK(st.st_mode) || st.st_dev != dev || st.st_ino != ino) {
+    return fail("the socket file \"" + path + "\" was replaced right after bind(); refusing to set permissions on it",
+                EEXIST);
+  }
+  if (access.owner || access.group) {
+    const uid_t uid = access.owner ? *access.owner : static_cast<uid_t>(-1);
+    const gid_t gid = access.group ? *access.group : static_cast<gid_t>(-1);
+    if (::fchownat(file.get(), "", uid, gid, AT_EMPTY_PATH) != 0) {
+      return fail_errno("cannot change the owner of socket \"" + path + "\"");
+    }
+  }
+  // chmod has no O_PATH form; /proc/self/fd/N names exactly the inode we
+  // checked (the magic link is followed to it, never to a new path).
+  const std::string via = "/proc/self/fd/" + std::to_string(file.get());
+  if (::chmod(via.c_str(), access.mode & 07777) != 0) {
+    return fail_errno("cannot set mode " + std::to_string(access.mode) + " on socket \"" + path + "\"");
+  }
+  return {};
+}
+
+}  // namespace
+
+Result<UnixListener> UnixListener::bind(const std::string& path, const SocketAccess& access) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.empty()) return fail("Unix socket path is empty", EINVAL);
@@ -231,38 +348,55 @@ Result<UnixListener> UnixListener::bind(const std::string& path) {
                     std::to_string(sizeof addr.sun_path - 1) + " bytes",
                 ENAMETOOLONG);
   }
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
 
   // A socket file outlives the process that bound it, so a restart finds the
-  // previous one and bind() would fail EADDRINUSE. Remove it, but only if it
-  // is a socket: a typo in the path must not delete someone's file.
+  // previous one. It is replaced, but only if it is a socket: a typo in the
+  // path must not delete someone's file.
   struct stat existing {};
-  if (::lstat(path.c_str(), &existing) == 0) {
-    if (!S_ISSOCK(existing.st_mode)) {
-      return fail("refusing to replace \"" + path + "\": it exists and is not a socket", EEXIST);
-    }
-    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
-      return fail_errno("cannot remove stale socket \"" + path + "\"");
-    }
-  } else if (errno != ENOENT) {
-    return fail_errno("cannot inspect socket path \"" + path + "\"");
+  const bool stale = ::lstat(path.c_str(), &existing) == 0;
+  if (stale && !S_ISSOCK(existing.st_mode)) {
+    return fail("refusing to replace \"" + path + "\": it exists and is not a socket", EEXIST);
   }
+  if (!stale && errno != ENOENT) return fail_errno("cannot inspect socket path \"" + path + "\"");
+
+  // The socket is bound under a temporary name beside `path`, given its mode
+  // and owner, made to listen, and only then renamed to `path`: the path
+  // appears when connecting to it works (clients and orchestrators wait for
+  // the file), and never with the wrong mode. When the temporary name would
+  // not fit sun_path, `path` is bound directly: until listen() a connect()
+  // is refused (ECONNREFUSED), so the mode still holds before any accept.
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "" : path.substr(0, slash + 1);
+  uint32_t r = 0;
+  (void)!::getrandom(&r, sizeof r, 0);
+  char suffix[16];
+  std::snprintf(suffix, sizeof suffix, ".fl-%08x", r);
+  const std::string temporary = dir + suffix;
+  const bool via_temporary = temporary.size() < sizeof addr.sun_path;
+  const std::string& bound = via_temporary ? temporary : path;
+  if (!via_temporary && stale && ::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return fail_errno("cannot remove stale socket \"" + path + "\"");
+  }
+  std::memcpy(addr.sun_path, bound.c_str(), bound.size() + 1);
 
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd) return fail_errno("socket(AF_UNIX, SOCK_STREAM) failed");
   if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) != 0) {
-    return fail_errno("cannot bind Unix socket \"" + path + "\"");
+    return fail_errno("cannot bind Unix socket \"" + bound + "\"");
   }
+  auto abandon = [&](Error e) {
+    ::unlink(bound.c_str());
+    return std::unexpected(std::move(e));
+  };
   struct stat created {};
-  if (::lstat(path.c_str(), &created) != 0) {
-    int saved = errno;
-    ::unlink(path.c_str());
-    return fail("cannot stat freshly bound socket \"" + path + "\"", saved);
+  if (::lstat(bound.c_str(), &created) != 0) {
+    return abandon(Error{errno, "cannot stat freshly bound socket \"" + bound + "\""});
   }
-  if (::listen(fd.get(), 64) != 0) {
-    int saved = errno;
-    ::unlink(path.c_str());
-    return fail("cannot listen on Unix socket \"" + path + "\"", saved);
+  if (auto st = apply_socket_access(bound, created.st_dev, created.st_ino, access); !st) return abandon(st.error());
+  if (::listen(fd.get(), 64) != 0) return abandon(Error{errno, "cannot listen on Unix socket \"" + path + "\""});
+  // rename() replaces a stale socket at `path` in one step.
+  if (via_temporary && ::rename(temporary.c_str(), path.c_str()) != 0) {
+    return abandon(Error{errno, "cannot rename the new socket to \"" + path + "\""});
   }
   return UnixListener(std::move(fd), path, created.st_dev, created.st_ino);
 }

@@ -12,6 +12,7 @@
 // a time (fd() may be polled from anywhere while the listener is alive).
 #pragma once
 
+#include <sys/stat.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -46,6 +47,10 @@ struct Handshake {
   // there; false does not promise the peer is still alive.
   bool peer_closed = false;
   std::string raw_json;             // exactly the bytes received, for logs
+  // A pidfd of the peer taken when it connected (identify_peer()), if the
+  // caller had one; invalid otherwise. The session signals and watches the
+  // peer through it, so that a pid reused since the connect is never hit.
+  UniqueFd peer_pidfd;
 };
 
 struct HandshakeOptions {
@@ -80,6 +85,10 @@ struct HandshakeOptions {
 // its first fault, so the caller may want to kill it.
 struct HandshakeFailure {
   bool uffd_received = false;
+  // The kernel dropped fds the client sent because they did not fit
+  // (MSG_CTRUNC: too many, or no free fd slot in this process, EMFILE). One
+  // of them may have been the uffd: the client may then wait forever too.
+  bool fds_lost = false;
   std::optional<PeerCredentials> peer;
 };
 Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options = {},
@@ -88,6 +97,42 @@ Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions&
 // Reads SO_PEERCRED of a connected Unix socket.
 Result<PeerCredentials> peer_credentials(int connection_fd);
 
+// Who is on the other end of an accepted connection, and a handle on that
+// process that cannot be confused with a later process given the same pid.
+struct PeerIdentity {
+  enum class PidfdSource {
+    kPeerPidfd,  // SO_PEERPIDFD (Linux 6.5+): the process that connected, whatever happened since
+    kPidfdOpen,  // pidfd_open(SO_PEERCRED pid) right after accept: the kernel lacks SO_PEERPIDFD
+    kNone,       // no pidfd: the pid is 0 (another pid namespace) and the kernel lacks
+                 // SO_PEERPIDFD, or the process is already gone
+  };
+  PeerCredentials cred;
+  UniqueFd pidfd;
+  PidfdSource source = PidfdSource::kNone;
+};
+const char* to_string(PeerIdentity::PidfdSource source);
+
+// SO_PEERCRED, plus a pidfd of the peer: SO_PEERPIDFD where the kernel has
+// it, else pidfd_open() of the SO_PEERCRED pid. Call it right after accept.
+// An error when SO_PEERCRED fails or when no pidfd could be made for want of
+// fds or memory (EMFILE, ENFILE, ENOMEM); a peer that has no pidfd for other
+// reasons (pid 0 without SO_PEERPIDFD, already exited) is not an error.
+Result<PeerIdentity> identify_peer(int connection_fd);
+
+// Receives, without waiting, whatever a client already sent on a connection
+// that is about to be refused, and reports whether a userfaultfd was among
+// the fds (the received fds are closed). A Firecracker that handed over its
+// uffd resumes a VM nobody will serve; the caller may want to kill it.
+bool drain_pending_uffd(int connection_fd);
+
+// Who may use a listening socket's path: set on the socket file after bind()
+// and before listen(), so no client can connect before they apply.
+struct SocketAccess {
+  mode_t mode = 0600;              // permission bits of the socket file (connect needs write)
+  std::optional<uid_t> owner;      // chown the socket file to this user
+  std::optional<gid_t> group;      // ... and/or this group
+};
+
 // A listening Unix stream socket at a filesystem path (backlog 64, close-on-exec).
 //
 // bind() replaces a stale socket file left by a previous run, but refuses to
@@ -95,7 +140,7 @@ Result<PeerCredentials> peer_credentials(int connection_fd);
 // it is still the socket this listener created. Move-only.
 class UnixListener {
  public:
-  static Result<UnixListener> bind(const std::string& path);
+  static Result<UnixListener> bind(const std::string& path, const SocketAccess& access = {});
 
   UnixListener(UnixListener&& other) noexcept;
   UnixListener& operator=(UnixListener&& other) noexcept;

@@ -1,5 +1,7 @@
 #include "snapshot/working_set.h"
 
+#include "common/atomic_file.h"
+
 #include <fcntl.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -84,16 +86,7 @@ Result<WorkingSet> parse_working_set(const std::string& in, uint64_t memory_file
 }
 
 Status write_working_set(const std::string& path, const WorkingSet& set) {
-  const std::string bytes = serialize_working_set(set);
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) return fail_errno("cannot create " + tmp);
-    f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!f) return fail_errno("writing " + tmp + " failed");
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) return fail_errno("renaming " + tmp + " to " + path + " failed");
-  return {};
+  return write_file_atomically(path, serialize_working_set(set));
 }
 
 Result<WorkingSet> read_working_set(const std::string& path, uint64_t memory_file_size) {

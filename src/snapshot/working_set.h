@@ -34,7 +34,8 @@ struct WorkingSet {
 
 inline constexpr uint32_t kWorkingSetVersion = 1;
 
-// Writes atomically (a temporary file renamed over `path`).
+// Writes atomically and durably (common/atomic_file.h: a fresh O_EXCL|O_NOFOLLOW
+// temporary file, fsynced, renamed over `path`).
 Status write_working_set(const std::string& path, const WorkingSet& set);
 // Reads and validates. `memory_file_size` is the snapshot it will be used on.
 Result<WorkingSet> read_working_set(const std::string& path, uint64_t memory_file_size);

@@ -1,0 +1,74 @@
+#include "common/atomic_file.h"
+
+#include <fcntl.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+
+#include "common/unique_fd.h"
+
+namespace faultline {
+
+Status check_plain_file_name(std::string_view name) {
+  if (name.empty()) return fail("the file name is empty", EINVAL);
+  if (name.size() > 255) return fail("the file name is longer than 255 bytes", ENAMETOOLONG);
+  if (name.find('/') != std::string_view::npos) return fail("a file name may not contain '/'", EINVAL);
+  if (name.find('\0') != std::string_view::npos) return fail("a file name may not contain a NUL byte", EINVAL);
+  if (name.front() == '.') return fail("a file name may not start with '.'", EINVAL);
+  return {};
+}
+
+Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode) {
+  if (auto st = check_plain_file_name(name); !st) return st;
+  const std::string final_name(name);
+  // A random suffix: a name someone planted in advance is never ours, and
+  // O_EXCL refuses it instead of writing through it.
+  std::string tmp;
+  UniqueFd file;
+  for (int attempt = 0; attempt < 8 && !file; ++attempt) {
+    uint64_t r = 0;
+    if (::getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) return fail_errno("getrandom failed");
+    char suffix[24];
+    std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(r & 0xffffffffffffull));
+    tmp = "." + final_name + ".tmp-" + suffix;
+    file.reset(::openat(dir_fd, tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode));
+    if (!file && errno != EEXIST) return fail_errno("cannot create " + tmp);
+  }
+  if (!file) return fail("cannot find a free temporary name for " + final_name, EEXIST);
+  auto abandon = [&](std::unexpected<Error> e) {
+    ::unlinkat(dir_fd, tmp.c_str(), 0);
+    return e;
+  };
+  // The mode passed to openat is filtered by the umask; set it exactly.
+  if (::fchmod(file.get(), mode) != 0) return abandon(fail_errno("cannot set the mode of " + tmp));
+  size_t off = 0;
+  while (off < bytes.size()) {
+    const ssize_t n = ::write(file.get(), bytes.data() + off, bytes.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return abandon(fail_errno("writing " + tmp + " failed"));
+    off += static_cast<size_t>(n);
+  }
+  if (::fsync(file.get()) != 0) return abandon(fail_errno("fsync of " + tmp + " failed"));
+  if (::close(file.release()) != 0) return abandon(fail_errno("closing " + tmp + " failed"));
+  if (::renameat(dir_fd, tmp.c_str(), dir_fd, final_name.c_str()) != 0) {
+    return abandon(fail_errno("renaming " + tmp + " to " + final_name + " failed"));
+  }
+  // The rename is durable only once the directory is.
+  if (::fsync(dir_fd) != 0) return fail_errno("fsync of the directory holding " + final_name + " failed");
+  return {};
+}
+
+Status write_file_atomically(const std::string& path, std::string_view bytes, mode_t mode) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  UniqueFd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd) return fail_errno("cannot open directory " + dir);
+  auto st = write_file_atomically(dir_fd.get(), name, bytes, mode);
+  if (!st) return fail(path + ": " + st.error().message, st.error().code);
+  return {};
+}
+
+}  // namespace faultline

@@ -1,0 +1,38 @@
+// Writing a file so that readers see either the old one or the whole new
+// one, and so that nobody who can write the directory can redirect the write.
+//
+// The bytes go to a temporary file created in the same directory with
+// O_CREAT|O_EXCL|O_NOFOLLOW (a fresh random name, so neither a planted
+// symlink nor a file planted under the temporary name is ever opened), are
+// fsynced, and the file is renamed over the final name (rename replaces a
+// symlink there, never follows it); then the directory is fsynced so the
+// rename survives a crash. An interrupted write leaves at most a temporary
+// file named ".NAME.tmp-XXXXXX", never a half-written NAME.
+//
+// Thread-safety: free functions with no shared state.
+#pragma once
+
+#include <sys/types.h>
+
+#include <string>
+#include <string_view>
+
+#include "common/error.h"
+
+namespace faultline {
+
+// Checks that `name` is one plain file name: not empty, at most 255 bytes, no
+// '/', no NUL, not "." or "..", and not starting with '.' (the temporary
+// files are dot files; hidden names are refused so none can be clobbered).
+Status check_plain_file_name(std::string_view name);
+
+// Writes `bytes` to `name` (checked with check_plain_file_name()) inside the
+// directory open as `dir_fd`.
+Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode = 0644);
+
+// Same, for a path: its directory is opened (O_DIRECTORY) and the last
+// component is the name. Trusted paths only (the operator's command line):
+// directories along the path are followed as usual.
+Status write_file_atomically(const std::string& path, std::string_view bytes, mode_t mode = 0644);
+
+}  // namespace faultline

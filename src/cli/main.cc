@@ -1,4 +1,6 @@
 // The faultline command line.
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -9,7 +11,10 @@
 #include <cstdio>
 #include <map>
 #include <cstring>
+#include <optional>
+#include <sstream>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -40,8 +45,100 @@ Pages a guest gives back (balloon, free page reporting/hinting: REMOVE events) r
 then on. If the client registered its memory MISSING|WP (dirty tracking), pages installed for a
 read are write-protected and pages installed for a write are not.
 
+Who may connect: both sockets are created with --socket-mode / --control-mode (default 0600:
+only the daemon's user) and optionally chowned (--socket-owner/--socket-group, ...) before the
+first accept. --allow-uid/--allow-gid (and --control-allow-*) further limit the peers by their
+SO_PEERCRED uid or by group; a refused peer is one log line and a closed connection. Every
+peer is identified by a pidfd taken when it connects, so a kill never reaches a process that
+was given its pid later.
+
+Limits: --max-handshakes connections mid-handshake and --max-sessions VMs at once; more are
+refused (connection_refused, with the reason). Under --on-fatal=kill a refused client that had
+already sent its userfaultfd is killed: its VM would hang on its first fault.
+
 SIGTERM or SIGINT stops the daemon: it stops accepting, ends every session (applying
 --on-fatal to VMs still running) and exits 0.)";
+
+// "0660" (octal) -> mode bits.
+std::optional<mode_t> parse_mode(const std::string& text) {
+  if (text.empty() || text.size() > 4 || text.find_first_not_of("01234567") != std::string::npos) return std::nullopt;
+  return static_cast<mode_t>(std::stoul(text, nullptr, 8));
+}
+
+// A user name or a numeric uid.
+std::optional<uid_t> parse_user(const std::string& text) {
+  if (!text.empty() && text.find_first_not_of("0123456789") == std::string::npos) {
+    return static_cast<uid_t>(std::stoul(text));
+  }
+  passwd pw{};
+  passwd* found = nullptr;
+  std::vector<char> buf(16384);
+  if (::getpwnam_r(text.c_str(), &pw, buf.data(), buf.size(), &found) != 0 || found == nullptr) return std::nullopt;
+  return pw.pw_uid;
+}
+
+// A group name or a numeric gid.
+std::optional<gid_t> parse_group(const std::string& text) {
+  if (!text.empty() && text.find_first_not_of("0123456789") == std::string::npos) {
+    return static_cast<gid_t>(std::stoul(text));
+  }
+  group gr{};
+  group* found = nullptr;
+  std::vector<char> buf(16384);
+  if (::getgrnam_r(text.c_str(), &gr, buf.data(), buf.size(), &found) != 0 || found == nullptr) return std::nullopt;
+  return gr.gr_gid;
+}
+
+// CLI11 check: every comma-separated item resolves.
+template <typename Parse>
+CLI::Validator resolves(Parse parse, const char* what) {
+  return CLI::Validator(
+      [parse, what](std::string& value) -> std::string {
+        std::stringstream items(value);
+        std::string item;
+        while (std::getline(items, item, ',')) {
+          if (!parse(item)) return std::string("no such ") + what + ": " + item;
+        }
+        return {};
+      },
+      what);
+}
+
+template <typename T, typename Parse>
+std::vector<T> resolve_all(const std::vector<std::string>& values, Parse parse) {
+  std::vector<T> out;
+  for (const std::string& v : values) {
+    std::stringstream items(v);
+    std::string item;
+    while (std::getline(items, item, ',')) out.push_back(*parse(item));
+  }
+  return out;
+}
+
+// Adds --PREFIX-mode, --PREFIX-owner and --PREFIX-group.
+struct AccessOptions {
+  std::string mode = "0600";
+  std::string owner;
+  std::string group;
+  void add_to(CLI::App* app, const std::string& prefix, const std::string& which) {
+    app->add_option("--" + prefix + "-mode", mode,
+                    "Permission bits of the " + which + " socket file, in octal (connect needs write permission)")
+        ->default_val("0600")
+        ->check(CLI::Validator([](std::string& v) { return parse_mode(v) ? std::string() : "not an octal mode: " + v; },
+                               "MODE"));
+    app->add_option("--" + prefix + "-owner", owner, "User (name or uid) that owns the " + which + " socket file")
+        ->check(resolves(parse_user, "user"));
+    app->add_option("--" + prefix + "-group", group, "Group (name or gid) of the " + which + " socket file")
+        ->check(resolves(parse_group, "group"));
+  }
+  faultline::protocol::SocketAccess resolve() const {
+    faultline::protocol::SocketAccess a;
+    a.mode = *parse_mode(mode);
+    if (!owner.empty()) a.owner = parse_user(owner);
+    if (!group.empty()) a.group = parse_group(group);
+    return a;
+  }
+};
 
 // Sends one request line to a daemon's control socket; returns the reply line.
 faultline::Result<std::string> control_request(const std::string& path, const std::string& request) {
@@ -106,9 +203,43 @@ int main(int argc, char** argv) {
       ->default_val("kill")
       ->check(CLI::IsMember({"kill", "leave"}));
   serve->add_option("--handshake-timeout-ms", handshake_timeout_ms,
-                    "How long a connecting client may take to send its regions and uffd")
+                    "How long a connecting client may take to send its regions and uffd (Firecracker sends both in "
+                    "one message right after connecting)")
       ->default_val(5000)
-      ->check(CLI::Range(1, 600000));
+      ->check(CLI::Range(1, 60000));
+  AccessOptions socket_access, control_access;
+  socket_access.add_to(serve, "socket", "VM");
+  control_access.add_to(serve, "control", "control");
+  std::vector<std::string> allow_uids, allow_gids, control_allow_uids, control_allow_gids;
+  serve->add_option("--allow-uid", allow_uids,
+                    "Serve only VMs whose process runs as one of these users (names or uids, comma-separated or "
+                    "repeated; SO_PEERCRED); with --allow-gid, either list admits")
+      ->check(resolves(parse_user, "user"));
+  serve->add_option("--allow-gid", allow_gids,
+                    "Serve only VMs whose process has one of these groups, primary or supplementary (names or gids)")
+      ->check(resolves(parse_group, "group"));
+  serve->add_option("--control-allow-uid", control_allow_uids, "Answer the control socket only for these users")
+      ->check(resolves(parse_user, "user"));
+  serve->add_option("--control-allow-gid", control_allow_gids, "Answer the control socket only for these groups")
+      ->check(resolves(parse_group, "group"));
+  serve->add_option("--max-handshakes", config.max_handshakes,
+                    "Most connections receiving their handshake at once; more are refused")
+      ->default_val(32)
+      ->check(CLI::Range(1, 4096));
+  serve->add_option("--max-sessions", config.max_sessions,
+                    "Most VMs served at once (connections mid-handshake included); more are refused")
+      ->default_val(256)
+      ->check(CLI::Range(1, 65536));
+  int control_timeout_ms = 2000;
+  serve->add_option("--control-timeout-ms", control_timeout_ms,
+                    "A control request must arrive, and its reply be read, within this time; a slower client is "
+                    "dropped")
+      ->default_val(2000)
+      ->check(CLI::Range(1, 60000));
+  serve->add_option("--record-dir", config.record_dir,
+                    "Directory under which `faultline record` (through the control socket) writes working sets; "
+                    "without it the control socket refuses to write files")
+      ->check(CLI::ExistingDirectory);
   serve->add_option("--log-format", log_format, "Log lines as logfmt text or JSON objects")
       ->default_val("text")
       ->check(CLI::IsMember({"text", "json"}));
@@ -173,11 +304,15 @@ int main(int argc, char** argv) {
   zero_index->add_option("--memory", zi_memory, "Memory snapshot file")->required()->check(CLI::ExistingFile);
   zero_index->add_option("--output", zi_output, "Index file (default MEMORY.zeroidx)");
 
-  std::string record_output;
-  CLI::App* record = app.add_subcommand("record", "Write a live session's working set now (needs serve --control)");
+  std::string record_name;
+  CLI::App* record = app.add_subcommand(
+      "record", "Write a live session's working set now (needs serve --control and --record-dir)");
   record->add_option("--control", control_path, "The daemon's control socket")->required();
   record->add_option("--session", session_id, "Session id, as in the session_start log line")->required();
-  record->add_option("--output", record_output, "Working-set file to write")->required();
+  record->add_option("--name", record_name,
+                     "File name to write inside the daemon's --record-dir (a plain name: no '/', not starting "
+                     "with '.'); replaced atomically if it exists")
+      ->required();
 
   CLI11_PARSE(app, argc, argv);
 
@@ -203,8 +338,9 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (record->parsed()) {
-    nlohmann::json req{{"cmd", "record"}, {"session", session_id}, {"path", record_output}};
-    return print_control_reply(control_request(control_path, req.dump()));
+    nlohmann::json req{{"cmd", "record"}, {"session", session_id}, {"name", record_name}};
+    return print_control_reply(
+        control_request(control_path, req.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
   }
 
   if (sessions->parsed()) return print_control_reply(control_request(control_path, R"({"cmd":"sessions"})"));
@@ -228,6 +364,13 @@ int main(int argc, char** argv) {
     config.reader_serves_cached = reader_serves == "on";
     config.busy_poll = std::chrono::microseconds(busy_poll_us);
     config.handshake_timeout = std::chrono::milliseconds(handshake_timeout_ms);
+    config.control_timeout = std::chrono::milliseconds(control_timeout_ms);
+    config.socket_access = socket_access.resolve();
+    config.control_access = control_access.resolve();
+    config.allow.uids = resolve_all<uid_t>(allow_uids, parse_user);
+    config.allow.gids = resolve_all<gid_t>(allow_gids, parse_group);
+    config.control_allow.uids = resolve_all<uid_t>(control_allow_uids, parse_user);
+    config.control_allow.gids = resolve_all<gid_t>(control_allow_gids, parse_group);
 
     auto server = faultline::Server::create(config, logger);
     if (!server) {

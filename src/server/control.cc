@@ -1,5 +1,6 @@
 #include "server/control.h"
 
+#include <exception>
 #include <nlohmann/json.hpp>
 
 #include "server/server.h"
@@ -8,51 +9,115 @@ namespace faultline {
 
 namespace {
 
-nlohmann::ordered_json summary_json(const SessionSummary& s) {
-  nlohmann::ordered_json j;
+using nlohmann::json;
+using nlohmann::ordered_json;
+
+// Every reply is dumped with invalid UTF-8 replaced (U+FFFD): a session name,
+// a path or an error message may quote bytes a client sent.
+template <typename J>
+std::string dump(const J& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+ordered_json summary_json(const SessionSummary& s) {
+  ordered_json j;
   for (const LogField& f : summary_fields(s)) {
     std::visit([&](const auto& v) { j[std::string(f.key)] = v; }, f.value);
   }
   return j;
 }
 
-std::string error_json(const std::string& message) { return nlohmann::json{{"error", message}}.dump(); }
+Result<ControlRequest> parse(std::string_view line) {
+  // The server cuts a request at 64 KiB before it gets here; the parsed
+  // request is never dumped back (nlohmann's serializer recurses once per
+  // nesting level, so a hostile "[[[[...]]]]" must never reach it).
+  auto req = json::parse(line, nullptr, false);
+  if (req.is_discarded() || !req.is_object() || !req.contains("cmd") || !req["cmd"].is_string()) {
+    return fail("a request is one JSON object with a \"cmd\" string");
+  }
+  const std::string& cmd = req["cmd"].get_ref<const std::string&>();
+  ControlRequest r;
+  if (cmd == "sessions") {
+    r.command = ControlRequest::Command::kSessions;
+    return r;
+  }
+  if (cmd == "page_map" || cmd == "record") {
+    if (!req.contains("session") || !req["session"].is_number_unsigned()) {
+      return fail(cmd + " needs \"session\": the id from the session_start log line");
+    }
+    r.session = req["session"].get<uint64_t>();
+    if (cmd == "page_map") {
+      r.command = ControlRequest::Command::kPageMap;
+      if (req.contains("fallback")) {
+        if (!req["fallback"].is_boolean()) return fail("\"fallback\" must be true or false");
+        r.pagemap_fallback = req["fallback"].get<bool>();
+      }
+      return r;
+    }
+    r.command = ControlRequest::Command::kRecord;
+    if (!req.contains("name") || !req["name"].is_string()) {
+      return fail("record needs \"name\": a file name inside the daemon's --record-dir");
+    }
+    r.name = req["name"].get<std::string>();
+    return r;
+  }
+  std::string shown = cmd.substr(0, 64);
+  return fail("unknown command \"" + shown + (cmd.size() > 64 ? "...\"" : "\"") +
+              " (known: sessions, page_map, record)");
+}
+
+std::string answer(const Server& server, const ControlRequest& req) {
+  switch (req.command) {
+    case ControlRequest::Command::kSessions: {
+      ordered_json out;
+      out["sessions"] = ordered_json::array();
+      for (const SessionSummary& s : server.live_sessions()) out["sessions"].push_back(summary_json(s));
+      return dump(out);
+    }
+    case ControlRequest::Command::kPageMap: {
+      auto session = server.session(req.session);
+      if (!session) return control_error_reply("no running session " + std::to_string(req.session));
+      auto map = session->page_map(req.pagemap_fallback);
+      if (!map) return control_error_reply(map.error().describe());
+      return map->to_json();
+    }
+    case ControlRequest::Command::kRecord: {
+      auto recorded = server.record(req.session, req.name);
+      if (!recorded) return control_error_reply(recorded.error().describe());
+      return dump(ordered_json{{"path", recorded->path}, {"pages", recorded->pages}});
+    }
+  }
+  return control_error_reply("unhandled command");
+}
 
 }  // namespace
 
-std::string handle_control_request(const Server& server, std::string_view request) {
-  auto req = nlohmann::json::parse(request, nullptr, false);
-  if (req.is_discarded() || !req.is_object() || !req.contains("cmd") || !req["cmd"].is_string()) {
-    return error_json("a request is one JSON object with a \"cmd\" string");
+Result<ControlRequest> parse_control_request(std::string_view line) {
+  try {
+    return parse(line);
+  } catch (const std::exception& e) {
+    return fail(std::string("the request could not be processed: ") + e.what());
   }
-  const std::string cmd = req["cmd"];
-  if (cmd == "sessions") {
-    nlohmann::ordered_json out;
-    out["sessions"] = nlohmann::ordered_json::array();
-    for (const SessionSummary& s : server.live_sessions()) out["sessions"].push_back(summary_json(s));
-    return out.dump();
+}
+
+std::string control_error_reply(std::string_view message) {
+  try {
+    return dump(json{{"error", std::string(message)}});
+  } catch (...) {
+    return R"({"error":"the error could not be rendered"})";
   }
-  if (cmd == "page_map") {
-    if (!req.contains("session") || !req["session"].is_number_unsigned()) {
-      return error_json("page_map needs \"session\": the id from the session_start log line");
-    }
-    auto session = server.session(req["session"].get<uint64_t>());
-    if (!session) return error_json("no running session " + std::to_string(req["session"].get<uint64_t>()));
-    auto map = session->page_map(req.value("fallback", false));
-    if (!map) return error_json(map.error().describe());
-    return map->to_json();
+}
+
+std::string handle_control_request(const Server& server, std::string_view line) {
+  auto req = parse_control_request(line);
+  if (!req) return control_error_reply(req.error().describe());
+  try {
+    return answer(server, *req);
+  } catch (const std::exception& e) {
+    return control_error_reply(std::string("internal error: ") + e.what());
+  } catch (...) {
+    return control_error_reply("internal error");
   }
-  if (cmd == "record") {
-    if (!req.contains("session") || !req["session"].is_number_unsigned() || !req.contains("path") ||
-        !req["path"].is_string()) {
-      return error_json("record needs \"session\" and \"path\"");
-    }
-    auto session = server.session(req["session"].get<uint64_t>());
-    if (!session) return error_json("no running session " + std::to_string(req["session"].get<uint64_t>()));
-    if (auto st = session->write_record(req["path"].get<std::string>()); !st) return error_json(st.error().describe());
-    return nlohmann::json{{"path", req["path"]}, {"pages", session->recorded_pages()}}.dump();
-  }
-  return error_json("unknown command \"" + cmd + "\" (known: sessions, page_map, record)");
 }
 
 }  // namespace faultline

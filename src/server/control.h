@@ -1,21 +1,45 @@
 // The control socket: a Unix socket on which operators and tools ask a
 // running daemon about its sessions. One request per connection, one line of
 // JSON each way:
-//   {"cmd":"sessions"}                  -> {"sessions":[{summary}, ...]}
-//   {"cmd":"page_map","session":N}      -> PageMap::to_json() (the dirty query)
-//   {"cmd":"record","session":N,"path":P} -> writes the session's working set now
+//   {"cmd":"sessions"}                    -> {"sessions":[{summary}, ...]}
+//   {"cmd":"page_map","session":N}        -> PageMap::to_json() (the dirty query)
+//   {"cmd":"record","session":N,"name":F} -> writes the session's working set now,
+//                                            to F inside the daemon's --record-dir
 // Errors come back as {"error":"..."}.
 //
-// Thread-safety: handle_control_request() is safe from any thread.
+// The socket is served on its own thread with a deadline per request (see
+// Server); this file turns a request line into a reply and never throws,
+// whatever bytes the line holds.
+//
+// Thread-safety: every function is safe from any thread.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <string_view>
+
+#include "common/error.h"
 
 namespace faultline {
 
 class Server;
 
-std::string handle_control_request(const Server& server, std::string_view request);
+struct ControlRequest {
+  enum class Command { kSessions, kPageMap, kRecord };
+  Command command = Command::kSessions;
+  uint64_t session = 0;
+  bool pagemap_fallback = false;  // page_map: read /proc/PID/pagemap instead of PAGEMAP_SCAN
+  std::string name;               // record: a plain file name inside --record-dir
+};
+
+// Parses one request line. Pure: no I/O, no shared state; never throws.
+Result<ControlRequest> parse_control_request(std::string_view line);
+
+// {"error":"..."} for `message`, whatever bytes it holds (invalid UTF-8 is
+// replaced, never thrown on).
+std::string control_error_reply(std::string_view message);
+
+// Parses `line` and answers it from `server`'s state.
+std::string handle_control_request(const Server& server, std::string_view line);
 
 }  // namespace faultline

@@ -1,5 +1,6 @@
 #include "server/server.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -7,19 +8,39 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <exception>
 
+#include "common/atomic_file.h"
 #include "kernel/process.h"
-#include "server/control.h"
 #include "protocol/handshake_socket.h"
+#include "server/control.h"
+#include "server/test_hooks.h"
 
 namespace faultline {
+
+const char* to_string(RefusalCause cause) {
+  switch (cause) {
+    case RefusalCause::kPeerNotAllowed: return "peer_not_allowed";
+    case RefusalCause::kTooManyHandshakes: return "too_many_handshakes";
+    case RefusalCause::kTooManySessions: return "too_many_sessions";
+    case RefusalCause::kOutOfResources: return "out_of_resources";
+    case RefusalCause::kHandshakeTimeout: return "handshake_timeout";
+    case RefusalCause::kBadHandshake: return "bad_handshake";
+    case RefusalCause::kTooManyRegions: return "too_many_regions";
+    case RefusalCause::kLayoutRejected: return "layout_rejected";
+  }
+  return "unknown";
+}
 
 struct Server::Connection {
   uint64_t id = 0;
   UniqueFd fd;
+  protocol::PeerIdentity peer;
   std::thread thread;
   std::atomic<bool> done{false};
+  bool serving = false;              // GUARDED_BY(Server::mu_): counted in serving_, else in handshaking_
   std::mutex mu;
   std::shared_ptr<Session> session;  // GUARDED_BY(mu)
 };
@@ -53,13 +74,38 @@ Result<std::shared_ptr<const ZeroIndex>> open_zero_index(const ServerConfig& con
   return std::make_shared<const ZeroIndex>(std::move(*built));
 }
 
+// The peer's supplementary groups (SO_PEERGROUPS, Linux 4.13+).
+std::vector<gid_t> peer_groups(int fd) {
+  std::vector<gid_t> groups(64);
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    socklen_t len = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &len) == 0) {
+      groups.resize(len / sizeof(gid_t));
+      return groups;
+    }
+    if (errno != ERANGE) break;
+    groups.resize(len / sizeof(gid_t) + 1);  // the kernel said how much room it needs
+  }
+  return {};
+}
+
+std::string describe_access(const protocol::SocketAccess& a) {
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(a.mode & 07777));
+  std::string s = mode;
+  if (a.owner) s += " owner=" + std::to_string(*a.owner);
+  if (a.group) s += " group=" + std::to_string(*a.group);
+  return s;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const Logger& logger) {
+  if (config.max_handshakes == 0 || config.max_sessions == 0) {
+    return fail("max_handshakes and max_sessions must be at least 1", EINVAL);
+  }
   auto memory = MemoryFile::open(config.memory_path);
   if (!memory) return std::unexpected(memory.error());
-  auto listener = protocol::UnixListener::bind(config.socket_path);
-  if (!listener) return std::unexpected(listener.error());
   std::shared_ptr<const WorkingSet> prefetch;
   if (!config.prefetch_path.empty()) {
     auto set = read_working_set(config.prefetch_path, (*memory)->size());
@@ -72,11 +118,24 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
     if (!z) return std::unexpected(z.error());
     zero_index = std::move(*z);
   }
-  auto server = std::unique_ptr<Server>(new Server(config, logger, std::move(*memory), std::move(*listener)));
+  UniqueFd record_dir;
+  if (!config.record_dir.empty()) {
+    record_dir.reset(::open(config.record_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    if (!record_dir) return fail_errno("cannot open the record directory " + config.record_dir);
+  }
+  UniqueFd stop_efd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!stop_efd) return fail_errno("eventfd for the stop signal failed");
+  UniqueFd reserve(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  if (!reserve) return fail_errno("cannot open /dev/null (the fd kept in reserve for EMFILE)");
+  auto listener = protocol::UnixListener::bind(config.socket_path, config.socket_access);
+  if (!listener) return std::unexpected(listener.error());
+  auto server = std::unique_ptr<Server>(new Server(config, logger, std::move(*memory), std::move(*listener),
+                                                   std::move(stop_efd), std::move(reserve)));
   server->prefetch_ = std::move(prefetch);
   server->zero_index_ = std::move(zero_index);
+  server->record_dir_fd_ = std::move(record_dir);
   if (!config.control_path.empty()) {
-    auto control = protocol::UnixListener::bind(config.control_path);
+    auto control = protocol::UnixListener::bind(config.control_path, config.control_access);
     if (!control) return std::unexpected(control.error());
     server->control_.emplace(std::move(*control));
   }
@@ -84,13 +143,17 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
 }
 
 Server::Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
-               protocol::UnixListener listener)
-    : config_(std::move(config)), log_(logger), memory_(std::move(memory)), listener_(std::move(listener)) {
-  stop_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-}
+               protocol::UnixListener listener, UniqueFd stop_efd, UniqueFd reserve_fd)
+    : config_(std::move(config)),
+      log_(logger),
+      memory_(std::move(memory)),
+      listener_(std::move(listener)),
+      stop_efd_(std::move(stop_efd)),
+      reserve_fd_(std::move(reserve_fd)) {}
 
 Server::~Server() {
   stop();
+  if (control_thread_.joinable()) control_thread_.join();
   reap(true);
 }
 
@@ -101,47 +164,47 @@ void Server::stop() {
 
 Status Server::run() {
   log_.info("server_start", {{"socket", config_.socket_path},
+                             {"socket_access", describe_access(config_.socket_access)},
                              {"memory", config_.memory_path},
                              {"memory_bytes", memory_->size()},
                              {"workers_per_session", config_.workers_per_session},
                              {"on_fatal", to_string(config_.on_fatal)},
+                             {"max_handshakes", config_.max_handshakes},
+                             {"max_sessions", config_.max_sessions},
+                             {"control", config_.control_path},
                              {"record", config_.record_path},
+                             {"record_dir", config_.record_dir},
                              {"prefetch", config_.prefetch_all ? std::string("all") : config_.prefetch_path},
                              {"prefetch_pages", prefetch_ ? prefetch_->offsets.size() : 0},
                              {"zero_pages", zero_index_ ? zero_index_->zero_pages() : 0}});
+  if (control_) {
+    try {
+      control_thread_ = std::thread([this] { control_loop(); });
+    } catch (const std::system_error& e) {
+      return fail(std::string("cannot start the control socket thread: ") + e.what(), e.code().value());
+    }
+  }
+  Status status;
   for (;;) {
-    std::array<pollfd, 3> fds{{{listener_.fd(), POLLIN, 0},
-                               {stop_efd_.get(), POLLIN, 0},
-                               {control_ ? control_->fd() : -1, POLLIN, 0}}};
+    std::array<pollfd, 2> fds{{{listener_.fd(), POLLIN, 0}, {stop_efd_.get(), POLLIN, 0}}};
     // Wake up now and then to join the threads of sessions that ended.
     const int rc = ::poll(fds.data(), fds.size(), 200);
-    if (rc < 0 && errno != EINTR) return fail_errno("poll on the listening socket failed");
+    if (rc < 0 && errno != EINTR) {
+      status = fail_errno("poll on the listening socket failed");
+      break;
+    }
     reap(false);
     if (fds[1].revents) break;
-    if (fds[2].revents & POLLIN) {
-      int cfd = ::accept4(control_->fd(), nullptr, nullptr, SOCK_CLOEXEC);
-      if (cfd >= 0) {
-        UniqueFd owned(cfd);
-        answer_control(cfd);
-      }
-    }
     if (rc <= 0 || !(fds[0].revents & POLLIN)) continue;
-    int cfd = ::accept4(listener_.fd(), nullptr, nullptr, SOCK_CLOEXEC);
-    if (cfd < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
-      log_.error("accept_failed", {{"error", std::string(std::strerror(errno))}});
-      continue;
+    // Nothing a client does may take the daemon down: an exception here
+    // (an allocation failing under memory pressure) refuses that client.
+    try {
+      accept_vm();
+    } catch (const std::exception& e) {
+      log_.error("internal_error", {{"where", "accept"}, {"error", e.what()}});
+    } catch (...) {
+      log_.error("internal_error", {{"where", "accept"}, {"error", "unknown exception"}});
     }
-    auto c = std::make_unique<Connection>();
-    c->id = next_id_++;
-    c->fd.reset(cfd);
-    Connection* raw = c.get();
-    {
-      std::lock_guard lock(mu_);
-      connections_.push_back(std::move(c));
-    }
-    connection_threads_.fetch_add(1, std::memory_order_acq_rel);
-    raw->thread = std::thread([this, raw] { handle_connection(*raw); });
   }
   {
     std::lock_guard lock(mu_);
@@ -151,36 +214,209 @@ Status Server::run() {
       if (c->session) c->session->stop();
     }
   }
+  stop();  // the control thread watches the same eventfd
+  if (control_thread_.joinable()) control_thread_.join();
   reap(true);
-  log_.info("server_stop", {{"sessions", finished_sessions().size()}});
-  return {};
+  log_.info("server_stop", {{"sessions", finished_total()}});
+  return status;
 }
 
-void Server::answer_control(int fd) const {
-  // One short request per connection; a client that stalls is dropped
-  // after a second so it cannot hold up accepting VMs.
-  timeval tv{1, 0};
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  std::string request;
-  char buf[4096];
-  while (request.find('\n') == std::string::npos && request.size() < 65536) {
-    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
-    if (n <= 0) break;
-    request.append(buf, static_cast<size_t>(n));
+bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) {
+  const int fd = ::accept4(listener_fd, nullptr, nullptr, SOCK_CLOEXEC);
+  if (fd >= 0) {
+    out->reset(fd);
+    return true;
   }
-  std::string reply = handle_control_request(*this, request.substr(0, request.find('\n'))) + "\n";
-  size_t off = 0;
-  while (off < reply.size()) {
-    const ssize_t n = ::send(fd, reply.data() + off, reply.size() - off, MSG_NOSIGNAL);
-    if (n <= 0) break;
-    off += static_cast<size_t>(n);
+  const int err = errno;
+  if (err == EINTR || err == EAGAIN || err == ECONNABORTED) return false;
+  if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) {
+    log_.error("accept_failed", {{"socket", socket}, {"error", std::string(std::strerror(err))}});
+    return false;
+  }
+  // Out of fds: the connection stays queued and the listener readable, so
+  // without this every poll would return at once. Free the reserved fd,
+  // accept the connection on it and refuse it; then take the reserve back.
+  std::lock_guard lock(reserve_mu_);
+  reserve_fd_.reset();
+  UniqueFd shed(::accept4(listener_fd, nullptr, nullptr, SOCK_CLOEXEC));
+  protocol::PeerCredentials cred;
+  bool uffd = false;
+  if (shed) {
+    if (auto c = protocol::peer_credentials(shed.get())) cred = *c;
+    // With no free fd slot the kernel drops any fds the client sent
+    // (MSG_CTRUNC): then it may have sent its uffd.
+    uffd = std::string_view(socket) == "vm" && protocol::drain_pending_uffd(shed.get());
+    shed.reset();
+  }
+  bool killed = false;
+  if (uffd && config_.on_fatal == OnFatal::kKill && cred.pid > 0) {
+    // The connection is closed, so one fd is free for a pidfd; the pid was
+    // taken from the live connection a moment ago.
+    if (auto peer = kernel::PeerProcess::open(cred.pid)) killed = peer->kill().has_value();
+  }
+  reserve_fd_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  log_.error("connection_refused", {{"socket", socket},
+                                    {"reason", to_string(RefusalCause::kOutOfResources)},
+                                    {"error", std::string(std::strerror(err))},
+                                    {"pid", static_cast<int64_t>(cred.pid)},
+                                    {"uid", static_cast<uint64_t>(cred.uid)},
+                                    {"uffd_received", uffd},
+                                    {"peer_killed", killed}});
+  if (std::string_view(socket) == "vm") note_rejected(std::string("out of resources: ") + std::strerror(err));
+  return false;
+}
+
+bool Server::allowed(const PeerAllowList& list, int connection_fd, const protocol::PeerCredentials& cred) const {
+  if (list.empty()) return true;
+  if (std::find(list.uids.begin(), list.uids.end(), cred.uid) != list.uids.end()) return true;
+  if (std::find(list.gids.begin(), list.gids.end(), cred.gid) != list.gids.end()) return true;
+  for (gid_t g : peer_groups(connection_fd)) {
+    if (std::find(list.gids.begin(), list.gids.end(), g) != list.gids.end()) return true;
+  }
+  return false;
+}
+
+void Server::refuse(UniqueFd connection, const protocol::PeerIdentity& peer, RefusalCause cause,
+                    const std::string& why) {
+  // A Firecracker sends its uffd right after connecting; if it is already
+  // here the VM would resume with nobody serving it. If not, closing now
+  // makes its sendmsg fail and its snapshot load fail cleanly.
+  HookContext hook{static_cast<uint64_t>(connection.get()), 0, 0};
+  FAULTLINE_HOOK(HookPoint::kServerBeforeRefuse, hook);
+  const bool uffd = cause != RefusalCause::kPeerNotAllowed && protocol::drain_pending_uffd(connection.get());
+  connection.reset();
+  bool killed = false;
+  if (uffd && peer.pidfd) {
+    killed = kill_unserved_peer(peer);
+  } else if (uffd && peer.cred.pid > 0 && config_.on_fatal == OnFatal::kKill) {
+    // No pidfd was to be had when it connected (EMFILE); closing the
+    // connection freed one fd for it now.
+    if (auto p = kernel::PeerProcess::open(peer.cred.pid)) killed = p->kill().has_value();
+  }
+  log_.error("connection_refused", {{"socket", "vm"},
+                                    {"reason", to_string(cause)},
+                                    {"error", why},
+                                    {"pid", static_cast<int64_t>(peer.cred.pid)},
+                                    {"uid", static_cast<uint64_t>(peer.cred.uid)},
+                                    {"gid", static_cast<uint64_t>(peer.cred.gid)},
+                                    {"uffd_received", uffd},
+                                    {"peer_killed", killed}});
+  note_rejected(std::string(to_string(cause)) + ": " + why);
+}
+
+void Server::accept_vm() {
+  UniqueFd conn;
+  if (!accept_or_shed(listener_.fd(), "vm", &conn)) return;
+  auto peer = protocol::identify_peer(conn.get());
+  if (!peer) {
+    // No pidfd for want of fds (or no credentials at all): refuse it, as
+    // any new work under EMFILE.
+    protocol::PeerIdentity who;
+    if (auto cred = protocol::peer_credentials(conn.get())) who.cred = *cred;
+    refuse(std::move(conn), who, RefusalCause::kOutOfResources, peer.error().describe());
+    return;
+  }
+  if (!allowed(config_.allow, conn.get(), peer->cred)) {
+    refuse(std::move(conn), *peer, RefusalCause::kPeerNotAllowed,
+           "uid " + std::to_string(peer->cred.uid) + " gid " + std::to_string(peer->cred.gid) +
+               " is not in the allow-list (--allow-uid/--allow-gid)");
+    return;
+  }
+  // Limits are checked and the connection counted in one step, so that a
+  // burst of connections cannot all pass the check.
+  std::optional<RefusalCause> cause;
+  std::string why;
+  Connection* raw = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    if (handshaking_ >= config_.max_handshakes) {
+      cause = RefusalCause::kTooManyHandshakes;
+      why = std::to_string(handshaking_) + " connections are mid-handshake (--max-handshakes " +
+            std::to_string(config_.max_handshakes) + ")";
+    } else if (handshaking_ + serving_ >= config_.max_sessions) {
+      cause = RefusalCause::kTooManySessions;
+      why = std::to_string(serving_) + " VMs are being served and " + std::to_string(handshaking_) +
+            " are connecting (--max-sessions " + std::to_string(config_.max_sessions) + ")";
+    } else {
+      auto c = std::make_unique<Connection>();
+      c->id = next_id_++;
+      c->fd = std::move(conn);
+      c->peer = std::move(*peer);
+      raw = c.get();
+      connections_.push_back(std::move(c));
+      ++handshaking_;
+    }
+  }
+  if (cause) {
+    refuse(std::move(conn), *peer, *cause, why);
+    return;
+  }
+  try {
+    raw->thread = std::thread([this, raw] { handle_connection_or_log(*raw); });
+    connection_threads_.fetch_add(1, std::memory_order_acq_rel);
+  } catch (const std::system_error& e) {
+    // No thread (EAGAIN: the process or the system is at its thread limit).
+    UniqueFd fd = std::move(raw->fd);
+    protocol::PeerIdentity who = std::move(raw->peer);
+    {
+      std::lock_guard lock(mu_);
+      --handshaking_;
+      raw->done = true;  // reaped without a join
+    }
+    refuse(std::move(fd), who, RefusalCause::kOutOfResources, std::string("cannot start a thread: ") + e.what());
   }
 }
 
-bool Server::kill_unserved_peer(pid_t pid) const {
-  if (config_.on_fatal != OnFatal::kKill) return false;
-  auto peer = kernel::PeerProcess::open(pid);
-  return peer && peer->kill().has_value();
+bool Server::kill_unserved_peer(const protocol::PeerIdentity& peer) const {
+  if (config_.on_fatal != OnFatal::kKill || !peer.pidfd) return false;
+  // Through the pidfd taken at accept: if that process has exited, the kill
+  // fails (ESRCH) instead of hitting whoever was given its pid since.
+  return kernel::kill_through_pidfd(peer.pidfd.get(), peer.cred.pid).has_value();
+}
+
+void Server::note_rejected(std::string why) {
+  std::lock_guard lock(mu_);
+  rejected_.push_back(std::move(why));
+  while (rejected_.size() > config_.ended_history) rejected_.pop_front();
+  ++rejected_total_;
+  ended_cv_.notify_all();
+}
+
+void Server::handle_connection_or_log(Connection& c) {
+  // No exception may end the process from this thread: log it, end this
+  // connection. (Sessions catch their own threads' exceptions.)
+  try {
+    handle_connection(c);
+    return;
+  } catch (const std::exception& e) {
+    log_.error("internal_error", {{"where", "connection"}, {"session", c.id}, {"error", e.what()}});
+  } catch (...) {
+    log_.error("internal_error", {{"where", "connection"}, {"session", c.id}, {"error", "unknown exception"}});
+  }
+  std::lock_guard lock(mu_);
+  if (!c.done) {
+    (c.serving ? serving_ : handshaking_)--;
+    c.done = true;
+    ++rejected_total_;
+    ended_cv_.notify_all();
+  }
+}
+
+void Server::reject_session(Connection& c, RefusalCause cause, const std::string& error) {
+  // We hold the VM's uffd and cannot serve it: the guest would hang.
+  const bool killed = kill_unserved_peer(c.peer);
+  log_.error("session_rejected", {{"session", c.id},
+                                  {"pid", static_cast<int64_t>(c.peer.cred.pid)},
+                                  {"reason", to_string(cause)},
+                                  {"error", error},
+                                  {"peer_killed", killed},
+                                  {"on_fatal", to_string(config_.on_fatal)}});
+  {
+    std::lock_guard lock(mu_);
+    --handshaking_;
+    c.done = true;
+  }
+  note_rejected(error);
 }
 
 void Server::handle_connection(Connection& c) {
@@ -189,26 +425,52 @@ void Server::handle_connection(Connection& c) {
   protocol::HandshakeFailure failure;
   auto hs = protocol::receive_handshake(std::move(c.fd), options, &failure);
   if (!hs) {
-    // A client that already handed over its uffd may resume a VM nobody
-    // serves: it would hang on its first fault. --on-fatal applies.
-    const bool killed = failure.uffd_received && failure.peer && kill_unserved_peer(failure.peer->pid);
+    // A client that already handed over its uffd (or fds the kernel had to
+    // drop) may resume a VM nobody serves: it would hang on its first
+    // fault. --on-fatal applies.
+    const bool killed = (failure.uffd_received || failure.fds_lost) && kill_unserved_peer(c.peer);
+    const RefusalCause cause =
+        hs.error().code == ETIMEDOUT ? RefusalCause::kHandshakeTimeout : RefusalCause::kBadHandshake;
     log_.error("handshake_failed", {{"session", c.id},
-                                    {"pid", failure.peer ? static_cast<int64_t>(failure.peer->pid) : int64_t{0}},
+                                    {"pid", static_cast<int64_t>(c.peer.cred.pid)},
+                                    {"reason", to_string(cause)},
                                     {"error", hs.error().describe()},
                                     {"uffd_received", failure.uffd_received},
                                     {"peer_killed", killed}});
-    std::lock_guard lock(mu_);
-    rejected_.push_back(hs.error().describe());
-    c.done = true;
-    ended_cv_.notify_all();
+    {
+      std::lock_guard lock(mu_);
+      --handshaking_;
+      c.done = true;
+    }
+    note_rejected(hs.error().describe());
     return;
   }
   const pid_t pid = hs->peer.pid;
+  // The session watches and signals its VM through the pidfd taken at
+  // accept time; the connection keeps the original for the error path.
+  if (c.peer.pidfd) {
+    const int dup = ::fcntl(c.peer.pidfd.get(), F_DUPFD_CLOEXEC, 0);
+    if (dup < 0) {
+      reject_session(c, RefusalCause::kOutOfResources, std::string("no fd for the session's pidfd: ") +
+                                                           std::strerror(errno));
+      return;
+    }
+    hs->peer_pidfd.reset(dup);
+  }
+  if (pid == 0) {
+    log_.warn("peer_pid_unknown",
+              {{"session", c.id},
+               {"pidfd", protocol::to_string(c.peer.source)},
+               {"note", "the client is in a pid namespace this daemon cannot see: it cannot be killed, its "
+                        "write-protect registration cannot be read from /proc (installs are not protected), "
+                        "and its exit is seen through the pidfd if the kernel gave one, else through the socket"}});
+  }
   SessionConfig sc{.id = c.id,
                    .workers = config_.workers_per_session,
                    .on_fatal = config_.on_fatal,
                    .logger = &log_,
                    .record_path = config_.record_path,
+                   .record_first_touches = !config_.record_dir.empty(),
                    .prefetch = prefetch_,
                    .prefetch_all = config_.prefetch_all,
                    .prefetch_threads = config_.prefetch_threads,
@@ -217,14 +479,7 @@ void Server::handle_connection(Connection& c) {
                    .busy_poll = config_.busy_poll};
   auto session = Session::start(std::move(*hs), memory_, sc);
   if (!session) {
-    // We hold the VM's uffd and cannot serve it: the guest would hang.
-    const bool killed = kill_unserved_peer(pid);
-    log_.error("session_rejected", {{"session", c.id}, {"pid", pid}, {"error", session.error().describe()},
-                                    {"peer_killed", killed}, {"on_fatal", to_string(config_.on_fatal)}});
-    std::lock_guard lock(mu_);
-    rejected_.push_back(session.error().describe());
-    c.done = true;
-    ended_cv_.notify_all();
+    reject_session(c, RefusalCause::kLayoutRejected, session.error().describe());
     return;
   }
   std::shared_ptr<Session> owned = std::move(*session);
@@ -233,14 +488,136 @@ void Server::handle_connection(Connection& c) {
     std::lock_guard lock(mu_);
     std::lock_guard clock(c.mu);
     c.session = std::move(owned);
+    --handshaking_;
+    ++serving_;
+    c.serving = true;
     if (stopping_) s->stop();
   }
   s->wait();
   std::lock_guard lock(mu_);
   finished_.push_back(s->summary());
+  while (finished_.size() > config_.ended_history) finished_.pop_front();
+  ++finished_total_;
+  --serving_;
   c.done = true;
   ended_cv_.notify_all();
 }
+
+// --- control socket ----------------------------------------------------------
+
+void Server::control_loop() {
+  for (;;) {
+    std::array<pollfd, 2> fds{{{control_->fd(), POLLIN, 0}, {stop_efd_.get(), POLLIN, 0}}};
+    const int rc = ::poll(fds.data(), fds.size(), -1);
+    if (rc < 0 && errno != EINTR) {
+      log_.error("control_failed", {{"error", std::string("poll: ") + std::strerror(errno)}});
+      return;
+    }
+    if (fds[1].revents) return;
+    if (rc <= 0 || !(fds[0].revents & POLLIN)) continue;
+    try {
+      UniqueFd conn;
+      if (!accept_or_shed(control_->fd(), "control", &conn)) continue;
+      auto cred = protocol::peer_credentials(conn.get());
+      if (!cred || !allowed(config_.control_allow, conn.get(), *cred)) {
+        log_.error("connection_refused",
+                   {{"socket", "control"},
+                    {"reason", to_string(RefusalCause::kPeerNotAllowed)},
+                    {"error", cred ? "uid " + std::to_string(cred->uid) + " gid " + std::to_string(cred->gid) +
+                                         " is not in the control allow-list (--control-allow-uid/--control-allow-gid)"
+                                   : cred.error().describe()},
+                    {"pid", static_cast<int64_t>(cred ? cred->pid : 0)},
+                    {"uid", static_cast<uint64_t>(cred ? cred->uid : 0)}});
+        continue;
+      }
+      serve_control(std::move(conn));
+    } catch (const std::exception& e) {
+      log_.error("internal_error", {{"where", "control"}, {"error", e.what()}});
+    } catch (...) {
+      log_.error("internal_error", {{"where", "control"}, {"error", "unknown exception"}});
+    }
+  }
+}
+
+void Server::serve_control(UniqueFd connection) {
+  using Clock = std::chrono::steady_clock;
+  // One deadline for the whole exchange: a client that trickles its request
+  // or never reads its reply holds this thread for control_timeout at most,
+  // and never the accept loop or any session.
+  const Clock::time_point deadline = Clock::now() + config_.control_timeout;
+  const int fd = connection.get();
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+  constexpr size_t kMaxRequest = 64 * 1024;
+  // Waits until `fd` is ready for `events` or the deadline; false on the
+  // deadline or a stop.
+  auto wait_ready = [&](short events) {
+    for (;;) {
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      if (left <= 0) return false;
+      std::array<pollfd, 2> fds{{{fd, events, 0}, {stop_efd_.get(), POLLIN, 0}}};
+      const int rc = ::poll(fds.data(), fds.size(), static_cast<int>(std::min<int64_t>(left, 60000)));
+      if (rc < 0 && errno == EINTR) continue;
+      if (rc < 0 || fds[1].revents) return false;
+      if (rc > 0) return true;
+    }
+  };
+  auto timed_out = [&](const char* what, size_t bytes) {
+    log_.warn("control_timeout", {{"phase", what},
+                                  {"bytes", bytes},
+                                  {"timeout_ms", static_cast<int64_t>(config_.control_timeout.count())}});
+  };
+
+  std::string request;
+  char buf[4096];
+  bool too_long = false;
+  while (request.find('\n') == std::string::npos) {
+    if (request.size() > kMaxRequest) {
+      too_long = true;
+      break;
+    }
+    if (!wait_ready(POLLIN)) return timed_out("request", request.size());
+    const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+    if (n <= 0) break;  // EOF ends the request too (a client may shut down its write side)
+    request.append(buf, static_cast<size_t>(n));
+  }
+  std::string reply = too_long ? control_error_reply("a request is one line of at most " + std::to_string(kMaxRequest) +
+                                                     " bytes")
+                               : handle_control_request(*this, request.substr(0, request.find('\n')));
+  if (reply.size() > config_.max_control_reply_bytes) {
+    reply = control_error_reply("the reply is " + std::to_string(reply.size()) + " bytes, over the limit of " +
+                                std::to_string(config_.max_control_reply_bytes));
+  }
+  reply += '\n';
+  size_t off = 0;
+  while (off < reply.size()) {
+    const ssize_t n = ::send(fd, reply.data() + off, reply.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+      if (!wait_ready(POLLOUT)) return timed_out("reply", off);
+      continue;
+    }
+    if (n <= 0) return;  // the client went away
+    off += static_cast<size_t>(n);
+  }
+}
+
+Result<Server::Recorded> Server::record(uint64_t id, const std::string& name) const {
+  if (!record_dir_fd_) {
+    return fail("record through the control socket is off: start the daemon with --record-dir DIR", EPERM);
+  }
+  if (auto st = check_plain_file_name(name); !st) {
+    return fail("record name \"" + name + "\" is refused: " + st.error().message, st.error().code);
+  }
+  auto s = session(id);
+  if (!s) return fail("no running session " + std::to_string(id), ENOENT);
+  const WorkingSet set = s->recorded_working_set();
+  if (auto st = write_file_atomically(record_dir_fd_.get(), name, serialize_working_set(set), 0640); !st) {
+    return fail("writing " + config_.record_dir + "/" + name + " failed: " + st.error().message, st.error().code);
+  }
+  return Recorded{config_.record_dir + "/" + name, set.offsets.size()};
+}
+
+// --- bookkeeping -----------------------------------------------------------
 
 void Server::reap(bool all) {
   std::list<std::unique_ptr<Connection>> done;
@@ -265,19 +642,32 @@ void Server::reap(bool all) {
 
 std::vector<SessionSummary> Server::finished_sessions() const {
   std::lock_guard lock(mu_);
-  return finished_;
+  return {finished_.begin(), finished_.end()};
 }
 
 std::vector<std::string> Server::rejected_connections() const {
   std::lock_guard lock(mu_);
-  return rejected_;
+  return {rejected_.begin(), rejected_.end()};
+}
+
+uint64_t Server::finished_total() const {
+  std::lock_guard lock(mu_);
+  return finished_total_;
+}
+
+uint64_t Server::rejected_total() const {
+  std::lock_guard lock(mu_);
+  return rejected_total_;
 }
 
 size_t Server::active_sessions() const {
   std::lock_guard lock(mu_);
-  size_t n = 0;
-  for (const auto& c : connections_) n += c->done ? 0 : 1;
-  return n;
+  return serving_ + handshaking_;
+}
+
+size_t Server::handshakes_in_progress() const {
+  std::lock_guard lock(mu_);
+  return handshaking_;
 }
 
 std::shared_ptr<Session> Server::session(uint64_t id) const {
@@ -301,7 +691,7 @@ std::vector<SessionSummary> Server::live_sessions() const {
 
 bool Server::wait_for_ended(size_t n, std::chrono::milliseconds timeout) const {
   std::unique_lock lock(mu_);
-  return ended_cv_.wait_for(lock, timeout, [&] { return finished_.size() + rejected_.size() >= n; });
+  return ended_cv_.wait_for(lock, timeout, [&] { return finished_total_ + rejected_total_ >= n; });
 }
 
 }  // namespace faultline

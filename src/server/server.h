@@ -6,6 +6,20 @@
 // Model: one memory file per socket. Run one `faultline serve` per snapshot
 // (or per VM), each on its own socket.
 //
+// Trust boundary: whoever can connect to the VM socket can read the snapshot
+// and whoever can connect to the control socket can read page maps and write
+// working sets, so both sockets get an explicit mode and owner before the
+// first accept, peers may be limited to an allow-list of uids and gids
+// (SO_PEERCRED, SO_PEERGROUPS), and every peer is identified by a pidfd taken
+// at accept time. Everything a client can make the daemon hold is bounded:
+// concurrent handshakes and sessions, the handshake's duration, control
+// requests (served on their own thread with a deadline each), the history of
+// ended sessions. Each refusal is one log line; the daemon keeps serving.
+//
+// Threads: run()'s thread accepts VM connections; one thread per connection
+// receives the handshake and then waits for its session; one thread serves
+// the control socket, one request at a time.
+//
 // Thread-safety: run() from one thread; stop() from any thread or a signal
 // handler (it only writes an eventfd); the query methods from any thread.
 #pragma once
@@ -14,6 +28,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -33,14 +48,58 @@
 
 namespace faultline {
 
+// Which peers may use a socket, by SO_PEERCRED uid and by group (the peer's
+// primary group or any of its supplementary groups, SO_PEERGROUPS). Empty
+// (no uid and no gid): everyone who can open the socket file.
+struct PeerAllowList {
+  std::vector<uid_t> uids;
+  std::vector<gid_t> gids;
+  bool empty() const { return uids.empty() && gids.empty(); }
+};
+
+// Why a connection was refused before any session started (log field
+// `reason` of connection_refused / handshake_failed / session_rejected).
+enum class RefusalCause {
+  kPeerNotAllowed,     // not in the allow-list
+  kTooManyHandshakes,  // max_handshakes connections are already mid-handshake
+  kTooManySessions,    // max_sessions VMs are already being served
+  kOutOfResources,     // no fd (EMFILE/ENFILE), no thread or no memory for it
+  kHandshakeTimeout,   // the handshake did not complete in time
+  kBadHandshake,       // malformed, truncated or hostile handshake
+  kTooManyRegions,     // more regions than max_regions
+  kLayoutRejected,     // regions the memory file cannot serve, or a session that could not start
+};
+const char* to_string(RefusalCause cause);
+
 struct ServerConfig {
   std::string socket_path;
   std::string memory_path;
   int workers_per_session = 2;
   OnFatal on_fatal = OnFatal::kKill;
   std::chrono::milliseconds handshake_timeout{5000};
+  // Mode and owner of the VM socket and the control socket (set before the
+  // first accept), and which peers may use each.
+  protocol::SocketAccess socket_access;
+  protocol::SocketAccess control_access;
+  PeerAllowList allow;
+  PeerAllowList control_allow;
+  // At most this many connections mid-handshake, and this many VMs served
+  // (connections mid-handshake included), at once; more are refused.
+  size_t max_handshakes = 32;
+  size_t max_sessions = 256;
+  // Ended sessions and refused connections kept for finished_sessions() and
+  // rejected_connections() (the totals are counted regardless).
+  size_t ended_history = 1024;
   // Optional control socket (see control.h); empty: none.
   std::string control_path;
+  // A control request must arrive and its reply be read within this time.
+  std::chrono::milliseconds control_timeout{2000};
+  // Largest control reply (a page map of a huge, fragmented guest); a larger
+  // one is answered with an error instead.
+  size_t max_control_reply_bytes = 64 << 20;
+  // Directory under which `record` through the control socket writes (fixed
+  // at start-up); empty: the control socket refuses `record`.
+  std::string record_dir;
   // Working-set recording and replay (see snapshot/working_set.h).
   std::string record_path;    // write each session's first touches here when it ends
   std::string prefetch_path;  // install this working set as each VM starts
@@ -68,11 +127,18 @@ class Server {
   // Async-signal-safe.
   void stop();
 
-  // Summaries of sessions that have ended, in the order they ended.
+  // Summaries of the most recent ended sessions (at most
+  // config.ended_history), in the order they ended.
   std::vector<SessionSummary> finished_sessions() const;
-  // Handshake failures so far (sessions that never started), with reasons.
+  // The most recent refused connections and failed handshakes (sessions that
+  // never started), with reasons; at most config.ended_history.
   std::vector<std::string> rejected_connections() const;
+  // Totals since start, not bounded by the history.
+  uint64_t finished_total() const;
+  uint64_t rejected_total() const;
   size_t active_sessions() const;
+  // Connections accepted and still receiving their handshake.
+  size_t handshakes_in_progress() const;
   // Connection threads started and not yet joined (running, or ended and
   // waiting for the accept loop to join them, which it does every 200 ms).
   size_t connection_threads() const { return connection_threads_.load(std::memory_order_acquire); }
@@ -85,17 +151,43 @@ class Server {
   // or `timeout` passed. Returns whether the count was reached.
   bool wait_for_ended(size_t n, std::chrono::milliseconds timeout) const;
 
+  // Writes a running session's working set (first touches so far) to `name`
+  // inside config.record_dir, atomically. Returns the path and page count.
+  struct Recorded {
+    std::string path;
+    uint64_t pages = 0;
+  };
+  Result<Recorded> record(uint64_t session, const std::string& name) const;
+
   const std::string& socket_path() const { return config_.socket_path; }
+  const ServerConfig& config() const { return config_; }
 
  private:
   struct Connection;
   Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
-         protocol::UnixListener listener);
+         protocol::UnixListener listener, UniqueFd stop_efd, UniqueFd reserve_fd);
   // Under --on-fatal=kill, SIGKILLs a client that handed us a uffd we will
-  // not serve (its VM would hang on its first fault); true if it was killed.
-  bool kill_unserved_peer(pid_t pid) const;
+  // not serve (its VM would hang on its first fault), through the pidfd taken
+  // when it connected; true if it was killed.
+  bool kill_unserved_peer(const protocol::PeerIdentity& peer) const;
+  // Accepts one connection of `listener_fd` into `out`. Under EMFILE/ENFILE
+  // the pending connection is accepted on a reserved fd and shed (refused and
+  // logged) so that the listener does not stay readable forever; returns
+  // false then, or when there was nothing to accept.
+  bool accept_or_shed(int listener_fd, const char* socket, UniqueFd* out);
+  void accept_vm();
+  // Refuses a VM connection before its handshake: logged, counted, closed; a
+  // client that already sent its uffd is killed under --on-fatal=kill.
+  void refuse(UniqueFd connection, const protocol::PeerIdentity& peer, RefusalCause cause, const std::string& why);
+  bool allowed(const PeerAllowList& list, int connection_fd, const protocol::PeerCredentials& cred) const;
   void handle_connection(Connection& c);
-  void answer_control(int fd) const;
+  void handle_connection_or_log(Connection& c);
+  // A VM whose handshake arrived but whose session cannot start: logged
+  // (session_rejected), counted, and killed under --on-fatal=kill.
+  void reject_session(Connection& c, RefusalCause cause, const std::string& error);
+  void control_loop();
+  void serve_control(UniqueFd connection);
+  void note_rejected(std::string why);
   void reap(bool all);
 
   const ServerConfig config_;
@@ -105,16 +197,26 @@ class Server {
   std::shared_ptr<const ZeroIndex> zero_index_;
   protocol::UnixListener listener_;  // unlinks the socket path when destroyed
   std::optional<protocol::UnixListener> control_;
+  UniqueFd record_dir_fd_;
   UniqueFd stop_efd_;
+  // An fd held in reserve: under EMFILE it is closed to accept (and shed) the
+  // pending connection, then taken again.
+  mutable std::mutex reserve_mu_;
+  UniqueFd reserve_fd_;  // GUARDED_BY(reserve_mu_)
   uint64_t next_id_ = 1;
+  std::thread control_thread_;
 
   std::atomic<size_t> connection_threads_{0};
 
   mutable std::mutex mu_;
   mutable std::condition_variable ended_cv_;
   std::list<std::unique_ptr<Connection>> connections_;  // GUARDED_BY(mu_)
-  std::vector<SessionSummary> finished_;                // GUARDED_BY(mu_)
-  std::vector<std::string> rejected_;                   // GUARDED_BY(mu_)
+  std::deque<SessionSummary> finished_;                 // GUARDED_BY(mu_), at most ended_history
+  std::deque<std::string> rejected_;                    // GUARDED_BY(mu_), at most ended_history
+  uint64_t finished_total_ = 0;                         // GUARDED_BY(mu_)
+  uint64_t rejected_total_ = 0;                         // GUARDED_BY(mu_)
+  size_t handshaking_ = 0;                              // GUARDED_BY(mu_): connections mid-handshake
+  size_t serving_ = 0;                                  // GUARDED_BY(mu_): connections with a running session
   bool stopping_ = false;                               // GUARDED_BY(mu_)
 };
 

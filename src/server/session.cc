@@ -100,7 +100,12 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
   stop_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   finished_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
 
-  if (auto p = kernel::PeerProcess::open(handshake_.peer.pid)) {
+  // The pidfd taken when the VM connected, so that a pid reused since then
+  // is never watched or killed; a handshake received without one (tests,
+  // tools) falls back to pidfd_open.
+  if (handshake_.peer_pidfd) {
+    peer_ = kernel::PeerProcess::adopt(handshake_.peer.pid, std::move(handshake_.peer_pidfd));
+  } else if (auto p = kernel::PeerProcess::open(handshake_.peer.pid)) {
     peer_ = std::move(*p);
   } else {
     log_.warn("peer_pidfd_failed", {{"session", config_.id}, {"pid", handshake_.peer.pid},
@@ -131,7 +136,7 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
   // The reader's own stats and page buffer, for the faults it serves itself.
   reader_worker_ = std::make_unique<Worker>(workers_.size(), kPageSize4K);
   // Before any thread starts: the reader appends to it.
-  if (!config_.record_path.empty()) first_touches_.reserve(std::min<uint64_t>(layout().page_count(), 1 << 20));
+  if (recording()) first_touches_.reserve(std::min<uint64_t>(layout().page_count(), 1 << 20));
   const std::string id = std::to_string(config_.id);
   for (auto& w : workers_) {
     w->thread = std::thread([this, wp = w.get(), id] {
@@ -435,7 +440,7 @@ void Session::reader_loop() {
               if (pages_->planned(loc->page_index) && pages_->state(loc->page_index) == PageState::kUntouched) {
                 prefetch_late_.fetch_add(1, std::memory_order_relaxed);
               }
-              if (!config_.record_path.empty()) {
+              if (recording()) {
                 std::lock_guard lock(record_mu_);
                 first_touches_.push_back(loc->file_offset);
               }
@@ -866,7 +871,9 @@ uint64_t Session::recorded_pages() const {
   return first_touches_.size();
 }
 
-Status Session::write_record(const std::string& path) const {
+Status Session::write_record(const std::string& path) const { return write_working_set(path, recorded_working_set()); }
+
+WorkingSet Session::recorded_working_set() const {
   WorkingSet set;
   set.page_size = static_cast<uint32_t>(layout().regions().front().page_size);
   set.memory_file_size = source_->size();
@@ -874,7 +881,7 @@ Status Session::write_record(const std::string& path) const {
     std::lock_guard lock(record_mu_);
     set.offsets = first_touches_;
   }
-  return write_working_set(path, set);
+  return set;
 }
 
 void Session::prefetch_loop() {

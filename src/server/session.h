@@ -69,6 +69,9 @@ struct SessionConfig {
   // Record the first-touch order of faulted pages into this working-set file
   // when the session ends ("{session}" in the path becomes the session id).
   std::string record_path;
+  // Keep the first-touch order (for record_path, or for `record` through the
+  // control socket) even without record_path.
+  bool record_first_touches = false;
   // Install this working set in the background as the VM starts.
   std::shared_ptr<const WorkingSet> prefetch;
   // Install the whole snapshot in the background (eager fill).
@@ -204,6 +207,9 @@ class Session {
   // Writes the pages faulted so far, in first-touch order, to `path`.
   // Thread-safety: safe from any thread.
   Status write_record(const std::string& path) const;
+  // The pages faulted so far, in first-touch order, as a working set.
+  // Thread-safety: safe from any thread.
+  WorkingSet recorded_working_set() const;
   // Pages faulted so far (first touches).
   uint64_t recorded_pages() const;
 
@@ -250,6 +256,7 @@ class Session {
   bool demand_pending() const;
   void end(SessionEnd reason, std::string error = {});
   void finish();
+  bool recording() const { return config_.record_first_touches || !config_.record_path.empty(); }
 
   const SessionConfig config_;
   const Logger& log_;

@@ -21,6 +21,7 @@ enum class HookPoint {
   kReaderBeforeRead,       // event reader, before it reads a batch from the uffd
   kBeforeInstallIoctl,     // worker, before an install ioctl for a fault (page staged, fence not yet entered)
   kBeforePrefaultInstall,  // prefault, before its install ioctl
+  kServerBeforeRefuse,     // accept thread, before it drains a connection it refuses (address = the fd)
   kCount,
 };
 

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -62,6 +63,9 @@ class ServerHarness {
     LogFormat log_format = LogFormat::kText;
     bool reader_serves_cached = true;
     std::chrono::microseconds busy_poll{100};
+    // Anything else of the configuration (paths may live in the harness's
+    // temporary directory).
+    std::function<void(ServerConfig&, const TempDir&)> configure;
   };
 
   ServerHarness() : ServerHarness(Options{}) {}
@@ -81,6 +85,7 @@ class ServerHarness {
     c.handshake_timeout = o.handshake_timeout;
     c.reader_serves_cached = o.reader_serves_cached;
     c.busy_poll = o.busy_poll;
+    if (o.configure) o.configure(c, dir_);
     auto s = Server::create(c, *logger_);
     EXPECT_TRUE(s) << s.error().describe();
     if (s) {

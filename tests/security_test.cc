@@ -387,6 +387,23 @@ TEST_F(RecordDir, RecordWritesTheWorkingSetInsideTheRecordDirectory) {
   EXPECT_EQ(files, 1u);
 }
 
+TEST_F(RecordDir, TheRecordCommandWritesByName) {
+  const std::string out = outside_.file("cli.out");
+  const int status = wait_child(spawn({built_binary("faultline"), "record", "--control", h_->dir().file("ctl"),
+                                       "--session", "1", "--name", "viacli"},
+                                      out),
+                                std::chrono::seconds(20));
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(out);
+  EXPECT_NE(read_file(out).find(record_dir_ + "/viacli"), std::string::npos) << read_file(out);
+  EXPECT_TRUE(read_working_set(record_dir_ + "/viacli", 8 * kMiB));
+  const int bad = wait_child(spawn({built_binary("faultline"), "record", "--control", h_->dir().file("ctl"),
+                                    "--session", "1", "--name", "../up"},
+                                   out),
+                             std::chrono::seconds(20));
+  EXPECT_TRUE(WIFEXITED(bad) && WEXITSTATUS(bad) != 0) << read_file(out);
+  EXPECT_NE(read_file(out).find("may not contain '/'"), std::string::npos) << read_file(out);
+}
+
 TEST_F(RecordDir, NamesThatLeaveTheDirectoryAreRefused) {
   for (const std::string name : {"../escaped", "a/b", "/tmp/abs", ".hidden", "..", ".", ""}) {
     const std::string reply = record(name);

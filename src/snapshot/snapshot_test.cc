@@ -267,6 +267,25 @@ TEST_F(ZeroIndexTest, SampledCheckAlwaysReadsTheOnlyPageOfAClass) {
   }
 }
 
+TEST_F(ZeroIndexTest, SampledCheckFindsPagesBeforeItsRandomStartWhenTheBitmapEndsMidWord) {
+  // Found by the zero_index fuzz target: with 40 pages (a bitmap word that
+  // ends early) and data only in pages 0-15, a sample starting past page 15
+  // stopped at the end of the word instead of wrapping around, and checked
+  // nothing.
+  std::string bytes(40 * 4096, '\0');
+  std::fill(bytes.begin(), bytes.begin() + 16 * 4096, '\x07');
+  std::ofstream(path_, std::ios::binary | std::ios::trunc).write(bytes.data(), bytes.size());
+  const ZeroIndex z = build();
+  ASSERT_EQ(z.zero_pages(), 24u);
+  for (uint64_t p = 0; p < 16; ++p) write_page(p, 0);
+  auto src = MemoryFile::open(path_);
+  for (uint64_t seed = 0; seed < 32; ++seed) {
+    auto r = z.check_sample(**src, 1, seed);
+    ASSERT_FALSE(r) << "seed " << seed << " checked nothing";
+    EXPECT_NE(r.error().message.find("holding data but is all zero"), std::string::npos);
+  }
+}
+
 TEST_F(ZeroIndexTest, ADisabledIndexCallsNoPageZero) {
   const ZeroIndex z = build();
   ASSERT_TRUE(z.is_zero(0, 4096));

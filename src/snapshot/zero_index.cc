@@ -203,7 +203,7 @@ Result<ZeroIndex> ZeroIndex::parse(std::string_view in, const FileIdentity& iden
   z.identity_ = identity;
   z.pages_ = pages;
   z.bits_.assign((pages + 63) / 64, 0);
-  std::memcpy(z.bits_.data(), in.data() + kHeader, bitmap_bytes(pages));
+  if (pages > 0) std::memcpy(z.bits_.data(), in.data() + kHeader, bitmap_bytes(pages));
   if (pages % 64 != 0 && (z.bits_.back() >> (pages % 64)) != 0) {
     // No writer sets them; a file that does was not written by faultline.
     return fail("is damaged: bits are set past the last page");
@@ -228,20 +228,22 @@ Result<ZeroIndex::SampleResult> ZeroIndex::check_sample(const PageSource& source
   if (pages_ == 0) return result;
   std::mt19937_64 rng(seed);
   std::unique_ptr<uint8_t[]> page(new uint8_t[kGranule]);
-  // The first page at or after `start` (wrapping once) whose bit is `want`.
-  const auto find_from = [&](uint64_t start, bool want) -> uint64_t {
-    for (uint64_t scanned = 0, p = start; scanned < pages_;) {
-      const uint64_t word = want ? bits_[p / 64] : ~bits_[p / 64];
-      const uint64_t here = word >> (p % 64);
+  // The first page in [from, to) whose bit is `want`, or pages_ if none.
+  const auto find_in = [&](uint64_t from, uint64_t to, bool want) -> uint64_t {
+    for (uint64_t p = from; p < to; p = (p / 64 + 1) * 64) {
+      const uint64_t here = (want ? bits_[p / 64] : ~bits_[p / 64]) >> (p % 64);
       if (here != 0) {
+        // The lowest match of this word; past `to` means none before it.
         const uint64_t found = p + static_cast<uint64_t>(__builtin_ctzll(here));
-        if (found < pages_) return found;
+        return found < to ? found : pages_;
       }
-      const uint64_t next = (p / 64 + 1) * 64;
-      scanned += next - p;
-      p = next >= pages_ ? 0 : next;
     }
-    return pages_;  // none (callers check the class is not empty first)
+    return pages_;
+  };
+  // The first page at or after `start`, wrapping around once.
+  const auto find_from = [&](uint64_t start, bool want) -> uint64_t {
+    const uint64_t found = find_in(start, pages_, want);
+    return found < pages_ ? found : find_in(0, start, want);
   };
   for (const bool want_zero : {true, false}) {
     const uint64_t in_class = want_zero ? zero_pages_ : pages_ - zero_pages_;

@@ -56,6 +56,7 @@ const char* to_string(FileWatch::Guard guard) {
 Result<std::unique_ptr<FileWatch>> FileWatch::start(const MemoryFile& file, Callback callback) {
   std::unique_ptr<FileWatch> w(new FileWatch());
   w->callback_ = std::move(callback);
+  w->path_ = file.describe();
   w->served_fd_.reset(::fcntl(file.watch_fd(), F_DUPFD_CLOEXEC, 0));
   if (!w->served_fd_) return fail_errno("cannot dup the memory file fd to watch it");
   w->stop_fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -192,14 +193,14 @@ void FileWatch::run() {
           const auto* ev = reinterpret_cast<const inotify_event*>(buf + at);
           at += static_cast<ssize_t>(sizeof(inotify_event) + ev->len);
           if (ev->mask & IN_MODIFY) report(Event::kContentChange, "the memory file was written");
-          if (ev->mask & IN_MOVE_SELF) {
-            report(Event::kReplaced, "the memory file was moved: its path no longer names the file being served");
-          }
-          if (ev->mask & IN_ATTRIB) {
-            struct stat st {};
-            if (::fstat(served_fd_.get(), &st) == 0 && st.st_nlink == 0) {
-              report(Event::kReplaced,
-                     "the memory file was deleted or replaced: its path no longer names the file being served");
+          if (ev->mask & (IN_MOVE_SELF | IN_ATTRIB)) {
+            // Renamed, unlinked, or another file renamed over its path (its
+            // link count changed): does the path still name this file?
+            struct stat served {}, named {};
+            if (::fstat(served_fd_.get(), &served) == 0 &&
+                (::stat(path_.c_str(), &named) != 0 || named.st_dev != served.st_dev ||
+                 named.st_ino != served.st_ino)) {
+              report(Event::kReplaced, "the path " + path_ + " no longer names the memory file being served");
             }
           }
           if (ev->mask & IN_IGNORED) inotify_fd_.reset();  // the watch is gone (filesystem unmounted)

@@ -17,8 +17,9 @@
 //     reads it with a signalfd; no other thread ever receives it.
 //   - inotify on the same inode, for what a lease cannot see: IN_MODIFY from a
 //     writer that had the file open before the lease was taken (then the
-//     lease is refused, see guard()), and IN_ATTRIB / IN_MOVE_SELF to notice
-//     that the path no longer names this file (kReplaced).
+//     lease is refused, see guard()), and IN_ATTRIB / IN_MOVE_SELF (the link
+//     count changed, or the file moved) to notice that the path the file was
+//     opened by no longer names it (kReplaced).
 // Limits: writes through a shared writable mapping made before the watch
 // started raise no inotify event; a lease needs the file's owner or
 // CAP_LEASE and a local filesystem. guard() says which protection holds.
@@ -44,7 +45,7 @@ class FileWatch {
  public:
   enum class Event {
     kContentChange,  // about to be written (lease break) or was written (inotify)
-    kReplaced,       // unlinked, renamed over, or moved: the path names another file now
+    kReplaced,       // its path names another file now, or none (swapped, moved, deleted)
   };
   enum class Guard {
     kLease,    // writers wait until the owner was told
@@ -77,6 +78,7 @@ class FileWatch {
   void report(Event event, const std::string& detail);
 
   Callback callback_;
+  std::string path_;    // the memory file's path, to see whether it still names it
   UniqueFd served_fd_;  // a dup of the served fd, for fstat (nlink)
   UniqueFd lease_fd_;   // owned by the watch thread once it runs
   UniqueFd signal_fd_;

@@ -186,6 +186,17 @@ Result<GuestRegion> parse_region(const json& value, size_t index, HandshakeForma
 }
 
 Result<ParsedHandshake> parse_document(std::string_view text) {
+  // nlohmann stops reading at a NUL byte and skips a leading UTF-8 byte order
+  // mark, so it accepted "[...]\0junk" and "\xef\xbb\xbf[...]", which the
+  // socket reader's scan_json_array() rejects (found by fuzz/handshake_fuzz.cc).
+  // Firecracker sends neither: refuse both here too, so that one definition
+  // of a handshake holds everywhere.
+  if (const size_t nul = text.find('\0'); nul != std::string_view::npos) {
+    return fail("handshake JSON holds a NUL byte at byte " + std::to_string(nul) + "; JSON text never does");
+  }
+  if (text.starts_with("\xef\xbb\xbf")) {
+    return fail("handshake JSON starts with a UTF-8 byte order mark; Firecracker sends none");
+  }
   json document;
   try {
     document = json::parse(text.begin(), text.end());

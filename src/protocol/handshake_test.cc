@@ -310,6 +310,16 @@ TEST(ParseHandshakeJson, EveryHostileByteSequenceGivesAPrintableAsciiError) {
   }
 }
 
+TEST(ParseHandshakeJson, RefusesWhatTheSocketScanRefusesANulOrAByteOrderMark) {
+  // Found by fuzz/handshake_fuzz.cc: nlohmann alone accepted both.
+  const std::string good = "[" + region(base_fields(kBase, 4096, 0)) + "]";
+  ASSERT_TRUE(parse_handshake_json(good).has_value());
+  EXPECT_THAT(error_of(good + std::string("\0junk", 5)), HasSubstr("NUL byte at byte " + std::to_string(good.size())));
+  EXPECT_THAT(error_of("\xef\xbb\xbf" + good), HasSubstr("byte order mark"));
+  EXPECT_EQ(json_array_completeness(good + std::string("\0", 1)), Completeness::kInvalid);
+  EXPECT_EQ(json_array_completeness("\xef\xbb\xbf" + good), Completeness::kInvalid);
+}
+
 TEST(ParseHandshakeJson, StringValuesAreShownEscapedAndCut) {
   const std::string message =
       error_of("[{\"base_host_virt_addr\":\"a\\u0000b\\u001b" + std::string(100, 'z') + "\",\"size\":4096,\"offset\":0}]");

@@ -318,12 +318,11 @@ int main(int argc, char** argv) {
 
   if (zero_index->parsed()) {
     auto memory = faultline::MemoryFile::open(zi_memory);
-    auto id = faultline::identify_file(zi_memory);
-    if (!memory || !id) {
-      std::fprintf(stderr, "faultline: %s\n", (!memory ? memory.error() : id.error()).describe().c_str());
+    if (!memory) {
+      std::fprintf(stderr, "faultline: %s\n", memory.error().describe().c_str());
       return 1;
     }
-    auto z = faultline::ZeroIndex::build(**memory, *id);
+    auto z = faultline::ZeroIndex::build_from(**memory);
     const std::string out = zi_output.empty() ? zi_memory + ".zeroidx" : zi_output;
     if (!z) {
       std::fprintf(stderr, "faultline: %s\n", z.error().describe().c_str());

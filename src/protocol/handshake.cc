@@ -8,6 +8,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/text_escape.h"
+
 namespace faultline::protocol {
 namespace {
 
@@ -26,19 +28,37 @@ std::string describe_byte(char c) {
 
 // A JSON value as it appeared, for error messages. Containers are summarized,
 // not dumped: nlohmann's serializer recurses once per nesting level, so
-// dumping a hostile "[[[[...]]]]" would overflow the stack. Long strings are
-// cut so a 1 MiB value cannot flood a log line.
+// dumping a hostile "[[[[...]]]]" would overflow the stack. Strings are
+// quoted with escape_untrusted() (printable ASCII, cut at 64 bytes so a 1 MiB
+// value cannot flood a log line); the other scalars dump as plain ASCII.
 std::string describe_value(const json& value) {
   constexpr size_t kMaxShown = 64;
   if (value.is_array()) return "an array of " + std::to_string(value.size()) + " elements";
   if (value.is_object()) return "an object with " + std::to_string(value.size()) + " fields";
-  if (value.is_string()) {
-    const auto& text = value.get_ref<const std::string&>();
-    if (text.size() > kMaxShown) {
-      return json(text.substr(0, kMaxShown)).dump(-1, ' ', false, json::error_handler_t::replace) + "...";
-    }
+  if (value.is_string()) return "\"" + escape_untrusted(value.get_ref<const std::string&>(), kMaxShown) + "\"";
+  return escape_untrusted(value.dump(-1, ' ', false, json::error_handler_t::replace), kMaxShown);
+}
+
+// nlohmann's parse error ends with "; last read: '<the token so far>'",
+// holding raw input bytes (invalid UTF-8 included) and as long as the token
+// (a whole 1 MiB string). Keep its own sentence, and show only the end of the
+// token, where the error is, escaped.
+std::string describe_parse_error(std::string_view what) {
+  constexpr std::string_view kLastRead = "; last read: '";
+  constexpr size_t kTokenShown = 48;
+  const size_t at = what.find(kLastRead);
+  if (at == std::string_view::npos) return escape_untrusted(what, 256);
+  std::string_view token = what.substr(at + kLastRead.size());
+  if (!token.empty() && token.back() == '\'') token.remove_suffix(1);
+  std::string out = escape_untrusted(what.substr(0, at), 256);
+  out += "; last read: '";
+  if (token.size() > kTokenShown) {
+    out += "...";
+    token = token.substr(token.size() - kTokenShown);
   }
-  return value.dump(-1, ' ', false, json::error_handler_t::replace);
+  out += escape_untrusted(token, kTokenShown);
+  out += "'";
+  return out;
 }
 
 std::string region_field(size_t index, const char* field) {
@@ -166,11 +186,22 @@ Result<GuestRegion> parse_region(const json& value, size_t index, HandshakeForma
 }
 
 Result<ParsedHandshake> parse_document(std::string_view text) {
+  // nlohmann stops reading at a NUL byte and skips a leading UTF-8 byte order
+  // mark, so it accepted "[...]\0junk" and "\xef\xbb\xbf[...]", which the
+  // socket reader's scan_json_array() rejects (found by fuzz/handshake_fuzz.cc).
+  // Firecracker sends neither: refuse both here too, so that one definition
+  // of a handshake holds everywhere.
+  if (const size_t nul = text.find('\0'); nul != std::string_view::npos) {
+    return fail("handshake JSON holds a NUL byte at byte " + std::to_string(nul) + "; JSON text never does");
+  }
+  if (text.starts_with("\xef\xbb\xbf")) {
+    return fail("handshake JSON starts with a UTF-8 byte order mark; Firecracker sends none");
+  }
   json document;
   try {
     document = json::parse(text.begin(), text.end());
   } catch (const json::parse_error& e) {
-    return fail(std::string("handshake is not valid JSON: ") + e.what());
+    return fail("handshake is not valid JSON: " + describe_parse_error(e.what()));
   }
   if (!document.is_array()) {
     return fail(std::string("handshake JSON must be an array of regions, got ") + document.type_name());
@@ -259,7 +290,7 @@ Result<ParsedHandshake> parse_handshake_json(std::string_view json) {
   try {
     return parse_document(json);
   } catch (const std::exception& e) {
-    return fail(std::string("handshake JSON could not be processed: ") + e.what());
+    return fail("handshake JSON could not be processed: " + escape_untrusted(e.what(), 256));
   }
 }
 

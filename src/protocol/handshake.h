@@ -9,6 +9,10 @@
 // Every function here is a pure function of its arguments: safe to call
 // concurrently from any number of threads. No function throws; failures are
 // returned as Error values whose message names the region index and field.
+// Every error message and scan reason is printable ASCII (0x20-0x7e): input
+// bytes quoted in them are escaped as common/text_escape.h's
+// escape_untrusted() does ("\xff"), so a message can go into any log line or
+// JSON reply as it is.
 #pragma once
 
 #include <string>

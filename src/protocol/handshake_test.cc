@@ -263,6 +263,75 @@ TEST(ParseHandshakeJson, RejectsDeeplyNestedInputWithoutCrashing) {
   EXPECT_FALSE(parse_handshake_json(json).has_value());
 }
 
+// ----- hostile bytes in error messages --------------------------------------
+
+// Every byte a client sent that ends up in an error message is escaped: the
+// message is printable ASCII, so no log format or JSON reply can choke on it.
+void expect_printable_ascii(const std::string& message) {
+  for (size_t i = 0; i < message.size(); ++i) {
+    const auto c = static_cast<unsigned char>(message[i]);
+    ASSERT_TRUE(c >= 0x20 && c < 0x7f) << "byte " << int(c) << " at " << i << " of the message";
+  }
+}
+
+TEST(ParseHandshakeJson, InvalidUtf8IsQuotedEscapedInTheError) {
+  const std::string message = error_of("[{\"a\":\"\xff\"}]");
+  expect_printable_ascii(message);
+  EXPECT_THAT(message, HasSubstr("not valid JSON"));
+  EXPECT_THAT(message, HasSubstr("\\xff")) << message;
+}
+
+TEST(ParseHandshakeJson, EveryHostileByteSequenceGivesAPrintableAsciiError) {
+  const std::vector<std::string> hostile = {
+      "[{\"a\":\"\xff\"}]",                                        // invalid UTF-8 in a value
+      "[{\"\xff\":1}]",                                            // ... in a key
+      "[{\"size\":\xff}]",                                         // ... where a number goes
+      "[{\"size\":4\xc3\xa9}]",                                    // valid UTF-8 inside a number
+      std::string("[{\"a\":\"\0\"}]", 11),                         // NUL in a string
+      std::string("[\0]", 3),                                      // NUL between tokens
+      "[{\"a\":\"\xc0\x80\"}]",                                    // overlong NUL
+      "[{\"a\":\"\xe0\x80\xaf\"}]",                                // overlong '/'
+      "[{\"a\":\"\xed\xa0\x80\"}]",                                // encoded surrogate
+      "[{\"a\":\"\\ud800\"}]",                                     // escaped lone surrogate
+      "[{\"a\":\"\xf4\x90\x80\x80\"}]",                            // above U+10FFFF
+      "[{\"a\":\"\x1b[2J\"}]",                                     // terminal escape, raw
+      "[{\"a\":\"" + std::string(1 << 20, 'x') + "\xff\"}]",       // a 1 MiB token
+      "[{\"base_host_virt_addr\":\"\\u0000\\u001b\\n\\u2028\",\"size\":4096,\"offset\":0}]",
+      "[{\"base_host_virt_addr\":\"" + std::string(1000, 'y') + "\",\"size\":4096,\"offset\":0}]",
+      "[1e999999]",                                                // number overflow (out_of_range)
+      "\xef\xbb\xbf[{\"a\":1}]",                                   // byte order mark
+  };
+  for (const std::string& json : hostile) {
+    const std::string message = error_of(json);
+    expect_printable_ascii(message);
+    EXPECT_LT(message.size(), 600u) << "a message must stay one readable line";
+    const CompletenessScan scan = scan_json_array(json);
+    expect_printable_ascii(scan.reason);
+  }
+}
+
+TEST(ParseHandshakeJson, RefusesWhatTheSocketScanRefusesANulOrAByteOrderMark) {
+  // Found by fuzz/handshake_fuzz.cc: nlohmann alone accepted both.
+  const std::string good = "[" + region(base_fields(kBase, 4096, 0)) + "]";
+  ASSERT_TRUE(parse_handshake_json(good).has_value());
+  EXPECT_THAT(error_of(good + std::string("\0junk", 5)), HasSubstr("NUL byte at byte " + std::to_string(good.size())));
+  EXPECT_THAT(error_of("\xef\xbb\xbf" + good), HasSubstr("byte order mark"));
+  EXPECT_EQ(json_array_completeness(good + std::string("\0", 1)), Completeness::kInvalid);
+  EXPECT_EQ(json_array_completeness("\xef\xbb\xbf" + good), Completeness::kInvalid);
+}
+
+TEST(ParseHandshakeJson, StringValuesAreShownEscapedAndCut) {
+  const std::string message =
+      error_of("[{\"base_host_virt_addr\":\"a\\u0000b\\u001b" + std::string(100, 'z') + "\",\"size\":4096,\"offset\":0}]");
+  EXPECT_THAT(message, HasSubstr("got \"a\\x00b\\x1bzzz"));
+  EXPECT_THAT(message, HasSubstr("zzz...\""));
+}
+
+TEST(ScanJsonArray, ReasonsNameHostileBytesInHex) {
+  EXPECT_THAT(scan_json_array("\xff[").reason, HasSubstr("byte 0 is 0xff"));
+  EXPECT_THAT(scan_json_array(std::string("[]\0", 3)).reason, HasSubstr("byte 2 is 0x00"));
+}
+
 // ----- completeness ----------------------------------------------------------
 
 TEST(JsonArrayCompleteness, EmptyOrWhitespaceIsIncomplete) {

@@ -11,12 +11,16 @@
 #include <algorithm>
 #include <array>
 #include <exception>
+#include <mutex>
+#include <optional>
+#include <random>
 
 #include "common/atomic_file.h"
 #include "kernel/process.h"
 #include "protocol/handshake_socket.h"
 #include "server/control.h"
 #include "server/test_hooks.h"
+#include "source/file_watch.h"
 
 namespace faultline {
 
@@ -47,31 +51,118 @@ struct Server::Connection {
 
 namespace {
 
+// Pages of each class (zero / data) whose content is checked when an index is
+// loaded: 128 random 4 KiB reads, a few ms on an SSD. A file whose content no
+// longer matches its index in a fraction f of its zero pages is caught with
+// probability 1 - (1 - f)^64 (96 % for f = 5 %); smaller changes are left to
+// the identity check (any write moves ctime).
+constexpr uint64_t kSamplePagesPerClass = 64;
+
+// The index and the watch that turns it off, kept alive together by every
+// holder of the index (the server and each session).
+struct WatchedZeroIndex {
+  std::mutex mu;
+  std::optional<ZeroIndex> index;  // GUARDED_BY(mu) until published
+  bool changed = false;            // GUARDED_BY(mu)
+  std::unique_ptr<FileWatch> watch;  // last: destroyed (joined) first
+};
+
 // Loads FILE.zeroidx, or builds it on first use (and when the snapshot
 // changed), saving it beside the snapshot when the directory is writable.
+// The index is bound to the open memory file: its identity comes from the
+// fd, a loaded index has a sample of its pages checked against the file, and
+// a FileWatch disables it if the file is written while it is in use. With no
+// way to watch the file, there is no index (zero pages are read like others).
 Result<std::shared_ptr<const ZeroIndex>> open_zero_index(const ServerConfig& config, const MemoryFile& memory,
                                                          const Logger& log) {
   const std::string path = config.zero_index_path.empty() ? config.memory_path + ".zeroidx" : config.zero_index_path;
-  auto id = identify_file(config.memory_path);
+  auto state = std::make_shared<WatchedZeroIndex>();
+  // Watch before reading anything: a write from here on is seen.
+  WatchedZeroIndex* raw = state.get();  // the watch thread ends before *state does
+  auto watch = FileWatch::start(memory, [raw, &log, path, memory_path = config.memory_path](
+                                            FileWatch::Event event, const std::string& detail) {
+    if (event == FileWatch::Event::kReplaced) {
+      log.warn("memory_file_replaced", {{"memory", memory_path},
+                                        {"detail", detail},
+                                        {"action", "sessions keep being served from the file opened at start; "
+                                                   "restart faultline to serve the new one"}});
+      return;
+    }
+    {
+      std::lock_guard lock(raw->mu);
+      raw->changed = true;
+      if (raw->index) raw->index->disable();
+    }
+    log.error("zero_index_disabled", {{"path", path},
+                                      {"memory", memory_path},
+                                      {"reason", detail},
+                                      {"action", "zero pages are read from the file from now on; sessions that "
+                                                 "already ran read pages of the old content"}});
+  });
+  if (!watch) {
+    log.warn("zero_index_off", {{"path", path}, {"reason", watch.error().describe()}});
+    return std::shared_ptr<const ZeroIndex>();
+  }
+  state->watch = std::move(*watch);
+  const std::string guard = to_string(state->watch->guard());
+  const std::string guard_note = state->watch->guard_note();
+
+  auto id = memory.identity();
   if (!id) return std::unexpected(id.error());
-  auto loaded = ZeroIndex::load(path, *id);
-  if (loaded) {
-    log.info("zero_index_loaded", {{"path", path}, {"zero_pages", loaded->zero_pages()}, {"pages", loaded->pages()}});
-    return std::make_shared<const ZeroIndex>(std::move(*loaded));
+  std::optional<ZeroIndex> index;
+  std::string rebuild_reason;
+  if (auto loaded = ZeroIndex::load(path, *id); !loaded) {
+    rebuild_reason = loaded.error().describe();
+  } else {
+    std::random_device seed;
+    auto sample = loaded->check_sample(memory, kSamplePagesPerClass, (uint64_t{seed()} << 32) | seed());
+    if (!sample) {
+      rebuild_reason = sample.error().describe();
+      log.warn("zero_index_mismatch", {{"path", path}, {"error", rebuild_reason}});
+    } else {
+      log.info("zero_index_loaded", {{"path", path},
+                                     {"zero_pages", loaded->zero_pages()},
+                                     {"pages", loaded->pages()},
+                                     {"sampled_zero_pages", sample->zero_pages_read},
+                                     {"sampled_data_pages", sample->data_pages_read},
+                                     {"guard", guard},
+                                     {"guard_note", guard_note}});
+      index.emplace(std::move(*loaded));
+    }
   }
-  const auto started = std::chrono::steady_clock::now();
-  auto built = ZeroIndex::build(memory, *id);
-  if (!built) return std::unexpected(built.error());
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  log.info("zero_index_built", {{"path", path},
-                                {"reason", loaded.error().describe()},
-                                {"zero_pages", built->zero_pages()},
-                                {"pages", built->pages()},
-                                {"seconds", seconds}});
-  if (auto st = built->save(path); !st) {
-    log.warn("zero_index_not_saved", {{"path", path}, {"error", st.error().describe()}});
+  if (!index) {
+    const auto started = std::chrono::steady_clock::now();
+    auto built = ZeroIndex::build(memory, *id);
+    if (!built) return std::unexpected(built.error());
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    bool written;
+    {
+      std::lock_guard lock(state->mu);
+      written = state->changed;
+    }
+    if (!written) {
+      log.info("zero_index_built", {{"path", path},
+                                    {"reason", rebuild_reason},
+                                    {"zero_pages", built->zero_pages()},
+                                    {"pages", built->pages()},
+                                    {"seconds", seconds},
+                                    {"guard", guard},
+                                    {"guard_note", guard_note}});
+      if (auto st = built->save(path); !st) {
+        log.warn("zero_index_not_saved", {{"path", path}, {"error", st.error().describe()}});
+      }
+    }
+    index.emplace(std::move(*built));
   }
-  return std::make_shared<const ZeroIndex>(std::move(*built));
+  std::lock_guard lock(state->mu);
+  if (state->changed) {
+    // Written while it was loaded, checked or built: the index may describe
+    // neither the old nor the new content.
+    log.warn("zero_index_off", {{"path", path}, {"reason", "the memory file was written while its index was read"}});
+    return std::shared_ptr<const ZeroIndex>();
+  }
+  state->index.emplace(std::move(*index));
+  return std::shared_ptr<const ZeroIndex>(state, &*state->index);
 }
 
 // The peer's supplementary groups (SO_PEERGROUPS, Linux 4.13+).

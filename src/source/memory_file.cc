@@ -17,6 +17,16 @@ Result<std::shared_ptr<MemoryFile>> MemoryFile::open(const std::string& path) {
   return std::shared_ptr<MemoryFile>(new MemoryFile(path, std::move(fd), static_cast<uint64_t>(st.st_size)));
 }
 
+Result<FileIdentity> MemoryFile::identity() const {
+  struct stat st {};
+  if (::fstat(fd_.get(), &st) != 0) return fail_errno("cannot stat memory file " + path_);
+  const auto ns = [](const timespec& t) {
+    return static_cast<uint64_t>(t.tv_sec) * 1000000000ull + static_cast<uint64_t>(t.tv_nsec);
+  };
+  return FileIdentity{static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino),
+                      static_cast<uint64_t>(st.st_size), ns(st.st_mtim), ns(st.st_ctim)};
+}
+
 Status MemoryFile::read(uint64_t offset, std::span<uint8_t> out) const {
   size_t done = 0;
   while (done < out.size()) {

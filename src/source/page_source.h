@@ -18,6 +18,20 @@
 
 namespace faultline {
 
+// Which file, exactly, a file descriptor reads: what a file kept beside a
+// snapshot (the zero-page index) is bound to. Taken with fstat() on the open
+// fd, never from a path, so it describes the bytes being served even if the
+// path is replaced. ctime is part of it because no user can set it back:
+// every write or utimensat() moves it to "now", while mtime can be restored.
+struct FileIdentity {
+  uint64_t device = 0;  // st_dev
+  uint64_t inode = 0;   // st_ino
+  uint64_t size = 0;    // st_size
+  uint64_t mtime_ns = 0;
+  uint64_t ctime_ns = 0;
+  friend bool operator==(const FileIdentity&, const FileIdentity&) = default;
+};
+
 class PageSource {
  public:
   virtual ~PageSource() = default;
@@ -46,6 +60,12 @@ class MemoryFile final : public PageSource {
   Result<bool> read_if_cached(uint64_t offset, std::span<uint8_t> out) const override;
   uint64_t size() const override { return size_; }
   const std::string& describe() const override { return path_; }
+
+  // The identity of the open file now (fstat of the fd being served).
+  Result<FileIdentity> identity() const;
+  // The fd being served, for watching it (source/file_watch.h). Reads go
+  // through read(); the fd stays owned by this object.
+  int watch_fd() const { return fd_.get(); }
 
  private:
   MemoryFile(std::string path, UniqueFd fd, uint64_t size) : path_(std::move(path)), fd_(std::move(fd)), size_(size) {}

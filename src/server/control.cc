@@ -3,6 +3,7 @@
 #include <exception>
 #include <nlohmann/json.hpp>
 
+#include "common/text_escape.h"
 #include "server/server.h"
 
 namespace faultline {
@@ -61,9 +62,7 @@ Result<ControlRequest> parse(std::string_view line) {
     r.name = req["name"].get<std::string>();
     return r;
   }
-  std::string shown = cmd.substr(0, 64);
-  return fail("unknown command \"" + shown + (cmd.size() > 64 ? "...\"" : "\"") +
-              " (known: sessions, page_map, record)");
+  return fail("unknown command \"" + escape_untrusted(cmd, 64) + "\" (known: sessions, page_map, record)");
 }
 
 std::string answer(const Server& server, const ControlRequest& req) {

@@ -16,6 +16,7 @@
 #include <random>
 
 #include "common/atomic_file.h"
+#include "common/text_escape.h"
 #include "kernel/process.h"
 #include "protocol/handshake_socket.h"
 #include "server/control.h"
@@ -697,7 +698,8 @@ Result<Server::Recorded> Server::record(uint64_t id, const std::string& name) co
     return fail("record through the control socket is off: start the daemon with --record-dir DIR", EPERM);
   }
   if (auto st = check_plain_file_name(name); !st) {
-    return fail("record name \"" + name + "\" is refused: " + st.error().message, st.error().code);
+    return fail("record name \"" + escape_untrusted(name, 64) + "\" is refused: " + st.error().message,
+                st.error().code);
   }
   auto s = session(id);
   if (!s) return fail("no running session " + std::to_string(id), ENOENT);

@@ -2,7 +2,7 @@
 # Installs the Debian 12 packages faultline builds and tests with.
 # Idempotent: installs only what is missing, and touches apt only then.
 set -euo pipefail
-packages=(g++ cmake make zlib1g-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev gnuplot-nox)
+packages=(g++ cmake make pkg-config zlib1g-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev libcpp-httplib-dev gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

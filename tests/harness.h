@@ -14,6 +14,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -62,6 +63,8 @@ class ServerHarness {
     LogFormat log_format = LogFormat::kText;
     bool reader_serves_cached = true;
     std::chrono::microseconds busy_poll{100};
+    // Applied last, for settings the options above do not name.
+    std::function<void(ServerConfig&)> configure;
   };
 
   ServerHarness() : ServerHarness(Options{}) {}
@@ -81,6 +84,7 @@ class ServerHarness {
     c.handshake_timeout = o.handshake_timeout;
     c.reader_serves_cached = o.reader_serves_cached;
     c.busy_poll = o.busy_poll;
+    if (o.configure) o.configure(c);
     auto s = Server::create(c, *logger_);
     EXPECT_TRUE(s) << s.error().describe();
     if (s) {

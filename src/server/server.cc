@@ -85,7 +85,12 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
 
 Server::Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
                protocol::UnixListener listener)
-    : config_(std::move(config)), log_(logger), memory_(std::move(memory)), listener_(std::move(listener)) {
+    : config_(std::move(config)),
+      log_(logger),
+      memory_(std::move(memory)),
+      listener_(std::move(listener)),
+      metrics_({to_string(SessionEnd::kPeerExited), to_string(SessionEnd::kSocketClosed),
+                to_string(SessionEnd::kPeerGone), to_string(SessionEnd::kStopped), to_string(SessionEnd::kFatal)}) {
   stop_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
 }
 
@@ -197,6 +202,7 @@ void Server::handle_connection(Connection& c) {
                                     {"error", hs.error().describe()},
                                     {"uffd_received", failure.uffd_received},
                                     {"peer_killed", killed}});
+    count_refused(metrics::RefusalCause::kHandshakeFailed);
     std::lock_guard lock(mu_);
     rejected_.push_back(hs.error().describe());
     c.done = true;
@@ -214,13 +220,16 @@ void Server::handle_connection(Connection& c) {
                    .prefetch_threads = config_.prefetch_threads,
                    .zero_index = zero_index_,
                    .reader_serves_cached = config_.reader_serves_cached,
-                   .busy_poll = config_.busy_poll};
+                   .busy_poll = config_.busy_poll,
+                   .metrics = &metrics_,
+                   .record_fault_latency = config_.record_fault_latency};
   auto session = Session::start(std::move(*hs), memory_, sc);
   if (!session) {
     // We hold the VM's uffd and cannot serve it: the guest would hang.
     const bool killed = kill_unserved_peer(pid);
     log_.error("session_rejected", {{"session", c.id}, {"pid", pid}, {"error", session.error().describe()},
                                     {"peer_killed", killed}, {"on_fatal", to_string(config_.on_fatal)}});
+    count_refused(metrics::RefusalCause::kSessionRejected);
     std::lock_guard lock(mu_);
     rejected_.push_back(session.error().describe());
     c.done = true;

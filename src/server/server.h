@@ -25,6 +25,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/unique_fd.h"
+#include "metrics/registry.h"
 #include "protocol/handshake_socket.h"
 #include "server/session.h"
 #include "snapshot/working_set.h"
@@ -54,6 +55,9 @@ struct ServerConfig {
   // Zero-page index: use (and build if missing or stale) FILE.zeroidx.
   bool zero_index = true;
   std::string zero_index_path;  // empty: memory_path + ".zeroidx"
+  // Time every fault for the latency histograms of metrics() (what
+  // `serve --metrics` turns on); the counters are kept either way.
+  bool record_fault_latency = false;
 };
 
 class Server {
@@ -87,6 +91,9 @@ class Server {
 
   const std::string& socket_path() const { return config_.socket_path; }
 
+  // The daemon's metrics (every session's counts, refused handshakes).
+  const metrics::Registry& metrics() const { return metrics_; }
+
  private:
   struct Connection;
   Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
@@ -97,6 +104,8 @@ class Server {
   void handle_connection(Connection& c);
   void answer_control(int fd) const;
   void reap(bool all);
+  // Counts a connection refused before it became a session, by cause.
+  void count_refused(metrics::RefusalCause cause) { metrics_.handshake_refused(cause); }
 
   const ServerConfig config_;
   const Logger& log_;
@@ -109,6 +118,7 @@ class Server {
   uint64_t next_id_ = 1;
 
   std::atomic<size_t> connection_threads_{0};
+  metrics::Registry metrics_;
 
   mutable std::mutex mu_;
   mutable std::condition_variable ended_cv_;

@@ -75,6 +75,9 @@ struct Context {
   bool faultline_reader_serves_cached = true;  // ServerConfig::reader_serves_cached
   int64_t faultline_busy_poll_us = 100;        // ServerConfig::busy_poll
   int faultline_prefetch_threads = 2;          // ServerConfig::prefetch_threads
+  // Scenarios 1 and 3 also run faultline with fault-latency recording on
+  // (Backend::kFaultlineMetrics), interleaved with it off: the cost of --metrics.
+  bool metrics_cost = false;
   Results* results = nullptr;
 };
 

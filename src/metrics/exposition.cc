@@ -56,7 +56,12 @@ Result<double> parse_value(std::string_view s) {
   if (!s.empty() && s[0] == '+') ++begin;  // from_chars takes no leading '+'
   auto [end, ec] = std::from_chars(begin, s.data() + s.size(), v);
   if (ec != std::errc{} || end != s.data() + s.size() || begin == s.data() + s.size()) {
-    return fail("'" + std::string(s) + "' is not a number");
+    // Appended piecewise: GCC 12 warns (-Wrestrict, a false positive) on
+    // "'" + std::string(s) at -O3.
+    std::string message = "not a number: '";
+    message.append(s);
+    message += '\'';
+    return fail(std::move(message));
   }
   return v;
 }

@@ -120,6 +120,13 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
     max_page = std::max(max_page, r.page_size);
     // The uffd cannot tell which modes the client registered; smaps can.
     auto wp = kernel::range_registered_for_wp(handshake_.peer.pid, r.base_host_virt_addr, r.size);
+    if (!wp && region_wp_.empty()) {
+      // Reading another user's smaps needs CAP_SYS_PTRACE (docs/operations.md).
+      // Served as not WP: pages are installed writable, so a client that did
+      // register WP gets every present page reported dirty, never a lost write.
+      log_.warn("write_protect_unknown", {{"session", config_.id}, {"pid", handshake_.peer.pid},
+                                          {"error", wp.error().describe()}});
+    }
     region_wp_.push_back(wp.value_or(false));
     any_wp_ = any_wp_ || region_wp_.back();
   }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <vector>
 
 #include "common/unique_fd.h"
 
@@ -78,15 +79,15 @@ Result<HttpReply> http_exchange(const ListenAddress& address, std::string_view r
   }
   ::shutdown(fd.get(), SHUT_WR);
   std::string raw;
-  char buf[16384];
+  std::vector<char> buf(256 * 1024);
   for (;;) {
     if (auto st = wait(POLLIN); !st) return std::unexpected(st.error());
-    const ssize_t n = ::recv(fd.get(), buf, sizeof buf, MSG_DONTWAIT);
+    const ssize_t n = ::recv(fd.get(), buf.data(), buf.size(), MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) continue;
     if (n < 0 && errno == ECONNRESET) break;  // the server dropped us: what came so far is the reply
     if (n < 0) return fail_errno("reading from " + address.to_string() + " failed");
     if (n == 0) break;
-    raw.append(buf, static_cast<size_t>(n));
+    raw.append(buf.data(), static_cast<size_t>(n));
   }
   HttpReply reply;
   const size_t end_of_head = raw.find("\r\n\r\n");

@@ -266,6 +266,7 @@ int main(int argc, char** argv) {
   if (want.count(2)) fb::run_scenario2(ctx);
   if (want.count(3)) fb::run_scenario3(ctx);
   if (want.count(4)) fb::run_scenario4(ctx);
+  if (metrics_cost) fb::measure_metrics_recording(ctx);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const auto targets = fb::evaluate_targets(results);

@@ -20,6 +20,7 @@ const char* to_string(Backend b) {
     case Backend::kFaultline: return "faultline on demand";
     case Backend::kFaultlinePrefetch: return "faultline record+prefetch";
     case Backend::kFaultlineEager: return "faultline eager";
+    case Backend::kFaultlineMetrics: return "faultline on demand, fault latency recorded (--metrics)";
   }
   return "?";
 }
@@ -32,6 +33,7 @@ const char* label(Backend b) {
     case Backend::kFaultline: return "faultline";
     case Backend::kFaultlinePrefetch: return "fl-prefetch";
     case Backend::kFaultlineEager: return "fl-eager";
+    case Backend::kFaultlineMetrics: return "fl+metrics";
   }
   return "?";
 }
@@ -65,6 +67,7 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   c.prefetch_threads = options.prefetch_threads;
   c.reader_serves_cached = options.reader_serves_cached;
   c.busy_poll = std::chrono::microseconds(options.busy_poll_us);
+  c.record_fault_latency = options.record_fault_latency;
   auto s = Server::create(c, logger);
   if (!s) return std::unexpected(s.error());
   h->server_ = std::move(*s);
@@ -106,7 +109,8 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
     case Backend::kNaive:
     case Backend::kFaultline:
     case Backend::kFaultlinePrefetch:
-    case Backend::kFaultlineEager: {
+    case Backend::kFaultlineEager:
+    case Backend::kFaultlineMetrics: {
       client::ClientConfig cc;
       cc.version = {1, 14};
       cc.region_sizes = {spec.bytes};

@@ -29,6 +29,7 @@ enum class Backend {
   kFaultline,          // faultline on demand
   kFaultlinePrefetch,  // faultline replaying a recorded working set (--prefetch FILE)
   kFaultlineEager,     // faultline filling everything in the background (--prefetch all)
+  kFaultlineMetrics,   // faultline on demand timing every fault for the latency histograms (--metrics)
 };
 const char* to_string(Backend b);
 // Short label for tables and the chart: "kernel", "file-mmap", ...
@@ -52,6 +53,7 @@ class FaultlineHost {
     bool reader_serves_cached = true;
     int64_t busy_poll_us = 100;  // ServerConfig::busy_poll
     int prefetch_threads = 2;    // ServerConfig::prefetch_threads
+    bool record_fault_latency = false;  // ServerConfig::record_fault_latency (serve --metrics)
   };
   static Result<std::unique_ptr<FaultlineHost>> start(const Options& options, const Logger& logger);
   ~FaultlineHost();

@@ -145,6 +145,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   app.add_option("--reader-serves-cached", reader_serves_cached,
                  "ServerConfig::reader_serves_cached: the event reader serves 4 KiB faults needing no I/O (default true)");
+  bool metrics_cost = false;
+  app.add_flag("--metrics-cost", metrics_cost,
+               "scenarios 1 and 3 also run faultline timing every fault for the latency histograms (serve "
+               "--metrics), interleaved with it off, and print the on/off ratios");
   CLI11_PARSE(app, argc, argv);
   const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4} : std::set<int>(scenarios.begin(), scenarios.end());
 
@@ -217,10 +221,11 @@ int main(int argc, char** argv) {
   ctx.faultline_reader_serves_cached = reader_serves_cached;
   ctx.faultline_busy_poll_us = busy_poll_us;
   ctx.faultline_prefetch_threads = prefetch_threads;
+  ctx.metrics_cost = metrics_cost;
   ctx.results = &results;
   for (const char* n : {"mem-small", "mem-large", "mem-sparse", "mem-small.zeroidx", "mem-large.zeroidx",
                         "mem-sparse.zeroidx", "s1.sock", "s2.sock", "s2-eager.sock", "s2-record.sock",
-                        "s2-prefetch.sock", "s3.sock", "s4.sock"}) {
+                        "s2-prefetch.sock", "s3.sock", "s4.sock", "s1-metrics.sock", "s3-metrics.sock"}) {
     track_file(dir + "/" + n);
   }
   // Scenario 2's recorded working sets (record-PAGESIZE-TOUCHER-THREADS.flrec).
@@ -261,6 +266,7 @@ int main(int argc, char** argv) {
   if (want.count(2)) fb::run_scenario2(ctx);
   if (want.count(3)) fb::run_scenario3(ctx);
   if (want.count(4)) fb::run_scenario4(ctx);
+  if (metrics_cost) fb::measure_metrics_recording(ctx);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const auto targets = fb::evaluate_targets(results);

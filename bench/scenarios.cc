@@ -23,6 +23,7 @@
 #include "client/touch.h"
 #include "guest/page_state.h"
 #include "kernel/userfaultfd.h"
+#include "metrics/fault_metrics.h"
 #if FAULTLINE_BENCH_HAVE_KVM
 #include "client/kvm/kvm_guest.h"
 #endif
@@ -319,6 +320,22 @@ Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::strin
   return FaultlineHost::start(o, *ctx.logger);
 }
 
+// With --metrics-cost, a second faultline host that records fault latency
+// (null otherwise, or with a note when it did not start).
+std::unique_ptr<FaultlineHost> start_metrics_host(Context& ctx, const std::string& memory_path, const std::string& name,
+                                                  std::vector<Backend>& backends) {
+  if (!ctx.metrics_cost) return nullptr;
+  FaultlineHost::Options o;
+  o.record_fault_latency = true;
+  auto h = start_host(ctx, memory_path, name, o);
+  if (!h) {
+    ctx.results->notes.push_back(name + ": faultline with metrics did not start: " + h.error().describe());
+    return nullptr;
+  }
+  backends.push_back(Backend::kFaultlineMetrics);
+  return std::move(*h);
+}
+
 void note_bad(Context& ctx, const TouchOutcome& t, Backend b, const std::string& where) {
   if (t.bad_pages == 0) return;
   ctx.results->data_mismatches += t.bad_pages;
@@ -342,7 +359,8 @@ void run_scenario1(Context& ctx) {
     ctx.results->notes.push_back("scenario 1: cannot map the memory file: " + file.error().describe());
     return;
   }
-  const std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
+  std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
+  auto with_metrics = start_metrics_host(ctx, ctx.file_small, "s1-metrics", backends);
   for (uint64_t ps : page_sizes(ctx)) {
     for (const std::string& toucher : touchers(ctx)) {
       const uint64_t bytes = toucher == "host" ? ctx.sizes.s1_guest
@@ -361,7 +379,8 @@ void run_scenario1(Context& ctx) {
           progress("scenario 1: " + proto.config());
           const auto offsets = client::select_pages(pages, ps, 1.0, order, 11);
           auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int) {
-            GuestSpec spec{bytes, ps, ctx.file_small, host->get(), true};
+            GuestSpec spec{bytes, ps, ctx.file_small,
+                           s.backend == Backend::kFaultlineMetrics ? with_metrics.get() : host->get(), true};
             auto g = BenchGuest::create(s.backend, spec);
             if (!g) return record_failure(s, g.error());
             TouchOutcome t = touch(**g, toucher, offsets, threads, true, &*file);
@@ -503,7 +522,8 @@ void run_scenario3(Context& ctx) {
     return;
   }
   warm_page_cache(ctx.file_small);
-  const std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
+  std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
+  auto with_metrics = start_metrics_host(ctx, ctx.file_small, "s3-metrics", backends);
   for (uint64_t ps : page_sizes(ctx)) {
     const uint64_t bytes = ctx.sizes.s3_guest;
     const uint64_t pages = bytes / ps;
@@ -519,7 +539,8 @@ void run_scenario3(Context& ctx) {
       progress("scenario 3: " + proto.config());
       const auto offsets = client::select_pages(pages, ps, 1.0, client::PageOrder::kSequential, 17);
       auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int rep) {
-        auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_small, host->get(), true});
+        FaultlineHost* h = s.backend == Backend::kFaultlineMetrics ? with_metrics.get() : host->get();
+        auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_small, h, true});
         if (!g) return record_failure(s, g.error());
         // Touchers sweep the guest over and over (the first sweep faults every
         // page, later ones re-fault what was removed) until the removes are done.
@@ -560,9 +581,9 @@ void run_scenario3(Context& ctx) {
         stop.store(true);
         pool.clear();
         if (!error.empty()) return record_failure(s, Error{0, error});
-        if (s.backend == Backend::kFaultline) {
+        if (s.backend == Backend::kFaultline || s.backend == Backend::kFaultlineMetrics) {
           // Where the session's work went while the removes ran.
-          for (const SessionSummary& live : host->get()->server().live_sessions()) {
+          for (const SessionSummary& live : h->server().live_sessions()) {
             s.add("faults", static_cast<double>(live.counters.faults));
             s.add("reader_served", static_cast<double>(live.counters.reader_served));
             s.add("eagain_retries", static_cast<double>(live.counters.retries));
@@ -576,6 +597,32 @@ void run_scenario3(Context& ctx) {
       push_rows(ctx, proto, series, ctx.sizes.reps);
     }
   }
+}
+
+// --- the cost of recording, alone ---------------------------------------------
+
+void measure_metrics_recording(Context& ctx) {
+  // As on the fault path: one clock read when the batch is read (here one
+  // fault per batch, the worst case) and one when the fault is served,
+  // inside record(). Paths rotate so every histogram is written.
+  metrics::FaultLatencyShard shard;
+  constexpr int kRounds = 5;
+  constexpr uint64_t kFaults = 2'000'000;
+  std::vector<double> per_fault;
+  for (int round = 0; round < kRounds; ++round) {
+    const int64_t t0 = now_ns();
+    for (uint64_t i = 0; i < kFaults; ++i) {
+      const int64_t read_ns = metrics::now_ns();
+      shard.record(static_cast<metrics::FaultPath>(i & 3), read_ns);
+    }
+    per_fault.push_back(static_cast<double>(now_ns() - t0) / static_cast<double>(kFaults));
+  }
+  std::array<metrics::HistogramCounts, metrics::kFaultPaths> counts{};
+  shard.add_to(counts);
+  uint64_t recorded = 0;
+  for (const auto& c : counts) recorded += c.count();
+  if (recorded != kRounds * kFaults) ctx.results->notes.push_back("metrics recording: counts do not add up");
+  ctx.results->metrics_record_ns = median(per_fault);
 }
 
 // --- scenario 4: server memory ---------------------------------------------

@@ -7,6 +7,7 @@
 // own touching threads.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -60,6 +61,9 @@ struct Results {
   std::vector<Row> rows;
   uint64_t data_mismatches = 0;  // pages whose content was wrong (a server bug)
   std::vector<std::string> notes;
+  // --metrics-cost: what recording one fault costs the serving thread, alone
+  // (two clock reads, the bucket lookup, the stores), in ns; NaN if not run.
+  double metrics_record_ns = std::nan("");
 };
 
 struct Context {
@@ -75,6 +79,9 @@ struct Context {
   bool faultline_reader_serves_cached = true;  // ServerConfig::reader_serves_cached
   int64_t faultline_busy_poll_us = 100;        // ServerConfig::busy_poll
   int faultline_prefetch_threads = 2;          // ServerConfig::prefetch_threads
+  // Scenarios 1 and 3 also run faultline with fault-latency recording on
+  // (Backend::kFaultlineMetrics), interleaved with it off: the cost of --metrics.
+  bool metrics_cost = false;
   Results* results = nullptr;
 };
 
@@ -82,6 +89,10 @@ void run_scenario1(Context& ctx);
 void run_scenario2(Context& ctx);
 void run_scenario3(Context& ctx);
 void run_scenario4(Context& ctx);
+// Times FaultLatencyShard::record() with its clock reads in a loop on one
+// thread: the CPU cost --metrics adds to each fault, without the noise of a
+// whole fault's service. Sets results->metrics_record_ns.
+void measure_metrics_recording(Context& ctx);
 
 // Reads a file once so that every backend starts from a warm page cache.
 void warm_page_cache(const std::string& path);

@@ -2,7 +2,8 @@
 # Installs the Debian 12 packages faultline builds and tests with.
 # Idempotent: installs only what is missing, and touches apt only then.
 set -euo pipefail
-packages=(g++ cmake make zlib1g-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev gnuplot-nox
+packages=(g++ cmake make pkg-config zlib1g-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev
+          libcpp-httplib-dev gnuplot-nox
           afl++)  # afl++: scripts/fuzz.sh
 missing=()
 for p in "${packages[@]}"; do

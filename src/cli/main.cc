@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/log.h"
+#include "metrics/http_exporter.h"
 #include "server/server.h"
 
 namespace {
@@ -281,6 +282,11 @@ int main(int argc, char** argv) {
   serve->add_option("--zero-index-path", config.zero_index_path, "Where the zero index lives (default MEMORY.zeroidx)");
   serve->add_option("--control", config.control_path,
                     "Control socket for `faultline sessions` and `faultline dirty` (off when not given)");
+  std::string metrics_address;
+  serve->add_option("--metrics", metrics_address,
+                    "Serve Prometheus metrics (text format 0.0.4) on GET http://ADDR/metrics, ADDR = HOST:PORT or "
+                    "[IPV6]:PORT, e.g. 127.0.0.1:9464; also times every fault for the latency histograms. Counts "
+                    "only, no guest data; bind a loopback or management address (off when not given)");
 
   std::string control_path;
   uint64_t session_id = 0;
@@ -370,11 +376,32 @@ int main(int argc, char** argv) {
     config.allow.gids = resolve_all<gid_t>(allow_gids, parse_group);
     config.control_allow.uids = resolve_all<uid_t>(control_allow_uids, parse_user);
     config.control_allow.gids = resolve_all<gid_t>(control_allow_gids, parse_group);
+    config.record_fault_latency = !metrics_address.empty();
+    if (!metrics_address.empty()) {
+      // A typo in the address is an error before anything else starts.
+      if (auto a = faultline::metrics::parse_listen_address(metrics_address); !a) {
+        logger.error("startup_failed", {{"error", a.error().describe()}});
+        return 1;
+      }
+    }
 
     auto server = faultline::Server::create(config, logger);
     if (!server) {
       logger.error("startup_failed", {{"error", server.error().describe()}});
       return 1;
+    }
+    // Declared after the server, so destroyed (stopped) before it: its
+    // requests read the server's metrics.
+    std::unique_ptr<faultline::metrics::HttpExporter> exporter;
+    if (!metrics_address.empty()) {
+      const faultline::Server* srv = server->get();
+      auto e = faultline::metrics::HttpExporter::start({.address = metrics_address},
+                                                       [srv] { return srv->metrics().render(); }, &logger);
+      if (!e) {
+        logger.error("startup_failed", {{"error", e.error().describe()}});
+        return 1;
+      }
+      exporter = std::move(*e);
     }
     ::signal(SIGPIPE, SIG_IGN);
     g_server.store(server->get());

@@ -2,6 +2,9 @@
 // event reader to one worker. Fixed capacity, allocated once: the fault path
 // allocates nothing and takes no lock.
 //
+// The element type defaults to the kernel's fault message; a session queues
+// its own record of a fault (the message plus when it was read).
+//
 // Thread-safety: push() from one producer thread, pop() from one consumer.
 #pragma once
 
@@ -14,6 +17,7 @@
 
 namespace faultline {
 
+template <typename Fault = kernel::PageFault>
 class FaultRing {
  public:
   // `capacity` is rounded up to a power of two.
@@ -21,10 +25,10 @@ class FaultRing {
     size_t c = 1;
     while (c < capacity) c <<= 1;
     mask_ = c - 1;
-    slots_ = std::make_unique<kernel::PageFault[]>(c);
+    slots_ = std::make_unique<Fault[]>(c);
   }
 
-  bool push(const kernel::PageFault& f) {
+  bool push(const Fault& f) {
     const uint64_t tail = tail_.load(std::memory_order_relaxed);
     if (tail - head_.load(std::memory_order_acquire) > mask_) return false;  // full
     slots_[tail & mask_] = f;
@@ -32,7 +36,7 @@ class FaultRing {
     return true;
   }
 
-  bool pop(kernel::PageFault& out) {
+  bool pop(Fault& out) {
     const uint64_t head = head_.load(std::memory_order_relaxed);
     if (head == tail_.load(std::memory_order_acquire)) return false;
     out = slots_[head & mask_];
@@ -43,7 +47,7 @@ class FaultRing {
   bool empty() const { return head_.load(std::memory_order_acquire) == tail_.load(std::memory_order_acquire); }
 
  private:
-  std::unique_ptr<kernel::PageFault[]> slots_;
+  std::unique_ptr<Fault[]> slots_;
   size_t mask_ = 0;
   alignas(64) std::atomic<uint64_t> head_{0};
   alignas(64) std::atomic<uint64_t> tail_{0};

@@ -25,20 +25,6 @@
 
 namespace faultline {
 
-const char* to_string(RefusalCause cause) {
-  switch (cause) {
-    case RefusalCause::kPeerNotAllowed: return "peer_not_allowed";
-    case RefusalCause::kTooManyHandshakes: return "too_many_handshakes";
-    case RefusalCause::kTooManySessions: return "too_many_sessions";
-    case RefusalCause::kOutOfResources: return "out_of_resources";
-    case RefusalCause::kHandshakeTimeout: return "handshake_timeout";
-    case RefusalCause::kBadHandshake: return "bad_handshake";
-    case RefusalCause::kTooManyRegions: return "too_many_regions";
-    case RefusalCause::kLayoutRejected: return "layout_rejected";
-  }
-  return "unknown";
-}
-
 struct Server::Connection {
   uint64_t id = 0;
   UniqueFd fd;
@@ -241,7 +227,9 @@ Server::Server(ServerConfig config, const Logger& logger, std::shared_ptr<Memory
       memory_(std::move(memory)),
       listener_(std::move(listener)),
       stop_efd_(std::move(stop_efd)),
-      reserve_fd_(std::move(reserve_fd)) {}
+      reserve_fd_(std::move(reserve_fd)),
+      metrics_({to_string(SessionEnd::kPeerExited), to_string(SessionEnd::kSocketClosed),
+                to_string(SessionEnd::kPeerGone), to_string(SessionEnd::kStopped), to_string(SessionEnd::kFatal)}) {}
 
 Server::~Server() {
   stop();
@@ -354,7 +342,10 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
                                     {"uid", static_cast<uint64_t>(cred.uid)},
                                     {"uffd_received", uffd},
                                     {"peer_killed", killed}});
-  if (std::string_view(socket) == "vm") note_rejected(std::string("out of resources: ") + std::strerror(err));
+  if (std::string_view(socket) == "vm") {
+    count_refused(RefusalCause::kOutOfResources);
+    note_rejected(std::string("out of resources: ") + std::strerror(err));
+  }
   return false;
 }
 
@@ -393,6 +384,7 @@ void Server::refuse(UniqueFd connection, const protocol::PeerIdentity& peer, Ref
                                     {"gid", static_cast<uint64_t>(peer.cred.gid)},
                                     {"uffd_received", uffd},
                                     {"peer_killed", killed}});
+  count_refused(cause);
   note_rejected(std::string(to_string(cause)) + ": " + why);
 }
 
@@ -485,6 +477,7 @@ void Server::handle_connection_or_log(Connection& c) {
   } catch (...) {
     log_.error("internal_error", {{"where", "connection"}, {"session", c.id}, {"error", "unknown exception"}});
   }
+  if (!c.serving) count_refused(RefusalCause::kOutOfResources);
   std::lock_guard lock(mu_);
   if (!c.done) {
     (c.serving ? serving_ : handshaking_)--;
@@ -503,6 +496,7 @@ void Server::reject_session(Connection& c, RefusalCause cause, const std::string
                                   {"error", error},
                                   {"peer_killed", killed},
                                   {"on_fatal", to_string(config_.on_fatal)}});
+  count_refused(cause);
   {
     std::lock_guard lock(mu_);
     --handshaking_;
@@ -522,13 +516,14 @@ void Server::handle_connection(Connection& c) {
     // fault. --on-fatal applies.
     const bool killed = (failure.uffd_received || failure.fds_lost) && kill_unserved_peer(c.peer);
     const RefusalCause cause =
-        hs.error().code == ETIMEDOUT ? RefusalCause::kHandshakeTimeout : RefusalCause::kBadHandshake;
+        hs.error().code == ETIMEDOUT ? RefusalCause::kHandshakeTimeout : RefusalCause::kHandshakeFailed;
     log_.error("handshake_failed", {{"session", c.id},
                                     {"pid", static_cast<int64_t>(c.peer.cred.pid)},
                                     {"reason", to_string(cause)},
                                     {"error", hs.error().describe()},
                                     {"uffd_received", failure.uffd_received},
                                     {"peer_killed", killed}});
+    count_refused(cause);
     {
       std::lock_guard lock(mu_);
       --handshaking_;
@@ -568,10 +563,12 @@ void Server::handle_connection(Connection& c) {
                    .prefetch_threads = config_.prefetch_threads,
                    .zero_index = zero_index_,
                    .reader_serves_cached = config_.reader_serves_cached,
-                   .busy_poll = config_.busy_poll};
+                   .busy_poll = config_.busy_poll,
+                   .metrics = &metrics_,
+                   .record_fault_latency = config_.record_fault_latency};
   auto session = Session::start(std::move(*hs), memory_, sc);
   if (!session) {
-    reject_session(c, RefusalCause::kLayoutRejected, session.error().describe());
+    reject_session(c, RefusalCause::kSessionRejected, session.error().describe());
     return;
   }
   std::shared_ptr<Session> owned = std::move(*session);

@@ -40,6 +40,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/unique_fd.h"
+#include "metrics/registry.h"
 #include "protocol/handshake_socket.h"
 #include "server/session.h"
 #include "snapshot/working_set.h"
@@ -57,19 +58,10 @@ struct PeerAllowList {
   bool empty() const { return uids.empty() && gids.empty(); }
 };
 
-// Why a connection was refused before any session started (log field
-// `reason` of connection_refused / handshake_failed / session_rejected).
-enum class RefusalCause {
-  kPeerNotAllowed,     // not in the allow-list
-  kTooManyHandshakes,  // max_handshakes connections are already mid-handshake
-  kTooManySessions,    // max_sessions VMs are already being served
-  kOutOfResources,     // no fd (EMFILE/ENFILE), no thread or no memory for it
-  kHandshakeTimeout,   // the handshake did not complete in time
-  kBadHandshake,       // malformed, truncated or hostile handshake
-  kTooManyRegions,     // more regions than max_regions
-  kLayoutRejected,     // regions the memory file cannot serve, or a session that could not start
-};
-const char* to_string(RefusalCause cause);
+// Why a connection was refused before any session started: the log field
+// `reason` of connection_refused / handshake_failed / session_rejected, and
+// the `cause` label of faultline_handshakes_refused_total (one list for both).
+using RefusalCause = metrics::RefusalCause;
 
 struct ServerConfig {
   std::string socket_path;
@@ -113,6 +105,9 @@ struct ServerConfig {
   // Zero-page index: use (and build if missing or stale) FILE.zeroidx.
   bool zero_index = true;
   std::string zero_index_path;  // empty: memory_path + ".zeroidx"
+  // Time every fault for the latency histograms of metrics() (what
+  // `serve --metrics` turns on); the counters are kept either way.
+  bool record_fault_latency = false;
 };
 
 class Server {
@@ -162,6 +157,9 @@ class Server {
   const std::string& socket_path() const { return config_.socket_path; }
   const ServerConfig& config() const { return config_; }
 
+  // The daemon's metrics (every session's counts, refused handshakes).
+  const metrics::Registry& metrics() const { return metrics_; }
+
  private:
   struct Connection;
   Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
@@ -189,6 +187,8 @@ class Server {
   void serve_control(UniqueFd connection);
   void note_rejected(std::string why);
   void reap(bool all);
+  // Counts a connection refused before it became a session, by cause.
+  void count_refused(metrics::RefusalCause cause) { metrics_.handshake_refused(cause); }
 
   const ServerConfig config_;
   const Logger& log_;
@@ -207,6 +207,7 @@ class Server {
   std::thread control_thread_;
 
   std::atomic<size_t> connection_threads_{0};
+  metrics::Registry metrics_;
 
   mutable std::mutex mu_;
   mutable std::condition_variable ended_cv_;

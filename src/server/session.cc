@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "metrics/fault_metrics.h"
 #include "server/fault_ring.h"
 #include "server/install_fence.h"
 #include "server/test_hooks.h"
@@ -68,14 +69,21 @@ struct Session::Worker {
     deferred.reserve(kDeferredReserve);
   }
   size_t index;
-  FaultRing ring;
+  FaultRing<QueuedFault> ring;
   WakeSignal signal;
   std::unique_ptr<uint8_t, FreeDeleter> buffer;  // staged snapshot bytes, one page of the largest size
-  std::vector<kernel::PageFault> deferred;       // faults that hit EAGAIN; owned by the worker thread
+  std::vector<QueuedFault> deferred;             // faults that hit EAGAIN; owned by the worker thread
   std::atomic<bool> deferred_empty{true};        // for demand_pending(), read by other threads
   uint64_t deferred_generation = 0;
   std::thread thread;
   std::atomic<uint64_t> pages_snapshot{0}, pages_zero{0}, bytes{0}, exists{0}, retries{0}, snapshot_zero{0};
+  // For metrics, written only by this worker's thread: demand installs by
+  // source (snapshot bytes or zeros; prefetch counts its own) and latency
+  // histograms of the faults this thread served. A cache line of their own:
+  // the reader writes `signal`, never these lines.
+  alignas(64) std::array<std::atomic<uint64_t>, 2> installed_pages{};
+  std::array<std::atomic<uint64_t>, 2> installed_bytes{};
+  metrics::FaultLatencyShard latency;
 };
 
 Result<std::unique_ptr<Session>> Session::start(protocol::Handshake handshake,
@@ -117,6 +125,13 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
     max_page = std::max(max_page, r.page_size);
     // The uffd cannot tell which modes the client registered; smaps can.
     auto wp = kernel::range_registered_for_wp(handshake_.peer.pid, r.base_host_virt_addr, r.size);
+    if (!wp && region_wp_.empty()) {
+      // Reading another user's smaps needs CAP_SYS_PTRACE (docs/operations.md).
+      // Served as not WP: pages are installed writable, so a client that did
+      // register WP gets every present page reported dirty, never a lost write.
+      log_.warn("write_protect_unknown", {{"session", config_.id}, {"pid", handshake_.peer.pid},
+                                          {"error", wp.error().describe()}});
+    }
     region_wp_.push_back(wp.value_or(false));
     any_wp_ = any_wp_ || region_wp_.back();
   }
@@ -155,6 +170,8 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
     });
   }
 
+  // Scrapes read this session's counters from now on, until finish() folds them.
+  if (config_.metrics) config_.metrics->session_started(metrics_source_);
   log_.info("session_start", {{"session", config_.id},
                               {"pid", handshake_.peer.pid},
                               {"regions", layout().regions().size()},
@@ -211,6 +228,15 @@ void Session::finish() {
                          .count(),
                      std::memory_order_release);
   SessionSummary s = summary();
+  if (config_.metrics) {
+    // Every thread has been joined: these counts are final. Folding them in
+    // also takes the session out of the live set, in one step, so a scrape
+    // counts it exactly once whichever comes first.
+    const metrics::SessionCounts final_counts = metrics_counts();
+    HookContext hook;
+    FAULTLINE_HOOK(HookPoint::kBeforeMetricsFold, hook);
+    config_.metrics->session_ended(metrics_source_, to_string(s.end), final_counts);
+  }
   if (!config_.record_path.empty()) {
     std::string path = config_.record_path;
     if (auto at = path.find("{session}"); at != std::string::npos) path.replace(at, 9, std::to_string(config_.id));
@@ -285,6 +311,35 @@ SessionSummary Session::summary() const {
   return s;
 }
 
+metrics::SessionCounts Session::metrics_counts() const {
+  metrics::SessionCounts c;
+  c.faults = faults_read_.load(std::memory_order_relaxed);
+  c.removes = removes_.load(std::memory_order_relaxed);
+  c.removed_pages = removed_pages_.load(std::memory_order_relaxed);
+  constexpr size_t kPrefetch = static_cast<size_t>(metrics::InstallSource::kPrefetch);
+  c.installed_pages[kPrefetch] = prefaulted_pages_.load(std::memory_order_relaxed);
+  c.installed_bytes[kPrefetch] = prefaulted_bytes_.load(std::memory_order_relaxed);
+  auto add = [&](const Worker& w) {
+    c.already_present += w.exists.load(std::memory_order_relaxed);
+    c.eagain_retries += w.retries.load(std::memory_order_relaxed);
+    for (size_t src = 0; src < w.installed_pages.size(); ++src) {
+      c.installed_pages[src] += w.installed_pages[src].load(std::memory_order_relaxed);
+      c.installed_bytes[src] += w.installed_bytes[src].load(std::memory_order_relaxed);
+    }
+    w.latency.add_to(c.latency);
+  };
+  // Not all_workers(): a scrape allocates nothing it need not.
+  for (const auto& w : workers_) add(*w);
+  if (reader_worker_) add(*reader_worker_);
+  return c;
+}
+
+void Session::MetricsSource::collect(metrics::SessionCounts& into) const {
+  HookContext hook;
+  FAULTLINE_HOOK(HookPoint::kMetricsCollect, hook);
+  into += session_.metrics_counts();
+}
+
 Session::MemoryUse Session::memory_use() const {
   MemoryUse m;
   m.page_state_bytes = pages_->size() * PageStateTable::kBytesPerPage;
@@ -292,9 +347,9 @@ Session::MemoryUse Session::memory_use() const {
   for (const GuestRegion& r : layout().regions()) max_page = std::max(max_page, r.page_size);
   m.buffer_bytes = max_page;  // the zero page
   for (const Worker* w : all_workers()) {
-    m.buffer_bytes += sizeof(Worker) + kRingCapacity * sizeof(kernel::PageFault) +
+    m.buffer_bytes += sizeof(Worker) + kRingCapacity * sizeof(QueuedFault) +
                       (w == reader_worker_.get() ? kPageSize4K : max_page) +
-                      kDeferredReserve * sizeof(kernel::PageFault);
+                      kDeferredReserve * sizeof(QueuedFault);
   }
   {
     std::lock_guard lock(record_mu_);
@@ -339,7 +394,7 @@ void Session::handle_remove(const kernel::RemoveEvent& ev) {
 
 void Session::reader_loop() {
   std::array<kernel::UffdEvent, kReadBatch> batch;
-  std::vector<std::pair<size_t, kernel::PageFault>> overflow;  // faults a full ring could not take
+  std::vector<std::pair<size_t, QueuedFault>> overflow;  // faults a full ring could not take
   uint64_t generation = 0;
   int socket_fd = handshake_.connection.get();
 
@@ -392,6 +447,9 @@ void Session::reader_loop() {
         bool removed_in_batch = false;
         fence_->begin_read();
         auto n = uffd_.read_events(batch);
+        // Every message of the batch was read by this one read(): one clock
+        // read stamps them all.
+        const int64_t read_ns = config_.record_fault_latency ? metrics::now_ns() : 0;
         // REMOVEs are recorded before any snapshot install may run again.
         // So are UNMAPs and REMAPs, before any fault of the batch is located:
         // a fault at a remapped address is read before its REMAP event.
@@ -434,20 +492,22 @@ void Session::reader_loop() {
                                           "memory it did not describe");
               break;
             }
+            QueuedFault q{f->address, f->write, f->wp, false, read_ns};
             if (pages_->mark_touched(loc->page_index)) {
               // First touch since restore: record it, and count it as late
               // if prefetch planned the page but had not installed it yet.
               if (pages_->planned(loc->page_index) && pages_->state(loc->page_index) == PageState::kUntouched) {
                 prefetch_late_.fetch_add(1, std::memory_order_relaxed);
+                q.prefetch_late = true;
               }
               if (recording()) {
                 std::lock_guard lock(record_mu_);
                 first_touches_.push_back(loc->file_offset);
               }
             }
-            if (config_.reader_serves_cached && serve(*reader_worker_, *f, true) == Served::kDone) continue;
+            if (config_.reader_serves_cached && serve(*reader_worker_, q, true) == Served::kDone) continue;
             const size_t w = loc->page_index % workers_.size();
-            if (!overflow.empty() || !workers_[w]->ring.push(*f)) overflow.emplace_back(w, *f);
+            if (!overflow.empty() || !workers_[w]->ring.push(q)) overflow.emplace_back(w, q);
             workers_[w]->signal.notify();
           } else if (auto* fk = std::get_if<kernel::ForkEvent>(&batch[i])) {
             // The child's uffd arrived as a new fd in our table. Closing it
@@ -516,7 +576,7 @@ kernel::IoctlResult Session::install_zero(const PageLocation& loc, bool protect,
   return uffd_.zeropage(loc.address, loc.page_size, false);
 }
 
-Session::Served Session::serve(Worker& w, const kernel::PageFault& fault, bool by_reader) {
+Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_reader) {
   const auto loc = layout().locate(fault.address);
   if (!loc) {
     // Unmapped or moved since the reader located it: wake the thread, whose
@@ -544,7 +604,7 @@ Session::Served Session::serve(Worker& w, const kernel::PageFault& fault, bool b
                                       ? kernel::result_for_errno(hook.inject_errno)
                                       : uffd_.writeprotect(loc->address, loc->page_size, false, false);
     if (r.outcome == kernel::IoctlOutcome::kDone) pages_->mark_written(loc->page_index);
-    return finish_install(w, r, PageState::kSnapshot, *loc, fault, /*count=*/false);
+    return finish_install(w, r, PageState::kSnapshot, *loc, fault, /*count=*/false, /*zero=*/false, by_reader);
   }
   for (;;) {
     const PageState seen = pages_->state(loc->page_index);
@@ -598,24 +658,43 @@ Session::Served Session::serve(Worker& w, const kernel::PageFault& fault, bool b
       }
       fence_->exit(w.index);
     }
-    return finish_install(w, r, installed, *loc, fault, /*count=*/true);
+    return finish_install(w, r, installed, *loc, fault, /*count=*/true, removed || snapshot_zero, by_reader);
   }
 }
 
 Session::Served Session::finish_install(Worker& w, const kernel::IoctlResult& r, PageState installed,
-                                        const PageLocation& loc, const kernel::PageFault& fault, bool count) {
+                                        const PageLocation& loc, const QueuedFault& fault, bool count, bool zero,
+                                        bool by_reader) {
+  // The fault is served: its thread runs again. One clock read, into this
+  // thread's own histograms.
+  auto served = [&] {
+    if (!config_.record_fault_latency) return;
+    const metrics::FaultPath path = fault.prefetch_late ? metrics::FaultPath::kPrefetchLate
+                                    : zero              ? metrics::FaultPath::kZero
+                                    : by_reader         ? metrics::FaultPath::kReader
+                                                        : metrics::FaultPath::kWorker;
+    w.latency.record(path, fault.read_ns);
+  };
   switch (r.outcome) {
     case kernel::IoctlOutcome::kDone:
       if (count) {
         (installed == PageState::kZero ? w.pages_zero : w.pages_snapshot).fetch_add(1, std::memory_order_relaxed);
         w.bytes.fetch_add(loc.page_size, std::memory_order_relaxed);
+        // One writer (this thread): a store, not an atomic increment.
+        const size_t src = static_cast<size_t>(zero ? metrics::InstallSource::kZero : metrics::InstallSource::kSnapshot);
+        w.installed_pages[src].store(w.installed_pages[src].load(std::memory_order_relaxed) + 1,
+                                     std::memory_order_relaxed);
+        w.installed_bytes[src].store(w.installed_bytes[src].load(std::memory_order_relaxed) + loc.page_size,
+                                     std::memory_order_relaxed);
       }
+      served();
       return Served::kDone;
     case kernel::IoctlOutcome::kExists:
       // Another fault installed the page first. The failed ioctl woke
       // nobody, and this thread is still waiting: wake it.
       w.exists.fetch_add(1, std::memory_order_relaxed);
       (void)uffd_.wake(loc.address, loc.page_size);
+      served();
       return Served::kDone;
     case kernel::IoctlOutcome::kRetry:
       // An unread REMOVE/UNMAP blocks every install until the reader reads
@@ -643,8 +722,8 @@ Session::Served Session::finish_install(Worker& w, const kernel::IoctlResult& r,
 void Session::worker_loop(Worker& w) {
   using namespace std::chrono;
   microseconds backoff{1000};
-  kernel::PageFault f;
-  std::vector<kernel::PageFault> retry;
+  QueuedFault f;
+  std::vector<QueuedFault> retry;
   retry.reserve(1024);
   while (!stopping_.load(std::memory_order_acquire)) {
     const uint32_t seen = w.signal.value();
@@ -662,7 +741,7 @@ void Session::worker_loop(Worker& w) {
       if (serve(w, f, false) != Served::kRetry) continue;
       // De-duplicate: one deferred entry per page and access kind.
       const uint64_t page = f.address & ~(kPageSize4K - 1);
-      const bool dup = std::any_of(w.deferred.begin(), w.deferred.end(), [&](const kernel::PageFault& d) {
+      const bool dup = std::any_of(w.deferred.begin(), w.deferred.end(), [&](const QueuedFault& d) {
         return (d.address & ~(kPageSize4K - 1)) == page && d.write == f.write;
       });
       if (!dup) {
@@ -857,6 +936,7 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
     }
   }
   prefaulted_pages_.fetch_add(report.installed_pages, std::memory_order_relaxed);
+  prefaulted_bytes_.fetch_add(report.bytes, std::memory_order_relaxed);
   return report;
 }
 

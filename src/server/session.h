@@ -39,6 +39,7 @@
 #include "kernel/pagemap_scan.h"
 #include "kernel/process.h"
 #include "kernel/userfaultfd.h"
+#include "metrics/registry.h"
 #include "protocol/handshake_socket.h"
 #include "server/test_hooks.h"
 #include "server/wake_signal.h"
@@ -90,6 +91,14 @@ struct SessionConfig {
   // read at once instead of after a thread wake-up, which on this kind of
   // machine is most of a fault's cost. Zero: always block.
   std::chrono::microseconds busy_poll{100};
+  // Daemon-wide metrics: the session's counts are read from it at scrape
+  // time and folded in when it ends. Null: no metrics.
+  // REQUIRES: outlives the session.
+  metrics::Registry* metrics = nullptr;
+  // Time every fault from its read to the end of its install, for the
+  // latency histograms (faultline serve --metrics). Off, the fault path
+  // reads no clock for metrics.
+  bool record_fault_latency = false;
 };
 
 // Counters, summed over the session's threads.
@@ -186,6 +195,9 @@ class Session {
   int finished_fd() const { return finished_efd_.get(); }
 
   SessionSummary summary() const;
+  // The session's counts as metrics report them (counters and latency
+  // histograms so far). Thread-safe; never blocks the fault path.
+  metrics::SessionCounts metrics_counts() const;
 
   // Bytes of server memory this session holds: the page-state table (one
   // byte per guest page) plus fixed per-session buffers (fault rings, page
@@ -230,6 +242,25 @@ class Session {
 
  private:
   struct Worker;
+  // A fault as the reader hands it on: the kernel's message, when it was read
+  // (metrics::now_ns(), when recording fault latency) and whether it is a
+  // demand fault on a page prefetch had planned but not installed yet.
+  struct QueuedFault {
+    uint64_t address = 0;
+    bool write = false;
+    bool wp = false;
+    bool prefetch_late = false;
+    int64_t read_ns = 0;
+  };
+  // What the registry reads while the session is live.
+  class MetricsSource final : public metrics::SessionSource {
+   public:
+    explicit MetricsSource(const Session& s) : session_(s) {}
+    void collect(metrics::SessionCounts& into) const override;
+
+   private:
+    const Session& session_;
+  };
   Session(protocol::Handshake handshake, GuestLayout layout, std::shared_ptr<const PageSource> source,
           const SessionConfig& config);
 
@@ -240,9 +271,11 @@ class Session {
   // Installs one faulted page. kRetry: retry after the reader's next batch.
   // `by_reader`: the event reader serving it itself, which it does only for
   // 4 KiB pages that need no storage I/O (else kNeedsWorker).
-  Served serve(Worker& w, const kernel::PageFault& fault, bool by_reader);
+  Served serve(Worker& w, const QueuedFault& fault, bool by_reader);
+  // `zero`: the install was of zeros (no file read); with `by_reader`, it
+  // chooses the fault's latency path.
   Served finish_install(Worker& w, const kernel::IoctlResult& r, PageState installed, const PageLocation& loc,
-                        const kernel::PageFault& fault, bool count);
+                        const QueuedFault& fault, bool count, bool zero, bool by_reader);
   kernel::IoctlResult install_zero(const PageLocation& loc, bool protect, HookContext& hook);
   std::vector<const Worker*> all_workers() const;
   void handle_remove(const kernel::RemoveEvent& ev);
@@ -291,6 +324,7 @@ class Session {
   std::atomic<uint64_t> removed_pages_{0};
   std::atomic<uint64_t> faults_read_{0};
   std::atomic<uint64_t> prefaulted_pages_{0};
+  std::atomic<uint64_t> prefaulted_bytes_{0};  // for metrics
   std::atomic<uint64_t> prefetch_late_{0};
   std::atomic<uint64_t> busy_poll_reads_{0};
   std::thread prefetcher_;
@@ -305,6 +339,7 @@ class Session {
   std::chrono::steady_clock::time_point started_;
   std::atomic<int64_t> finished_ns_{0};
   std::once_flag finish_once_;
+  MetricsSource metrics_source_{*this};
 };
 
 }  // namespace faultline

@@ -22,6 +22,8 @@ enum class HookPoint {
   kBeforeInstallIoctl,     // worker, before an install ioctl for a fault (page staged, fence not yet entered)
   kBeforePrefaultInstall,  // prefault, before its install ioctl
   kServerBeforeRefuse,     // accept thread, before it drains a connection it refuses (address = the fd)
+  kMetricsCollect,         // a scrape, reading a live session's counts (registry lock held)
+  kBeforeMetricsFold,      // a session's end, final counts taken, before they are folded into the registry
   kCount,
 };
 

@@ -1,0 +1,156 @@
+#include "metrics/registry.h"
+
+#include <algorithm>
+
+#include "metrics/exposition.h"
+
+namespace faultline::metrics {
+
+const char* to_string(FaultPath path) {
+  switch (path) {
+    case FaultPath::kReader: return "reader";
+    case FaultPath::kWorker: return "worker";
+    case FaultPath::kZero: return "zero";
+    case FaultPath::kPrefetchLate: return "prefetch_late";
+  }
+  return "?";
+}
+
+const char* to_string(InstallSource source) {
+  switch (source) {
+    case InstallSource::kSnapshot: return "snapshot";
+    case InstallSource::kZero: return "zero";
+    case InstallSource::kPrefetch: return "prefetch";
+  }
+  return "?";
+}
+
+const char* to_string(RefusalCause cause) {
+  switch (cause) {
+    case RefusalCause::kHandshakeFailed: return "handshake_failed";
+    case RefusalCause::kSessionRejected: return "session_rejected";
+    case RefusalCause::kPeerNotAllowed: return "peer_not_allowed";
+    case RefusalCause::kTooManyHandshakes: return "too_many_handshakes";
+    case RefusalCause::kTooManySessions: return "too_many_sessions";
+    case RefusalCause::kTooManyRegions: return "too_many_regions";
+    case RefusalCause::kOutOfResources: return "out_of_resources";
+    case RefusalCause::kHandshakeTimeout: return "handshake_timeout";
+  }
+  return "?";
+}
+
+SessionCounts& SessionCounts::operator+=(const SessionCounts& o) {
+  faults += o.faults;
+  already_present += o.already_present;
+  eagain_retries += o.eagain_retries;
+  removes += o.removes;
+  removed_pages += o.removed_pages;
+  for (size_t i = 0; i < kInstallSources; ++i) {
+    installed_pages[i] += o.installed_pages[i];
+    installed_bytes[i] += o.installed_bytes[i];
+  }
+  for (size_t p = 0; p < kFaultPaths; ++p) latency[p] += o.latency[p];
+  return *this;
+}
+
+Registry::Registry(std::vector<std::string> end_reasons) {
+  for (std::string& r : end_reasons) ended_by_reason_.emplace_back(std::move(r), 0);
+}
+
+void Registry::session_started(const SessionSource& source) {
+  std::lock_guard lock(mu_);
+  live_.push_back(&source);
+  ++started_;
+}
+
+void Registry::session_ended(const SessionSource& source, std::string_view reason, const SessionCounts& final_counts) {
+  std::lock_guard lock(mu_);
+  auto it = std::find(live_.begin(), live_.end(), &source);
+  if (it == live_.end()) return;  // never started here, or already ended: count nothing twice
+  live_.erase(it);
+  ended_totals_ += final_counts;
+  auto r = std::find_if(ended_by_reason_.begin(), ended_by_reason_.end(),
+                        [&](const auto& e) { return e.first == reason; });
+  if (r == ended_by_reason_.end()) {
+    ended_by_reason_.emplace_back(std::string(reason), 1);
+  } else {
+    ++r->second;
+  }
+}
+
+void Registry::handshake_refused(RefusalCause cause) {
+  const size_t i = static_cast<size_t>(cause);
+  if (i < refused_.size()) refused_[i].fetch_add(1, std::memory_order_relaxed);
+}
+
+Registry::Snapshot Registry::snapshot() const {
+  Snapshot s;
+  {
+    // Totals and live sessions under one lock: a session's end (which takes
+    // the same lock) moves it from one to the other atomically.
+    std::lock_guard lock(mu_);
+    s.totals = ended_totals_;
+    for (const SessionSource* src : live_) src->collect(s.totals);
+    s.sessions_live = live_.size();
+    s.sessions_started = started_;
+    s.sessions_ended = ended_by_reason_;
+  }
+  for (size_t i = 0; i < refused_.size(); ++i) s.handshakes_refused[i] = refused_[i].load(std::memory_order_relaxed);
+  return s;
+}
+
+std::string Registry::render() const { return render(snapshot()); }
+
+std::string Registry::render(const Snapshot& s) {
+  ExpositionWriter w;
+  const SessionCounts& t = s.totals;
+
+  w.family("faultline_sessions_live", "gauge", "Sessions being served now (one per VM whose handshake was accepted).");
+  w.sample("faultline_sessions_live", {}, s.sessions_live);
+  w.family("faultline_sessions_started_total", "counter", "Sessions started (handshakes accepted) since the daemon started.");
+  w.sample("faultline_sessions_started_total", {}, s.sessions_started);
+  w.family("faultline_sessions_ended_total", "counter",
+           "Sessions ended, by reason (the state field of the session_end log line).");
+  for (const auto& [reason, n] : s.sessions_ended) w.sample("faultline_sessions_ended_total", {{"reason", reason}}, n);
+  w.family("faultline_handshakes_refused_total", "counter",
+           "Connections refused before they became a session, by cause.");
+  for (size_t i = 0; i < kRefusalCauses; ++i) {
+    w.sample("faultline_handshakes_refused_total", {{"cause", to_string(static_cast<RefusalCause>(i))}},
+             s.handshakes_refused[i]);
+  }
+
+  w.family("faultline_faults_total", "counter", "Page-fault messages read from the guests' userfaultfds.");
+  w.sample("faultline_faults_total", {}, t.faults);
+  w.family("faultline_fault_service_seconds", "histogram",
+           "Time from reading a fault message to the end of its install (or of the wake, when another install got "
+           "there first), by path: reader, worker, zero, prefetch_late.");
+  for (size_t p = 0; p < kFaultPaths; ++p) {
+    w.histogram("faultline_fault_service_seconds", {{"path", to_string(static_cast<FaultPath>(p))}}, t.latency[p]);
+  }
+  w.family("faultline_installed_pages_total", "counter",
+           "Pages installed into guests, by source: snapshot (read from the memory file for a fault), zero "
+           "(zeros for a fault: removed, or zero in the snapshot), prefetch (installed ahead of any fault).");
+  for (size_t i = 0; i < kInstallSources; ++i) {
+    w.sample("faultline_installed_pages_total", {{"source", to_string(static_cast<InstallSource>(i))}},
+             t.installed_pages[i]);
+  }
+  w.family("faultline_installed_bytes_total", "counter", "Bytes installed into guests, by source (as installed_pages).");
+  for (size_t i = 0; i < kInstallSources; ++i) {
+    w.sample("faultline_installed_bytes_total", {{"source", to_string(static_cast<InstallSource>(i))}},
+             t.installed_bytes[i]);
+  }
+  w.family("faultline_faults_already_present_total", "counter",
+           "Faults whose page another install got to first (EEXIST): their thread was woken.");
+  w.sample("faultline_faults_already_present_total", {}, t.already_present);
+  w.family("faultline_eagain_retries_total", "counter",
+           "Fault installs deferred because an event was pending (EAGAIN) and retried after the reader read it.");
+  w.sample("faultline_eagain_retries_total", {}, t.eagain_retries);
+  w.family("faultline_remove_events_total", "counter",
+           "REMOVE events read (balloon, free page reporting and hinting: madvise(MADV_DONTNEED) of guest memory).");
+  w.sample("faultline_remove_events_total", {}, t.removes);
+  w.family("faultline_removed_pages_total", "counter", "Whole guest pages the REMOVE events covered.");
+  w.sample("faultline_removed_pages_total", {}, t.removed_pages);
+  return w.take();
+}
+
+}  // namespace faultline::metrics

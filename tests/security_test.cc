@@ -203,6 +203,8 @@ TEST(AllowList, PeerOutsideTheListIsRefusedWithOneLogLineAndAClosedConnection) {
   EXPECT_EQ(count(log, "event=connection_refused"), 1u) << log;
   EXPECT_NE(log.find("reason=peer_not_allowed"), std::string::npos) << log;
   EXPECT_NE(log.find("uid=65534"), std::string::npos) << log;
+  EXPECT_NE(h.server().metrics().render().find("faultline_handshakes_refused_total{cause=\"peer_not_allowed\"} 1"),
+            std::string::npos);
 
   // A supplementary group in the list admits the peer: its (bad) handshake is
   // read and rejected as a handshake, not refused at the door.
@@ -245,6 +247,9 @@ TEST(AllowList, ControlSocketHasItsOwnAllowList) {
   });
   EXPECT_EQ(refused, 0) << "a refused control client gets no reply";
   ASSERT_TRUE(log_shows(h, "socket=control reason=peer_not_allowed"));
+  EXPECT_NE(h.server().metrics().render().find("faultline_handshakes_refused_total{cause=\"peer_not_allowed\"} 0"),
+            std::string::npos)
+      << "control connections are not handshakes";
   EXPECT_EQ(control(ctl, R"({"cmd":"sessions"})"), R"({"sessions":[]})");
 }
 
@@ -462,6 +467,9 @@ TEST(Limits, HandshakesOverTheLimitAreRefusedWithALogLine) {
   EXPECT_TRUE(closed_by_server(third.get(), std::chrono::seconds(20)));
   ASSERT_TRUE(h.wait_ended(1));
   EXPECT_NE(h.log().find("reason=too_many_handshakes"), std::string::npos) << h.log();
+  EXPECT_NE(h.server().metrics().render().find("faultline_handshakes_refused_total{cause=\"too_many_handshakes\"} 1"),
+            std::string::npos)
+      << h.server().metrics().render();
   EXPECT_EQ(h.server().handshakes_in_progress(), 2u) << "the held handshakes are untouched";
   a.reset();
   b.reset();
@@ -482,6 +490,8 @@ TEST(Limits, SessionsOverTheLimitAreRefusedAndTheSlotFreesWhenAVmEnds) {
   ASSERT_TRUE(second);
   EXPECT_TRUE(closed_by_server(second.get(), std::chrono::seconds(20)));
   ASSERT_TRUE(log_shows(h, "reason=too_many_sessions"));
+  EXPECT_NE(h.server().metrics().render().find("faultline_handshakes_refused_total{cause=\"too_many_sessions\"} 1"),
+            std::string::npos);
   first->close_socket();
   ASSERT_TRUE(h.wait_ended(2));
   expect_served(h);

@@ -1,35 +1,107 @@
 #!/usr/bin/env bash
 # Installs, builds and runs every test: the whole suite in a normal build,
-# then the concurrency tests again under ThreadSanitizer and AddressSanitizer.
+# then every test program registered with SANITIZERS YES (ctest label
+# `sanitizers`, see cmake/FaultlineTesting.cmake) again under ThreadSanitizer
+# and AddressSanitizer, then the fuzzers (scripts/fuzz.sh) once they exist.
+#
+# Each ctest stage ends with its test count and every skipped test with its
+# reason. With CI=true (.ci/run sets it) a missing host capability fails its
+# test (tests/capability.h), and a stage in which any test skipped fails.
+#
+#   scripts/test.sh         everything
+#   scripts/test.sh build   only configure (options checked) and build build/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+ci=false
+case "${CI:-}" in true | 1) ci=true ;; esac
 
-echo "== build and test (RelWithDebInfo)"
-BUILD_DIR=build scripts/build.sh -DCMAKE_BUILD_TYPE=RelWithDebInfo
-ctest --test-dir build -j2 --output-on-failure --timeout 600
+stage() { echo "== $1 (after ${SECONDS} s)"; }
 
-# The sanitizer runs cover the concurrent parts: the server's sessions and
-# fence, the page-state table, the protocol, and the end-to-end tests.
-concurrency_tests='(Serve|SessionEnd|PageStateTable|ReceiveHandshake|BadInput|BadLayout|Race|Stress|Events|HugePages|Prefetch)'
-# Only the test programs those tests live in (and the programs they start).
-concurrency_targets=(serve_test session_end_test race_test stress_test stress_hugepage_test events_test
-                     prefetch_test hugepage_test guest_test protocol_test faultline faultline-client)
+# configure DIR KEY=VALUE...: configures DIR giving every option that decides
+# which tests exist explicitly. A -D overrides what the cache held, so a tree
+# once configured as Release, without test hooks, with a narrow
+# FAULTLINE_ONLY_DIRS or with a sanitizer cannot drop tests; then the cache
+# is checked to hold exactly these values.
+configure() {
+  local dir=$1 kv key want got
+  shift
+  local args=()
+  for kv in "$@"; do args+=("-D$kv"); done
+  cmake -S . -B "$dir" "${args[@]}" >/dev/null
+  for kv in "$@"; do
+    key=${kv%%=*}
+    want=${kv#*=}
+    got=$(sed -n "s/^${key}:[A-Z]*=//p" "$dir/CMakeCache.txt")
+    if [ "$got" != "$want" ]; then
+      echo "$dir/CMakeCache.txt holds $key='$got', not '$want'" >&2
+      exit 1
+    fi
+  done
+  echo "configured $dir: $*"
+}
+# What a test build must have, whatever the build directory held before.
+test_options=(FAULTLINE_ONLY_DIRS= FAULTLINE_TEST_HOOKS=ON CMAKE_CXX_FLAGS= CMAKE_C_FLAGS=)
+
+# run_ctest NAME DIR CTEST_ARGS...: every ctest run fails when its filter
+# matches nothing (--no-tests=error), writes a JUnit report, and ends with
+# the summary of skipped tests (scripts/ctest_summary.awk).
+run_ctest() {
+  local name=$1 dir=$2 rc=0
+  shift 2
+  local junit="$PWD/$dir/ctest-$name.xml"
+  rm -f "$junit"
+  ctest --test-dir "$dir" --output-on-failure --no-tests=error --output-junit "$junit" "$@" || rc=$?
+  if [ ! -f "$junit" ]; then
+    echo "== $name: ctest wrote no report ($junit)"
+    return 1
+  fi
+  local summary skipped
+  summary=$(awk -v stage="$name" -f scripts/ctest_summary.awk "$junit")
+  echo "${summary%SKIPPED *}"
+  skipped=${summary##*SKIPPED }
+  if [ "$ci" = true ] && [ "$skipped" -ne 0 ]; then
+    echo "== $name: CI=true and $skipped tests skipped: coverage would silently disappear" >&2
+    rc=1
+  fi
+  return $rc
+}
+
+stage "build (RelWithDebInfo, every directory, test hooks on)"
+configure build CMAKE_BUILD_TYPE=RelWithDebInfo FAULTLINE_SANITIZER= "${test_options[@]}"
+cmake --build build -j"$(nproc)"
+echo "$(ctest --test-dir build -N | tail -1 | sed 's/^ *//') registered in build/"
+[ "${1:-}" = build ] && exit 0
+
+stage "test (RelWithDebInfo)"
+run_ctest all build -j2 --timeout 600
+
 # -O1 -g1 (line tables only): sanitizer reports keep file:line, and each build
 # compiles in ~2 minutes instead of ~3 on 2 cores (measured: 126 s against 191 s
 # for the TSan targets; their tests ran 158 s against 150 s).
 sanitizer_build() {  # $1 = sanitizer, $2 = build dir
-  cmake -S . -B "$2" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" \
-    -DCMAKE_C_FLAGS_RELWITHDEBINFO="-O1 -g1" -DFAULTLINE_SANITIZER="$1" >/dev/null
-  cmake --build "$2" -j"$(nproc)" --target "${concurrency_targets[@]}"
+  configure "$2" CMAKE_BUILD_TYPE=RelWithDebInfo "CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1" \
+    "CMAKE_C_FLAGS_RELWITHDEBINFO=-O1 -g1" FAULTLINE_SANITIZER="$1" "${test_options[@]}"
+  # Every program registered with SANITIZERS YES, and the programs they spawn.
+  cmake --build "$2" -j"$(nproc)" --target sanitizer-test-programs
 }
-echo "== ThreadSanitizer (after ${SECONDS} s)"
+stage "ThreadSanitizer"
 sanitizer_build thread build-tsan
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
-  ctest --test-dir build-tsan -j2 --output-on-failure --timeout 900 -R "$concurrency_tests"
-echo "== AddressSanitizer (after ${SECONDS} s)"
+  run_ctest tsan build-tsan -j2 --timeout 900 -L '^sanitizers$'
+
+stage "AddressSanitizer"
 sanitizer_build address build-asan
 # Leak detection is on by default on x86-64 (a program may turn it off in its
 # __asan_default_options, as events_test does; an ASAN_OPTIONS here would override that).
-ctest --test-dir build-asan -j2 --output-on-failure --timeout 900 -R "$concurrency_tests"
+run_ctest asan build-asan -j2 --timeout 900 -L '^sanitizers$'
+
+# ---- fuzzing: a bounded run of every fuzz target (fuzz/, scripts/fuzz.sh).
+# Runs once scripts/fuzz.sh exists; it fails this command on a crash.
+if [ -f scripts/fuzz.sh ]; then
+  stage "fuzzing (scripts/fuzz.sh)"
+  bash scripts/fuzz.sh
+fi
+# ---- end of fuzzing
+
 echo "== all stages passed in ${SECONDS} s"

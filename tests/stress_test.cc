@@ -715,8 +715,8 @@ class StressAgainstModelTest : public ::testing::TestWithParam<StressParam> {
  protected:
   void SetUp() override {
     if (kHugePages) {
-      if (client::free_huge_pages_2m() < guest_shape().pages() + 4) reservation_.emplace(guest_shape().pages() + 8);
-      if (client::free_huge_pages_2m() < guest_shape().pages()) GTEST_SKIP() << "could not reserve 2 MiB huge pages";
+      reservation_.emplace(guest_shape().pages() + 8);
+      FAULTLINE_REQUIRE_CAPABILITY(reservation_->ok(), reservation_->reason());
     }
   }
   std::optional<HugePageReservation> reservation_;

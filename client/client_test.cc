@@ -633,7 +633,7 @@ TEST(RestoreWpAsync, WholeScenarioHasNoMismatches) {
 
 TEST(RestoreHugePages, WholeScenarioHasNoMismatches) {
   HugePageReservation reservation(8);
-  FAULTLINE_REQUIRE_CAPABILITY(reservation.ok(), reservation.reason());
+  FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation.ok(), reservation.reason());
   TempDir dir;
   ASSERT_TRUE(write_test_memory_file(dir.file("memory"), 8 * kMiB, 4, 0.2));
   auto server = testing::TestFaultServer::listen(dir.file("sock"), dir.file("memory"));
@@ -652,7 +652,7 @@ TEST(RestoreHugePages, WholeScenarioHasNoMismatches) {
 }
 
 TEST(RestoreKvm, VcpusAndHostThreadsTogetherHaveNoMismatches) {
-  FAULTLINE_REQUIRE_CAPABILITY(VcpuToucher::available(), "no usable /dev/kvm, or client/kvm not in this build");
+  FAULTLINE_REQUIRE_CAPABILITY("kvm", VcpuToucher::available(), "no usable /dev/kvm, or client/kvm not in this build");
   TempDir dir;
   ASSERT_TRUE(write_test_memory_file(dir.file("memory"), 4 * kMiB, 6, 0.1));
   auto server = testing::TestFaultServer::listen(dir.file("sock"), dir.file("memory"));

@@ -15,7 +15,7 @@ namespace {
 
 class HugePages : public ::testing::Test {
  protected:
-  void SetUp() override { FAULTLINE_REQUIRE_CAPABILITY(reservation_.ok(), reservation_.reason()); }
+  void SetUp() override { FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation_.ok(), reservation_.reason()); }
   HugePageReservation reservation_{160};  // 320 MiB: two 128 MiB guests, with room
 };
 
@@ -84,7 +84,7 @@ TEST_F(HugePages, ManyThreadsOnTheSameHugePages) {
 }
 
 TEST_F(HugePages, KvmVcpusTouchHugePages) {
-  FAULTLINE_REQUIRE_CAPABILITY(client::VcpuToucher::available(), "no usable /dev/kvm");
+  FAULTLINE_REQUIRE_CAPABILITY("kvm", client::VcpuToucher::available(), "no usable /dev/kvm");
   ServerHarness::Options ho;
   ho.memory_bytes = 64 * kMiB;
   ServerHarness h(ho);

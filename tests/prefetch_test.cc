@@ -237,7 +237,7 @@ TEST(Prefetch, DamagedWorkingSetFileIsAClearStartupError) {
 
 TEST(Prefetch, HugePageWorkingSetRoundTrip) {
   HugePageReservation reservation(40);
-  FAULTLINE_REQUIRE_CAPABILITY(reservation.ok(), reservation.reason());
+  FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation.ok(), reservation.reason());
   TempDir files;
   const std::string record = files.file("ws");
   const std::vector<uint64_t> ws{6 * kMiB, 0, 20 * kMiB};

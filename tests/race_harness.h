@@ -132,15 +132,18 @@ enum class UffdWait {
 };
 
 // Whether thread `tid` of this process sleeps in the userfaultfd, as `wait`.
-// Kernel facts (verified on this project's Linux 6.18 hosts with a probe that
-// faults on a registered page and madvises another; /proc/self/task/TID/wchan):
-//   - a thread blocked on a uffd fault sleeps in handle_userfault (state S),
-//     whether it faulted from user space, from a syscall's copy or, through
-//     GUP, from a KVM vCPU in KVM_RUN; 4 KiB anonymous and 2 MiB hugetlb
-//     faults both end there;
-//   - a thread in madvise waiting for its REMOVE to be read sleeps in
-//     userfaultfd_event_wait_completion (state D), called from userfaultfd_remove.
-// A thread sleeping anywhere else (a futex, poll, the page allocator) is not
+// Kernel facts, verified on this project's Linux 6.18 hosts (a probe that
+// faults on a registered page and madvises another, then these tests):
+//   - a thread blocked on a uffd fault sleeps in handle_userfault (state S,
+//     /proc/self/task/TID/syscall "-1": a fault, not a system call), for
+//     4 KiB anonymous and 2 MiB hugetlb pages alike;
+//   - a thread in madvise(MADV_DONTNEED) waiting for its REMOVE to be read
+//     sleeps in userfaultfd_event_wait_completion (state D; stack:
+//     userfaultfd_remove <- madvise_vma_behavior <- do_madvise).
+// A vCPU's fault (KVM_RUN, then get_user_pages -> handle_mm_fault) should
+// sleep in handle_userfault too; that is NOT verified here: the 2026-12 hosts
+// have no /dev/kvm. If it differs, the Vcpu race tests fail at wait_blocked().
+// A thread asleep anywhere else (a futex, poll, the page allocator) is not
 // waiting for faultline, and a test that went on would race instead of
 // forcing the interleaving it names.
 inline bool thread_waits_in(pid_t tid, UffdWait wait) {

@@ -52,9 +52,9 @@ class Race : public ::testing::TestWithParam<RaceParam> {
     const RaceParam p = GetParam();
     if (p.huge) {
       reservation_ = std::make_unique<HugePageReservation>(40);
-      FAULTLINE_REQUIRE_CAPABILITY(reservation_->ok(), reservation_->reason());
+      FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation_->ok(), reservation_->reason());
     }
-    if (p.vcpu) FAULTLINE_REQUIRE_CAPABILITY(client::KvmGuest::available(), "no usable /dev/kvm");
+    if (p.vcpu) FAULTLINE_REQUIRE_CAPABILITY("kvm", client::KvmGuest::available(), "no usable /dev/kvm");
     page_ = p.huge ? 2 * kMiB : 4096;
     const uint64_t region = p.huge ? 16 * kMiB : 8 * kMiB;
     ServerHarness::Options ho;

@@ -328,7 +328,7 @@ TEST(Serve, TwoVmsAtOnceOnOneDaemon) {
 }
 
 TEST(Serve, KvmVcpusTouchingPagesAreServed) {
-  FAULTLINE_REQUIRE_CAPABILITY(client::VcpuToucher::available(), "no usable /dev/kvm");
+  FAULTLINE_REQUIRE_CAPABILITY("kvm", client::VcpuToucher::available(), "no usable /dev/kvm");
   ServerHarness h;
   RestoreOptions o = restore_options(h);
   o.threads = 1;
@@ -341,7 +341,7 @@ TEST(Serve, KvmVcpusTouchingPagesAreServed) {
 }
 
 TEST(Serve, KvmVcpusOnlyAcrossTwoRegions) {
-  FAULTLINE_REQUIRE_CAPABILITY(client::VcpuToucher::available(), "no usable /dev/kvm");
+  FAULTLINE_REQUIRE_CAPABILITY("kvm", client::VcpuToucher::available(), "no usable /dev/kvm");
   ServerHarness h;
   RestoreOptions o = restore_options(h);
   o.threads = 0;

@@ -716,7 +716,7 @@ class StressAgainstModelTest : public ::testing::TestWithParam<StressParam> {
   void SetUp() override {
     if (kHugePages) {
       reservation_.emplace(guest_shape().pages() + 8);
-      FAULTLINE_REQUIRE_CAPABILITY(reservation_->ok(), reservation_->reason());
+      FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation_->ok(), reservation_->reason());
     }
   }
   std::optional<HugePageReservation> reservation_;

@@ -30,7 +30,7 @@ using testing::PatternFaultServer;
 constexpr uint64_t k4K = 4096;
 constexpr uint64_t k2M = 2ull << 20;
 
-#define REQUIRE_KVM() FAULTLINE_REQUIRE_CAPABILITY(KvmGuest::available(), "no usable /dev/kvm")
+#define REQUIRE_KVM() FAULTLINE_REQUIRE_CAPABILITY("kvm", KvmGuest::available(), "no usable /dev/kvm")
 
 Mapping map_anonymous(uint64_t size) {
   auto m = Mapping::map(size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
@@ -215,10 +215,10 @@ TEST(KvmGuest, OffsetsMapAcrossTheBoundaryOfTwoRegions) {
 TEST(KvmGuest, HugetlbRegionWithTwoMiBPagesReadsAndWritesTheRightBytes) {
   REQUIRE_KVM();
   HugePageReservation reservation(2);
-  FAULTLINE_REQUIRE_CAPABILITY(reservation.ok(), reservation.reason());
+  FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation.ok(), reservation.reason());
   auto mem = Mapping::map(2 * k2M, PROT_READ | PROT_WRITE,
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB);
-  FAULTLINE_REQUIRE_CAPABILITY(mem.has_value(), "2 MiB hugetlb mmap failed: " << (mem ? "" : mem.error().describe()));
+  FAULTLINE_REQUIRE_CAPABILITY("hugepages", mem.has_value(), "2 MiB hugetlb mmap failed: " << (mem ? "" : mem.error().describe()));
   fill_pattern(mem->bytes(), 0, mem->size());
   {
     CREATE_GUEST(guest, {{mem->bytes(), mem->size()}}, 1, k2M);

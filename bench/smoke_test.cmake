@@ -10,6 +10,7 @@
 # A ctest PASS_REGULAR_EXPRESSION would ignore the exit code, hence this script.
 #
 #   cmake -DBENCH=<program> -DARGS="<arguments>" -DEXPECT="<regex>" -P smoke_test.cmake
+cmake_minimum_required(VERSION 3.25)  # script mode: IN_LIST and today's policies
 if(NOT BENCH OR NOT DEFINED EXPECT)
   message(FATAL_ERROR "usage: cmake -DBENCH=<program> -DARGS=<arguments> -DEXPECT=<regex> -P smoke_test.cmake")
 endif()
@@ -17,6 +18,7 @@ separate_arguments(args UNIX_COMMAND "${ARGS}")
 execute_process(COMMAND ${BENCH} ${args} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE out)
 message("${out}")
 if(NOT rc STREQUAL "0")
+  message("smoke test: exit code ${rc}, not 0")  # one unwrapped line (FATAL_ERROR text is wrapped)
   message(FATAL_ERROR "${BENCH} ${ARGS} exited with ${rc}, not 0")
 endif()
 if(NOT out MATCHES "${EXPECT}")

@@ -28,6 +28,7 @@
 #include "client/vcpu_touch.h"
 #include "client/verifier.h"
 #include "client/version.h"
+#include "tests/capability.h"
 
 namespace faultline::client {
 namespace {
@@ -632,7 +633,7 @@ TEST(RestoreWpAsync, WholeScenarioHasNoMismatches) {
 
 TEST(RestoreHugePages, WholeScenarioHasNoMismatches) {
   HugePageReservation reservation(8);
-  ASSERT_TRUE(reservation.ok()) << "could not reserve 8 free 2 MiB huge pages (vm.nr_hugepages)";
+  FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation.ok(), reservation.reason());
   TempDir dir;
   ASSERT_TRUE(write_test_memory_file(dir.file("memory"), 8 * kMiB, 4, 0.2));
   auto server = testing::TestFaultServer::listen(dir.file("sock"), dir.file("memory"));
@@ -651,7 +652,7 @@ TEST(RestoreHugePages, WholeScenarioHasNoMismatches) {
 }
 
 TEST(RestoreKvm, VcpusAndHostThreadsTogetherHaveNoMismatches) {
-  if (!VcpuToucher::available()) GTEST_SKIP() << "no client/kvm in this build or no /dev/kvm";
+  FAULTLINE_REQUIRE_CAPABILITY("kvm", VcpuToucher::available(), "no usable /dev/kvm, or client/kvm not in this build");
   TempDir dir;
   ASSERT_TRUE(write_test_memory_file(dir.file("memory"), 4 * kMiB, 6, 0.1));
   auto server = testing::TestFaultServer::listen(dir.file("sock"), dir.file("memory"));

@@ -12,6 +12,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -28,6 +30,7 @@
 #include "client/test_memory_file.h"
 #include "common/log.h"
 #include "server/server.h"
+#include "tests/capability.h"
 
 namespace faultline::testing {
 
@@ -37,8 +40,10 @@ inline constexpr uint64_t kMiB = 1024 * 1024;
 class TempDir {
  public:
   TempDir() {
-    char tmpl[] = "/tmp/faultline-test-XXXXXX";
-    path_ = ::mkdtemp(tmpl);
+    char tmpl[] = "/tmp/faultline-test-XXXXXX";  // unique per test: ctest -j2 runs tests side by side
+    const char* made = ::mkdtemp(tmpl);
+    EXPECT_NE(made, nullptr) << "mkdtemp: " << std::strerror(errno);
+    path_ = made != nullptr ? made : "/nonexistent-faultline-test-dir";
   }
   ~TempDir() { std::filesystem::remove_all(path_); }
   std::string file(const std::string& name) const { return path_ + "/" + name; }

@@ -15,9 +15,7 @@ namespace {
 
 class HugePages : public ::testing::Test {
  protected:
-  void SetUp() override {
-    if (!reservation_.ok()) GTEST_SKIP() << "could not reserve 2 MiB huge pages";
-  }
+  void SetUp() override { FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation_.ok(), reservation_.reason()); }
   HugePageReservation reservation_{160};  // 320 MiB: two 128 MiB guests, with room
 };
 
@@ -86,7 +84,7 @@ TEST_F(HugePages, ManyThreadsOnTheSameHugePages) {
 }
 
 TEST_F(HugePages, KvmVcpusTouchHugePages) {
-  if (!client::VcpuToucher::available()) GTEST_SKIP() << "no /dev/kvm";
+  FAULTLINE_REQUIRE_CAPABILITY("kvm", client::VcpuToucher::available(), "no usable /dev/kvm");
   ServerHarness::Options ho;
   ho.memory_bytes = 64 * kMiB;
   ServerHarness h(ho);

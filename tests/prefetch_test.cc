@@ -98,9 +98,10 @@ TEST(Prefetch, ReplayInstallsTheWorkingSetAndEveryByteIsRight) {
   // Record a working set of 2000 scattered pages...
   std::vector<uint64_t> ws;
   for (uint64_t i = 0; i < 2000; ++i) ws.push_back(((i * 7919) % 16384) * 4096);
-  std::string record;
+  TempDir files;  // unique per test: ctest -j2 runs tests side by side
+  const std::string record = files.file("ws");
   {
-    PrefetchServer rec(64 * kMiB, [&](ServerConfig& c) { record = c.record_path = "/tmp/faultline-ws-test.ws"; });
+    PrefetchServer rec(64 * kMiB, [&](ServerConfig& c) { c.record_path = record; });
     restore_and_touch(rec, ws);
     ASSERT_TRUE(rec.server->wait_for_ended(1, std::chrono::seconds(10)));
   }
@@ -126,13 +127,13 @@ TEST(Prefetch, ReplayInstallsTheWorkingSetAndEveryByteIsRight) {
   // At least the set; small gaps between its pages are filled too.
   EXPECT_GE(counters.prefaulted_pages, 2000u) << s.log();
   EXPECT_EQ(counters.faults, 0u) << "the guest found its working set installed\n" << s.log();
-  std::remove(record.c_str());
 }
 
 TEST(Prefetch, NeverRevivesARemovedPageNorOverwritesAWrittenOne) {
   std::vector<uint64_t> ws;
   for (uint64_t p = 0; p < 64; ++p) ws.push_back(p * 4096);
-  const std::string record = "/tmp/faultline-ws-test2.ws";
+  TempDir files;
+  const std::string record = files.file("ws");
   ASSERT_TRUE(write_working_set(record, WorkingSet{4096, 64 * kMiB, ws}));
   // Park the prefetch before its first install: the guest writes page 1 and
   // gives page 2 back first, and page 3 is removed while the run is staged.
@@ -157,7 +158,6 @@ TEST(Prefetch, NeverRevivesARemovedPageNorOverwritesAWrittenOne) {
   auto r = client::touch_pages(*c, **v, ws, client::Access::kRead);
   ASSERT_TRUE(r);
   EXPECT_EQ(r->mismatches, 0u) << "the written page, the removed ones (zero) and the rest (snapshot)";
-  std::remove(record.c_str());
 }
 
 TEST(Prefetch, EagerFillInstallsTheWholeSnapshotAndDemandFaultsStillWork) {
@@ -220,7 +220,8 @@ TEST(Prefetch, ZeroPagesAreInstalledWithoutReadingTheSnapshot) {
 }
 
 TEST(Prefetch, DamagedWorkingSetFileIsAClearStartupError) {
-  const std::string record = "/tmp/faultline-ws-test3.ws";
+  TempDir files;
+  const std::string record = files.file("ws");
   ASSERT_TRUE(write_working_set(record, WorkingSet{4096, 16 * kMiB, {0, 4096}}));
   {
     std::fstream f(record, std::ios::binary | std::ios::in | std::ios::out);
@@ -230,15 +231,15 @@ TEST(Prefetch, DamagedWorkingSetFileIsAClearStartupError) {
   PrefetchServer s(16 * kMiB, [&](ServerConfig& c) { c.prefetch_path = record; });
   EXPECT_FALSE(s.created);
   EXPECT_NE(s.error.find("checksum"), std::string::npos) << s.error;
-  PrefetchServer other(32 * kMiB, [&](ServerConfig& c) { c.prefetch_path = "/tmp/faultline-ws-test4.ws"; });
+  PrefetchServer other(32 * kMiB, [&](ServerConfig& c) { c.prefetch_path = files.file("missing.ws"); });
   EXPECT_FALSE(other.created);
-  std::remove(record.c_str());
 }
 
 TEST(Prefetch, HugePageWorkingSetRoundTrip) {
   HugePageReservation reservation(40);
-  if (!reservation.ok()) GTEST_SKIP() << "could not reserve huge pages";
-  const std::string record = "/tmp/faultline-ws-huge.ws";
+  FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation.ok(), reservation.reason());
+  TempDir files;
+  const std::string record = files.file("ws");
   const std::vector<uint64_t> ws{6 * kMiB, 0, 20 * kMiB};
   {
     PrefetchServer rec(32 * kMiB, [&](ServerConfig& c) { c.record_path = record; });
@@ -260,7 +261,6 @@ TEST(Prefetch, HugePageWorkingSetRoundTrip) {
   EXPECT_EQ(r->mismatches, 0u);
   EXPECT_EQ(session->summary().counters.prefaulted_pages, 3u);
   EXPECT_EQ(session->summary().counters.faults, 0u);
-  std::remove(record.c_str());
 }
 
 }  // namespace

@@ -328,7 +328,7 @@ TEST(Serve, TwoVmsAtOnceOnOneDaemon) {
 }
 
 TEST(Serve, KvmVcpusTouchingPagesAreServed) {
-  if (!client::VcpuToucher::available()) GTEST_SKIP() << "no /dev/kvm";
+  FAULTLINE_REQUIRE_CAPABILITY("kvm", client::VcpuToucher::available(), "no usable /dev/kvm");
   ServerHarness h;
   RestoreOptions o = restore_options(h);
   o.threads = 1;
@@ -341,7 +341,7 @@ TEST(Serve, KvmVcpusTouchingPagesAreServed) {
 }
 
 TEST(Serve, KvmVcpusOnlyAcrossTwoRegions) {
-  if (!client::VcpuToucher::available()) GTEST_SKIP() << "no /dev/kvm";
+  FAULTLINE_REQUIRE_CAPABILITY("kvm", client::VcpuToucher::available(), "no usable /dev/kvm");
   ServerHarness h;
   RestoreOptions o = restore_options(h);
   o.threads = 0;

@@ -17,6 +17,7 @@
 
 #include "client/kvm/pattern_fault_server.h"
 #include "common/mapping.h"
+#include "tests/capability.h"
 
 namespace faultline::client {
 namespace {
@@ -29,10 +30,7 @@ using testing::PatternFaultServer;
 constexpr uint64_t k4K = 4096;
 constexpr uint64_t k2M = 2ull << 20;
 
-#define SKIP_WITHOUT_KVM()                                          \
-  do {                                                              \
-    if (!KvmGuest::available()) GTEST_SKIP() << "/dev/kvm absent"; \
-  } while (0)
+#define REQUIRE_KVM() FAULTLINE_REQUIRE_CAPABILITY("kvm", KvmGuest::available(), "no usable /dev/kvm")
 
 Mapping map_anonymous(uint64_t size) {
   auto m = Mapping::map(size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
@@ -70,7 +68,7 @@ void expect_reads_match_pattern(const VcpuTouchResult& r, const std::vector<uint
 }
 
 TEST(KvmGuest, VcpuReadsReturnHostBytesForPagesInRandomOrder) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   constexpr uint64_t kPages = 256;
   Mapping mem = map_anonymous(kPages * k4K);
   fill_pattern(mem.bytes(), 0, mem.size());
@@ -84,7 +82,7 @@ TEST(KvmGuest, VcpuReadsReturnHostBytesForPagesInRandomOrder) {
 }
 
 TEST(KvmGuest, ReadOnlyTouchLeavesMemoryUnchanged) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   Mapping mem = map_anonymous(16 * k4K);
   fill_pattern(mem.bytes(), 0, mem.size());
   CREATE_GUEST(guest, {{mem.bytes(), mem.size()}}, 1, k4K);
@@ -96,7 +94,7 @@ TEST(KvmGuest, ReadOnlyTouchLeavesMemoryUnchanged) {
 }
 
 TEST(KvmGuest, VcpuWritesTagAndOffsetVisibleToHost) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   constexpr uint64_t kPages = 64;
   Mapping mem = map_anonymous(kPages * k4K);
   fill_pattern(mem.bytes(), 0, mem.size());
@@ -123,7 +121,7 @@ TEST(KvmGuest, VcpuWritesTagAndOffsetVisibleToHost) {
 }
 
 TEST(KvmGuest, ReadThenWriteReportsBytesFromBeforeTheWrite) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   Mapping mem = map_anonymous(8 * k4K);
   fill_pattern(mem.bytes(), 0, mem.size());
   CREATE_GUEST(guest, {{mem.bytes(), mem.size()}}, 1, k4K);
@@ -138,7 +136,7 @@ TEST(KvmGuest, ReadThenWriteReportsBytesFromBeforeTheWrite) {
 }
 
 TEST(KvmGuest, PlanLongerThanOneBatchIsTouchedInOrder) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   // 2048 entries fit in one KVM_RUN batch; 2500 touches need two, and the
   // same page listed twice must read the first touch's write the second time.
   constexpr uint64_t kPages = 1250;
@@ -158,7 +156,7 @@ TEST(KvmGuest, PlanLongerThanOneBatchIsTouchedInOrder) {
 }
 
 TEST(KvmGuest, TwoVcpusInTwoThreadsTouchDisjointPages) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   constexpr uint64_t kPages = 256;
   Mapping mem = map_anonymous(kPages * k4K);
   fill_pattern(mem.bytes(), 0, mem.size());
@@ -186,7 +184,7 @@ TEST(KvmGuest, TwoVcpusInTwoThreadsTouchDisjointPages) {
 }
 
 TEST(KvmGuest, OffsetsMapAcrossTheBoundaryOfTwoRegions) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   // The first region is not a multiple of 2 MiB, so the second one's GPA
   // leaves a gap that offsets must skip.
   const uint64_t size_a = k2M / 2 + 5 * k4K;
@@ -215,12 +213,12 @@ TEST(KvmGuest, OffsetsMapAcrossTheBoundaryOfTwoRegions) {
 
 
 TEST(KvmGuest, HugetlbRegionWithTwoMiBPagesReadsAndWritesTheRightBytes) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   HugePageReservation reservation(2);
-  if (!reservation.ok()) GTEST_SKIP() << "could not reserve 2 MiB pages via /proc/sys/vm/nr_hugepages";
+  FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation.ok(), reservation.reason());
   auto mem = Mapping::map(2 * k2M, PROT_READ | PROT_WRITE,
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_HUGE_2MB);
-  if (!mem) GTEST_SKIP() << "hugetlb mmap failed: " << mem.error().describe();
+  FAULTLINE_REQUIRE_CAPABILITY("hugepages", mem.has_value(), "2 MiB hugetlb mmap failed: " << (mem ? "" : mem.error().describe()));
   fill_pattern(mem->bytes(), 0, mem->size());
   {
     CREATE_GUEST(guest, {{mem->bytes(), mem->size()}}, 1, k2M);
@@ -237,7 +235,7 @@ TEST(KvmGuest, HugetlbRegionWithTwoMiBPagesReadsAndWritesTheRightBytes) {
 }
 
 TEST(KvmGuest, OffsetBeyondTheGuestIsAnErrorAndTouchesNothing) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   Mapping mem = map_anonymous(4 * k4K);
   fill_pattern(mem.bytes(), 0, mem.size());
   CREATE_GUEST(guest, {{mem.bytes(), mem.size()}}, 1, k4K);
@@ -262,7 +260,7 @@ TEST(KvmGuest, OffsetBeyondTheGuestIsAnErrorAndTouchesNothing) {
 }
 
 TEST(KvmGuest, LastPageOfANearlyThreeGiBGuestIsReachable) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   // Only the touched pages get host memory (MAP_NORESERVE, anonymous).
   const uint64_t size = 3ull << 30;
   Mapping mem = map_anonymous(size);
@@ -276,7 +274,7 @@ TEST(KvmGuest, LastPageOfANearlyThreeGiBGuestIsReachable) {
 }
 
 TEST(KvmGuest, GuestBeyondFourGiBIsRefusedWithAClearError) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   const uint64_t size = 4ull << 30;
   Mapping mem = map_anonymous(size);
   auto guest = KvmGuest::create({{mem.bytes(), size}}, 1, k4K);
@@ -286,7 +284,7 @@ TEST(KvmGuest, GuestBeyondFourGiBIsRefusedWithAClearError) {
 }
 
 TEST(KvmGuest, MisalignedRegionsAreRefused) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   Mapping mem = map_anonymous(4 * k4K);
   EXPECT_FALSE(KvmGuest::create({{mem.bytes() + 8, 2 * k4K}}, 1, k4K));
   EXPECT_FALSE(KvmGuest::create({{mem.bytes(), k4K + 8}}, 1, k4K));
@@ -296,7 +294,7 @@ TEST(KvmGuest, MisalignedRegionsAreRefused) {
 }
 
 TEST(KvmGuest, VcpuFaultsOnUffdRegisteredMemoryAreServedThroughTheUffd) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   constexpr uint64_t kPages = 256;
   Mapping mem = map_anonymous(kPages * k4K);
   PatternFaultServer server;
@@ -322,7 +320,7 @@ TEST(KvmGuest, VcpuFaultsOnUffdRegisteredMemoryAreServedThroughTheUffd) {
 }
 
 TEST(KvmGuest, GuestThatCannotReachItsMemoryIsAnErrorAndTheVcpuIsRetired) {
-  SKIP_WITHOUT_KVM();
+  REQUIRE_KVM();
   // Breaks the REQUIRES on purpose: with the region's host mapping gone, KVM
   // cannot resolve the guest's access. Whether it reports that as a failed
   // KVM_RUN (EFAULT) or as an exit, run_touch must return an Error.

@@ -697,9 +697,11 @@ TEST(Resources, UnderEmfileTheDaemonRefusesNewWorkRecoversAndStopsCleanly) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a log file
   }
   const std::string during = read_file(log);
-  EXPECT_NE(during.find("event=connection_refused socket=vm reason=out_of_resources error=\"Too many open files\""),
-            std::string::npos)
-      << during;
+  // Out of fds either at accept() (shed through the reserved fd) or right
+  // after it (no fd for the peer's pidfd): refused either way.
+  const size_t at = during.find("event=connection_refused socket=vm reason=out_of_resources error=");
+  ASSERT_NE(at, std::string::npos) << during;
+  EXPECT_NE(during.find("Too many open files", at), std::string::npos) << during;
   // Once the idle clients go, the daemon serves again.
   idle.clear();
   const std::string out = dir.file("client.out");
@@ -713,6 +715,58 @@ TEST(Resources, UnderEmfileTheDaemonRefusesNewWorkRecoversAndStopsCleanly) {
   EXPECT_TRUE(WIFEXITED(dstatus) && WEXITSTATUS(dstatus) == 0) << read_file(log);
   EXPECT_FALSE(std::filesystem::exists(sock)) << "the daemon removed its socket";
   EXPECT_NE(read_file(log).find("event=server_stop"), std::string::npos);
+}
+
+TEST(Resources, AcceptUnderEmfileShedsTheConnectionThroughTheReservedFd) {
+  // In a child process (RLIMIT_NOFILE and a full fd table are per process):
+  // the fd table is filled to the last slot, one slot is freed for a client
+  // socket, and the client connects: the daemon's accept() fails with EMFILE.
+  // The connection must be accepted on the reserved fd and refused (not left
+  // queued, which would keep the listener readable and the loop spinning),
+  // and once fds are free the daemon accepts again.
+  TempDir dir;
+  const std::string mem = dir.file("mem"), sock = dir.file("vm.sock"), log = dir.file("log");
+  ASSERT_TRUE(client::write_test_memory_file(mem, 4 * kMiB, 3, 0.1));
+  const pid_t child = ::fork();
+  if (child == 0) {
+    const int log_fd = ::open(log.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
+    Logger logger(LogFormat::kText, LogLevel::kDebug, log_fd);
+    ServerConfig c;
+    c.socket_path = sock;
+    c.memory_path = mem;
+    c.zero_index = false;
+    c.on_fatal = OnFatal::kLeave;
+    auto server = Server::create(c, logger);
+    if (!server) ::_exit(10);
+    std::thread serving([&] { (void)(*server)->run(); });
+    rlimit lim{64, 64};
+    if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) ::_exit(11);
+    std::vector<int> fillers;
+    for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) fillers.push_back(fd);
+    ::close(fillers.back());  // room for the client's socket, none for the daemon's accept
+    fillers.pop_back();
+    UniqueFd shed = connect_unix(sock);
+    if (!shed) ::_exit(12);
+    const bool refused = closed_by_server(shed.get(), std::chrono::seconds(20));
+    for (int fd : fillers) ::close(fd);
+    shed.reset();
+    // Accepting again: a bad handshake is read and rejected as a handshake.
+    UniqueFd next = connect_unix(sock);
+    const bool read_again = next && ::send(next.get(), "x", 1, MSG_NOSIGNAL) == 1 &&
+                            closed_by_server(next.get(), std::chrono::seconds(20));
+    (*server)->stop();
+    serving.join();
+    ::_exit(refused ? (read_again ? 0 : 14) : 13);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  const std::string text = read_file(log);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status << "\n" << text;
+  EXPECT_NE(text.find("event=connection_refused socket=vm reason=out_of_resources error=\"Too many open files\""),
+            std::string::npos)
+      << text;
+  EXPECT_NE(text.find("event=handshake_failed"), std::string::npos) << text;
+  EXPECT_NE(text.find("event=server_stop"), std::string::npos) << text;
 }
 
 // --- flags -----------------------------------------------------------------

@@ -647,8 +647,6 @@ void StressRound::run(Totals& totals) {
   for (auto& t : threads) t.join();
 
   // Counters before the final checks, whose reads fault in more pages.
-  const SessionSummary s = session_->summary();
-  EXPECT_EQ(s.end, SessionEnd::kRunning) << s.error;
   OwnerCounters round_owners;
   for (const OwnerCounters& o : owner_counters_) {
     round_owners.reads += o.reads;
@@ -661,6 +659,17 @@ void StressRound::run(Totals& totals) {
     round_owners.removed_pages += o.removed_pages;
     round_owners.read_mismatches += o.read_mismatches;
   }
+  // madvise() returns as soon as the reader has read its REMOVE, which the
+  // reader records (page states, counters) right after that read: wait
+  // (bounded) until every REMOVE of the round is recorded, or the counter
+  // and dirty-query checks would race the reader.
+  const auto recorded_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (session_->summary().counters.removes < round_owners.madvise_calls &&
+         std::chrono::steady_clock::now() < recorded_by) {
+    std::this_thread::yield();
+  }
+  const SessionSummary s = session_->summary();
+  EXPECT_EQ(s.end, SessionEnd::kRunning) << s.error;
   // Every madvise of registered memory queues exactly one REMOVE event.
   auto counter_check = [&](const char* what, uint64_t server, uint64_t client) {
     if (server != client) {

@@ -14,6 +14,8 @@
 #   FUZZ_TARGETS      space-separated subset of targets (default: all)
 #   FUZZ_ASAN_REPLAY  0 skips the ASan build and replay (default 1)
 #   FUZZ_JOBS         build parallelism (default 2)
+#   FUZZ_REPLAY_BUILD an AddressSanitizer build directory whose bin/fuzz_NAME
+#                     replay programs are used instead of building new ones
 set -euo pipefail
 
 seconds=${1:-30}
@@ -45,7 +47,16 @@ read -r -a targets <<< "${FUZZ_TARGETS:-${all_targets[*]}}"
 cmake --build "$afl_build" -j"$jobs" --target "${targets[@]/#/fuzz_}" >"$work/afl-build.log" 2>&1 ||
   { tail -50 "$work/afl-build.log"; exit 1; }
 
-if [ "$asan_replay" = 1 ]; then
+replayed_under="ASan+UBSan"
+if [ "$asan_replay" = 1 ] && [ -n "${FUZZ_REPLAY_BUILD:-}" ]; then
+  # The replay programs of an AddressSanitizer build that already exists
+  # (scripts/test.sh passes its build-asan/, whose sanitizer stage built them).
+  asan_build=$FUZZ_REPLAY_BUILD
+  replayed_under="ASan ($asan_build)"
+  for t in "${targets[@]}"; do
+    [ -x "$asan_build/bin/fuzz_$t" ] || { echo "fuzz.sh: $asan_build/bin/fuzz_$t is missing"; exit 1; }
+  done
+elif [ "$asan_replay" = 1 ]; then
   stamp "building the replay programs with AddressSanitizer and UBSan"
   cmake -S "$root" -B "$asan_build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=g++ \
     -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" -DFAULTLINE_SANITIZER="address,undefined" \
@@ -118,7 +129,7 @@ for t in "${targets[@]}"; do
       echo "!! $t: the ASan replay of the queue failed on $(grep '^replaying ' "$out/$t.asan.log" | tail -1 | cut -d' ' -f2):"
       grep -v '^replaying ' "$out/$t.asan.log" | head -40
     else
-      line+="  (queue replayed under ASan+UBSan)"
+      line+="  (queue replayed under $replayed_under)"
     fi
   fi
   summary+=("$line")

@@ -127,9 +127,12 @@ run_ctest asan build-asan -j2 --timeout 900 -L '^sanitizers$'
 
 # ---- fuzzing: a bounded run of every fuzz target (fuzz/, scripts/fuzz.sh).
 # Runs once scripts/fuzz.sh exists; it fails this command on a crash.
+# 20 s per target; what AFL++ finds is replayed under AddressSanitizer with
+# the replay programs build-asan/ already has (the sanitizer stages replay the
+# committed seeds and crash inputs too). Longer runs: docs/fuzzing.md.
 if [ -f scripts/fuzz.sh ]; then
   stage "fuzzing (scripts/fuzz.sh)"
-  bash scripts/fuzz.sh
+  FUZZ_REPLAY_BUILD=build-asan bash scripts/fuzz.sh 20
 fi
 # ---- end of fuzzing
 

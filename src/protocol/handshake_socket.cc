@@ -163,6 +163,12 @@ Result<Handshake> receive_handshake_into(UniqueFd connection, const HandshakeOpt
     // followed by new non-whitespace bytes must be rejected too.
     CompletenessScan scan = scan_json_array(json);
     if (scan.state == Completeness::kInvalid) return fail(invalid_json_message(json, scan.reason));
+    // Before any per-region work: regions are counted as the bytes arrive.
+    if (scan.elements > options.max_regions) {
+      return fail("handshake describes " + std::to_string(scan.elements) + " regions" +
+                  (scan.state == Completeness::kComplete ? "" : " so far") + ", more than the limit of " +
+                  std::to_string(options.max_regions) + " (faultline serve --max-regions)");
+    }
     if (scan.state == Completeness::kComplete && !parsed) {
       auto result = parse_handshake_json(json);
       if (!result) return fail("invalid Firecracker handshake: " + result.error().message);

@@ -186,6 +186,7 @@ bool Server::kill_unserved_peer(pid_t pid) const {
 void Server::handle_connection(Connection& c) {
   protocol::HandshakeOptions options;
   options.timeout = config_.handshake_timeout;
+  options.max_regions = config_.max_regions;
   protocol::HandshakeFailure failure;
   auto hs = protocol::receive_handshake(std::move(c.fd), options, &failure);
   if (!hs) {

@@ -39,6 +39,8 @@ struct ServerConfig {
   int workers_per_session = 2;
   OnFatal on_fatal = OnFatal::kKill;
   std::chrono::milliseconds handshake_timeout{5000};
+  // Most regions per handshake (protocol::HandshakeOptions::max_regions).
+  size_t max_regions = protocol::HandshakeOptions{}.max_regions;
   // Optional control socket (see control.h); empty: none.
   std::string control_path;
   // Working-set recording and replay (see snapshot/working_set.h).

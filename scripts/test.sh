@@ -11,10 +11,11 @@ ctest --test-dir build -j2 --output-on-failure --timeout 600
 
 # The sanitizer runs cover the concurrent parts: the server's sessions and
 # fence, the page-state table, the protocol, and the end-to-end tests.
-concurrency_tests='(Serve|SessionEnd|PageStateTable|ReceiveHandshake|BadInput|BadLayout|Race|Stress|Events|HugePages|Prefetch)'
+concurrency_tests='(Serve|SessionEnd|PageStateTable|ReceiveHandshake|BadInput|BadLayout|Race|Stress|Events|HugePages|Prefetch|GuestLayout|PublishedLayout|Limits|LayoutHistory|SessionSetup|SessionThreadException)'
 # Only the test programs those tests live in (and the programs they start).
 concurrency_targets=(serve_test session_end_test race_test stress_test stress_hugepage_test events_test
-                     prefetch_test hugepage_test guest_test protocol_test faultline faultline-client)
+                     prefetch_test hugepage_test guest_test protocol_test published_layout_test limits_test
+                     faultline faultline-client)
 # -O1 -g1 (line tables only): sanitizer reports keep file:line, and each build
 # compiles in ~2 minutes instead of ~3 on 2 cores (measured: 126 s against 191 s
 # for the TSan targets; their tests ran 158 s against 150 s).

@@ -60,9 +60,10 @@ struct HandshakeOptions {
   // since v1.14 one more for the virtio-mem hotplug area when configured (a
   // single mmap, whatever its number of KVM slots; checked in Firecracker's
   // persist.rs and vstate/memory.rs). So at most 3; 64 leaves room for forks
-  // and other VMMs while keeping the per-region work of a session's start
-  // (one /proc/PID/smaps read per region for WP detection) small. Counted
-  // as the JSON arrives, before anything is parsed.
+  // and other VMMs while keeping what a client can make the server do per
+  // handshake small (every region is validated, indexed and looked up at
+  // O(log n) per fault, at any count up to the ceiling). Counted as the JSON
+  // arrives, before anything is parsed.
   size_t max_regions = 64;
   // Most fds accepted over the whole handshake. Firecracker sends 1, forks 2.
   // The control buffer holds at least this many (CMSG_SPACE may round it up);

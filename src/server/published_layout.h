@@ -81,8 +81,11 @@ class PublishedLayout {
   }
 
   // The writer's view: only the writer replaces layouts, so the current one
-  // cannot be freed under it.
+  // cannot be freed under it. Writer only.
   const GuestLayout& current_for_writer() const { return *current_.load(std::memory_order_relaxed); }
+  // The same as a Reader, for code shared by the writer and slot readers;
+  // it costs nothing (no slot is touched). Writer only.
+  Reader writer_view() const { return Reader(nullptr, 0, &current_for_writer()); }
 
   // Makes `next` current, retires the old one and frees what no reader can
   // still hold. Writer only.

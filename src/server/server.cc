@@ -257,10 +257,12 @@ void Server::reap(bool all) {
     }
   }
   for (auto& c : done) {
-    if (c->thread.joinable()) {
-      c->thread.join();
-      connection_threads_.fetch_sub(1, std::memory_order_acq_rel);
-    }
+    const bool had_thread = c->thread.joinable();
+    if (had_thread) c->thread.join();
+    // Free the connection (its session's fds and memory) before the count
+    // says it is gone, so that connection_threads() == 0 means released.
+    c.reset();
+    if (had_thread) connection_threads_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 

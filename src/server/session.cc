@@ -63,6 +63,10 @@ struct FreeDeleter {
   void operator()(uint8_t* p) const { std::free(p); }
 };
 
+// Worker::layout_slot of the reader's own serving: it publishes layouts, so
+// it reads the current one without a slot.
+constexpr size_t kNoReadSlot = SIZE_MAX;
+
 // Runs the test hook of a setup step (kSessionSetup) and returns the errno it
 // injects, 0 for none (always 0 without test hooks).
 int injected_setup_failure(const char* what) {
@@ -105,7 +109,7 @@ struct Session::Worker {
     deferred.reserve(kDeferredReserve);
   }
   size_t index;
-  size_t layout_slot;  // its read slot in layout_
+  size_t layout_slot;  // its read slot in layout_ (kNoReadSlot: the reader's own, which needs none)
   FaultRing ring;
   WakeSignal signal;
   std::unique_ptr<uint8_t, FreeDeleter> buffer;  // staged snapshot bytes, one page of the largest size
@@ -141,9 +145,11 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
       uffd_(std::move(handshake_.uffd)),
       source_(std::move(source)),
       started_(std::chrono::steady_clock::now()) {
+  // Read slots as fence slots: one per worker, one for prefault(), one per
+  // prefetch thread.
   const size_t prefetch_threads = static_cast<size_t>(std::max(1, config_.prefetch_threads));
-  reader_layout_slot_ = static_cast<size_t>(config_.workers) + 1 + prefetch_threads;
-  layout_ = std::make_unique<PublishedLayout>(std::move(initial_layout), reader_layout_slot_ + 1);
+  layout_ = std::make_unique<PublishedLayout>(std::move(initial_layout),
+                                              static_cast<size_t>(config_.workers) + 1 + prefetch_threads);
 
   if (auto p = kernel::PeerProcess::open(handshake_.peer.pid)) {
     peer_ = std::move(*p);
@@ -155,8 +161,14 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
 
 Status Session::launch() {
   const char* step = "";
+  // For session_start: once the reader runs, the initial layout may be freed.
+  size_t region_count = 0;
+  uint64_t guest_bytes = 0, first_page_size = 0;
   try {
     const GuestLayout& initial = layout_->current_for_writer();  // no thread runs yet
+    region_count = initial.regions().size();
+    guest_bytes = initial.total_bytes();
+    first_page_size = initial.regions().front().page_size;
     step = "stop eventfd";
     if (const int fd = make_eventfd(step); fd >= 0) {
       stop_efd_.reset(fd);
@@ -214,7 +226,7 @@ Status Session::launch() {
       }
     }
     // The reader's own stats and page buffer, for the faults it serves itself.
-    reader_worker_ = std::make_unique<Worker>(workers_.size(), reader_layout_slot_);
+    reader_worker_ = std::make_unique<Worker>(workers_.size(), kNoReadSlot);
     reader_worker_->buffer.reset(allocate_aligned(step, kPageSize4K));
     if (!reader_worker_->buffer) {
       return fail("setting up the session: allocating the event reader's page buffer failed", ENOMEM);
@@ -258,12 +270,11 @@ Status Session::launch() {
   }
   launched_ = true;
 
-  const GuestLayout& initial = layout_->current_for_writer();  // regions never change; only segments move
   log_.info("session_start", {{"session", config_.id},
                               {"pid", handshake_.peer.pid},
-                              {"regions", initial.regions().size()},
-                              {"guest_bytes", initial.total_bytes()},
-                              {"page_size", initial.regions().front().page_size},
+                              {"regions", region_count},
+                              {"guest_bytes", guest_bytes},
+                              {"page_size", first_page_size},
                               {"format", protocol::to_string(handshake_.format)},
                               {"write_protect", any_wp_},
                               {"workers", config_.workers},
@@ -691,8 +702,9 @@ kernel::IoctlResult Session::install_zero(const PageLocation& loc, bool protect,
 
 Session::Served Session::serve(Worker& w, const kernel::PageFault& fault, bool by_reader) {
   // The layout stays valid until `layout` is destroyed, even if the reader
-  // publishes a new one meanwhile.
-  const PublishedLayout::Reader layout = layout_->read(w.layout_slot);
+  // publishes a new one meanwhile. The reader itself publishes (never while
+  // it serves), so it needs no read slot: its fast path pays nothing.
+  const PublishedLayout::Reader layout = by_reader ? layout_->writer_view() : layout_->read(w.layout_slot);
   const auto loc = layout->locate(fault.address);
   if (!loc) {
     // Unmapped or moved since the reader located it: wake the thread, whose

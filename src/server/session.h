@@ -281,11 +281,10 @@ class Session {
   kernel::Userfaultfd uffd_;
   kernel::PeerProcess peer_;
   // Published by the reader (the only writer), read lock-free by the other
-  // session threads, each in its own slot: workers 0..N-1, prefault() N,
-  // prefetch threads N+1.., the reader's own serving last. Old layouts are
-  // freed once no slot can still read them (see published_layout.h).
+  // session threads, each in its own slot (their fence slots): workers
+  // 0..N-1, prefault() N, prefetch threads N+1... Old layouts are freed once
+  // no slot can still read them (see published_layout.h).
   std::unique_ptr<PublishedLayout> layout_;
-  size_t reader_layout_slot_ = 0;
   std::shared_ptr<const PageSource> source_;
   std::unique_ptr<PageStateTable> pages_;
   std::vector<bool> region_wp_;  // per region: registered MISSING|WP

@@ -136,21 +136,29 @@ std::vector<uint8_t> file_bytes(const std::string& path, uint64_t offset, uint64
 
 // --- regions per handshake ---------------------------------------------------
 
+// Connects to `socket` and sends a handshake of `n` 4 KiB regions with a
+// ready userfaultfd; returns the connection (the uffd is closed).
+UniqueFd send_regions(const std::string& socket, uint64_t n) {
+  std::vector<GuestRegion> regions;
+  for (uint64_t i = 0; i < n; ++i) regions.push_back({0x7f0000000000 + i * 2 * kMiB, 4096, i * 4096, 4096});
+  UniqueFd sock(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, socket.c_str(), sizeof addr.sun_path - 1);
+  EXPECT_EQ(::connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
+  auto uffd = client::open_userfaultfd();
+  EXPECT_TRUE(uffd);
+  if (!uffd) return sock;
+  EXPECT_TRUE(client::uffd_api(uffd->get(), UFFD_FEATURE_EVENT_REMOVE));
+  std::vector<int> fds{uffd->get()};
+  EXPECT_TRUE(client::send_handshake(sock.get(), client::handshake_json(regions, {1, 14}), fds));
+  return sock;
+}
+
 TEST(Limits, AHandshakeWithMoreRegionsThanMaxRegionsIsRefusedAndTheDaemonGoesOn) {
   Daemon d(OnFatal::kLeave, [](ServerConfig& c) { c.max_regions = 8; });
   {
-    std::vector<GuestRegion> regions;
-    for (uint64_t i = 0; i < 9; ++i) regions.push_back({0x7f0000000000 + i * 2 * kMiB, 4096, i * 4096, 4096});
-    UniqueFd sock(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, d.socket().c_str(), sizeof addr.sun_path - 1);
-    ASSERT_EQ(::connect(sock.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-    auto uffd = client::open_userfaultfd();
-    ASSERT_TRUE(uffd);
-    ASSERT_TRUE(client::uffd_api(uffd->get(), UFFD_FEATURE_EVENT_REMOVE));
-    std::vector<int> fds{uffd->get()};
-    ASSERT_TRUE(client::send_handshake(sock.get(), client::handshake_json(regions, {1, 14}), fds));
+    UniqueFd sock = send_regions(d.socket(), 9);
     ASSERT_TRUE(d.wait_ended(1));
   }
   const auto rejected = d.server().rejected_connections();
@@ -160,6 +168,44 @@ TEST(Limits, AHandshakeWithMoreRegionsThanMaxRegionsIsRefusedAndTheDaemonGoesOn)
       << rejected[0];
   EXPECT_NE(d.log().find("event=handshake_failed"), std::string::npos);
   expect_daemon_still_serves(d);
+}
+
+// `faultline serve --max-regions N` reaches the handshake, and values outside
+// 1..8192 are refused at start-up.
+TEST(Limits, TheMaxRegionsFlagReachesTheDaemonAndIsRangeChecked) {
+  TempDir dir;
+  const std::string mem = dir.file("mem"), sock = dir.file("fl.sock"), log = dir.file("serve.log");
+  ASSERT_TRUE(client::write_test_memory_file(mem, 4 * kMiB, 7, 0.1));
+  for (const char* bad : {"0", "8193"}) {
+    const std::string out = dir.file(std::string("bad-") + bad);
+    const int status = wait_child(
+        spawn({built_binary("faultline"), "serve", "--socket", sock, "--memory", mem, "--max-regions", bad}, out),
+        std::chrono::seconds(20));
+    ASSERT_TRUE(WIFEXITED(status)) << read_file(out);
+    EXPECT_NE(WEXITSTATUS(status), 0) << bad;
+    EXPECT_NE(read_file(out).find("--max-regions"), std::string::npos) << read_file(out);
+  }
+  // --on-fatal leave: the refused client that sent its uffd is this process.
+  const pid_t server = spawn({built_binary("faultline"), "serve", "--socket", sock, "--memory", mem, "--max-regions",
+                              "2", "--on-fatal", "leave"},
+                             log);
+  ASSERT_GT(server, 0);
+  struct stat st {};
+  for (int i = 0; i < 2000 && ::stat(sock.c_str(), &st) != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling for the daemon to bind, bounded
+  }
+  {
+    UniqueFd conn = send_regions(sock, 3);
+    // The daemon closes the connection once it has refused the handshake.
+    char byte;
+    EXPECT_EQ(::recv(conn.get(), &byte, 1, 0), 0);
+  }
+  ::kill(server, SIGTERM);
+  const int status = wait_child(server, std::chrono::seconds(20));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(log);
+  EXPECT_NE(read_file(log).find("describes 3 regions, more than the limit of 2 (faultline serve --max-regions)"),
+            std::string::npos)
+      << read_file(log);
 }
 
 // Write-protect detection reads /proc/PID/smaps once for every region (one

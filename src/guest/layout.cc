@@ -1,6 +1,7 @@
 #include "guest/layout.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <numeric>
 
@@ -106,9 +107,14 @@ Result<GuestLayout> GuestLayout::create(std::vector<GuestRegion> regions, uint64
 
 void GuestLayout::index() {
   std::sort(segments_.begin(), segments_.end(), [](const Segment& a, const Segment& b) { return a.base < b.base; });
+  base_keys_.clear();
+  page_keys_.clear();
   by_page_.clear();
+  offset_keys_.clear();
   by_offset_.clear();
   if (segments_.size() <= kScanLimit) return;  // lookups scan segments_
+  base_keys_.reserve(segments_.size());
+  for (const Segment& g : segments_) base_keys_.push_back(g.base);
   by_page_.resize(segments_.size());
   std::iota(by_page_.begin(), by_page_.end(), 0u);
   by_offset_ = by_page_;
@@ -116,66 +122,76 @@ void GuestLayout::index() {
             [&](uint32_t a, uint32_t b) { return segments_[a].first_page < segments_[b].first_page; });
   std::sort(by_offset_.begin(), by_offset_.end(),
             [&](uint32_t a, uint32_t b) { return segments_[a].offset < segments_[b].offset; });
+  page_keys_.reserve(segments_.size());
+  for (uint32_t i : by_page_) page_keys_.push_back(segments_[i].first_page);
+  offset_keys_.reserve(segments_.size());
+  for (uint32_t i : by_offset_) offset_keys_.push_back(segments_[i].offset);
 }
+
+namespace {
+
+constexpr size_t kNone = SIZE_MAX;
+
+// Position of the last key <= x in sorted, non-empty `keys`, or kNone. No
+// data-dependent branch in the loop (the compiler emits a conditional move):
+// a fault's address is unpredictable, and a mispredicted branch per step
+// would cost more than the step.
+size_t last_at_or_below(const std::vector<uint64_t>& keys, uint64_t x) {
+  const uint64_t* base = keys.data();
+  if (x < base[0]) return kNone;
+  size_t n = keys.size();
+  while (n > 1) {
+    const size_t half = n / 2;
+    base = base[half] <= x ? base + half : base;
+    n -= half;
+  }
+  return static_cast<size_t>(base - keys.data());
+}
+
+}  // namespace
 
 std::optional<PageLocation> GuestLayout::locate(uint64_t address) const {
-  const Segment* g = nullptr;
   if (segments_.size() <= kScanLimit) {
-    for (const Segment& s : segments_) {
-      if (address >= s.base && address < s.end()) {
-        g = &s;
-        break;
-      }
+    for (const Segment& g : segments_) {
+      if (address < g.base || address >= g.end()) continue;
+      return location_in(g, (address - g.base) / g.page_size);
     }
-  } else {
-    // The last segment starting at or below `address`.
-    auto it = std::upper_bound(segments_.begin(), segments_.end(), address,
-                               [](uint64_t a, const Segment& s) { return a < s.base; });
-    if (it != segments_.begin() && address < std::prev(it)->end()) g = &*std::prev(it);
+    return std::nullopt;
   }
-  if (g == nullptr) return std::nullopt;
-  return location_in(*g, (address - g->base) / g->page_size);
-}
-
-const Segment* GuestLayout::segment_of_page(uint64_t index) const {
-  if (segments_.size() <= kScanLimit) {
-    for (const Segment& s : segments_) {
-      if (index >= s.first_page && index < s.first_page + s.page_count()) return &s;
-    }
-    return nullptr;
-  }
-  auto it = std::upper_bound(by_page_.begin(), by_page_.end(), index,
-                             [&](uint64_t i, uint32_t s) { return i < segments_[s].first_page; });
-  if (it == by_page_.begin()) return nullptr;
-  const Segment& s = segments_[*std::prev(it)];
-  return index < s.first_page + s.page_count() ? &s : nullptr;
+  const size_t i = last_at_or_below(base_keys_, address);
+  if (i == kNone) return std::nullopt;
+  const Segment& g = segments_[i];
+  if (address >= g.end()) return std::nullopt;
+  return location_in(g, (address - g.base) / g.page_size);
 }
 
 std::optional<PageLocation> GuestLayout::page(uint64_t index) const {
-  const Segment* g = segment_of_page(index);
-  if (g == nullptr) return std::nullopt;
-  return location_in(*g, index - g->first_page);
+  if (segments_.size() <= kScanLimit) {
+    for (const Segment& g : segments_) {
+      if (index < g.first_page || index >= g.first_page + g.page_count()) continue;
+      return location_in(g, index - g.first_page);
+    }
+    return std::nullopt;
+  }
+  const size_t i = last_at_or_below(page_keys_, index);
+  if (i == kNone) return std::nullopt;
+  const Segment& g = segments_[by_page_[i]];
+  if (index >= g.first_page + g.page_count()) return std::nullopt;
+  return location_in(g, index - g.first_page);
 }
 
 std::optional<uint64_t> GuestLayout::page_at_offset(uint64_t offset) const {
-  const Segment* g = nullptr;
   if (segments_.size() <= kScanLimit) {
-    for (const Segment& s : segments_) {
-      if (offset >= s.offset && offset < s.offset + s.size) {
-        g = &s;
-        break;
-      }
+    for (const Segment& g : segments_) {
+      if (offset >= g.offset && offset < g.offset + g.size) return g.first_page + (offset - g.offset) / g.page_size;
     }
-  } else {
-    auto it = std::upper_bound(by_offset_.begin(), by_offset_.end(), offset,
-                               [&](uint64_t o, uint32_t s) { return o < segments_[s].offset; });
-    if (it != by_offset_.begin()) {
-      const Segment& s = segments_[*std::prev(it)];
-      if (offset < s.offset + s.size) g = &s;
-    }
+    return std::nullopt;
   }
-  if (g == nullptr) return std::nullopt;
-  return g->first_page + (offset - g->offset) / g->page_size;
+  const size_t i = last_at_or_below(offset_keys_, offset);
+  if (i == kNone) return std::nullopt;
+  const Segment& g = segments_[by_offset_[i]];
+  if (offset >= g.offset + g.size) return std::nullopt;
+  return g.first_page + (offset - g.offset) / g.page_size;
 }
 
 std::vector<PageRange> GuestLayout::whole_pages_in(uint64_t start, uint64_t end) const {

@@ -6,9 +6,9 @@
 // Cost: create() is O(n log n) in the number of regions (overlaps are found
 // by sorting, not pairwise); locate(), page() and page_at_offset() are
 // O(log n) in the number of mapped segments (binary search over arrays kept
-// sorted by address, by page index and by file offset), and a plain scan
-// while there are only a few segments, which is the fault path of every
-// Firecracker guest (one or two regions, three with memory hotplug).
+// sorted by address, by page index and by file offset), and the plain scan
+// of before for one or two segments, the fault path of most Firecracker
+// guests.
 // unmapped() and remapped() build a new layout in O(n log n).
 #pragma once
 
@@ -98,20 +98,27 @@ class GuestLayout {
   std::vector<PageRange> whole_pages_in(uint64_t start, uint64_t end) const;
 
  private:
-  // Up to this many segments, lookups scan instead of binary-searching: for
-  // the one to three segments of a Firecracker guest a scan is as fast as
-  // the code before this existed (measured: bench/layout_bench.cc).
-  static constexpr size_t kScanLimit = 4;
+  // Up to this many segments, lookups scan: the code from before sorting,
+  // unchanged, so a guest of one or two regions (every Firecracker guest
+  // without memory hotplug) finds its pages exactly as fast as before.
+  // Beyond, a branch-free binary search over a compact array of keys, which
+  // is already faster at three segments when faults spread over them
+  // (measured: bench/layout_bench.cc, docs/performance.md).
+  static constexpr size_t kScanLimit = 2;
 
   GuestLayout() = default;  // only create() makes a layout from nothing
-  // Sorts segments_ by address and rebuilds the page and offset orders.
+  // Sorts segments_ by address and rebuilds the search keys.
   void index();
-  const Segment* segment_of_page(uint64_t index) const;
 
   std::shared_ptr<const std::vector<GuestRegion>> regions_;
-  std::vector<Segment> segments_;     // sorted by base
-  std::vector<uint32_t> by_page_;     // indexes into segments_, sorted by first_page
-  std::vector<uint32_t> by_offset_;   // indexes into segments_, sorted by offset
+  std::vector<Segment> segments_;  // sorted by base
+  // Beyond kScanLimit segments only: the keys binary searches run over (one
+  // cache line holds eight), and the segment each belongs to.
+  std::vector<uint64_t> base_keys_;    // segments_[i].base
+  std::vector<uint64_t> page_keys_;    // first_page, sorted
+  std::vector<uint32_t> by_page_;      // segment of page_keys_[i]
+  std::vector<uint64_t> offset_keys_;  // offset, sorted
+  std::vector<uint32_t> by_offset_;    // segment of offset_keys_[i]
   uint64_t page_count_ = 0;
   uint64_t total_bytes_ = 0;
 };

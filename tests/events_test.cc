@@ -71,7 +71,7 @@ TEST_F(Events, UnmapStopsServingTheRange) {
   ASSERT_TRUE(report) << report.error().describe();
   EXPECT_EQ(report->installed_pages, 0u);
   EXPECT_EQ(report->skipped_unmapped + report->skipped_removed, 3u);
-  EXPECT_FALSE(session_->layout().locate(reinterpret_cast<uint64_t>(client_->guest_ptr(8 * kMiB))));
+  EXPECT_FALSE(session_->layout()->locate(reinterpret_cast<uint64_t>(client_->guest_ptr(8 * kMiB))));
   read({4 * kMiB, 12 * kMiB + 4096});  // both sides of the hole are still served
   EXPECT_NE(h_.log().find("event=guest_unmap"), std::string::npos);
 }

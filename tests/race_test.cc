@@ -345,7 +345,7 @@ TEST_P(Race, PrefaultRacingARemoveNeverBringsTheRemovedPagesBack) {
   InstallPark park(HookPoint::kBeforePrefaultInstall, address(p));
   Result<PrefaultReport> report;
   Actor prefaulter([&] {
-    const uint64_t first = session_->layout().locate(address(p))->page_index;
+    const uint64_t first = session_->layout()->locate(address(p))->page_index;
     std::vector<uint64_t> run{first, first + 1, first + 2, first + 3};
     report = session_->prefault(run);
   });
@@ -373,7 +373,7 @@ TEST_P(Race, PrefaultNeverOverwritesAWrittenPageNorRevivesARemovedOne) {
   write(p, 0x5555);
   read_matches(p + 1, snapshot(p + 1));
   remove(p + 1);
-  const uint64_t first = session_->layout().locate(address(p))->page_index;
+  const uint64_t first = session_->layout()->locate(address(p))->page_index;
   std::vector<uint64_t> run{first, first + 1, first + 2};
   auto report = session_->prefault(run);
   ASSERT_TRUE(report);
@@ -388,7 +388,7 @@ TEST_P(Race, PrefaultNeverOverwritesAWrittenPageNorRevivesARemovedOne) {
 
 TEST_P(Race, PrefaultFillsSmallGapsButNeverARemovedPage) {
   const bool small = !GetParam().huge;  // gap filling is for 4 KiB pages only
-  const uint64_t first = session_->layout().locate(address(0))->page_index;
+  const uint64_t first = session_->layout()->locate(address(0))->page_index;
   PrefaultOptions options;
   options.max_gap_pages = 4;
   // A removed page in a gap ends the run: nothing crosses it.

@@ -288,6 +288,13 @@ int main(int argc, char** argv) {
                     "[IPV6]:PORT, e.g. 127.0.0.1:9464; also times every fault for the latency histograms. Counts "
                     "only, no guest data; bind a loopback or management address (off when not given)");
 
+  // Limits on what one client may make a session hold.
+  serve->add_option("--max-regions", config.max_regions,
+                    "Most guest memory regions one handshake may describe; more is refused before any is parsed "
+                    "(Firecracker sends 1 to 3)")
+      ->default_val(faultline::protocol::HandshakeOptions{}.max_regions)
+      ->check(CLI::Range(uint64_t{1}, faultline::kMaxRegionsCeiling));
+
   std::string control_path;
   uint64_t session_id = 0;
   bool fallback = false;

@@ -14,6 +14,13 @@ namespace faultline {
 inline constexpr uint64_t kPageSize4K = 4096;
 inline constexpr uint64_t kPageSize2M = 2ull * 1024 * 1024;
 
+// The most regions one handshake may ever be allowed to carry: the ceiling of
+// `faultline serve --max-regions` (the default is far lower, see
+// protocol::HandshakeOptions::max_regions). 8192 regions in Firecracker's
+// JSON (~117 bytes each with the longest numbers) still fit in the 1 MiB
+// handshake limit; no real VMM comes near it.
+inline constexpr uint64_t kMaxRegionsCeiling = 8192;
+
 struct GuestRegion {
   uint64_t base_host_virt_addr = 0;  // start of the region in the client's address space
   uint64_t size = 0;                 // bytes

@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -79,6 +80,46 @@ Result<bool> range_registered_for_wp(pid_t pid, uint64_t start, uint64_t len) {
   }
   if (!any) return fail("no mapping of pid " + std::to_string(pid) + " covers the guest region");
   return all_wp;
+}
+
+Result<std::vector<bool>> ranges_registered_for_wp(pid_t pid,
+                                                   const std::vector<std::pair<uint64_t, uint64_t>>& ranges) {
+  std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
+  if (!smaps) return fail("cannot read /proc/" + std::to_string(pid) + "/smaps", errno);
+  struct Vma {
+    uint64_t lo, hi;
+    bool wp;
+  };
+  std::vector<Vma> vmas;  // in address order, as smaps lists them
+  std::string line;
+  while (std::getline(smaps, line)) {
+    uint64_t lo = 0, hi = 0;
+    char dash = 0;
+    std::istringstream head(line);
+    if (head >> std::hex >> lo >> dash >> hi && dash == '-' && line.find(':') > line.find(' ')) {
+      vmas.push_back({lo, hi, false});
+      continue;
+    }
+    if (!vmas.empty() && line.rfind("VmFlags:", 0) == 0) {
+      std::istringstream flags(line.substr(8));
+      std::string f;
+      while (flags >> f) vmas.back().wp = vmas.back().wp || f == "uw";
+    }
+  }
+  std::vector<bool> out;
+  out.reserve(ranges.size());
+  for (const auto& [start, len] : ranges) {
+    const uint64_t end = start + len;
+    // The first VMA ending after `start`, then every one starting before `end`.
+    auto it = std::partition_point(vmas.begin(), vmas.end(), [&](const Vma& v) { return v.hi <= start; });
+    bool any = false, all_wp = true;
+    for (; it != vmas.end() && it->lo < end; ++it) {
+      any = true;
+      all_wp = all_wp && it->wp;
+    }
+    out.push_back(any && all_wp);
+  }
+  return out;
 }
 
 Result<std::vector<uint64_t>> read_pagemap(pid_t pid, uint64_t start, size_t count) {

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/error.h"
@@ -52,6 +53,13 @@ Status kill_through_pidfd(int pidfd, pid_t pid);
 // cannot ask the uffd which modes the client registered, and guessing wrong
 // either loses dirty tracking (no WP) or makes every install fail (EINVAL).
 Result<bool> range_registered_for_wp(pid_t pid, uint64_t start, uint64_t len);
+
+// The same answer for many ranges ({start, len} each) from one read of
+// /proc/PID/smaps: O(VMAs + ranges x log VMAs) instead of one read per range,
+// which would be quadratic for a handshake with thousands of regions. A range
+// no mapping covers is reported false.
+Result<std::vector<bool>> ranges_registered_for_wp(pid_t pid,
+                                                   const std::vector<std::pair<uint64_t, uint64_t>>& ranges);
 
 // Reads /proc/PID/pagemap entries for `count` 4 KiB pages from `start`.
 // Bit 63 present, bit 57 uffd-wp (see uffd_abi.h).

@@ -244,8 +244,18 @@ CompletenessScan scan_json_array(std::string_view buf) {
   std::string expected_closers;
   bool in_string = false;
   bool escaped = false;
+  size_t elements = 0;
+  bool element_expected = false;  // at depth 1, the next value begins an element
   for (; i < buf.size(); ++i) {
     char c = buf[i];
+    if (expected_closers.size() == 1 && !in_string) {
+      if (c == ',') {
+        element_expected = true;
+      } else if (element_expected && c != ']' && !is_json_whitespace(c)) {
+        ++elements;
+        element_expected = false;
+      }
+    }
     if (in_string) {
       if (escaped) {
         escaped = false;
@@ -260,6 +270,7 @@ CompletenessScan scan_json_array(std::string_view buf) {
       in_string = true;
     } else if (c == '[') {
       expected_closers.push_back(']');
+      if (expected_closers.size() == 1) element_expected = true;
     } else if (c == '{') {
       expected_closers.push_back('}');
     } else if (c == ']' || c == '}') {
@@ -275,11 +286,11 @@ CompletenessScan scan_json_array(std::string_view buf) {
                                                 " after the end of the region array at byte " + std::to_string(i)};
           }
         }
-        return {Completeness::kComplete, {}};
+        return {Completeness::kComplete, {}, elements};
       }
     }
   }
-  return {Completeness::kIncomplete, {}};
+  return {Completeness::kIncomplete, {}, elements};
 }
 
 Completeness json_array_completeness(std::string_view buf) { return scan_json_array(buf).state; }

@@ -59,9 +59,13 @@ Completeness json_array_completeness(std::string_view buf);
 
 // Like json_array_completeness(), but for kInvalid also returns a sentence
 // saying where and why (e.g. "byte 0 is 'x', not '['").
+// `elements` counts the top-level array elements begun so far (each value
+// that starts at depth 1), so that a region limit can be enforced while the
+// bytes arrive, before anything is parsed.
 struct CompletenessScan {
   Completeness state;
-  std::string reason;  // empty unless state == kInvalid
+  std::string reason;   // empty unless state == kInvalid
+  size_t elements = 0;  // top-level elements begun so far
 };
 CompletenessScan scan_json_array(std::string_view buf);
 

@@ -85,7 +85,7 @@ namespace {
 // and the peer in `peer_out`, so that a failure can still be looked at.
 Result<Handshake> receive_handshake_into(UniqueFd connection, const HandshakeOptions& options,
                                          std::vector<UniqueFd>& fds, std::optional<PeerCredentials>& peer_out,
-                                         bool& fds_lost) {
+                                         bool& fds_lost, bool& over_region_limit) {
   if (!connection.valid()) return fail("receive_handshake was given no connection", EBADF);
 
   auto peer = peer_credentials(connection.get());
@@ -175,6 +175,13 @@ Result<Handshake> receive_handshake_into(UniqueFd connection, const HandshakeOpt
     // followed by new non-whitespace bytes must be rejected too.
     CompletenessScan scan = scan_json_array(json);
     if (scan.state == Completeness::kInvalid) return fail(invalid_json_message(json, scan.reason));
+    // Before any per-region work: regions are counted as the bytes arrive.
+    if (scan.elements > options.max_regions) {
+      over_region_limit = true;
+      return fail("handshake describes " + std::to_string(scan.elements) + " regions" +
+                  (scan.state == Completeness::kComplete ? "" : " so far") + ", more than the limit of " +
+                  std::to_string(options.max_regions) + " (faultline serve --max-regions)");
+    }
     if (scan.state == Completeness::kComplete && !parsed) {
       auto result = parse_handshake_json(json);
       if (!result) return fail("invalid Firecracker handshake: " + result.error().message);
@@ -221,11 +228,12 @@ Result<Handshake> receive_handshake_into(UniqueFd connection, const HandshakeOpt
 Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options, HandshakeFailure* failure) {
   std::vector<UniqueFd> fds;
   std::optional<PeerCredentials> peer;
-  bool fds_lost = false;
-  auto hs = receive_handshake_into(std::move(connection), options, fds, peer, fds_lost);
+  bool fds_lost = false, over_region_limit = false;
+  auto hs = receive_handshake_into(std::move(connection), options, fds, peer, fds_lost, over_region_limit);
   if (!hs && failure != nullptr) {
     failure->peer = peer;
     failure->fds_lost = fds_lost;
+    failure->over_region_limit = over_region_limit;
     failure->uffd_received = std::any_of(fds.begin(), fds.end(), [](const UniqueFd& fd) {
       return fd.valid() && fd_link(fd.get()) == kUserfaultfdLink;
     });

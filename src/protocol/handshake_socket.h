@@ -58,6 +58,18 @@ struct HandshakeOptions {
   std::chrono::milliseconds timeout{5000};
   // Firecracker sends ~110 bytes per region; 1 MiB is thousands of regions.
   size_t max_json_bytes = 1 << 20;
+  // Most regions one handshake may describe (`faultline serve --max-regions`;
+  // at most kMaxRegionsCeiling). Firecracker sends one region per guest
+  // memory region it mmaps: one for an x86 guest up to 3 GiB, two above
+  // (DRAM is split around the MMIO hole below 4 GiB), one on aarch64, and
+  // since v1.14 one more for the virtio-mem hotplug area when configured (a
+  // single mmap, whatever its number of KVM slots; checked in Firecracker's
+  // persist.rs and vstate/memory.rs). So at most 3; 64 leaves room for forks
+  // and other VMMs while keeping what a client can make the server do per
+  // handshake small (every region is validated, indexed and looked up at
+  // O(log n) per fault, at any count up to the ceiling). Counted as the JSON
+  // arrives, before anything is parsed.
+  size_t max_regions = 64;
   // Most fds accepted over the whole handshake. Firecracker sends 1, forks 2.
   // The control buffer holds at least this many (CMSG_SPACE may round it up);
   // a message whose fds do not fit is reported as truncated (MSG_CTRUNC), and
@@ -76,7 +88,9 @@ struct HandshakeOptions {
 //
 // Errors (each one sentence, the connection is closed): timeout (with what had
 // arrived), EOF before the JSON was complete, JSON larger than
-// max_json_bytes, bytes that cannot be a JSON array, invalid JSON or regions
+// max_json_bytes, more than max_regions regions (refused as soon as the
+// arriving bytes hold more, complete or not), bytes that cannot be a JSON
+// array, invalid JSON or regions
 // (parse_handshake_json's message), EOF after the JSON with no fd, truncated
 // control data, more than max_fds fds, and no userfaultfd among the fds.
 //
@@ -89,6 +103,8 @@ struct HandshakeFailure {
   // (MSG_CTRUNC: too many, or no free fd slot in this process, EMFILE). One
   // of them may have been the uffd: the client may then wait forever too.
   bool fds_lost = false;
+  // Refused for describing more than max_regions regions.
+  bool over_region_limit = false;
   std::optional<PeerCredentials> peer;
 };
 Result<Handshake> receive_handshake(UniqueFd connection, const HandshakeOptions& options = {},

@@ -45,7 +45,7 @@ Result<PageMap> Session::page_map(bool force_fallback) const {
   map.pid = handshake_.peer.pid;
   map.write_protect = any_wp_;
   // Segments in file order, so that the ranges come out sorted.
-  std::vector<Segment> segments = layout().segments();
+  std::vector<Segment> segments = layout()->segments();
   std::sort(segments.begin(), segments.end(), [](const Segment& a, const Segment& b) { return a.offset < b.offset; });
   for (const Segment& r : segments) {
     auto written = kernel::scan_written_pages(handshake_.peer.pid, r.base, r.size, force_fallback);

@@ -508,6 +508,7 @@ void Server::reject_session(Connection& c, RefusalCause cause, const std::string
 void Server::handle_connection(Connection& c) {
   protocol::HandshakeOptions options;
   options.timeout = config_.handshake_timeout;
+  options.max_regions = config_.max_regions;
   protocol::HandshakeFailure failure;
   auto hs = protocol::receive_handshake(std::move(c.fd), options, &failure);
   if (!hs) {
@@ -515,8 +516,9 @@ void Server::handle_connection(Connection& c) {
     // drop) may resume a VM nobody serves: it would hang on its first
     // fault. --on-fatal applies.
     const bool killed = (failure.uffd_received || failure.fds_lost) && kill_unserved_peer(c.peer);
-    const RefusalCause cause =
-        hs.error().code == ETIMEDOUT ? RefusalCause::kHandshakeTimeout : RefusalCause::kHandshakeFailed;
+    const RefusalCause cause = failure.over_region_limit       ? RefusalCause::kTooManyRegions
+                               : hs.error().code == ETIMEDOUT ? RefusalCause::kHandshakeTimeout
+                                                              : RefusalCause::kHandshakeFailed;
     log_.error("handshake_failed", {{"session", c.id},
                                     {"pid", static_cast<int64_t>(c.peer.cred.pid)},
                                     {"reason", to_string(cause)},
@@ -723,10 +725,12 @@ void Server::reap(bool all) {
     }
   }
   for (auto& c : done) {
-    if (c->thread.joinable()) {
-      c->thread.join();
-      connection_threads_.fetch_sub(1, std::memory_order_acq_rel);
-    }
+    const bool had_thread = c->thread.joinable();
+    if (had_thread) c->thread.join();
+    // Free the connection (its session's fds and memory) before the count
+    // says it is gone, so that connection_threads() == 0 means released.
+    c.reset();
+    if (had_thread) connection_threads_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 

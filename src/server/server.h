@@ -82,6 +82,8 @@ struct ServerConfig {
   // Ended sessions and refused connections kept for finished_sessions() and
   // rejected_connections() (the totals are counted regardless).
   size_t ended_history = 1024;
+  // Most regions per handshake (protocol::HandshakeOptions::max_regions).
+  size_t max_regions = protocol::HandshakeOptions{}.max_regions;
   // Optional control socket (see control.h); empty: none.
   std::string control_path;
   // A control request must arrive and its reply be read within this time.

@@ -10,6 +10,9 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <new>
+#include <system_error>
 
 #include "metrics/fault_metrics.h"
 #include "server/fault_ring.h"
@@ -61,14 +64,53 @@ struct FreeDeleter {
   void operator()(uint8_t* p) const { std::free(p); }
 };
 
+// Worker::layout_slot of the reader's own serving: it publishes layouts, so
+// it reads the current one without a slot.
+constexpr size_t kNoReadSlot = SIZE_MAX;
+
+// Runs the test hook of a setup step (kSessionSetup) and returns the errno it
+// injects, 0 for none (always 0 without test hooks).
+int injected_setup_failure(const char* what) {
+  HookContext hook;
+  hook.what = what;
+  FAULTLINE_HOOK(HookPoint::kSessionSetup, hook);
+  return hook.inject_errno;
+}
+
+// aligned_alloc, or null when it fails (or a test injects its failure).
+uint8_t* allocate_aligned(const char* what, uint64_t bytes) {
+  if (injected_setup_failure(what) != 0) return nullptr;
+  return static_cast<uint8_t*>(std::aligned_alloc(4096, bytes));
+}
+
+// An eventfd, or -1 with errno set.
+int make_eventfd(const char* what) {
+  if (const int injected = injected_setup_failure(what); injected != 0) {
+    errno = injected;
+    return -1;
+  }
+  return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+}
+
+// A thread; throws std::system_error when it cannot be created (as
+// std::thread does on EAGAIN), so that a test can inject exactly that.
+template <typename F>
+std::thread start_thread(const char* what, F&& body) {
+  if (const int injected = injected_setup_failure(what); injected != 0) {
+    throw std::system_error(injected, std::generic_category(), "creating a thread");
+  }
+  return std::thread(std::forward<F>(body));
+}
+
 }  // namespace
 
 struct Session::Worker {
-  explicit Worker(size_t i, uint64_t buffer_size)
-      : index(i), ring(kRingCapacity), buffer(static_cast<uint8_t*>(std::aligned_alloc(4096, buffer_size))) {
+  // The page buffer is allocated (and checked) by launch().
+  Worker(size_t i, size_t slot) : index(i), layout_slot(slot), ring(kRingCapacity) {
     deferred.reserve(kDeferredReserve);
   }
   size_t index;
+  size_t layout_slot;  // its read slot in layout_ (kNoReadSlot: the reader's own, which needs none)
   FaultRing<QueuedFault> ring;
   WakeSignal signal;
   std::unique_ptr<uint8_t, FreeDeleter> buffer;  // staged snapshot bytes, one page of the largest size
@@ -89,10 +131,18 @@ struct Session::Worker {
 Result<std::unique_ptr<Session>> Session::start(protocol::Handshake handshake,
                                                 std::shared_ptr<const PageSource> source,
                                                 const SessionConfig& config) {
-  auto layout = GuestLayout::create(handshake.regions, source->size());
-  if (!layout) return std::unexpected(layout.error());
   if (config.workers < 1) return fail("a session needs at least one worker");
-  return std::unique_ptr<Session>(new Session(std::move(handshake), std::move(*layout), std::move(source), config));
+  // Allocation failures become errors here: the session does not start and
+  // the daemon goes on.
+  try {
+    auto layout = GuestLayout::create(handshake.regions, source->size());
+    if (!layout) return std::unexpected(layout.error());
+    std::unique_ptr<Session> session(new Session(std::move(handshake), std::move(*layout), std::move(source), config));
+    if (auto st = session->launch(); !st) return std::unexpected(st.error());
+    return session;
+  } catch (const std::bad_alloc&) {
+    return fail("not enough memory to set up the session", ENOMEM);
+  }
 }
 
 Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
@@ -102,11 +152,12 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
       handshake_(std::move(handshake)),
       uffd_(std::move(handshake_.uffd)),
       source_(std::move(source)),
-      pages_(std::make_unique<PageStateTable>(initial_layout.page_count())),
       started_(std::chrono::steady_clock::now()) {
-  publish(std::move(initial_layout));
-  stop_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  finished_efd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  // Read slots as fence slots: one per worker, one for prefault(), one per
+  // prefetch thread.
+  const size_t prefetch_threads = static_cast<size_t>(std::max(1, config_.prefetch_threads));
+  layout_ = std::make_unique<PublishedLayout>(std::move(initial_layout),
+                                              static_cast<size_t>(config_.workers) + 1 + prefetch_threads);
 
   // The pidfd taken when the VM connected, so that a pid reused since then
   // is never watched or killed; a handshake received without one (tests,
@@ -119,71 +170,196 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
     log_.warn("peer_pidfd_failed", {{"session", config_.id}, {"pid", handshake_.peer.pid},
                                     {"error", p.error().describe()}});
   }
+}
 
-  uint64_t max_page = kPageSize4K;
-  for (const GuestRegion& r : layout().regions()) {
-    max_page = std::max(max_page, r.page_size);
-    // The uffd cannot tell which modes the client registered; smaps can.
-    auto wp = kernel::range_registered_for_wp(handshake_.peer.pid, r.base_host_virt_addr, r.size);
-    if (!wp && region_wp_.empty()) {
-      // Reading another user's smaps needs CAP_SYS_PTRACE (docs/operations.md).
-      // Served as not WP: pages are installed writable, so a client that did
-      // register WP gets every present page reported dirty, never a lost write.
+Status Session::launch() {
+  const char* step = "";
+  // For session_start: once the reader runs, the initial layout may be freed.
+  size_t region_count = 0;
+  uint64_t guest_bytes = 0, first_page_size = 0;
+  try {
+    const GuestLayout& initial = layout_->current_for_writer();  // no thread runs yet
+    region_count = initial.regions().size();
+    guest_bytes = initial.total_bytes();
+    first_page_size = initial.regions().front().page_size;
+    step = "stop eventfd";
+    if (const int fd = make_eventfd(step); fd >= 0) {
+      stop_efd_.reset(fd);
+    } else {
+      return fail_errno("setting up the session: creating its stop eventfd failed");
+    }
+    step = "finished eventfd";
+    if (const int fd = make_eventfd(step); fd >= 0) {
+      finished_efd_.reset(fd);
+    } else {
+      return fail_errno("setting up the session: creating its finished eventfd failed");
+    }
+
+    step = "page-state table";
+    if (const int injected = injected_setup_failure(step); injected != 0) throw std::bad_alloc();
+    pages_ = std::make_unique<PageStateTable>(initial.page_count());
+
+    uint64_t max_page = kPageSize4K;
+    std::vector<std::pair<uint64_t, uint64_t>> ranges;
+    ranges.reserve(initial.regions().size());
+    for (const GuestRegion& r : initial.regions()) {
+      max_page = std::max(max_page, r.page_size);
+      ranges.emplace_back(r.base_host_virt_addr, r.size);
+    }
+    // The uffd cannot tell which modes the client registered; smaps can (one
+    // read for every region: a handshake may carry thousands).
+    auto wp = kernel::ranges_registered_for_wp(handshake_.peer.pid, ranges);
+    if (!wp) {
+      // Reading another user's smaps needs CAP_SYS_PTRACE (docs/operations.md),
+      // and a peer in another pid namespace has none we can read. Served as
+      // not WP: pages are installed writable, so a client that did register
+      // WP gets every present page reported dirty, never a lost write.
       log_.warn("write_protect_unknown", {{"session", config_.id}, {"pid", handshake_.peer.pid},
                                           {"error", wp.error().describe()}});
     }
-    region_wp_.push_back(wp.value_or(false));
-    any_wp_ = any_wp_ || region_wp_.back();
-  }
-  zero_page_ = std::unique_ptr<uint8_t[], void (*)(void*)>(static_cast<uint8_t*>(std::aligned_alloc(4096, max_page)),
-                                                         std::free);
-  std::memset(zero_page_.get(), 0, max_page);
+    region_wp_ = wp ? std::move(*wp) : std::vector<bool>(ranges.size(), false);
+    any_wp_ = std::find(region_wp_.begin(), region_wp_.end(), true) != region_wp_.end();
+    step = "zero page";
+    zero_page_ = std::unique_ptr<uint8_t[], void (*)(void*)>(allocate_aligned(step, max_page), std::free);
+    if (!zero_page_) {
+      return fail("setting up the session: allocating its " + std::to_string(max_page) + "-byte zero page failed",
+                  ENOMEM);
+    }
+    std::memset(zero_page_.get(), 0, max_page);
 
-  // Firecracker >= 1.12 (the format with both page-size fields) keeps its end
-  // of the socket open for its whole life, so EOF there means it exited.
-  // Older versions close right after sending: EOF means nothing.
-  watch_socket_eof_ = handshake_.format == protocol::HandshakeFormat::kBothFields && !handshake_.peer_closed;
+    // Firecracker >= 1.12 (the format with both page-size fields) keeps its end
+    // of the socket open for its whole life, so EOF there means it exited.
+    // Older versions close right after sending: EOF means nothing.
+    watch_socket_eof_ = handshake_.format == protocol::HandshakeFormat::kBothFields && !handshake_.peer_closed;
 
-  // One fence slot per worker, one for prefault(), one per prefetch thread.
-  fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers) + 1 +
-                                          static_cast<size_t>(std::max(1, config_.prefetch_threads)));
-  for (int i = 0; i < config_.workers; ++i) workers_.push_back(std::make_unique<Worker>(i, max_page));
-  // The reader's own stats and page buffer, for the faults it serves itself.
-  reader_worker_ = std::make_unique<Worker>(workers_.size(), kPageSize4K);
-  // Before any thread starts: the reader appends to it.
-  if (recording()) first_touches_.reserve(std::min<uint64_t>(layout().page_count(), 1 << 20));
-  const std::string id = std::to_string(config_.id);
-  for (auto& w : workers_) {
-    w->thread = std::thread([this, wp = w.get(), id] {
-      name_this_thread("fl-w" + id + "." + std::to_string(wp->index));
-      worker_loop(*wp);
+    // One fence slot per worker, one for prefault(), one per prefetch thread.
+    step = "install fence";
+    fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers) + 1 +
+                                            static_cast<size_t>(std::max(1, config_.prefetch_threads)));
+    step = "worker page buffer";
+    for (int i = 0; i < config_.workers; ++i) {
+      workers_.push_back(std::make_unique<Worker>(i, i));
+      workers_.back()->buffer.reset(allocate_aligned(step, max_page));
+      if (!workers_.back()->buffer) {
+        return fail("setting up the session: allocating worker " + std::to_string(i) + "'s " +
+                        std::to_string(max_page) + "-byte page buffer failed",
+                    ENOMEM);
+      }
+    }
+    // The reader's own stats and page buffer, for the faults it serves itself.
+    reader_worker_ = std::make_unique<Worker>(workers_.size(), kNoReadSlot);
+    reader_worker_->buffer.reset(allocate_aligned(step, kPageSize4K));
+    if (!reader_worker_->buffer) {
+      return fail("setting up the session: allocating the event reader's page buffer failed", ENOMEM);
+    }
+    // Before any thread starts: the reader appends to it.
+    step = "record list";
+    if (recording()) first_touches_.reserve(std::min<uint64_t>(initial.page_count(), 1 << 20));
+
+    const std::string id = std::to_string(config_.id);
+    step = "worker thread";
+    for (auto& w : workers_) {
+      w->thread = start_thread(step, [this, wp = w.get(), id] {
+        run_guarded("install worker", [&] {
+          name_this_thread("fl-w" + id + "." + std::to_string(wp->index));
+          worker_loop(*wp);
+        });
+      });
+    }
+    step = "reader thread";
+    reader_ = start_thread(step, [this, id] {
+      run_guarded("event reader", [&] {
+        name_this_thread("fl-r" + id);
+        reader_loop();
+      });
     });
+    if (config_.prefetch || config_.prefetch_all) {
+      step = "prefetch thread";
+      prefetcher_ = start_thread(step, [this, id] {
+        run_guarded("prefetch thread", [&] {
+          name_this_thread("fl-p" + id);
+          prefetch_loop();
+        });
+      });
+    }
+  } catch (const std::system_error& e) {
+    abort_launch();
+    return fail(std::string("setting up the session: ") + step + " failed (" + e.what() + ")", e.code().value());
+  } catch (const std::bad_alloc&) {
+    abort_launch();
+    return fail(std::string("setting up the session: not enough memory for its ") + step, ENOMEM);
   }
-  reader_ = std::thread([this, id] {
-    name_this_thread("fl-r" + id);
-    reader_loop();
-  });
-  if (config_.prefetch || config_.prefetch_all) {
-    prefetcher_ = std::thread([this, id] {
-      name_this_thread("fl-p" + id);
-      prefetch_loop();
-    });
-  }
+  launched_ = true;
 
   // Scrapes read this session's counters from now on, until finish() folds them.
   if (config_.metrics) config_.metrics->session_started(metrics_source_);
   log_.info("session_start", {{"session", config_.id},
                               {"pid", handshake_.peer.pid},
-                              {"regions", layout().regions().size()},
-                              {"guest_bytes", layout().total_bytes()},
-                              {"page_size", layout().regions().front().page_size},
+                              {"regions", region_count},
+                              {"guest_bytes", guest_bytes},
+                              {"page_size", first_page_size},
                               {"format", protocol::to_string(handshake_.format)},
                               {"write_protect", any_wp_},
                               {"workers", config_.workers},
                               {"extra_fds", handshake_.extra_fds.size()}});
+  return {};
+}
+
+void Session::abort_launch() {
+  // Nothing of this session was announced: stop what started, quietly (no
+  // session_end line, no kill: the caller decides about the peer).
+  stopping_.store(true, std::memory_order_release);
+  uint64_t one = 1;
+  if (stop_efd_) (void)!::write(stop_efd_.get(), &one, sizeof one);
+  for (auto& w : workers_) w->signal.notify();
+  reader_progress_.notify();
+  if (prefetcher_.joinable()) prefetcher_.join();
+  if (reader_.joinable()) reader_.join();
+  for (auto& w : workers_) {
+    if (w->thread.joinable()) w->thread.join();
+  }
+}
+
+template <typename Body>
+void Session::run_guarded(const char* thread_kind, Body&& body) noexcept {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    fatal_exception(thread_kind, e.what());
+  } catch (...) {
+    fatal_exception(thread_kind, "an exception of unknown type");
+  }
+}
+
+void Session::fatal_exception(const char* thread_kind, const char* what) noexcept {
+  try {
+    end(SessionEnd::kFatal, std::string("the ") + thread_kind + " stopped on an unexpected exception: " + what);
+    return;
+  } catch (...) {
+  }
+  // Even the message could not be built (out of memory): end without it.
+  // The other threads see stopping_ and exit; wait() wakes every fault.
+  {
+    std::lock_guard lock(end_mu_);
+    if (end_reason_ == SessionEnd::kRunning) {
+      end_reason_ = SessionEnd::kFatal;
+      if (config_.on_fatal == OnFatal::kKill && !peer_.exited()) {
+        try {
+          peer_killed_ = peer_.kill().has_value();
+        } catch (...) {
+        }
+      }
+    }
+  }
+  stopping_.store(true, std::memory_order_release);
+  uint64_t one = 1;
+  (void)!::write(stop_efd_.get(), &one, sizeof one);
+  for (auto& w : workers_) w->signal.notify();
+  reader_progress_.notify();
 }
 
 Session::~Session() {
+  if (!launched_) return;  // launch() failed and already joined what it had started
   stop();
   wait();
 }
@@ -220,7 +396,10 @@ void Session::wait() {
   for (auto& w : workers_) {
     if (w->thread.joinable()) w->thread.join();
   }
-  std::call_once(finish_once_, [this] { finish(); });
+  std::call_once(finish_once_, [this] {
+    wake_everything();
+    finish();
+  });
 }
 
 void Session::finish() {
@@ -344,7 +523,7 @@ Session::MemoryUse Session::memory_use() const {
   MemoryUse m;
   m.page_state_bytes = pages_->size() * PageStateTable::kBytesPerPage;
   uint64_t max_page = kPageSize4K;
-  for (const GuestRegion& r : layout().regions()) max_page = std::max(max_page, r.page_size);
+  for (const GuestRegion& r : layout()->regions()) max_page = std::max(max_page, r.page_size);
   m.buffer_bytes = max_page;  // the zero page
   for (const Worker* w : all_workers()) {
     m.buffer_bytes += sizeof(Worker) + kRingCapacity * sizeof(QueuedFault) +
@@ -360,31 +539,29 @@ Session::MemoryUse Session::memory_use() const {
 
 // --- event reader --------------------------------------------------------
 
-void Session::publish(GuestLayout next) {
-  layouts_.push_back(std::make_unique<GuestLayout>(std::move(next)));
-  layout_.store(layouts_.back().get(), std::memory_order_release);
-}
+void Session::publish(GuestLayout next) { layout_->publish(std::move(next)); }
 
 void Session::handle_unmap(const kernel::UnmapEvent& ev) {
   // The range is gone: its pages will never be faulted again, and nothing
   // (prefetch included) may install them.
-  for (const PageRange& r : layout().whole_pages_in(ev.start, ev.end)) {
+  const GuestLayout& layout = layout_->current_for_writer();  // the reader publishes: it needs no read slot
+  for (const PageRange& r : layout.whole_pages_in(ev.start, ev.end)) {
     for (uint64_t p = r.first_page; p < r.first_page + r.page_count; ++p) pages_->mark_removed(p);
   }
-  publish(layout().unmapped(ev.start, ev.end));
+  publish(layout.unmapped(ev.start, ev.end));
   log_.info("guest_unmap", {{"session", config_.id}, {"start", hex(ev.start)}, {"end", hex(ev.end)}});
 }
 
 void Session::handle_remap(const kernel::RemapEvent& ev) {
   // mremap moved the pages, contents and all: same page states, new addresses.
-  publish(layout().remapped(ev.from, ev.to, ev.len));
+  publish(layout_->current_for_writer().remapped(ev.from, ev.to, ev.len));
   log_.info("guest_remap",
             {{"session", config_.id}, {"from", hex(ev.from)}, {"to", hex(ev.to)}, {"len", ev.len}});
 }
 
 void Session::handle_remove(const kernel::RemoveEvent& ev) {
   uint64_t pages = 0;
-  for (const PageRange& r : layout().whole_pages_in(ev.start, ev.end)) {
+  for (const PageRange& r : layout_->current_for_writer().whole_pages_in(ev.start, ev.end)) {
     for (uint64_t p = r.first_page; p < r.first_page + r.page_count; ++p) pages_->mark_removed(p);
     pages += r.page_count;
   }
@@ -473,7 +650,7 @@ void Session::reader_loop() {
         for (size_t i = 0; i < *n; ++i) {
           if (auto* f = std::get_if<kernel::PageFault>(&batch[i])) {
             faults_read_.fetch_add(1, std::memory_order_relaxed);
-            auto loc = layout().locate(f->address);
+            auto loc = layout_->current_for_writer().locate(f->address);
             // Only 4 KiB faults restart the busy-poll window: they are served
             // in microseconds, so the vCPU's next fault comes soon. A 2 MiB
             // install takes hundreds, and polling meanwhile only takes a CPU
@@ -483,8 +660,8 @@ void Session::reader_loop() {
               // Either the range was unmapped or moved away after the thread
               // faulted (its retry then sees the new mapping, or none), or the
               // client registered memory it never described.
-              if (layouts_.size() > 1) {
-                wake_page(f->address);
+              if (layout_->changes() > 0) {
+                wake_page(layout_->current_for_writer(), f->address);
                 continue;
               }
               end(SessionEnd::kFatal, "fault at " + hex(f->address) +
@@ -531,6 +708,9 @@ void Session::reader_loop() {
           if (!w->deferred_empty.load(std::memory_order_acquire)) w->signal.notify();
         }
         reader_progress_.notify();
+        // A layout a worker was still reading at the last UNMAP/REMAP can
+        // usually be freed by now.
+        if (layout_->retained() > 1) layout_->reclaim();
         if (stopping_.load(std::memory_order_acquire)) break;
       }
     }
@@ -544,7 +724,7 @@ void Session::reader_loop() {
   }
   // Faults read but never handed over must not be forgotten: wake their
   // threads so they fault again (the message goes back into the uffd).
-  for (auto& [w, f] : overflow) wake_page(f.address);
+  for (auto& [w, f] : overflow) wake_page(layout_->current_for_writer(), f.address);
   (void)generation;
 }
 
@@ -557,12 +737,22 @@ std::vector<const Session::Worker*> Session::all_workers() const {
   return out;
 }
 
-void Session::wake_page(uint64_t address) {
-  if (auto loc = layout().locate(address)) {
+void Session::wake_page(const GuestLayout& layout, uint64_t address) {
+  if (auto loc = layout.locate(address)) {
     (void)uffd_.wake(loc->address, loc->page_size);
   } else {
     (void)uffd_.wake(address & ~(kPageSize4K - 1), kPageSize4K);
   }
+}
+
+void Session::wake_everything() {
+  // A fault a thread was handling when the session ended (an exception, or
+  // a fault read in the batch the reader was working on) may have been
+  // dropped: waking every mapped page releases its thread. It faults again
+  // and the message waits in the uffd for whoever serves next; waking a page
+  // nobody waits on does nothing. Every session thread has exited here.
+  if (!launched_) return;
+  for (const Segment& g : layout_->current_for_writer().segments()) (void)uffd_.wake(g.base, g.size);
 }
 
 kernel::IoctlResult Session::install_zero(const PageLocation& loc, bool protect, HookContext& hook) {
@@ -577,11 +767,15 @@ kernel::IoctlResult Session::install_zero(const PageLocation& loc, bool protect,
 }
 
 Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_reader) {
-  const auto loc = layout().locate(fault.address);
+  // The layout stays valid until `layout` is destroyed, even if the reader
+  // publishes a new one meanwhile. The reader itself publishes (never while
+  // it serves), so it needs no read slot: its fast path pays nothing.
+  const PublishedLayout::Reader layout = by_reader ? layout_->writer_view() : layout_->read(w.layout_slot);
+  const auto loc = layout->locate(fault.address);
   if (!loc) {
     // Unmapped or moved since the reader located it: wake the thread, whose
     // retry faults at the right place or finds no mapping.
-    wake_page(fault.address);
+    wake_page(*layout, fault.address);
     return Served::kDone;
   }
   // The reader serves only what costs a few microseconds and no I/O: 4 KiB
@@ -604,7 +798,8 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
                                       ? kernel::result_for_errno(hook.inject_errno)
                                       : uffd_.writeprotect(loc->address, loc->page_size, false, false);
     if (r.outcome == kernel::IoctlOutcome::kDone) pages_->mark_written(loc->page_index);
-    return finish_install(w, r, PageState::kSnapshot, *loc, fault, /*count=*/false, /*zero=*/false, by_reader);
+    return finish_install(*layout, w, r, PageState::kSnapshot, *loc, fault, /*count=*/false, /*zero=*/false,
+                          by_reader);
   }
   for (;;) {
     const PageState seen = pages_->state(loc->page_index);
@@ -658,13 +853,13 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
       }
       fence_->exit(w.index);
     }
-    return finish_install(w, r, installed, *loc, fault, /*count=*/true, removed || snapshot_zero, by_reader);
+    return finish_install(*layout, w, r, installed, *loc, fault, /*count=*/true, removed || snapshot_zero, by_reader);
   }
 }
 
-Session::Served Session::finish_install(Worker& w, const kernel::IoctlResult& r, PageState installed,
-                                        const PageLocation& loc, const QueuedFault& fault, bool count, bool zero,
-                                        bool by_reader) {
+Session::Served Session::finish_install(const GuestLayout& layout, Worker& w, const kernel::IoctlResult& r,
+                                        PageState installed, const PageLocation& loc, const QueuedFault& fault,
+                                        bool count, bool zero, bool by_reader) {
   // The fault is served: its thread runs again. One clock read, into this
   // thread's own histograms.
   auto served = [&] {
@@ -707,7 +902,7 @@ Session::Served Session::finish_install(Worker& w, const kernel::IoctlResult& r,
     case kernel::IoctlOutcome::kUnmapped:
       // The range was unmapped or moved under us: a thread may still wait
       // on the old address; wake it so it retries against the new mapping.
-      wake_page(fault.address);
+      wake_page(layout, fault.address);
       return Served::kDone;
     case kernel::IoctlOutcome::kFailed:
       end(SessionEnd::kFatal, std::string(fault.wp ? "unprotecting" : installed == PageState::kZero ? "zero install"
@@ -767,8 +962,9 @@ void Session::worker_loop(Worker& w) {
   }
   // Shutdown: every fault this worker still holds gets its thread woken; it
   // faults again and the message waits in the uffd for whoever serves next.
-  for (const auto& d : w.deferred) wake_page(d.address);
-  while (w.ring.pop(f)) wake_page(f.address);
+  const PublishedLayout::Reader layout = layout_->read(w.layout_slot);
+  for (const auto& d : w.deferred) wake_page(*layout, d.address);
+  while (w.ring.pop(f)) wake_page(*layout, f.address);
 }
 
 }  // namespace faultline
@@ -786,7 +982,13 @@ bool Session::demand_pending() const {
 
 Result<PrefaultReport> Session::prefault(std::span<const uint64_t> page_indexes, const PrefaultOptions& options) {
   std::lock_guard serial(prefault_mu_);
-  return prefault_in_slot(page_indexes, options, workers_.size());  // the fence slot reserved for prefault()
+  // Called from threads that are not the session's (the control socket):
+  // whatever goes wrong comes back as an error, never as an exception.
+  try {
+    return prefault_in_slot(page_indexes, options, workers_.size());  // the fence slot reserved for prefault()
+  } catch (const std::exception& e) {
+    return fail(std::string("prefault stopped on an unexpected exception: ") + e.what());
+  }
 }
 
 Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_indexes,
@@ -797,14 +999,15 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
   std::vector<uint64_t> pages(page_indexes.begin(), page_indexes.end());
   std::sort(pages.begin(), pages.end());
   pages.erase(std::unique(pages.begin(), pages.end()), pages.end());
-  if (!pages.empty() && pages.back() >= layout().page_count()) {
+  if (!pages.empty() && pages.back() >= pages_->size()) {
     return fail("prefault: page " + std::to_string(pages.back()) + " is beyond the guest's " +
-                std::to_string(layout().page_count()) + " pages");
+                std::to_string(pages_->size()) + " pages");
   }
 
-  std::unique_ptr<uint8_t, void (*)(void*)> buffer(
-      static_cast<uint8_t*>(std::aligned_alloc(4096, std::max<uint64_t>(options.max_run_bytes, kPageSize2M))),
-      std::free);
+  const uint64_t buffer_bytes = std::max<uint64_t>(options.max_run_bytes, kPageSize2M);
+  std::unique_ptr<uint8_t, void (*)(void*)> buffer(static_cast<uint8_t*>(std::aligned_alloc(4096, buffer_bytes)),
+                                                   std::free);
+  if (!buffer) return fail("prefault: allocating its " + std::to_string(buffer_bytes) + "-byte buffer failed", ENOMEM);
 
   size_t i = 0;
   while (i < pages.size()) {
@@ -818,7 +1021,9 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
       }
     }
     // Build a run: contiguous page indexes of one region, all untouched.
-    const GuestLayout& layout_now = layout();
+    // The read slot of prefault_in_slot() is its fence slot.
+    const PublishedLayout::Reader layout_view = layout_->read(slot);
+    const GuestLayout& layout_now = *layout_view;
     const std::optional<PageLocation> located = layout_now.page(pages[i]);
     if (!located) {
       report.skipped_unmapped++;
@@ -955,7 +1160,7 @@ Status Session::write_record(const std::string& path) const { return write_worki
 
 WorkingSet Session::recorded_working_set() const {
   WorkingSet set;
-  set.page_size = static_cast<uint32_t>(layout().regions().front().page_size);
+  set.page_size = static_cast<uint32_t>(layout()->regions().front().page_size);
   set.memory_file_size = source_->size();
   {
     std::lock_guard lock(record_mu_);
@@ -966,15 +1171,16 @@ WorkingSet Session::recorded_working_set() const {
 
 void Session::prefetch_loop() {
   const auto started = std::chrono::steady_clock::now();
-  const GuestLayout& l = layout();
   std::vector<uint64_t> plan;
   if (config_.prefetch_all) {
-    plan.resize(l.page_count());
+    plan.resize(pages_->size());
     for (uint64_t i = 0; i < plan.size(); ++i) plan[i] = i;
   } else {
+    // This thread's read slot is that of prefetch thread 0.
+    const PublishedLayout::Reader l = layout_->read(workers_.size() + 1);
     plan.reserve(config_.prefetch->offsets.size());
     for (uint64_t off : config_.prefetch->offsets) {
-      if (auto idx = l.page_at_offset(off)) plan.push_back(*idx);
+      if (auto idx = l->page_at_offset(off)) plan.push_back(*idx);
     }
   }
   for (uint64_t p : plan) pages_->mark_planned(p);
@@ -1011,16 +1217,41 @@ void Session::prefetch_loop() {
       total.retries += r->retries;
     }
   };
-  const int threads = std::max(1, config_.prefetch_threads);
-  std::vector<std::thread> helpers;
-  for (int k = 1; k < threads; ++k) {
-    helpers.emplace_back([&, k] {
-      name_this_thread("fl-p" + std::to_string(config_.id) + "." + std::to_string(k));
-      install(static_cast<size_t>(k));
-    });
+  int threads = std::max(1, config_.prefetch_threads);
+  {
+    std::vector<std::thread> helpers;
+    // Joined on every path: if this thread's own share throws, the helpers
+    // stop after their current chunk before the exception ends the session.
+    struct JoinHelpers {
+      std::vector<std::thread>& threads;
+      std::atomic<size_t>& next_chunk;
+      size_t plan_size;
+      ~JoinHelpers() {
+        next_chunk.store(plan_size, std::memory_order_relaxed);
+        for (auto& t : threads) {
+          if (t.joinable()) t.join();
+        }
+      }
+    } join_helpers{helpers, next_chunk, plan.size()};
+    helpers.reserve(static_cast<size_t>(threads));
+    for (int k = 1; k < threads; ++k) {
+      try {
+        helpers.push_back(start_thread("prefetch thread", [&, k] {
+          run_guarded("prefetch thread", [&] {
+            name_this_thread("fl-p" + std::to_string(config_.id) + "." + std::to_string(k));
+            install(static_cast<size_t>(k));
+          });
+        }));
+      } catch (const std::system_error& e) {
+        // Prefetch only makes restores faster: go on with the threads there are.
+        log_.warn("prefetch_thread_failed",
+                  {{"session", config_.id}, {"threads", k}, {"error", std::string(e.what())}});
+        threads = k;
+        break;
+      }
+    }
+    install(0);
   }
-  install(0);
-  for (auto& t : helpers) t.join();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   log_.info("prefetch_done", {{"session", config_.id},
                               {"mode", config_.prefetch_all ? "all" : "working_set"},

@@ -13,7 +13,9 @@
 // A session ends when the peer process exits (pidfd), when the socket reaches
 // EOF for clients that keep it open (Firecracker >= 1.12), when an install
 // reports ESRCH, when stop() is called, or on a fatal error (the memory file
-// truncated or unreadable, an event it cannot handle). On a fatal error, and
+// truncated or unreadable, an event it cannot handle, an exception on any of
+// its threads: each thread's entry catches everything, so none reaches
+// std::terminate). When it ends, every fault still waiting is woken. On a fatal error, and
 // on stop() while the VM still runs, the peer is SIGKILLed unless
 // on_fatal == kLeave: a guest whose memory server is gone would otherwise
 // hang forever (Firecracker's own example does the same).
@@ -41,6 +43,7 @@
 #include "kernel/userfaultfd.h"
 #include "metrics/registry.h"
 #include "protocol/handshake_socket.h"
+#include "server/published_layout.h"
 #include "server/test_hooks.h"
 #include "server/wake_signal.h"
 #include "snapshot/working_set.h"
@@ -179,7 +182,10 @@ std::vector<LogField> summary_fields(const SessionSummary& s);
 class Session {
  public:
   // Validates the handshake's regions against `source` and starts serving.
-  // An error means nothing was started (the caller decides about the peer).
+  // An error means nothing was started (the caller decides about the peer):
+  // every step that can fail (eventfds, allocations, threads) is checked, and
+  // a failure stops and joins whatever had started, then says which step
+  // failed and why.
   static Result<std::unique_ptr<Session>> start(protocol::Handshake handshake,
                                                 std::shared_ptr<const PageSource> source, const SessionConfig& config);
   ~Session();
@@ -235,9 +241,15 @@ class Session {
   // every page was installed or skipped.
   // Thread-safety: safe from any thread; concurrent calls are serialized.
   Result<PrefaultReport> prefault(std::span<const uint64_t> page_indexes, const PrefaultOptions& options = {});
-  // The current layout (UNMAP and REMAP events change it). The reference
-  // stays valid for the session's life.
-  const GuestLayout& layout() const { return *layout_.load(std::memory_order_acquire); }
+  // The current layout (UNMAP and REMAP events change it), shared: it stays
+  // valid while the caller holds it.
+  std::shared_ptr<const GuestLayout> layout() const { return layout_->snapshot(); }
+  // Layouts the session still holds (the current one plus retired ones a
+  // session thread may still be reading) and how many UNMAP/REMAP changes it
+  // has seen: the history is bounded by the first, not the second.
+  size_t layouts_retained() const { return layout_->retained(); }
+  size_t layouts_retained_peak() const { return layout_->peak_retained(); }
+  uint64_t layout_changes() const { return layout_->changes(); }
   const PageStateTable& pages() const { return *pages_; }
 
  private:
@@ -263,6 +275,16 @@ class Session {
   };
   Session(protocol::Handshake handshake, GuestLayout layout, std::shared_ptr<const PageSource> source,
           const SessionConfig& config);
+  // The fallible part of start(): buffers, eventfds, threads. On failure
+  // every thread it started is stopped and joined, and the session is left
+  // as if it never ran (no session_end line, the peer untouched).
+  Status launch();
+  void abort_launch();
+  // Runs a session thread's body; an exception ends the session (fatal)
+  // instead of escaping the thread.
+  template <typename Body>
+  void run_guarded(const char* thread_kind, Body&& body) noexcept;
+  void fatal_exception(const char* thread_kind, const char* what) noexcept;
 
   void reader_loop();
   void worker_loop(Worker& w);
@@ -274,8 +296,8 @@ class Session {
   Served serve(Worker& w, const QueuedFault& fault, bool by_reader);
   // `zero`: the install was of zeros (no file read); with `by_reader`, it
   // chooses the fault's latency path.
-  Served finish_install(Worker& w, const kernel::IoctlResult& r, PageState installed, const PageLocation& loc,
-                        const QueuedFault& fault, bool count, bool zero, bool by_reader);
+  Served finish_install(const GuestLayout& layout, Worker& w, const kernel::IoctlResult& r, PageState installed,
+                        const PageLocation& loc, const QueuedFault& fault, bool count, bool zero, bool by_reader);
   kernel::IoctlResult install_zero(const PageLocation& loc, bool protect, HookContext& hook);
   std::vector<const Worker*> all_workers() const;
   void handle_remove(const kernel::RemoveEvent& ev);
@@ -284,7 +306,9 @@ class Session {
   void handle_remap(const kernel::RemapEvent& ev);
   void publish(GuestLayout next);
   // Wakes the threads waiting on the page that holds `address`.
-  void wake_page(uint64_t address);
+  void wake_page(const GuestLayout& layout, uint64_t address);
+  // Wakes every thread waiting on any mapped page (the session has ended).
+  void wake_everything();
   // Whether any demand fault is queued or deferred.
   bool demand_pending() const;
   void end(SessionEnd reason, std::string error = {});
@@ -296,10 +320,11 @@ class Session {
   protocol::Handshake handshake_;
   kernel::Userfaultfd uffd_;
   kernel::PeerProcess peer_;
-  // Published by the reader, read lock-free by everyone; every layout ever
-  // published is kept until the session ends, as workers may hold one.
-  std::atomic<const GuestLayout*> layout_{nullptr};
-  std::vector<std::unique_ptr<GuestLayout>> layouts_;
+  // Published by the reader (the only writer), read lock-free by the other
+  // session threads, each in its own slot (their fence slots): workers
+  // 0..N-1, prefault() N, prefetch threads N+1... Old layouts are freed once
+  // no slot can still read them (see published_layout.h).
+  std::unique_ptr<PublishedLayout> layout_;
   std::shared_ptr<const PageSource> source_;
   std::unique_ptr<PageStateTable> pages_;
   std::vector<bool> region_wp_;  // per region: registered MISSING|WP
@@ -316,6 +341,7 @@ class Session {
 
   std::atomic<bool> stopping_{false};
   std::atomic<bool> finished_{false};
+  bool launched_ = false;  // launch() succeeded: the destructor stops and joins, and finish() logs
   mutable std::mutex end_mu_;
   SessionEnd end_reason_ = SessionEnd::kRunning;  // GUARDED_BY(end_mu_)
   std::string end_error_;                         // GUARDED_BY(end_mu_)

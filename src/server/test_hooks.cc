@@ -51,8 +51,12 @@ void fire(HookPoint point, HookContext& context) {
     if (fn) running[i].fetch_add(1, std::memory_order_acq_rel);
   }
   if (!fn) return;
+  // A hook may throw (tests of exception handling): count it out either way.
+  struct Running {
+    std::atomic<int>& count;
+    ~Running() { count.fetch_sub(1, std::memory_order_acq_rel); }
+  } running_now{running[i]};
   fn(context);
-  running[i].fetch_sub(1, std::memory_order_acq_rel);
 }
 
 }  // namespace faultline::test_hooks

@@ -4,6 +4,8 @@
 // and installs a callback there; the server thread that reaches the point
 // runs it, so a test can park a worker at an exact step until it releases it
 // and force an interleaving that timing alone would almost never produce.
+// A hook may also throw, to prove that an exception on a session thread ends
+// that session cleanly.
 //
 // Compiled only with FAULTLINE_TEST_HOOKS (on for test builds, off for
 // Release): without it FAULTLINE_HOOK expands to nothing and release builds
@@ -24,6 +26,7 @@ enum class HookPoint {
   kServerBeforeRefuse,     // accept thread, before it drains a connection it refuses (address = the fd)
   kMetricsCollect,         // a scrape, reading a live session's counts (registry lock held)
   kBeforeMetricsFold,      // a session's end, final counts taken, before they are folded into the registry
+  kSessionSetup,           // Session::start, before each step that can fail (`what` names it)
   kCount,
 };
 
@@ -32,7 +35,14 @@ struct HookContext {
   uint64_t page_index = 0;  // global page index
   // Install points only: a hook may set an errno here to make the install
   // report that failure without issuing the ioctl (fault injection).
+  // kSessionSetup: the step fails as the real call would with this errno
+  // (an eventfd returns -1, an allocation returns null or throws
+  // std::bad_alloc, a thread throws std::system_error).
   int inject_errno = 0;
+  // kSessionSetup: which step ("stop eventfd", "finished eventfd",
+  // "page-state table", "zero page", "worker page buffer", "worker thread",
+  // "reader thread", "prefetch thread").
+  const char* what = "";
 };
 
 }  // namespace faultline

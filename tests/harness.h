@@ -8,14 +8,15 @@
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <functional>
 #include <fstream>
 #include <functional>
 #include <memory>
@@ -27,6 +28,7 @@
 #include <gtest/gtest.h>
 
 #include "client/huge_page_reservation.h"
+#include "client/restore_scenario.h"
 #include "client/test_memory_file.h"
 #include "common/log.h"
 #include "server/server.h"
@@ -129,6 +131,41 @@ class ServerHarness {
   std::thread thread_;
   Status run_status_;
 };
+
+// A connection to the Unix socket at `path`; an empty fd when connect()
+// fails (errno tells why).
+inline UniqueFd try_connect_unix(const std::string& path) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return UniqueFd();
+  return fd;
+}
+
+// A connection to the Unix socket at `path`; a failed connect() fails the test.
+inline UniqueFd connect_unix(const std::string& path) {
+  UniqueFd fd = try_connect_unix(path);
+  EXPECT_TRUE(fd) << "connect " << path << ": " << std::strerror(errno);
+  return fd;
+}
+
+// A good client (2% of the pages, one thread) gets every byte right from the
+// harness's server after whatever the test did, and its session has ended
+// when this returns: with on_fatal=kill a stop of the server would otherwise
+// kill its peer, this very test process.
+inline void expect_served(ServerHarness& h) {
+  const uint64_t before = h.server().finished_total() + h.server().rejected_total();
+  client::RestoreOptions o;
+  o.socket_path = h.socket();
+  o.memory_path = h.memory();
+  o.touch_fraction = 0.02;
+  o.threads = 1;
+  auto r = client::run_restore(o);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u);
+  ASSERT_TRUE(h.server().wait_for_ended(before + 1, std::chrono::seconds(10)));
+}
 
 // Path of a binary built beside the tests (CMake passes the directory).
 inline std::string built_binary(const std::string& name) {

@@ -17,15 +17,6 @@
 namespace faultline::testing {
 namespace {
 
-UniqueFd connect_to(const std::string& path) {
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
-  return fd;
-}
-
 std::vector<std::string> hostile_handshakes() {
   return {
       "[{\"a\":\"\xff\"}]",                                  // the one that aborted the daemon
@@ -49,7 +40,7 @@ std::vector<std::string> hostile_handshakes() {
 void send_all_hostile(ServerHarness& h) {
   const auto all = hostile_handshakes();
   for (size_t i = 0; i < all.size(); ++i) {
-    UniqueFd fd = connect_to(h.socket());
+    UniqueFd fd = connect_unix(h.socket());
     ASSERT_EQ(::send(fd.get(), all[i].data(), all[i].size(), MSG_NOSIGNAL), static_cast<ssize_t>(all[i].size()));
     // The connection stays open (as Firecracker 1.12+ does) until the daemon
     // has judged it: its end is the daemon's doing, not an EOF.

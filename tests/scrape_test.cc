@@ -96,15 +96,6 @@ void expect_counters_match(const std::vector<Family>& f, const SessionCounters& 
   EXPECT_EQ(faults_served(f), c.pages_snapshot + c.pages_zero + c.already_present);
 }
 
-UniqueFd connect_unix(const std::string& path) {
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-  EXPECT_EQ(::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
-  return fd;
-}
-
 // A handshake whose JSON is malformed (with a real uffd): handshake_failed.
 void send_bad_handshake(const std::string& socket) {
   UniqueFd sock = connect_unix(socket);

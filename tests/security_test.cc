@@ -30,15 +30,6 @@
 namespace faultline::testing {
 namespace {
 
-UniqueFd connect_unix(const std::string& path) {
-  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
-  if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return UniqueFd();
-  return fd;
-}
-
 // Whether the server closed `fd` (EOF) within `limit` (a bound, not an
 // ordering: a refused connection is closed at once, an accepted one never).
 bool closed_by_server(int fd, std::chrono::milliseconds limit) {
@@ -50,7 +41,7 @@ bool closed_by_server(int fd, std::chrono::milliseconds limit) {
 
 // Sends one control request and returns the reply line.
 std::string control(const std::string& path, const std::string& request) {
-  UniqueFd fd = connect_unix(path);
+  UniqueFd fd = try_connect_unix(path);
   if (!fd) return "connect failed";
   const std::string line = request + "\n";
   if (::send(fd.get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) return "send failed";
@@ -100,20 +91,6 @@ int as_user(uid_t uid, gid_t gid, std::vector<gid_t> groups, const std::function
 // user need to reach the socket inside it.
 void open_directory_to_everyone(const TempDir& dir) { ASSERT_EQ(::chmod(dir.path().c_str(), 0755), 0); }
 
-// A good client is served after whatever the test did.
-void expect_served(ServerHarness& h) {
-  const uint64_t before = h.server().finished_total() + h.server().rejected_total();
-  client::RestoreOptions o;
-  o.socket_path = h.socket();
-  o.memory_path = h.memory();
-  o.touch_fraction = 0.02;
-  o.threads = 1;
-  auto r = client::run_restore(o);
-  ASSERT_TRUE(r) << r.error().describe();
-  EXPECT_EQ(r->mismatches, 0u);
-  ASSERT_TRUE(h.server().wait_for_ended(before + 1, std::chrono::seconds(10)));
-}
-
 // --- who may connect -------------------------------------------------------
 
 TEST(SocketAccess, BothSocketsGetTheirModeAndOwnerBeforeTheFirstAccept) {
@@ -138,7 +115,7 @@ TEST(SocketAccess, BothSocketsGetTheirModeAndOwnerBeforeTheFirstAccept) {
   // The mode is what the kernel enforces: a user outside owner and group
   // cannot connect; one in the group can.
   const std::string sock = h.socket();
-  const auto try_connect = [&sock] { return connect_unix(sock) ? 0 : (errno == EACCES ? 13 : 1); };
+  const auto try_connect = [&sock] { return try_connect_unix(sock) ? 0 : (errno == EACCES ? 13 : 1); };
   EXPECT_EQ(as_user(65534, 65534, {}, try_connect), 13) << "other users get EACCES";
   EXPECT_EQ(as_user(65534, 8765, {}, try_connect), 0) << "the socket's group may connect";
 }
@@ -166,7 +143,7 @@ TEST(SocketAccess, SocketPathAppearsOnlyOnceConnectingToItWorks) {
     std::thread observer([&] {
       struct stat st {};
       while (::lstat(sock.c_str(), &st) != 0) std::this_thread::yield();
-      observed = connect_unix(sock) ? 0 : errno;
+      observed = try_connect_unix(sock) ? 0 : errno;
     });
     auto listener = protocol::UnixListener::bind(sock, {.mode = 0600});
     ASSERT_TRUE(listener) << listener.error().describe();
@@ -193,7 +170,7 @@ TEST(AllowList, PeerOutsideTheListIsRefusedWithOneLogLineAndAClosedConnection) {
   const std::string sock = h.socket();
   // uid 65534 with no allowed group: refused, the connection closed at once.
   const int refused = as_user(65534, 65534, {}, [&sock] {
-    UniqueFd fd = connect_unix(sock);
+    UniqueFd fd = try_connect_unix(sock);
     if (!fd) return 1;
     return closed_by_server(fd.get(), std::chrono::seconds(20)) ? 0 : 2;
   });
@@ -209,7 +186,7 @@ TEST(AllowList, PeerOutsideTheListIsRefusedWithOneLogLineAndAClosedConnection) {
   // A supplementary group in the list admits the peer: its (bad) handshake is
   // read and rejected as a handshake, not refused at the door.
   const int admitted = as_user(65534, 65534, {777}, [&sock] {
-    UniqueFd fd = connect_unix(sock);
+    UniqueFd fd = try_connect_unix(sock);
     if (!fd) return 1;
     return ::send(fd.get(), "{}", 2, MSG_NOSIGNAL) == 2 && closed_by_server(fd.get(), std::chrono::seconds(20)) ? 0
                                                                                                                  : 2;
@@ -234,7 +211,7 @@ TEST(AllowList, ControlSocketHasItsOwnAllowList) {
   open_directory_to_everyone(h.dir());
   const std::string ctl = h.dir().file("ctl");
   const int refused = as_user(65534, 65534, {}, [&ctl] {
-    UniqueFd fd = connect_unix(ctl);
+    UniqueFd fd = try_connect_unix(ctl);
     if (!fd) return 1;
     // The daemon may close before the request is even sent (EPIPE): either
     // way no reply byte ever comes.
@@ -455,14 +432,14 @@ TEST(Limits, HandshakesOverTheLimitAreRefusedWithALogLine) {
   o.configure = [](ServerConfig& c, const TempDir&) { c.max_handshakes = 2; };
   ServerHarness h(o);
   // Two clients that connect and send nothing hold both handshake slots.
-  UniqueFd a = connect_unix(h.socket()), b = connect_unix(h.socket());
+  UniqueFd a = try_connect_unix(h.socket()), b = try_connect_unix(h.socket());
   ASSERT_TRUE(a && b);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (h.server().handshakes_in_progress() < 2 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::yield();
   }
   ASSERT_EQ(h.server().handshakes_in_progress(), 2u);
-  UniqueFd third = connect_unix(h.socket());
+  UniqueFd third = try_connect_unix(h.socket());
   ASSERT_TRUE(third);
   EXPECT_TRUE(closed_by_server(third.get(), std::chrono::seconds(20)));
   ASSERT_TRUE(h.wait_ended(1));
@@ -486,7 +463,7 @@ TEST(Limits, SessionsOverTheLimitAreRefusedAndTheSlotFreesWhenAVmEnds) {
   ASSERT_TRUE(first);
   ASSERT_TRUE(first->connect_and_send(h.socket()));
   ASSERT_TRUE(log_shows(h, "event=session_start session=1"));
-  UniqueFd second = connect_unix(h.socket());
+  UniqueFd second = try_connect_unix(h.socket());
   ASSERT_TRUE(second);
   EXPECT_TRUE(closed_by_server(second.get(), std::chrono::seconds(20)));
   ASSERT_TRUE(log_shows(h, "reason=too_many_sessions"));
@@ -555,7 +532,7 @@ TEST(Limits, EndedSessionAndRefusalHistoryIsBounded) {
   o.configure = [](ServerConfig& c, const TempDir&) { c.ended_history = 3; };
   ServerHarness h(o);
   for (int i = 0; i < 5; ++i) {
-    UniqueFd fd = connect_unix(h.socket());
+    UniqueFd fd = try_connect_unix(h.socket());
     ASSERT_TRUE(fd);
     ASSERT_EQ(::send(fd.get(), "x", 1, MSG_NOSIGNAL), 1);
     ASSERT_TRUE(closed_by_server(fd.get(), std::chrono::seconds(20)));
@@ -589,7 +566,7 @@ class ControlDeadline : public ::testing::Test {
 };
 
 TEST_F(ControlDeadline, TricklingClientCannotWedgeTheDaemon) {
-  UniqueFd slow = connect_unix(ctl_);
+  UniqueFd slow = try_connect_unix(ctl_);
   ASSERT_TRUE(slow);
   ASSERT_EQ(::send(slow.get(), "{\"cmd\"", 6, MSG_NOSIGNAL), 6);  // and never the rest
   // VMs are accepted and served meanwhile: the control socket has its own thread.
@@ -612,7 +589,7 @@ TEST_F(ControlDeadline, ClientThatNeverReadsItsReplyIsDroppedAtTheDeadline) {
   // This client asks and never reads: the ~600 KB reply cannot fit in the
   // daemon's socket send buffer (a Unix stream socket's writer is limited by
   // its own SO_SNDBUF, 208 KiB by default).
-  UniqueFd stuck = connect_unix(ctl_);
+  UniqueFd stuck = try_connect_unix(ctl_);
   const std::string req = "{\"cmd\":\"page_map\",\"session\":1}\n";
   ASSERT_EQ(::send(stuck.get(), req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
   ASSERT_TRUE(log_shows(*h_, "event=control_timeout phase=reply"));
@@ -686,7 +663,7 @@ TEST(Resources, UnderEmfileTheDaemonRefusesNewWorkRecoversAndStopsCleanly) {
   ASSERT_TRUE(S_ISSOCK(st.st_mode)) << read_file(log);
   std::vector<UniqueFd> idle;
   for (int i = 0; i < 40; ++i) {
-    UniqueFd fd = connect_unix(sock);
+    UniqueFd fd = try_connect_unix(sock);
     ASSERT_TRUE(fd) << "connect " << i << ": " << std::strerror(errno);
     idle.push_back(std::move(fd));
   }
@@ -745,13 +722,13 @@ TEST(Resources, AcceptUnderEmfileShedsTheConnectionThroughTheReservedFd) {
     for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) fillers.push_back(fd);
     ::close(fillers.back());  // room for the client's socket, none for the daemon's accept
     fillers.pop_back();
-    UniqueFd shed = connect_unix(sock);
+    UniqueFd shed = try_connect_unix(sock);
     if (!shed) ::_exit(12);
     const bool refused = closed_by_server(shed.get(), std::chrono::seconds(20));
     for (int fd : fillers) ::close(fd);
     shed.reset();
     // Accepting again: a bad handshake is read and rejected as a handshake.
-    UniqueFd next = connect_unix(sock);
+    UniqueFd next = try_connect_unix(sock);
     const bool read_again = next && ::send(next.get(), "x", 1, MSG_NOSIGNAL) == 1 &&
                             closed_by_server(next.get(), std::chrono::seconds(20));
     (*server)->stop();

@@ -522,10 +522,17 @@ TEST_P(Race, TenThousandConcurrentFaultsOnOnePage) {
   }
   ASSERT_TRUE(pause.wait_arrived());
   while (started.load() < threads) std::this_thread::yield();
+  // With the reader paused nothing wakes a thread that waits in the uffd, so
+  // each thread is checked until it is seen waiting, not on every pass.
   int blocked = 0;
+  std::vector<bool> seen_waiting(threads, false);
   for (int spins = 0; spins < 1000 && blocked < threads; ++spins) {
-    blocked = 0;
-    for (int i = 0; i < threads; ++i) blocked += thread_waits_in(tids[i], UffdWait::kFault);
+    for (int i = 0; i < threads; ++i) {
+      if (!seen_waiting[i] && thread_waits_in(tids[i], UffdWait::kFault)) {
+        seen_waiting[i] = true;
+        ++blocked;
+      }
+    }
   }
   for (auto& v : vcpus) ASSERT_TRUE(v->wait_blocked(UffdWait::kFault));
   EXPECT_EQ(blocked, threads) << "not every thread was waiting on the page when the reader resumed";

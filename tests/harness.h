@@ -132,6 +132,19 @@ class ServerHarness {
   Status run_status_;
 };
 
+// Polls `condition` until it holds or `limit` passes; whether it held. For
+// effects another thread makes after an event this thread cannot observe
+// directly (a bound, not an ordering).
+inline bool eventually_true(const std::function<bool()>& condition,
+                            std::chrono::milliseconds limit = std::chrono::seconds(20)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
 // A connection to the Unix socket at `path`; an empty fd when connect()
 // fails (errno tells why).
 inline UniqueFd try_connect_unix(const std::string& path) {

@@ -74,8 +74,7 @@ TEST(Serve, RandomTouchOf256MiBGuestFromTwoThreads) {
 // RWF_NOWAIT fails with EAGAIN while it carries a readahead mark, which a
 // plain read clears) until a RWF_NOWAIT pass finds every page, then pinned
 // with mlock so that reclaim cannot take a page back. Returns the pinned
-// mapping (munmap it), MAP_FAILED after a test failure. Without this CI once
-// saw 16383 of 16384 warm pages served by the reader.
+// mapping (munmap it), MAP_FAILED after a test failure.
 void* pin_in_page_cache(const std::string& path, size_t bytes) {
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   EXPECT_TRUE(fd) << std::strerror(errno);
@@ -136,9 +135,15 @@ TEST(Serve, UncachedSnapshotPagesGoToWorkersAndCachedOnesAreServedByTheReader) {
   EXPECT_EQ(s.at(0).counters.pages_snapshot, pages);
   EXPECT_EQ(s.at(1).counters.pages_snapshot, pages);
   // Cold cache: storage reads went to the workers (readahead then warms
-  // neighbours, which the reader serves). Warm cache: the reader served all.
+  // neighbours, which the reader serves). Warm cache: the reader served
+  // them, all but a few at most: RWF_NOWAIT also fails with EAGAIN on a
+  // resident page while the kernel holds its folio lock (migration,
+  // compaction), and a worker then serves that page. CI under TSan saw 16
+  // of 16384 pinned pages go to workers that way; a reader that served only
+  // from a cold cache's readahead would serve far fewer.
   EXPECT_LT(s.at(0).counters.reader_served, pages);
-  EXPECT_EQ(s.at(1).counters.reader_served, pages);
+  EXPECT_GE(s.at(1).counters.reader_served, pages - pages / 100);
+  EXPECT_GT(s.at(1).counters.reader_served, s.at(0).counters.reader_served);
   if (pinned != MAP_FAILED) ::munmap(pinned, 64 * kMiB);
 }
 

@@ -3,10 +3,12 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 
 #include "common/atomic_file.h"
 #include "common/unique_fd.h"
@@ -105,6 +107,61 @@ Status LocalStore::put(const BlobId& id, std::string_view bytes) {
   if (*present) return {};
   if (auto st = make_dir(blob_dir(id)); !st) return st;
   return write_file_atomically(describe(id), bytes, 0444);
+}
+
+Status LocalStore::put_deferred(const BlobId& id, std::string_view bytes) {
+  auto present = exists(id);
+  if (!present) return std::unexpected(present.error());
+  if (*present) return {};
+  const std::string dir = blob_dir(id);
+  if (auto st = make_dir(dir); !st) return st;
+  // The same temporary naming as common/atomic_file.cc, so gc's cleanup of
+  // interrupted writes covers these too.
+  std::string tmp;
+  UniqueFd file;
+  for (int attempt = 0; attempt < 8 && !file; ++attempt) {
+    uint64_t r = 0;
+    if (::getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) return fail_errno("getrandom failed");
+    char suffix[24];
+    std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(r & 0xffffffffffffull));
+    tmp = dir + "/." + id.hex() + ".tmp-" + suffix;
+    file.reset(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0444));
+    if (!file && errno != EEXIST) return fail_errno("cannot create " + tmp);
+  }
+  if (!file) return fail("cannot find a free temporary name in " + dir, EEXIST);
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(file.get(), bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      auto e = fail_errno("writing " + tmp + " failed");
+      ::unlink(tmp.c_str());
+      return e;
+    }
+    done += static_cast<size_t>(n);
+  }
+  std::lock_guard lock(pending_mutex_);
+  pending_.emplace_back(tmp, describe(id));
+  return {};
+}
+
+Status LocalStore::sync() {
+  std::vector<std::pair<std::string, std::string>> batch;
+  {
+    std::lock_guard lock(pending_mutex_);
+    batch.swap(pending_);
+  }
+  if (batch.empty()) return {};
+  UniqueFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd) return fail_errno("cannot open " + dir_);
+  // First the bytes of every temporary, then the names: a crash in between
+  // leaves temporaries (gc removes them), never a named blob with lost bytes.
+  if (::syncfs(dir_fd.get()) != 0) return fail_errno("syncfs on " + dir_ + " failed");
+  for (const auto& [tmp, final_path] : batch) {
+    if (::rename(tmp.c_str(), final_path.c_str()) != 0) return fail_errno("renaming " + tmp + " to " + final_path + " failed");
+  }
+  if (::syncfs(dir_fd.get()) != 0) return fail_errno("syncfs on " + dir_ + " failed");
+  return {};
 }
 
 Result<std::vector<BlobId>> LocalStore::list() {

@@ -212,7 +212,7 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
     auto present = store.exists(id);
     if (!present) return std::unexpected(present.error());
     if (!*present) {
-      if (auto put = store.put(id, *compressed); !put) return std::unexpected(put.error());
+      if (auto put = store.put_deferred(id, *compressed); !put) return std::unexpected(put.error());
       ++report.frames_written;
     }
     m.frames.push_back(FrameRef{id, compressed->size(), static_cast<uint32_t>(n)});
@@ -238,6 +238,8 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   auto encoded = serialize_manifest(m);
   if (!encoded) return std::unexpected(encoded.error());
   report.manifest_bytes = encoded->size();
+  // Every blob durable and in place before the manifest that names them.
+  if (auto st = store.sync(); !st) return std::unexpected(st.error());
   if (o.before_manifest) o.before_manifest();
   // Last: until this rename the image does not exist.
   if (auto w = store.write_manifest(o.name, *encoded); !w) return std::unexpected(w.error());

@@ -33,6 +33,13 @@ class BlobStore {
   virtual Result<std::string> get(const BlobId& id) = 0;
   // Stores `bytes` under `id` (REQUIRES: id == BlobId::of(bytes)), unless present.
   virtual Status put(const BlobId& id, std::string_view bytes) = 0;
+  // Like put(), but the blob need not be visible or durable before the next
+  // sync(): lets an implementation pay for durability once per batch rather
+  // than once per blob. A blob is never visible under its name before its
+  // bytes are durable.
+  virtual Status put_deferred(const BlobId& id, std::string_view bytes) { return put(id, bytes); }
+  // Makes every put_deferred() blob visible and durable.
+  virtual Status sync() { return {}; }
   virtual Result<bool> exists(const BlobId& id) = 0;
   virtual Result<std::vector<BlobId>> list() = 0;
   virtual Status remove(const BlobId& id) = 0;

@@ -151,9 +151,10 @@ Status LocalStore::sync() {
     std::lock_guard lock(pending_mutex_);
     batch.swap(pending_);
   }
-  if (batch.empty()) return {};
   UniqueFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!dir_fd) return fail_errno("cannot open " + dir_);
+  // Even with nothing of our own pending: a blob we found present may have
+  // been renamed into place by a concurrent create that has yet to flush it.
   // First the bytes of every temporary, then the names: a crash in between
   // leaves temporaries (gc removes them), never a named blob with lost bytes.
   if (::syncfs(dir_fd.get()) != 0) return fail_errno("syncfs on " + dir_ + " failed");

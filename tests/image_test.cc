@@ -407,6 +407,59 @@ TEST(ImageGc, RefusesToRemoveAnythingWhenAManifestIsUnreadable) {
   EXPECT_EQ(store->list()->size(), blobs);
 }
 
+// A store whose manifest writes fail (a full disk, a crash at the last step):
+// everything else goes to a real LocalStore.
+class ManifestWriteFails final : public Store {
+ public:
+  explicit ManifestWriteFails(LocalStore& real) : real_(real) {}
+  Result<std::string> get(const BlobId& id) override { return real_.get(id); }
+  Status put(const BlobId& id, std::string_view b) override { return real_.put(id, b); }
+  Status put_deferred(const BlobId& id, std::string_view b) override { return real_.put_deferred(id, b); }
+  Status sync() override { return real_.sync(); }
+  Result<bool> exists(const BlobId& id) override { return real_.exists(id); }
+  Result<std::vector<BlobId>> list() override { return real_.list(); }
+  Status remove(const BlobId& id) override { return real_.remove(id); }
+  std::string describe(const BlobId& id) const override { return real_.describe(id); }
+  Result<std::string> read_manifest(const std::string& n) override { return real_.read_manifest(n); }
+  Result<bool> manifest_exists(const std::string& n) override { return real_.manifest_exists(n); }
+  Status write_manifest(const std::string&, std::string_view) override { return fail("no space left", ENOSPC); }
+  Result<std::vector<std::string>> list_manifests() override { return real_.list_manifests(); }
+  std::string describe_manifest(const std::string& n) const override { return real_.describe_manifest(n); }
+  Result<std::unique_ptr<StoreLock>> lock_shared(const std::function<void()>& w) override {
+    return real_.lock_shared(w);
+  }
+  Result<std::unique_ptr<StoreLock>> lock_exclusive(const std::function<void()>& w) override {
+    return real_.lock_exclusive(w);
+  }
+
+ private:
+  LocalStore& real_;
+};
+
+TEST(ImageGc, AnInterruptedCreateLeavesNoImageAndGcRemovesItsBlobs) {
+  TempDir dir;
+  make_memory(dir.file("mem"), 2 * kMiB, 16, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "kept");
+  const size_t kept_blobs = store->list()->size();
+  make_memory(dir.file("other"), 2 * kMiB, 17, 0.2);
+  ManifestWriteFails failing(*store);
+  CreateOptions o;
+  o.memory_path = dir.file("other");
+  o.name = "lost";
+  auto r = create_image(failing, o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ENOSPC);
+  EXPECT_FALSE(*store->manifest_exists("lost")) << "no image that looks whole";
+  EXPECT_GT(store->list()->size(), kept_blobs) << "its blobs were written";
+  auto g = gc_store(*store, {});
+  ASSERT_TRUE(g) << g.error().describe();
+  EXPECT_EQ(store->list()->size(), kept_blobs);
+  auto v = verify_image(*store, "kept", {});
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->problems.empty());
+}
+
 TEST(ImageGc, GcDuringCreateWaitsAndLosesNothing) {
   TempDir dir;
   const std::string mem = make_memory(dir.file("mem"), 4 * kMiB, 15, 0.2);

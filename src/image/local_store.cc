@@ -1,4 +1,5 @@
 #include "image/local_store.h"
+#include "image/manifest.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -187,7 +188,7 @@ Status LocalStore::remove(const BlobId& id) {
 }
 
 Result<std::string> LocalStore::read_manifest(const std::string& name) {
-  if (auto st = check_plain_file_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
   auto bytes = read_whole_file(describe_manifest(name));
   if (!bytes && bytes.error().code == ENOENT) {
     return fail("image " + name + " does not exist (no " + describe_manifest(name) + ")", ENOENT);
@@ -196,7 +197,7 @@ Result<std::string> LocalStore::read_manifest(const std::string& name) {
 }
 
 Result<bool> LocalStore::manifest_exists(const std::string& name) {
-  if (auto st = check_plain_file_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
   struct stat st {};
   if (::lstat(describe_manifest(name).c_str(), &st) == 0) return true;
   if (errno == ENOENT) return false;
@@ -204,7 +205,7 @@ Result<bool> LocalStore::manifest_exists(const std::string& name) {
 }
 
 Status LocalStore::write_manifest(const std::string& name, std::string_view bytes) {
-  if (auto st = check_plain_file_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
   auto present = manifest_exists(name);
   if (!present) return std::unexpected(present.error());
   if (*present) return fail("image " + name + " exists already in " + dir_, EEXIST);

@@ -92,10 +92,18 @@ Status check_header_fields(const Manifest& m, const std::string& what) {
 
 }  // namespace
 
+Status check_image_name(std::string_view name) {
+  if (auto st = check_plain_file_name(name); !st) return st;
+  for (char c : name) {
+    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) return fail("a name may not contain control characters", EINVAL);
+  }
+  return {};
+}
+
 static Status validate(const Manifest& m, const std::string& what) {
   if (auto st = check_header_fields(m, what); !st) return st;
   if (m.parent) {
-    if (auto st = check_plain_file_name(m.parent->name); !st) {
+    if (auto st = check_image_name(m.parent->name); !st) {
       return fail(what + ": bad parent name: " + st.error().message, EINVAL);
     }
   }

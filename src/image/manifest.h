@@ -84,6 +84,11 @@ struct Manifest {
   friend bool operator==(const Manifest&, const Manifest&) = default;
 };
 
+// Image names: plain file names (common/atomic_file.h check_plain_file_name:
+// no '/', not "." or "..", no leading '.') without control bytes, since
+// names are printed in errors and in inspect's output.
+Status check_image_name(std::string_view name);
+
 // Where the run code "stored, sequential" starts counting: the storage index
 // of the first page laid out in guest order (after any working-set pages).
 uint64_t sequential_start(const Manifest& m);

@@ -132,6 +132,12 @@ TEST(ImageManifest, SerializeRefusesInconsistentManifests) {
   EXPECT_FALSE(serialize_manifest(base_with_runs(2, {{PageKind::kParent, 2, 0}}, 0)));
   // Runs that do not cover the guest.
   EXPECT_FALSE(serialize_manifest(base_with_runs(3, {{PageKind::kZero, 2, 0}}, 0)));
+  // Parent names that are not plain, printable file names.
+  for (const char* name : {"a/b", "..", ".hidden", "line\nbreak", "esc\x1b[0m", ""}) {
+    Manifest m = base_with_runs(2, {{PageKind::kParent, 2, 0}}, 0);
+    m.parent = ParentRef{name, fake_id(1)};
+    EXPECT_FALSE(serialize_manifest(m)) << name;
+  }
 }
 
 // The checksum would stop almost every random input at the door; this test

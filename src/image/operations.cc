@@ -17,6 +17,7 @@
 #include "image/frame.h"
 #include "image/image_chain.h"
 #include "image/local_store.h"
+#include "image/manifest.h"
 #include "snapshot/working_set.h"
 
 namespace faultline::image {
@@ -61,7 +62,7 @@ constexpr uint8_t kKindZero = 0, kKindParent = 1, kKindStored = 2;
 uint32_t default_frame_pages(uint32_t page_size) { return page_size == kHugePage ? 1 : 128; }
 
 Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
-  if (auto st = check_plain_file_name(o.name); !st) {
+  if (auto st = check_image_name(o.name); !st) {
     return fail("bad image name '" + o.name + "': " + st.error().message, EINVAL);
   }
   if (o.page_size != kSmallPage && o.page_size != kHugePage) return fail("page size must be 4096 or 2097152", EINVAL);

@@ -16,7 +16,7 @@
 // decompressed by read_frame(); no byte of an unchecked blob is returned.
 //
 // Thread-safety: after open(), const methods are safe from any thread as long
-// as the Store is (read_frame() has no cache; FrameCache adds one).
+// as the Store is (read_frame() has no cache; ChainPageReader below adds one).
 #pragma once
 
 #include <cstdint>

@@ -286,6 +286,35 @@ TEST(Image, WorkingSetPagesAreLaidOutFirstInFirstTouchOrder) {
   expect_flattens_to(*store, "laid-out", dir.file("flat"), mem);
 }
 
+TEST(Image, TwoConcurrentCreatesOfOneFileInOneStoreBothSucceedAndShareBlobs) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 8 * kMiB, 18, 0.2);
+  auto first = open_store(dir.file("store"));
+  auto second = open_store(dir.file("store"));  // as another process would
+  std::barrier start(2);
+  CreateReport reports[2];
+  auto run = [&](LocalStore* store, const char* name, CreateReport* out) {
+    CreateOptions o;
+    o.memory_path = dir.file("mem");
+    o.name = name;
+    start.arrive_and_wait();  // start together, so they may write the same blobs at the same time
+    auto r = create_image(*store, o);
+    EXPECT_TRUE(r) << r.error().describe();
+    if (r) *out = *r;
+  };
+  std::thread a(run, first.get(), "a", &reports[0]);
+  std::thread b(run, second.get(), "b", &reports[1]);
+  a.join();
+  b.join();
+  EXPECT_EQ(reports[0].frames, reports[1].frames);
+  EXPECT_EQ(first->list()->size(), reports[0].frames) << "each frame stored once";
+  expect_flattens_to(*first, "a", dir.file("flat-a"), mem);
+  expect_flattens_to(*first, "b", dir.file("flat-b"), mem);
+  for (auto& e : std::filesystem::recursive_directory_iterator(dir.file("store"))) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+  }
+}
+
 // ----- corruption: every damage is an error naming the image (and blob), never bytes
 
 struct CorruptionFixture {

@@ -393,6 +393,19 @@ TEST(ImageCorruption, AMissingParentIsAnErrorNamingBoth) {
   fx.expect_refused("image child: its parent base is missing");
 }
 
+TEST(ImageCorruption, VerifyOfAnImageWithAMissingParentStillChecksItsOwnFrames) {
+  CorruptionFixture fx;
+  std::filesystem::remove(fx.store->describe_manifest("base"));
+  const BlobId id = fx.first_frame("child");
+  std::filesystem::remove(fx.store->describe(id));
+  auto v = verify_image(*fx.store, "child", {});
+  ASSERT_TRUE(v);
+  ASSERT_EQ(v->problems.size(), 2u);
+  EXPECT_NE(v->problems[0].message.find("its parent base is missing"), std::string::npos) << v->problems[0].message;
+  EXPECT_NE(v->problems[1].message.find("image child"), std::string::npos) << v->problems[1].message;
+  EXPECT_NE(v->problems[1].message.find(id.hex()), std::string::npos) << v->problems[1].message;
+}
+
 // ----- gc
 
 TEST(ImageGc, RemovesOnlyBlobsNoImageReferences) {

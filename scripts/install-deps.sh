@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing, and touches apt only then.
 set -euo pipefail
 packages=(g++ cmake make pkg-config zlib1g-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev
-          libcpp-httplib-dev gnuplot-nox
+          libcpp-httplib-dev gnuplot-nox libzstd-dev libssl-dev
           afl++)  # afl++: scripts/fuzz.sh
 missing=()
 for p in "${packages[@]}"; do

@@ -18,6 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli/image_command.h"
 #include "common/log.h"
 #include "metrics/http_exporter.h"
 #include "server/server.h"
@@ -327,7 +328,11 @@ int main(int argc, char** argv) {
                      "with '.'); replaced atomically if it exists")
       ->required();
 
+  faultline::cli::ImageCommand image_command(app);
+
   CLI11_PARSE(app, argc, argv);
+
+  if (image_command.parsed()) return image_command.run();
 
   if (zero_index->parsed()) {
     auto memory = faultline::MemoryFile::open(zi_memory);

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <utility>
 
 #include "common/unique_fd.h"
 
@@ -20,9 +21,10 @@ Status check_plain_file_name(std::string_view name) {
   return {};
 }
 
-Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode) {
-  if (auto st = check_plain_file_name(name); !st) return st;
-  const std::string final_name(name);
+namespace {
+
+// Creates ".NAME.tmp-XXXXXX" in `dir_fd` with O_EXCL|O_NOFOLLOW; returns its fd and name.
+Result<std::pair<UniqueFd, std::string>> create_temporary(int dir_fd, const std::string& final_name, mode_t mode) {
   // A random suffix: a name someone planted in advance is never ours, and
   // O_EXCL refuses it instead of writing through it.
   std::string tmp;
@@ -37,12 +39,28 @@ Status write_file_atomically(int dir_fd, std::string_view name, std::string_view
     if (!file && errno != EEXIST) return fail_errno("cannot create " + tmp);
   }
   if (!file) return fail("cannot find a free temporary name for " + final_name, EEXIST);
+  // The mode passed to openat is filtered by the umask; set it exactly.
+  if (::fchmod(file.get(), mode) != 0) {
+    auto e = fail_errno("cannot set the mode of " + tmp);
+    ::unlinkat(dir_fd, tmp.c_str(), 0);
+    return e;
+  }
+  return std::make_pair(std::move(file), tmp);
+}
+
+}  // namespace
+
+Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode) {
+  if (auto st = check_plain_file_name(name); !st) return st;
+  const std::string final_name(name);
+  auto created = create_temporary(dir_fd, final_name, mode);
+  if (!created) return std::unexpected(created.error());
+  UniqueFd file = std::move(created->first);
+  const std::string tmp = created->second;
   auto abandon = [&](std::unexpected<Error> e) {
     ::unlinkat(dir_fd, tmp.c_str(), 0);
     return e;
   };
-  // The mode passed to openat is filtered by the umask; set it exactly.
-  if (::fchmod(file.get(), mode) != 0) return abandon(fail_errno("cannot set the mode of " + tmp));
   size_t off = 0;
   while (off < bytes.size()) {
     const ssize_t n = ::write(file.get(), bytes.data() + off, bytes.size() - off);
@@ -68,6 +86,71 @@ Status write_file_atomically(const std::string& path, std::string_view bytes, mo
   if (!dir_fd) return fail_errno("cannot open directory " + dir);
   auto st = write_file_atomically(dir_fd.get(), name, bytes, mode);
   if (!st) return fail(path + ": " + st.error().message, st.error().code);
+  return {};
+}
+
+namespace {
+std::pair<std::string, std::string> split_path(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
+  return {dir, name};
+}
+}  // namespace
+
+Result<AtomicFileWriter> AtomicFileWriter::create(const std::string& path, mode_t mode) {
+  auto [dir, name] = split_path(path);
+  if (auto st = check_plain_file_name(name); !st) return fail(path + ": " + st.error().message, st.error().code);
+  UniqueFd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd) return fail_errno("cannot open directory " + dir);
+  auto created = create_temporary(dir_fd.get(), name, mode);
+  if (!created) return fail(path + ": " + created.error().message, created.error().code);
+  return AtomicFileWriter(dir_fd.release(), created->first.release(), dir, created->second, name);
+}
+
+AtomicFileWriter::AtomicFileWriter(int dir_fd, int file_fd, std::string dir, std::string tmp, std::string name)
+    : dir_fd_(dir_fd), file_fd_(file_fd), dir_(std::move(dir)), tmp_(std::move(tmp)), name_(std::move(name)) {}
+
+AtomicFileWriter::AtomicFileWriter(AtomicFileWriter&& o) noexcept
+    : dir_fd_(std::exchange(o.dir_fd_, -1)),
+      file_fd_(std::exchange(o.file_fd_, -1)),
+      dir_(std::move(o.dir_)),
+      tmp_(std::move(o.tmp_)),
+      name_(std::move(o.name_)),
+      committed_(std::exchange(o.committed_, true)) {}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (file_fd_ >= 0) ::close(file_fd_);
+  if (!committed_ && dir_fd_ >= 0) ::unlinkat(dir_fd_, tmp_.c_str(), 0);
+  if (dir_fd_ >= 0) ::close(dir_fd_);
+}
+
+Status AtomicFileWriter::pwrite_all(std::string_view bytes, uint64_t offset) {
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::pwrite(file_fd_, bytes.data() + done, bytes.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return fail_errno("writing " + dir_ + "/" + tmp_ + " failed");
+    done += static_cast<size_t>(n);
+  }
+  return {};
+}
+
+Status AtomicFileWriter::truncate(uint64_t size) {
+  if (::ftruncate(file_fd_, static_cast<off_t>(size)) != 0) return fail_errno("cannot size " + dir_ + "/" + tmp_);
+  return {};
+}
+
+Status AtomicFileWriter::commit() {
+  if (::fsync(file_fd_) != 0) return fail_errno("fsync of " + dir_ + "/" + tmp_ + " failed");
+  const int fd = std::exchange(file_fd_, -1);
+  if (::close(fd) != 0) return fail_errno("closing " + dir_ + "/" + tmp_ + " failed");
+  if (::renameat(dir_fd_, tmp_.c_str(), dir_fd_, name_.c_str()) != 0) {
+    return fail_errno("renaming " + tmp_ + " to " + name_ + " in " + dir_ + " failed");
+  }
+  committed_ = true;
+  // The rename is durable only once the directory is.
+  if (::fsync(dir_fd_) != 0) return fail_errno("fsync of the directory " + dir_ + " failed");
   return {};
 }
 

@@ -14,6 +14,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <string>
 #include <string_view>
 
@@ -34,5 +35,35 @@ Status write_file_atomically(int dir_fd, std::string_view name, std::string_view
 // component is the name. Trusted paths only (the operator's command line):
 // directories along the path are followed as usual.
 Status write_file_atomically(const std::string& path, std::string_view bytes, mode_t mode = 0644);
+
+// A file too large to hold in memory, written the same way: the bytes go to a
+// fresh temporary file beside `path` (pwrite at any offset, so a sparse file
+// stays sparse), and commit() fsyncs it, renames it over `path` and fsyncs
+// the directory. Destroying a writer that was not committed removes the
+// temporary file: a failed write never leaves a file that looks whole.
+//
+// Not thread-safe: one owner writes and commits.
+class AtomicFileWriter {
+ public:
+  // Creates the temporary file; `path` is trusted (the operator's command line).
+  static Result<AtomicFileWriter> create(const std::string& path, mode_t mode = 0644);
+  ~AtomicFileWriter();
+  AtomicFileWriter(AtomicFileWriter&& other) noexcept;
+  AtomicFileWriter& operator=(AtomicFileWriter&&) = delete;
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+
+  Status pwrite_all(std::string_view bytes, uint64_t offset);
+  // Sets the final size (the tail of a file whose last pages are zero is a hole).
+  Status truncate(uint64_t size);
+  Status commit();
+
+ private:
+  AtomicFileWriter(int dir_fd, int file_fd, std::string dir, std::string tmp, std::string name);
+  int dir_fd_ = -1;
+  int file_fd_ = -1;
+  std::string dir_, tmp_, name_;
+  bool committed_ = false;
+};
 
 }  // namespace faultline

@@ -1,0 +1,45 @@
+// Frames: the unit in which stored pages are compressed and stored.
+//
+// A frame is N whole pages (the image's frame_pages, the last frame of an
+// image may hold fewer), compressed as one independent zstd frame. The blob
+// holding it is named by the SHA-256 of its compressed bytes. Compression is
+// deterministic (one thread, the same level, the same zstd): the same pages
+// in the same order give the same blob, which is what lets two images created
+// independently from one memory file share their frames.
+//
+// Thread-safety: FrameCompressor is single-owner (it keeps a zstd context);
+// decode_frame() is a pure function.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "common/error.h"
+#include "image/blob_id.h"
+
+namespace faultline::image {
+
+class FrameCompressor {
+ public:
+  explicit FrameCompressor(int level);
+  ~FrameCompressor();
+  FrameCompressor(const FrameCompressor&) = delete;
+  FrameCompressor& operator=(const FrameCompressor&) = delete;
+
+  // Compresses `pages` (whole pages) into one zstd frame.
+  Result<std::string> compress(std::string_view pages);
+
+ private:
+  struct Context;
+  std::unique_ptr<Context> context_;
+};
+
+// Checks `blob` against `id` (SHA-256) first, then decompresses it and checks
+// that it holds exactly `expected_bytes`. `what` names the image and blob in
+// errors. No byte of a blob whose hash does not match is ever decompressed.
+Result<std::string> decode_frame(std::string_view blob, const BlobId& id, uint64_t expected_bytes,
+                                 const std::string& what);
+
+}  // namespace faultline::image

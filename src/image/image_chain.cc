@@ -1,0 +1,139 @@
+#include "image/image_chain.h"
+
+#include <cstring>
+#include <set>
+
+#include "image/frame.h"
+
+namespace faultline::image {
+
+Result<ImageChain> ImageChain::open(Store& store, const std::string& name) {
+  ImageChain chain;
+  chain.store_ = &store;
+  std::set<std::string> seen;
+  std::string next = name;
+  std::optional<BlobId> pinned;  // what the child says its parent's manifest hashes to
+  std::string child;
+  for (;;) {
+    if (chain.layers_.size() >= kMaxDepth || !seen.insert(next).second) {
+      return fail("image " + name + ": its chain of parents loops or is deeper than " + std::to_string(kMaxDepth),
+                  ELOOP);
+    }
+    auto bytes = store.read_manifest(next);
+    if (!bytes) {
+      if (!child.empty()) {
+        return fail("image " + child + ": its parent " + next + " is missing: " + bytes.error().describe(),
+                    bytes.error().code);
+      }
+      return std::unexpected(bytes.error());
+    }
+    const std::string what = "image " + next + " (" + store.describe_manifest(next) + ")";
+    auto m = parse_manifest(*bytes, what);
+    if (!m) return std::unexpected(m.error());
+    Layer layer{next, std::move(*m), BlobId::of(*bytes), bytes->size()};
+    if (pinned && layer.manifest_sha256 != *pinned) {
+      return fail("image " + child + ": its parent " + next +
+                      " is not the image it was created on (the parent's manifest changed)",
+                  EINVAL);
+    }
+    if (!chain.layers_.empty()) {
+      const Manifest& top = chain.layers_[0].manifest;
+      if (layer.manifest.page_size != top.page_size || layer.manifest.guest_bytes != top.guest_bytes) {
+        return fail("image " + child + ": its parent " + next + " has another page size or guest size", EINVAL);
+      }
+    }
+    std::optional<ParentRef> parent = layer.manifest.parent;
+    chain.layers_.push_back(std::move(layer));
+    if (!parent) break;
+    child = next;
+    next = parent->name;
+    pinned = parent->manifest_sha256;
+  }
+
+  // Base first, each child over it: afterwards no entry says "parent".
+  chain.table_.assign(chain.layers_[0].manifest.guest_pages(), 0);
+  for (size_t li = chain.layers_.size(); li-- > 0;) {
+    uint64_t page = 0;
+    for (const PageRun& r : chain.layers_[li].manifest.runs) {
+      if (r.kind == PageKind::kZero) {
+        std::fill_n(chain.table_.begin() + static_cast<ptrdiff_t>(page), r.pages, 0);
+      } else if (r.kind == PageKind::kStored) {
+        const uint64_t tag = static_cast<uint64_t>(li + 1) << kLayerShift;
+        for (uint64_t i = 0; i < r.pages; ++i) chain.table_[page + i] = tag | (r.first_stored + i);
+      }
+      page += r.pages;
+    }
+  }
+  return chain;
+}
+
+PageLocation ImageChain::locate(uint64_t page) const {
+  const uint64_t entry = table_[page];
+  if (entry == 0) return {};
+  PageLocation loc;
+  loc.zero = false;
+  loc.layer = static_cast<uint32_t>((entry >> kLayerShift) - 1);
+  const uint64_t storage = entry & ((1ull << kLayerShift) - 1);
+  const uint32_t frame_pages = layers_[loc.layer].manifest.frame_pages;
+  loc.frame = storage / frame_pages;
+  loc.index_in_frame = static_cast<uint32_t>(storage % frame_pages);
+  return loc;
+}
+
+std::string ImageChain::describe_layer(uint32_t layer) const {
+  return "image " + layers_[layer].name + " (" + store_->describe_manifest(layers_[layer].name) + ")";
+}
+
+Result<std::string> ImageChain::read_frame(uint32_t layer, uint64_t frame) const {
+  const Manifest& m = layers_[layer].manifest;
+  const FrameRef& f = m.frames[frame];
+  auto blob = store_->get(f.id);
+  if (!blob) return fail(describe_layer(layer) + ": " + blob.error().describe(), blob.error().code);
+  if (blob->size() != f.compressed_bytes) {
+    return fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->size()) +
+                    " bytes, the manifest says " + std::to_string(f.compressed_bytes),
+                EIO);
+  }
+  return decode_frame(*blob, f.id, static_cast<uint64_t>(f.pages) * m.page_size, describe_layer(layer));
+}
+
+std::vector<uint64_t> ImageChain::guest_pages_of_storage(uint32_t layer) const {
+  const Manifest& m = layers_[layer].manifest;
+  std::vector<uint64_t> out(m.stored_pages);
+  uint64_t page = 0;
+  for (const PageRun& r : m.runs) {
+    if (r.kind == PageKind::kStored) {
+      for (uint64_t i = 0; i < r.pages; ++i) out[r.first_stored + i] = page + i;
+    }
+    page += r.pages;
+  }
+  return out;
+}
+
+Status ChainPageReader::read_page(uint64_t page, uint8_t* out) {
+  const uint32_t page_size = chain_.page_size();
+  const PageLocation loc = chain_.locate(page);
+  if (loc.zero) {
+    std::memset(out, 0, page_size);
+    return {};
+  }
+  const auto key = std::make_pair(loc.layer, loc.frame);
+  auto it = cache_.find(key);
+  if (it == cache_.end()) {
+    auto frame = chain_.read_frame(loc.layer, loc.frame);
+    if (!frame) return std::unexpected(frame.error());
+    while (!order_.empty() && cached_bytes_ + frame->size() > cache_limit_) {
+      auto victim = cache_.find(order_.front());
+      cached_bytes_ -= victim->second.size();
+      cache_.erase(victim);
+      order_.pop_front();
+    }
+    cached_bytes_ += frame->size();
+    order_.push_back(key);
+    it = cache_.emplace(key, std::move(*frame)).first;
+  }
+  std::memcpy(out, it->second.data() + static_cast<uint64_t>(loc.index_in_frame) * page_size, page_size);
+  return {};
+}
+
+}  // namespace faultline::image

@@ -1,0 +1,265 @@
+#include "image/local_store.h"
+#include "image/manifest.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+
+#include "common/atomic_file.h"
+#include "common/unique_fd.h"
+
+namespace faultline::image {
+namespace {
+
+Result<std::string> read_whole_file(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) return fail_errno("cannot open " + path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
+  if (!S_ISREG(st.st_mode)) return fail(path + " is not a regular file", EINVAL);
+  std::string out(static_cast<size_t>(st.st_size), '\0');
+  size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n = ::read(fd.get(), out.data() + done, out.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail_errno("reading " + path + " failed");
+    if (n == 0) break;  // shrank under us: what we got is what the checks see
+    done += static_cast<size_t>(n);
+  }
+  out.resize(done);
+  return out;
+}
+
+Status make_dir(const std::string& path) {
+  if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) return fail_errno("cannot create directory " + path);
+  return {};
+}
+
+Result<std::vector<std::string>> list_dir(const std::string& path) {
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(path.c_str()), ::closedir);
+  if (!d) {
+    if (errno == ENOENT) return std::vector<std::string>{};
+    return fail_errno("cannot list " + path);
+  }
+  std::vector<std::string> names;
+  errno = 0;
+  while (dirent* e = ::readdir(d.get())) {
+    const std::string name = e->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  if (errno != 0) return fail_errno("cannot list " + path);
+  return names;
+}
+
+class FlockLock final : public StoreLock {
+ public:
+  explicit FlockLock(UniqueFd fd) : fd_(std::move(fd)) {}
+  // Closing the descriptor releases the flock.
+ private:
+  UniqueFd fd_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<LocalStore>> LocalStore::open(const std::string& dir, bool create) {
+  if (dir.empty()) return fail("the store directory is empty", EINVAL);
+  if (create) {
+    for (const std::string& d : {dir, dir + "/blobs", dir + "/blobs/sha256", dir + "/images"}) {
+      if (auto st = make_dir(d); !st) return std::unexpected(st.error());
+    }
+  }
+  struct stat st {};
+  if (::stat((dir + "/images").c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return fail(dir + " is not an image store (no images/ directory)", ENOENT);
+  }
+  return std::unique_ptr<LocalStore>(new LocalStore(dir));
+}
+
+std::string LocalStore::blob_dir(const BlobId& id) const {
+  return dir_ + "/blobs/sha256/" + id.hex().substr(0, 2);
+}
+
+std::string LocalStore::describe(const BlobId& id) const { return blob_dir(id) + "/" + id.hex(); }
+
+std::string LocalStore::describe_manifest(const std::string& name) const { return dir_ + "/images/" + name; }
+
+Result<std::string> LocalStore::get(const BlobId& id) {
+  auto bytes = read_whole_file(describe(id));
+  if (!bytes && bytes.error().code == ENOENT) return fail("blob " + id.hex() + " is missing from the store", ENOENT);
+  return bytes;
+}
+
+Result<bool> LocalStore::exists(const BlobId& id) {
+  struct stat st {};
+  if (::lstat(describe(id).c_str(), &st) == 0) return true;
+  if (errno == ENOENT) return false;
+  return fail_errno("cannot stat " + describe(id));
+}
+
+Status LocalStore::put(const BlobId& id, std::string_view bytes) {
+  auto present = exists(id);
+  if (!present) return std::unexpected(present.error());
+  if (*present) return {};
+  if (auto st = make_dir(blob_dir(id)); !st) return st;
+  return write_file_atomically(describe(id), bytes, 0444);
+}
+
+Status LocalStore::put_deferred(const BlobId& id, std::string_view bytes) {
+  auto present = exists(id);
+  if (!present) return std::unexpected(present.error());
+  if (*present) return {};
+  const std::string dir = blob_dir(id);
+  if (auto st = make_dir(dir); !st) return st;
+  // The same temporary naming as common/atomic_file.cc, so gc's cleanup of
+  // interrupted writes covers these too.
+  std::string tmp;
+  UniqueFd file;
+  for (int attempt = 0; attempt < 8 && !file; ++attempt) {
+    uint64_t r = 0;
+    if (::getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) return fail_errno("getrandom failed");
+    char suffix[24];
+    std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(r & 0xffffffffffffull));
+    tmp = dir + "/." + id.hex() + ".tmp-" + suffix;
+    file.reset(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0444));
+    if (!file && errno != EEXIST) return fail_errno("cannot create " + tmp);
+  }
+  if (!file) return fail("cannot find a free temporary name in " + dir, EEXIST);
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(file.get(), bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      auto e = fail_errno("writing " + tmp + " failed");
+      ::unlink(tmp.c_str());
+      return e;
+    }
+    done += static_cast<size_t>(n);
+  }
+  std::lock_guard lock(pending_mutex_);
+  pending_.emplace_back(tmp, describe(id));
+  return {};
+}
+
+Status LocalStore::sync() {
+  std::vector<std::pair<std::string, std::string>> batch;
+  {
+    std::lock_guard lock(pending_mutex_);
+    batch.swap(pending_);
+  }
+  UniqueFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd) return fail_errno("cannot open " + dir_);
+  // Even with nothing of our own pending: a blob we found present may have
+  // been renamed into place by a concurrent create that has yet to flush it.
+  // First the bytes of every temporary, then the names: a crash in between
+  // leaves temporaries (gc removes them), never a named blob with lost bytes.
+  if (::syncfs(dir_fd.get()) != 0) return fail_errno("syncfs on " + dir_ + " failed");
+  for (const auto& [tmp, final_path] : batch) {
+    if (::rename(tmp.c_str(), final_path.c_str()) != 0) return fail_errno("renaming " + tmp + " to " + final_path + " failed");
+  }
+  if (::syncfs(dir_fd.get()) != 0) return fail_errno("syncfs on " + dir_ + " failed");
+  return {};
+}
+
+Result<std::vector<BlobId>> LocalStore::list() {
+  std::vector<BlobId> ids;
+  auto fans = list_dir(dir_ + "/blobs/sha256");
+  if (!fans) return std::unexpected(fans.error());
+  for (const std::string& fan : *fans) {
+    auto names = list_dir(dir_ + "/blobs/sha256/" + fan);
+    if (!names) return std::unexpected(names.error());
+    for (const std::string& name : *names) {
+      // Temporaries (dot files) and strangers are not blobs.
+      auto id = BlobId::from_hex(name);
+      if (id && id->hex().substr(0, 2) == fan) ids.push_back(*id);
+    }
+  }
+  return ids;
+}
+
+Status LocalStore::remove(const BlobId& id) {
+  if (::unlink(describe(id).c_str()) != 0 && errno != ENOENT) return fail_errno("cannot remove " + describe(id));
+  return {};
+}
+
+Result<std::string> LocalStore::read_manifest(const std::string& name) {
+  if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  auto bytes = read_whole_file(describe_manifest(name));
+  if (!bytes && bytes.error().code == ENOENT) {
+    return fail("image " + name + " does not exist (no " + describe_manifest(name) + ")", ENOENT);
+  }
+  return bytes;
+}
+
+Result<bool> LocalStore::manifest_exists(const std::string& name) {
+  if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  struct stat st {};
+  if (::lstat(describe_manifest(name).c_str(), &st) == 0) return true;
+  if (errno == ENOENT) return false;
+  return fail_errno("cannot stat " + describe_manifest(name));
+}
+
+Status LocalStore::write_manifest(const std::string& name, std::string_view bytes) {
+  if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  auto present = manifest_exists(name);
+  if (!present) return std::unexpected(present.error());
+  if (*present) return fail("image " + name + " exists already in " + dir_, EEXIST);
+  return write_file_atomically(describe_manifest(name), bytes, 0444);
+}
+
+Result<std::vector<std::string>> LocalStore::list_manifests() {
+  auto names = list_dir(dir_ + "/images");
+  if (!names) return std::unexpected(names.error());
+  std::vector<std::string> out;
+  for (const std::string& n : *names) {
+    if (check_plain_file_name(n)) out.push_back(n);  // skips temporaries
+  }
+  return out;
+}
+
+Result<std::unique_ptr<StoreLock>> LocalStore::lock(int operation, const std::function<void()>& on_wait) {
+  const std::string path = dir_ + "/lock";
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644));
+  if (!fd) return fail_errno("cannot open the store lock " + path);
+  if (::flock(fd.get(), operation | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) return fail_errno("cannot lock " + path);
+    if (on_wait) on_wait();
+    while (::flock(fd.get(), operation) != 0) {
+      if (errno != EINTR) return fail_errno("cannot lock " + path);
+    }
+  }
+  return std::unique_ptr<StoreLock>(new FlockLock(std::move(fd)));
+}
+
+Result<std::unique_ptr<StoreLock>> LocalStore::lock_shared(const std::function<void()>& on_wait) {
+  return lock(LOCK_SH, on_wait);
+}
+
+Result<std::unique_ptr<StoreLock>> LocalStore::lock_exclusive(const std::function<void()>& on_wait) {
+  return lock(LOCK_EX, on_wait);
+}
+
+Result<uint64_t> LocalStore::remove_temporaries() {
+  uint64_t removed = 0;
+  std::vector<std::string> dirs{dir_ + "/images"};
+  auto fans = list_dir(dir_ + "/blobs/sha256");
+  if (!fans) return std::unexpected(fans.error());
+  for (const std::string& fan : *fans) dirs.push_back(dir_ + "/blobs/sha256/" + fan);
+  for (const std::string& d : dirs) {
+    auto names = list_dir(d);
+    if (!names) return std::unexpected(names.error());
+    for (const std::string& n : *names) {
+      // Only our own temporaries: ".NAME.tmp-XXXXXXXXXXXX" (common/atomic_file.cc).
+      if (n.front() != '.' || n.find(".tmp-") == std::string::npos) continue;
+      if (::unlink((d + "/" + n).c_str()) == 0) ++removed;
+    }
+  }
+  return removed;
+}
+
+}  // namespace faultline::image

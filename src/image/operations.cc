@@ -1,0 +1,409 @@
+#include "image/operations.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <zstd.h>
+
+#include <cstring>
+#include <set>
+#include <unordered_set>
+
+#include "common/atomic_file.h"
+#include "common/mapping.h"
+#include "common/unique_fd.h"
+#include "image/frame.h"
+#include "image/image_chain.h"
+#include "image/local_store.h"
+#include "image/manifest.h"
+#include "snapshot/working_set.h"
+
+namespace faultline::image {
+namespace {
+
+bool all_zero(const uint8_t* p, size_t n) {
+  // Pages are 8-byte aligned (offsets in an mmap), so compare words.
+  const auto* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < n / 8; ++i) {
+    if (w[i] != 0) return false;
+  }
+  return true;
+}
+
+// Marks the pages that hold data in a sparse file (SEEK_DATA/SEEK_HOLE): a
+// Firecracker Diff snapshot writes only the pages dirtied since the last
+// snapshot and leaves the rest holes. A page partly covered by data is data.
+Result<std::vector<bool>> data_pages(int fd, const std::string& path, uint64_t size, uint32_t page_size) {
+  std::vector<bool> data(size / page_size, false);
+  off_t pos = 0;
+  while (static_cast<uint64_t>(pos) < size) {
+    const off_t start = ::lseek(fd, pos, SEEK_DATA);
+    if (start < 0) {
+      if (errno == ENXIO) break;  // no data after pos
+      return fail_errno("SEEK_DATA on " + path + " failed (the file system must support it for --diff-file)");
+    }
+    off_t end = ::lseek(fd, start, SEEK_HOLE);
+    if (end < 0) return fail_errno("SEEK_HOLE on " + path + " failed");
+    if (static_cast<uint64_t>(end) > size) end = static_cast<off_t>(size);
+    for (uint64_t p = static_cast<uint64_t>(start) / page_size; p * page_size < static_cast<uint64_t>(end); ++p) {
+      data[p] = true;
+    }
+    pos = end;
+  }
+  return data;
+}
+
+constexpr uint8_t kKindZero = 0, kKindParent = 1, kKindStored = 2;
+
+}  // namespace
+
+uint32_t default_frame_pages(uint32_t page_size) { return page_size == kHugePage ? 1 : 128; }
+
+Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
+  if (auto st = check_image_name(o.name); !st) {
+    return fail("bad image name '" + o.name + "': " + st.error().message, EINVAL);
+  }
+  if (o.page_size != kSmallPage && o.page_size != kHugePage) return fail("page size must be 4096 or 2097152", EINVAL);
+  const uint32_t frame_pages = o.frame_pages == 0 ? default_frame_pages(o.page_size) : o.frame_pages;
+  if (static_cast<uint64_t>(frame_pages) * o.page_size > kMaxFrameBytes) {
+    return fail("a frame may hold at most " + std::to_string(kMaxFrameBytes / o.page_size) + " pages of this size",
+                EINVAL);
+  }
+  if (o.zstd_level < 1 || o.zstd_level > ZSTD_maxCLevel()) {
+    return fail("zstd level must be 1.." + std::to_string(ZSTD_maxCLevel()), EINVAL);
+  }
+  if (o.diff_file && !o.parent) return fail("a Diff snapshot file needs --parent (its holes mean 'as in the parent')", EINVAL);
+
+  // Held until the manifest is written: gc cannot remove the parent's blobs
+  // we compare against, nor our blobs before our manifest references them.
+  auto lock = store.lock_shared();
+  if (!lock) return std::unexpected(lock.error());
+  auto exists = store.manifest_exists(o.name);
+  if (!exists) return std::unexpected(exists.error());
+  if (*exists) return fail("image " + o.name + " exists already (images are immutable; pick another name)", EEXIST);
+
+  UniqueFd fd(::open(o.memory_path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail_errno("cannot open " + o.memory_path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + o.memory_path);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size % o.page_size != 0) {
+    return fail(o.memory_path + ": size " + std::to_string(size) + " is not a multiple of the page size " +
+                    std::to_string(o.page_size),
+                EINVAL);
+  }
+  const uint64_t pages = size / o.page_size;
+  if (pages > kMaxGuestPages) return fail(o.memory_path + " is too large", EFBIG);
+
+  std::optional<ImageChain> parent;
+  if (o.parent) {
+    auto chain = ImageChain::open(store, *o.parent);
+    if (!chain) return std::unexpected(chain.error());
+    if (chain->page_size() != o.page_size || chain->guest_bytes() != size) {
+      return fail(o.memory_path + " (" + std::to_string(size) + " bytes, pages of " + std::to_string(o.page_size) +
+                      ") does not match the parent image " + *o.parent + " (" + std::to_string(chain->guest_bytes()) +
+                      " bytes, pages of " + std::to_string(chain->page_size()) + ")",
+                  EINVAL);
+    }
+    parent = std::move(*chain);
+  }
+  std::vector<bool> diff_data;
+  if (o.diff_file) {
+    auto d = data_pages(fd.get(), o.memory_path, size, o.page_size);
+    if (!d) return std::unexpected(d.error());
+    diff_data = std::move(*d);
+  }
+  Mapping map;
+  if (size > 0) {
+    auto m = Mapping::map(size, PROT_READ, MAP_SHARED, fd.get());
+    if (!m) return fail(o.memory_path + ": " + m.error().message, m.error().code);
+    map = std::move(*m);
+    ::madvise(map.get(), size, MADV_SEQUENTIAL);  // a hint; failure changes nothing
+  }
+
+  // Pass 1: what each page is. Bytes are compared, never assumed: a page
+  // written back to its old content is "as in the parent".
+  CreateReport report;
+  report.guest_pages = pages;
+  std::vector<uint8_t> kind(pages, kKindZero);
+  std::vector<uint8_t> parent_page(o.page_size);
+  std::optional<ChainPageReader> parent_reader;
+  if (parent) parent_reader.emplace(*parent, 256ull * 1024 * 1024);
+  const uint64_t progress_step = std::max<uint64_t>(1, (64ull << 20) / o.page_size);
+  for (uint64_t p = 0; p < pages; ++p) {
+    if (o.progress && p % progress_step == 0) o.progress(p * o.page_size, size * 2);
+    if (o.diff_file && !diff_data[p]) {
+      kind[p] = kKindParent;
+      continue;
+    }
+    const uint8_t* bytes = map.bytes() + p * o.page_size;
+    const bool zero = all_zero(bytes, o.page_size);
+    if (parent) {
+      if (parent->locate(p).zero) {
+        if (zero) {
+          kind[p] = kKindParent;
+          continue;
+        }
+      } else if (!zero) {
+        if (auto rd = parent_reader->read_page(p, parent_page.data()); !rd) return std::unexpected(rd.error());
+        if (std::memcmp(parent_page.data(), bytes, o.page_size) == 0) {
+          kind[p] = kKindParent;
+          continue;
+        }
+      }
+    }
+    kind[p] = zero ? kKindZero : kKindStored;
+  }
+  parent_reader.reset();
+
+  // Storage order: the working set's stored pages first, in first-touch
+  // order, then every other stored page in guest order.
+  std::vector<uint64_t> order;
+  std::vector<uint64_t> storage_index(pages, UINT64_MAX);
+  if (o.working_set_path) {
+    auto ws = read_working_set(*o.working_set_path, size);
+    if (!ws) return std::unexpected(ws.error());
+    if (ws->page_size != o.page_size) {
+      return fail(*o.working_set_path + ": recorded with pages of " + std::to_string(ws->page_size) +
+                      " bytes, the image uses " + std::to_string(o.page_size),
+                  EINVAL);
+    }
+    for (uint64_t offset : ws->offsets) {
+      const uint64_t p = offset / o.page_size;
+      if (kind[p] == kKindStored && storage_index[p] == UINT64_MAX) {
+        storage_index[p] = order.size();
+        order.push_back(p);
+      }
+    }
+  }
+  for (uint64_t p = 0; p < pages; ++p) {
+    if (kind[p] == kKindStored && storage_index[p] == UINT64_MAX) {
+      storage_index[p] = order.size();
+      order.push_back(p);
+    }
+    report.zero_pages += kind[p] == kKindZero;
+    report.parent_pages += kind[p] == kKindParent;
+  }
+  report.stored_pages = order.size();
+
+  // Pass 2: frames.
+  Manifest m;
+  m.page_size = o.page_size;
+  m.guest_bytes = size;
+  m.frame_pages = frame_pages;
+  m.zstd_level = static_cast<uint32_t>(o.zstd_level);
+  m.stored_pages = order.size();
+  if (parent) m.parent = ParentRef{*o.parent, parent->layers()[0].manifest_sha256};
+  FrameCompressor compressor(o.zstd_level);
+  std::string frame_bytes;
+  for (uint64_t first = 0; first < order.size(); first += frame_pages) {
+    if (o.progress && (first / frame_pages) % 16 == 0) {
+      o.progress(size + static_cast<uint64_t>(static_cast<double>(size) * first / order.size()), size * 2);
+    }
+    const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - first);
+    frame_bytes.resize(n * o.page_size);
+    for (uint64_t i = 0; i < n; ++i) {
+      std::memcpy(frame_bytes.data() + i * o.page_size, map.bytes() + order[first + i] * o.page_size, o.page_size);
+    }
+    auto compressed = compressor.compress(frame_bytes);
+    if (!compressed) return std::unexpected(compressed.error());
+    const BlobId id = BlobId::of(*compressed);
+    auto present = store.exists(id);
+    if (!present) return std::unexpected(present.error());
+    if (!*present) {
+      if (auto put = store.put_deferred(id, *compressed); !put) return std::unexpected(put.error());
+      ++report.frames_written;
+    }
+    m.frames.push_back(FrameRef{id, compressed->size(), static_cast<uint32_t>(n)});
+    report.stored_bytes += compressed->size();
+  }
+  report.frames = m.frames.size();
+
+  // The page map: runs of one kind (stored runs also consecutive in storage).
+  for (uint64_t p = 0; p < pages;) {
+    uint64_t q = p + 1;
+    while (q < pages && kind[q] == kind[p] &&
+           (kind[p] != kKindStored || storage_index[q] == storage_index[q - 1] + 1)) {
+      ++q;
+    }
+    PageRun run;
+    run.kind = kind[p] == kKindZero ? PageKind::kZero : kind[p] == kKindParent ? PageKind::kParent : PageKind::kStored;
+    run.pages = q - p;
+    if (run.kind == PageKind::kStored) run.first_stored = storage_index[p];
+    m.runs.push_back(run);
+    p = q;
+  }
+
+  auto encoded = serialize_manifest(m);
+  if (!encoded) return std::unexpected(encoded.error());
+  report.manifest_bytes = encoded->size();
+  // Every blob durable and in place before the manifest that names them.
+  if (auto st = store.sync(); !st) return std::unexpected(st.error());
+  if (o.before_manifest) o.before_manifest();
+  // Last: until this rename the image does not exist.
+  if (auto w = store.write_manifest(o.name, *encoded); !w) return std::unexpected(w.error());
+  if (o.progress) o.progress(size * 2, size * 2);
+  return report;
+}
+
+Status flatten_image(Store& store, const std::string& name, const std::string& out_path, const Progress& progress) {
+  auto chain = ImageChain::open(store, name);
+  if (!chain) return std::unexpected(chain.error());
+  auto out = AtomicFileWriter::create(out_path);
+  if (!out) return std::unexpected(out.error());
+  // A fresh file of the guest's size reads zero everywhere: zero pages stay holes.
+  if (auto st = out->truncate(chain->guest_bytes()); !st) return st;
+  const uint32_t page_size = chain->page_size();
+  uint64_t total_frames = 0, done_frames = 0;
+  for (const Layer& l : chain->layers()) total_frames += l.manifest.frames.size();
+  // Layer by layer, frame by frame: each frame still in use is fetched and
+  // decompressed once, whatever order its pages are in.
+  for (uint32_t li = 0; li < chain->layers().size(); ++li) {
+    const Manifest& m = chain->layers()[li].manifest;
+    const std::vector<uint64_t> guest_of = chain->guest_pages_of_storage(li);
+    for (uint64_t f = 0; f < m.frames.size(); ++f, ++done_frames) {
+      if (progress && done_frames % 16 == 0) progress(done_frames, total_frames);
+      const uint64_t first = f * m.frame_pages;
+      auto live = [&](uint64_t s) { return chain->locate(guest_of[s]).layer == li && !chain->locate(guest_of[s]).zero; };
+      bool any = false;
+      for (uint64_t s = first; s < first + m.frames[f].pages && !any; ++s) any = live(s);
+      if (!any) continue;  // every page of it is overridden by a child
+      auto frame = chain->read_frame(li, f);
+      if (!frame) return std::unexpected(frame.error());
+      for (uint64_t s = first; s < first + m.frames[f].pages;) {
+        if (!live(s)) {
+          ++s;
+          continue;
+        }
+        // Coalesce pages that are consecutive both in the frame and in the guest.
+        uint64_t e = s + 1;
+        while (e < first + m.frames[f].pages && live(e) && guest_of[e] == guest_of[e - 1] + 1) ++e;
+        const std::string_view bytes(frame->data() + (s - first) * page_size, (e - s) * page_size);
+        if (auto st = out->pwrite_all(bytes, guest_of[s] * page_size); !st) return st;
+        s = e;
+      }
+    }
+  }
+  if (progress) progress(total_frames, total_frames);
+  return out->commit();
+}
+
+Result<VerifyReport> verify_image(Store& store, const std::string& name, const Progress& progress) {
+  VerifyReport report;
+  auto chain = ImageChain::open(store, name);
+  if (!chain) {
+    report.problems.push_back(chain.error());
+    // The chain is broken (a missing or changed ancestor, say), but the
+    // image's own frames can still be checked, so the report says all.
+    auto bytes = store.read_manifest(name);
+    if (!bytes) return report;
+    const std::string what = "image " + name + " (" + store.describe_manifest(name) + ")";
+    auto m = parse_manifest(*bytes, what);
+    if (!m) return report;
+    report.layers = 1;
+    for (const FrameRef& f : m->frames) {
+      auto blob = store.get(f.id);
+      if (!blob) {
+        report.problems.push_back(Error{blob.error().code, what + ": " + blob.error().describe()});
+      } else if (auto frame = decode_frame(*blob, f.id, static_cast<uint64_t>(f.pages) * m->page_size, what); !frame) {
+        report.problems.push_back(frame.error());
+      }
+      ++report.frames_checked;
+    }
+    return report;
+  }
+  report.layers = chain->layers().size();
+  uint64_t total = 0;
+  for (const Layer& l : chain->layers()) total += l.manifest.frames.size();
+  for (uint32_t li = 0; li < chain->layers().size(); ++li) {
+    for (uint64_t f = 0; f < chain->layers()[li].manifest.frames.size(); ++f) {
+      if (progress && report.frames_checked % 16 == 0) progress(report.frames_checked, total);
+      if (auto frame = chain->read_frame(li, f); !frame) report.problems.push_back(frame.error());
+      ++report.frames_checked;
+    }
+  }
+  if (progress) progress(total, total);
+  return report;
+}
+
+Result<InspectReport> inspect_image(Store& store, const std::string& name) {
+  auto chain = ImageChain::open(store, name);
+  if (!chain) return std::unexpected(chain.error());
+  InspectReport r;
+  r.page_size = chain->page_size();
+  r.guest_bytes = chain->guest_bytes();
+  std::unordered_set<BlobId, BlobIdHash> seen;
+  for (const Layer& l : chain->layers()) {
+    LayerInfo info;
+    info.name = l.name;
+    if (l.manifest.parent) info.parent = l.manifest.parent->name;
+    for (const PageRun& run : l.manifest.runs) {
+      (run.kind == PageKind::kZero ? info.zero_pages : run.kind == PageKind::kParent ? info.parent_pages
+                                                                                      : info.stored_pages) += run.pages;
+    }
+    info.frames = l.manifest.frames.size();
+    info.manifest_bytes = l.manifest_bytes;
+    for (const FrameRef& f : l.manifest.frames) {
+      info.stored_bytes += f.compressed_bytes;
+      if (seen.insert(f.id).second) {
+        r.unique_bytes += f.compressed_bytes;
+        r.uncompressed_bytes += static_cast<uint64_t>(f.pages) * l.manifest.page_size;
+      }
+    }
+    r.stored_bytes += info.stored_bytes;
+    r.layers.push_back(std::move(info));
+  }
+  r.frames = seen.size();
+  for (uint64_t p = 0; p < chain->guest_pages(); ++p) {
+    (chain->locate(p).zero ? r.zero_pages : r.stored_pages) += 1;
+  }
+  r.compression_ratio = r.unique_bytes == 0 ? 0 : static_cast<double>(r.uncompressed_bytes) / r.unique_bytes;
+  return r;
+}
+
+Result<GcReport> gc_store(Store& store, const GcOptions& options) {
+  // Exclusive: no create is between its first blob and its manifest, so
+  // every blob a finished or future image needs is referenced by a manifest
+  // listed below, or will be written after we are done.
+  auto lock = store.lock_exclusive(options.on_lock_wait);
+  if (!lock) return std::unexpected(lock.error());
+  GcReport report;
+  auto names = store.list_manifests();
+  if (!names) return std::unexpected(names.error());
+  std::unordered_set<BlobId, BlobIdHash> referenced;
+  for (const std::string& name : *names) {
+    auto bytes = store.read_manifest(name);
+    if (!bytes) return fail("gc refused (nothing removed): " + bytes.error().describe(), bytes.error().code);
+    auto m = parse_manifest(*bytes, "image " + name + " (" + store.describe_manifest(name) + ")");
+    if (!m) {
+      return fail("gc refused (nothing removed): an image it cannot read may reference any blob: " +
+                      m.error().describe(),
+                  m.error().code);
+    }
+    for (const FrameRef& f : m->frames) referenced.insert(f.id);
+    ++report.images;
+  }
+  auto blobs = store.list();
+  if (!blobs) return std::unexpected(blobs.error());
+  report.blobs = blobs->size();
+  auto* local = dynamic_cast<LocalStore*>(&store);
+  for (const BlobId& id : *blobs) {
+    if (referenced.contains(id)) continue;
+    struct stat st {};
+    if (local != nullptr && ::stat(local->describe(id).c_str(), &st) == 0) report.removed_bytes += st.st_size;
+    if (!options.dry_run) {
+      if (auto rm = store.remove(id); !rm) return std::unexpected(rm.error());
+    }
+    ++report.removed_blobs;
+  }
+  if (local != nullptr && !options.dry_run) {
+    auto tmp = local->remove_temporaries();
+    if (!tmp) return std::unexpected(tmp.error());
+    report.removed_temporaries = *tmp;
+  }
+  return report;
+}
+
+}  // namespace faultline::image

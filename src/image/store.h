@@ -1,0 +1,76 @@
+// Where images live: blobs (content-addressed frames) and manifests (named
+// images), behind interfaces so that an object store can implement them later.
+// LocalStore (local_store.h) is the only implementation today.
+//
+// Contracts every implementation keeps:
+//  - put() is all-or-nothing: a reader sees no blob or the whole blob, never
+//    part of one, and a blob that exists already is not rewritten (its name
+//    is its content, so rewriting could only lose it during the write).
+//  - get() returns the bytes as stored; callers check them against the id
+//    (frame.h) before using any of them.
+//  - write_manifest() is atomic in the same way; manifests are written last,
+//    after every blob they reference, so an interrupted create leaves no
+//    image, only blobs that gc removes.
+//
+// Thread-safety: implementations are safe for concurrent use from several
+// threads and processes (the guarantees above are what makes that so).
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/error.h"
+#include "image/blob_id.h"
+
+namespace faultline::image {
+
+class BlobStore {
+ public:
+  virtual ~BlobStore() = default;
+  virtual Result<std::string> get(const BlobId& id) = 0;
+  // Stores `bytes` under `id` (REQUIRES: id == BlobId::of(bytes)), unless present.
+  virtual Status put(const BlobId& id, std::string_view bytes) = 0;
+  // Like put(), but the blob need not be visible or durable before the next
+  // sync(): lets an implementation pay for durability once per batch rather
+  // than once per blob. A blob is never visible under its name before its
+  // bytes are durable.
+  virtual Status put_deferred(const BlobId& id, std::string_view bytes) { return put(id, bytes); }
+  // Makes every put_deferred() blob visible and durable.
+  virtual Status sync() { return {}; }
+  virtual Result<bool> exists(const BlobId& id) = 0;
+  virtual Result<std::vector<BlobId>> list() = 0;
+  virtual Status remove(const BlobId& id) = 0;
+  // Where the blob is, for error messages (a path, a URL).
+  virtual std::string describe(const BlobId& id) const = 0;
+};
+
+// Held for as long as an operation must not overlap gc (see Store::lock_*).
+class StoreLock {
+ public:
+  virtual ~StoreLock() = default;
+};
+
+class Store : public BlobStore {
+ public:
+  // Image names are plain file names (common/atomic_file.h check_plain_file_name).
+  virtual Result<std::string> read_manifest(const std::string& name) = 0;
+  virtual Result<bool> manifest_exists(const std::string& name) = 0;
+  // Fails with EEXIST when the image exists: images are immutable, children pin them.
+  virtual Status write_manifest(const std::string& name, std::string_view bytes) = 0;
+  virtual Result<std::vector<std::string>> list_manifests() = 0;
+  virtual std::string describe_manifest(const std::string& name) const = 0;
+
+  // The gc protocol: writers (create) hold a shared lock from before they
+  // read a parent or write a blob until their manifest is written; gc holds
+  // the exclusive lock while it lists manifests and removes blobs. So gc
+  // never sees a blob whose manifest is yet to come, and a create never
+  // relies on a blob that gc is removing. `on_wait` runs (once) if the lock is
+  // not free at once, before blocking: tests use it to order threads.
+  virtual Result<std::unique_ptr<StoreLock>> lock_shared(const std::function<void()>& on_wait = {}) = 0;
+  virtual Result<std::unique_ptr<StoreLock>> lock_exclusive(const std::function<void()>& on_wait = {}) = 0;
+};
+
+}  // namespace faultline::image

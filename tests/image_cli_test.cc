@@ -1,0 +1,135 @@
+// `faultline image ...` as an operator runs it: separate processes, exit
+// codes, the lines it prints, and the files it leaves.
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "harness.h"
+
+namespace faultline::testing {
+namespace {
+
+struct CommandRun {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr
+};
+
+CommandRun run_faultline(const TempDir& dir, std::vector<std::string> args) {
+  args.insert(args.begin(), built_binary("faultline"));
+  static int counter = 0;
+  const std::string out = dir.file("out-" + std::to_string(counter++));
+  const pid_t pid = spawn(args, out);
+  const int status = wait_child(pid, std::chrono::seconds(120));
+  CommandRun r;
+  r.output = read_file(out);
+  if (status >= 0 && WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  return r;
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream f(path, std::ios::binary | std::ios::trunc);
+  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+TEST(ImageCli, CreateInspectVerifyFlattenAndGcEndToEnd) {
+  TempDir dir;
+  const std::string store = dir.file("store");
+  ASSERT_TRUE(client::write_test_memory_file(dir.file("base.mem"), 8 * kMiB, 21, 0.3));
+  std::string next = read_file(dir.file("base.mem"));
+  for (uint64_t p : {3, 4, 5, 1000}) {
+    client::fill_write_pattern(1, p * 4096, {reinterpret_cast<uint8_t*>(next.data() + p * 4096), 4096});
+  }
+  write_bytes(dir.file("next.mem"), next);
+
+  CommandRun c = run_faultline(dir, {"image", "create", "--from", dir.file("base.mem"), "--store", store, "--name", "base"});
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  EXPECT_NE(c.output.find("image base: 2048 pages"), std::string::npos) << c.output;
+  EXPECT_NE(c.output.find("creating base: 100.0 %"), std::string::npos) << "a progress line on stderr: " << c.output;
+  c = run_faultline(dir, {"image", "create", "--from", dir.file("next.mem"), "--store", store, "--name", "next",
+                          "--parent", "base", "--level", "5", "--frame-pages", "64"});
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+  EXPECT_NE(c.output.find("4 stored"), std::string::npos) << c.output;
+  // Images are immutable.
+  c = run_faultline(dir, {"image", "create", "--from", dir.file("next.mem"), "--store", store, "--name", "next"});
+  EXPECT_EQ(c.exit_code, 1);
+  EXPECT_NE(c.output.find("exists already"), std::string::npos) << c.output;
+
+  CommandRun i = run_faultline(dir, {"image", "inspect", "--store", store, "--name", "next", "--json"});
+  ASSERT_EQ(i.exit_code, 0) << i.output;
+  auto j = nlohmann::json::parse(i.output, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << i.output;
+  ASSERT_EQ(j["layers"].size(), 2u);
+  EXPECT_EQ(j["layers"][0]["name"], "next");
+  EXPECT_EQ(j["layers"][0]["parent"], "base");
+  EXPECT_EQ(j["layers"][0]["pages"]["stored"], 4);
+  EXPECT_EQ(j["layers"][1]["parent"], nullptr);
+  EXPECT_EQ(j["page_size"], 4096);
+  EXPECT_EQ(j["guest_bytes"], 8 * kMiB);
+  i = run_faultline(dir, {"image", "inspect", "--store", store, "--name", "next"});
+  ASSERT_EQ(i.exit_code, 0) << i.output;
+  EXPECT_NE(i.output.find("compression ratio"), std::string::npos) << i.output;
+
+  CommandRun v = run_faultline(dir, {"image", "verify", "--store", store, "--name", "next"});
+  ASSERT_EQ(v.exit_code, 0) << v.output;
+  EXPECT_NE(v.output.find("image next: ok (2 layers"), std::string::npos) << v.output;
+
+  CommandRun f = run_faultline(dir, {"image", "flatten", "--store", store, "--name", "next", "--out", dir.file("flat")});
+  ASSERT_EQ(f.exit_code, 0) << f.output;
+  EXPECT_TRUE(read_file(dir.file("flat")) == next) << "flatten is byte-identical to the file next was made from";
+
+  CommandRun g = run_faultline(dir, {"image", "gc", "--store", store});
+  ASSERT_EQ(g.exit_code, 0) << g.output;
+  EXPECT_NE(g.output.find("removed 0 of"), std::string::npos) << g.output;
+}
+
+TEST(ImageCli, DamagedFrameFailsVerifyAndFlattenNamingImageAndBlob) {
+  TempDir dir;
+  const std::string store = dir.file("store");
+  ASSERT_TRUE(client::write_test_memory_file(dir.file("mem"), 2 * kMiB, 22, 0.1));
+  ASSERT_EQ(run_faultline(dir, {"image", "create", "--from", dir.file("mem"), "--store", store, "--name", "img",
+                                "--quiet"})
+                .exit_code,
+            0);
+  std::string blob_path;
+  for (auto& e : std::filesystem::recursive_directory_iterator(store + "/blobs")) {
+    if (e.is_regular_file()) blob_path = e.path().string();
+  }
+  ASSERT_FALSE(blob_path.empty());
+  const std::string hex = std::filesystem::path(blob_path).filename().string();
+  std::string blob = read_file(blob_path);
+  blob[blob.size() / 3] ^= 0x40;
+  std::filesystem::remove(blob_path);
+  write_bytes(blob_path, blob);
+
+  CommandRun v = run_faultline(dir, {"image", "verify", "--store", store, "--name", "img", "--quiet"});
+  EXPECT_EQ(v.exit_code, 1) << v.output;
+  EXPECT_NE(v.output.find("image img"), std::string::npos) << v.output;
+  EXPECT_NE(v.output.find(hex), std::string::npos) << v.output;
+  CommandRun f = run_faultline(dir, {"image", "flatten", "--store", store, "--name", "img", "--out", dir.file("flat"),
+                              "--quiet"});
+  EXPECT_EQ(f.exit_code, 1) << f.output;
+  EXPECT_NE(f.output.find(hex), std::string::npos) << f.output;
+  EXPECT_FALSE(std::filesystem::exists(dir.file("flat")));
+}
+
+TEST(ImageCli, EverySubcommandHasHelpAndBadNamesAreRefused) {
+  TempDir dir;
+  for (const char* sub : {"create", "inspect", "verify", "flatten", "gc"}) {
+    CommandRun h = run_faultline(dir, {"image", sub, "--help"});
+    EXPECT_EQ(h.exit_code, 0) << sub << ": " << h.output;
+    EXPECT_NE(h.output.find("--store"), std::string::npos) << sub << ": " << h.output;
+  }
+  ASSERT_TRUE(client::write_test_memory_file(dir.file("mem"), 1 * kMiB, 23, 0.1));
+  for (const char* name : {"../escape", "a/b", ".hidden"}) {
+    CommandRun c = run_faultline(dir, {"image", "create", "--from", dir.file("mem"), "--store", dir.file("store"), "--name",
+                                name});
+    EXPECT_EQ(c.exit_code, 1) << name << ": " << c.output;
+    EXPECT_NE(c.output.find("bad image name"), std::string::npos) << c.output;
+  }
+  CommandRun missing = run_faultline(dir, {"image", "verify", "--store", dir.file("store"), "--name", "nothere"});
+  EXPECT_EQ(missing.exit_code, 1);
+  EXPECT_NE(missing.output.find("image nothere does not exist"), std::string::npos) << missing.output;
+}
+
+}  // namespace
+}  // namespace faultline::testing

@@ -1,0 +1,548 @@
+// Snapshot images end to end through the library: create, flatten, chains of
+// diffs, Firecracker Diff files, dedup, corruption and gc against a real
+// store directory. Every check compares bytes.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <barrier>
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <random>
+#include <set>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "client/test_memory_file.h"
+#include "common/unique_fd.h"
+#include "image/image_chain.h"
+#include "image/local_store.h"
+#include "image/operations.h"
+#include "snapshot/working_set.h"
+
+namespace faultline::image {
+namespace {
+
+constexpr uint64_t kMiB = 1024 * 1024;
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/faultline-image-test-XXXXXX";  // unique: ctest runs tests side by side
+    const char* made = ::mkdtemp(tmpl);
+    EXPECT_NE(made, nullptr);
+    path_ = made != nullptr ? made : "/nonexistent";
+  }
+  ~TempDir() { std::filesystem::remove_all(path_); }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+std::string read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+void write_all(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+// A generated memory file (distinct random pages, a fraction zero) in which
+// every third 4 KiB page is replaced by a compressible one (a short repeated
+// phrase), as a guest's heaps and page cache are.
+std::string make_memory(const std::string& path, uint64_t size, uint64_t seed, double zero_fraction) {
+  EXPECT_TRUE(client::write_test_memory_file(path, size, seed, zero_fraction));
+  std::string bytes = read_all(path);
+  for (uint64_t p = 0; p * 4096 < size; p += 3) {
+    if (bytes.compare(p * 4096, 4096, std::string(4096, '\0')) == 0) continue;
+    const std::string phrase = "page " + std::to_string(p) + " of a compressible heap; ";
+    for (uint64_t i = 0; i < 4096; ++i) bytes[p * 4096 + i] = phrase[i % phrase.size()];
+  }
+  write_all(path, bytes);
+  return bytes;
+}
+
+std::unique_ptr<LocalStore> open_store(const std::string& dir) {
+  auto s = LocalStore::open(dir, true);
+  EXPECT_TRUE(s) << s.error().describe();
+  return std::move(*s);
+}
+
+CreateReport create(Store& store, const std::string& mem, const std::string& name,
+                    std::optional<std::string> parent = std::nullopt, uint32_t page_size = kSmallPage) {
+  CreateOptions o;
+  o.memory_path = mem;
+  o.name = name;
+  o.parent = std::move(parent);
+  o.page_size = page_size;
+  auto r = create_image(store, o);
+  EXPECT_TRUE(r) << r.error().describe();
+  return r ? *r : CreateReport{};
+}
+
+void expect_flattens_to(Store& store, const std::string& name, const std::string& out, const std::string& expected) {
+  auto st = flatten_image(store, name, out, {});
+  ASSERT_TRUE(st) << st.error().describe();
+  const std::string got = read_all(out);
+  ASSERT_EQ(got.size(), expected.size());
+  for (uint64_t p = 0; p * 4096 < got.size(); ++p) {
+    ASSERT_EQ(got.compare(p * 4096, 4096, expected, p * 4096, 4096), 0) << "page " << p << " of " << name;
+  }
+}
+
+uint64_t nonzero_pages(const std::string& bytes, uint64_t page_size) {
+  uint64_t n = 0;
+  for (uint64_t p = 0; p * page_size < bytes.size(); ++p) {
+    n += bytes.compare(p * page_size, page_size, std::string(page_size, '\0')) != 0;
+  }
+  return n;
+}
+
+uint64_t store_blob_bytes(const std::string& dir) {
+  uint64_t total = 0;
+  for (auto& e : std::filesystem::recursive_directory_iterator(dir + "/blobs")) {
+    if (e.is_regular_file()) total += e.file_size();
+  }
+  return total;
+}
+
+TEST(Image, CreateThenFlattenIsByteIdenticalWith4KiBPages) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 16 * kMiB, 3, 0.25);
+  auto store = open_store(dir.file("store"));
+  const CreateReport r = create(*store, dir.file("mem"), "base");
+  EXPECT_EQ(r.stored_pages, nonzero_pages(mem, 4096)) << "zero pages are never stored";
+  EXPECT_EQ(r.zero_pages + r.stored_pages, 16 * kMiB / 4096);
+  expect_flattens_to(*store, "base", dir.file("flat"), mem);
+  auto info = inspect_image(*store, "base");
+  ASSERT_TRUE(info);
+  EXPECT_GT(info->compression_ratio, 1.2) << "a third of the pages are compressible";
+  EXPECT_EQ(info->frames, r.frames);
+}
+
+TEST(Image, CreateThenFlattenIsByteIdenticalWith2MiBPages) {
+  TempDir dir;
+  std::string mem = make_memory(dir.file("mem"), 16 * kMiB, 4, 0.1);
+  // Huge page 3 all zero, so one 2 MiB page is not stored.
+  std::fill(mem.begin() + 3 * 2 * kMiB, mem.begin() + 4 * 2 * kMiB, '\0');
+  write_all(dir.file("mem"), mem);
+  auto store = open_store(dir.file("store"));
+  const CreateReport r = create(*store, dir.file("mem"), "huge", std::nullopt, kHugePage);
+  EXPECT_EQ(r.guest_pages, 8u);
+  EXPECT_EQ(r.zero_pages, 1u);
+  EXPECT_EQ(r.stored_pages, 7u);
+  EXPECT_EQ(r.frames, 7u) << "a 2 MiB page is a frame by default";
+  expect_flattens_to(*store, "huge", dir.file("flat"), mem);
+}
+
+TEST(Image, DiffStoresOnlyPagesWhoseBytesChanged) {
+  TempDir dir;
+  const std::string base = make_memory(dir.file("base.mem"), 8 * kMiB, 5, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("base.mem"), "base");
+  std::string next = base;
+  std::set<uint64_t> changed;
+  for (uint64_t p : {10, 11, 12, 500, 1000, 2047}) {
+    client::fill_write_pattern(77, p * 4096, {reinterpret_cast<uint8_t*>(next.data() + p * 4096), 4096});
+    changed.insert(p);
+  }
+  // Written back with its old content: not stored again.
+  for (uint64_t p : {20, 21, 600}) next.replace(p * 4096, 4096, base, p * 4096, 4096);
+  // A data page that became zero is "zero" in the diff, not stored.
+  uint64_t zeroed = 0;
+  for (uint64_t p = 100; zeroed == 0; ++p) {
+    if (base.compare(p * 4096, 4096, std::string(4096, '\0')) != 0) {
+      std::fill_n(next.begin() + static_cast<ptrdiff_t>(p * 4096), 4096, '\0');
+      zeroed = p;
+    }
+  }
+  write_all(dir.file("next.mem"), next);
+  const CreateReport r = create(*store, dir.file("next.mem"), "next", "base");
+  EXPECT_EQ(r.stored_pages, changed.size());
+  EXPECT_EQ(r.zero_pages, 1u);
+  EXPECT_EQ(r.parent_pages, 2048 - changed.size() - 1);
+  expect_flattens_to(*store, "next", dir.file("flat"), next);
+  expect_flattens_to(*store, "base", dir.file("flat-base"), base);
+}
+
+TEST(Image, FirecrackerDiffFileHolesAreAsInTheParentAndDataIsNewEvenWhenZero) {
+  TempDir dir;
+  const std::string base = make_memory(dir.file("base.mem"), 8 * kMiB, 6, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("base.mem"), "base");
+  // A sparse file the guest's size with data only at the dirtied pages.
+  std::string expected = base;
+  {
+    UniqueFd fd(::open(dir.file("diff").c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644));
+    ASSERT_TRUE(fd);
+    ASSERT_EQ(::ftruncate(fd.get(), 8 * kMiB), 0);
+    std::string page(4096, '\0');
+    for (uint64_t p : {0, 1, 700, 1500}) {
+      client::fill_write_pattern(9, p * 4096, {reinterpret_cast<uint8_t*>(page.data()), 4096});
+      ASSERT_EQ(::pwrite(fd.get(), page.data(), 4096, static_cast<off_t>(p * 4096)), 4096);
+      expected.replace(p * 4096, 4096, page);
+    }
+    // A page the guest zeroed: data in the Diff file, zero in the result.
+    uint64_t zeroed = 900;
+    while (base.compare(zeroed * 4096, 4096, std::string(4096, '\0')) == 0) ++zeroed;
+    const std::string zeros(4096, '\0');
+    ASSERT_EQ(::pwrite(fd.get(), zeros.data(), 4096, static_cast<off_t>(zeroed * 4096)), 4096);
+    expected.replace(zeroed * 4096, 4096, zeros);
+    ASSERT_EQ(::fsync(fd.get()), 0);
+  }
+  CreateOptions o;
+  o.memory_path = dir.file("diff");
+  o.name = "diff";
+  o.parent = "base";
+  o.diff_file = true;
+  auto r = create_image(*store, o);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->stored_pages, 4u);
+  EXPECT_EQ(r->zero_pages, 1u);
+  expect_flattens_to(*store, "diff", dir.file("flat"), expected);
+}
+
+TEST(Image, TwoImagesOfOneFileCreatedIndependentlyShareTheirFrames) {
+  TempDir dir;
+  make_memory(dir.file("mem"), 16 * kMiB, 7, 0.2);
+  auto store = open_store(dir.file("store"));
+  const CreateReport a = create(*store, dir.file("mem"), "a");
+  const uint64_t after_a = store_blob_bytes(dir.file("store"));
+  const CreateReport b = create(*store, dir.file("mem"), "b");
+  EXPECT_EQ(b.frames_written, 0u) << "every frame of b is already in the store";
+  EXPECT_EQ(store_blob_bytes(dir.file("store")), after_a);
+  // Independently, into another store: the same blobs by name.
+  auto other = open_store(dir.file("other"));
+  create(*other, dir.file("mem"), "c");
+  auto ma = parse_manifest(*store->read_manifest("a"), "a");
+  auto mc = parse_manifest(*other->read_manifest("c"), "c");
+  ASSERT_TRUE(ma && mc);
+  uint64_t shared = 0, total = 0;
+  std::set<BlobId> in_a;
+  for (const FrameRef& f : ma->frames) in_a.insert(f.id);
+  for (const FrameRef& f : mc->frames) {
+    total += f.compressed_bytes;
+    if (in_a.contains(f.id)) shared += f.compressed_bytes;
+  }
+  EXPECT_GE(shared * 100, total * 95);
+  EXPECT_EQ(a.stored_bytes, b.stored_bytes);
+}
+
+TEST(Image, TenGenerationChainStoresOnlyTheBaseAndTheChangedPages) {
+  TempDir dir;
+  std::string model = make_memory(dir.file("gen0"), 16 * kMiB, 8, 0.2);
+  auto store = open_store(dir.file("store"));
+  const CreateReport base = create(*store, dir.file("gen0"), "gen0");
+  std::mt19937_64 rng(99);
+  const uint64_t pages = 16 * kMiB / 4096;
+  uint64_t changed_bytes_bound = 0;
+  for (int g = 1; g <= 10; ++g) {
+    std::set<uint64_t> written;
+    while (written.size() < pages / 20) written.insert(rng() % pages);  // 5 % of the pages
+    for (uint64_t p : written) {
+      client::fill_write_pattern(1000 + g, p * 4096, {reinterpret_cast<uint8_t*>(model.data() + p * 4096), 4096});
+    }
+    const std::string mem = dir.file("gen" + std::to_string(g));
+    write_all(mem, model);
+    const CreateReport r = create(*store, mem, "gen" + std::to_string(g), "gen" + std::to_string(g - 1));
+    EXPECT_EQ(r.stored_pages, written.size()) << "generation " << g;
+    // Random pages do not compress: a changed page costs at most its size and zstd's framing.
+    changed_bytes_bound += written.size() * 4096 + r.frames * 64;
+    std::filesystem::remove(mem);
+  }
+  EXPECT_LE(store_blob_bytes(dir.file("store")), base.stored_bytes + changed_bytes_bound);
+  expect_flattens_to(*store, "gen10", dir.file("flat"), model);
+  auto info = inspect_image(*store, "gen10");
+  ASSERT_TRUE(info);
+  EXPECT_EQ(info->layers.size(), 11u);
+}
+
+TEST(Image, WorkingSetPagesAreLaidOutFirstInFirstTouchOrder) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 8 * kMiB, 10, 0.0);
+  WorkingSet ws;
+  ws.page_size = 4096;
+  ws.memory_file_size = 8 * kMiB;
+  ws.offsets = {1500 * 4096, 7 * 4096, 2000 * 4096, 7 * 4096};
+  ASSERT_TRUE(write_working_set(dir.file("ws"), ws));
+  auto store = open_store(dir.file("store"));
+  CreateOptions o;
+  o.memory_path = dir.file("mem");
+  o.name = "laid-out";
+  o.working_set_path = dir.file("ws");
+  ASSERT_TRUE(create_image(*store, o));
+  auto chain = ImageChain::open(*store, "laid-out");
+  ASSERT_TRUE(chain);
+  EXPECT_EQ(chain->locate(1500).frame, 0u);
+  EXPECT_EQ(chain->locate(1500).index_in_frame, 0u);
+  EXPECT_EQ(chain->locate(7).index_in_frame, 1u);
+  EXPECT_EQ(chain->locate(2000).index_in_frame, 2u);
+  EXPECT_EQ(chain->locate(0).index_in_frame, 3u) << "then the rest in guest order";
+  expect_flattens_to(*store, "laid-out", dir.file("flat"), mem);
+}
+
+TEST(Image, TwoConcurrentCreatesOfOneFileInOneStoreBothSucceedAndShareBlobs) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 8 * kMiB, 18, 0.2);
+  auto first = open_store(dir.file("store"));
+  auto second = open_store(dir.file("store"));  // as another process would
+  std::barrier start(2);
+  CreateReport reports[2];
+  auto run = [&](LocalStore* store, const char* name, CreateReport* out) {
+    CreateOptions o;
+    o.memory_path = dir.file("mem");
+    o.name = name;
+    start.arrive_and_wait();  // start together, so they may write the same blobs at the same time
+    auto r = create_image(*store, o);
+    EXPECT_TRUE(r) << r.error().describe();
+    if (r) *out = *r;
+  };
+  std::thread a(run, first.get(), "a", &reports[0]);
+  std::thread b(run, second.get(), "b", &reports[1]);
+  a.join();
+  b.join();
+  EXPECT_EQ(reports[0].frames, reports[1].frames);
+  EXPECT_EQ(first->list()->size(), reports[0].frames) << "each frame stored once";
+  expect_flattens_to(*first, "a", dir.file("flat-a"), mem);
+  expect_flattens_to(*first, "b", dir.file("flat-b"), mem);
+  for (auto& e : std::filesystem::recursive_directory_iterator(dir.file("store"))) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+  }
+}
+
+// ----- corruption: every damage is an error naming the image (and blob), never bytes
+
+struct CorruptionFixture {
+  TempDir dir;
+  std::unique_ptr<LocalStore> store;
+  std::string base_mem;
+  CorruptionFixture() {
+    base_mem = make_memory(dir.file("mem"), 4 * kMiB, 11, 0.2);
+    store = open_store(dir.file("store"));
+    create(*store, dir.file("mem"), "base");
+    std::string next = base_mem;
+    client::fill_write_pattern(5, 0, {reinterpret_cast<uint8_t*>(next.data()), 4096});
+    write_all(dir.file("next"), next);
+    create(*store, dir.file("next"), "child", "base");
+  }
+  BlobId first_frame(const std::string& name) {
+    return parse_manifest(*store->read_manifest(name), name)->frames.at(0).id;
+  }
+  // verify and flatten of "child" both fail, naming `expect_in_error`, and no output appears.
+  void expect_refused(const std::string& expect_in_error) {
+    auto v = verify_image(*store, "child", {});
+    ASSERT_TRUE(v);
+    ASSERT_FALSE(v->problems.empty()) << "verify found nothing";
+    EXPECT_NE(v->problems[0].message.find(expect_in_error), std::string::npos) << v->problems[0].message;
+    auto f = flatten_image(*store, "child", dir.file("out"), {});
+    ASSERT_FALSE(f) << "flatten wrote an image from damaged input";
+    EXPECT_NE(f.error().message.find(expect_in_error), std::string::npos) << f.error().message;
+    EXPECT_FALSE(std::filesystem::exists(dir.file("out")));
+    for (auto& e : std::filesystem::directory_iterator(dir.file(""))) {
+      EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << "temporary left behind";
+    }
+  }
+};
+
+TEST(ImageCorruption, AFlippedByteInAFrameIsAnErrorNamingImageAndBlob) {
+  CorruptionFixture fx;
+  const BlobId id = fx.first_frame("base");
+  std::string blob = read_all(fx.store->describe(id));
+  blob[blob.size() / 2] ^= 1;
+  std::filesystem::remove(fx.store->describe(id));
+  write_all(fx.store->describe(id), blob);
+  fx.expect_refused("image base");
+  fx.expect_refused(id.hex());
+}
+
+TEST(ImageCorruption, AFlippedByteInAManifestIsAnErrorNamingTheImage) {
+  CorruptionFixture fx;
+  const std::string path = fx.store->describe_manifest("base");
+  std::string m = read_all(path);
+  m[60] ^= 1;
+  std::filesystem::remove(path);
+  write_all(path, m);
+  fx.expect_refused("base");
+  fx.expect_refused("checksum");
+}
+
+TEST(ImageCorruption, AMissingBlobIsAnErrorNamingImageAndBlob) {
+  CorruptionFixture fx;
+  const BlobId id = fx.first_frame("child");
+  std::filesystem::remove(fx.store->describe(id));
+  fx.expect_refused("image child");
+  fx.expect_refused(id.hex());
+}
+
+TEST(ImageCorruption, ATruncatedManifestIsAnErrorNamingTheImage) {
+  CorruptionFixture fx;
+  const std::string path = fx.store->describe_manifest("child");
+  std::filesystem::resize_file(path, std::filesystem::file_size(path) - 5);
+  fx.expect_refused("image child");
+  fx.expect_refused("truncated");
+}
+
+TEST(ImageCorruption, AMissingParentIsAnErrorNamingBoth) {
+  CorruptionFixture fx;
+  std::filesystem::remove(fx.store->describe_manifest("base"));
+  fx.expect_refused("image child: its parent base is missing");
+}
+
+TEST(ImageCorruption, VerifyOfAnImageWithAMissingParentStillChecksItsOwnFrames) {
+  CorruptionFixture fx;
+  std::filesystem::remove(fx.store->describe_manifest("base"));
+  const BlobId id = fx.first_frame("child");
+  std::filesystem::remove(fx.store->describe(id));
+  auto v = verify_image(*fx.store, "child", {});
+  ASSERT_TRUE(v);
+  ASSERT_EQ(v->problems.size(), 2u);
+  EXPECT_NE(v->problems[0].message.find("its parent base is missing"), std::string::npos) << v->problems[0].message;
+  EXPECT_NE(v->problems[1].message.find("image child"), std::string::npos) << v->problems[1].message;
+  EXPECT_NE(v->problems[1].message.find(id.hex()), std::string::npos) << v->problems[1].message;
+}
+
+// ----- gc
+
+TEST(ImageGc, RemovesOnlyBlobsNoImageReferences) {
+  TempDir dir;
+  const std::string base = make_memory(dir.file("base.mem"), 4 * kMiB, 12, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("base.mem"), "base");
+  std::string next = base;
+  client::fill_write_pattern(3, 4096, {reinterpret_cast<uint8_t*>(next.data() + 4096), 4096});
+  write_all(dir.file("next.mem"), next);
+  create(*store, dir.file("next.mem"), "child", "base");
+  make_memory(dir.file("other.mem"), 4 * kMiB, 13, 0.2);
+  const CreateReport other = create(*store, dir.file("other.mem"), "other");
+  auto before = store->list();
+  ASSERT_TRUE(before);
+  // "other" deleted: its frames are garbage; a crashed write left a temporary.
+  std::filesystem::remove(store->describe_manifest("other"));
+  write_all(dir.file("store/images/.child.tmp-123456789abc"), "half a manifest");
+  auto r = gc_store(*store, {});
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->images, 2u);
+  EXPECT_EQ(r->removed_blobs, other.frames);
+  EXPECT_EQ(r->removed_temporaries, 1u);
+  EXPECT_EQ(store->list()->size(), before->size() - other.frames);
+  expect_flattens_to(*store, "child", dir.file("flat"), next);
+  auto v = verify_image(*store, "child", {});
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->problems.empty());
+}
+
+TEST(ImageGc, RefusesToRemoveAnythingWhenAManifestIsUnreadable) {
+  TempDir dir;
+  make_memory(dir.file("mem"), 1 * kMiB, 14, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "a");
+  write_all(dir.file("store/images/broken"), "not a manifest");
+  const size_t blobs = store->list()->size();
+  auto r = gc_store(*store, {});
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find("broken"), std::string::npos) << r.error().message;
+  EXPECT_EQ(store->list()->size(), blobs);
+}
+
+// A store whose manifest writes fail (a full disk, a crash at the last step):
+// everything else goes to a real LocalStore.
+class ManifestWriteFails final : public Store {
+ public:
+  explicit ManifestWriteFails(LocalStore& real) : real_(real) {}
+  Result<std::string> get(const BlobId& id) override { return real_.get(id); }
+  Status put(const BlobId& id, std::string_view b) override { return real_.put(id, b); }
+  Status put_deferred(const BlobId& id, std::string_view b) override { return real_.put_deferred(id, b); }
+  Status sync() override { return real_.sync(); }
+  Result<bool> exists(const BlobId& id) override { return real_.exists(id); }
+  Result<std::vector<BlobId>> list() override { return real_.list(); }
+  Status remove(const BlobId& id) override { return real_.remove(id); }
+  std::string describe(const BlobId& id) const override { return real_.describe(id); }
+  Result<std::string> read_manifest(const std::string& n) override { return real_.read_manifest(n); }
+  Result<bool> manifest_exists(const std::string& n) override { return real_.manifest_exists(n); }
+  Status write_manifest(const std::string&, std::string_view) override { return fail("no space left", ENOSPC); }
+  Result<std::vector<std::string>> list_manifests() override { return real_.list_manifests(); }
+  std::string describe_manifest(const std::string& n) const override { return real_.describe_manifest(n); }
+  Result<std::unique_ptr<StoreLock>> lock_shared(const std::function<void()>& w) override {
+    return real_.lock_shared(w);
+  }
+  Result<std::unique_ptr<StoreLock>> lock_exclusive(const std::function<void()>& w) override {
+    return real_.lock_exclusive(w);
+  }
+
+ private:
+  LocalStore& real_;
+};
+
+TEST(ImageGc, AnInterruptedCreateLeavesNoImageAndGcRemovesItsBlobs) {
+  TempDir dir;
+  make_memory(dir.file("mem"), 2 * kMiB, 16, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "kept");
+  const size_t kept_blobs = store->list()->size();
+  make_memory(dir.file("other"), 2 * kMiB, 17, 0.2);
+  ManifestWriteFails failing(*store);
+  CreateOptions o;
+  o.memory_path = dir.file("other");
+  o.name = "lost";
+  auto r = create_image(failing, o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ENOSPC);
+  EXPECT_FALSE(*store->manifest_exists("lost")) << "no image that looks whole";
+  EXPECT_GT(store->list()->size(), kept_blobs) << "its blobs were written";
+  auto g = gc_store(*store, {});
+  ASSERT_TRUE(g) << g.error().describe();
+  EXPECT_EQ(store->list()->size(), kept_blobs);
+  auto v = verify_image(*store, "kept", {});
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->problems.empty());
+}
+
+TEST(ImageGc, GcDuringCreateWaitsAndLosesNothing) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 4 * kMiB, 15, 0.2);
+  auto store = open_store(dir.file("store"));
+  // create stops after writing its blobs, before its manifest: the moment a
+  // gc without the lock would see them as garbage.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool create_parked = false, gc_waiting = false;
+  std::thread creator([&] {
+    CreateOptions o;
+    o.memory_path = dir.file("mem");
+    o.name = "racing";
+    o.before_manifest = [&] {
+      std::unique_lock lk(mu);
+      create_parked = true;
+      cv.notify_all();
+      cv.wait(lk, [&] { return gc_waiting; });
+    };
+    auto r = create_image(*store, o);
+    EXPECT_TRUE(r) << r.error().describe();
+  });
+  {
+    std::unique_lock lk(mu);
+    cv.wait(lk, [&] { return create_parked; });
+  }
+  // A second store object: another process would have its own descriptor.
+  auto gc_view = open_store(dir.file("store"));
+  GcOptions g;
+  g.on_lock_wait = [&] {
+    std::lock_guard lk(mu);
+    gc_waiting = true;
+    cv.notify_all();
+  };
+  auto r = gc_store(*gc_view, g);
+  creator.join();
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_TRUE(gc_waiting) << "gc must have waited for the create";
+  EXPECT_EQ(r->removed_blobs, 0u);
+  expect_flattens_to(*store, "racing", dir.file("flat"), mem);
+}
+
+}  // namespace
+}  // namespace faultline::image

@@ -26,7 +26,12 @@ asan_replay=${FUZZ_ASAN_REPLAY:-1}
 afl_build=$work/afl
 asan_build=$work/asan
 out=$work/out
-dirs="src/common;src/kernel;src/protocol;src/guest;src/source;src/snapshot;src/server;fuzz"
+# Every library directory the root CMakeLists.txt builds (FAULTLINE_ALL_DIRS,
+# in its dependency order) plus fuzz/: a new library a target links cannot be
+# left out of these builds (fuzz_control_request once was: no src/metrics).
+dirs=$(sed -n '/^set(FAULTLINE_ALL_DIRS/,/)/p' "$root/CMakeLists.txt" | tr -s ' \n()' '\n' | grep '^src/' | paste -sd';')
+[ -n "$dirs" ] || { echo "fuzz.sh: no src/ directories found in FAULTLINE_ALL_DIRS of CMakeLists.txt" >&2; exit 2; }
+dirs="$dirs;fuzz"
 
 for tool in afl-fuzz afl-g++; do
   command -v "$tool" >/dev/null || { echo "fuzz.sh: $tool not found (bash scripts/install-deps.sh installs afl++)" >&2; exit 2; }

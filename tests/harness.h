@@ -47,7 +47,18 @@ class TempDir {
     EXPECT_NE(made, nullptr) << "mkdtemp: " << std::strerror(errno);
     path_ = made != nullptr ? made : "/nonexistent-faultline-test-dir";
   }
-  ~TempDir() { std::filesystem::remove_all(path_); }
+  // Never throws: a process the test started (a daemon removing its socket
+  // at exit) may delete an entry while remove_all walks the directory, and
+  // the throwing overload then aborts the test binary (CI under TSan saw
+  // "cannot remove all: No such file or directory"). A second pass removes
+  // what the first left.
+  ~TempDir() {
+    std::error_code ec;
+    for (int pass = 0; pass < 3; ++pass) {
+      std::filesystem::remove_all(path_, ec);
+      if (!ec) break;
+    }
+  }
   std::string file(const std::string& name) const { return path_ + "/" + name; }
   const std::string& path() const { return path_; }
 

@@ -132,14 +132,24 @@ int main(int argc, char** argv) {
   int status = 0;
   if (::waitpid(a, &status, 0) != a) die("waitpid A");
 
-  // The next pid handed out is A's.
-  { std::ofstream("/proc/sys/kernel/ns_last_pid") << a - 1 << "\n"; }
-  const pid_t b = ::fork();
-  if (b == 0) {
-    ::close(conn);  // inherited: only the parent may hold A's connection open
-    char c;
-    (void)!::read(hold[0], &c, 1);
-    ::_exit(0);
+  // The next pid handed out is A's, unless a task of this namespace is
+  // created between the write and the fork (CI under ThreadSanitizer once
+  // saw b = a + 1): then that child is reaped and the write and fork retried.
+  pid_t b = -1;
+  for (int attempt = 0; attempt < 100 && b != a; ++attempt) {
+    if (b > 0) {
+      ::kill(b, SIGKILL);
+      ::waitpid(b, &status, 0);
+    }
+    { std::ofstream("/proc/sys/kernel/ns_last_pid") << a - 1 << "\n"; }
+    b = ::fork();
+    if (b == 0) {
+      ::close(conn);  // inherited: only the parent may hold A's connection open
+      char c;
+      (void)!::read(hold[0], &c, 1);
+      ::_exit(0);
+    }
+    if (b < 0) die("fork B");
   }
   // A's connection reaches EOF: the handshake fails after the uffd arrived.
   ::close(conn);

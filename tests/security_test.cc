@@ -745,9 +745,21 @@ TEST(Resources, AcceptUnderEmfileShedsTheConnectionThroughTheReservedFd) {
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   const std::string text = read_file(log);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status << "\n" << text;
+#if defined(__SANITIZE_THREAD__)
+  // ThreadSanitizer's runtime opens and closes fds of its own in this child
+  // (CI once saw a slot free up after the table was filled: accept() got it
+  // and the refusal came one step later, at the peer's pidfd). The normal and
+  // AddressSanitizer runs check the accept path exactly.
+  EXPECT_TRUE(text.find("event=connection_refused socket=vm reason=out_of_resources error=\"Too many open files\"") !=
+                  std::string::npos ||
+              text.find("event=connection_refused socket=vm reason=out_of_resources error=\"no pidfd for the peer") !=
+                  std::string::npos)
+      << text;
+#else
   EXPECT_NE(text.find("event=connection_refused socket=vm reason=out_of_resources error=\"Too many open files\""),
             std::string::npos)
       << text;
+#endif
   EXPECT_NE(text.find("event=handshake_failed"), std::string::npos) << text;
   EXPECT_NE(text.find("event=server_stop"), std::string::npos) << text;
 }

@@ -21,10 +21,7 @@ Status check_plain_file_name(std::string_view name) {
   return {};
 }
 
-namespace {
-
-// Creates ".NAME.tmp-XXXXXX" in `dir_fd` with O_EXCL|O_NOFOLLOW; returns its fd and name.
-Result<std::pair<UniqueFd, std::string>> create_temporary(int dir_fd, const std::string& final_name, mode_t mode) {
+Result<std::pair<UniqueFd, std::string>> create_temporary_file(int dir_fd, const std::string& final_name, mode_t mode) {
   // A random suffix: a name someone planted in advance is never ours, and
   // O_EXCL refuses it instead of writing through it.
   std::string tmp;
@@ -48,12 +45,10 @@ Result<std::pair<UniqueFd, std::string>> create_temporary(int dir_fd, const std:
   return std::make_pair(std::move(file), tmp);
 }
 
-}  // namespace
-
 Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode) {
   if (auto st = check_plain_file_name(name); !st) return st;
   const std::string final_name(name);
-  auto created = create_temporary(dir_fd, final_name, mode);
+  auto created = create_temporary_file(dir_fd, final_name, mode);
   if (!created) return std::unexpected(created.error());
   UniqueFd file = std::move(created->first);
   const std::string tmp = created->second;
@@ -103,7 +98,7 @@ Result<AtomicFileWriter> AtomicFileWriter::create(const std::string& path, mode_
   if (auto st = check_plain_file_name(name); !st) return fail(path + ": " + st.error().message, st.error().code);
   UniqueFd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!dir_fd) return fail_errno("cannot open directory " + dir);
-  auto created = create_temporary(dir_fd.get(), name, mode);
+  auto created = create_temporary_file(dir_fd.get(), name, mode);
   if (!created) return fail(path + ": " + created.error().message, created.error().code);
   return AtomicFileWriter(dir_fd.release(), created->first.release(), dir, created->second, name);
 }

@@ -17,8 +17,10 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "common/error.h"
+#include "common/unique_fd.h"
 
 namespace faultline {
 
@@ -26,6 +28,12 @@ namespace faultline {
 // '/', no NUL, not "." or "..", and not starting with '.' (the temporary
 // files are dot files; hidden names are refused so none can be clobbered).
 Status check_plain_file_name(std::string_view name);
+
+// Creates the temporary ".FINAL_NAME.tmp-XXXXXXXXXXXX" (random suffix) in the
+// directory open as `dir_fd`, with O_CREAT|O_EXCL|O_NOFOLLOW and exactly
+// `mode`; returns its fd and its name relative to `dir_fd`. Every crash-safe
+// writer uses it, so one naming covers gc's cleanup of interrupted writes.
+Result<std::pair<UniqueFd, std::string>> create_temporary_file(int dir_fd, const std::string& final_name, mode_t mode);
 
 // Writes `bytes` to `name` (checked with check_plain_file_name()) inside the
 // directory open as `dir_fd`.

@@ -116,20 +116,14 @@ Status LocalStore::put_deferred(const BlobId& id, std::string_view bytes) {
   if (*present) return {};
   const std::string dir = blob_dir(id);
   if (auto st = make_dir(dir); !st) return st;
-  // The same temporary naming as common/atomic_file.cc, so gc's cleanup of
+  // The temporary naming of common/atomic_file.h, so gc's cleanup of
   // interrupted writes covers these too.
-  std::string tmp;
-  UniqueFd file;
-  for (int attempt = 0; attempt < 8 && !file; ++attempt) {
-    uint64_t r = 0;
-    if (::getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) return fail_errno("getrandom failed");
-    char suffix[24];
-    std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(r & 0xffffffffffffull));
-    tmp = dir + "/." + id.hex() + ".tmp-" + suffix;
-    file.reset(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0444));
-    if (!file && errno != EEXIST) return fail_errno("cannot create " + tmp);
-  }
-  if (!file) return fail("cannot find a free temporary name in " + dir, EEXIST);
+  UniqueFd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd) return fail_errno("cannot open " + dir);
+  auto created = create_temporary_file(dir_fd.get(), id.hex(), 0444);
+  if (!created) return std::unexpected(created.error());
+  UniqueFd file = std::move(created->first);
+  const std::string tmp = dir + "/" + created->second;
   size_t done = 0;
   while (done < bytes.size()) {
     const ssize_t n = ::write(file.get(), bytes.data() + done, bytes.size() - done);

@@ -31,6 +31,8 @@
 #include "client/restore_scenario.h"
 #include "client/test_memory_file.h"
 #include "common/log.h"
+#include "image/local_store.h"
+#include "image/operations.h"
 #include "server/server.h"
 #include "tests/capability.h"
 
@@ -82,6 +84,11 @@ class ServerHarness {
     LogFormat log_format = LogFormat::kText;
     bool reader_serves_cached = true;
     std::chrono::microseconds busy_poll{100};
+    // Serve an image made from the memory file (`image create` into the
+    // store DIR/store, name "base", pages of image_page_size) instead of the
+    // raw file; memory() stays the file, the model of every byte.
+    bool serve_image = false;
+    uint32_t image_page_size = 4096;
     // Anything else of the configuration (paths may live in the harness's
     // temporary directory).
     std::function<void(ServerConfig&, const TempDir&)> configure;
@@ -104,6 +111,20 @@ class ServerHarness {
     c.handshake_timeout = o.handshake_timeout;
     c.reader_serves_cached = o.reader_serves_cached;
     c.busy_poll = o.busy_poll;
+    if (o.serve_image) {
+      auto store = image::LocalStore::open(dir_.file("store"), /*create=*/true);
+      EXPECT_TRUE(store) << store.error().describe();
+      if (store) {
+        image::CreateOptions io;
+        io.memory_path = memory_path_;
+        io.name = "base";
+        io.page_size = o.image_page_size;
+        auto made = image::create_image(**store, io);
+        EXPECT_TRUE(made) << made.error().describe();
+      }
+      c.memory_path.clear();
+      c.image_path = dir_.file("store") + "/base";
+    }
     if (o.configure) o.configure(c, dir_);
     auto s = Server::create(c, *logger_);
     EXPECT_TRUE(s) << s.error().describe();

@@ -725,6 +725,9 @@ void StressRound::run(Totals& totals) {
 
 struct StressParam {
   bool wp;
+  // Served from an image made from the snapshot (the same model applies):
+  // zero pages from the manifest, stored pages through the frame cache.
+  bool image = false;
 };
 
 class StressAgainstModelTest : public ::testing::TestWithParam<StressParam> {
@@ -741,18 +744,22 @@ class StressAgainstModelTest : public ::testing::TestWithParam<StressParam> {
 TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel) {
   const bool wp = GetParam().wp;
   const GuestShape shape = guest_shape();
-  const double seconds = stress_seconds();
+  // The image rounds exercise the same session code through another source:
+  // half the time of the raw-file rounds keeps the suite's length in check.
+  const double seconds = stress_seconds() * (GetParam().image ? 0.5 : 1.0);
   const uint64_t seed = stress_seed();
   // A restore every ~2 s (~0.5 s for the 16 huge pages, which are all
   // touched within a fraction of a second).
   const double round_seconds = kHugePages ? 0.5 : 2.0;
   const int rounds = std::max(1, static_cast<int>(seconds / round_seconds + 0.5));
   const auto round_length = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds / rounds));
-  std::printf("[stress] %s pages, %s, %.1f s in %d rounds, seed %llu%s\n", kHugePages ? "2 MiB" : "4 KiB",
-              wp ? "WP_ASYNC" : "no WP", seconds, rounds, static_cast<unsigned long long>(seed),
+  std::printf("[stress] %s pages, %s, %s, %.1f s in %d rounds, seed %llu%s\n", kHugePages ? "2 MiB" : "4 KiB",
+              GetParam().image ? "image" : "raw file", wp ? "WP_ASYNC" : "no WP", seconds, rounds, static_cast<unsigned long long>(seed),
               kUnderTsan ? " (ThreadSanitizer)" : "");
 
   ServerHarness::Options ho;
+  ho.serve_image = GetParam().image;
+  ho.image_page_size = kHugePages ? 2 * 1024 * 1024 : 4096;
   ho.memory_bytes = shape.size();
   ho.seed = kSnapshotSeed;
   ho.zero_fraction = kSnapshotZeroFraction;
@@ -816,9 +823,12 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
 #endif
 
 INSTANTIATE_TEST_SUITE_P(FAULTLINE_STRESS_SUITE, StressAgainstModelTest,
-                         ::testing::Values(StressParam{.wp = false}, StressParam{.wp = true}),
+                         ::testing::Values(StressParam{.wp = false}, StressParam{.wp = true},
+                                           StressParam{.wp = false, .image = true},
+                                           StressParam{.wp = true, .image = true}),
                          [](const ::testing::TestParamInfo<StressParam>& info) {
-                           return std::string(info.param.wp ? "WpAsync" : "NoWp");
+                           return std::string(info.param.image ? "Image" : "") +
+                                  (info.param.wp ? "WpAsync" : "NoWp");
                          });
 
 }  // namespace

@@ -37,7 +37,9 @@ Model: one memory file per socket. faultline listens on --socket; every VM resto
   PUT /snapshot/load {"snapshot_path": "...",
                       "mem_backend": {"backend_type": "Uffd", "backend_path": "<socket>"},
                       "resume_vm": true}
-connects, hands over its userfaultfd, and gets its own session, served from --memory. Several
+connects, hands over its userfaultfd, and gets its own session, served from --memory (a raw
+memory file) or --image (an image of `faultline image create` and its parents, decompressed
+frame by frame into a cache shared by every session: --frame-cache-size). Several
 VMs may be served at once; each session ends when its VM exits (socket EOF for Firecracker
 >= 1.12, the process gone, or ESRCH) and logs one line with its counts. A session that cannot
 go on (bad handshake or regions, memory file truncated or unreadable, unknown event) ends
@@ -193,9 +195,18 @@ int main(int argc, char** argv) {
   serve->footer(kServeDescription);
   serve->add_option("--socket", config.socket_path, "Unix socket to listen on (Firecracker's backend_path)")
       ->required();
-  serve->add_option("--memory", config.memory_path, "Memory snapshot file to serve guest pages from")
-      ->required()
-      ->check(CLI::ExistingFile);
+  CLI::Option* memory_option =
+      serve->add_option("--memory", config.memory_path, "Memory snapshot file to serve guest pages from")
+          ->check(CLI::ExistingFile);
+  CLI::Option* image_option = serve->add_option(
+      "--image", config.image_path,
+      "Serve an image instead of a raw file: STORE_DIR/NAME, the image NAME of the store STORE_DIR (`faultline "
+      "image create`), with its whole chain of parents");
+  memory_option->excludes(image_option);
+  serve->add_option("--frame-cache-size", config.frame_cache_bytes,
+                    "Bytes of decompressed image frames kept in memory, shared by every session (with --image)")
+      ->default_val(256ull << 20)
+      ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 40));
   serve->add_option("--workers", config.workers_per_session, "Install threads per session")
       ->default_val(2)
       ->check(CLI::Range(1, 64));
@@ -397,6 +408,10 @@ int main(int argc, char** argv) {
       }
     }
 
+    if (memory_option->count() == 0 && image_option->count() == 0) {
+      std::fprintf(stderr, "faultline serve: give --memory FILE or --image STORE_DIR/NAME\n");
+      return 2;
+    }
     auto server = faultline::Server::create(config, logger);
     if (!server) {
       logger.error("startup_failed", {{"error", server.error().describe()}});

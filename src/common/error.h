@@ -19,6 +19,10 @@ namespace faultline {
 struct Error {
   int code = 0;         // errno value, or 0 when not a system error
   std::string message;  // one sentence, no trailing newline
+  // The same call may succeed if tried again later (a store that timed out,
+  // ran out of fds or memory for a moment). Errors that would only repeat
+  // themselves (bad bytes, a missing file) leave it false.
+  bool retryable = false;
 
   // "message: strerror(code)" when code != 0, else message.
   std::string describe() const {

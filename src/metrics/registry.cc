@@ -83,6 +83,11 @@ void Registry::handshake_refused(RefusalCause cause) {
   if (i < refused_.size()) refused_[i].fetch_add(1, std::memory_order_relaxed);
 }
 
+void Registry::set_frame_cache_source(std::function<FrameCacheCounts()> read) {
+  std::lock_guard lock(mu_);
+  frame_cache_ = std::move(read);
+}
+
 Registry::Snapshot Registry::snapshot() const {
   Snapshot s;
   {
@@ -94,6 +99,7 @@ Registry::Snapshot Registry::snapshot() const {
     s.sessions_live = live_.size();
     s.sessions_started = started_;
     s.sessions_ended = ended_by_reason_;
+    if (frame_cache_) s.frame_cache = frame_cache_();
   }
   for (size_t i = 0; i < refused_.size(); ++i) s.handshakes_refused[i] = refused_[i].load(std::memory_order_relaxed);
   return s;
@@ -117,6 +123,30 @@ std::string Registry::render(const Snapshot& s) {
   for (size_t i = 0; i < kRefusalCauses; ++i) {
     w.sample("faultline_handshakes_refused_total", {{"cause", to_string(static_cast<RefusalCause>(i))}},
              s.handshakes_refused[i]);
+  }
+
+  if (s.frame_cache) {
+    const FrameCacheCounts& c = *s.frame_cache;
+    w.family("faultline_frame_cache_hits_total", "counter",
+             "Image frame lookups served from the in-memory frame cache (shared by every session).");
+    w.sample("faultline_frame_cache_hits_total", {}, c.hits);
+    w.family("faultline_frame_cache_misses_total", "counter",
+             "Image frames loaded into the cache (fetched, checksum-checked, decompressed).");
+    w.sample("faultline_frame_cache_misses_total", {}, c.misses);
+    w.family("faultline_frame_cache_load_waits_total", "counter",
+             "Lookups that waited for another thread's load of the same frame instead of loading it again.");
+    w.sample("faultline_frame_cache_load_waits_total", {}, c.load_waits);
+    w.family("faultline_frame_cache_load_failures_total", "counter",
+             "Frame loads that failed (missing blob, checksum mismatch, store error).");
+    w.sample("faultline_frame_cache_load_failures_total", {}, c.load_failures);
+    w.family("faultline_frame_cache_evictions_total", "counter", "Frames evicted to stay within the capacity.");
+    w.sample("faultline_frame_cache_evictions_total", {}, c.evictions);
+    w.family("faultline_frame_cache_bytes", "gauge", "Decompressed bytes the frame cache holds now.");
+    w.sample("faultline_frame_cache_bytes", {}, c.bytes);
+    w.family("faultline_frame_cache_frames", "gauge", "Frames the frame cache holds now.");
+    w.sample("faultline_frame_cache_frames", {}, c.frames);
+    w.family("faultline_frame_cache_capacity_bytes", "gauge", "The frame cache's capacity (--frame-cache-size).");
+    w.sample("faultline_frame_cache_capacity_bytes", {}, c.capacity_bytes);
   }
 
   w.family("faultline_faults_total", "counter", "Page-fault messages read from the guests' userfaultfds.");

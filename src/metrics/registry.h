@@ -18,7 +18,9 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -54,6 +56,12 @@ class SessionSource {
   ~SessionSource() = default;
 };
 
+// The daemon's shared cache of decompressed image frames, as scraped.
+struct FrameCacheCounts {
+  uint64_t hits = 0, misses = 0, load_waits = 0, load_failures = 0, evictions = 0;
+  uint64_t bytes = 0, frames = 0, capacity_bytes = 0;
+};
+
 class Registry {
  public:
   // `end_reasons`: the label values of faultline_sessions_ended_total, each
@@ -81,7 +89,11 @@ class Registry {
     uint64_t sessions_started = 0;
     std::vector<std::pair<std::string, uint64_t>> sessions_ended;  // by reason
     std::array<uint64_t, kRefusalCauses> handshakes_refused{};
+    std::optional<FrameCacheCounts> frame_cache;  // only when serving an image
   };
+  // Reads the frame cache's counts at every scrape (set once, before the
+  // first scrape; the server does when it serves an image).
+  void set_frame_cache_source(std::function<FrameCacheCounts()> read);
   Snapshot snapshot() const;
 
   // The Prometheus text exposition (version 0.0.4) of snapshot().
@@ -95,6 +107,7 @@ class Registry {
   std::vector<std::pair<std::string, uint64_t>> ended_by_reason_; // GUARDED_BY(mu_)
   uint64_t started_ = 0;                                          // GUARDED_BY(mu_)
   std::array<std::atomic<uint64_t>, kRefusalCauses> refused_{};
+  std::function<FrameCacheCounts()> frame_cache_;  // GUARDED_BY(mu_)
 };
 
 }  // namespace faultline::metrics

@@ -17,6 +17,7 @@
 
 #include "common/atomic_file.h"
 #include "common/text_escape.h"
+#include "image/local_store.h"
 #include "kernel/process.h"
 #include "protocol/handshake_socket.h"
 #include "server/control.h"
@@ -178,23 +179,56 @@ std::string describe_access(const protocol::SocketAccess& a) {
 
 }  // namespace
 
+// "STORE_DIR/NAME": the image NAME of the local store STORE_DIR, with its
+// whole chain of parents (each manifest and pin checked now, so a damaged
+// chain stops the daemon at start rather than a VM later).
+static Result<std::shared_ptr<const image::ImageSource>> open_image(const ServerConfig& config) {
+  const std::string& path = config.image_path;
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos || slash + 1 == path.size()) {
+    return fail("--image " + path + ": expected STORE_DIR/NAME (a store directory and an image name in it)", EINVAL);
+  }
+  const std::string dir = slash == 0 ? "/" : path.substr(0, slash);
+  const std::string name = path.substr(slash + 1);
+  auto store = image::LocalStore::open(dir, /*create=*/false);
+  if (!store) return fail("--image " + path + ": " + store.error().message, store.error().code);
+  std::shared_ptr<image::FrameCache> cache =
+      config.frame_cache ? config.frame_cache : std::make_shared<image::FrameCache>(config.frame_cache_bytes);
+  auto source = image::ImageSource::open(std::move(*store), name, std::move(cache));
+  if (!source) return fail("--image " + path + ": " + source.error().message, source.error().code);
+  return std::shared_ptr<const image::ImageSource>(std::move(*source));
+}
+
 Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const Logger& logger) {
   if (config.max_handshakes == 0 || config.max_sessions == 0) {
     return fail("max_handshakes and max_sessions must be at least 1", EINVAL);
   }
-  auto memory = MemoryFile::open(config.memory_path);
-  if (!memory) return std::unexpected(memory.error());
+  if (config.memory_path.empty() == config.image_path.empty()) {
+    return fail("serve needs exactly one of a memory file and an image", EINVAL);
+  }
+  std::shared_ptr<const PageSource> source;
+  std::shared_ptr<const image::ImageSource> image;
+  std::shared_ptr<const ZeroIndex> zero_index;
+  if (!config.image_path.empty()) {
+    auto opened = open_image(config);
+    if (!opened) return std::unexpected(opened.error());
+    image = *opened;
+    source = image;
+  } else {
+    auto memory = MemoryFile::open(config.memory_path);
+    if (!memory) return std::unexpected(memory.error());
+    if (config.zero_index) {
+      auto z = open_zero_index(config, **memory, logger);
+      if (!z) return std::unexpected(z.error());
+      zero_index = std::move(*z);
+    }
+    source = std::move(*memory);
+  }
   std::shared_ptr<const WorkingSet> prefetch;
   if (!config.prefetch_path.empty()) {
-    auto set = read_working_set(config.prefetch_path, (*memory)->size());
+    auto set = read_working_set(config.prefetch_path, source->size());
     if (!set) return std::unexpected(set.error());
     prefetch = std::make_shared<const WorkingSet>(std::move(*set));
-  }
-  std::shared_ptr<const ZeroIndex> zero_index;
-  if (config.zero_index) {
-    auto z = open_zero_index(config, **memory, logger);
-    if (!z) return std::unexpected(z.error());
-    zero_index = std::move(*z);
   }
   UniqueFd record_dir;
   if (!config.record_dir.empty()) {
@@ -207,8 +241,16 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   if (!reserve) return fail_errno("cannot open /dev/null (the fd kept in reserve for EMFILE)");
   auto listener = protocol::UnixListener::bind(config.socket_path, config.socket_access);
   if (!listener) return std::unexpected(listener.error());
-  auto server = std::unique_ptr<Server>(new Server(config, logger, std::move(*memory), std::move(*listener),
+  auto server = std::unique_ptr<Server>(new Server(config, logger, std::move(source), std::move(*listener),
                                                    std::move(stop_efd), std::move(reserve)));
+  if (image) {
+    server->metrics_.set_frame_cache_source([cache = &image->cache()] {
+      const image::FrameCache::Stats st = cache->stats();
+      return metrics::FrameCacheCounts{st.hits,  st.misses, st.waits,  st.load_failures,
+                                       st.evictions, st.bytes,  st.frames, st.capacity};
+    });
+  }
+  server->image_ = std::move(image);
   server->prefetch_ = std::move(prefetch);
   server->zero_index_ = std::move(zero_index);
   server->record_dir_fd_ = std::move(record_dir);
@@ -220,11 +262,11 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   return server;
 }
 
-Server::Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
+Server::Server(ServerConfig config, const Logger& logger, std::shared_ptr<const PageSource> source,
                protocol::UnixListener listener, UniqueFd stop_efd, UniqueFd reserve_fd)
     : config_(std::move(config)),
       log_(logger),
-      memory_(std::move(memory)),
+      source_(std::move(source)),
       listener_(std::move(listener)),
       stop_efd_(std::move(stop_efd)),
       reserve_fd_(std::move(reserve_fd)),
@@ -246,7 +288,10 @@ Status Server::run() {
   log_.info("server_start", {{"socket", config_.socket_path},
                              {"socket_access", describe_access(config_.socket_access)},
                              {"memory", config_.memory_path},
-                             {"memory_bytes", memory_->size()},
+                             {"image", config_.image_path},
+                             {"image_layers", image_ ? image_->chain().layers().size() : 0},
+                             {"frame_cache_bytes", image_ ? image_->cache().capacity() : 0},
+                             {"memory_bytes", source_->size()},
                              {"workers_per_session", config_.workers_per_session},
                              {"on_fatal", to_string(config_.on_fatal)},
                              {"max_handshakes", config_.max_handshakes},
@@ -568,7 +613,7 @@ void Server::handle_connection(Connection& c) {
                    .busy_poll = config_.busy_poll,
                    .metrics = &metrics_,
                    .record_fault_latency = config_.record_fault_latency};
-  auto session = Session::start(std::move(*hs), memory_, sc);
+  auto session = Session::start(std::move(*hs), source_, sc);
   if (!session) {
     reject_session(c, RefusalCause::kSessionRejected, session.error().describe());
     return;

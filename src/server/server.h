@@ -44,6 +44,8 @@
 #include "protocol/handshake_socket.h"
 #include "server/session.h"
 #include "snapshot/working_set.h"
+#include "image/frame_cache.h"
+#include "image/image_source.h"
 #include "snapshot/zero_index.h"
 #include "source/page_source.h"
 
@@ -65,7 +67,14 @@ using RefusalCause = metrics::RefusalCause;
 
 struct ServerConfig {
   std::string socket_path;
+  // What every VM is served from: a raw memory file, or (when image_path is
+  // set) an image and its chain of parents, "STORE_DIR/NAME".
   std::string memory_path;
+  std::string image_path;
+  // Decompressed image frames kept in memory, shared by every session (and,
+  // when `frame_cache` is given, by every server sharing that cache).
+  uint64_t frame_cache_bytes = 256ull << 20;
+  std::shared_ptr<image::FrameCache> frame_cache;
   int workers_per_session = 2;
   OnFatal on_fatal = OnFatal::kKill;
   std::chrono::milliseconds handshake_timeout{5000};
@@ -164,7 +173,7 @@ class Server {
 
  private:
   struct Connection;
-  Server(ServerConfig config, const Logger& logger, std::shared_ptr<MemoryFile> memory,
+  Server(ServerConfig config, const Logger& logger, std::shared_ptr<const PageSource> source,
          protocol::UnixListener listener, UniqueFd stop_efd, UniqueFd reserve_fd);
   // Under --on-fatal=kill, SIGKILLs a client that handed us a uffd we will
   // not serve (its VM would hang on its first fault), through the pidfd taken
@@ -194,7 +203,8 @@ class Server {
 
   const ServerConfig config_;
   const Logger& log_;
-  std::shared_ptr<MemoryFile> memory_;
+  std::shared_ptr<const PageSource> source_;
+  std::shared_ptr<const image::ImageSource> image_;  // source_, when it is an image
   std::shared_ptr<const WorkingSet> prefetch_;
   std::shared_ptr<const ZeroIndex> zero_index_;
   protocol::UnixListener listener_;  // unlinks the socket path when destroyed

@@ -439,6 +439,7 @@ std::vector<LogField> summary_fields(const SessionSummary& s) {
                           {"faults", s.counters.faults},
                           {"reader_served", s.counters.reader_served},
                           {"busy_poll_reads", s.counters.busy_poll_reads},
+                          {"source_retries", s.counters.source_retries},
                           {"pages_snapshot", s.counters.pages_snapshot},
                           {"pages_zero", s.counters.pages_zero},
                           {"snapshot_zero_pages", s.counters.snapshot_zero_pages},
@@ -471,6 +472,7 @@ SessionSummary Session::summary() const {
   s.counters.prefaulted_pages = prefaulted_pages_.load(std::memory_order_relaxed);
   s.counters.prefetch_late = prefetch_late_.load(std::memory_order_relaxed);
   s.counters.busy_poll_reads = busy_poll_reads_.load(std::memory_order_relaxed);
+  s.counters.source_retries = source_retries_.load(std::memory_order_relaxed);
   for (const Worker* w : all_workers()) {
     s.counters.pages_snapshot += w->pages_snapshot.load(std::memory_order_relaxed);
     s.counters.pages_zero += w->pages_zero.load(std::memory_order_relaxed);
@@ -766,6 +768,36 @@ kernel::IoctlResult Session::install_zero(const PageLocation& loc, bool protect,
   return uffd_.zeropage(loc.address, loc.page_size, false);
 }
 
+bool Session::snapshot_known_zero(uint64_t offset, uint64_t length) const {
+  return (config_.zero_index && config_.zero_index->is_zero(offset, length)) || source_->known_zero(offset, length);
+}
+
+Status Session::read_source(uint64_t offset, std::span<uint8_t> out) {
+  const auto deadline = std::chrono::steady_clock::now() + config_.source_retry_deadline;
+  auto backoff = std::chrono::milliseconds{1};
+  for (;;) {
+    HookContext hook{offset, 0};
+    FAULTLINE_HOOK(HookPoint::kSourceRead, hook);
+    Status s = hook.inject_errno ? Status(std::unexpected(Error{hook.inject_errno, "injected source read failure",
+                                                                hook.inject_errno == EAGAIN}))
+                                 : source_->read(offset, out);
+    if (s || !s.error().retryable) return s;
+    // The source says this may pass (a store short of memory or fds, a
+    // timeout): wait and try again rather than kill a VM over a hiccup, but
+    // not forever: a guest thread is waiting on this page.
+    if (stopping_.load(std::memory_order_acquire)) return s;
+    if (std::chrono::steady_clock::now() + backoff > deadline) {
+      return fail(s.error().describe() + " (retried for " + std::to_string(config_.source_retry_deadline.count()) +
+                      " ms)",
+                  s.error().code);
+    }
+    source_retries_.fetch_add(1, std::memory_order_relaxed);
+    log_.debug("source_read_retry", {{"session", config_.id}, {"offset", offset}, {"error", s.error().describe()}});
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(backoff * 2, std::chrono::milliseconds{100});
+  }
+}
+
 Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_reader) {
   // The layout stays valid until `layout` is destroyed, even if the reader
   // publishes a new one meanwhile. The reader itself publishes (never while
@@ -808,7 +840,7 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
     PageState installed = PageState::kSnapshot;
     const bool removed = PageStateTable::serves_zero(seen);
     const bool snapshot_zero =
-        !removed && config_.zero_index && config_.zero_index->is_zero(loc->file_offset, loc->page_size);
+        !removed && snapshot_known_zero(loc->file_offset, loc->page_size);
     if (removed || snapshot_zero) {
       // Zeros are never stale: no fence needed.
       r = install_zero(*loc, protect, hook);
@@ -834,7 +866,7 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
       }
     } else {
       // Storage I/O happens here, before the fence, so the reader never waits on it.
-      if (auto s = source_->read(loc->file_offset, {w.buffer.get(), loc->page_size}); !s) {
+      if (auto s = read_source(loc->file_offset, {w.buffer.get(), loc->page_size}); !s) {
         end(SessionEnd::kFatal, s.error().describe());
         return Served::kDone;
       }
@@ -1040,8 +1072,7 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
     }
     // Runs are all-data or all-zero (zero index): zero runs are installed
     // without reading the file.
-    const ZeroIndex* zi = config_.zero_index.get();
-    const bool zero_run = zi != nullptr && zi->is_zero(first.file_offset, first.page_size);
+    const bool zero_run = snapshot_known_zero(first.file_offset, first.page_size);
     // Extend the run page by page while the pages stay untouched, of the same
     // zero class and contiguous in the client's address space; a gap of up to
     // max_gap_pages unplanned pages is filled too, because one large copy
@@ -1059,7 +1090,7 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
         const std::optional<PageLocation> at = layout_now.page(base + k);
         if (!at || at->address != first.address + k * first.page_size ||
             pages_->state(base + k) != PageState::kUntouched ||
-            (zi != nullptr && zi->is_zero(first.file_offset + k * first.page_size, first.page_size)) != zero_run) {
+            snapshot_known_zero(first.file_offset + k * first.page_size, first.page_size) != zero_run) {
           break;
         }
       }
@@ -1081,7 +1112,7 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
     const bool use_zeropage = zero_run && !region_wp_[first.region] && first.page_size == kPageSize4K;
     if (zero_run) {
       if (!use_zeropage) std::memset(buffer.get(), 0, len);
-    } else if (auto s = source_->read(first.file_offset, {buffer.get(), len}); !s) {
+    } else if (auto s = read_source(first.file_offset, {buffer.get(), len}); !s) {
       end(SessionEnd::kFatal, s.error().describe());
       return std::unexpected(s.error());
     }

@@ -98,6 +98,10 @@ struct SessionConfig {
   // time and folded in when it ends. Null: no metrics.
   // REQUIRES: outlives the session.
   metrics::Registry* metrics = nullptr;
+  // A source read that fails with a retryable error (PageSource::read) is
+  // tried again, with backoff, until this much time has passed; then the
+  // session is fatal. Errors that are not retryable are fatal at once.
+  std::chrono::milliseconds source_retry_deadline{30000};
   // Time every fault from its read to the end of its install, for the
   // latency histograms (faultline serve --metrics). Off, the fault path
   // reads no clock for metrics.
@@ -119,6 +123,7 @@ struct SessionCounters {
   uint64_t prefetch_late = 0;    // demand faults on planned pages prefetch had not reached yet
   uint64_t reader_served = 0;    // faults the event reader served itself (no I/O needed)
   uint64_t busy_poll_reads = 0;  // event batches the reader found while busy-polling (no wake-up)
+  uint64_t source_retries = 0;   // source reads tried again after a retryable error
 };
 
 // What prefault() did.
@@ -313,6 +318,11 @@ class Session {
   bool demand_pending() const;
   void end(SessionEnd reason, std::string error = {});
   void finish();
+  // Whether the snapshot holds zeros there (the zero index or the source's
+  // own extents): installed without reading.
+  bool snapshot_known_zero(uint64_t offset, uint64_t length) const;
+  // source_->read(), retrying retryable errors (SessionConfig::source_retry_deadline).
+  Status read_source(uint64_t offset, std::span<uint8_t> out);
   bool recording() const { return config_.record_first_touches || !config_.record_path.empty(); }
 
   const SessionConfig config_;
@@ -353,6 +363,7 @@ class Session {
   std::atomic<uint64_t> prefaulted_bytes_{0};  // for metrics
   std::atomic<uint64_t> prefetch_late_{0};
   std::atomic<uint64_t> busy_poll_reads_{0};
+  std::atomic<uint64_t> source_retries_{0};
   std::thread prefetcher_;
   mutable std::mutex record_mu_;
   std::vector<uint64_t> first_touches_;  // GUARDED_BY(record_mu_): file offsets, first-touch order

@@ -27,6 +27,7 @@ enum class HookPoint {
   kMetricsCollect,         // a scrape, reading a live session's counts (registry lock held)
   kBeforeMetricsFold,      // a session's end, final counts taken, before they are folded into the registry
   kSessionSetup,           // Session::start, before each step that can fail (`what` names it)
+  kSourceRead,             // worker or prefault, before a read of snapshot bytes (address = file offset)
   kCount,
 };
 
@@ -35,6 +36,8 @@ struct HookContext {
   uint64_t page_index = 0;  // global page index
   // Install points only: a hook may set an errno here to make the install
   // report that failure without issuing the ioctl (fault injection).
+  // kSourceRead: the read fails with this errno, retryable when it is EAGAIN
+  // (as a store that timed out), final otherwise.
   // kSessionSetup: the step fails as the real call would with this errno
   // (an eventfd returns -1, an allocation returns null or throws
   // std::bad_alloc, a thread throws std::system_error).

@@ -32,11 +32,27 @@ struct FileIdentity {
   friend bool operator==(const FileIdentity&, const FileIdentity&) = default;
 };
 
+// What a source holds at an offset, and for how far it stays the same.
+struct SourceExtent {
+  enum class Kind {
+    kData,  // bytes that must be read
+    kZero,  // known to be all zero: installed without reading
+  };
+  Kind kind = Kind::kData;
+  // Which layer of a layered source holds the bytes (0 for a plain file).
+  uint32_t layer = 0;
+  // Bytes from the asked offset to the end of this extent (same kind, same
+  // layer and, for an image, same frame): what one read() can cover cheaply.
+  uint64_t length = 0;
+};
+
 class PageSource {
  public:
   virtual ~PageSource() = default;
   // Fills `out` with the bytes at [offset, offset + out.size()). A read past
-  // the current end (the file shrank) is an error, never zero-filled.
+  // the current end (the file shrank) is an error, never zero-filled. An
+  // error with `retryable` set may succeed later (the session retries it up
+  // to a deadline); any other error is final.
   virtual Status read(uint64_t offset, std::span<uint8_t> out) const = 0;
   // Like read(), but only from memory (the page cache): returns false,
   // having read nothing useful, when the bytes would have to come from
@@ -44,6 +60,17 @@ class PageSource {
   virtual Result<bool> read_if_cached(uint64_t offset, std::span<uint8_t> out) const {
     (void)offset;
     (void)out;
+    return false;
+  }
+  // What the source holds at `offset`. The default knows nothing: all data.
+  // REQUIRES: offset < size().
+  virtual SourceExtent extent(uint64_t offset) const { return {SourceExtent::Kind::kData, 0, size() - offset}; }
+  // Whether every byte of [offset, offset + length) is known to be zero
+  // without reading it. False when unsure: a page wrongly called zero would
+  // be a silent wrong page, one wrongly called data only costs a read.
+  virtual bool known_zero(uint64_t offset, uint64_t length) const {
+    (void)offset;
+    (void)length;
     return false;
   }
   // Size in bytes when the source was opened.

@@ -1,0 +1,101 @@
+#include "image/frame_cache.h"
+
+#include <algorithm>
+
+namespace faultline::image {
+
+namespace {
+// Enough shards that concurrent sessions rarely share a lock, few enough that
+// each keeps a useful share of the capacity (a shard holds frames of 512 KiB
+// to 2 MiB).
+size_t shard_count(uint64_t capacity) {
+  return static_cast<size_t>(std::clamp<uint64_t>(capacity / (16ull << 20), 1, 16));
+}
+}  // namespace
+
+FrameCache::FrameCache(uint64_t capacity_bytes)
+    : capacity_(capacity_bytes),
+      shard_capacity_(capacity_bytes / shard_count(capacity_bytes)),
+      shards_(shard_count(capacity_bytes)) {}
+
+FrameCache::Frame FrameCache::find(const BlobId& id) {
+  Shard& s = shard_of(id);
+  std::lock_guard lock(s.mu);
+  auto it = s.entries.find(id);
+  if (it == s.entries.end()) return {};
+  s.lru.splice(s.lru.begin(), s.lru, it->second.lru);
+  ++s.hits;
+  return it->second.frame;
+}
+
+Result<FrameCache::Frame> FrameCache::get(const BlobId& id, const Loader& load) {
+  Shard& s = shard_of(id);
+  std::shared_ptr<Load> mine;
+  {
+    std::unique_lock lock(s.mu);
+    if (auto it = s.entries.find(id); it != s.entries.end()) {
+      s.lru.splice(s.lru.begin(), s.lru, it->second.lru);
+      ++s.hits;
+      return it->second.frame;
+    }
+    if (auto it = s.loading.find(id); it != s.loading.end()) {
+      // Another thread is loading this frame: share its result.
+      std::shared_ptr<Load> theirs = it->second;
+      ++s.waits;
+      theirs->cv.wait(lock, [&] { return theirs->done; });
+      return theirs->result;
+    }
+    mine = std::make_shared<Load>();
+    s.loading.emplace(id, mine);
+    ++s.misses;
+  }
+  // The load (storage read, checksum, decompression) runs with no lock held.
+  Result<std::string> bytes = load();
+  Result<Frame> result = bytes ? Result<Frame>(std::make_shared<const std::string>(std::move(*bytes)))
+                               : Result<Frame>(std::unexpected(bytes.error()));
+  {
+    std::lock_guard lock(s.mu);
+    s.loading.erase(id);
+    if (result) {
+      insert(s, id, *result);
+    } else {
+      ++s.load_failures;
+    }
+    mine->result = result;
+    mine->done = true;
+  }
+  mine->cv.notify_all();
+  return result;
+}
+
+void FrameCache::insert(Shard& s, const BlobId& id, const Frame& frame) {
+  if (frame->size() > shard_capacity_) return;  // would evict everything and still not fit
+  while (!s.lru.empty() && s.bytes + frame->size() > shard_capacity_) {
+    auto victim = s.entries.find(s.lru.back());
+    s.bytes -= victim->second.frame->size();
+    s.entries.erase(victim);
+    s.lru.pop_back();
+    ++s.evictions;
+  }
+  s.lru.push_front(id);
+  s.entries.emplace(id, Entry{frame, s.lru.begin()});
+  s.bytes += frame->size();
+}
+
+FrameCache::Stats FrameCache::stats() const {
+  Stats total;
+  total.capacity = capacity_;
+  for (const Shard& s : shards_) {
+    std::lock_guard lock(s.mu);
+    total.hits += s.hits;
+    total.misses += s.misses;
+    total.waits += s.waits;
+    total.load_failures += s.load_failures;
+    total.evictions += s.evictions;
+    total.bytes += s.bytes;
+    total.frames += s.entries.size();
+  }
+  return total;
+}
+
+}  // namespace faultline::image

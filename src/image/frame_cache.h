@@ -1,0 +1,96 @@
+// FrameCache: decompressed frames kept in memory, bounded in bytes, shared by
+// every image and every session of a daemon.
+//
+// Frames are keyed by their blob id (the SHA-256 of the compressed bytes), so
+// a frame that several images or layers share is decompressed and held once.
+// A page fault on a compressed frame decompresses the whole frame once; the
+// other pages of that frame are then served from here without I/O, which is
+// what lets a session's event reader serve them itself (find() never loads).
+//
+// get() is single-flight: when several threads miss the same frame at once,
+// one of them runs the loader and the others wait for its result (a failure
+// too: it is handed to every waiter and not cached, so a later get() tries
+// again). Eviction is least-recently-used, per shard; a frame larger than a
+// shard's share of the capacity is returned but not kept. Frames are handed
+// out as shared pointers, so an evicted frame stays valid for whoever still
+// holds it: the capacity bounds what the cache keeps, not what callers hold
+// (each caller holds at most a few frames at a time).
+//
+// Thread-safety: every method is safe from any thread. The key space is split
+// into shards with a mutex each, so threads on different frames rarely meet;
+// a hit allocates nothing.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "common/error.h"
+#include "image/blob_id.h"
+
+namespace faultline::image {
+
+class FrameCache {
+ public:
+  using Frame = std::shared_ptr<const std::string>;
+  using Loader = std::function<Result<std::string>()>;
+
+  struct Stats {
+    uint64_t hits = 0;         // get() or find() found the frame
+    uint64_t misses = 0;       // get() ran the loader
+    uint64_t waits = 0;        // get() waited for another thread's load of the same frame
+    uint64_t load_failures = 0;
+    uint64_t evictions = 0;
+    uint64_t bytes = 0;        // decompressed bytes held now
+    uint64_t frames = 0;       // frames held now
+    uint64_t capacity = 0;
+  };
+
+  // `capacity_bytes`: most decompressed bytes kept (0 keeps nothing: every
+  // get() loads, concurrent ones still share one load).
+  explicit FrameCache(uint64_t capacity_bytes);
+  FrameCache(const FrameCache&) = delete;
+  FrameCache& operator=(const FrameCache&) = delete;
+
+  // The frame if it is held now; never loads, never waits for a load.
+  Frame find(const BlobId& id);
+  // The frame, loading it with `load` (decompressed bytes) if it is not held.
+  Result<Frame> get(const BlobId& id, const Loader& load);
+
+  Stats stats() const;
+  uint64_t capacity() const { return capacity_; }
+
+ private:
+  struct Load {
+    bool done = false;
+    Result<Frame> result = Frame{};
+    std::condition_variable cv;
+  };
+  struct Entry {
+    Frame frame;
+    std::list<BlobId>::iterator lru;  // position in Shard::lru (front: most recent)
+  };
+  struct Shard {
+    mutable std::mutex mu;
+    std::unordered_map<BlobId, Entry, BlobIdHash> entries;
+    std::unordered_map<BlobId, std::shared_ptr<Load>, BlobIdHash> loading;
+    std::list<BlobId> lru;
+    uint64_t bytes = 0;
+    uint64_t hits = 0, misses = 0, waits = 0, load_failures = 0, evictions = 0;
+  };
+  Shard& shard_of(const BlobId& id) { return shards_[BlobIdHash{}(id) % shards_.size()]; }
+  // REQUIRES: s.mu held.
+  void insert(Shard& s, const BlobId& id, const Frame& frame);
+
+  const uint64_t capacity_;
+  uint64_t shard_capacity_;
+  std::vector<Shard> shards_;
+};
+
+}  // namespace faultline::image

@@ -1,0 +1,275 @@
+// FrameCache and ImageSource: the pieces an image is served through.
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "image/frame_cache.h"
+#include "image/image_source.h"
+#include "image/local_store.h"
+#include "image/operations.h"
+
+namespace faultline::image {
+namespace {
+
+BlobId id_of(const std::string& s) { return BlobId::of(s); }
+
+Result<std::string> bytes_of(size_t n, char c) { return std::string(n, c); }
+
+// Polls a condition another thread makes true (a bound, not an ordering).
+bool eventually(const std::function<bool()>& cond) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!cond()) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+TEST(FrameCache, ConcurrentMissesOfOneFrameRunOneLoad) {
+  FrameCache cache(64 << 20);
+  std::promise<void> gate;
+  std::shared_future<void> opened = gate.get_future().share();
+  std::atomic<int> loads{0};
+  auto loader = [&]() -> Result<std::string> {
+    loads.fetch_add(1);
+    opened.wait();  // held until the second get() is waiting on this load
+    return std::string(4096, 'a');
+  };
+  auto first = std::async(std::launch::async, [&] { return cache.get(id_of("x"), loader); });
+  ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
+  auto second = std::async(std::launch::async, [&] { return cache.get(id_of("x"), loader); });
+  ASSERT_TRUE(eventually([&] { return cache.stats().waits == 1; }));
+  gate.set_value();
+  auto a = first.get();
+  auto b = second.get();
+  ASSERT_TRUE(a && b);
+  EXPECT_EQ(a->get(), b->get()) << "both callers get the one decompressed frame";
+  EXPECT_EQ(loads.load(), 1);
+  EXPECT_EQ(cache.stats().misses, 1u);
+}
+
+TEST(FrameCache, AFailedLoadReachesEveryWaiterAndIsNotCached) {
+  FrameCache cache(64 << 20);
+  std::promise<void> gate;
+  std::shared_future<void> opened = gate.get_future().share();
+  std::atomic<int> loads{0};
+  auto failing = [&]() -> Result<std::string> {
+    loads.fetch_add(1);
+    opened.wait();
+    return fail("blob damaged", EIO);
+  };
+  auto first = std::async(std::launch::async, [&] { return cache.get(id_of("y"), failing); });
+  ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
+  auto second = std::async(std::launch::async, [&] { return cache.get(id_of("y"), failing); });
+  ASSERT_TRUE(eventually([&] { return cache.stats().waits == 1; }));
+  gate.set_value();
+  auto a = first.get();
+  auto b = second.get();
+  ASSERT_FALSE(a);
+  ASSERT_FALSE(b);
+  EXPECT_EQ(a.error().message, "blob damaged");
+  EXPECT_EQ(b.error().message, "blob damaged");
+  EXPECT_EQ(cache.find(id_of("y")), nullptr);
+  // The next get() tries again.
+  auto c = cache.get(id_of("y"), [] { return bytes_of(4096, 'c'); });
+  ASSERT_TRUE(c);
+  EXPECT_EQ((**c)[0], 'c');
+  EXPECT_EQ(cache.stats().load_failures, 1u);
+}
+
+TEST(FrameCache, EvictsTheLeastRecentlyUsedFrameToStayWithinCapacity) {
+  constexpr size_t kFrame = 1 << 20;
+  FrameCache cache(3 * kFrame);  // small: one shard
+  ASSERT_TRUE(cache.get(id_of("a"), [] { return bytes_of(kFrame, 'a'); }));
+  ASSERT_TRUE(cache.get(id_of("b"), [] { return bytes_of(kFrame, 'b'); }));
+  ASSERT_TRUE(cache.get(id_of("c"), [] { return bytes_of(kFrame, 'c'); }));
+  ASSERT_NE(cache.find(id_of("a")), nullptr);  // a is now the most recent, b the least
+  ASSERT_TRUE(cache.get(id_of("d"), [] { return bytes_of(kFrame, 'd'); }));
+  EXPECT_EQ(cache.find(id_of("b")), nullptr);
+  EXPECT_NE(cache.find(id_of("a")), nullptr);
+  EXPECT_NE(cache.find(id_of("c")), nullptr);
+  EXPECT_NE(cache.find(id_of("d")), nullptr);
+  const FrameCache::Stats st = cache.stats();
+  EXPECT_EQ(st.evictions, 1u);
+  EXPECT_EQ(st.frames, 3u);
+  EXPECT_LE(st.bytes, 3 * kFrame);
+}
+
+TEST(FrameCache, AFrameHeldByACallerOutlivesItsEviction) {
+  constexpr size_t kFrame = 1 << 20;
+  FrameCache cache(kFrame);
+  auto held = cache.get(id_of("a"), [] { return bytes_of(kFrame, 'a'); });
+  ASSERT_TRUE(held);
+  ASSERT_TRUE(cache.get(id_of("b"), [] { return bytes_of(kFrame, 'b'); }));
+  EXPECT_EQ(cache.find(id_of("a")), nullptr);
+  EXPECT_EQ((**held)[kFrame - 1], 'a');
+}
+
+TEST(FrameCache, FindNeverLoadsAndAFrameLargerThanTheCacheIsNotKept) {
+  FrameCache cache(1 << 20);
+  EXPECT_EQ(cache.find(id_of("z")), nullptr);
+  EXPECT_EQ(cache.stats().misses, 0u);
+  auto big = cache.get(id_of("big"), [] { return bytes_of(2 << 20, 'B'); });
+  ASSERT_TRUE(big);
+  EXPECT_EQ((*big)->size(), 2u << 20);
+  EXPECT_EQ(cache.find(id_of("big")), nullptr);
+  EXPECT_EQ(cache.stats().bytes, 0u);
+}
+
+// --- ImageSource ----------------------------------------------------------
+
+class ImageSourceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/faultline-imgsrc-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    // 600 pages: data, zero runs, and a last frame that is not full.
+    std::mt19937_64 rng(5);
+    memory_.resize(600 * 4096);
+    for (size_t p = 0; p < 600; ++p) {
+      if (p % 7 == 3 || (p >= 200 && p < 260)) continue;  // zero pages
+      for (size_t i = 0; i < 4096; i += 8) {
+        const uint64_t v = rng();
+        std::memcpy(&memory_[p * 4096 + i], &v, 8);
+      }
+    }
+    std::ofstream(dir_ + "/mem", std::ios::binary).write(reinterpret_cast<const char*>(memory_.data()),
+                                                          static_cast<std::streamsize>(memory_.size()));
+    auto store = LocalStore::open(dir_ + "/store", true);
+    ASSERT_TRUE(store);
+    CreateOptions o;
+    o.memory_path = dir_ + "/mem";
+    o.name = "base";
+    ASSERT_TRUE(create_image(**store, o));
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  std::shared_ptr<ImageSource> open(std::shared_ptr<FrameCache> cache) {
+    auto store = LocalStore::open(dir_ + "/store", false);
+    EXPECT_TRUE(store);
+    auto src = ImageSource::open(std::move(*store), "base", std::move(cache));
+    EXPECT_TRUE(src) << src.error().describe();
+    return src ? *src : nullptr;
+  }
+
+  std::string dir_;
+  std::vector<uint8_t> memory_;
+};
+
+TEST_F(ImageSourceTest, ReadsMatchTheFileAcrossPageAndFrameBoundaries) {
+  auto src = open(std::make_shared<FrameCache>(64 << 20));
+  ASSERT_TRUE(src);
+  ASSERT_EQ(src->size(), memory_.size());
+  // Unaligned starts and lengths, spans over zero runs and frame edges (128 pages per frame).
+  const std::pair<uint64_t, uint64_t> reads[] = {
+      {0, 4096}, {127 * 4096 + 100, 8192}, {190 * 4096, 80 * 4096}, {599 * 4096, 4096}, {1, memory_.size() - 1}};
+  for (auto [offset, length] : reads) {
+    std::vector<uint8_t> out(length, 0xEE);
+    ASSERT_TRUE(src->read(offset, out)) << offset;
+    EXPECT_EQ(std::memcmp(out.data(), memory_.data() + offset, length), 0) << "offset " << offset;
+  }
+  std::vector<uint8_t> past(8192);
+  EXPECT_FALSE(src->read(memory_.size() - 4096, past));
+}
+
+TEST_F(ImageSourceTest, ReadIfCachedNeverLoadsAFrame) {
+  auto cache = std::make_shared<FrameCache>(64 << 20);
+  auto src = open(cache);
+  ASSERT_TRUE(src);
+  std::vector<uint8_t> page(4096);
+  auto cold = src->read_if_cached(0, page);
+  ASSERT_TRUE(cold);
+  EXPECT_FALSE(*cold);
+  EXPECT_EQ(cache->stats().misses, 0u);
+  // A zero page needs no frame.
+  auto zero = src->read_if_cached(3 * 4096, page);
+  ASSERT_TRUE(zero);
+  EXPECT_TRUE(*zero);
+  EXPECT_EQ(page, std::vector<uint8_t>(4096, 0));
+  ASSERT_TRUE(src->read(0, page));  // loads frame 0
+  auto warm = src->read_if_cached(5 * 4096, page);  // same frame
+  ASSERT_TRUE(warm);
+  EXPECT_TRUE(*warm);
+  EXPECT_EQ(std::memcmp(page.data(), memory_.data() + 5 * 4096, 4096), 0);
+  EXPECT_EQ(cache->stats().misses, 1u);
+}
+
+TEST_F(ImageSourceTest, ExtentsAndZeroRangesComeFromTheManifest) {
+  auto src = open(std::make_shared<FrameCache>(64 << 20));
+  ASSERT_TRUE(src);
+  EXPECT_TRUE(src->known_zero(3 * 4096, 4096));
+  EXPECT_TRUE(src->known_zero(200 * 4096, 60 * 4096));
+  EXPECT_FALSE(src->known_zero(198 * 4096, 3 * 4096));  // 198 holds data, 199 and 200 are zero
+  EXPECT_FALSE(src->known_zero(0, 4096));
+  const SourceExtent z = src->extent(200 * 4096);
+  EXPECT_EQ(z.kind, SourceExtent::Kind::kZero);
+  EXPECT_EQ(z.length, 60u * 4096);
+  const SourceExtent d = src->extent(0);
+  EXPECT_EQ(d.kind, SourceExtent::Kind::kData);
+  EXPECT_EQ(d.length, 3u * 4096);  // page 3 is zero
+}
+
+TEST_F(ImageSourceTest, ADamagedFrameIsAFinalErrorNamingTheImageAndBlob) {
+  auto src = open(std::make_shared<FrameCache>(64 << 20));
+  ASSERT_TRUE(src);
+  const BlobId id = src->chain().layers()[0].manifest.frames[1].id;
+  std::string path;
+  for (auto& e : std::filesystem::recursive_directory_iterator(dir_ + "/store/blobs")) {
+    if (e.path().filename() == id.hex()) path = e.path();
+  }
+  ASSERT_FALSE(path.empty());
+  std::filesystem::permissions(path, std::filesystem::perms::owner_write, std::filesystem::perm_options::add);
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(20);
+    f.put('\x5a');
+  }
+  uint64_t in_frame1 = 0;
+  while (src->chain().locate(in_frame1).zero || src->chain().locate(in_frame1).frame != 1) ++in_frame1;
+  std::vector<uint8_t> page(4096, 0xEE);
+  auto r = src->read(in_frame1 * 4096, page);
+  ASSERT_FALSE(r);
+  EXPECT_FALSE(r.error().retryable);
+  EXPECT_NE(r.error().message.find(id.hex()), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("base"), std::string::npos) << r.error().message;
+  EXPECT_EQ(page, std::vector<uint8_t>(4096, 0xEE)) << "no byte of a damaged frame is handed out";
+  // Frame 0 is intact.
+  ASSERT_TRUE(src->read(0, page));
+}
+
+TEST_F(ImageSourceTest, AStoreOutOfFileDescriptorsIsARetryableError) {
+  auto src = open(std::make_shared<FrameCache>(64 << 20));
+  ASSERT_TRUE(src);
+  // Fill the fd table so the store cannot open the blob (EMFILE), as a busy
+  // daemon may for a moment.
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  rlimit low = old;
+  low.rlim_cur = 256;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  std::vector<int> fillers;
+  for (int fd; (fd = ::dup(0)) >= 0;) fillers.push_back(fd);
+  std::vector<uint8_t> page(4096);
+  auto r = src->read(0, page);
+  for (int fd : fillers) ::close(fd);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EMFILE) << r.error().describe();
+  EXPECT_TRUE(r.error().retryable);
+  ASSERT_TRUE(src->read(0, page));
+  EXPECT_EQ(std::memcmp(page.data(), memory_.data(), 4096), 0);
+}
+
+}  // namespace
+}  // namespace faultline::image

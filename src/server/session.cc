@@ -236,6 +236,7 @@ Status Session::launch() {
     step = "install fence";
     fence_ = std::make_unique<InstallFence>(static_cast<size_t>(config_.workers) + 1 +
                                             static_cast<size_t>(std::max(1, config_.prefetch_threads)));
+    installer_ = std::make_unique<PageInstaller>(uffd_, *fence_, *pages_, zero_page_.get());
     step = "worker page buffer";
     for (int i = 0; i < config_.workers; ++i) {
       workers_.push_back(std::make_unique<Worker>(i, i));
@@ -757,17 +758,6 @@ void Session::wake_everything() {
   for (const Segment& g : layout_->current_for_writer().segments()) (void)uffd_.wake(g.base, g.size);
 }
 
-kernel::IoctlResult Session::install_zero(const PageLocation& loc, bool protect, HookContext& hook) {
-  FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
-  if (hook.inject_errno) return kernel::result_for_errno(hook.inject_errno);
-  // UFFDIO_ZEROPAGE has no WP mode, and "zeropage then writeprotect" leaves a
-  // window in which a write goes unrecorded (and a failed protect leaves the
-  // page unarmed for good): a protected zero install copies a zero buffer
-  // with MODE_WP, which is atomic. ZEROPAGE does not exist on hugetlbfs.
-  if (protect || loc.page_size != kPageSize4K) return uffd_.copy(loc.address, zero_page_.get(), loc.page_size, protect, false);
-  return uffd_.zeropage(loc.address, loc.page_size, false);
-}
-
 bool Session::snapshot_known_zero(uint64_t offset, uint64_t length) const {
   return (config_.zero_index && config_.zero_index->is_zero(offset, length)) || source_->known_zero(offset, length);
 }
@@ -843,12 +833,12 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
         !removed && snapshot_known_zero(loc->file_offset, loc->page_size);
     if (removed || snapshot_zero) {
       // Zeros are never stale: no fence needed.
-      r = install_zero(*loc, protect, hook);
       installed = removed ? PageState::kZero : PageState::kSnapshot;
-      if (r.outcome == kernel::IoctlOutcome::kDone) {
-        // Recorded only if no REMOVE came in between (then it stays removed).
-        pages_->record_install(loc->page_index, seen, installed, fault.write);
-        if (snapshot_zero) w.snapshot_zero.fetch_add(1, std::memory_order_relaxed);
+      FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
+      r = installer_->install_zero(loc->page_index, loc->address, loc->page_size, protect, seen, installed, fault.write,
+                                   hook.inject_errno);
+      if (r.outcome == kernel::IoctlOutcome::kDone && snapshot_zero) {
+        w.snapshot_zero.fetch_add(1, std::memory_order_relaxed);
       }
     } else if (by_reader) {
       auto cached = source_->read_if_cached(loc->file_offset, {w.buffer.get(), loc->page_size});
@@ -857,13 +847,18 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
         return Served::kDone;
       }
       if (!*cached) return Served::kNeedsWorker;  // it would wait for storage
-      // No fence: the reader itself records every REMOVE it reads before it
-      // serves anything, and a REMOVE it has not read yet makes this copy
-      // fail with EAGAIN.
-      r = uffd_.copy(loc->address, w.buffer.get(), loc->page_size, protect, false);
-      if (r.outcome == kernel::IoctlOutcome::kDone) {
-        pages_->record_install(loc->page_index, seen, PageState::kSnapshot, fault.write);
-      }
+      const PageInstaller::Result run = installer_->install_run({.slot = PageInstaller::kReaderUnfenced,
+                                                                 .first_page = loc->page_index,
+                                                                 .address = loc->address,
+                                                                 .page_size = loc->page_size,
+                                                                 .pages = 1,
+                                                                 .staged = w.buffer.get(),
+                                                                 .protect = protect,
+                                                                 .write = fault.write,
+                                                                 .demand = true});
+      // The reader recorded every REMOVE it read before serving: the page
+      // cannot have turned zero since it looked.
+      r = run.eligible == 0 ? kernel::result_for_errno(EAGAIN) : run.ioctl;
     } else {
       // Storage I/O happens here, before the fence, so the reader never waits on it.
       if (auto s = read_source(loc->file_offset, {w.buffer.get(), loc->page_size}); !s) {
@@ -871,19 +866,20 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
         return Served::kDone;
       }
       FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
-      fence_->enter(w.index);
-      const PageState now = pages_->state(loc->page_index);
-      if (PageStateTable::serves_zero(now)) {
-        // A REMOVE was recorded since we looked: the staged bytes are stale.
-        fence_->exit(w.index);
-        continue;
-      }
-      r = hook.inject_errno ? kernel::result_for_errno(hook.inject_errno)
-                            : uffd_.copy(loc->address, w.buffer.get(), loc->page_size, protect, false);
-      if (r.outcome == kernel::IoctlOutcome::kDone) {
-        pages_->record_install(loc->page_index, now, PageState::kSnapshot, fault.write);
-      }
-      fence_->exit(w.index);
+      const PageInstaller::Result run = installer_->install_run({.slot = w.index,
+                                                                 .first_page = loc->page_index,
+                                                                 .address = loc->address,
+                                                                 .page_size = loc->page_size,
+                                                                 .pages = 1,
+                                                                 .staged = w.buffer.get(),
+                                                                 .protect = protect,
+                                                                 .write = fault.write,
+                                                                 .demand = true,
+                                                                 .inject_errno = hook.inject_errno});
+      // A REMOVE was recorded since we looked: the staged bytes are stale;
+      // the page now serves zero.
+      if (run.eligible == 0) continue;
+      r = run.ioctl;
     }
     return finish_install(*layout, w, r, installed, *loc, fault, /*count=*/true, removed || snapshot_zero, by_reader);
   }
@@ -1118,29 +1114,22 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
     }
     HookContext hook{first.address, first.page_index};
     FAULTLINE_HOOK(HookPoint::kBeforePrefaultInstall, hook);
-    fence_->enter(slot);
-    // Re-check inside the fence: a REMOVE recorded since the run was built
-    // ends the run before that page.
-    uint64_t still = 0;
-    while (still < run && pages_->state(base + still) == PageState::kUntouched) ++still;
-    kernel::IoctlResult r{kernel::IoctlOutcome::kDone, 0, 0};
-    uint64_t done_pages = 0;
-    if (still > 0) {
-      if (hook.inject_errno) {
-        r = kernel::result_for_errno(hook.inject_errno);
-      } else if (use_zeropage) {
-        r = uffd_.zeropage(first.address, still * first.page_size, false);
-      } else {
-        r = uffd_.copy(first.address, buffer.get(), still * first.page_size, region_wp_[first.region], false);
-      }
-      done_pages = r.outcome == kernel::IoctlOutcome::kDone ? still : r.bytes / first.page_size;
-      for (uint64_t k = 0; k < done_pages; ++k) {
-        pages_->record_install(base + k, PageState::kUntouched, PageState::kSnapshot, false);
-      }
-      report.installed_pages += done_pages;
-      report.bytes += done_pages * first.page_size;
-    }
-    fence_->exit(slot);
+    // Inside the fence the installer re-checks every page: a REMOVE recorded
+    // since the run was built ends the run before that page.
+    const PageInstaller::Result installed = installer_->install_run({.slot = slot,
+                                                                     .first_page = base,
+                                                                     .address = first.address,
+                                                                     .page_size = first.page_size,
+                                                                     .pages = run,
+                                                                     .staged = use_zeropage ? nullptr : buffer.get(),
+                                                                     .protect = region_wp_[first.region],
+                                                                     .write = false,
+                                                                     .demand = false,
+                                                                     .inject_errno = hook.inject_errno});
+    const kernel::IoctlResult r = installed.ioctl;
+    const uint64_t done_pages = installed.installed;
+    report.installed_pages += done_pages;
+    report.bytes += done_pages * first.page_size;
     // Skip the planned pages the run installed; the loop looks at the rest
     // again (a page that stopped the run is skipped there with its reason).
     while (i < pages.size() && pages[i] < base + done_pages) ++i;

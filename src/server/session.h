@@ -43,6 +43,7 @@
 #include "kernel/userfaultfd.h"
 #include "metrics/registry.h"
 #include "protocol/handshake_socket.h"
+#include "server/page_installer.h"
 #include "server/published_layout.h"
 #include "server/test_hooks.h"
 #include "server/wake_signal.h"
@@ -303,7 +304,6 @@ class Session {
   // chooses the fault's latency path.
   Served finish_install(const GuestLayout& layout, Worker& w, const kernel::IoctlResult& r, PageState installed,
                         const PageLocation& loc, const QueuedFault& fault, bool count, bool zero, bool by_reader);
-  kernel::IoctlResult install_zero(const PageLocation& loc, bool protect, HookContext& hook);
   std::vector<const Worker*> all_workers() const;
   void handle_remove(const kernel::RemoveEvent& ev);
   // UNMAP / REMAP: record the pages as removed (UNMAP) and publish a new layout.
@@ -345,6 +345,7 @@ class Session {
   std::vector<std::unique_ptr<Worker>> workers_;
   std::unique_ptr<Worker> reader_worker_;  // stats and buffer of the faults the reader serves itself
   std::unique_ptr<class InstallFence> fence_;
+  std::unique_ptr<PageInstaller> installer_;  // every install of snapshot bytes or zeros goes through it
   std::thread reader_;
   UniqueFd stop_efd_;
   UniqueFd finished_efd_;

@@ -1,0 +1,56 @@
+#include "server/page_installer.h"
+
+#include "guest/layout.h"
+
+namespace faultline {
+
+PageInstaller::Result PageInstaller::install_run(const Run& run) {
+  Result result;
+  const bool fenced = run.slot != kReaderUnfenced;
+  if (fenced) fence_.enter(run.slot);
+  // Inside the fence no REMOVE can be read without being recorded first, so
+  // the states read here hold until exit(): what is installable now stays so.
+  const PageState first_state = pages_.state(run.first_page);
+  if (run.demand ? !PageStateTable::serves_zero(first_state) : first_state == PageState::kUntouched) {
+    result.eligible = 1;
+    while (result.eligible < run.pages && pages_.state(run.first_page + result.eligible) == PageState::kUntouched) {
+      ++result.eligible;
+    }
+  }
+  if (result.eligible > 0) {
+    const uint64_t len = result.eligible * run.page_size;
+    if (run.inject_errno != 0) {
+      result.ioctl = kernel::result_for_errno(run.inject_errno);
+    } else if (run.staged == nullptr) {
+      result.ioctl = uffd_.zeropage(run.address, len, false);
+    } else {
+      result.ioctl = uffd_.copy(run.address, run.staged, len, run.protect, false);
+    }
+    // A partial install (a later page present, or a pending event) reports
+    // the bytes it did install.
+    result.installed = result.ioctl.outcome == kernel::IoctlOutcome::kDone ? result.eligible
+                                                                            : result.ioctl.bytes / run.page_size;
+    for (uint64_t k = 0; k < result.installed; ++k) {
+      pages_.record_install(run.first_page + k, k == 0 ? first_state : PageState::kUntouched, PageState::kSnapshot,
+                            k == 0 && run.write);
+    }
+  }
+  if (fenced) fence_.exit(run.slot);
+  return result;
+}
+
+kernel::IoctlResult PageInstaller::install_zero(uint64_t page, uint64_t address, uint64_t page_size, bool protect,
+                                                PageState seen, PageState installed, bool write, int inject_errno) {
+  kernel::IoctlResult r;
+  if (inject_errno != 0) {
+    r = kernel::result_for_errno(inject_errno);
+  } else if (protect || page_size != kPageSize4K) {
+    r = uffd_.copy(address, zero_page_, page_size, protect, false);
+  } else {
+    r = uffd_.zeropage(address, page_size, false);
+  }
+  if (r.outcome == kernel::IoctlOutcome::kDone) pages_.record_install(page, seen, installed, write);
+  return r;
+}
+
+}  // namespace faultline

@@ -3,6 +3,7 @@
 // from; a damaged image is refused or kills the VM, never serves a wrong page.
 // (Reads, writes, REMOVEs, WP bits and prefaults from an image against a
 // model: stress_test's Image* cases, 4 KiB and 2 MiB.)
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -12,8 +13,6 @@
 #include <random>
 #include <thread>
 
-#include <gtest/gtest.h>
-
 #include "harness.h"
 #include "image/image_chain.h"
 #include "image/local_store.h"
@@ -21,6 +20,10 @@
 
 namespace faultline::testing {
 namespace {
+
+// Small guests: these tests run under ThreadSanitizer too, where every byte
+// the client verifies costs ~50x; 16 MiB is still 32 frames of 128 pages.
+constexpr uint64_t kGuestBytes = 16 * kMiB;
 
 std::vector<uint8_t> read_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -89,6 +92,7 @@ uint64_t frames_in_chain(const std::string& store_dir, const std::string& name) 
 
 TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDecompressedOnce) {
   ServerHarness::Options ho;
+  ho.memory_bytes = kGuestBytes;
   ho.serve_image = true;
   ho.zero_fraction = 0.2;
   ServerHarness h(ho);
@@ -99,7 +103,8 @@ TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDe
   ASSERT_TRUE(h.wait_ended(1));
   const SessionSummary s = h.server().finished_sessions().at(0);
   EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
-  // Zero pages of the image are known from its manifest: installed without a read.
+  // Zero pages of the image are known from its manifest: installed without a
+  // read.
   EXPECT_GT(s.counters.snapshot_zero_pages, 0u);
   EXPECT_GT(s.counters.pages_snapshot, s.counters.snapshot_zero_pages);
   // Every frame was touched; the cache (256 MiB) holds them all: one load each,
@@ -115,6 +120,7 @@ TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDe
 
 TEST(ImageServe, AChainOfThreeServesEachPageFromItsNewestLayer) {
   ServerHarness::Options ho;
+  ho.memory_bytes = kGuestBytes;
   ho.configure = [](ServerConfig& c, const TempDir& d) {
     const std::string store = d.file("store");
     write_generation(c.memory_path, d.file("gen1"), 0.05, 1);
@@ -141,6 +147,7 @@ TEST(ImageServe, PrefetchOfARecordedWorkingSetAndEagerFillWorkFromAnImage) {
   const std::string ws = shared.file("ws");
   {
     ServerHarness::Options ho;
+    ho.memory_bytes = kGuestBytes;
     ho.serve_image = true;
     ho.configure = [&](ServerConfig& c, const TempDir&) { c.record_path = ws; };
     ServerHarness h(ho);
@@ -153,6 +160,7 @@ TEST(ImageServe, PrefetchOfARecordedWorkingSetAndEagerFillWorkFromAnImage) {
   }
   for (const bool all : {false, true}) {
     ServerHarness::Options ho;
+    ho.memory_bytes = kGuestBytes;
     ho.serve_image = true;
     ho.configure = [&](ServerConfig& c, const TempDir&) {
       if (all) {
@@ -175,8 +183,8 @@ TEST(ImageServe, PrefetchOfARecordedWorkingSetAndEagerFillWorkFromAnImage) {
 
 TEST(ImageServe, ManySessionsOfOneImageShareOneLoadPerFrame) {
   ServerHarness::Options ho;
+  ho.memory_bytes = kGuestBytes;
   ho.serve_image = true;
-  ho.memory_bytes = 32 * kMiB;
   ServerHarness h(ho);
   constexpr int kVms = 4;
   std::vector<std::thread> vms;
@@ -203,10 +211,12 @@ TEST(ImageServe, ManySessionsOfOneImageShareOneLoadPerFrame) {
 
 TEST(ImageServe, TwoDaemonsServeOneStoreAtOnce) {
   ServerHarness::Options first;
+  first.memory_bytes = kGuestBytes;
   first.serve_image = true;
   ServerHarness a(first);
   // A second daemon on the first one's store and image.
   ServerHarness::Options second;
+  second.memory_bytes = kGuestBytes;
   second.configure = [&](ServerConfig& c, const TempDir&) {
     c.memory_path.clear();
     c.image_path = a.dir().file("store") + "/base";
@@ -292,8 +302,8 @@ TEST(ImageServe, ADamagedChainIsRefusedAtStartNamingTheImage) {
 void expect_vm_killed_over_frame(const std::function<void(const std::string& store, const image::BlobId&)>& damage,
                                  const std::string& what) {
   ServerHarness::Options ho;
+  ho.memory_bytes = kGuestBytes;
   ho.serve_image = true;
-  ho.memory_bytes = 16 * kMiB;
   ho.on_fatal = OnFatal::kKill;
   ServerHarness h(ho);
   const std::string store = h.dir().file("store");
@@ -325,8 +335,8 @@ void expect_vm_killed_over_frame(const std::function<void(const std::string& sto
 }
 
 TEST(ImageServe, AFrameDamagedAfterStartKillsTheVmAndNamesTheBlob) {
-  expect_vm_killed_over_frame([](const std::string& store, const image::BlobId& id) { flip_byte(blob_path(store, id), 10); },
-                              "flipped byte");
+  expect_vm_killed_over_frame(
+      [](const std::string& store, const image::BlobId& id) { flip_byte(blob_path(store, id), 10); }, "flipped byte");
 }
 
 TEST(ImageServe, AFrameMissingAfterStartKillsTheVmAndNamesTheBlob) {
@@ -338,8 +348,8 @@ TEST(ImageServe, AFrameMissingAfterStartKillsTheVmAndNamesTheBlob) {
 #if defined(FAULTLINE_TEST_HOOKS)
 TEST(ImageServe, ARetryableSourceErrorIsRetriedUntilTheReadSucceeds) {
   ServerHarness::Options ho;
+  ho.memory_bytes = kGuestBytes;
   ho.serve_image = true;
-  ho.memory_bytes = 16 * kMiB;
   ho.reader_serves_cached = false;  // every read goes through a worker's read_source()
   ServerHarness h(ho);
   std::atomic<int> failures{0};
@@ -360,8 +370,8 @@ TEST(ImageServe, ARetryableSourceErrorIsRetriedUntilTheReadSucceeds) {
 
 TEST(ImageServe, AFinalSourceErrorEndsTheSessionAndKillsTheVm) {
   ServerHarness::Options ho;
+  ho.memory_bytes = kGuestBytes;
   ho.serve_image = true;
-  ho.memory_bytes = 16 * kMiB;
   ho.on_fatal = OnFatal::kKill;
   ServerHarness h(ho);
   test_hooks::set(HookPoint::kSourceRead, [](HookContext& c) { c.inject_errno = EIO; });

@@ -42,13 +42,13 @@ class FrameCache {
   using Loader = std::function<Result<std::string>()>;
 
   struct Stats {
-    uint64_t hits = 0;         // get() or find() found the frame
-    uint64_t misses = 0;       // get() ran the loader
-    uint64_t waits = 0;        // get() waited for another thread's load of the same frame
+    uint64_t hits = 0;    // get() or find() found the frame
+    uint64_t misses = 0;  // get() ran the loader
+    uint64_t waits = 0;   // get() waited for another thread's load of the same frame
     uint64_t load_failures = 0;
     uint64_t evictions = 0;
-    uint64_t bytes = 0;        // decompressed bytes held now
-    uint64_t frames = 0;       // frames held now
+    uint64_t bytes = 0;   // decompressed bytes held now
+    uint64_t frames = 0;  // frames held now
     uint64_t capacity = 0;
   };
 

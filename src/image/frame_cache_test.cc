@@ -1,5 +1,8 @@
 // FrameCache and ImageSource: the pieces an image is served through.
+#include "image/frame_cache.h"
+
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -11,9 +14,6 @@
 #include <random>
 #include <thread>
 
-#include <gtest/gtest.h>
-
-#include "image/frame_cache.h"
 #include "image/image_source.h"
 #include "image/local_store.h"
 #include "image/operations.h"
@@ -93,7 +93,8 @@ TEST(FrameCache, EvictsTheLeastRecentlyUsedFrameToStayWithinCapacity) {
   ASSERT_TRUE(cache.get(id_of("a"), [] { return bytes_of(kFrame, 'a'); }));
   ASSERT_TRUE(cache.get(id_of("b"), [] { return bytes_of(kFrame, 'b'); }));
   ASSERT_TRUE(cache.get(id_of("c"), [] { return bytes_of(kFrame, 'c'); }));
-  ASSERT_NE(cache.find(id_of("a")), nullptr);  // a is now the most recent, b the least
+  ASSERT_NE(cache.find(id_of("a")),
+            nullptr);  // a is now the most recent, b the least
   ASSERT_TRUE(cache.get(id_of("d"), [] { return bytes_of(kFrame, 'd'); }));
   EXPECT_EQ(cache.find(id_of("b")), nullptr);
   EXPECT_NE(cache.find(id_of("a")), nullptr);
@@ -144,8 +145,8 @@ class ImageSourceTest : public ::testing::Test {
         std::memcpy(&memory_[p * 4096 + i], &v, 8);
       }
     }
-    std::ofstream(dir_ + "/mem", std::ios::binary).write(reinterpret_cast<const char*>(memory_.data()),
-                                                          static_cast<std::streamsize>(memory_.size()));
+    std::ofstream(dir_ + "/mem", std::ios::binary)
+        .write(reinterpret_cast<const char*>(memory_.data()), static_cast<std::streamsize>(memory_.size()));
     auto store = LocalStore::open(dir_ + "/store", true);
     ASSERT_TRUE(store);
     CreateOptions o;
@@ -171,7 +172,8 @@ TEST_F(ImageSourceTest, ReadsMatchTheFileAcrossPageAndFrameBoundaries) {
   auto src = open(std::make_shared<FrameCache>(64 << 20));
   ASSERT_TRUE(src);
   ASSERT_EQ(src->size(), memory_.size());
-  // Unaligned starts and lengths, spans over zero runs and frame edges (128 pages per frame).
+  // Unaligned starts and lengths, spans over zero runs and frame edges (128
+  // pages per frame).
   const std::pair<uint64_t, uint64_t> reads[] = {
       {0, 4096}, {127 * 4096 + 100, 8192}, {190 * 4096, 80 * 4096}, {599 * 4096, 4096}, {1, memory_.size() - 1}};
   for (auto [offset, length] : reads) {
@@ -197,7 +199,7 @@ TEST_F(ImageSourceTest, ReadIfCachedNeverLoadsAFrame) {
   ASSERT_TRUE(zero);
   EXPECT_TRUE(*zero);
   EXPECT_EQ(page, std::vector<uint8_t>(4096, 0));
-  ASSERT_TRUE(src->read(0, page));  // loads frame 0
+  ASSERT_TRUE(src->read(0, page));                  // loads frame 0
   auto warm = src->read_if_cached(5 * 4096, page);  // same frame
   ASSERT_TRUE(warm);
   EXPECT_TRUE(*warm);

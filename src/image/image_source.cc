@@ -48,7 +48,8 @@ Result<bool> ImageSource::copy_out(uint64_t offset, std::span<uint8_t> out, Fram
   }
   const uint64_t page_size = chain_.page_size();
   // The frame of the previous page: consecutive pages of one frame (the
-  // common case: a prefetch run, a 2 MiB page of a 2 MiB image) look it up once.
+  // common case: a prefetch run, a 2 MiB page of a 2 MiB image) look it up
+  // once.
   FrameCache::Frame held;
   const FrameRef* held_for = nullptr;
   uint64_t done = 0;

@@ -28,8 +28,8 @@ PageInstaller::Result PageInstaller::install_run(const Run& run) {
     }
     // A partial install (a later page present, or a pending event) reports
     // the bytes it did install.
-    result.installed = result.ioctl.outcome == kernel::IoctlOutcome::kDone ? result.eligible
-                                                                            : result.ioctl.bytes / run.page_size;
+    result.installed =
+        result.ioctl.outcome == kernel::IoctlOutcome::kDone ? result.eligible : result.ioctl.bytes / run.page_size;
     for (uint64_t k = 0; k < result.installed; ++k) {
       pages_.record_install(run.first_page + k, k == 0 ? first_state : PageState::kUntouched, PageState::kSnapshot,
                             k == 0 && run.write);

@@ -38,25 +38,28 @@ class PageInstaller {
       : uffd_(uffd), fence_(fence), pages_(pages), zero_page_(zero_page) {}
 
   struct Run {
-    size_t slot = 0;            // the caller's fence slot
-    uint64_t first_page = 0;    // global page index of the first page
-    uint64_t address = 0;       // client address of the first page
+    size_t slot = 0;          // the caller's fence slot
+    uint64_t first_page = 0;  // global page index of the first page
+    uint64_t address = 0;     // client address of the first page
     uint64_t page_size = 0;
-    uint64_t pages = 0;         // pages in the run (contiguous in the client and in the source)
+    uint64_t pages = 0;  // pages in the run (contiguous in the client and in the source)
     // Staged bytes, page_size * pages of them; null installs zeros with
     // UFFDIO_ZEROPAGE (4 KiB pages without WP only).
     const uint8_t* staged = nullptr;
-    bool protect = false;       // install write-protected (a read under a WP registration)
-    bool write = false;         // the first page is installed for a write (it is dirty at once)
+    bool protect = false;  // install write-protected (a read under a WP registration)
+    bool write = false;    // the first page is installed for a write (it is dirty at once)
     // The first page is a demand fault's own page: it may be present (the
     // kernel then says EEXIST). Otherwise (prefetch) it must be untouched too.
     bool demand = false;
-    int inject_errno = 0;       // tests: report this errno instead of issuing the ioctl
+    int inject_errno = 0;  // tests: report this errno instead of issuing the ioctl
   };
   struct Result {
-    kernel::IoctlResult ioctl{kernel::IoctlOutcome::kDone, 0, 0};  // of the install, when one was issued
-    uint64_t eligible = 0;   // leading pages still installable inside the fence (0: nothing was issued)
-    uint64_t installed = 0;  // pages installed and recorded
+    // The install's outcome, when one was issued.
+    kernel::IoctlResult ioctl{kernel::IoctlOutcome::kDone, 0, 0};
+    // Leading pages still installable inside the fence (0: nothing was issued).
+    uint64_t eligible = 0;
+    // Pages installed and recorded.
+    uint64_t installed = 0;
   };
 
   // The event reader's slot: it installs without the fence, because it

@@ -131,5 +131,58 @@ TEST(ImageCli, EverySubcommandHasHelpAndBadNamesAreRefused) {
   EXPECT_NE(missing.output.find("image nothere does not exist"), std::string::npos) << missing.output;
 }
 
+
+// The daemon serving an image as a user runs it: `image create`, then
+// `serve --image STORE/NAME`, then a VM restored through the real handshake
+// by a separate process that checks every byte against the file.
+TEST(ImageCli, ServeImageRestoresAVmWithEveryByteOfTheFile) {
+  TempDir dir;
+  const std::string store = dir.file("store");
+  ASSERT_TRUE(client::write_test_memory_file(dir.file("mem"), 16 * kMiB, 5, 0.2));
+  CommandRun c = run_faultline(dir, {"image", "create", "--from", dir.file("mem"), "--store", store, "--name", "vm"});
+  ASSERT_EQ(c.exit_code, 0) << c.output;
+
+  const std::string sock = dir.file("vm.sock");
+  const std::string log = dir.file("serve.log");
+  const pid_t daemon = spawn({built_binary("faultline"), "serve", "--socket", sock, "--image", store + "/vm",
+                              "--frame-cache-size", "8388608", "--on-fatal", "leave"},
+                             log);
+  ASSERT_GT(daemon, 0);
+  ASSERT_TRUE(eventually_true([&] { return read_file(log).find("event=server_start") != std::string::npos; }))
+      << read_file(log);
+  const std::string out = dir.file("client.out");
+  const pid_t vm = spawn({built_binary("faultline-client"), "restore", "--socket", sock, "--memory", dir.file("mem"),
+                          "--threads", "2"},
+                         out);
+  const int status = wait_child(vm, std::chrono::seconds(120));
+  ::kill(daemon, SIGTERM);
+  const int daemon_status = wait_child(daemon, std::chrono::seconds(30));
+  ASSERT_TRUE(WIFEXITED(status)) << read_file(out);
+  EXPECT_EQ(WEXITSTATUS(status), 0) << read_file(out);
+  EXPECT_NE(read_file(out).find("mismatches        0\n"), std::string::npos) << read_file(out);
+  ASSERT_TRUE(WIFEXITED(daemon_status));
+  EXPECT_EQ(WEXITSTATUS(daemon_status), 0);
+  const std::string served = read_file(log);
+  EXPECT_NE(served.find("image_layers=1"), std::string::npos) << served;
+  EXPECT_NE(served.find("frame_cache_bytes=8388608"), std::string::npos) << served;
+  EXPECT_NE(served.find("state=socket_closed"), std::string::npos) << served;
+}
+
+TEST(ImageCli, ServeNeedsExactlyOneOfMemoryAndImage) {
+  TempDir dir;
+  ASSERT_TRUE(client::write_test_memory_file(dir.file("mem"), 4 * kMiB, 5, 0.2));
+  CommandRun none = run_faultline(dir, {"serve", "--socket", dir.file("a.sock")});
+  EXPECT_EQ(none.exit_code, 2) << none.output;
+  EXPECT_NE(none.output.find("--memory FILE or --image STORE_DIR/NAME"), std::string::npos) << none.output;
+  CommandRun both =
+      run_faultline(dir, {"serve", "--socket", dir.file("b.sock"), "--memory", dir.file("mem"), "--image", "x/y"});
+  EXPECT_NE(both.exit_code, 0) << both.output;
+  EXPECT_NE(both.output.find("excludes"), std::string::npos) << both.output;
+  CommandRun missing = run_faultline(dir, {"serve", "--socket", dir.file("c.sock"), "--image", dir.file("nostore") + "/vm"});
+  EXPECT_EQ(missing.exit_code, 1) << missing.output;
+  EXPECT_NE(missing.output.find("startup_failed"), std::string::npos) << missing.output;
+  EXPECT_NE(missing.output.find("nostore"), std::string::npos) << missing.output;
+}
+
 }  // namespace
 }  // namespace faultline::testing

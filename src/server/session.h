@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <exception>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -379,5 +380,16 @@ class Session {
   std::once_flag finish_once_;
   MetricsSource metrics_source_{*this};
 };
+
+template <typename Body>
+void Session::run_guarded(const char* thread_kind, Body&& body) noexcept {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    fatal_exception(thread_kind, e.what());
+  } catch (...) {
+    fatal_exception(thread_kind, "an exception of unknown type");
+  }
+}
 
 }  // namespace faultline

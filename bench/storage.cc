@@ -2,7 +2,10 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 
 #include <zstd.h>
@@ -46,6 +49,14 @@ double load1() {
   return ::getloadavg(l, 3) >= 1 ? l[0] : std::nan("");
 }
 
+// CPU time of this process (every thread), user + system.
+double cpu_seconds() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) / 1e6;
+}
+
 double median_of(std::vector<double> v) {
   if (v.empty()) return std::nan("");
   std::sort(v.begin(), v.end());
@@ -87,7 +98,17 @@ std::set<std::string> blob_names(image::Store& store, const std::string& name, u
 
 // Everything measured on one memory file; fills `row` or returns why not.
 Status measure_file(Context& ctx, const std::string& path, const std::string& ws_path, Row& row) {
+  // Stores on the disk (beside the memory files) and in memory (tmpfs, where
+  // syncfs has nothing to wait for): on this shared machine a syncfs also
+  // waits for every other writer of the file system (other sessions' builds),
+  // which says nothing about create itself.
   const std::string work = ctx.dir + "/storage-" + row.subject;
+  std::string mem_work = work;
+  {
+    char tmpl[] = "/dev/shm/faultline-bench-storage-XXXXXX";
+    struct statfs fs {};
+    if (::statfs("/dev/shm", &fs) == 0 && fs.f_type == TMPFS_MAGIC && ::mkdtemp(tmpl) != nullptr) mem_work = tmpl;
+  }
   std::filesystem::create_directories(work);
   struct Cleanup {
     std::string dir;
@@ -95,7 +116,8 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
       std::error_code ec;
       std::filesystem::remove_all(dir, ec);
     }
-  } cleanup{work};
+  } cleanup{work}, mem_cleanup{mem_work};
+  const bool in_memory = mem_work != work;
   row.metrics.emplace_back("load1_before", load1());
   warm_page_cache(path);
   uint64_t size = 0;
@@ -124,24 +146,39 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
   row.metrics.emplace_back("zstd3_bytes", static_cast<double>(*whole));
   row.metrics.emplace_back("zstd3_mb_s", mb_per_s(size, zstd_s));
 
-  // Two images created independently (two stores) from the same file.
+  // Two images created independently (two stores) from the same file, with
+  // a thread per CPU into memory, interleaved with the same into a store on
+  // the disk and on one thread into memory, so that the machine's noise falls
+  // on all three alike.
   std::vector<std::unique_ptr<image::LocalStore>> stores;
-  std::vector<double> create_s;
+  std::vector<double> create_s, create_disk_s, create_cpu_s, create_1t_s;
   image::CreateReport base;
   const int creates = std::max(2, ctx.sizes.reps);
   for (int i = 0; i < creates; ++i) {
-    auto store = image::LocalStore::open(work + "/store-" + std::to_string(i), true);
-    if (!store) return std::unexpected(store.error());
-    image::CreateOptions o;
-    o.memory_path = path;
-    o.name = "base";
-    o.zstd_level = kLevel;
-    const auto t0 = Clock::now();
-    auto r = image::create_image(**store, o);
-    create_s.push_back(seconds_since(t0));
-    if (!r) return fail("image create: " + r.error().describe(), r.error().code);
-    base = *r;
-    stores.push_back(std::move(*store));
+    for (const char* kind : {"memory", "disk", "memory-1thread"}) {
+      const std::string k = kind;
+      if (k == "disk" && !in_memory) continue;
+      auto store = image::LocalStore::open((k == "disk" ? work : mem_work) + "/store-" + k + "-" + std::to_string(i), true);
+      if (!store) return std::unexpected(store.error());
+      image::CreateOptions o;
+      o.memory_path = path;
+      o.name = "base";
+      o.zstd_level = kLevel;
+      o.threads = k == "memory-1thread" ? 1 : 0;
+      const double cpu0 = cpu_seconds();
+      const auto t0 = Clock::now();
+      auto r = image::create_image(**store, o);
+      const double wall = seconds_since(t0);
+      if (!r) return fail("image create: " + r.error().describe(), r.error().code);
+      if (k == "memory") {
+        create_s.push_back(wall);
+        create_cpu_s.push_back(cpu_seconds() - cpu0);
+        base = *r;
+        stores.push_back(std::move(*store));
+      } else {
+        (k == "disk" ? create_disk_s : create_1t_s).push_back(wall);
+      }
+    }
   }
   row.reps = creates;
   const double stored = static_cast<double>(base.stored_bytes + base.manifest_bytes);
@@ -150,6 +187,11 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
   row.metrics.emplace_back("frames", static_cast<double>(base.frames));
   row.metrics.emplace_back("stored_over_zstd3", stored / static_cast<double>(*whole));
   row.metrics.emplace_back("create_mb_s", mb_per_s(size, median_of(create_s)));
+  row.metrics.emplace_back("create_disk_mb_s", mb_per_s(size, median_of(create_disk_s)));
+  row.metrics.emplace_back("stores_in_memory", in_memory ? 1 : 0);
+  row.metrics.emplace_back("create_1thread_mb_s", mb_per_s(size, median_of(create_1t_s)));
+  row.metrics.emplace_back("create_cpu_s", median_of(create_cpu_s));
+  row.metrics.emplace_back("create_threads", static_cast<double>(std::max(1u, std::thread::hardware_concurrency())));
   {
     uint64_t ignored = 0;
     const auto a = blob_names(*stores[0], "base", &ignored);
@@ -167,7 +209,7 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
 
   // flatten: back to a raw file, compared byte for byte.
   {
-    const std::string out = work + "/flat";
+    const std::string out = mem_work + "/flat";
     const auto t0 = Clock::now();
     if (auto st = image::flatten_image(*stores[0], "base", out, {}); !st) return fail("flatten: " + st.error().describe());
     row.metrics.emplace_back("flatten_mb_s", mb_per_s(size, seconds_since(t0)));
@@ -257,12 +299,12 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
   // page gets another data page's bytes with 16 bytes changed at random, so
   // it is new but compresses like the file's own pages.
   {
-    const std::string gen_path = work + "/generation";
+    const std::string gen_path = mem_work + "/generation";
     std::filesystem::copy_file(path, gen_path);
     uint64_t gen_size = 0;
     auto gen = map_file(gen_path, &gen_size, true);
     if (!gen) return std::unexpected(gen.error());
-    auto store = image::LocalStore::open(work + "/chain", true);
+    auto store = image::LocalStore::open(mem_work + "/chain", true);
     if (!store) return std::unexpected(store.error());
     image::CreateOptions o;
     o.memory_path = gen_path;
@@ -409,32 +451,40 @@ void print_storage_report(const Results& r) {
   std::printf("\nStorage: snapshot images (faultline image create/flatten, zstd level %d, default frames of 128 pages)\n", kLevel);
   std::printf("========================================================================================\n");
   for (const std::string& line : r.corpus_description) std::printf("%s\n", line.c_str());
-  std::printf("MB = 10^6 bytes, MiB = 2^20. Throughput is raw file bytes / wall time, one run each, warm page cache; "
-              "create includes the store's syncfs.\n");
-  std::printf("%-10s %8s %6s %9s %9s %8s %8s %9s %9s %9s\n", "file", "raw MiB", "zero%", "image MiB", "zstd-3 MiB",
-              "img/zstd", "shared%", "create MB/s", "flatten MB/s", "zstd MB/s");
+  std::printf("MB = 10^6 bytes, MiB = 2^20. Throughput is raw file bytes / wall time, warm page cache; create includes "
+              "the store's syncfs; flatten one run.\n");
+  int runs = 0;
+  for (const Row& row : r.rows) runs = row.scenario == kStorageScenario ? std::max(runs, row.reps) : runs;
+  std::printf("create: median of %d runs each, interleaved: a thread per CPU into a store in memory (tmpfs), the same "
+              "into a store on the disk\n(its syncfs also waits for every other writer of that file system), one "
+              "thread into memory; CPU s: CPU time of one create\nwith a thread per CPU; flatten: into tmpfs; zstd "
+              "MB/s: zstd -3 of the whole file, one thread\n",
+              runs);
+  std::printf("%-10s %8s %6s %9s %10s %8s %8s %11s %8s %8s %6s %12s %9s\n", "file", "raw MiB", "zero%", "image MiB",
+              "zstd-3 MiB", "img/zstd", "shared%", "create MB/s", "disk", "1 thread", "CPU s", "flatten MB/s", "zstd MB/s");
   for (const Row& row : r.rows) {
     if (row.scenario != kStorageScenario) continue;
     if (row.not_applicable) {
       std::printf("%-10s %s\n", row.subject.c_str(), row.note.c_str());
       continue;
     }
-    std::printf("%-10s %8s %6s %9s %10s %8s %8s %11s %12s %9s  %s\n", row.subject.c_str(),
+    std::printf("%-10s %8s %6s %9s %10s %8s %8s %11s %8s %8s %6s %12s %9s  %s\n", row.subject.c_str(),
                 mib(row.metric("raw_bytes")).c_str(), fixed(100 * row.metric("zero_page_share"), 1).c_str(),
                 mib(row.metric("stored_bytes") + row.metric("manifest_bytes")).c_str(),
                 mib(row.metric("zstd3_bytes")).c_str(), fixed(row.metric("stored_over_zstd3"), 3).c_str(),
                 fixed(100 * row.metric("two_images_shared_share"), 1).c_str(), fixed(row.metric("create_mb_s"), 0).c_str(),
+                fixed(row.metric("create_disk_mb_s"), 0).c_str(), fixed(row.metric("create_1thread_mb_s"), 0).c_str(), fixed(row.metric("create_cpu_s"), 2).c_str(),
                 fixed(row.metric("flatten_mb_s"), 0).c_str(), fixed(row.metric("zstd3_mb_s"), 0).c_str(),
                 row.note.c_str());
   }
   std::printf("\nChain of %d generations, each writing %.0f %% of the pages (new bytes: another data page with 16 bytes "
               "changed)\nexpected = base image + zstd -3 of each generation's written pages + every manifest\n",
               kGenerations, 100 * kWrittenShare);
-  std::printf("%-10s %14s %12s %12s %10s %14s\n", "file", "pages written", "chain MiB", "expected MiB", "chain/exp",
+  std::printf("%-10s %14s %12s %12s %10s %16s\n", "file", "pages written", "chain MiB", "expected MiB", "chain/exp",
               "diff create MB/s");
   for (const Row& row : r.rows) {
     if (row.scenario != kStorageScenario || row.not_applicable) continue;
-    std::printf("%-10s %14s %12s %12s %10s %14s\n", row.subject.c_str(), fixed(row.metric("chain_changed_pages"), 0).c_str(),
+    std::printf("%-10s %14s %12s %12s %10s %16s\n", row.subject.c_str(), fixed(row.metric("chain_changed_pages"), 0).c_str(),
                 mib(row.metric("chain_bytes")).c_str(), mib(row.metric("chain_expected_bytes")).c_str(),
                 fixed(row.metric("chain_over_expected"), 3).c_str(), fixed(row.metric("chain_diff_create_mb_s"), 0).c_str());
   }

@@ -224,19 +224,52 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
   }
 
   // A single-page fault: decompressing its frame (with and without the
-  // SHA-256 check every served frame gets) against pread of one page.
+  // SHA-256 check every served frame gets) against pread of one page; for
+  // the default frames and for smaller ones (with their stored size).
+  UniqueFd raw_fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  std::vector<double> pread_us;
   {
-    auto chain = image::ImageChain::open(*stores[0], "base");
+    std::mt19937_64 rng(11);
+    std::vector<uint8_t> page(kPage);
+    for (int i = 0; i < 4096 && !data_pages.empty(); ++i) {
+      const uint64_t p = data_pages[rng() % data_pages.size()];
+      const auto t0 = Clock::now();
+      const ssize_t n = ::pread(raw_fd.get(), page.data(), kPage, static_cast<off_t>(p * kPage));
+      pread_us.push_back(seconds_since(t0) * 1e6);
+      if (n != static_cast<ssize_t>(kPage)) return fail_errno("pread of " + path);
+    }
+  }
+  const double copy = median_of(pread_us);
+  row.metrics.emplace_back("pread_page_us", copy);
+  for (uint32_t frame_pages : {image::default_frame_pages(image::kSmallPage), 32u, 8u}) {
+    image::LocalStore* store = stores[0].get();
+    std::unique_ptr<image::LocalStore> small_store;
+    const bool default_frames = frame_pages == image::default_frame_pages(image::kSmallPage);
+    const std::string suffix = default_frames ? "" : "_" + std::to_string(frame_pages) + "p";
+    if (!default_frames) {
+      auto opened = image::LocalStore::open(mem_work + "/store-frames-" + std::to_string(frame_pages), true);
+      if (!opened) return std::unexpected(opened.error());
+      small_store = std::move(*opened);
+      store = small_store.get();
+      image::CreateOptions o;
+      o.memory_path = path;
+      o.name = "base";
+      o.frame_pages = frame_pages;
+      auto r = image::create_image(*store, o);
+      if (!r) return fail("image create --frame-pages: " + r.error().describe(), r.error().code);
+      row.metrics.emplace_back("stored_over_zstd3" + suffix,
+                               static_cast<double>(r->stored_bytes + r->manifest_bytes) / static_cast<double>(*whole));
+    }
+    auto chain = image::ImageChain::open(*store, "base");
     if (!chain) return std::unexpected(chain.error());
     const auto& frames = chain->layers()[0].manifest.frames;
-    const uint64_t frame_pages = chain->layers()[0].manifest.frame_pages;
     std::vector<double> decode_us, decompress_us;
-    const size_t samples = std::min<size_t>(32, frames.size());
+    const size_t samples = std::min<size_t>(64, frames.size());
     std::string scratch(frame_pages * kPage, '\0');
     for (size_t i = 0; i < samples; ++i) {
       const auto& f = frames[i * frames.size() / samples];
       if (f.pages != frame_pages) continue;  // the short last frame is not typical
-      auto blob = stores[0]->get(f.id);
+      auto blob = store->get(f.id);
       if (!blob) return std::unexpected(blob.error());
       for (int k = 0; k < 3; ++k) {
         auto t0 = Clock::now();
@@ -249,23 +282,11 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
         if (ZSTD_isError(n)) return fail("zstd decompress failed");
       }
     }
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    std::vector<double> pread_us;
-    std::mt19937_64 rng(11);
-    std::vector<uint8_t> page(kPage);
-    for (int i = 0; i < 4096 && !data_pages.empty(); ++i) {
-      const uint64_t p = data_pages[rng() % data_pages.size()];
-      const auto t0 = Clock::now();
-      const ssize_t n = ::pread(fd.get(), page.data(), kPage, static_cast<off_t>(p * kPage));
-      pread_us.push_back(seconds_since(t0) * 1e6);
-      if (n != static_cast<ssize_t>(kPage)) return fail_errno("pread of " + path);
-    }
-    const double decode = median_of(decode_us), decompress = median_of(decompress_us), copy = median_of(pread_us);
-    row.metrics.emplace_back("frame_bytes", static_cast<double>(frame_pages * kPage));
-    row.metrics.emplace_back("decode_frame_us", decode);
-    row.metrics.emplace_back("decompress_frame_us", decompress);
-    row.metrics.emplace_back("pread_page_us", copy);
-    row.metrics.emplace_back("decode_over_pread", decode / copy);
+    const double decode = median_of(decode_us);
+    row.metrics.emplace_back("frame_bytes" + suffix, static_cast<double>(frame_pages * kPage));
+    row.metrics.emplace_back("decode_frame_us" + suffix, decode);
+    row.metrics.emplace_back("decompress_frame_us" + suffix, median_of(decompress_us));
+    row.metrics.emplace_back("decode_over_pread" + suffix, decode / copy);
   }
 
   // The working-set layout: frames a prefetch of the set reads, in guest
@@ -489,14 +510,20 @@ void print_storage_report(const Results& r) {
                 fixed(row.metric("chain_over_expected"), 3).c_str(), fixed(row.metric("chain_diff_create_mb_s"), 0).c_str());
   }
   std::printf("\nA single-page fault: verify (SHA-256) + decompress its frame, or decompress alone, against pread of one "
-              "4 KiB page of the raw file (medians)\n");
-  std::printf("%-10s %10s %12s %14s %10s %12s\n", "file", "frame KiB", "verify+dec us", "decompress us", "pread us",
-              "(v+d)/pread");
+              "4 KiB page of the raw file\n(medians; img/zstd: the image made with frames of that size)\n");
+  std::printf("%-10s %10s %13s %14s %10s %12s %9s\n", "file", "frame KiB", "verify+dec us", "decompress us", "pread us",
+              "(v+d)/pread", "img/zstd");
   for (const Row& row : r.rows) {
     if (row.scenario != kStorageScenario || row.not_applicable) continue;
-    std::printf("%-10s %10s %12s %14s %10s %12s\n", row.subject.c_str(), fixed(row.metric("frame_bytes") / 1024, 0).c_str(),
-                fixed(row.metric("decode_frame_us"), 1).c_str(), fixed(row.metric("decompress_frame_us"), 1).c_str(),
-                fixed(row.metric("pread_page_us"), 2).c_str(), fixed(row.metric("decode_over_pread"), 1).c_str());
+    for (const std::string suffix : {"", "_32p", "_8p"}) {
+      if (std::isnan(row.metric("frame_bytes" + suffix))) continue;
+      std::printf("%-10s %10s %13s %14s %10s %12s %9s\n", row.subject.c_str(),
+                  fixed(row.metric("frame_bytes" + suffix) / 1024, 0).c_str(),
+                  fixed(row.metric("decode_frame_us" + suffix), 1).c_str(),
+                  fixed(row.metric("decompress_frame_us" + suffix), 1).c_str(), fixed(row.metric("pread_page_us"), 2).c_str(),
+                  fixed(row.metric("decode_over_pread" + suffix), 1).c_str(),
+                  fixed(row.metric("stored_over_zstd3" + suffix), 3).c_str());
+    }
   }
   for (const Row& row : r.rows) {
     if (row.scenario != kStorageScenario || row.not_applicable || std::isnan(row.metric("ws_pages"))) continue;

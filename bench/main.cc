@@ -27,10 +27,10 @@
 
 #include <CLI/CLI.hpp>
 
+#include "bench/corpus.h"
 #include "bench/guests.h"
 #include "bench/report.h"
 #include "bench/scenarios.h"
-#include "bench/corpus.h"
 #include "bench/storage.h"
 #include "client/firecracker_client.h"
 #include "client/test_memory_file.h"

@@ -2,7 +2,8 @@
 // baselines in one invocation and prints a table, a JSON file and a chart.
 // A program that prints figures, not a test: nothing here asserts a timing.
 //
-//   faultline-bench [--quick] [--scenario N]... [--json FILE] [--chart FILE.png]
+//   faultline-bench [--quick] [--scenario N|storage]... [--json FILE] [--chart FILE.png]
+//   faultline-bench --make-corpus FILE [--quick]   (the realistic corpus and FILE.flws, then exit)
 //
 // Needs root (userfaultfd of KVM faults, /proc/sys/vm/nr_hugepages). Memory
 // files go to a temporary directory under /tmp, removed at exit; 2 MiB huge
@@ -20,14 +21,17 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <set>
 #include <string>
 
 #include <CLI/CLI.hpp>
 
+#include "bench/corpus.h"
 #include "bench/guests.h"
 #include "bench/report.h"
 #include "bench/scenarios.h"
+#include "bench/storage.h"
 #include "client/firecracker_client.h"
 #include "client/test_memory_file.h"
 #include "common/log.h"
@@ -129,7 +133,15 @@ int main(int argc, char** argv) {
   bool no_vcpu = false, no_huge = false;
   int workers = 2;
   app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke; well under a minute)");
-  app.add_option("--scenario", scenarios, "run only this scenario (1-4); repeatable")->check(CLI::Range(1, 4));
+  app.add_option("--scenario", scenarios, "run only this scenario (1-4, or 5 = storage); repeatable")
+      ->transform(CLI::Transformer(std::map<std::string, std::string>{{"storage", "5"}}))
+      ->check(CLI::Range(1, 5));
+  std::string corpus_path, make_corpus_path;
+  app.add_option("--corpus", corpus_path,
+                 "storage: use this realistic corpus (and its working set FILE.flws) instead of building one");
+  app.add_option("--make-corpus", make_corpus_path,
+                 "build the realistic corpus (256 MiB, 32 MiB with --quick) into FILE and its working set into "
+                 "FILE.flws, print what is in it, and exit");
   app.add_option("--json", json_path, "write the results as JSON to FILE");
   app.add_option("--chart", chart_path, "draw a PNG chart with gnuplot to FILE.png");
   app.add_option("--reps", reps, "repetitions per configuration (default 2, quick 1)")->check(CLI::Range(1, 50));
@@ -150,10 +162,26 @@ int main(int argc, char** argv) {
                "scenarios 1 and 3 also run faultline timing every fault for the latency histograms (serve "
                "--metrics), interleaved with it off, and print the on/off ratios");
   CLI11_PARSE(app, argc, argv);
-  const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4} : std::set<int>(scenarios.begin(), scenarios.end());
+  const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4, fb::kStorageScenario}
+                                               : std::set<int>(scenarios.begin(), scenarios.end());
 
   fb::Sizes sizes = quick ? fb::Sizes::quick() : fb::Sizes{};
   if (reps > 0) sizes.reps = reps;
+  if (!corpus_path.empty()) corpus_path = std::filesystem::absolute(corpus_path).string();
+  if (!make_corpus_path.empty()) {
+    fb::CorpusOptions co;
+    co.size = sizes.storage_bytes;
+    co.work_dir = std::filesystem::absolute(make_corpus_path).parent_path().string();
+    co.source_dir = FAULTLINE_SOURCE_DIR;
+    auto report = fb::build_realistic_corpus(co, make_corpus_path, make_corpus_path + ".flws");
+    if (!report) {
+      std::fprintf(stderr, "cannot build the corpus: %s\n", report.error().describe().c_str());
+      return 2;
+    }
+    for (const std::string& line : fb::describe_corpus(*report)) std::printf("%s\n", line.c_str());
+    std::printf("written to %s and %s.flws\n", make_corpus_path.c_str(), make_corpus_path.c_str());
+    return 0;
+  }
   if (!json_path.empty()) json_path = std::filesystem::absolute(json_path).string();
   if (!chart_path.empty()) chart_path = std::filesystem::absolute(chart_path).string();
 
@@ -222,6 +250,8 @@ int main(int argc, char** argv) {
   ctx.faultline_busy_poll_us = busy_poll_us;
   ctx.faultline_prefetch_threads = prefetch_threads;
   ctx.metrics_cost = metrics_cost;
+  ctx.source_dir = FAULTLINE_SOURCE_DIR;
+  ctx.corpus_path = corpus_path;
   ctx.results = &results;
   for (const char* n : {"mem-small", "mem-large", "mem-sparse", "mem-small.zeroidx", "mem-large.zeroidx",
                         "mem-sparse.zeroidx", "s1.sock", "s2.sock", "s2-eager.sock", "s2-record.sock",
@@ -267,6 +297,7 @@ int main(int argc, char** argv) {
   if (want.count(3)) fb::run_scenario3(ctx);
   if (want.count(4)) fb::run_scenario4(ctx);
   if (metrics_cost) fb::measure_metrics_recording(ctx);
+  if (want.count(fb::kStorageScenario)) fb::run_storage_scenario(ctx);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const auto targets = fb::evaluate_targets(results);

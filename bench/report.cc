@@ -10,6 +10,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bench/storage.h"
+
 namespace faultline::bench {
 
 namespace {
@@ -145,6 +147,7 @@ std::vector<Target> evaluate_targets(const Results& r) {
     }
     out.push_back(std::move(t));
   }
+  add_storage_targets(r, out);
   return out;
 }
 
@@ -297,12 +300,14 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
     }
   }
 
+  print_storage_report(r);
+
   if (!r.notes.empty()) {
     heading("Notes");
     for (const std::string& n : r.notes) std::printf("- %s\n", n.c_str());
   }
 
-  heading("Targets (issue 4; measured ratios, never asserted)");
+  heading("Targets (issues 4 and 9; measured ratios, never asserted)");
   for (const Target& t : targets) {
     std::printf("%-9s %s\n          %s\n", t.met ? (*t.met ? "MET" : "NOT MET") : "n/a", t.name.c_str(),
                 t.measured.c_str());
@@ -321,13 +326,15 @@ std::optional<std::string> write_json(const std::string& path, const Results& r,
                 {"s1_vcpu_guest_2m", sz.s1_vcpu_guest_2m}, {"s2_guest", sz.s2_guest},
                 {"s2_set", sz.s2_set},           {"s2_vcpu_guest", sz.s2_vcpu_guest},
                 {"s2_vcpu_set", sz.s2_vcpu_set}, {"s3_guest", sz.s3_guest},
-                {"s3_removes", sz.s3_min_removes}, {"s4_guests", sz.s4_guests}};
+                {"s3_removes", sz.s3_min_removes}, {"s4_guests", sz.s4_guests},
+                {"storage_bytes", sz.storage_bytes}};
   j["rows"] = json::array();
   for (const Row& row : r.rows) {
     json m = json::object();
     for (const auto& [k, v] : row.metrics) m[k] = finite(v);
     j["rows"].push_back({{"scenario", row.scenario},
                          {"config", row.config()},
+                         {"subject", row.subject},
                          {"page_size", row.page_size},
                          {"toucher", row.toucher},
                          {"threads", row.threads},
@@ -351,6 +358,7 @@ std::optional<std::string> write_json(const std::string& path, const Results& r,
   j["data_mismatches"] = r.data_mismatches;
   j["metrics_record_ns"] = finite(r.metrics_record_ns);
   j["notes"] = r.notes;
+  j["corpus_description"] = r.corpus_description;
   std::ofstream f(path);
   if (!f) return "cannot write " + path;
   f << j.dump(2) << "\n";

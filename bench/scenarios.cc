@@ -43,6 +43,7 @@ Sizes Sizes::quick() {
   s.s3_guest = 32 * kMiB;
   s.s3_min_removes = 100;
   s.s4_guests = {64 * kMiB, 256 * kMiB};
+  s.storage_bytes = 32 * kMiB;
   return s;
 }
 
@@ -54,6 +55,7 @@ double Row::metric(const std::string& key) const {
 }
 
 std::string Row::config() const {
+  if (!subject.empty()) return subject;
   std::string s = page_size == kPageSize2M ? "2M" : "4K";
   s += " " + toucher + " " + std::to_string(threads) + "T";
   if (order != "-") s += " " + order;

@@ -36,6 +36,7 @@ struct Sizes {
   uint64_t s3_guest = 512 * kMiB;
   uint64_t s3_min_removes = 1000;
   std::vector<uint64_t> s4_guests = {1 * kGiB, 4 * kGiB};
+  uint64_t storage_bytes = 256 * kMiB;  // the storage scenario's files (bench/storage.h)
   static Sizes quick();
 };
 
@@ -51,10 +52,11 @@ struct Row {
   int reps = 0;
   bool not_applicable = false;
   std::string note;               // why n/a, or an error
+  std::string subject;            // storage scenario: the memory file ("generated", "realistic")
   std::vector<std::pair<std::string, double>> metrics;  // medians over reps
 
   double metric(const std::string& key) const;  // NaN when absent
-  std::string config() const;                   // "4K host 1T random"
+  std::string config() const;                   // "4K host 1T random" (the subject, when set)
 };
 
 struct Results {
@@ -64,6 +66,8 @@ struct Results {
   // --metrics-cost: what recording one fault costs the serving thread, alone
   // (two clock reads, the bucket lookup, the stores), in ns; NaN if not run.
   double metrics_record_ns = std::nan("");
+  // The storage scenario: how the realistic corpus was made (bench/corpus.h).
+  std::vector<std::string> corpus_description;
 };
 
 struct Context {
@@ -82,6 +86,10 @@ struct Context {
   // Scenarios 1 and 3 also run faultline with fault-latency recording on
   // (Backend::kFaultlineMetrics), interleaved with it off: the cost of --metrics.
   bool metrics_cost = false;
+  // The storage scenario: this repository (the corpus compiler's input), and
+  // a corpus made before (--corpus FILE, its working set FILE.flws) or empty.
+  std::string source_dir;
+  std::string corpus_path;
   Results* results = nullptr;
 };
 

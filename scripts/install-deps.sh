@@ -4,6 +4,7 @@
 set -euo pipefail
 packages=(g++ cmake make pkg-config zlib1g-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev
           libcpp-httplib-dev gnuplot-nox libzstd-dev libssl-dev
+          python3  # python3: faultline-bench's realistic corpus (bench/corpus.h) runs Debian's interpreter
           afl++)  # afl++: scripts/fuzz.sh
 missing=()
 for p in "${packages[@]}"; do

@@ -19,13 +19,16 @@ FrameCompressor::~FrameCompressor() = default;
 
 Result<std::string> FrameCompressor::compress(std::string_view pages) {
   if (context_->cctx == nullptr) return fail("cannot allocate a zstd compression context", ENOMEM);
-  std::string out(ZSTD_compressBound(pages.size()), '\0');
+  std::string out;
+  size_t n = 0;
   // ZSTD_compressCCtx resets every parameter but the level on each call, so
   // the output depends only on the input, the level and the zstd version.
-  const size_t n = ZSTD_compressCCtx(context_->cctx, out.data(), out.size(), pages.data(), pages.size(),
-                                     context_->level);
+  // resize_and_overwrite: no zero-filling of a buffer that zstd overwrites.
+  out.resize_and_overwrite(ZSTD_compressBound(pages.size()), [&](char* p, size_t bound) {
+    n = ZSTD_compressCCtx(context_->cctx, p, bound, pages.data(), pages.size(), context_->level);
+    return ZSTD_isError(n) ? 0 : n;
+  });
   if (ZSTD_isError(n)) return fail(std::string("zstd compression failed: ") + ZSTD_getErrorName(n));
-  out.resize(n);
   return out;
 }
 
@@ -39,8 +42,12 @@ Result<std::string> decode_frame(std::string_view blob, const BlobId& id, uint64
     return fail(what + ": blob " + id.hex() + " is not a zstd frame of " + std::to_string(expected_bytes) + " bytes",
                 EIO);
   }
-  std::string out(expected_bytes, '\0');
-  const size_t n = ZSTD_decompress(out.data(), out.size(), blob.data(), blob.size());
+  std::string out;
+  size_t n = 0;
+  out.resize_and_overwrite(expected_bytes, [&](char* p, size_t size) {
+    n = ZSTD_decompress(p, size, blob.data(), blob.size());
+    return ZSTD_isError(n) ? 0 : n;
+  });
   if (ZSTD_isError(n) || n != expected_bytes) {
     return fail(what + ": blob " + id.hex() + " does not decompress to " + std::to_string(expected_bytes) + " bytes",
                 EIO);

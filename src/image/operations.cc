@@ -7,8 +7,12 @@
 
 #include <zstd.h>
 
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
+#include <optional>
 #include <set>
+#include <thread>
 #include <unordered_set>
 
 #include "common/atomic_file.h"
@@ -24,10 +28,15 @@ namespace faultline::image {
 namespace {
 
 bool all_zero(const uint8_t* p, size_t n) {
-  // Pages are 8-byte aligned (offsets in an mmap), so compare words.
+  // Pages are 8-byte aligned (offsets in an mmap), so compare words, eight
+  // at a time: the OR of a 64-byte line has no branch inside, which the
+  // compiler turns into vector code; a data page usually fails on its first
+  // line.
   const auto* w = reinterpret_cast<const uint64_t*>(p);
-  for (size_t i = 0; i < n / 8; ++i) {
-    if (w[i] != 0) return false;
+  for (size_t i = 0; i + 8 <= n / 8; i += 8) {
+    uint64_t line = 0;
+    for (size_t k = 0; k < 8; ++k) line |= w[i + k];
+    if (line != 0) return false;
   }
   return true;
 }
@@ -56,6 +65,103 @@ Result<std::vector<bool>> data_pages(int fd, const std::string& path, uint64_t s
 }
 
 constexpr uint8_t kKindZero = 0, kKindParent = 1, kKindStored = 2;
+
+struct CompressedFrame {
+  std::string bytes;
+  BlobId id;
+};
+
+// Compresses and hashes frames 0..count-1 on worker threads, at most
+// `window` frames ahead of the consumer (bounded memory), and hands them out
+// in frame order through next(). A frame's blob depends only on its pages and
+// the level (frame.h), so the output is the same for any number of threads.
+// With one thread, next() does the work itself and no thread is started.
+// The destructor stops and joins the workers (also after an error).
+class FramePipeline {
+ public:
+  // Fills `scratch` with frame `f`'s pages (uncompressed).
+  using Gather = std::function<void(uint64_t f, std::string& scratch)>;
+
+  FramePipeline(uint64_t count, unsigned threads, int level, Gather gather)
+      : count_(count), level_(level), gather_(std::move(gather)), window_(std::max(1u, threads) * 4) {
+    slots_.resize(window_);
+    if (threads <= 1) {
+      inline_compressor_.emplace(level_);
+      return;
+    }
+    for (unsigned i = 0; i < threads; ++i) workers_.emplace_back([this] { work(); });
+  }
+  ~FramePipeline() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    changed_.notify_all();
+    workers_.clear();  // jthread joins
+  }
+  FramePipeline(const FramePipeline&) = delete;
+  FramePipeline& operator=(const FramePipeline&) = delete;
+
+  // The next frame in order. REQUIRES: fewer than `count` calls so far.
+  Result<CompressedFrame> next() {
+    if (inline_compressor_) {
+      gather_(consumed_++, inline_scratch_);
+      return compress(*inline_compressor_, inline_scratch_);
+    }
+    std::unique_lock lock(mutex_);
+    Slot& slot = slots_[consumed_ % window_];
+    changed_.wait(lock, [&] { return slot.value.has_value(); });
+    Result<CompressedFrame> out = std::move(*slot.value);
+    slot.value.reset();
+    ++consumed_;
+    lock.unlock();
+    changed_.notify_all();  // a worker may claim the next frame of the window
+    return out;
+  }
+
+ private:
+  struct Slot {
+    std::optional<Result<CompressedFrame>> value;
+  };
+
+  static Result<CompressedFrame> compress(FrameCompressor& compressor, const std::string& pages) {
+    auto bytes = compressor.compress(pages);
+    if (!bytes) return std::unexpected(bytes.error());
+    const BlobId id = BlobId::of(*bytes);
+    return CompressedFrame{std::move(*bytes), id};
+  }
+
+  void work() {
+    FrameCompressor compressor(level_);
+    std::string scratch;
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      changed_.wait(lock, [&] { return stop_ || next_claim_ >= count_ || next_claim_ < consumed_ + window_; });
+      if (stop_ || next_claim_ >= count_) return;
+      const uint64_t f = next_claim_++;
+      lock.unlock();
+      gather_(f, scratch);
+      Result<CompressedFrame> r = compress(compressor, scratch);
+      lock.lock();
+      slots_[f % window_].value = std::move(r);
+      changed_.notify_all();
+    }
+  }
+
+  const uint64_t count_;
+  const int level_;
+  const Gather gather_;
+  const uint64_t window_;
+  std::optional<FrameCompressor> inline_compressor_;
+  std::string inline_scratch_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<Slot> slots_;  // frame f in slots_[f % window_]
+  uint64_t next_claim_ = 0;  // guarded by mutex_
+  uint64_t consumed_ = 0;    // guarded by mutex_ (inline mode: this thread only)
+  bool stop_ = false;
+  std::vector<std::jthread> workers_;  // last: joined before the rest is destroyed
+};
 
 }  // namespace
 
@@ -131,8 +237,25 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   std::vector<uint8_t> parent_page(o.page_size);
   std::optional<ChainPageReader> parent_reader;
   if (parent) parent_reader.emplace(*parent, 256ull * 1024 * 1024);
+  const unsigned threads = o.threads != 0 ? o.threads : std::max(1u, std::thread::hardware_concurrency());
+  if (!parent) {
+    // Nothing to compare against (and no Diff file: that needs a parent):
+    // only zero or not, which ranges of pages can tell on several threads at
+    // once (each writes its own elements of kind[]).
+    if (o.progress) o.progress(0, size * 2);
+    auto classify = [&](uint64_t begin, uint64_t end) {
+      for (uint64_t p = begin; p < end; ++p) {
+        kind[p] = all_zero(map.bytes() + p * o.page_size, o.page_size) ? kKindZero : kKindStored;
+      }
+    };
+    const uint64_t ranges = std::min<uint64_t>(threads, std::max<uint64_t>(1, pages / 1024));
+    std::vector<std::jthread> classifiers;
+    for (uint64_t r = 1; r < ranges; ++r) classifiers.emplace_back(classify, pages * r / ranges, pages * (r + 1) / ranges);
+    classify(0, pages / ranges);
+    classifiers.clear();  // joins
+  }
   const uint64_t progress_step = std::max<uint64_t>(1, (64ull << 20) / o.page_size);
-  for (uint64_t p = 0; p < pages; ++p) {
+  for (uint64_t p = 0; parent && p < pages; ++p) {  // with a parent: one thread (ChainPageReader)
     if (o.progress && p % progress_step == 0) o.progress(p * o.page_size, size * 2);
     if (o.diff_file && !diff_data[p]) {
       kind[p] = kKindParent;
@@ -196,28 +319,32 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   m.zstd_level = static_cast<uint32_t>(o.zstd_level);
   m.stored_pages = order.size();
   if (parent) m.parent = ParentRef{*o.parent, parent->layers()[0].manifest_sha256};
-  FrameCompressor compressor(o.zstd_level);
-  std::string frame_bytes;
-  for (uint64_t first = 0; first < order.size(); first += frame_pages) {
-    if (o.progress && (first / frame_pages) % 16 == 0) {
-      o.progress(size + static_cast<uint64_t>(static_cast<double>(size) * first / order.size()), size * 2);
-    }
+  // Compression and hashing run on worker threads; blobs are looked up and
+  // written here, in frame order.
+  const uint64_t frame_count = (order.size() + frame_pages - 1) / frame_pages;
+  FramePipeline pipeline(frame_count, static_cast<unsigned>(std::min<uint64_t>(frame_count, threads)), o.zstd_level, [&](uint64_t f, std::string& scratch) {
+    const uint64_t first = f * frame_pages;
     const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - first);
-    frame_bytes.resize(n * o.page_size);
+    scratch.resize(n * o.page_size);
     for (uint64_t i = 0; i < n; ++i) {
-      std::memcpy(frame_bytes.data() + i * o.page_size, map.bytes() + order[first + i] * o.page_size, o.page_size);
+      std::memcpy(scratch.data() + i * o.page_size, map.bytes() + order[first + i] * o.page_size, o.page_size);
     }
-    auto compressed = compressor.compress(frame_bytes);
-    if (!compressed) return std::unexpected(compressed.error());
-    const BlobId id = BlobId::of(*compressed);
-    auto present = store.exists(id);
+  });
+  for (uint64_t f = 0; f < frame_count; ++f) {
+    if (o.progress && f % 16 == 0) {
+      o.progress(size + static_cast<uint64_t>(static_cast<double>(size) * f / frame_count), size * 2);
+    }
+    const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - f * frame_pages);
+    auto frame = pipeline.next();
+    if (!frame) return std::unexpected(frame.error());
+    auto present = store.exists(frame->id);
     if (!present) return std::unexpected(present.error());
     if (!*present) {
-      if (auto put = store.put_deferred(id, *compressed); !put) return std::unexpected(put.error());
+      if (auto put = store.put_deferred(frame->id, frame->bytes); !put) return std::unexpected(put.error());
       ++report.frames_written;
     }
-    m.frames.push_back(FrameRef{id, compressed->size(), static_cast<uint32_t>(n)});
-    report.stored_bytes += compressed->size();
+    m.frames.push_back(FrameRef{frame->id, frame->bytes.size(), static_cast<uint32_t>(n)});
+    report.stored_bytes += frame->bytes.size();
   }
   report.frames = m.frames.size();
 

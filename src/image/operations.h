@@ -37,6 +37,9 @@ struct CreateOptions {
   // extents are the pages written since; REQUIRES parent).
   bool diff_file = false;
   std::optional<std::string> working_set_path;
+  // Threads compressing frames; 0: one per CPU. The image is byte-for-byte
+  // the same for any value (each frame is compressed on its own).
+  unsigned threads = 0;
   Progress progress;
   // Test hook: runs after every blob is written, before the manifest (with
   // the store's shared lock held).

@@ -61,20 +61,52 @@ constexpr uint8_t kKindZero = 0, kKindParent = 1, kKindStored = 2;
 
 uint32_t default_frame_pages(uint32_t page_size) { return page_size == kHugePage ? 1 : 128; }
 
-Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
-  if (auto st = check_image_name(o.name); !st) {
-    return fail("bad image name '" + o.name + "': " + st.error().message, EINVAL);
-  }
-  if (o.page_size != kSmallPage && o.page_size != kHugePage) return fail("page size must be 4096 or 2097152", EINVAL);
-  const uint32_t frame_pages = o.frame_pages == 0 ? default_frame_pages(o.page_size) : o.frame_pages;
-  if (static_cast<uint64_t>(frame_pages) * o.page_size > kMaxFrameBytes) {
-    return fail("a frame may hold at most " + std::to_string(kMaxFrameBytes / o.page_size) + " pages of this size",
+namespace {
+
+Status check_create_settings(const std::string& name, uint32_t page_size, uint32_t frame_pages_option,
+                             int zstd_level) {
+  if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  if (page_size != kSmallPage && page_size != kHugePage) return fail("page size must be 4096 or 2097152", EINVAL);
+  const uint32_t frame_pages = frame_pages_option == 0 ? default_frame_pages(page_size) : frame_pages_option;
+  if (static_cast<uint64_t>(frame_pages) * page_size > kMaxFrameBytes) {
+    return fail("a frame may hold at most " + std::to_string(kMaxFrameBytes / page_size) + " pages of this size",
                 EINVAL);
   }
-  if (o.zstd_level < 1 || o.zstd_level > ZSTD_maxCLevel()) {
+  if (zstd_level < 1 || zstd_level > ZSTD_maxCLevel()) {
     return fail("zstd level must be 1.." + std::to_string(ZSTD_maxCLevel()), EINVAL);
   }
-  if (o.diff_file && !o.parent) return fail("a Diff snapshot file needs --parent (its holes mean 'as in the parent')", EINVAL);
+  return {};
+}
+
+}  // namespace
+
+Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOptions& o) {
+  if (auto st = check_create_settings(o.name, o.page_size, o.frame_pages, o.zstd_level); !st) {
+    return std::unexpected(st.error());
+  }
+  const uint32_t frame_pages = o.frame_pages == 0 ? default_frame_pages(o.page_size) : o.frame_pages;
+  const uint64_t size = o.guest_bytes;
+  if (size % o.page_size != 0) {
+    return fail(o.source + ": size " + std::to_string(size) + " is not a multiple of the page size " +
+                    std::to_string(o.page_size),
+                EINVAL);
+  }
+  const uint64_t pages = size / o.page_size;
+  if (pages > kMaxGuestPages) return fail(o.source + " is too large", EFBIG);
+  if (o.pages.size() != pages) {
+    return fail(o.source + ": the input describes " + std::to_string(o.pages.size()) + " pages, the guest has " +
+                    std::to_string(pages),
+                EINVAL);
+  }
+  if (!o.parent) {
+    for (uint64_t p = 0; p < pages; ++p) {
+      if (o.pages[p] == PageInput::kAsParent) {
+        return fail(o.source + ": page " + std::to_string(p) + " is 'as in the parent' but the image has no parent",
+                    EINVAL);
+      }
+    }
+  }
+  const uint64_t max_read_pages = std::max<uint64_t>(1, o.max_read_bytes / o.page_size);
 
   // Held until the manifest is written: gc cannot remove the parent's blobs
   // we compare against, nor our blobs before our manifest references them.
@@ -84,43 +116,17 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   if (!exists) return std::unexpected(exists.error());
   if (*exists) return fail("image " + o.name + " exists already (images are immutable; pick another name)", EEXIST);
 
-  UniqueFd fd(::open(o.memory_path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return fail_errno("cannot open " + o.memory_path);
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + o.memory_path);
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (size % o.page_size != 0) {
-    return fail(o.memory_path + ": size " + std::to_string(size) + " is not a multiple of the page size " +
-                    std::to_string(o.page_size),
-                EINVAL);
-  }
-  const uint64_t pages = size / o.page_size;
-  if (pages > kMaxGuestPages) return fail(o.memory_path + " is too large", EFBIG);
-
   std::optional<ImageChain> parent;
   if (o.parent) {
     auto chain = ImageChain::open(store, *o.parent);
     if (!chain) return std::unexpected(chain.error());
     if (chain->page_size() != o.page_size || chain->guest_bytes() != size) {
-      return fail(o.memory_path + " (" + std::to_string(size) + " bytes, pages of " + std::to_string(o.page_size) +
+      return fail(o.source + " (" + std::to_string(size) + " bytes, pages of " + std::to_string(o.page_size) +
                       ") does not match the parent image " + *o.parent + " (" + std::to_string(chain->guest_bytes()) +
                       " bytes, pages of " + std::to_string(chain->page_size()) + ")",
                   EINVAL);
     }
     parent = std::move(*chain);
-  }
-  std::vector<bool> diff_data;
-  if (o.diff_file) {
-    auto d = data_pages(fd.get(), o.memory_path, size, o.page_size);
-    if (!d) return std::unexpected(d.error());
-    diff_data = std::move(*d);
-  }
-  Mapping map;
-  if (size > 0) {
-    auto m = Mapping::map(size, PROT_READ, MAP_SHARED, fd.get());
-    if (!m) return fail(o.memory_path + ": " + m.error().message, m.error().code);
-    map = std::move(*m);
-    ::madvise(map.get(), size, MADV_SEQUENTIAL);  // a hint; failure changes nothing
   }
 
   // Pass 1: what each page is. Bytes are compared, never assumed: a page
@@ -129,34 +135,59 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   report.guest_pages = pages;
   std::vector<uint8_t> kind(pages, kKindZero);
   std::vector<uint8_t> parent_page(o.page_size);
+  std::vector<uint8_t> read_buffer;
   std::optional<ChainPageReader> parent_reader;
   if (parent) parent_reader.emplace(*parent, 256ull * 1024 * 1024);
   const uint64_t progress_step = std::max<uint64_t>(1, (64ull << 20) / o.page_size);
-  for (uint64_t p = 0; p < pages; ++p) {
-    if (o.progress && p % progress_step == 0) o.progress(p * o.page_size, size * 2);
-    if (o.diff_file && !diff_data[p]) {
-      kind[p] = kKindParent;
-      continue;
-    }
-    const uint8_t* bytes = map.bytes() + p * o.page_size;
-    const bool zero = all_zero(bytes, o.page_size);
+  uint64_t next_progress = 0;
+  auto classify = [&](uint64_t p, const uint8_t* bytes) -> Status {
+    // `bytes` null: known zero, nothing read.
+    const bool zero = bytes == nullptr || all_zero(bytes, o.page_size);
     if (parent) {
       if (parent->locate(p).zero) {
         if (zero) {
           kind[p] = kKindParent;
-          continue;
+          return {};
         }
       } else if (!zero) {
-        if (auto rd = parent_reader->read_page(p, parent_page.data()); !rd) return std::unexpected(rd.error());
+        if (auto rd = parent_reader->read_page(p, parent_page.data()); !rd) return rd;
         if (std::memcmp(parent_page.data(), bytes, o.page_size) == 0) {
           kind[p] = kKindParent;
-          continue;
+          return {};
         }
       }
     }
     kind[p] = zero ? kKindZero : kKindStored;
+    return {};
+  };
+  for (uint64_t p = 0; p < pages;) {
+    if (o.progress && p >= next_progress) {
+      o.progress(p * o.page_size, size * 2);
+      next_progress = p + progress_step;
+    }
+    if (o.pages[p] == PageInput::kAsParent) {
+      kind[p] = kKindParent;
+      ++p;
+      continue;
+    }
+    if (o.pages[p] == PageInput::kZero) {
+      if (auto st = classify(p, nullptr); !st) return std::unexpected(st.error());
+      ++p;
+      continue;
+    }
+    // A run of candidates, read with one call.
+    uint64_t q = p + 1;
+    while (q < pages && q - p < max_read_pages && o.pages[q] == PageInput::kCandidate) ++q;
+    read_buffer.resize((q - p) * o.page_size);
+    auto bytes = o.read(p, q - p, read_buffer);
+    if (!bytes) return std::unexpected(bytes.error());
+    for (uint64_t k = p; k < q; ++k) {
+      if (auto st = classify(k, *bytes + (k - p) * o.page_size); !st) return std::unexpected(st.error());
+    }
+    p = q;
   }
   parent_reader.reset();
+  read_buffer = {};
 
   // Storage order: the working set's stored pages first, in first-touch
   // order, then every other stored page in guest order.
@@ -188,7 +219,8 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   }
   report.stored_pages = order.size();
 
-  // Pass 2: frames.
+  // Pass 2: frames, their pages read again in runs that are consecutive
+  // both in storage and in the guest.
   Manifest m;
   m.page_size = o.page_size;
   m.guest_bytes = size;
@@ -204,8 +236,15 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
     }
     const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - first);
     frame_bytes.resize(n * o.page_size);
-    for (uint64_t i = 0; i < n; ++i) {
-      std::memcpy(frame_bytes.data() + i * o.page_size, map.bytes() + order[first + i] * o.page_size, o.page_size);
+    auto* frame = reinterpret_cast<uint8_t*>(frame_bytes.data());
+    for (uint64_t i = 0; i < n;) {
+      uint64_t j = i + 1;
+      while (j < n && order[first + j] == order[first + j - 1] + 1) ++j;
+      const std::span<uint8_t> target(frame + i * o.page_size, (j - i) * o.page_size);
+      auto bytes = o.read(order[first + i], j - i, target);
+      if (!bytes) return std::unexpected(bytes.error());
+      if (*bytes != target.data()) std::memcpy(target.data(), *bytes, target.size());
+      i = j;
     }
     auto compressed = compressor.compress(frame_bytes);
     if (!compressed) return std::unexpected(compressed.error());
@@ -241,11 +280,69 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   report.manifest_bytes = encoded->size();
   // Every blob durable and in place before the manifest that names them.
   if (auto st = store.sync(); !st) return std::unexpected(st.error());
+  if (o.check_before_manifest) {
+    if (auto st = o.check_before_manifest(); !st) return std::unexpected(st.error());
+  }
   if (o.before_manifest) o.before_manifest();
   // Last: until this rename the image does not exist.
   if (auto w = store.write_manifest(o.name, *encoded); !w) return std::unexpected(w.error());
   if (o.progress) o.progress(size * 2, size * 2);
   return report;
+}
+
+Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
+  if (auto st = check_create_settings(o.name, o.page_size, o.frame_pages, o.zstd_level); !st) {
+    return std::unexpected(st.error());
+  }
+  if (o.diff_file && !o.parent) return fail("a Diff snapshot file needs --parent (its holes mean 'as in the parent')", EINVAL);
+  UniqueFd fd(::open(o.memory_path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail_errno("cannot open " + o.memory_path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + o.memory_path);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size % o.page_size != 0) {
+    return fail(o.memory_path + ": size " + std::to_string(size) + " is not a multiple of the page size " +
+                    std::to_string(o.page_size),
+                EINVAL);
+  }
+  const uint64_t pages = size / o.page_size;
+  if (pages > kMaxGuestPages) return fail(o.memory_path + " is too large", EFBIG);
+
+  PagesCreateOptions in;
+  in.name = o.name;
+  in.parent = o.parent;
+  in.source = o.memory_path;
+  in.page_size = o.page_size;
+  in.guest_bytes = size;
+  in.zstd_level = o.zstd_level;
+  in.frame_pages = o.frame_pages;
+  in.working_set_path = o.working_set_path;
+  in.progress = o.progress;
+  in.before_manifest = o.before_manifest;
+  // A raw file: every page is a candidate. A Diff file: its holes are "as
+  // in the parent", its data extents candidates (new even if they hold zeros
+  // or the parent's bytes: the comparison decides how they are stored).
+  in.pages.assign(pages, PageInput::kCandidate);
+  if (o.diff_file) {
+    auto d = data_pages(fd.get(), o.memory_path, size, o.page_size);
+    if (!d) return std::unexpected(d.error());
+    for (uint64_t p = 0; p < pages; ++p) {
+      if (!(*d)[p]) in.pages[p] = PageInput::kAsParent;
+    }
+  }
+  Mapping map;
+  if (size > 0) {
+    auto m = Mapping::map(size, PROT_READ, MAP_SHARED, fd.get());
+    if (!m) return fail(o.memory_path + ": " + m.error().message, m.error().code);
+    map = std::move(*m);
+    ::madvise(map.get(), size, MADV_SEQUENTIAL);  // a hint; failure changes nothing
+  }
+  // The pages are in the mapping already: no copy.
+  in.read = [&](uint64_t first_page, uint64_t, std::span<uint8_t>) -> Result<const uint8_t*> {
+    return map.bytes() + first_page * o.page_size;
+  };
+  in.max_read_bytes = 64ull << 20;
+  return create_image_from_pages(store, in);
 }
 
 Status flatten_image(Store& store, const std::string& name, const std::string& out_path, const Progress& progress) {

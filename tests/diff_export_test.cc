@@ -8,8 +8,10 @@
 // never a sleep).
 #include <sys/mman.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 #include <random>
 #include <set>
 
@@ -388,6 +390,134 @@ TEST_F(DiffExport, AnImageNameThatExistsIsRefused) {
   auto bad = run_export("../escape");
   ASSERT_FALSE(bad);
   EXPECT_EQ(bad.error().code, EINVAL);
+}
+
+// The export holds the store's shared lock from before it reads the parent
+// until its manifest is written: a gc that starts meanwhile waits, and then
+// removes none of the export's blobs.
+TEST_F(DiffExport, GcDuringAnExportWaitsAndLosesNothing) {
+  serve(16 * kMiB, kPageSize4K);
+  vm_ = std::make_unique<Vm>(*harness_, harness_->memory(), std::vector<uint64_t>{16 * kMiB}, true, false);
+  ASSERT_TRUE(vm_->ok());
+  run_scenario(*vm_);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool gc_waiting = false;
+  Result<image::GcReport> gc = fail("gc did not run");
+  std::thread collector;
+  ExportOptions o;
+  o.parent = "base";
+  o.name = "gen1";
+  // Every frame written, the manifest not yet: what a gc without the lock
+  // would remove as garbage.
+  o.before_manifest = [&] {
+    collector = std::thread([&] {
+      auto view = open_store(store_dir_);  // another process would have its own
+      image::GcOptions g;
+      g.on_lock_wait = [&] {
+        std::lock_guard lk(mu);
+        gc_waiting = true;
+        cv.notify_all();
+      };
+      gc = image::gc_store(*view, g);
+    });
+    std::unique_lock lk(mu);
+    cv.wait(lk, [&] { return gc_waiting; });
+  };
+  auto r = export_session_diff(vm_->session(), *store_, o);
+  collector.join();
+  ASSERT_TRUE(r) << r.error().describe();
+  ASSERT_TRUE(gc) << gc.error().describe();
+  EXPECT_EQ(gc->removed_blobs, 0u);
+  auto v = image::verify_image(*store_, "gen1", {});
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->problems.empty());
+  expect_flattens_to(*store_, "gen1", harness_->dir().file("flat"), vm_->model(), 4096);
+}
+
+// The core behind both create paths, through its input interface.
+class CreateFromPages : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    store_ = open_store(dir_.file("store"));
+    ASSERT_TRUE(client::write_test_memory_file(dir_.file("mem"), 1 * kMiB, 5, 0.0));
+    image::CreateOptions o;
+    o.memory_path = dir_.file("mem");
+    o.name = "base";
+    ASSERT_TRUE(image::create_image(*store_, o));
+    base_ = read_bytes(dir_.file("mem"));
+  }
+  image::PagesCreateOptions options(const std::string& name) {
+    image::PagesCreateOptions o;
+    o.name = name;
+    o.parent = "base";
+    o.source = "test input";
+    o.guest_bytes = base_.size();
+    o.pages.assign(base_.size() / 4096, image::PageInput::kAsParent);
+    return o;
+  }
+  TempDir dir_;
+  std::unique_ptr<image::LocalStore> store_;
+  std::string base_;
+};
+
+TEST_F(CreateFromPages, CandidatesAreReadInRunsAndComparedWithTheParent) {
+  image::PagesCreateOptions o = options("child");
+  std::string now = base_;
+  for (uint64_t p = 10; p < 40; ++p) o.pages[p] = image::PageInput::kCandidate;
+  for (uint64_t p = 20; p < 30; ++p) {  // changed; 10-19 and 30-39 keep the parent's bytes
+    client::fill_write_pattern(9, p * 4096, {reinterpret_cast<uint8_t*>(now.data() + p * 4096), 4096});
+  }
+  o.pages[50] = image::PageInput::kZero;
+  now.replace(50 * 4096, 4096, std::string(4096, '\0'));
+  std::vector<std::pair<uint64_t, uint64_t>> reads;
+  o.max_read_bytes = 16 * 4096;
+  o.read = [&](uint64_t first, uint64_t count, std::span<uint8_t> buffer) -> Result<const uint8_t*> {
+    reads.emplace_back(first, count);
+    std::memcpy(buffer.data(), now.data() + first * 4096, count * 4096);
+    return buffer.data();
+  };
+  auto r = image::create_image_from_pages(*store_, o);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->stored_pages, 10u);
+  EXPECT_EQ(r->zero_pages, 1u);
+  EXPECT_EQ(r->parent_pages, base_.size() / 4096 - 11);
+  // Pass 1: runs of at most 16 pages; pass 2: the stored pages, one run.
+  const std::vector<std::pair<uint64_t, uint64_t>> expected{{10, 16}, {26, 14}, {20, 10}};
+  EXPECT_EQ(reads, expected);
+  expect_flattens_to(*store_, "child", dir_.file("flat"), now, 4096);
+}
+
+TEST_F(CreateFromPages, AReadErrorOrARefusalBeforeTheManifestLeavesNoImage) {
+  image::PagesCreateOptions o = options("failed");
+  o.pages[3] = image::PageInput::kCandidate;
+  o.read = [&](uint64_t, uint64_t, std::span<uint8_t>) -> Result<const uint8_t*> {
+    return fail("the input is gone", EIO);
+  };
+  auto r = image::create_image_from_pages(*store_, o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EIO);
+  o.read = [&](uint64_t first, uint64_t count, std::span<uint8_t> buffer) -> Result<const uint8_t*> {
+    std::memset(buffer.data(), 0x5a, count * 4096);
+    (void)first;
+    return buffer.data();
+  };
+  o.check_before_manifest = [] { return Status(fail("changed under us", EBUSY)); };
+  r = image::create_image_from_pages(*store_, o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EBUSY);
+  auto e = store_->manifest_exists("failed");
+  ASSERT_TRUE(e);
+  EXPECT_FALSE(*e);
+}
+
+TEST_F(CreateFromPages, AsInTheParentWithoutAParentIsRefused) {
+  image::PagesCreateOptions o = options("orphan");
+  o.parent.reset();
+  auto r = image::create_image_from_pages(*store_, o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EINVAL);
+  EXPECT_NE(r.error().message.find("no parent"), std::string::npos) << r.error().message;
 }
 
 // Ten generations, each restored from the previous image (its flatten: the

@@ -24,9 +24,11 @@ class ReadDigests {
   explicit ReadDigests(std::vector<uint64_t> pages) : pages_(std::move(pages)), digests_(pages_.size()),
                                                       seen_(pages_.size(), false) {}
   // Records the first read of `page`, or compares a later read with it.
-  // Returns false when a later read differs.
+  // Returns false when a later read differs, or when `page` is not dirty
+  // (create reads only the pages it was told are candidates: never).
   bool check(uint64_t page, std::string_view bytes) {
     const auto it = std::lower_bound(pages_.begin(), pages_.end(), page);
+    if (it == pages_.end() || *it != page) return false;
     const size_t k = static_cast<size_t>(it - pages_.begin());
     const image::BlobId digest = image::BlobId::of(bytes);
     if (!seen_[k]) {

@@ -392,6 +392,27 @@ TEST_F(DiffExport, AnImageNameThatExistsIsRefused) {
   EXPECT_EQ(bad.error().code, EINVAL);
 }
 
+TEST_F(DiffExport, AParentOfAnotherGeometryIsRefused) {
+  serve(16 * kMiB, kPageSize4K);
+  image::CreateOptions co;
+  co.memory_path = harness_->memory();
+  co.name = "huge-base";
+  co.page_size = kPageSize2M;  // the same bytes, but 2 MiB pages: not what the VM maps
+  ASSERT_TRUE(image::create_image(*store_, co));
+  vm_ = std::make_unique<Vm>(*harness_, harness_->memory(), std::vector<uint64_t>{16 * kMiB}, true, false);
+  ASSERT_TRUE(vm_->ok());
+  run_scenario(*vm_);
+  ExportOptions o;
+  o.parent = "huge-base";
+  o.name = "gen1";
+  auto r = export_session_diff(vm_->session(), *store_, o);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EINVAL);
+  EXPECT_NE(r.error().message.find("does not fit the parent image huge-base"), std::string::npos)
+      << r.error().message;
+  EXPECT_FALSE(image_exists("gen1"));
+}
+
 // The export holds the store's shared lock from before it reads the parent
 // until its manifest is written: a gc that starts meanwhile waits, and then
 // removes none of the export's blobs.

@@ -567,28 +567,28 @@ TEST(DiffExportChain, TenGenerationsRestoreExactlyAndStoreOnlyTheBaseAndChangedP
     ServerHarness::Options ho;
     ho.memory_bytes = 4 * 4096;  // the harness's own file is not served
     ho.configure = [&](ServerConfig& c, const TempDir&) { c.memory_path = mem; };
-    ServerHarness h(ho);
     const bool wp = g % 2 == 0;
     {
-      Vm vm(h, mem, {kBytes}, wp, false);
-      ASSERT_TRUE(vm.ok());
+      ServerHarness h(ho);
+      auto vm = std::make_unique<Vm>(h, mem, std::vector<uint64_t>{kBytes}, wp, false);
+      ASSERT_TRUE(vm->ok());
       // REMOVEs first (some pages then written again), then 5 % written.
       std::set<uint64_t> removed;
       while (removed.size() < 40) removed.insert(rng() % kPages);
-      for (uint64_t p : removed) vm.remove(p, 1);
+      for (uint64_t p : removed) vm->remove(p, 1);
       std::set<uint64_t> written;
       while (written.size() < kPages / 20) written.insert(rng() % kPages);
-      for (uint64_t p : written) vm.write_pattern(p, 1000 * g + p);
-      for (uint64_t p = 0; p < kPages; p += 97) vm.read(p);  // some pages only read
+      for (uint64_t p : written) vm->write_pattern(p, 1000 * g + p);
+      for (uint64_t p = 0; p < kPages; p += 97) vm->read(p);  // some pages only read
       ExportOptions o;
       o.parent = "gen" + std::to_string(g - 1);
       o.name = "gen" + std::to_string(g);
-      auto r = export_session_diff(vm.session(), *store, o);
+      auto r = export_session_diff(vm->session(), *store, o);
       ASSERT_TRUE(r) << "generation " << g << ": " << r.error().describe();
       EXPECT_EQ(r->write_protect, wp);
       // Every written page differs from before (a new tag); nothing else is stored.
       EXPECT_EQ(r->image.stored_pages, written.size()) << "generation " << g;
-      const ExpectedKinds k = expected_kinds(model, vm.model(), 4096);
+      const ExpectedKinds k = expected_kinds(model, vm->model(), 4096);
       EXPECT_EQ(r->image.zero_pages, k.zero) << "generation " << g;
       // A diff's manifest is proportional to what it changes, not to the guest.
       EXPECT_LT(r->image.manifest_bytes, 4096u) << "generation " << g;
@@ -596,9 +596,12 @@ TEST(DiffExportChain, TenGenerationsRestoreExactlyAndStoreOnlyTheBaseAndChangedP
       // and zstd's framing.
       changed_bound += r->image.stored_pages * 4096 + r->image.frames * 64;
       manifests += r->image.manifest_bytes;
-      model = vm.model();
+      model = vm->model();
+      vm.reset();  // closes the socket: the session ends
+      h.wait_ended(1);
     }
-    h.wait_ended(1);
+    // Only once its server is gone: a served file that vanishes is logged by
+    // the server's file watch.
     std::filesystem::remove(mem);
   }
   EXPECT_LE(blob_bytes(store_dir), base->stored_bytes + changed_bound);

@@ -236,6 +236,47 @@ TEST(Image, TwoImagesOfOneFileCreatedIndependentlyShareTheirFrames) {
   EXPECT_EQ(a.stored_bytes, b.stored_bytes);
 }
 
+// create compresses frames (and, without a parent, classifies pages) on
+// several threads: the image must be the one a single thread writes, byte
+// for byte, for a base and for a diff, whatever the thread count.
+TEST(Image, CreateWritesTheSameManifestAndBlobsOnOneThreadAndOnSeveral) {
+  TempDir dir;
+  const std::string base_bytes = make_memory(dir.file("mem"), 24 * kMiB, 5, 0.3);
+  std::string child_bytes = base_bytes;
+  for (uint64_t p = 1; p * 4096 < child_bytes.size(); p += 17) child_bytes[p * 4096 + 9] ^= 0x5a;
+  write_all(dir.file("child"), child_bytes);
+  std::vector<std::unique_ptr<LocalStore>> stores;
+  for (unsigned threads : {1u, 2u, 3u, 8u}) {
+    stores.push_back(open_store(dir.file("store-" + std::to_string(threads))));
+    for (const char* name : {"base", "child"}) {
+      CreateOptions o;
+      o.memory_path = dir.file(name == std::string("base") ? "mem" : "child");
+      o.name = name;
+      if (name != std::string("base")) o.parent = "base";
+      o.threads = threads;
+      auto r = create_image(*stores.back(), o);
+      ASSERT_TRUE(r) << r.error().describe();
+      EXPECT_EQ(r->frames, r->frames_written) << threads << " threads, " << name;
+    }
+  }
+  for (const char* name : {"base", "child"}) {
+    const auto one = stores[0]->read_manifest(name);
+    ASSERT_TRUE(one);
+    auto blobs = stores[0]->list();
+    ASSERT_TRUE(blobs);
+    for (size_t i = 1; i < stores.size(); ++i) {
+      const auto many = stores[i]->read_manifest(name);
+      ASSERT_TRUE(many);
+      EXPECT_EQ(*many, *one) << "manifest of " << name << " in store " << i;
+      auto other = stores[i]->list();
+      ASSERT_TRUE(other);
+      EXPECT_EQ(std::set<BlobId>(other->begin(), other->end()), std::set<BlobId>(blobs->begin(), blobs->end()));
+    }
+  }
+  expect_flattens_to(*stores.back(), "base", dir.file("flat-base"), base_bytes);
+  expect_flattens_to(*stores.back(), "child", dir.file("flat-child"), child_bytes);
+}
+
 TEST(Image, TenGenerationChainStoresOnlyTheBaseAndTheChangedPages) {
   TempDir dir;
   std::string model = make_memory(dir.file("gen0"), 16 * kMiB, 8, 0.2);

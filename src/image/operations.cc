@@ -7,8 +7,13 @@
 
 #include <zstd.h>
 
+#include <condition_variable>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <set>
+#include <thread>
 #include <unordered_set>
 
 #include "common/atomic_file.h"
@@ -24,10 +29,15 @@ namespace faultline::image {
 namespace {
 
 bool all_zero(const uint8_t* p, size_t n) {
-  // Pages are 8-byte aligned (offsets in an mmap), so compare words.
+  // Pages are 8-byte aligned (offsets in an mmap), so compare words, eight
+  // at a time: the OR of a 64-byte line has no branch inside, which the
+  // compiler turns into vector code; a data page usually fails on its first
+  // line.
   const auto* w = reinterpret_cast<const uint64_t*>(p);
-  for (size_t i = 0; i < n / 8; ++i) {
-    if (w[i] != 0) return false;
+  for (size_t i = 0; i + 8 <= n / 8; i += 8) {
+    uint64_t line = 0;
+    for (size_t k = 0; k < 8; ++k) line |= w[i + k];
+    if (line != 0) return false;
   }
   return true;
 }
@@ -56,6 +66,123 @@ Result<std::vector<bool>> data_pages(int fd, const std::string& path, uint64_t s
 }
 
 constexpr uint8_t kKindZero = 0, kKindParent = 1, kKindStored = 2;
+
+// A buffer for ReadPages that is never zero-filled: an input that returns a
+// pointer of its own (a mapped file) never touches it, so its pages are
+// never even faulted in.
+class ReadBuffer {
+ public:
+  std::span<uint8_t> get(size_t bytes) {
+    if (bytes > capacity_) {
+      data_ = std::make_unique_for_overwrite<uint8_t[]>(bytes);
+      capacity_ = bytes;
+    }
+    return {data_.get(), bytes};
+  }
+
+ private:
+  std::unique_ptr<uint8_t[]> data_;
+  size_t capacity_ = 0;
+};
+
+struct CompressedFrame {
+  std::string bytes;
+  BlobId id;
+};
+
+// Compresses and hashes frames 0..count-1 on worker threads, at most
+// `window` frames ahead of the consumer (bounded memory), and hands them out
+// in frame order through next(). A frame's blob depends only on its pages and
+// the level (frame.h), so the output is the same for any number of threads.
+// With one thread, next() does the work itself and no thread is started.
+// The destructor stops and joins the workers (also after an error).
+class FramePipeline {
+ public:
+  // Fills `scratch` with frame `f`'s pages (uncompressed); its error
+  // becomes that frame's.
+  using Gather = std::function<Status(uint64_t f, std::string& scratch)>;
+
+  FramePipeline(uint64_t count, unsigned threads, int level, Gather gather)
+      : count_(count), level_(level), gather_(std::move(gather)), window_(std::max(1u, threads) * 4) {
+    slots_.resize(window_);
+    if (threads <= 1) {
+      inline_compressor_.emplace(level_);
+      return;
+    }
+    for (unsigned i = 0; i < threads; ++i) workers_.emplace_back([this] { work(); });
+  }
+  ~FramePipeline() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    changed_.notify_all();
+    workers_.clear();  // jthread joins
+  }
+  FramePipeline(const FramePipeline&) = delete;
+  FramePipeline& operator=(const FramePipeline&) = delete;
+
+  // The next frame in order. REQUIRES: fewer than `count` calls so far.
+  Result<CompressedFrame> next() {
+    if (inline_compressor_) {
+      if (auto st = gather_(consumed_++, inline_scratch_); !st) return std::unexpected(st.error());
+      return compress(*inline_compressor_, inline_scratch_);
+    }
+    std::unique_lock lock(mutex_);
+    Slot& slot = slots_[consumed_ % window_];
+    changed_.wait(lock, [&] { return slot.value.has_value(); });
+    Result<CompressedFrame> out = std::move(*slot.value);
+    slot.value.reset();
+    ++consumed_;
+    lock.unlock();
+    changed_.notify_all();  // a worker may claim the next frame of the window
+    return out;
+  }
+
+ private:
+  struct Slot {
+    std::optional<Result<CompressedFrame>> value;
+  };
+
+  static Result<CompressedFrame> compress(FrameCompressor& compressor, const std::string& pages) {
+    auto bytes = compressor.compress(pages);
+    if (!bytes) return std::unexpected(bytes.error());
+    const BlobId id = BlobId::of(*bytes);
+    return CompressedFrame{std::move(*bytes), id};
+  }
+
+  void work() {
+    FrameCompressor compressor(level_);
+    std::string scratch;
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      changed_.wait(lock, [&] { return stop_ || next_claim_ >= count_ || next_claim_ < consumed_ + window_; });
+      if (stop_ || next_claim_ >= count_) return;
+      const uint64_t f = next_claim_++;
+      lock.unlock();
+      const Status gathered = gather_(f, scratch);
+      Result<CompressedFrame> r =
+          gathered ? compress(compressor, scratch) : Result<CompressedFrame>(std::unexpected(gathered.error()));
+      lock.lock();
+      slots_[f % window_].value = std::move(r);
+      changed_.notify_all();
+    }
+  }
+
+  const uint64_t count_;
+  const int level_;
+  const Gather gather_;
+  const uint64_t window_;
+  std::optional<FrameCompressor> inline_compressor_;
+  std::string inline_scratch_;
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<Slot> slots_;  // frame f in slots_[f % window_]
+  uint64_t next_claim_ = 0;  // guarded by mutex_
+  uint64_t consumed_ = 0;    // guarded by mutex_ (inline mode: this thread only)
+  bool stop_ = false;
+  std::vector<std::jthread> workers_;  // last: joined before the rest is destroyed
+};
 
 }  // namespace
 
@@ -135,15 +262,71 @@ Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOpti
   report.guest_pages = pages;
   std::vector<uint8_t> kind(pages, kKindZero);
   std::vector<uint8_t> parent_page(o.page_size);
-  std::vector<uint8_t> read_buffer;
+  ReadBuffer read_buffer;
   std::optional<ChainPageReader> parent_reader;
   if (parent) parent_reader.emplace(*parent, 256ull * 1024 * 1024);
   const uint64_t progress_step = std::max<uint64_t>(1, (64ull << 20) / o.page_size);
-  uint64_t next_progress = 0;
-  auto classify = [&](uint64_t p, const uint8_t* bytes) -> Status {
-    // `bytes` null: known zero, nothing read.
-    const bool zero = bytes == nullptr || all_zero(bytes, o.page_size);
-    if (parent) {
+  const unsigned threads = o.threads != 0 ? o.threads : std::max(1u, std::thread::hardware_concurrency());
+  // Reads the candidates of [begin, end) in runs and hands each page's bytes
+  // to `classify_page` (known-zero pages get null).
+  auto walk = [&](uint64_t begin, uint64_t end, ReadBuffer& buffer, bool report_progress,
+                  const std::function<Status(uint64_t, const uint8_t*)>& classify_page) -> Status {
+    uint64_t next_progress = begin;
+    for (uint64_t p = begin; p < end;) {
+      if (report_progress && o.progress && p >= next_progress) {
+        o.progress(p * o.page_size, size * 2);
+        next_progress = p + progress_step;
+      }
+      if (o.pages[p] != PageInput::kCandidate) {
+        if (auto st = classify_page(p, nullptr); !st) return st;
+        ++p;
+        continue;
+      }
+      // A run of candidates, read with one call.
+      uint64_t q = p + 1;
+      while (q < end && q - p < max_read_pages && o.pages[q] == PageInput::kCandidate) ++q;
+      auto bytes = o.read(p, q - p, buffer.get((q - p) * o.page_size));
+      if (!bytes) return std::unexpected(bytes.error());
+      for (uint64_t k = p; k < q; ++k) {
+        if (auto st = classify_page(k, *bytes + (k - p) * o.page_size); !st) return st;
+      }
+      p = q;
+    }
+    return {};
+  };
+  if (!parent) {
+    // Nothing to compare against: only zero or not, which ranges of pages
+    // can tell on several threads at once (each writes its own elements of
+    // kind[]; `read` is thread-safe by contract). No kAsParent input here.
+    if (o.progress) o.progress(0, size * 2);
+    auto zero_or_stored = [&](uint64_t p, const uint8_t* bytes) -> Status {
+      kind[p] = bytes == nullptr || all_zero(bytes, o.page_size) ? kKindZero : kKindStored;
+      return {};
+    };
+    const uint64_t ranges = std::min<uint64_t>(threads, std::max<uint64_t>(1, pages / 1024));
+    std::vector<Status> results(ranges);
+    std::vector<ReadBuffer> buffers(ranges);
+    {
+      std::vector<std::jthread> classifiers;
+      for (uint64_t r = 1; r < ranges; ++r) {
+        classifiers.emplace_back([&, r] {
+          results[r] = walk(pages * r / ranges, pages * (r + 1) / ranges, buffers[r], false, zero_or_stored);
+        });
+      }
+      results[0] = walk(0, pages / ranges, buffers[0], false, zero_or_stored);
+    }  // joins
+    for (const Status& st : results) {
+      if (!st) return std::unexpected(st.error());
+    }
+  } else {
+    // With a parent: one thread (ChainPageReader is not thread-safe).
+    auto against_parent = [&](uint64_t p, const uint8_t* bytes) -> Status {
+      if (o.pages[p] == PageInput::kAsParent) {
+        kind[p] = kKindParent;
+        return {};
+      }
+      // `bytes` null: known zero, nothing read.
+      const bool zero = bytes == nullptr || all_zero(bytes, o.page_size);
       if (parent->locate(p).zero) {
         if (zero) {
           kind[p] = kKindParent;
@@ -156,38 +339,12 @@ Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOpti
           return {};
         }
       }
-    }
-    kind[p] = zero ? kKindZero : kKindStored;
-    return {};
-  };
-  for (uint64_t p = 0; p < pages;) {
-    if (o.progress && p >= next_progress) {
-      o.progress(p * o.page_size, size * 2);
-      next_progress = p + progress_step;
-    }
-    if (o.pages[p] == PageInput::kAsParent) {
-      kind[p] = kKindParent;
-      ++p;
-      continue;
-    }
-    if (o.pages[p] == PageInput::kZero) {
-      if (auto st = classify(p, nullptr); !st) return std::unexpected(st.error());
-      ++p;
-      continue;
-    }
-    // A run of candidates, read with one call.
-    uint64_t q = p + 1;
-    while (q < pages && q - p < max_read_pages && o.pages[q] == PageInput::kCandidate) ++q;
-    read_buffer.resize((q - p) * o.page_size);
-    auto bytes = o.read(p, q - p, read_buffer);
-    if (!bytes) return std::unexpected(bytes.error());
-    for (uint64_t k = p; k < q; ++k) {
-      if (auto st = classify(k, *bytes + (k - p) * o.page_size); !st) return std::unexpected(st.error());
-    }
-    p = q;
+      kind[p] = zero ? kKindZero : kKindStored;
+      return {};
+    };
+    if (auto st = walk(0, pages, read_buffer, true, against_parent); !st) return std::unexpected(st.error());
   }
   parent_reader.reset();
-  read_buffer = {};
 
   // Storage order: the working set's stored pages first, in first-touch
   // order, then every other stored page in guest order.
@@ -228,35 +385,43 @@ Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOpti
   m.zstd_level = static_cast<uint32_t>(o.zstd_level);
   m.stored_pages = order.size();
   if (parent) m.parent = ParentRef{*o.parent, parent->layers()[0].manifest_sha256};
-  FrameCompressor compressor(o.zstd_level);
-  std::string frame_bytes;
-  for (uint64_t first = 0; first < order.size(); first += frame_pages) {
-    if (o.progress && (first / frame_pages) % 16 == 0) {
-      o.progress(size + static_cast<uint64_t>(static_cast<double>(size) * first / order.size()), size * 2);
+  // Compression and hashing run on worker threads, each gathering its
+  // frame's pages through `read` (again) in runs consecutive both in storage
+  // and in the guest; blobs are looked up and written here, in frame order.
+  const uint64_t frame_count = (order.size() + frame_pages - 1) / frame_pages;
+  FramePipeline pipeline(
+      frame_count, static_cast<unsigned>(std::min<uint64_t>(frame_count, threads)), o.zstd_level,
+      [&](uint64_t f, std::string& scratch) -> Status {
+        const uint64_t first = f * frame_pages;
+        const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - first);
+        scratch.resize(n * o.page_size);
+        auto* frame = reinterpret_cast<uint8_t*>(scratch.data());
+        for (uint64_t i = 0; i < n;) {
+          uint64_t j = i + 1;
+          while (j < n && order[first + j] == order[first + j - 1] + 1) ++j;
+          const std::span<uint8_t> target(frame + i * o.page_size, (j - i) * o.page_size);
+          auto bytes = o.read(order[first + i], j - i, target);
+          if (!bytes) return std::unexpected(bytes.error());
+          if (*bytes != target.data()) std::memcpy(target.data(), *bytes, target.size());
+          i = j;
+        }
+        return {};
+      });
+  for (uint64_t f = 0; f < frame_count; ++f) {
+    if (o.progress && f % 16 == 0) {
+      o.progress(size + static_cast<uint64_t>(static_cast<double>(size) * f / frame_count), size * 2);
     }
-    const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - first);
-    frame_bytes.resize(n * o.page_size);
-    auto* frame = reinterpret_cast<uint8_t*>(frame_bytes.data());
-    for (uint64_t i = 0; i < n;) {
-      uint64_t j = i + 1;
-      while (j < n && order[first + j] == order[first + j - 1] + 1) ++j;
-      const std::span<uint8_t> target(frame + i * o.page_size, (j - i) * o.page_size);
-      auto bytes = o.read(order[first + i], j - i, target);
-      if (!bytes) return std::unexpected(bytes.error());
-      if (*bytes != target.data()) std::memcpy(target.data(), *bytes, target.size());
-      i = j;
-    }
-    auto compressed = compressor.compress(frame_bytes);
-    if (!compressed) return std::unexpected(compressed.error());
-    const BlobId id = BlobId::of(*compressed);
-    auto present = store.exists(id);
+    const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - f * frame_pages);
+    auto frame = pipeline.next();
+    if (!frame) return std::unexpected(frame.error());
+    auto present = store.exists(frame->id);
     if (!present) return std::unexpected(present.error());
     if (!*present) {
-      if (auto put = store.put_deferred(id, *compressed); !put) return std::unexpected(put.error());
+      if (auto put = store.put_deferred(frame->id, frame->bytes); !put) return std::unexpected(put.error());
       ++report.frames_written;
     }
-    m.frames.push_back(FrameRef{id, compressed->size(), static_cast<uint32_t>(n)});
-    report.stored_bytes += compressed->size();
+    m.frames.push_back(FrameRef{frame->id, frame->bytes.size(), static_cast<uint32_t>(n)});
+    report.stored_bytes += frame->bytes.size();
   }
   report.frames = m.frames.size();
 
@@ -317,6 +482,7 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   in.zstd_level = o.zstd_level;
   in.frame_pages = o.frame_pages;
   in.working_set_path = o.working_set_path;
+  in.threads = o.threads;
   in.progress = o.progress;
   in.before_manifest = o.before_manifest;
   // A raw file: every page is a candidate. A Diff file: its holes are "as

@@ -38,6 +38,9 @@ struct CreateOptions {
   // extents are the pages written since; REQUIRES parent).
   bool diff_file = false;
   std::optional<std::string> working_set_path;
+  // Threads compressing frames; 0: one per CPU. The image is byte-for-byte
+  // the same for any value (each frame is compressed on its own).
+  unsigned threads = 0;
   Progress progress;
   // Test hook: runs after every blob is written, before the manifest (with
   // the store's shared lock held).
@@ -72,6 +75,9 @@ enum class PageInput : uint8_t {
 // size bytes) and returns buffer.data(), or returns a pointer to the same
 // bytes held elsewhere that stays valid until the next call (a mapping). An
 // error aborts the create (nothing is written under the image's name).
+// Thread-safety: REQUIRED. Frames are gathered on compression threads, and
+// without a parent candidates are classified on several threads; calls for
+// different pages may come at once.
 using ReadPages = std::function<Result<const uint8_t*>(uint64_t first_page, uint64_t count, std::span<uint8_t> buffer)>;
 
 struct PagesCreateOptions {
@@ -89,6 +95,9 @@ struct PagesCreateOptions {
   // Largest run of candidate pages asked of `read` at once (at least one page).
   uint64_t max_read_bytes = 8ull << 20;
   std::optional<std::string> working_set_path;
+  // Threads compressing frames (and, without a parent, classifying pages);
+  // 0: one per CPU. The image is the same for any value.
+  unsigned threads = 0;
   Progress progress;
   // Runs with the store's shared lock held, after every frame is written and
   // before the manifest: an error here (say, the input changed while it was

@@ -1,6 +1,7 @@
 #include "server/diff_export.h"
 
 #include <algorithm>
+#include <mutex>
 #include <vector>
 
 #include "image/blob_id.h"
@@ -123,9 +124,13 @@ Result<ExportReport> export_session_diff(const Session& session, image::Store& s
 
   // Reads guest pages [first, first + count) (file order) from the VM: a run
   // may span segments, each one process_vm_readv. Every page read is checked
-  // against its first read.
+  // against its first read. Create calls it from its compression threads:
+  // one read at a time (the digests and counts are shared; the VM's memory
+  // is read faster than it is compressed anyway).
   bool hook_ran = false;
+  std::mutex read_mutex;
   auto read_pages = [&](uint64_t first, uint64_t count, std::span<uint8_t> buffer) -> Result<const uint8_t*> {
+    std::lock_guard lock(read_mutex);
     uint64_t offset = first * page_size;
     const uint64_t end = offset + count * page_size;
     uint8_t* out = buffer.data();

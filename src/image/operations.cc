@@ -9,6 +9,7 @@
 
 #include <condition_variable>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -66,6 +67,24 @@ Result<std::vector<bool>> data_pages(int fd, const std::string& path, uint64_t s
 
 constexpr uint8_t kKindZero = 0, kKindParent = 1, kKindStored = 2;
 
+// A buffer for ReadPages that is never zero-filled: an input that returns a
+// pointer of its own (a mapped file) never touches it, so its pages are
+// never even faulted in.
+class ReadBuffer {
+ public:
+  std::span<uint8_t> get(size_t bytes) {
+    if (bytes > capacity_) {
+      data_ = std::make_unique_for_overwrite<uint8_t[]>(bytes);
+      capacity_ = bytes;
+    }
+    return {data_.get(), bytes};
+  }
+
+ private:
+  std::unique_ptr<uint8_t[]> data_;
+  size_t capacity_ = 0;
+};
+
 struct CompressedFrame {
   std::string bytes;
   BlobId id;
@@ -79,8 +98,9 @@ struct CompressedFrame {
 // The destructor stops and joins the workers (also after an error).
 class FramePipeline {
  public:
-  // Fills `scratch` with frame `f`'s pages (uncompressed).
-  using Gather = std::function<void(uint64_t f, std::string& scratch)>;
+  // Fills `scratch` with frame `f`'s pages (uncompressed); its error
+  // becomes that frame's.
+  using Gather = std::function<Status(uint64_t f, std::string& scratch)>;
 
   FramePipeline(uint64_t count, unsigned threads, int level, Gather gather)
       : count_(count), level_(level), gather_(std::move(gather)), window_(std::max(1u, threads) * 4) {
@@ -105,7 +125,7 @@ class FramePipeline {
   // The next frame in order. REQUIRES: fewer than `count` calls so far.
   Result<CompressedFrame> next() {
     if (inline_compressor_) {
-      gather_(consumed_++, inline_scratch_);
+      if (auto st = gather_(consumed_++, inline_scratch_); !st) return std::unexpected(st.error());
       return compress(*inline_compressor_, inline_scratch_);
     }
     std::unique_lock lock(mutex_);
@@ -140,8 +160,9 @@ class FramePipeline {
       if (stop_ || next_claim_ >= count_) return;
       const uint64_t f = next_claim_++;
       lock.unlock();
-      gather_(f, scratch);
-      Result<CompressedFrame> r = compress(compressor, scratch);
+      const Status gathered = gather_(f, scratch);
+      Result<CompressedFrame> r =
+          gathered ? compress(compressor, scratch) : Result<CompressedFrame>(std::unexpected(gathered.error()));
       lock.lock();
       slots_[f % window_].value = std::move(r);
       changed_.notify_all();
@@ -167,20 +188,52 @@ class FramePipeline {
 
 uint32_t default_frame_pages(uint32_t page_size) { return page_size == kHugePage ? 1 : 128; }
 
-Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
-  if (auto st = check_image_name(o.name); !st) {
-    return fail("bad image name '" + o.name + "': " + st.error().message, EINVAL);
-  }
-  if (o.page_size != kSmallPage && o.page_size != kHugePage) return fail("page size must be 4096 or 2097152", EINVAL);
-  const uint32_t frame_pages = o.frame_pages == 0 ? default_frame_pages(o.page_size) : o.frame_pages;
-  if (static_cast<uint64_t>(frame_pages) * o.page_size > kMaxFrameBytes) {
-    return fail("a frame may hold at most " + std::to_string(kMaxFrameBytes / o.page_size) + " pages of this size",
+namespace {
+
+Status check_create_settings(const std::string& name, uint32_t page_size, uint32_t frame_pages_option,
+                             int zstd_level) {
+  if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  if (page_size != kSmallPage && page_size != kHugePage) return fail("page size must be 4096 or 2097152", EINVAL);
+  const uint32_t frame_pages = frame_pages_option == 0 ? default_frame_pages(page_size) : frame_pages_option;
+  if (static_cast<uint64_t>(frame_pages) * page_size > kMaxFrameBytes) {
+    return fail("a frame may hold at most " + std::to_string(kMaxFrameBytes / page_size) + " pages of this size",
                 EINVAL);
   }
-  if (o.zstd_level < 1 || o.zstd_level > ZSTD_maxCLevel()) {
+  if (zstd_level < 1 || zstd_level > ZSTD_maxCLevel()) {
     return fail("zstd level must be 1.." + std::to_string(ZSTD_maxCLevel()), EINVAL);
   }
-  if (o.diff_file && !o.parent) return fail("a Diff snapshot file needs --parent (its holes mean 'as in the parent')", EINVAL);
+  return {};
+}
+
+}  // namespace
+
+Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOptions& o) {
+  if (auto st = check_create_settings(o.name, o.page_size, o.frame_pages, o.zstd_level); !st) {
+    return std::unexpected(st.error());
+  }
+  const uint32_t frame_pages = o.frame_pages == 0 ? default_frame_pages(o.page_size) : o.frame_pages;
+  const uint64_t size = o.guest_bytes;
+  if (size % o.page_size != 0) {
+    return fail(o.source + ": size " + std::to_string(size) + " is not a multiple of the page size " +
+                    std::to_string(o.page_size),
+                EINVAL);
+  }
+  const uint64_t pages = size / o.page_size;
+  if (pages > kMaxGuestPages) return fail(o.source + " is too large", EFBIG);
+  if (o.pages.size() != pages) {
+    return fail(o.source + ": the input describes " + std::to_string(o.pages.size()) + " pages, the guest has " +
+                    std::to_string(pages),
+                EINVAL);
+  }
+  if (!o.parent) {
+    for (uint64_t p = 0; p < pages; ++p) {
+      if (o.pages[p] == PageInput::kAsParent) {
+        return fail(o.source + ": page " + std::to_string(p) + " is 'as in the parent' but the image has no parent",
+                    EINVAL);
+      }
+    }
+  }
+  const uint64_t max_read_pages = std::max<uint64_t>(1, o.max_read_bytes / o.page_size);
 
   // Held until the manifest is written: gc cannot remove the parent's blobs
   // we compare against, nor our blobs before our manifest references them.
@@ -190,43 +243,17 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   if (!exists) return std::unexpected(exists.error());
   if (*exists) return fail("image " + o.name + " exists already (images are immutable; pick another name)", EEXIST);
 
-  UniqueFd fd(::open(o.memory_path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return fail_errno("cannot open " + o.memory_path);
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + o.memory_path);
-  const uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (size % o.page_size != 0) {
-    return fail(o.memory_path + ": size " + std::to_string(size) + " is not a multiple of the page size " +
-                    std::to_string(o.page_size),
-                EINVAL);
-  }
-  const uint64_t pages = size / o.page_size;
-  if (pages > kMaxGuestPages) return fail(o.memory_path + " is too large", EFBIG);
-
   std::optional<ImageChain> parent;
   if (o.parent) {
     auto chain = ImageChain::open(store, *o.parent);
     if (!chain) return std::unexpected(chain.error());
     if (chain->page_size() != o.page_size || chain->guest_bytes() != size) {
-      return fail(o.memory_path + " (" + std::to_string(size) + " bytes, pages of " + std::to_string(o.page_size) +
+      return fail(o.source + " (" + std::to_string(size) + " bytes, pages of " + std::to_string(o.page_size) +
                       ") does not match the parent image " + *o.parent + " (" + std::to_string(chain->guest_bytes()) +
                       " bytes, pages of " + std::to_string(chain->page_size()) + ")",
                   EINVAL);
     }
     parent = std::move(*chain);
-  }
-  std::vector<bool> diff_data;
-  if (o.diff_file) {
-    auto d = data_pages(fd.get(), o.memory_path, size, o.page_size);
-    if (!d) return std::unexpected(d.error());
-    diff_data = std::move(*d);
-  }
-  Mapping map;
-  if (size > 0) {
-    auto m = Mapping::map(size, PROT_READ, MAP_SHARED, fd.get());
-    if (!m) return fail(o.memory_path + ": " + m.error().message, m.error().code);
-    map = std::move(*m);
-    ::madvise(map.get(), size, MADV_SEQUENTIAL);  // a hint; failure changes nothing
   }
 
   // Pass 1: what each page is. Bytes are compared, never assumed: a page
@@ -235,49 +262,87 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   report.guest_pages = pages;
   std::vector<uint8_t> kind(pages, kKindZero);
   std::vector<uint8_t> parent_page(o.page_size);
+  ReadBuffer read_buffer;
   std::optional<ChainPageReader> parent_reader;
   if (parent) parent_reader.emplace(*parent, 256ull * 1024 * 1024);
+  const uint64_t progress_step = std::max<uint64_t>(1, (64ull << 20) / o.page_size);
   const unsigned threads = o.threads != 0 ? o.threads : std::max(1u, std::thread::hardware_concurrency());
-  if (!parent) {
-    // Nothing to compare against (and no Diff file: that needs a parent):
-    // only zero or not, which ranges of pages can tell on several threads at
-    // once (each writes its own elements of kind[]).
-    if (o.progress) o.progress(0, size * 2);
-    auto classify = [&](uint64_t begin, uint64_t end) {
-      for (uint64_t p = begin; p < end; ++p) {
-        kind[p] = all_zero(map.bytes() + p * o.page_size, o.page_size) ? kKindZero : kKindStored;
+  // Reads the candidates of [begin, end) in runs and hands each page's bytes
+  // to `classify_page` (known-zero pages get null).
+  auto walk = [&](uint64_t begin, uint64_t end, ReadBuffer& buffer, bool report_progress,
+                  const std::function<Status(uint64_t, const uint8_t*)>& classify_page) -> Status {
+    uint64_t next_progress = begin;
+    for (uint64_t p = begin; p < end;) {
+      if (report_progress && o.progress && p >= next_progress) {
+        o.progress(p * o.page_size, size * 2);
+        next_progress = p + progress_step;
       }
+      if (o.pages[p] != PageInput::kCandidate) {
+        if (auto st = classify_page(p, nullptr); !st) return st;
+        ++p;
+        continue;
+      }
+      // A run of candidates, read with one call.
+      uint64_t q = p + 1;
+      while (q < end && q - p < max_read_pages && o.pages[q] == PageInput::kCandidate) ++q;
+      auto bytes = o.read(p, q - p, buffer.get((q - p) * o.page_size));
+      if (!bytes) return std::unexpected(bytes.error());
+      for (uint64_t k = p; k < q; ++k) {
+        if (auto st = classify_page(k, *bytes + (k - p) * o.page_size); !st) return st;
+      }
+      p = q;
+    }
+    return {};
+  };
+  if (!parent) {
+    // Nothing to compare against: only zero or not, which ranges of pages
+    // can tell on several threads at once (each writes its own elements of
+    // kind[]; `read` is thread-safe by contract). No kAsParent input here.
+    if (o.progress) o.progress(0, size * 2);
+    auto zero_or_stored = [&](uint64_t p, const uint8_t* bytes) -> Status {
+      kind[p] = bytes == nullptr || all_zero(bytes, o.page_size) ? kKindZero : kKindStored;
+      return {};
     };
     const uint64_t ranges = std::min<uint64_t>(threads, std::max<uint64_t>(1, pages / 1024));
-    std::vector<std::jthread> classifiers;
-    for (uint64_t r = 1; r < ranges; ++r) classifiers.emplace_back(classify, pages * r / ranges, pages * (r + 1) / ranges);
-    classify(0, pages / ranges);
-    classifiers.clear();  // joins
-  }
-  const uint64_t progress_step = std::max<uint64_t>(1, (64ull << 20) / o.page_size);
-  for (uint64_t p = 0; parent && p < pages; ++p) {  // with a parent: one thread (ChainPageReader)
-    if (o.progress && p % progress_step == 0) o.progress(p * o.page_size, size * 2);
-    if (o.diff_file && !diff_data[p]) {
-      kind[p] = kKindParent;
-      continue;
+    std::vector<Status> results(ranges);
+    std::vector<ReadBuffer> buffers(ranges);
+    {
+      std::vector<std::jthread> classifiers;
+      for (uint64_t r = 1; r < ranges; ++r) {
+        classifiers.emplace_back([&, r] {
+          results[r] = walk(pages * r / ranges, pages * (r + 1) / ranges, buffers[r], false, zero_or_stored);
+        });
+      }
+      results[0] = walk(0, pages / ranges, buffers[0], false, zero_or_stored);
+    }  // joins
+    for (const Status& st : results) {
+      if (!st) return std::unexpected(st.error());
     }
-    const uint8_t* bytes = map.bytes() + p * o.page_size;
-    const bool zero = all_zero(bytes, o.page_size);
-    if (parent) {
+  } else {
+    // With a parent: one thread (ChainPageReader is not thread-safe).
+    auto against_parent = [&](uint64_t p, const uint8_t* bytes) -> Status {
+      if (o.pages[p] == PageInput::kAsParent) {
+        kind[p] = kKindParent;
+        return {};
+      }
+      // `bytes` null: known zero, nothing read.
+      const bool zero = bytes == nullptr || all_zero(bytes, o.page_size);
       if (parent->locate(p).zero) {
         if (zero) {
           kind[p] = kKindParent;
-          continue;
+          return {};
         }
       } else if (!zero) {
-        if (auto rd = parent_reader->read_page(p, parent_page.data()); !rd) return std::unexpected(rd.error());
+        if (auto rd = parent_reader->read_page(p, parent_page.data()); !rd) return rd;
         if (std::memcmp(parent_page.data(), bytes, o.page_size) == 0) {
           kind[p] = kKindParent;
-          continue;
+          return {};
         }
       }
-    }
-    kind[p] = zero ? kKindZero : kKindStored;
+      kind[p] = zero ? kKindZero : kKindStored;
+      return {};
+    };
+    if (auto st = walk(0, pages, read_buffer, true, against_parent); !st) return std::unexpected(st.error());
   }
   parent_reader.reset();
 
@@ -311,7 +376,8 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   }
   report.stored_pages = order.size();
 
-  // Pass 2: frames.
+  // Pass 2: frames, their pages read again in runs that are consecutive
+  // both in storage and in the guest.
   Manifest m;
   m.page_size = o.page_size;
   m.guest_bytes = size;
@@ -319,17 +385,28 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   m.zstd_level = static_cast<uint32_t>(o.zstd_level);
   m.stored_pages = order.size();
   if (parent) m.parent = ParentRef{*o.parent, parent->layers()[0].manifest_sha256};
-  // Compression and hashing run on worker threads; blobs are looked up and
-  // written here, in frame order.
+  // Compression and hashing run on worker threads, each gathering its
+  // frame's pages through `read` (again) in runs consecutive both in storage
+  // and in the guest; blobs are looked up and written here, in frame order.
   const uint64_t frame_count = (order.size() + frame_pages - 1) / frame_pages;
-  FramePipeline pipeline(frame_count, static_cast<unsigned>(std::min<uint64_t>(frame_count, threads)), o.zstd_level, [&](uint64_t f, std::string& scratch) {
-    const uint64_t first = f * frame_pages;
-    const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - first);
-    scratch.resize(n * o.page_size);
-    for (uint64_t i = 0; i < n; ++i) {
-      std::memcpy(scratch.data() + i * o.page_size, map.bytes() + order[first + i] * o.page_size, o.page_size);
-    }
-  });
+  FramePipeline pipeline(
+      frame_count, static_cast<unsigned>(std::min<uint64_t>(frame_count, threads)), o.zstd_level,
+      [&](uint64_t f, std::string& scratch) -> Status {
+        const uint64_t first = f * frame_pages;
+        const uint64_t n = std::min<uint64_t>(frame_pages, order.size() - first);
+        scratch.resize(n * o.page_size);
+        auto* frame = reinterpret_cast<uint8_t*>(scratch.data());
+        for (uint64_t i = 0; i < n;) {
+          uint64_t j = i + 1;
+          while (j < n && order[first + j] == order[first + j - 1] + 1) ++j;
+          const std::span<uint8_t> target(frame + i * o.page_size, (j - i) * o.page_size);
+          auto bytes = o.read(order[first + i], j - i, target);
+          if (!bytes) return std::unexpected(bytes.error());
+          if (*bytes != target.data()) std::memcpy(target.data(), *bytes, target.size());
+          i = j;
+        }
+        return {};
+      });
   for (uint64_t f = 0; f < frame_count; ++f) {
     if (o.progress && f % 16 == 0) {
       o.progress(size + static_cast<uint64_t>(static_cast<double>(size) * f / frame_count), size * 2);
@@ -368,11 +445,70 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   report.manifest_bytes = encoded->size();
   // Every blob durable and in place before the manifest that names them.
   if (auto st = store.sync(); !st) return std::unexpected(st.error());
+  if (o.check_before_manifest) {
+    if (auto st = o.check_before_manifest(); !st) return std::unexpected(st.error());
+  }
   if (o.before_manifest) o.before_manifest();
   // Last: until this rename the image does not exist.
   if (auto w = store.write_manifest(o.name, *encoded); !w) return std::unexpected(w.error());
   if (o.progress) o.progress(size * 2, size * 2);
   return report;
+}
+
+Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
+  if (auto st = check_create_settings(o.name, o.page_size, o.frame_pages, o.zstd_level); !st) {
+    return std::unexpected(st.error());
+  }
+  if (o.diff_file && !o.parent) return fail("a Diff snapshot file needs --parent (its holes mean 'as in the parent')", EINVAL);
+  UniqueFd fd(::open(o.memory_path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail_errno("cannot open " + o.memory_path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + o.memory_path);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  if (size % o.page_size != 0) {
+    return fail(o.memory_path + ": size " + std::to_string(size) + " is not a multiple of the page size " +
+                    std::to_string(o.page_size),
+                EINVAL);
+  }
+  const uint64_t pages = size / o.page_size;
+  if (pages > kMaxGuestPages) return fail(o.memory_path + " is too large", EFBIG);
+
+  PagesCreateOptions in;
+  in.name = o.name;
+  in.parent = o.parent;
+  in.source = o.memory_path;
+  in.page_size = o.page_size;
+  in.guest_bytes = size;
+  in.zstd_level = o.zstd_level;
+  in.frame_pages = o.frame_pages;
+  in.working_set_path = o.working_set_path;
+  in.threads = o.threads;
+  in.progress = o.progress;
+  in.before_manifest = o.before_manifest;
+  // A raw file: every page is a candidate. A Diff file: its holes are "as
+  // in the parent", its data extents candidates (new even if they hold zeros
+  // or the parent's bytes: the comparison decides how they are stored).
+  in.pages.assign(pages, PageInput::kCandidate);
+  if (o.diff_file) {
+    auto d = data_pages(fd.get(), o.memory_path, size, o.page_size);
+    if (!d) return std::unexpected(d.error());
+    for (uint64_t p = 0; p < pages; ++p) {
+      if (!(*d)[p]) in.pages[p] = PageInput::kAsParent;
+    }
+  }
+  Mapping map;
+  if (size > 0) {
+    auto m = Mapping::map(size, PROT_READ, MAP_SHARED, fd.get());
+    if (!m) return fail(o.memory_path + ": " + m.error().message, m.error().code);
+    map = std::move(*m);
+    ::madvise(map.get(), size, MADV_SEQUENTIAL);  // a hint; failure changes nothing
+  }
+  // The pages are in the mapping already: no copy.
+  in.read = [&](uint64_t first_page, uint64_t, std::span<uint8_t>) -> Result<const uint8_t*> {
+    return map.bytes() + first_page * o.page_size;
+  };
+  in.max_read_bytes = 64ull << 20;
+  return create_image_from_pages(store, in);
 }
 
 Status flatten_image(Store& store, const std::string& name, const std::string& out_path, const Progress& progress) {

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -57,7 +58,66 @@ struct CreateReport {
   uint64_t manifest_bytes = 0;
 };
 
+// From a memory file: one user of create_image_from_pages() below, whose
+// input reads the file's pages through a read-only mapping.
 Result<CreateReport> create_image(Store& store, const CreateOptions& options);
+
+// What the input of create_image_from_pages() says about one guest page
+// before any byte of it is read.
+enum class PageInput : uint8_t {
+  kAsParent = 0,   // unchanged since the parent: nothing is read (REQUIRES a parent)
+  kZero = 1,       // known zero (e.g. removed by the balloon): stored as zero, nothing is read
+  kCandidate = 2,  // new bytes, maybe: read, then compared with the parent's page and with zero
+};
+
+// Reads the candidate bytes of the guest pages [first_page, first_page +
+// count) (every one of them kCandidate): either fills `buffer` (count x page
+// size bytes) and returns buffer.data(), or returns a pointer to the same
+// bytes held elsewhere that stays valid until the next call (a mapping). An
+// error aborts the create (nothing is written under the image's name).
+// Thread-safety: REQUIRED. Frames are gathered on compression threads, and
+// without a parent candidates are classified on several threads; calls for
+// different pages may come at once.
+using ReadPages = std::function<Result<const uint8_t*>(uint64_t first_page, uint64_t count, std::span<uint8_t> buffer)>;
+
+struct PagesCreateOptions {
+  std::string name;
+  std::optional<std::string> parent;
+  // Names the input in errors ("/path/mem", "session 3").
+  std::string source;
+  uint32_t page_size = kSmallPage;
+  uint64_t guest_bytes = 0;  // with a parent, REQUIRES the parent's guest size and page size
+  int zstd_level = 3;
+  uint32_t frame_pages = 0;  // 0: default_frame_pages(page_size)
+  // One entry per guest page (guest_bytes / page_size entries).
+  std::vector<PageInput> pages;
+  ReadPages read;
+  // Largest run of candidate pages asked of `read` at once (at least one page).
+  uint64_t max_read_bytes = 8ull << 20;
+  std::optional<std::string> working_set_path;
+  // Threads compressing frames (and, without a parent, classifying pages);
+  // 0: one per CPU. The image is the same for any value.
+  unsigned threads = 0;
+  Progress progress;
+  // Runs with the store's shared lock held, after every frame is written and
+  // before the manifest: an error here (say, the input changed while it was
+  // read) leaves no image, only blobs that gc removes.
+  std::function<Status()> check_before_manifest;
+  // Test hook: like CreateOptions::before_manifest (after check_before_manifest).
+  std::function<void()> before_manifest;
+};
+
+// The core of every create: classifies each page (kAsParent and kZero as the
+// input says; kCandidate by its bytes: equal to the parent's page, or zero
+// where the parent reads zero, it is stored as "as in the parent"; else zero
+// if all zero, else stored), packs the stored pages into frames (the working
+// set's pages first), writes the frames, then the manifest. Candidate pages
+// are read twice: once to classify them, and the stored ones again to pack
+// them (so an input that must not change between the two reads has to check
+// that itself; see check_before_manifest). Same store protocol as
+// create_image(): shared lock from before the parent is read until the
+// manifest is written, every blob durable before the manifest.
+Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOptions& options);
 
 // Writes the chain's memory as a raw file at `out_path` (atomically: no file
 // appears unless every frame checked out). Zero pages are left as holes.

@@ -33,6 +33,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case ControlRequest::Command::kRecord:
         FUZZ_CHECK(cmd == "record" && j["session"] == request->session && j["name"] == request->name);
         break;
+      case ControlRequest::Command::kSnapshot:
+        FUZZ_CHECK(cmd == "snapshot" && j["session"] == request->session && j["name"] == request->name &&
+                   j["store"] == request->store);
+        break;
     }
     return 0;
   }

@@ -339,6 +339,19 @@ int main(int argc, char** argv) {
                      "with '.'); replaced atomically if it exists")
       ->required();
 
+  std::string snapshot_store, snapshot_name;
+  CLI::App* snapshot = app.add_subcommand(
+      "snapshot",
+      "Write a new image from a live VM that its caller has paused: its parent is the image the daemon\n"
+      "serves (serve --image), and it holds the pages the VM wrote since restore (read from the VM's\n"
+      "memory), the pages the balloon removed (as zero) and nothing else. Refused, with no image\n"
+      "written, when the VM's memory changes while it is read (pause it first). Needs serve --control.");
+  snapshot->add_option("--control", control_path, "The daemon's control socket")->required();
+  snapshot->add_option("--session", session_id, "Session id, as in the session_start log line")->required();
+  snapshot->add_option("--store", snapshot_store, "The store directory the daemon serves its image from")->required();
+  snapshot->add_option("--name", snapshot_name, "Name of the new image (images are immutable: a new name)")
+      ->required();
+
   faultline::cli::ImageCommand image_command(app);
 
   CLI11_PARSE(app, argc, argv);
@@ -371,6 +384,11 @@ int main(int argc, char** argv) {
         control_request(control_path, req.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
   }
 
+  if (snapshot->parsed()) {
+    nlohmann::json req{{"cmd", "snapshot"}, {"session", session_id}, {"store", snapshot_store}, {"name", snapshot_name}};
+    return print_control_reply(
+        control_request(control_path, req.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
+  }
   if (sessions->parsed()) return print_control_reply(control_request(control_path, R"({"cmd":"sessions"})"));
   if (dirty->parsed()) {
     return print_control_reply(control_request(

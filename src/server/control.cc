@@ -42,6 +42,22 @@ Result<ControlRequest> parse(std::string_view line) {
     r.command = ControlRequest::Command::kSessions;
     return r;
   }
+  if (cmd == "snapshot") {
+    if (!req.contains("session") || !req["session"].is_number_unsigned()) {
+      return fail("snapshot needs \"session\": the id from the session_start log line");
+    }
+    if (!req.contains("store") || !req["store"].is_string()) {
+      return fail("snapshot needs \"store\": the store directory the daemon serves its image from");
+    }
+    if (!req.contains("name") || !req["name"].is_string()) {
+      return fail("snapshot needs \"name\": the name of the new image");
+    }
+    r.command = ControlRequest::Command::kSnapshot;
+    r.session = req["session"].get<uint64_t>();
+    r.store = req["store"].get<std::string>();
+    r.name = req["name"].get<std::string>();
+    return r;
+  }
   if (cmd == "page_map" || cmd == "record") {
     if (!req.contains("session") || !req["session"].is_number_unsigned()) {
       return fail(cmd + " needs \"session\": the id from the session_start log line");
@@ -62,7 +78,7 @@ Result<ControlRequest> parse(std::string_view line) {
     r.name = req["name"].get<std::string>();
     return r;
   }
-  return fail("unknown command \"" + escape_untrusted(cmd, 64) + "\" (known: sessions, page_map, record)");
+  return fail("unknown command \"" + escape_untrusted(cmd, 64) + "\" (known: sessions, page_map, record, snapshot)");
 }
 
 std::string answer(const Server& server, const ControlRequest& req) {
@@ -84,6 +100,25 @@ std::string answer(const Server& server, const ControlRequest& req) {
       auto recorded = server.record(req.session, req.name);
       if (!recorded) return control_error_reply(recorded.error().describe());
       return dump(ordered_json{{"path", recorded->path}, {"pages", recorded->pages}});
+    }
+    case ControlRequest::Command::kSnapshot: {
+      auto r = server.snapshot(req.session, req.store, req.name);
+      if (!r) return control_error_reply(r.error().describe());
+      return dump(ordered_json{{"image", req.name},
+                               {"parent", server.config().image_path.substr(server.config().image_path.rfind('/') + 1)},
+                               {"write_protect", r->write_protect},
+                               {"scan_method", kernel::to_string(r->method)},
+                               {"dirty_pages", r->dirty_pages},
+                               {"zero_pages", r->zero_pages},
+                               {"removed_pages", r->removed_pages},
+                               {"bytes_read", r->bytes_read},
+                               {"stored_pages", r->image.stored_pages},
+                               {"parent_pages", r->image.parent_pages},
+                               {"image_zero_pages", r->image.zero_pages},
+                               {"frames", r->image.frames},
+                               {"frames_written", r->image.frames_written},
+                               {"stored_bytes", r->image.stored_bytes},
+                               {"manifest_bytes", r->image.manifest_bytes}});
     }
   }
   return control_error_reply("unhandled command");

@@ -5,10 +5,14 @@
 //   {"cmd":"page_map","session":N}        -> PageMap::to_json() (the dirty query)
 //   {"cmd":"record","session":N,"name":F} -> writes the session's working set now,
 //                                            to F inside the daemon's --record-dir
+//   {"cmd":"snapshot","session":N,"store":D,"name":I}
+//                                         -> writes image I on top of the served image,
+//                                            from the (paused) VM's memory (Server::snapshot)
 // Errors come back as {"error":"..."}.
 //
-// The socket is served on its own thread with a deadline per request (see
-// Server); this file turns a request line into a reply and never throws,
+// The socket is served on its own thread, one request at a time, with a
+// deadline for reading the request and one for writing the reply (see
+// Server); a snapshot holds the thread while it writes its image. This file turns a request line into a reply and never throws,
 // whatever bytes the line holds.
 //
 // Thread-safety: every function is safe from any thread.
@@ -25,11 +29,12 @@ namespace faultline {
 class Server;
 
 struct ControlRequest {
-  enum class Command { kSessions, kPageMap, kRecord };
+  enum class Command { kSessions, kPageMap, kRecord, kSnapshot };
   Command command = Command::kSessions;
   uint64_t session = 0;
   bool pagemap_fallback = false;  // page_map: read /proc/PID/pagemap instead of PAGEMAP_SCAN
-  std::string name;               // record: a plain file name inside --record-dir
+  std::string name;               // record: a plain file name inside --record-dir; snapshot: the new image
+  std::string store;              // snapshot: the store directory (must be the one the daemon serves from)
 };
 
 // Parses one request line. Pure: no I/O, no shared state; never throws.

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <array>
 #include <exception>
 #include <mutex>
@@ -21,6 +22,7 @@
 #include "kernel/process.h"
 #include "protocol/handshake_socket.h"
 #include "server/control.h"
+#include "server/diff_export.h"
 #include "server/test_hooks.h"
 #include "source/file_watch.h"
 
@@ -182,14 +184,19 @@ std::string describe_access(const protocol::SocketAccess& a) {
 // "STORE_DIR/NAME": the image NAME of the local store STORE_DIR, with its
 // whole chain of parents (each manifest and pin checked now, so a damaged
 // chain stops the daemon at start rather than a VM later).
-static Result<std::shared_ptr<const image::ImageSource>> open_image(const ServerConfig& config) {
-  const std::string& path = config.image_path;
+static Result<std::pair<std::string, std::string>> split_image_path(const std::string& path) {
   const size_t slash = path.find_last_of('/');
   if (slash == std::string::npos || slash + 1 == path.size()) {
     return fail("--image " + path + ": expected STORE_DIR/NAME (a store directory and an image name in it)", EINVAL);
   }
-  const std::string dir = slash == 0 ? "/" : path.substr(0, slash);
-  const std::string name = path.substr(slash + 1);
+  return std::make_pair(slash == 0 ? std::string("/") : path.substr(0, slash), path.substr(slash + 1));
+}
+
+static Result<std::shared_ptr<const image::ImageSource>> open_image(const ServerConfig& config) {
+  const std::string& path = config.image_path;
+  auto split = split_image_path(path);
+  if (!split) return std::unexpected(split.error());
+  const auto& [dir, name] = *split;
   auto store = image::LocalStore::open(dir, /*create=*/false);
   if (!store) return fail("--image " + path + ": " + store.error().message, store.error().code);
   std::shared_ptr<image::FrameCache> cache =
@@ -250,6 +257,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
                                        st.evictions, st.bytes,  st.frames, st.capacity};
     });
   }
+  if (image) server->image_store_dir_ = split_image_path(config.image_path)->first;
   server->image_ = std::move(image);
   server->prefetch_ = std::move(prefetch);
   server->zero_index_ = std::move(zero_index);
@@ -677,10 +685,12 @@ void Server::control_loop() {
 
 void Server::serve_control(UniqueFd connection) {
   using Clock = std::chrono::steady_clock;
-  // One deadline for the whole exchange: a client that trickles its request
-  // or never reads its reply holds this thread for control_timeout at most,
-  // and never the accept loop or any session.
-  const Clock::time_point deadline = Clock::now() + config_.control_timeout;
+  // One deadline for the request and one for the reply: a client that
+  // trickles its request or never reads its reply holds this thread for
+  // control_timeout at most per phase, and never the accept loop or any
+  // session. The time to answer (a snapshot writes an image) is not the
+  // client's doing and counts in neither.
+  Clock::time_point deadline = Clock::now() + config_.control_timeout;
   const int fd = connection.get();
   ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
   constexpr size_t kMaxRequest = 64 * 1024;
@@ -725,6 +735,7 @@ void Server::serve_control(UniqueFd connection) {
                                 std::to_string(config_.max_control_reply_bytes));
   }
   reply += '\n';
+  deadline = Clock::now() + config_.control_timeout;
   size_t off = 0;
   while (off < reply.size()) {
     const ssize_t n = ::send(fd, reply.data() + off, reply.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -735,6 +746,55 @@ void Server::serve_control(UniqueFd connection) {
     if (n <= 0) return;  // the client went away
     off += static_cast<size_t>(n);
   }
+}
+
+Result<ExportReport> Server::snapshot(uint64_t id, const std::string& store_dir, const std::string& name) const {
+  if (!image_) {
+    return fail("snapshot writes a diff on top of the image the VM was restored from: start the daemon with "
+                "--image STORE_DIR/NAME (this one serves the raw file " + config_.memory_path + ")",
+                EINVAL);
+  }
+  if (auto st = image::check_image_name(name); !st) {
+    return fail("image name \"" + escape_untrusted(name, 64) + "\" is refused: " + st.error().message, EINVAL);
+  }
+  // The new image goes into the store the daemon serves from, nowhere else:
+  // its parent is there, and a control client must not be able to make the
+  // daemon write into any other directory.
+  std::error_code ec1, ec2;
+  const auto asked = std::filesystem::canonical(store_dir, ec1);
+  const auto served = std::filesystem::canonical(image_store_dir_, ec2);
+  if (ec1 || ec2 || asked != served) {
+    return fail("snapshot writes only into the store this daemon serves from (" + image_store_dir_ + "), not \"" +
+                    escape_untrusted(store_dir, 256) + "\"",
+                EPERM);
+  }
+  auto s = session(id);
+  if (!s) return fail("no running session " + std::to_string(id), ESRCH);
+  auto store = image::LocalStore::open(image_store_dir_, /*create=*/false);
+  if (!store) return std::unexpected(store.error());
+  ExportOptions options;
+  options.parent = image_->name();
+  options.name = name;
+  const auto began = std::chrono::steady_clock::now();
+  auto report = export_session_diff(*s, **store, options);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+  if (!report) {
+    log_.warn("snapshot_failed", {{"session", id}, {"name", name}, {"error", report.error().describe()}});
+    return report;
+  }
+  log_.info("snapshot_written", {{"session", id},
+                                 {"name", name},
+                                 {"parent", options.parent},
+                                 {"write_protect", report->write_protect},
+                                 {"dirty_pages", report->dirty_pages},
+                                 {"zero_pages", report->zero_pages},
+                                 {"removed_pages", report->removed_pages},
+                                 {"stored_pages", report->image.stored_pages},
+                                 {"stored_bytes", report->image.stored_bytes},
+                                 {"frames_written", report->image.frames_written},
+                                 {"bytes_read", report->bytes_read},
+                                 {"seconds", seconds}});
+  return report;
 }
 
 Result<Server::Recorded> Server::record(uint64_t id, const std::string& name) const {

@@ -46,6 +46,7 @@
 #include "snapshot/working_set.h"
 #include "image/frame_cache.h"
 #include "image/image_source.h"
+#include "server/diff_export.h"
 #include "snapshot/zero_index.h"
 #include "source/page_source.h"
 
@@ -165,6 +166,14 @@ class Server {
   };
   Result<Recorded> record(uint64_t session, const std::string& name) const;
 
+  // Writes image `name` into the served image's store, on top of that image,
+  // from the memory of session `id`'s VM (which its caller has paused): the
+  // pages it wrote since restore, the pages the balloon removed as zero,
+  // nothing else (server/diff_export.h says how, and what it refuses).
+  // `store_dir` must name the store the daemon serves from. Logs
+  // snapshot_written or snapshot_failed.
+  Result<ExportReport> snapshot(uint64_t id, const std::string& store_dir, const std::string& name) const;
+
   const std::string& socket_path() const { return config_.socket_path; }
   const ServerConfig& config() const { return config_; }
 
@@ -205,6 +214,7 @@ class Server {
   const Logger& log_;
   std::shared_ptr<const PageSource> source_;
   std::shared_ptr<const image::ImageSource> image_;  // source_, when it is an image
+  std::string image_store_dir_;                      // its store, as given in --image
   std::shared_ptr<const WorkingSet> prefetch_;
   std::shared_ptr<const ZeroIndex> zero_index_;
   protocol::UnixListener listener_;  // unlinks the socket path when destroyed

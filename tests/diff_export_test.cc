@@ -11,9 +11,12 @@
 #include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <mutex>
 #include <random>
 #include <set>
+
+#include <nlohmann/json.hpp>
 
 #include "client/firecracker_client.h"
 #include "client/test_memory_file.h"
@@ -609,6 +612,101 @@ TEST(DiffExportChain, TenGenerationsRestoreExactlyAndStoreOnlyTheBaseAndChangedP
   for (auto& e : std::filesystem::directory_iterator(store_dir + "/images")) manifest_files += e.file_size();
   EXPECT_EQ(manifest_files, manifests);
   expect_flattens_to(*store, "gen10", dir.file("last.mem"), model, 4096);
+  auto info = image::inspect_image(*store, "gen10");
+  ASSERT_TRUE(info);
+  EXPECT_EQ(info->layers.size(), 11u);
+}
+
+
+// The chain as a user runs it: every generation is restored straight
+// from the previous image (serve --image, its whole chain of parents), written,
+// REMOVEd, and exported with the daemon's snapshot (the last one through
+// `faultline snapshot` and the control socket, a separate process); the last
+// image is then restored, again from the image, and every page is checked
+// against a model of what every generation wrote.
+TEST(DiffExportChain, TenGenerationsEachRestoredFromThePreviousImageThroughTheDaemon) {
+  constexpr uint64_t kBytes = 8 * kMiB;
+  constexpr uint64_t kPages = kBytes / 4096;
+  TempDir dir;
+  const std::string store_dir = dir.file("store");
+  auto store = open_store(store_dir);
+  ASSERT_TRUE(client::write_test_memory_file(dir.file("gen0.mem"), kBytes, 33, 0.2));
+  image::CreateOptions co;
+  co.memory_path = dir.file("gen0.mem");
+  co.name = "gen0";
+  auto base = image::create_image(*store, co);
+  ASSERT_TRUE(base) << base.error().describe();
+  std::string model = read_bytes(dir.file("gen0.mem"));
+  std::mt19937_64 rng(77);
+  // Serves image `name`; the Vm's model starts as `model`.
+  auto serve = [&](const std::string& name) {
+    ServerHarness::Options ho;
+    ho.memory_bytes = 4 * 4096;  // the harness's own file is not served
+    ho.configure = [&, name](ServerConfig& c, const TempDir& d) {
+      c.memory_path.clear();
+      c.image_path = store_dir + "/" + name;
+      c.control_path = d.file("ctl");
+    };
+    return std::make_unique<ServerHarness>(ho);
+  };
+  const std::string model_file = dir.file("model.mem");
+  for (int g = 1; g <= 10; ++g) {
+    std::ofstream(model_file, std::ios::binary | std::ios::trunc).write(model.data(), static_cast<std::streamsize>(model.size()));
+    auto h = serve("gen" + std::to_string(g - 1));
+    const bool wp = g % 2 == 1;
+    auto vm = std::make_unique<Vm>(*h, model_file, std::vector<uint64_t>{kBytes}, wp, false);
+    ASSERT_TRUE(vm->ok());
+    for (uint64_t p = g; p < kPages; p += 61) vm->read(p);  // read back what earlier generations wrote
+    std::set<uint64_t> removed;
+    while (removed.size() < 20) removed.insert(rng() % kPages);
+    for (uint64_t p : removed) vm->remove(p, 1);
+    std::set<uint64_t> written;
+    while (written.size() < kPages / 20) written.insert(rng() % kPages);
+    for (uint64_t p : written) vm->write_pattern(p, 7000 * g + p);
+    const std::string name = "gen" + std::to_string(g);
+    const uint64_t id = h->server().live_sessions().at(0).id;
+    if (g < 10) {
+      auto r = h->server().snapshot(id, store_dir, name);
+      ASSERT_TRUE(r) << "generation " << g << ": " << r.error().describe();
+      EXPECT_EQ(r->write_protect, wp);
+      EXPECT_EQ(r->image.stored_pages, written.size()) << "generation " << g;
+      EXPECT_NE(h->log().find("event=snapshot_written session=" + std::to_string(id) + " name=" + name),
+                std::string::npos);
+    } else {
+      // The VM stays paused (this thread touches nothing) while the command runs.
+      const std::string out = dir.file("snapshot.out");
+      const pid_t pid = spawn({built_binary("faultline"), "snapshot", "--control", h->dir().file("ctl"), "--session",
+                               std::to_string(id), "--store", store_dir, "--name", name},
+                              out);
+      const int status = wait_child(pid, std::chrono::seconds(120));
+      ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(out);
+      auto reply = nlohmann::json::parse(read_file(out), nullptr, false);
+      ASSERT_FALSE(reply.is_discarded()) << read_file(out);
+      EXPECT_EQ(reply["image"], name);
+      EXPECT_EQ(reply["parent"], "gen9");
+      EXPECT_EQ(reply["stored_pages"], written.size());
+      // Another store is refused: the daemon writes only where it serves from.
+      const pid_t other = spawn({built_binary("faultline"), "snapshot", "--control", h->dir().file("ctl"),
+                                 "--session", std::to_string(id), "--store", dir.path(), "--name", "elsewhere"},
+                                out);
+      const int refused = wait_child(other, std::chrono::seconds(60));
+      EXPECT_TRUE(WIFEXITED(refused) && WEXITSTATUS(refused) == 1) << read_file(out);
+      EXPECT_NE(read_file(out).find("writes only into the store"), std::string::npos) << read_file(out);
+    }
+    model = vm->model();
+    vm.reset();
+    ASSERT_TRUE(h->wait_ended(1));
+  }
+  // The last image, restored from the store: every page is the model's.
+  std::ofstream(model_file, std::ios::binary | std::ios::trunc).write(model.data(), static_cast<std::streamsize>(model.size()));
+  auto h = serve("gen10");
+  EXPECT_TRUE(eventually_true([&] { return h->log().find("image_layers=11") != std::string::npos; })) << h->log();
+  {
+    Vm vm(*h, model_file, std::vector<uint64_t>{kBytes}, false, false);
+    ASSERT_TRUE(vm.ok());
+    for (uint64_t p = 0; p < kPages; ++p) vm.read(p);
+  }
+  ASSERT_TRUE(h->wait_ended(1));
   auto info = image::inspect_image(*store, "gen10");
   ASSERT_TRUE(info);
   EXPECT_EQ(info->layers.size(), 11u);

@@ -203,8 +203,8 @@ int main(int argc, char** argv) {
   // 2 MiB pages: enough for the largest guest fully touched (scenario 1's
   // kernel baseline, scenario 2's eager fill), one guest at a time.
   bool huge = false;
+  uint64_t need_bytes = 0;  // 0: no chosen scenario has 2 MiB configurations (storage)
   if (!no_huge) {
-    uint64_t need_bytes = 0;
     if (want.count(1)) need_bytes = std::max(need_bytes, sizes.s1_guest);
     if (want.count(2)) need_bytes = std::max(need_bytes, sizes.s2_guest);
     if (want.count(3)) need_bytes = std::max(need_bytes, sizes.s3_guest);
@@ -288,7 +288,9 @@ int main(int argc, char** argv) {
     ::close(fd);
   }
 
-  if (!huge && !no_huge) results.notes.push_back("2 MiB page configurations skipped: no huge pages could be reserved");
+  if (!huge && !no_huge && need_bytes > 0) {
+    results.notes.push_back("2 MiB page configurations skipped: no huge pages could be reserved");
+  }
   if (!kvm && !no_vcpu) results.notes.push_back("vCPU configurations skipped: /dev/kvm unusable or built without client/kvm");
 
   const auto t0 = std::chrono::steady_clock::now();

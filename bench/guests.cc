@@ -24,12 +24,15 @@ const char* to_string(Backend b) {
     case Backend::kFaultlineImage: return "faultline on demand from an image (serve --image)";
     case Backend::kFaultlineImagePrefetch: return "faultline record+prefetch from an image created with --working-set";
     case Backend::kFaultlineImageEager: return "faultline eager (--prefetch all) from an image";
+    case Backend::kFaultlineImageWarm:
+      return "faultline on demand from an image, frame cache warm (a second VM of the image on the same daemon)";
   }
   return "?";
 }
 
 bool from_image(Backend b) {
-  return b == Backend::kFaultlineImage || b == Backend::kFaultlineImagePrefetch || b == Backend::kFaultlineImageEager;
+  return b == Backend::kFaultlineImage || b == Backend::kFaultlineImagePrefetch || b == Backend::kFaultlineImageEager ||
+         b == Backend::kFaultlineImageWarm;
 }
 
 const char* label(Backend b) {
@@ -44,6 +47,7 @@ const char* label(Backend b) {
     case Backend::kFaultlineImage: return "fl-image";
     case Backend::kFaultlineImagePrefetch: return "fl-img-prefetch";
     case Backend::kFaultlineImageEager: return "fl-img-eager";
+    case Backend::kFaultlineImageWarm: return "fl-img-warm";
   }
   return "?";
 }
@@ -127,7 +131,8 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
     case Backend::kFaultlineMetrics:
     case Backend::kFaultlineImage:
     case Backend::kFaultlineImagePrefetch:
-    case Backend::kFaultlineImageEager: {
+    case Backend::kFaultlineImageEager:
+    case Backend::kFaultlineImageWarm: {
       client::ClientConfig cc;
       cc.version = {1, 14};
       cc.region_sizes = {spec.bytes};

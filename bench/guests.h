@@ -35,6 +35,7 @@ enum class Backend {
   kFaultlineImage,          // on demand
   kFaultlineImagePrefetch,  // replaying a recorded working set, image created with --working-set
   kFaultlineImageEager,     // --prefetch all
+  kFaultlineImageWarm,      // on demand, the frame cache warm: a second VM of the image on the same daemon
 };
 // True for the backends served from an image.
 bool from_image(Backend b);

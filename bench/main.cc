@@ -157,6 +157,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   app.add_option("--reader-serves-cached", reader_serves_cached,
                  "ServerConfig::reader_serves_cached: the event reader serves 4 KiB faults needing no I/O (default true)");
+  uint32_t image_frame_pages = 0;
+  app.add_option("--image-frame-pages", image_frame_pages,
+                 "image scenario: create its 4 KiB images with frames of this many pages (default: image create's "
+                 "default)")
+      ->check(CLI::Range(1, 4096));
   bool metrics_cost = false;
   app.add_flag("--metrics-cost", metrics_cost,
                "scenarios 1 and 3 also run faultline timing every fault for the latency histograms (serve "
@@ -254,6 +259,7 @@ int main(int argc, char** argv) {
   ctx.metrics_cost = metrics_cost;
   ctx.source_dir = FAULTLINE_SOURCE_DIR;
   ctx.corpus_path = corpus_path;
+  ctx.image_frame_pages = image_frame_pages;
   ctx.results = &results;
   for (const char* n : {"mem-small", "mem-large", "mem-sparse", "mem-small.zeroidx", "mem-large.zeroidx",
                         "mem-sparse.zeroidx", "s1.sock", "s2.sock", "s2-eager.sock", "s2-record.sock",

@@ -60,7 +60,8 @@ void heading(const std::string& title) { std::printf("\n%s\n%s\n", title.c_str()
 // The image scenario: the raw-file backend an image backend is compared with.
 Backend raw_counterpart(Backend b) {
   switch (b) {
-    case Backend::kFaultlineImage: return Backend::kFaultline;
+    case Backend::kFaultlineImage:
+    case Backend::kFaultlineImageWarm: return Backend::kFaultline;
     case Backend::kFaultlineImagePrefetch: return Backend::kFaultlinePrefetch;
     case Backend::kFaultlineImageEager: return Backend::kFaultlineEager;
     default: return b;
@@ -369,7 +370,7 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
     std::printf("a fresh in-process server per measurement (real handshake; an image starts with an empty frame cache), "
                 "one host thread;\nthe store and the raw file on the same file system, both warm in the page cache; "
                 "img/raw: this image row against its raw-file row\n");
-    std::printf("on demand: every page once, first read timed; restore: time from handshake until the set was read "
+    std::printf("on demand: every page once, first read timed (fl-img-warm: after another VM made the same reads through the same server); restore: time from handshake until the set was read "
                 "(fl-prefetch: --prefetch RECORD,\nfl-img-prefetch: the image created with --working-set RECORD); "
                 "eager fill: time until every guest page was resident (mincore)\n");
     std::printf("%-34s %-15s %9s %9s %10s %10s %9s %7s %9s %9s  %s\n", "config", "backend", "p50 us", "p99 us",
@@ -390,12 +391,21 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
     }
     std::set<std::string> printed;
     for (const Row& row : r.rows) {
+      if (row.scenario != kImageScenario || std::isnan(row.metric("image_frame_bytes"))) continue;
+      const std::string frames = row.page_size == kPageSize2M ? "2M" : "4K";
+      if (!printed.insert(frames).second) continue;
+      std::printf("%s images: frames of %s\n", frames.c_str(), human_bytes(row.metric("image_frame_bytes")).c_str());
+    }
+    printed.clear();
+    for (const Row& row : r.rows) {
       if (row.scenario != kImageScenario || std::isnan(row.metric("load1_before"))) continue;
       const std::string subject = row.config().substr(0, row.config().find(' '));
       if (!printed.insert(subject).second) continue;
-      std::printf("load average (1 min) %s before / %s after the %s file, %s cores\n",
+      std::printf("load average (1 min) %s before / %s after the %s file, %s cores; first write of fresh anonymous "
+                  "memory %s us per 4 KiB page\n",
                   num(row.metric("load1_before"), 2).c_str(), num(row.metric("load1_after"), 2).c_str(),
-                  subject.c_str(), num(row.metric("cores"), 0).c_str());
+                  subject.c_str(), num(row.metric("cores"), 0).c_str(),
+                  num(row.metric("fresh_memory_us_per_page"), 2).c_str());
     }
   }
 

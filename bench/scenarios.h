@@ -91,6 +91,9 @@ struct Context {
   std::string source_dir;
   std::string corpus_path;
   std::string corpus_error;  // why there is no corpus_path, when there is none
+  // The image scenario: pages per frame of its 4 KiB images (0: the default,
+  // image::default_frame_pages), to compare frame sizes run against run.
+  uint32_t image_frame_pages = 0;
   Results* results = nullptr;
 };
 

@@ -2,7 +2,7 @@
 // baselines in one invocation and prints a table, a JSON file and a chart.
 // A program that prints figures, not a test: nothing here asserts a timing.
 //
-//   faultline-bench [--quick] [--scenario N|storage]... [--json FILE] [--chart FILE.png]
+//   faultline-bench [--quick] [--scenario N|storage|image]... [--json FILE] [--chart FILE.png]
 //   faultline-bench --make-corpus FILE [--quick]   (the realistic corpus and FILE.flws, then exit)
 //
 // Needs root (userfaultfd of KVM faults, /proc/sys/vm/nr_hugepages). Memory

@@ -1,8 +1,8 @@
 #include "bench/scenarios.h"
 
 #include <fcntl.h>
-#include <stdlib.h>
 #include <malloc.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -21,14 +21,14 @@
 #include <thread>
 
 #include "bench/stats.h"
-#include "image/local_store.h"
-#include "image/operations.h"
-#include "snapshot/working_set.h"
 #include "client/test_memory_file.h"
 #include "client/touch.h"
 #include "guest/page_state.h"
+#include "image/local_store.h"
+#include "image/operations.h"
 #include "kernel/userfaultfd.h"
 #include "metrics/fault_metrics.h"
+#include "snapshot/working_set.h"
 #if FAULTLINE_BENCH_HAVE_KVM
 #include "client/kvm/kvm_guest.h"
 #endif

@@ -21,8 +21,18 @@ const char* to_string(Backend b) {
     case Backend::kFaultlinePrefetch: return "faultline record+prefetch";
     case Backend::kFaultlineEager: return "faultline eager";
     case Backend::kFaultlineMetrics: return "faultline on demand, fault latency recorded (--metrics)";
+    case Backend::kFaultlineImage: return "faultline on demand from an image (serve --image)";
+    case Backend::kFaultlineImagePrefetch: return "faultline record+prefetch from an image created with --working-set";
+    case Backend::kFaultlineImageEager: return "faultline eager (--prefetch all) from an image";
+    case Backend::kFaultlineImageWarm:
+      return "faultline on demand from an image, frame cache warm (a second VM of the image on the same daemon)";
   }
   return "?";
+}
+
+bool from_image(Backend b) {
+  return b == Backend::kFaultlineImage || b == Backend::kFaultlineImagePrefetch || b == Backend::kFaultlineImageEager ||
+         b == Backend::kFaultlineImageWarm;
 }
 
 const char* label(Backend b) {
@@ -34,6 +44,10 @@ const char* label(Backend b) {
     case Backend::kFaultlinePrefetch: return "fl-prefetch";
     case Backend::kFaultlineEager: return "fl-eager";
     case Backend::kFaultlineMetrics: return "fl+metrics";
+    case Backend::kFaultlineImage: return "fl-image";
+    case Backend::kFaultlineImagePrefetch: return "fl-img-prefetch";
+    case Backend::kFaultlineImageEager: return "fl-img-eager";
+    case Backend::kFaultlineImageWarm: return "fl-img-warm";
   }
   return "?";
 }
@@ -57,7 +71,11 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   std::unique_ptr<FaultlineHost> h(new FaultlineHost(options));
   ServerConfig c;
   c.socket_path = options.socket_path;
-  c.memory_path = options.memory_path;
+  if (options.image_path.empty()) {
+    c.memory_path = options.memory_path;
+  } else {
+    c.image_path = options.image_path;
+  }
   c.workers_per_session = options.workers;
   // The client is this process: a fatal session must not SIGKILL the bench.
   c.on_fatal = OnFatal::kLeave;
@@ -110,7 +128,11 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
     case Backend::kFaultline:
     case Backend::kFaultlinePrefetch:
     case Backend::kFaultlineEager:
-    case Backend::kFaultlineMetrics: {
+    case Backend::kFaultlineMetrics:
+    case Backend::kFaultlineImage:
+    case Backend::kFaultlineImagePrefetch:
+    case Backend::kFaultlineImageEager:
+    case Backend::kFaultlineImageWarm: {
       client::ClientConfig cc;
       cc.version = {1, 14};
       cc.region_sizes = {spec.bytes};

@@ -30,7 +30,15 @@ enum class Backend {
   kFaultlinePrefetch,  // faultline replaying a recorded working set (--prefetch FILE)
   kFaultlineEager,     // faultline filling everything in the background (--prefetch all)
   kFaultlineMetrics,   // faultline on demand timing every fault for the latency histograms (--metrics)
+  // The same three ways of serving, from a snapshot image (serve --image)
+  // instead of the raw memory file (the image scenario, issue 9).
+  kFaultlineImage,          // on demand
+  kFaultlineImagePrefetch,  // replaying a recorded working set, image created with --working-set
+  kFaultlineImageEager,     // --prefetch all
+  kFaultlineImageWarm,      // on demand, the frame cache warm: a second VM of the image on the same daemon
 };
+// True for the backends served from an image.
+bool from_image(Backend b);
 const char* to_string(Backend b);
 // Short label for tables and the chart: "kernel", "file-mmap", ...
 const char* label(Backend b);
@@ -38,12 +46,13 @@ const char* label(Backend b);
 // An errno that means "this backend does not apply here" (printed "n/a").
 inline constexpr int kNotApplicable = ENOTSUP;
 
-// A faultline Server on its own thread, serving one memory file, in this
-// process. on_fatal is kLeave: the "peer" is this very process.
+// A faultline Server on its own thread, serving one memory file or one
+// image, in this process. on_fatal is kLeave: the "peer" is this very process.
 class FaultlineHost {
  public:
   struct Options {
     std::string memory_path;
+    std::string image_path;  // ServerConfig::image_path ("STORE_DIR/NAME"): served instead of memory_path
     std::string socket_path;
     int workers = 2;
     // ServerConfig::record_path, prefetch_path, prefetch_all, reader_serves_cached.

@@ -2,7 +2,7 @@
 // baselines in one invocation and prints a table, a JSON file and a chart.
 // A program that prints figures, not a test: nothing here asserts a timing.
 //
-//   faultline-bench [--quick] [--scenario N|storage]... [--json FILE] [--chart FILE.png]
+//   faultline-bench [--quick] [--scenario N|storage|image]... [--json FILE] [--chart FILE.png]
 //   faultline-bench --make-corpus FILE [--quick]   (the realistic corpus and FILE.flws, then exit)
 //
 // Needs root (userfaultfd of KVM faults, /proc/sys/vm/nr_hugepages). Memory
@@ -133,9 +133,9 @@ int main(int argc, char** argv) {
   bool no_vcpu = false, no_huge = false;
   int workers = 2;
   app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke; well under a minute)");
-  app.add_option("--scenario", scenarios, "run only this scenario (1-4, or 5 = storage); repeatable")
-      ->transform(CLI::Transformer(std::map<std::string, std::string>{{"storage", "5"}}))
-      ->check(CLI::Range(1, 5));
+  app.add_option("--scenario", scenarios, "run only this scenario (1-4, 5 = storage, 6 = image); repeatable")
+      ->transform(CLI::Transformer(std::map<std::string, std::string>{{"storage", "5"}, {"image", "6"}}))
+      ->check(CLI::Range(1, 6));
   std::string corpus_path, make_corpus_path;
   app.add_option("--corpus", corpus_path,
                  "storage: use this realistic corpus (and its working set FILE.flws) instead of building one");
@@ -157,12 +157,17 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   app.add_option("--reader-serves-cached", reader_serves_cached,
                  "ServerConfig::reader_serves_cached: the event reader serves 4 KiB faults needing no I/O (default true)");
+  uint32_t image_frame_pages = 0;
+  app.add_option("--image-frame-pages", image_frame_pages,
+                 "image scenario: create its 4 KiB images with frames of this many pages (default: image create's "
+                 "default)")
+      ->check(CLI::Range(1, 4096));
   bool metrics_cost = false;
   app.add_flag("--metrics-cost", metrics_cost,
                "scenarios 1 and 3 also run faultline timing every fault for the latency histograms (serve "
                "--metrics), interleaved with it off, and print the on/off ratios");
   CLI11_PARSE(app, argc, argv);
-  const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4, fb::kStorageScenario}
+  const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4, fb::kStorageScenario, fb::kImageScenario}
                                                : std::set<int>(scenarios.begin(), scenarios.end());
 
   fb::Sizes sizes = quick ? fb::Sizes::quick() : fb::Sizes{};
@@ -208,6 +213,8 @@ int main(int argc, char** argv) {
     if (want.count(1)) need_bytes = std::max(need_bytes, sizes.s1_guest);
     if (want.count(2)) need_bytes = std::max(need_bytes, sizes.s2_guest);
     if (want.count(3)) need_bytes = std::max(need_bytes, sizes.s3_guest);
+    // The image scenario's 2 MiB on-demand rows touch the whole file once.
+    if (want.count(fb::kImageScenario)) need_bytes = std::max(need_bytes, sizes.storage_bytes);
     const long need = static_cast<long>(need_bytes / faultline::kPageSize2M) + 8;
     const long old = read_nr_hugepages();
     if (need_bytes > 0 && old >= 0) {
@@ -252,10 +259,13 @@ int main(int argc, char** argv) {
   ctx.metrics_cost = metrics_cost;
   ctx.source_dir = FAULTLINE_SOURCE_DIR;
   ctx.corpus_path = corpus_path;
+  ctx.image_frame_pages = image_frame_pages;
   ctx.results = &results;
   for (const char* n : {"mem-small", "mem-large", "mem-sparse", "mem-small.zeroidx", "mem-large.zeroidx",
                         "mem-sparse.zeroidx", "s1.sock", "s2.sock", "s2-eager.sock", "s2-record.sock",
-                        "s2-prefetch.sock", "s3.sock", "s4.sock", "s1-metrics.sock", "s3-metrics.sock"}) {
+                        "s2-prefetch.sock", "s3.sock", "s4.sock", "s1-metrics.sock", "s3-metrics.sock", "image-generated.mem",
+                        "image-generated.flrec", "image-realistic.flrec", "img-0.sock", "img-1.sock", "img-2.sock",
+                        "img-3.sock", "img-record.sock"}) {
     track_file(dir + "/" + n);
   }
   // Scenario 2's recorded working sets (record-PAGESIZE-TOUCHER-THREADS.flrec).
@@ -293,12 +303,34 @@ int main(int argc, char** argv) {
   }
   if (!kvm && !no_vcpu) results.notes.push_back("vCPU configurations skipped: /dev/kvm unusable or built without client/kvm");
 
+  // The realistic corpus, built once for the image and storage scenarios
+  // (the image scenario runs first: the storage scenario removes it).
+  if ((want.count(fb::kImageScenario) || want.count(fb::kStorageScenario)) && ctx.corpus_path.empty()) {
+    const std::string path = dir + "/realistic.mem";
+    track_file(path);
+    track_file(path + ".flws");
+    std::fprintf(stderr, "building a %llu MiB realistic corpus (g++ and python3, see docs/performance.md)...\n",
+                 static_cast<unsigned long long>(sizes.storage_bytes / fb::kMiB));
+    fb::CorpusOptions co;
+    co.size = sizes.storage_bytes;
+    co.work_dir = dir;
+    co.source_dir = FAULTLINE_SOURCE_DIR;
+    auto corpus = fb::build_realistic_corpus(co, path, path + ".flws");
+    if (corpus) {
+      ctx.corpus_path = path;
+      results.corpus_description = fb::describe_corpus(*corpus);
+    } else {
+      ctx.corpus_error = corpus.error().describe();
+    }
+  }
+
   const auto t0 = std::chrono::steady_clock::now();
   if (want.count(1)) fb::run_scenario1(ctx);
   if (want.count(2)) fb::run_scenario2(ctx);
   if (want.count(3)) fb::run_scenario3(ctx);
   if (want.count(4)) fb::run_scenario4(ctx);
   if (metrics_cost) fb::measure_metrics_recording(ctx);
+  if (want.count(fb::kImageScenario)) fb::run_image_scenario(ctx);
   if (want.count(fb::kStorageScenario)) fb::run_storage_scenario(ctx);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 

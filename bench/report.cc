@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -55,6 +56,67 @@ std::string status_text(const Row& row) {
 }
 
 void heading(const std::string& title) { std::printf("\n%s\n%s\n", title.c_str(), std::string(title.size(), '=').c_str()); }
+
+// The image scenario: the raw-file backend an image backend is compared with.
+Backend raw_counterpart(Backend b) {
+  switch (b) {
+    case Backend::kFaultlineImage:
+    case Backend::kFaultlineImageWarm: return Backend::kFaultline;
+    case Backend::kFaultlineImagePrefetch: return Backend::kFaultlinePrefetch;
+    case Backend::kFaultlineImageEager: return Backend::kFaultlineEager;
+    default: return b;
+  }
+}
+
+// The figure a row of the image scenario is judged by.
+std::string image_row_key(const Row& row) {
+  if (!std::isnan(row.metric("fill_ms"))) return "fill_ms";
+  if (!std::isnan(row.metric("restore_ms"))) return "restore_ms";
+  return "p50_us";
+}
+
+void add_image_targets(const Results& r, std::vector<Target>& out) {
+  auto image_target = [&](const std::string& name, const Row& image_row, const std::string& key, double bound,
+                          const std::string& unit) {
+    Target t;
+    t.name = name;
+    const double img = image_row.metric(key);
+    const double raw = metric_of(r, kImageScenario, image_row.config(), raw_counterpart(image_row.backend), key);
+    t.ratio = img / raw;
+    if (std::isnan(t.ratio)) {
+      t.measured = "not measured: " + (image_row.note.empty() ? std::string("the raw-file row is missing") : image_row.note);
+    } else {
+      t.measured = std::string("image ") + num(img, 2) + unit + " / raw file " + num(raw, 2) + unit + " = " +
+                   num(t.ratio, 2) + "x (load average " + num(image_row.metric("load1_before"), 2) + " -> " +
+                   num(image_row.metric("load1_after"), 2) + ", " + num(image_row.metric("cores"), 0) + " cores)";
+      t.met = t.ratio <= bound;
+    }
+    out.push_back(std::move(t));
+  };
+  bool any = false;
+  for (const Row& row : r.rows) {
+    if (row.scenario != kImageScenario) continue;
+    any = true;
+    if (row.backend == Backend::kFaultlineImage && image_row_key(row) == "p50_us") {
+      image_target("image (" + row.config() + "): on-demand p50 from an image <= 1.3x raw file", row, "p50_us", 1.3,
+                   " us");
+    }
+    if (row.backend == Backend::kFaultlineImagePrefetch) {
+      image_target("image (" + row.config() + "): restore with prefetch from an image <= 1.2x raw-file prefetch", row,
+                   "restore_ms", 1.2, " ms");
+    }
+  }
+  if (!any) {
+    for (const char* name : {"image: on-demand p50 from an image <= 1.3x raw file",
+                             "image: working-set restore with prefetch from an image <= 1.2x raw-file prefetch"}) {
+      Target t;
+      t.name = name;
+      t.ratio = std::nan("");
+      t.measured = "image scenario not run";
+      out.push_back(std::move(t));
+    }
+  }
+}
 
 }  // namespace
 
@@ -147,6 +209,7 @@ std::vector<Target> evaluate_targets(const Results& r) {
     }
     out.push_back(std::move(t));
   }
+  add_image_targets(r, out);
   add_storage_targets(r, out);
   return out;
 }
@@ -297,6 +360,52 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
                     num(row.metric("madvise_p99_us"), 1).c_str(), num(on->metric("madvise_p99_us"), 1).c_str(),
                     num(on->metric("madvise_p99_us") / row.metric("madvise_p99_us"), 3).c_str());
       }
+    }
+  }
+
+  any = false;
+  for (const Row& row : r.rows) any = any || row.scenario == kImageScenario;
+  if (any) {
+    heading("Image serving: serve --image against serving the raw memory file (issue 9)");
+    std::printf("a fresh in-process server per measurement (real handshake; an image starts with an empty frame cache), "
+                "one host thread;\nthe store and the raw file on the same file system, both warm in the page cache; "
+                "img/raw: this image row against its raw-file row\n");
+    std::printf("on demand: every page once, first read timed (fl-img-warm: after another VM made the same reads through the same server); restore: time from handshake until the set was read "
+                "(fl-prefetch: --prefetch RECORD,\nfl-img-prefetch: the image created with --working-set RECORD); "
+                "eager fill: time until every guest page was resident (mincore)\n");
+    std::printf("%-34s %-15s %9s %9s %10s %10s %9s %7s %9s %9s  %s\n", "config", "backend", "p50 us", "p99 us",
+                "restore ms", "fill ms", "set pages", "img/raw", "faults", "by reader", "note");
+    for (const Row& row : r.rows) {
+      if (row.scenario != kImageScenario) continue;
+      const std::string key = image_row_key(row);
+      const double ratio =
+          from_image(row.backend)
+              ? row.metric(key) / metric_of(r, kImageScenario, row.config(), raw_counterpart(row.backend), key)
+              : std::nan("");
+      std::printf("%-34s %-15s %9s %9s %10s %10s %9s %7s %9s %9s  %s\n", row.config().c_str(), label(row.backend),
+                  num(row.metric("p50_us"), 2).c_str(), num(row.metric("p99_us"), 1).c_str(),
+                  num(row.metric("restore_ms"), 1).c_str(), num(row.metric("fill_ms"), 1).c_str(),
+                  num(static_cast<double>(row.pages), 0).c_str(), num(ratio, 2).c_str(),
+                  num(row.metric("demand_faults"), 0).c_str(), num(row.metric("reader_served"), 0).c_str(),
+                  status_text(row).c_str());
+    }
+    std::set<std::string> printed;
+    for (const Row& row : r.rows) {
+      if (row.scenario != kImageScenario || std::isnan(row.metric("image_frame_bytes"))) continue;
+      const std::string frames = row.page_size == kPageSize2M ? "2M" : "4K";
+      if (!printed.insert(frames).second) continue;
+      std::printf("%s images: frames of %s\n", frames.c_str(), human_bytes(row.metric("image_frame_bytes")).c_str());
+    }
+    printed.clear();
+    for (const Row& row : r.rows) {
+      if (row.scenario != kImageScenario || std::isnan(row.metric("load1_before"))) continue;
+      const std::string subject = row.config().substr(0, row.config().find(' '));
+      if (!printed.insert(subject).second) continue;
+      std::printf("load average (1 min) %s before / %s after the %s file, %s cores; first write of fresh anonymous "
+                  "memory %s us per 4 KiB page\n",
+                  num(row.metric("load1_before"), 2).c_str(), num(row.metric("load1_after"), 2).c_str(),
+                  subject.c_str(), num(row.metric("cores"), 0).c_str(),
+                  num(row.metric("fresh_memory_us_per_page"), 2).c_str());
     }
   }
 

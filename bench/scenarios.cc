@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <malloc.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -13,6 +14,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <random>
 #include <span>
@@ -22,8 +24,11 @@
 #include "client/test_memory_file.h"
 #include "client/touch.h"
 #include "guest/page_state.h"
+#include "image/local_store.h"
+#include "image/operations.h"
 #include "kernel/userfaultfd.h"
 #include "metrics/fault_metrics.h"
+#include "snapshot/working_set.h"
 #if FAULTLINE_BENCH_HAVE_KVM
 #include "client/kvm/kvm_guest.h"
 #endif
@@ -682,6 +687,304 @@ void run_scenario4(Context& ctx) {
       push_rows(ctx, proto, series, ctx.sizes.reps);
     }
   }
+}
+
+// --- the image scenario: serving an image against serving the raw file ------
+
+namespace {
+
+// The guest's pages all resident (mincore): an eager fill has finished.
+// Polled from the benchmark, never ordering a test.
+Result<bool> all_resident(const uint8_t* base, uint64_t bytes, std::vector<unsigned char>& vec) {
+  vec.resize(bytes / kPageSize4K);
+  if (::mincore(const_cast<uint8_t*>(base), bytes, vec.data()) != 0) return fail_errno("mincore of the guest failed");
+  for (unsigned char v : vec) {
+    if ((v & 1) == 0) return false;
+  }
+  return true;
+}
+
+struct ImageSubject {
+  std::string name;     // "generated", "realistic"
+  std::string path;     // the raw memory file
+  std::string ws_path;  // pages to restore, in order (the corpus's measured set), or empty: random 1/8
+};
+
+// Serves `subject` from the raw file and from images of it, side by side.
+Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
+  warm_page_cache(subject.path);
+  auto file = map_memory_file(subject.path);
+  if (!file) return std::unexpected(file.error());
+  const uint64_t size = file->size();
+  if (size == 0 || size % kPageSize4K != 0) return fail(subject.path + ": not a whole number of 4 KiB pages", EINVAL);
+
+  // The store lives beside the raw file (the same file system, both warm in
+  // the page cache: a create has just written every blob).
+  const std::string store_dir = ctx.dir + "/image-" + subject.name + "-store";
+  auto store = image::LocalStore::open(store_dir, true);
+  if (!store) return std::unexpected(store.error());
+  auto create = [&](const std::string& name, uint32_t page_size, const std::string& working_set) -> Status {
+    image::CreateOptions o;
+    o.memory_path = subject.path;
+    o.name = name;
+    o.page_size = page_size;
+    if (page_size == image::kSmallPage) o.frame_pages = ctx.image_frame_pages;
+    if (!working_set.empty()) o.working_set_path = working_set;
+    auto r = image::create_image(**store, o);
+    if (!r) return fail("image create " + name + ": " + r.error().describe(), r.error().code);
+    return {};
+  };
+  progress("image: creating the images of the " + subject.name + " file");
+  if (auto st = create("base", image::kSmallPage, ""); !st) return st;
+  const bool huge = ctx.huge_pages && size % kPageSize2M == 0;
+  if (huge) {
+    if (auto st = create("base-2m", image::kHugePage, ""); !st) return st;
+  }
+  const std::string image_4k = store_dir + "/base";
+  const std::string image_2m = store_dir + "/base-2m";
+  int socket_seq = 0;
+  // A fresh server for every measurement: its frame cache starts empty, so
+  // an image pays every decompression it needs (a raw-file server has no
+  // cache to lose; its file stays warm in the page cache).
+  auto fresh_host = [&](Backend b, uint64_t ps, FaultlineHost::Options o) {
+    if (from_image(b)) o.image_path = ps == kPageSize2M ? image_2m : image_4k;
+    // The image laid out by the record it replays (create --working-set).
+    if (b == Backend::kFaultlineImagePrefetch) o.image_path = store_dir + "/base-ws";
+    return start_host(ctx, subject.path, "img-" + std::to_string(socket_seq++ % 4), o);
+  };
+  // kFaultlineImageWarm: another VM first reads `offsets` through the same
+  // server (untimed, checked), so the frames are in its cache when the
+  // measured VM comes: the many-VMs-of-one-template case.
+  auto warm_up = [&](Series& s, FaultlineHost& host, uint64_t ps, std::span<const uint64_t> offsets) -> bool {
+    auto g = BenchGuest::create(Backend::kFaultlineImage, GuestSpec{size, ps, subject.path, &host, true});
+    if (!g) {
+      record_failure(s, g.error());
+      return false;
+    }
+    TouchOutcome t = touch(**g, "host", offsets, 1, false, &*file);
+    if (!t.error.empty()) {
+      record_failure(s, Error{0, "warm-up VM: " + t.error});
+      return false;
+    }
+    note_bad(ctx, t, Backend::kFaultlineImage, "the warm-up VM of the image scenario (" + subject.name + ")");
+    return true;
+  };
+  auto session_counters = [](FaultlineHost& host, Series& s) {
+    for (const SessionSummary& live : host.server().live_sessions()) {
+      s.add("demand_faults", static_cast<double>(live.counters.faults));
+      s.add("reader_served", static_cast<double>(live.counters.reader_served));
+      s.add("prefetched_pages", static_cast<double>(live.counters.prefaulted_pages));
+      s.add("prefetch_late", static_cast<double>(live.counters.prefetch_late));
+    }
+  };
+
+  // On demand: every page once, one thread, timed per first access (as scenario 1).
+  std::vector<uint64_t> page_sizes_here{kPageSize4K};
+  if (huge) page_sizes_here.push_back(kPageSize2M);
+  for (uint64_t ps : page_sizes_here) {
+    for (auto order : {client::PageOrder::kSequential, client::PageOrder::kRandom}) {
+      Row proto;
+      proto.scenario = kImageScenario;
+      proto.page_size = ps;
+      proto.order = order == client::PageOrder::kSequential ? "seq" : "random";
+      proto.guest_bytes = size;
+      proto.pages = size / ps;
+      proto.subject = subject.name + (ps == kPageSize2M ? " 2M " : " 4K ") + proto.order + " on demand";
+      progress("image: " + proto.subject);
+      const auto offsets = client::select_pages(size / ps, ps, 1.0, order, 11);
+      const std::vector<Backend> backends{Backend::kFaultline, Backend::kFaultlineImage, Backend::kFaultlineImageWarm};
+      auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int) {
+        auto host = fresh_host(s.backend, ps, {});
+        if (!host) return record_failure(s, host.error());
+        if (s.backend == Backend::kFaultlineImageWarm && !warm_up(s, **host, ps, offsets)) return;
+        {
+          auto g = BenchGuest::create(s.backend, GuestSpec{size, ps, subject.path, host->get(), true});
+          if (!g) return record_failure(s, g.error());
+          TouchOutcome t = touch(**g, "host", offsets, 1, true, &*file);
+          if (!t.error.empty()) return record_failure(s, Error{0, t.error});
+          note_bad(ctx, t, s.backend, "image scenario " + proto.subject);
+          s.add("faults_per_s", static_cast<double>(offsets.size()) / t.seconds);
+          s.add("p50_us", percentile(t.latencies_ns, 50) / 1e3);
+          s.add("p99_us", percentile(t.latencies_ns, 99) / 1e3);
+          session_counters(**host, s);
+        }
+      });
+      push_rows(ctx, proto, series, ctx.sizes.reps);
+    }
+  }
+
+  // Working-set restore (as scenario 2, 4 KiB pages, one thread): record the
+  // set with a recording session, create an image laid out by that record,
+  // then restore on demand, with --prefetch RECORD and with --prefetch all,
+  // from the raw file and from the images.
+  const uint64_t pages = size / kPageSize4K;
+  std::vector<uint64_t> set;
+  if (subject.ws_path.empty()) {
+    set = client::select_pages(pages, kPageSize4K, 1.0 / 8, client::PageOrder::kRandom, 13);
+  } else {
+    auto ws = read_working_set(subject.ws_path, size);
+    if (!ws) return std::unexpected(ws.error());
+    set = std::move(ws->offsets);
+  }
+  const std::string record = ctx.dir + "/image-" + subject.name + ".flrec";
+  {
+    FaultlineHost::Options ro;
+    ro.record_path = record;
+    auto rh = start_host(ctx, subject.path, "img-record", ro);
+    if (!rh) return fail("recording server: " + rh.error().describe());
+    {
+      auto g = BenchGuest::create(Backend::kFaultline, GuestSpec{size, kPageSize4K, subject.path, rh->get(), true});
+      if (!g) return fail("recording run: " + g.error().describe());
+      TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
+      if (!t.error.empty()) return fail("recording run: " + t.error);
+      note_bad(ctx, t, Backend::kFaultline, "the recording run of the image scenario (" + subject.name + ")");
+    }  // the session ends here and writes the record
+  }
+  progress("image: creating the " + subject.name + " image with --working-set");
+  if (auto st = create("base-ws", image::kSmallPage, record); !st) return st;
+  {
+    Row proto;
+    proto.scenario = kImageScenario;
+    proto.guest_bytes = size;
+    proto.pages = set.size();
+    proto.order = subject.ws_path.empty() ? "random" : "recorded";
+    proto.subject = subject.name + " 4K working-set restore";
+    progress("image: " + proto.subject);
+    const std::vector<Backend> backends{Backend::kFaultline,         Backend::kFaultlineImage,
+                                        Backend::kFaultlinePrefetch, Backend::kFaultlineImagePrefetch,
+                                        Backend::kFaultlineEager,    Backend::kFaultlineImageEager,
+                                        Backend::kFaultlineImageWarm};
+    auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int) {
+      FaultlineHost::Options o;
+      if (s.backend == Backend::kFaultlinePrefetch || s.backend == Backend::kFaultlineImagePrefetch) o.prefetch_path = record;
+      if (s.backend == Backend::kFaultlineEager || s.backend == Backend::kFaultlineImageEager) o.prefetch_all = true;
+      auto host = fresh_host(s.backend, kPageSize4K, o);
+      if (!host) return record_failure(s, host.error());
+      if (s.backend == Backend::kFaultlineImageWarm && !warm_up(s, **host, kPageSize4K, set)) return;
+      const int64_t t0 = now_ns();
+      auto g = BenchGuest::create(s.backend, GuestSpec{size, kPageSize4K, subject.path, host->get(), false});
+      if (!g) return record_failure(s, g.error());
+      const double setup = static_cast<double>(now_ns() - t0) / 1e9;
+      TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
+      if (!t.error.empty()) return record_failure(s, Error{0, t.error});
+      note_bad(ctx, t, s.backend, "image scenario " + proto.subject);
+      s.add("restore_ms", (setup + t.seconds) * 1e3);
+      session_counters(**host, s);
+    });
+    push_rows(ctx, proto, series, ctx.sizes.reps);
+  }
+
+  // Eager fill: --prefetch all until every page of the guest is resident
+  // (mincore, polled every 2 ms, nothing touched), then every byte checked.
+  {
+    Row proto;
+    proto.scenario = kImageScenario;
+    proto.guest_bytes = size;
+    proto.pages = pages;
+    proto.subject = subject.name + " 4K eager fill";
+    progress("image: " + proto.subject);
+    std::vector<uint64_t> all(pages);
+    for (uint64_t p = 0; p < pages; ++p) all[p] = p * kPageSize4K;
+    auto series = interleaved({Backend::kFaultlineEager, Backend::kFaultlineImageEager}, ctx.sizes.reps,
+                              [&](Series& s, int) {
+      FaultlineHost::Options o;
+      o.prefetch_all = true;
+      auto host = fresh_host(s.backend, kPageSize4K, o);
+      if (!host) return record_failure(s, host.error());
+      const int64_t t0 = now_ns();
+      auto g = BenchGuest::create(s.backend, GuestSpec{size, kPageSize4K, subject.path, host->get(), false});
+      if (!g) return record_failure(s, g.error());
+      std::vector<unsigned char> vec;
+      const int64_t deadline = t0 + int64_t{120} * 1'000'000'000;
+      for (;;) {
+        auto done = all_resident((*g)->base(), size, vec);
+        if (!done) return record_failure(s, done.error());
+        if (*done) break;
+        if (now_ns() > deadline) return record_failure(s, Error{0, "the eager fill did not finish in 120 s"});
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+      s.add("fill_ms", static_cast<double>(now_ns() - t0) / 1e6);
+      s.add("fill_mb_s", static_cast<double>(size) / 1e6 / (static_cast<double>(now_ns() - t0) / 1e9));
+      TouchOutcome t;
+      t.bad_pages = count_bad_pages((*g)->base(), *file, all, kPageSize4K);
+      note_bad(ctx, t, s.backend, "image scenario " + proto.subject);
+      session_counters(**host, s);
+    });
+    push_rows(ctx, proto, series, ctx.sizes.reps);
+  }
+  return {};
+}
+
+// What first writing fresh anonymous memory costs here, per 4 KiB page: a
+// frame cache fills memory it never used before with every frame it
+// decompresses, which a raw-file server (page cache warm) never does.
+double fresh_memory_us_per_page() {
+  constexpr uint64_t kBytes = 64 * kMiB;
+  auto m = Mapping::map(kBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  if (!m) return std::nan("");
+  const int64_t t0 = now_ns();
+  for (uint64_t off = 0; off < kBytes; off += kPageSize4K) m->bytes()[off] = 1;
+  return static_cast<double>(now_ns() - t0) / 1e3 / static_cast<double>(kBytes / kPageSize4K);
+}
+
+double load_average_1min() {
+  double l[3] = {std::nan(""), 0, 0};
+  return ::getloadavg(l, 3) >= 1 ? l[0] : std::nan("");
+}
+
+}  // namespace
+
+void run_image_scenario(Context& ctx) {
+  std::vector<ImageSubject> subjects;
+  const std::string generated = ctx.dir + "/image-generated.mem";
+  std::fprintf(stderr, "image: writing a %llu MiB generated memory file...\n",
+               static_cast<unsigned long long>(ctx.sizes.storage_bytes / kMiB));
+  if (auto st = client::write_test_memory_file(generated, ctx.sizes.storage_bytes, kFileSeed, kZeroFraction); !st) {
+    ctx.results->notes.push_back("image scenario: error: cannot write the generated file: " + st.error().describe());
+  } else {
+    subjects.push_back({"generated", generated, ""});
+  }
+  if (ctx.corpus_path.empty()) {
+    Row row;
+    row.scenario = kImageScenario;
+    row.subject = "realistic";
+    row.not_applicable = true;
+    row.note = "error: no realistic corpus: " + ctx.corpus_error;
+    ctx.results->rows.push_back(row);
+  } else {
+    subjects.push_back({"realistic", ctx.corpus_path, ctx.corpus_path + ".flws"});
+  }
+  for (const ImageSubject& subject : subjects) {
+    const double load_before = load_average_1min();
+    const double fresh_before = fresh_memory_us_per_page();
+    const size_t first_row = ctx.results->rows.size();
+    if (auto st = measure_image_serving(ctx, subject); !st) {
+      Row row;
+      row.scenario = kImageScenario;
+      row.subject = subject.name;
+      row.not_applicable = true;
+      row.note = "error: " + st.error().describe();
+      ctx.results->rows.push_back(row);
+    }
+    const double load_after = load_average_1min();
+    for (size_t i = first_row; i < ctx.results->rows.size(); ++i) {
+      const bool huge_row = ctx.results->rows[i].page_size == kPageSize2M;
+      const uint32_t frame_pages = huge_row ? image::default_frame_pages(image::kHugePage)
+                                   : ctx.image_frame_pages != 0 ? ctx.image_frame_pages
+                                                                : image::default_frame_pages(image::kSmallPage);
+      ctx.results->rows[i].metrics.emplace_back("image_frame_bytes",
+                                                static_cast<double>(frame_pages) * static_cast<double>(ctx.results->rows[i].page_size));
+      ctx.results->rows[i].metrics.emplace_back("load1_before", load_before);
+      ctx.results->rows[i].metrics.emplace_back("fresh_memory_us_per_page", fresh_before);
+      ctx.results->rows[i].metrics.emplace_back("load1_after", load_after);
+      ctx.results->rows[i].metrics.emplace_back("cores", static_cast<double>(std::thread::hardware_concurrency()));
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(ctx.dir + "/image-" + subject.name + "-store", ec);
+    std::filesystem::remove(ctx.dir + "/image-" + subject.name + ".flrec", ec);
+  }
+  std::error_code ec;
+  std::filesystem::remove(generated, ec);
 }
 
 }  // namespace faultline::bench

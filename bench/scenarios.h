@@ -36,7 +36,7 @@ struct Sizes {
   uint64_t s3_guest = 512 * kMiB;
   uint64_t s3_min_removes = 1000;
   std::vector<uint64_t> s4_guests = {1 * kGiB, 4 * kGiB};
-  uint64_t storage_bytes = 256 * kMiB;  // the storage scenario's files (bench/storage.h)
+  uint64_t storage_bytes = 256 * kMiB;  // the storage and image scenarios' files (bench/storage.h)
   static Sizes quick();
 };
 
@@ -90,6 +90,10 @@ struct Context {
   // a corpus made before (--corpus FILE, its working set FILE.flws) or empty.
   std::string source_dir;
   std::string corpus_path;
+  std::string corpus_error;  // why there is no corpus_path, when there is none
+  // The image scenario: pages per frame of its 4 KiB images (0: the default,
+  // image::default_frame_pages), to compare frame sizes run against run.
+  uint32_t image_frame_pages = 0;
   Results* results = nullptr;
 };
 
@@ -97,6 +101,13 @@ void run_scenario1(Context& ctx);
 void run_scenario2(Context& ctx);
 void run_scenario3(Context& ctx);
 void run_scenario4(Context& ctx);
+// Image-backed serving next to raw-file serving (issue 9), on a generated
+// file and the realistic corpus (ctx.corpus_path): on-demand fault latency,
+// working-set restore on demand / with --prefetch RECORD / with --prefetch
+// all, and the eager fill of the whole guest, each from the raw file and from
+// an image of it. Every server is fresh (an empty frame cache).
+inline constexpr int kImageScenario = 6;
+void run_image_scenario(Context& ctx);
 // Times FaultLatencyShard::record() with its clock reads in a loop on one
 // thread: the CPU cost --metrics adds to each fault, without the noise of a
 // whole fault's service. Sets results->metrics_record_ns.

@@ -425,7 +425,10 @@ void run_storage_scenario(Context& ctx) {
   }
   if (!ctx.corpus_path.empty()) {
     inputs.push_back({"realistic", ctx.corpus_path, ctx.corpus_path + ".flws"});
-    ctx.results->corpus_description.push_back("realistic corpus: " + ctx.corpus_path + " (given with --corpus)");
+    // Built by main() for this run (its description is there), or given with --corpus.
+    if (ctx.results->corpus_description.empty()) {
+      ctx.results->corpus_description.push_back("realistic corpus: " + ctx.corpus_path + " (given with --corpus)");
+    }
   } else {
     const std::string path = ctx.dir + "/storage-realistic.mem";
     std::fprintf(stderr, "storage: building a %llu MiB realistic corpus (g++ and python3, see docs/performance.md)...\n",

@@ -544,6 +544,21 @@ TEST_F(CreateFromPages, AsInTheParentWithoutAParentIsRefused) {
   EXPECT_NE(r.error().message.find("no parent"), std::string::npos) << r.error().message;
 }
 
+// Generation 0 of a chain: image "gen0" of a generated memory file
+// (DIR/gen0.mem, seed `seed`), whose bytes become `model`.
+Result<image::CreateReport> create_base_generation(image::Store& store, const TempDir& dir, uint64_t bytes,
+                                                   uint64_t seed, std::string& model) {
+  if (auto st = client::write_test_memory_file(dir.file("gen0.mem"), bytes, seed, 0.2); !st) {
+    return std::unexpected(st.error());
+  }
+  image::CreateOptions co;
+  co.memory_path = dir.file("gen0.mem");
+  co.name = "gen0";
+  auto base = image::create_image(store, co);
+  model = read_bytes(dir.file("gen0.mem"));
+  return base;
+}
+
 // Ten generations, each restored from the previous image (its flatten: the
 // daemon serving images directly is another part of this issue), written (5 %
 // of the pages), REMOVEd and exported on top of it; WP and not alternate.
@@ -553,13 +568,9 @@ TEST(DiffExportChain, TenGenerationsRestoreExactlyAndStoreOnlyTheBaseAndChangedP
   TempDir dir;
   const std::string store_dir = dir.file("store");
   auto store = open_store(store_dir);
-  ASSERT_TRUE(client::write_test_memory_file(dir.file("gen0.mem"), kBytes, 21, 0.2));
-  image::CreateOptions co;
-  co.memory_path = dir.file("gen0.mem");
-  co.name = "gen0";
-  auto base = image::create_image(*store, co);
+  std::string model;
+  auto base = create_base_generation(*store, dir, kBytes, 21, model);
   ASSERT_TRUE(base) << base.error().describe();
-  std::string model = read_bytes(dir.file("gen0.mem"));
   std::filesystem::remove(dir.file("gen0.mem"));
   std::mt19937_64 rng(2026);
   uint64_t changed_bound = 0, manifests = base->manifest_bytes;
@@ -630,13 +641,9 @@ TEST(DiffExportChain, TenGenerationsEachRestoredFromThePreviousImageThroughTheDa
   TempDir dir;
   const std::string store_dir = dir.file("store");
   auto store = open_store(store_dir);
-  ASSERT_TRUE(client::write_test_memory_file(dir.file("gen0.mem"), kBytes, 33, 0.2));
-  image::CreateOptions co;
-  co.memory_path = dir.file("gen0.mem");
-  co.name = "gen0";
-  auto base = image::create_image(*store, co);
+  std::string model;
+  auto base = create_base_generation(*store, dir, kBytes, 33, model);
   ASSERT_TRUE(base) << base.error().describe();
-  std::string model = read_bytes(dir.file("gen0.mem"));
   std::mt19937_64 rng(77);
   // Serves image `name`; the Vm's model starts as `model`.
   auto serve = [&](const std::string& name) {

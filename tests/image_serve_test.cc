@@ -296,6 +296,14 @@ TEST(ImageServe, ADamagedChainIsRefusedAtStartNamingTheImage) {
   EXPECT_FALSE(start_server(store + "/nosuch", d.file("s6"), log));
 }
 
+// A VM restored by a separate faultline-client process (so that it can be
+// killed), output to `out`.
+pid_t spawn_vm(const ServerHarness& h, const std::string& out) {
+  return spawn({built_binary("faultline-client"), "restore", "--socket", h.socket(), "--memory", h.memory(),
+                "--threads", "1", "--remove-fraction", "0"},
+               out);
+}
+
 // A frame damaged (or lost) after the daemon started: the fault that needs it
 // ends the session, the VM is killed under --on-fatal=kill, and the log names
 // the image and the blob. The VM is a separate process (it is killed).
@@ -317,9 +325,7 @@ void expect_vm_killed_over_frame(const std::function<void(const std::string& sto
   }
   damage(store, id);
   const std::string out = h.dir().file("client.out");
-  pid_t pid = spawn({built_binary("faultline-client"), "restore", "--socket", h.socket(), "--memory", h.memory(),
-                     "--threads", "1", "--remove-fraction", "0"},
-                    out);
+  pid_t pid = spawn_vm(h, out);
   ASSERT_GT(pid, 0);
   const int status = wait_child(pid, std::chrono::seconds(60));
   ASSERT_NE(status, -1) << "the VM hung: " << read_file(out);
@@ -376,9 +382,7 @@ TEST(ImageServe, AFinalSourceErrorEndsTheSessionAndKillsTheVm) {
   ServerHarness h(ho);
   test_hooks::set(HookPoint::kSourceRead, [](HookContext& c) { c.inject_errno = EIO; });
   const std::string out = h.dir().file("client.out");
-  pid_t pid = spawn({built_binary("faultline-client"), "restore", "--socket", h.socket(), "--memory", h.memory(),
-                     "--threads", "1", "--remove-fraction", "0"},
-                    out);
+  pid_t pid = spawn_vm(h, out);
   ASSERT_GT(pid, 0);
   const int status = wait_child(pid, std::chrono::seconds(60));
   test_hooks::clear_all();

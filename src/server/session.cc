@@ -751,6 +751,20 @@ Status Session::read_source(uint64_t offset, std::span<uint8_t> out) {
   }
 }
 
+PageInstaller::Result Session::install_fault_page(size_t slot, const PageLocation& loc, const uint8_t* staged,
+                                                  bool protect, bool write, int inject_errno) {
+  return installer_->install_run({.slot = slot,
+                                  .first_page = loc.page_index,
+                                  .address = loc.address,
+                                  .page_size = loc.page_size,
+                                  .pages = 1,
+                                  .staged = staged,
+                                  .protect = protect,
+                                  .write = write,
+                                  .demand = true,
+                                  .inject_errno = inject_errno});
+}
+
 Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_reader) {
   // The layout stays valid until `layout` is destroyed, even if the reader
   // publishes a new one meanwhile. The reader itself publishes (never while
@@ -810,15 +824,8 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
         return Served::kDone;
       }
       if (!*cached) return Served::kNeedsWorker;  // it would wait for storage
-      const PageInstaller::Result run = installer_->install_run({.slot = PageInstaller::kReaderUnfenced,
-                                                                 .first_page = loc->page_index,
-                                                                 .address = loc->address,
-                                                                 .page_size = loc->page_size,
-                                                                 .pages = 1,
-                                                                 .staged = w.buffer.get(),
-                                                                 .protect = protect,
-                                                                 .write = fault.write,
-                                                                 .demand = true});
+      const PageInstaller::Result run =
+          install_fault_page(PageInstaller::kReaderUnfenced, *loc, w.buffer.get(), protect, fault.write, 0);
       // The reader recorded every REMOVE it read before serving: the page
       // cannot have turned zero since it looked.
       r = run.eligible == 0 ? kernel::result_for_errno(EAGAIN) : run.ioctl;
@@ -829,16 +836,8 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
         return Served::kDone;
       }
       FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
-      const PageInstaller::Result run = installer_->install_run({.slot = w.index,
-                                                                 .first_page = loc->page_index,
-                                                                 .address = loc->address,
-                                                                 .page_size = loc->page_size,
-                                                                 .pages = 1,
-                                                                 .staged = w.buffer.get(),
-                                                                 .protect = protect,
-                                                                 .write = fault.write,
-                                                                 .demand = true,
-                                                                 .inject_errno = hook.inject_errno});
+      const PageInstaller::Result run =
+          install_fault_page(w.index, *loc, w.buffer.get(), protect, fault.write, hook.inject_errno);
       // A REMOVE was recorded since we looked: the staged bytes are stale;
       // the page now serves zero.
       if (run.eligible == 0) continue;

@@ -319,6 +319,10 @@ class Session {
   bool demand_pending() const;
   void end(SessionEnd reason, std::string error = {});
   void finish();
+  // A demand fault's own page, staged, through the installer (fence slot
+  // `slot`, or PageInstaller::kReaderUnfenced for the event reader).
+  PageInstaller::Result install_fault_page(size_t slot, const PageLocation& loc, const uint8_t* staged, bool protect,
+                                           bool write, int inject_errno);
   // Whether the snapshot holds zeros there (the zero index or the source's
   // own extents): installed without reading.
   bool snapshot_known_zero(uint64_t offset, uint64_t length) const;

@@ -190,6 +190,18 @@ uint32_t default_frame_pages(uint32_t page_size) { return page_size == kHugePage
 
 namespace {
 
+// Pages of a guest of `size` bytes, or why an image cannot hold it.
+Result<uint64_t> check_guest_size(const std::string& source, uint64_t size, uint32_t page_size) {
+  if (size % page_size != 0) {
+    return fail(source + ": size " + std::to_string(size) + " is not a multiple of the page size " +
+                    std::to_string(page_size),
+                EINVAL);
+  }
+  const uint64_t pages = size / page_size;
+  if (pages > kMaxGuestPages) return fail(source + " is too large", EFBIG);
+  return pages;
+}
+
 Status check_create_settings(const std::string& name, uint32_t page_size, uint32_t frame_pages_option,
                              int zstd_level) {
   if (auto st = check_image_name(name); !st) return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
@@ -213,13 +225,9 @@ Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOpti
   }
   const uint32_t frame_pages = o.frame_pages == 0 ? default_frame_pages(o.page_size) : o.frame_pages;
   const uint64_t size = o.guest_bytes;
-  if (size % o.page_size != 0) {
-    return fail(o.source + ": size " + std::to_string(size) + " is not a multiple of the page size " +
-                    std::to_string(o.page_size),
-                EINVAL);
-  }
-  const uint64_t pages = size / o.page_size;
-  if (pages > kMaxGuestPages) return fail(o.source + " is too large", EFBIG);
+  auto guest_pages = check_guest_size(o.source, size, o.page_size);
+  if (!guest_pages) return std::unexpected(guest_pages.error());
+  const uint64_t pages = *guest_pages;
   if (o.pages.size() != pages) {
     return fail(o.source + ": the input describes " + std::to_string(o.pages.size()) + " pages, the guest has " +
                     std::to_string(pages),
@@ -465,13 +473,9 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + o.memory_path);
   const uint64_t size = static_cast<uint64_t>(st.st_size);
-  if (size % o.page_size != 0) {
-    return fail(o.memory_path + ": size " + std::to_string(size) + " is not a multiple of the page size " +
-                    std::to_string(o.page_size),
-                EINVAL);
-  }
-  const uint64_t pages = size / o.page_size;
-  if (pages > kMaxGuestPages) return fail(o.memory_path + " is too large", EFBIG);
+  auto guest_pages = check_guest_size(o.memory_path, size, o.page_size);
+  if (!guest_pages) return std::unexpected(guest_pages.error());
+  const uint64_t pages = *guest_pages;
 
   PagesCreateOptions in;
   in.name = o.name;

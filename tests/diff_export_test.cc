@@ -675,9 +675,9 @@ TEST(DiffExportChain, TenGenerationsEachRestoredFromThePreviousImageThroughTheDa
     if (g < 10) {
       auto r = h->server().snapshot(id, store_dir, name);
       ASSERT_TRUE(r) << "generation " << g << ": " << r.error().describe();
-      EXPECT_EQ(r->write_protect, wp);
-      EXPECT_EQ(r->image.stored_pages, written.size()) << "generation " << g;
-      EXPECT_NE(h->log().find("event=snapshot_written session=" + std::to_string(id) + " name=" + name),
+      EXPECT_EQ(r->report.write_protect, wp);
+      EXPECT_EQ(r->report.image.stored_pages, written.size()) << "generation " << g;
+      EXPECT_NE(h->log().find("event=snapshot_written session=" + std::to_string(id) + " image=" + name),
                 std::string::npos);
     } else {
       // The VM stays paused (this thread touches nothing) while the command runs.

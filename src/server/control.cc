@@ -20,13 +20,15 @@ std::string dump(const J& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
-ordered_json summary_json(const SessionSummary& s) {
+ordered_json fields_json(const std::vector<LogField>& fields) {
   ordered_json j;
-  for (const LogField& f : summary_fields(s)) {
+  for (const LogField& f : fields) {
     std::visit([&](const auto& v) { j[std::string(f.key)] = v; }, f.value);
   }
   return j;
 }
+
+ordered_json summary_json(const SessionSummary& s) { return fields_json(summary_fields(s)); }
 
 Result<ControlRequest> parse(std::string_view line) {
   // The server cuts a request at 64 KiB before it gets here; the parsed
@@ -104,21 +106,7 @@ std::string answer(const Server& server, const ControlRequest& req) {
     case ControlRequest::Command::kSnapshot: {
       auto r = server.snapshot(req.session, req.store, req.name);
       if (!r) return control_error_reply(r.error().describe());
-      return dump(ordered_json{{"image", req.name},
-                               {"parent", server.config().image_path.substr(server.config().image_path.rfind('/') + 1)},
-                               {"write_protect", r->write_protect},
-                               {"scan_method", kernel::to_string(r->method)},
-                               {"dirty_pages", r->dirty_pages},
-                               {"zero_pages", r->zero_pages},
-                               {"removed_pages", r->removed_pages},
-                               {"bytes_read", r->bytes_read},
-                               {"stored_pages", r->image.stored_pages},
-                               {"parent_pages", r->image.parent_pages},
-                               {"image_zero_pages", r->image.zero_pages},
-                               {"frames", r->image.frames},
-                               {"frames_written", r->image.frames_written},
-                               {"stored_bytes", r->image.stored_bytes},
-                               {"manifest_bytes", r->image.manifest_bytes}});
+      return dump(fields_json(snapshot_fields(*r)));
     }
   }
   return control_error_reply("unhandled command");

@@ -748,7 +748,27 @@ void Server::serve_control(UniqueFd connection) {
   }
 }
 
-Result<ExportReport> Server::snapshot(uint64_t id, const std::string& store_dir, const std::string& name) const {
+std::vector<LogField> snapshot_fields(const Server::Snapshot& s) {
+  const ExportReport& r = s.report;
+  return {{"image", s.name},
+          {"parent", s.parent},
+          {"write_protect", r.write_protect},
+          {"scan_method", kernel::to_string(r.method)},
+          {"dirty_pages", r.dirty_pages},
+          {"zero_pages", r.zero_pages},
+          {"removed_pages", r.removed_pages},
+          {"bytes_read", r.bytes_read},
+          {"stored_pages", r.image.stored_pages},
+          {"parent_pages", r.image.parent_pages},
+          {"image_zero_pages", r.image.zero_pages},
+          {"frames", r.image.frames},
+          {"frames_written", r.image.frames_written},
+          {"stored_bytes", r.image.stored_bytes},
+          {"manifest_bytes", r.image.manifest_bytes},
+          {"seconds", s.seconds}};
+}
+
+Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_dir, const std::string& name) const {
   if (!image_) {
     return fail("snapshot writes a diff on top of the image the VM was restored from: start the daemon with "
                 "--image STORE_DIR/NAME (this one serves the raw file " + config_.memory_path + ")",
@@ -777,24 +797,16 @@ Result<ExportReport> Server::snapshot(uint64_t id, const std::string& store_dir,
   options.name = name;
   const auto began = std::chrono::steady_clock::now();
   auto report = export_session_diff(*s, **store, options);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
   if (!report) {
-    log_.warn("snapshot_failed", {{"session", id}, {"name", name}, {"error", report.error().describe()}});
-    return report;
+    log_.warn("snapshot_failed", {{"session", id}, {"image", name}, {"error", report.error().describe()}});
+    return std::unexpected(report.error());
   }
-  log_.info("snapshot_written", {{"session", id},
-                                 {"name", name},
-                                 {"parent", options.parent},
-                                 {"write_protect", report->write_protect},
-                                 {"dirty_pages", report->dirty_pages},
-                                 {"zero_pages", report->zero_pages},
-                                 {"removed_pages", report->removed_pages},
-                                 {"stored_pages", report->image.stored_pages},
-                                 {"stored_bytes", report->image.stored_bytes},
-                                 {"frames_written", report->image.frames_written},
-                                 {"bytes_read", report->bytes_read},
-                                 {"seconds", seconds}});
-  return report;
+  Snapshot done{name, options.parent, std::move(*report),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count()};
+  std::vector<LogField> fields{{"session", id}};
+  for (LogField& f : snapshot_fields(done)) fields.push_back(std::move(f));
+  log_.log(LogLevel::kInfo, "snapshot_written", fields);
+  return done;
 }
 
 Result<Server::Recorded> Server::record(uint64_t id, const std::string& name) const {

@@ -172,7 +172,12 @@ class Server {
   // nothing else (server/diff_export.h says how, and what it refuses).
   // `store_dir` must name the store the daemon serves from. Logs
   // snapshot_written or snapshot_failed.
-  Result<ExportReport> snapshot(uint64_t id, const std::string& store_dir, const std::string& name) const;
+  struct Snapshot {
+    std::string name, parent;
+    ExportReport report;
+    double seconds = 0;
+  };
+  Result<Snapshot> snapshot(uint64_t id, const std::string& store_dir, const std::string& name) const;
 
   const std::string& socket_path() const { return config_.socket_path; }
   const ServerConfig& config() const { return config_; }
@@ -242,5 +247,9 @@ class Server {
   size_t serving_ = 0;                                  // GUARDED_BY(mu_): connections with a running session
   bool stopping_ = false;                               // GUARDED_BY(mu_)
 };
+
+// A written snapshot as named fields, in one order: the snapshot_written log
+// line and the control socket's snapshot reply both render these.
+std::vector<LogField> snapshot_fields(const Server::Snapshot& s);
 
 }  // namespace faultline

@@ -291,6 +291,13 @@ int main(int argc, char** argv) {
                     "so a scattered working set goes faster over several cores)")
       ->default_val(2)
       ->check(CLI::Range(1, 64));
+  serve->add_option("--fault-around-pages", config.fault_around_pages,
+                    "Fault-around: a demand fault on a 4 KiB page installs it and up to this many pages in all "
+                    "(the untouched ones after it, in one UFFDIO_COPY); the window starts at 16 pages (the rest of "
+                    "the fault's 64 KiB block), doubles while a stream keeps faulting at its end, and shrinks to 1 "
+                    "when faults stop continuing streams (random access); 1: off. 2 MiB pages are never grown")
+      ->default_val(64)
+      ->check(CLI::Range(1, 4096));
   serve->add_option("--zero-index-path", config.zero_index_path, "Where the zero index lives (default MEMORY.zeroidx)");
   serve->add_option("--control", config.control_path,
                     "Control socket for `faultline sessions` and `faultline dirty` (off when not given)");

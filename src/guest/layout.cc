@@ -150,19 +150,30 @@ size_t last_at_or_below(const std::vector<uint64_t>& keys, uint64_t x) {
 
 }  // namespace
 
-std::optional<PageLocation> GuestLayout::locate(uint64_t address) const {
+const Segment* GuestLayout::segment_at(uint64_t address) const {
   if (segments_.size() <= kScanLimit) {
     for (const Segment& g : segments_) {
-      if (address < g.base || address >= g.end()) continue;
-      return location_in(g, (address - g.base) / g.page_size);
+      if (address >= g.base && address < g.end()) return &g;
     }
-    return std::nullopt;
+    return nullptr;
   }
   const size_t i = last_at_or_below(base_keys_, address);
-  if (i == kNone) return std::nullopt;
+  if (i == kNone) return nullptr;
   const Segment& g = segments_[i];
-  if (address >= g.end()) return std::nullopt;
-  return location_in(g, (address - g.base) / g.page_size);
+  return address < g.end() ? &g : nullptr;
+}
+
+std::optional<PageLocation> GuestLayout::locate(uint64_t address) const {
+  const Segment* g = segment_at(address);
+  if (g == nullptr) return std::nullopt;
+  return location_in(*g, (address - g->base) / g->page_size);
+}
+
+uint64_t GuestLayout::pages_to_end(uint64_t address) const {
+  const Segment* g = segment_at(address);
+  if (g == nullptr) return 0;
+  const uint64_t page = g->base + (address - g->base) / g->page_size * g->page_size;
+  return (g->end() - page) / g->page_size;
 }
 
 std::optional<PageLocation> GuestLayout::page(uint64_t index) const {

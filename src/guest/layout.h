@@ -78,6 +78,10 @@ class GuestLayout {
 
   // The page containing `address`, or nullopt when no segment holds it.
   std::optional<PageLocation> locate(uint64_t address) const;
+  // Pages from the one containing `address` to the end of its segment, that
+  // page included: within them client addresses, page indexes and file
+  // offsets all run contiguously. 0 when no segment holds `address`.
+  uint64_t pages_to_end(uint64_t address) const;
   // Location of a page by its global index; nullopt when it is unmapped.
   std::optional<PageLocation> page(uint64_t index) const;
 
@@ -107,6 +111,8 @@ class GuestLayout {
   static constexpr size_t kScanLimit = 2;
 
   GuestLayout() = default;  // only create() makes a layout from nothing
+  // The segment holding `address`, or null.
+  const Segment* segment_at(uint64_t address) const;
   // Sorts segments_ by address and rebuilds the search keys.
   void index();
 

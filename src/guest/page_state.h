@@ -59,11 +59,12 @@ class PageStateTable {
 
   // Records an install, unless the state moved away from `expected` meanwhile
   // (a REMOVE won the race: keep kRemoved). Returns whether it was recorded.
-  bool record_install(uint64_t page, PageState expected, PageState installed, bool for_write) {
+  // `ahead`: installed ahead of any fault on it (fault-around), see take_ahead().
+  bool record_install(uint64_t page, PageState expected, PageState installed, bool for_write, bool ahead = false) {
     uint8_t cur = bytes_[page].load(std::memory_order_acquire);
     while (decode(cur) == expected) {
       const uint8_t next = static_cast<uint8_t>((cur & kKeepMask) | static_cast<uint8_t>(installed) |
-                                                (for_write ? kWrittenBit : 0));
+                                                (for_write ? kWrittenBit : 0) | (ahead ? kAheadBit : 0));
       if (bytes_[page].compare_exchange_weak(cur, next, std::memory_order_acq_rel)) return true;
     }
     return false;
@@ -78,17 +79,25 @@ class PageStateTable {
   void mark_planned(uint64_t page) { bytes_[page].fetch_or(kPlannedBit, std::memory_order_acq_rel); }
   bool planned(uint64_t page) const { return (bytes_[page].load(std::memory_order_acquire) & kPlannedBit) != 0; }
 
+  // A fault on a page that was installed ahead (its first fault since): true
+  // once, for the call that clears the mark. A REMOVE or a later install
+  // clears it too (the page's bytes are no longer the ones installed ahead).
+  bool take_ahead(uint64_t page) {
+    return (bytes_[page].fetch_and(static_cast<uint8_t>(~kAheadBit), std::memory_order_acq_rel) & kAheadBit) != 0;
+  }
   // The guest wrote an installed page (a write-protect fault was resolved).
   void mark_written(uint64_t page) { bytes_[page].fetch_or(kWrittenBit, std::memory_order_acq_rel); }
 
   static constexpr size_t kBytesPerPage = 1;
 
  private:
-  // bits 0-3 state, 4 written, 5 touched (faulted), 6 planned (prefetch)
+  // bits 0-3 state, 4 written, 5 touched (faulted), 6 planned (prefetch),
+  // 7 installed ahead (fault-around) and not faulted since
   static constexpr uint8_t kStateMask = 0x0f;
   static constexpr uint8_t kWrittenBit = 0x10;
   static constexpr uint8_t kTouchedBit = 0x20;
   static constexpr uint8_t kPlannedBit = 0x40;
+  static constexpr uint8_t kAheadBit = 0x80;
   static constexpr uint8_t kKeepMask = kTouchedBit | kPlannedBit;
   static PageState decode(uint8_t b) { return static_cast<PageState>(b & kStateMask); }
 

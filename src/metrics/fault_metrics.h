@@ -38,8 +38,9 @@ enum class InstallSource : uint8_t {
   kSnapshot,  // read from the memory file for a demand fault
   kZero,      // zeros for a demand fault (removed page, or zero in the snapshot): no read
   kPrefetch,  // installed ahead of any fault (--prefetch, prefault())
+  kFaultAround,  // installed with a demand fault's page, ahead of faults on them (fault-around)
 };
-inline constexpr size_t kInstallSources = 3;
+inline constexpr size_t kInstallSources = 4;
 const char* to_string(InstallSource source);
 
 // CLOCK_MONOTONIC in nanoseconds (a vDSO call, no system call).
@@ -72,6 +73,7 @@ struct SessionCounts {
   uint64_t eagain_retries = 0;   // demand installs deferred by a pending event (EAGAIN)
   uint64_t removes = 0;          // REMOVE events
   uint64_t removed_pages = 0;    // whole pages those REMOVEs covered
+  uint64_t ahead_faulted = 0;    // pages installed ahead by fault-around that faulted later
   std::array<uint64_t, kInstallSources> installed_pages{};
   std::array<uint64_t, kInstallSources> installed_bytes{};
   std::array<HistogramCounts, kFaultPaths> latency{};

@@ -21,6 +21,7 @@ const char* to_string(InstallSource source) {
     case InstallSource::kSnapshot: return "snapshot";
     case InstallSource::kZero: return "zero";
     case InstallSource::kPrefetch: return "prefetch";
+    case InstallSource::kFaultAround: return "fault_around";
   }
   return "?";
 }
@@ -45,6 +46,7 @@ SessionCounts& SessionCounts::operator+=(const SessionCounts& o) {
   eagain_retries += o.eagain_retries;
   removes += o.removes;
   removed_pages += o.removed_pages;
+  ahead_faulted += o.ahead_faulted;
   for (size_t i = 0; i < kInstallSources; ++i) {
     installed_pages[i] += o.installed_pages[i];
     installed_bytes[i] += o.installed_bytes[i];
@@ -159,7 +161,8 @@ std::string Registry::render(const Snapshot& s) {
   }
   w.family("faultline_installed_pages_total", "counter",
            "Pages installed into guests, by source: snapshot (read from the memory file for a fault), zero "
-           "(zeros for a fault: removed, or zero in the snapshot), prefetch (installed ahead of any fault).");
+           "(zeros for a fault: removed, or zero in the snapshot), prefetch (installed ahead of any fault), "
+           "fault_around (installed with a fault's page, ahead of faults on them).");
   for (size_t i = 0; i < kInstallSources; ++i) {
     w.sample("faultline_installed_pages_total", {{"source", to_string(static_cast<InstallSource>(i))}},
              t.installed_pages[i]);
@@ -169,6 +172,9 @@ std::string Registry::render(const Snapshot& s) {
     w.sample("faultline_installed_bytes_total", {{"source", to_string(static_cast<InstallSource>(i))}},
              t.installed_bytes[i]);
   }
+  w.family("faultline_ahead_faulted_total", "counter",
+           "Pages fault-around installed ahead that faulted later (a write-protect fault: the guest wrote one).");
+  w.sample("faultline_ahead_faulted_total", {}, t.ahead_faulted);
   w.family("faultline_faults_already_present_total", "counter",
            "Faults whose page another install got to first (EEXIST): their thread was woken.");
   w.sample("faultline_faults_already_present_total", {}, t.already_present);

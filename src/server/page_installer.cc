@@ -32,7 +32,7 @@ PageInstaller::Result PageInstaller::install_run(const Run& run) {
         result.ioctl.outcome == kernel::IoctlOutcome::kDone ? result.eligible : result.ioctl.bytes / run.page_size;
     for (uint64_t k = 0; k < result.installed; ++k) {
       pages_.record_install(run.first_page + k, k == 0 ? first_state : PageState::kUntouched, PageState::kSnapshot,
-                            k == 0 && run.write);
+                            k == 0 && run.write, run.ahead && (k > 0 || !run.demand));
     }
   }
   if (fenced) fence_.exit(run.slot);

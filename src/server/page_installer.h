@@ -52,6 +52,10 @@ class PageInstaller {
     // kernel then says EEXIST). Otherwise (prefetch) it must be untouched too.
     bool demand = false;
     int inject_errno = 0;  // tests: report this errno instead of issuing the ioctl
+    // Fault-around: the pages after a demand fault's own (every page, for a
+    // run without `demand`) are installed ahead of any fault on them and
+    // marked so (PageStateTable::take_ahead).
+    bool ahead = false;
   };
   struct Result {
     // The install's outcome, when one was issued.

@@ -299,6 +299,7 @@ Status Server::run() {
                              {"image", config_.image_path},
                              {"image_layers", image_ ? image_->chain().layers().size() : 0},
                              {"frame_cache_bytes", image_ ? image_->cache().capacity() : 0},
+                             {"fault_around_pages", static_cast<uint64_t>(config_.fault_around_pages)},
                              {"memory_bytes", source_->size()},
                              {"workers_per_session", config_.workers_per_session},
                              {"on_fatal", to_string(config_.on_fatal)},
@@ -620,7 +621,8 @@ void Server::handle_connection(Connection& c) {
                    .reader_serves_cached = config_.reader_serves_cached,
                    .busy_poll = config_.busy_poll,
                    .metrics = &metrics_,
-                   .record_fault_latency = config_.record_fault_latency};
+                   .record_fault_latency = config_.record_fault_latency,
+                   .fault_around_pages = config_.fault_around_pages};
   auto session = Session::start(std::move(*hs), source_, sc);
   if (!session) {
     reject_session(c, RefusalCause::kSessionRejected, session.error().describe());

@@ -120,6 +120,10 @@ struct ServerConfig {
   // Time every fault for the latency histograms of metrics() (what
   // `serve --metrics` turns on); the counters are kept either way.
   bool record_fault_latency = false;
+  // Fault-around (SessionConfig::fault_around_pages): the largest window of
+  // 4 KiB pages a demand fault installs; 0 or 1: off. Off for embedders and
+  // tests that count installs page by page; `faultline serve` defaults to 64.
+  uint32_t fault_around_pages = 1;
 };
 
 class Server {

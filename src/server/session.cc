@@ -87,18 +87,21 @@ struct Session::Worker {
   size_t layout_slot;  // its read slot in layout_ (kNoReadSlot: the reader's own, which needs none)
   FaultRing<QueuedFault> ring;
   WakeSignal signal;
-  std::unique_ptr<uint8_t, FreeDeleter> buffer;  // staged snapshot bytes, one page of the largest size
+  // Staged snapshot bytes: one page of the largest size, or a whole
+  // fault-around window of 4 KiB pages if that is larger.
+  std::unique_ptr<uint8_t, FreeDeleter> buffer;
   std::vector<QueuedFault> deferred;             // faults that hit EAGAIN; owned by the worker thread
   std::atomic<bool> deferred_empty{true};        // for demand_pending(), read by other threads
   uint64_t deferred_generation = 0;
   std::thread thread;
   std::atomic<uint64_t> pages_snapshot{0}, pages_zero{0}, bytes{0}, exists{0}, retries{0}, snapshot_zero{0};
+  std::atomic<uint64_t> ahead{0};  // pages installed ahead by fault-around
   // For metrics, written only by this worker's thread: demand installs by
   // source (snapshot bytes or zeros; prefetch counts its own) and latency
   // histograms of the faults this thread served. A cache line of their own:
   // the reader writes `signal`, never these lines.
-  alignas(64) std::array<std::atomic<uint64_t>, 2> installed_pages{};
-  std::array<std::atomic<uint64_t>, 2> installed_bytes{};
+  alignas(64) std::array<std::atomic<uint64_t>, metrics::kInstallSources> installed_pages{};
+  std::array<std::atomic<uint64_t>, metrics::kInstallSources> installed_bytes{};
   metrics::FaultLatencyShard latency;
 };
 
@@ -126,6 +129,7 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
       handshake_(std::move(handshake)),
       uffd_(std::move(handshake_.uffd)),
       source_(std::move(source)),
+      fault_around_(config.fault_around_pages),
       started_(std::chrono::steady_clock::now()) {
   // Read slots as fence slots: one per worker, one for prefault(), one per
   // prefetch thread.
@@ -212,18 +216,21 @@ Status Session::launch() {
                                             static_cast<size_t>(std::max(1, config_.prefetch_threads)));
     installer_ = std::make_unique<PageInstaller>(uffd_, *fence_, *pages_, zero_page_.get());
     step = "worker page buffer";
+    const uint64_t window_bytes = static_cast<uint64_t>(std::max(1u, fault_around_.max_pages())) * kPageSize4K;
+    const uint64_t buffer_bytes = std::max(max_page, window_bytes);
     for (int i = 0; i < config_.workers; ++i) {
       workers_.push_back(std::make_unique<Worker>(i, i));
-      workers_.back()->buffer.reset(allocate_aligned(step, max_page));
+      workers_.back()->buffer.reset(allocate_aligned(step, buffer_bytes));
       if (!workers_.back()->buffer) {
         return fail("setting up the session: allocating worker " + std::to_string(i) + "'s " +
-                        std::to_string(max_page) + "-byte page buffer failed",
+                        std::to_string(buffer_bytes) + "-byte page buffer failed",
                     ENOMEM);
       }
     }
-    // The reader's own stats and page buffer, for the faults it serves itself.
+    // The reader's own stats and page buffer, for the faults it serves itself
+    // (4 KiB pages only, with their fault-around window).
     reader_worker_ = std::make_unique<Worker>(workers_.size(), kNoReadSlot);
-    reader_worker_->buffer.reset(allocate_aligned(step, kPageSize4K));
+    reader_worker_->buffer.reset(allocate_aligned(step, window_bytes));
     if (!reader_worker_->buffer) {
       return fail("setting up the session: allocating the event reader's page buffer failed", ENOMEM);
     }
@@ -404,6 +411,8 @@ std::vector<LogField> summary_fields(const SessionSummary& s) {
                           {"reader_served", s.counters.reader_served},
                           {"busy_poll_reads", s.counters.busy_poll_reads},
                           {"source_retries", s.counters.source_retries},
+                          {"ahead_pages", s.counters.ahead_pages},
+                          {"ahead_faulted", s.counters.ahead_faulted},
                           {"pages_snapshot", s.counters.pages_snapshot},
                           {"pages_zero", s.counters.pages_zero},
                           {"snapshot_zero_pages", s.counters.snapshot_zero_pages},
@@ -437,6 +446,7 @@ SessionSummary Session::summary() const {
   s.counters.prefetch_late = prefetch_late_.load(std::memory_order_relaxed);
   s.counters.busy_poll_reads = busy_poll_reads_.load(std::memory_order_relaxed);
   s.counters.source_retries = source_retries_.load(std::memory_order_relaxed);
+  s.counters.ahead_faulted = ahead_faulted_.load(std::memory_order_relaxed);
   for (const Worker* w : all_workers()) {
     s.counters.pages_snapshot += w->pages_snapshot.load(std::memory_order_relaxed);
     s.counters.pages_zero += w->pages_zero.load(std::memory_order_relaxed);
@@ -444,9 +454,11 @@ SessionSummary Session::summary() const {
     s.counters.already_present += w->exists.load(std::memory_order_relaxed);
     s.counters.retries += w->retries.load(std::memory_order_relaxed);
     s.counters.snapshot_zero_pages += w->snapshot_zero.load(std::memory_order_relaxed);
+    s.counters.ahead_pages += w->ahead.load(std::memory_order_relaxed);
   }
   if (reader_worker_) {
-    s.counters.reader_served = reader_worker_->pages_snapshot.load(std::memory_order_relaxed) +
+    s.counters.reader_served = reader_worker_->pages_snapshot.load(std::memory_order_relaxed) -
+                               reader_worker_->ahead.load(std::memory_order_relaxed) +
                                reader_worker_->pages_zero.load(std::memory_order_relaxed) +
                                reader_worker_->exists.load(std::memory_order_relaxed);
   }
@@ -461,6 +473,7 @@ metrics::SessionCounts Session::metrics_counts() const {
   c.faults = faults_read_.load(std::memory_order_relaxed);
   c.removes = removes_.load(std::memory_order_relaxed);
   c.removed_pages = removed_pages_.load(std::memory_order_relaxed);
+  c.ahead_faulted = ahead_faulted_.load(std::memory_order_relaxed);
   constexpr size_t kPrefetch = static_cast<size_t>(metrics::InstallSource::kPrefetch);
   c.installed_pages[kPrefetch] = prefaulted_pages_.load(std::memory_order_relaxed);
   c.installed_bytes[kPrefetch] = prefaulted_bytes_.load(std::memory_order_relaxed);
@@ -491,9 +504,10 @@ Session::MemoryUse Session::memory_use() const {
   uint64_t max_page = kPageSize4K;
   for (const GuestRegion& r : layout()->regions()) max_page = std::max(max_page, r.page_size);
   m.buffer_bytes = max_page;  // the zero page
+  const uint64_t window_bytes = static_cast<uint64_t>(std::max(1u, fault_around_.max_pages())) * kPageSize4K;
   for (const Worker* w : all_workers()) {
     m.buffer_bytes += sizeof(Worker) + kRingCapacity * sizeof(QueuedFault) +
-                      (w == reader_worker_.get() ? kPageSize4K : max_page) +
+                      (w == reader_worker_.get() ? window_bytes : std::max(max_page, window_bytes)) +
                       kDeferredReserve * sizeof(QueuedFault);
   }
   {
@@ -765,7 +779,74 @@ PageInstaller::Result Session::install_fault_page(size_t slot, const PageLocatio
                                   .inject_errno = inject_errno});
 }
 
-Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_reader) {
+PageInstaller::Result Session::install_window(Worker& w, size_t slot, const PageLocation& loc, uint64_t pages,
+                                              const uint8_t* staged, bool protect, bool write, int inject_errno) {
+  if (pages <= 1) return install_fault_page(slot, loc, staged, protect, write, inject_errno);
+  // Neighbours are installed for a read: write-protected under a WP
+  // registration, so that the guest's first write to one is recorded. When
+  // the faulting page is not (a write fault), it goes first on its own and
+  // its thread is woken before the neighbours are copied.
+  const bool protect_ahead = region_wp_[loc.region];
+  PageInstaller::Result run;
+  uint64_t ahead = 0;
+  if (protect_ahead == protect) {
+    run = installer_->install_run({.slot = slot,
+                                   .first_page = loc.page_index,
+                                   .address = loc.address,
+                                   .page_size = loc.page_size,
+                                   .pages = pages,
+                                   .staged = staged,
+                                   .protect = protect,
+                                   .write = write,
+                                   .demand = true,
+                                   .inject_errno = inject_errno,
+                                   .ahead = true});
+    ahead = run.installed > 0 ? run.installed - 1 : 0;
+  } else {
+    run = install_fault_page(slot, loc, staged, protect, write, inject_errno);
+    if (run.installed == 1) {
+      ahead = installer_
+                  ->install_run({.slot = slot,
+                                 .first_page = loc.page_index + 1,
+                                 .address = loc.address + loc.page_size,
+                                 .page_size = loc.page_size,
+                                 .pages = pages - 1,
+                                 .staged = staged + loc.page_size,
+                                 .protect = protect_ahead,
+                                 .ahead = true})
+                  .installed;
+    }
+  }
+  // The kernel installed and woke the faulting page even if the run stopped
+  // later (a neighbour became present, or an event became pending): the
+  // fault is served.
+  if (run.installed > 0) run.ioctl = {kernel::IoctlOutcome::kDone, loc.page_size, 0};
+  if (ahead > 0) {
+    // Snapshot pages like the faulting one (pages_snapshot, bytes), and
+    // counted apart too.
+    w.ahead.fetch_add(ahead, std::memory_order_relaxed);
+    w.pages_snapshot.fetch_add(ahead, std::memory_order_relaxed);
+    w.bytes.fetch_add(ahead * loc.page_size, std::memory_order_relaxed);
+    const size_t src = static_cast<size_t>(metrics::InstallSource::kFaultAround);
+    w.installed_pages[src].store(w.installed_pages[src].load(std::memory_order_relaxed) + ahead,
+                                 std::memory_order_relaxed);
+    w.installed_bytes[src].store(w.installed_bytes[src].load(std::memory_order_relaxed) + ahead * loc.page_size,
+                                 std::memory_order_relaxed);
+    // The pages installed ahead never fault: they are first touches as far
+    // as the record can tell, and they are the ones a prefetch of this
+    // record should install.
+    std::unique_lock<std::mutex> lock(record_mu_, std::defer_lock);
+    if (recording()) lock.lock();
+    for (uint64_t k = 1; k <= ahead; ++k) {
+      if (pages_->mark_touched(loc.page_index + k) && recording()) {
+        first_touches_.push_back(loc.file_offset + k * loc.page_size);
+      }
+    }
+  }
+  return run;
+}
+
+Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
   // The layout stays valid until `layout` is destroyed, even if the reader
   // publishes a new one meanwhile. The reader itself publishes (never while
   // it serves), so it needs no read slot: its fast path pays nothing.
@@ -791,6 +872,7 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
     // A synchronous write-protect fault (WP registered without WP_ASYNC): the
     // page is present and protected; the guest wrote it. Unprotecting wakes
     // the writer; the page is dirty from now on.
+    if (pages_->take_ahead(loc->page_index)) ahead_faulted_.fetch_add(1, std::memory_order_relaxed);
     HookContext hook{loc->address, loc->page_index};
     FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
     const kernel::IoctlResult r = hook.inject_errno
@@ -800,14 +882,29 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
     return finish_install(*layout, w, r, PageState::kSnapshot, *loc, fault, /*count=*/false, /*zero=*/false,
                           by_reader);
   }
+  // Fault-around: chosen once per fault, the first time it is served (the
+  // stream table must see each fault once); a fault handed on to a worker or
+  // retried keeps its window.
+  if (fault.window == 0) {
+    fault.window = 1;
+    if (loc->page_size == kPageSize4K && fault_around_.enabled()) {
+      const bool follows = loc->page_index > 0 && pages_->state(loc->page_index - 1) != PageState::kUntouched;
+      fault.window = fault_around_.window(loc->address / kPageSize4K, follows);
+    }
+  }
   for (;;) {
     const PageState seen = pages_->state(loc->page_index);
     HookContext hook{loc->address, loc->page_index};
     kernel::IoctlResult r;
     PageState installed = PageState::kSnapshot;
     const bool removed = PageStateTable::serves_zero(seen);
-    const bool snapshot_zero =
-        !removed && snapshot_known_zero(loc->file_offset, loc->page_size);
+    // A removed page serves zero alone: its snapshot neighbours may be
+    // removed too, and zeros are no reason to read ahead. The window stops
+    // at the end of the page's segment (contiguous in client and file).
+    uint64_t pages = removed ? 1 : std::min<uint64_t>(fault.window, layout->pages_to_end(loc->address));
+    // Zeros of the snapshot are installed without a read, unless a window
+    // is read anyway (it then holds the zeros too).
+    const bool snapshot_zero = !removed && pages == 1 && snapshot_known_zero(loc->file_offset, loc->page_size);
     if (removed || snapshot_zero) {
       // Zeros are never stale: no fence needed.
       installed = removed ? PageState::kZero : PageState::kSnapshot;
@@ -818,26 +915,33 @@ Session::Served Session::serve(Worker& w, const QueuedFault& fault, bool by_read
         w.snapshot_zero.fetch_add(1, std::memory_order_relaxed);
       }
     } else if (by_reader) {
-      auto cached = source_->read_if_cached(loc->file_offset, {w.buffer.get(), loc->page_size});
+      auto cached = source_->read_if_cached(loc->file_offset, {w.buffer.get(), pages * loc->page_size});
       if (!cached) {
         end(SessionEnd::kFatal, cached.error().describe());
         return Served::kDone;
       }
       if (!*cached) return Served::kNeedsWorker;  // it would wait for storage
-      const PageInstaller::Result run =
-          install_fault_page(PageInstaller::kReaderUnfenced, *loc, w.buffer.get(), protect, fault.write, 0);
+      const PageInstaller::Result run = install_window(w, PageInstaller::kReaderUnfenced, *loc, pages, w.buffer.get(),
+                                                       protect, fault.write, 0);
       // The reader recorded every REMOVE it read before serving: the page
       // cannot have turned zero since it looked.
       r = run.eligible == 0 ? kernel::result_for_errno(EAGAIN) : run.ioctl;
     } else {
       // Storage I/O happens here, before the fence, so the reader never waits on it.
-      if (auto s = read_source(loc->file_offset, {w.buffer.get(), loc->page_size}); !s) {
-        end(SessionEnd::kFatal, s.error().describe());
+      Status read = read_source(loc->file_offset, {w.buffer.get(), pages * loc->page_size});
+      // A window that cannot be read (a damaged frame of a neighbour) is no
+      // reason to fail the fault: its own page decides.
+      if (!read && pages > 1) {
+        pages = 1;
+        read = read_source(loc->file_offset, {w.buffer.get(), loc->page_size});
+      }
+      if (!read) {
+        end(SessionEnd::kFatal, read.error().describe());
         return Served::kDone;
       }
       FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
       const PageInstaller::Result run =
-          install_fault_page(w.index, *loc, w.buffer.get(), protect, fault.write, hook.inject_errno);
+          install_window(w, w.index, *loc, pages, w.buffer.get(), protect, fault.write, hook.inject_errno);
       // A REMOVE was recorded since we looked: the staged bytes are stale;
       // the page now serves zero.
       if (run.eligible == 0) continue;
@@ -915,7 +1019,7 @@ void Session::worker_loop(Worker& w) {
     bool progressed = false;
     if (!w.deferred.empty()) {
       retry.swap(w.deferred);
-      for (const auto& d : retry) {
+      for (auto& d : retry) {
         if (serve(w, d, false) == Served::kRetry) w.deferred.push_back(d);
       }
       progressed = w.deferred.size() < retry.size();

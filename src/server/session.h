@@ -44,6 +44,7 @@
 #include "kernel/userfaultfd.h"
 #include "metrics/registry.h"
 #include "protocol/handshake_socket.h"
+#include "server/fault_around.h"
 #include "server/page_installer.h"
 #include "server/published_layout.h"
 #include "server/test_hooks.h"
@@ -108,6 +109,11 @@ struct SessionConfig {
   // latency histograms (faultline serve --metrics). Off, the fault path
   // reads no clock for metrics.
   bool record_fault_latency = false;
+  // Fault-around (server/fault_around.h): the largest window, in 4 KiB
+  // pages, a demand fault installs (its own page and the untouched pages
+  // after it, in one UFFDIO_COPY); 0 or 1: only the faulting page. 2 MiB
+  // pages never use it.
+  uint32_t fault_around_pages = 1;
 };
 
 // Counters, summed over the session's threads.
@@ -126,6 +132,8 @@ struct SessionCounters {
   uint64_t reader_served = 0;    // faults the event reader served itself (no I/O needed)
   uint64_t busy_poll_reads = 0;  // event batches the reader found while busy-polling (no wake-up)
   uint64_t source_retries = 0;   // source reads tried again after a retryable error
+  uint64_t ahead_pages = 0;      // pages fault-around installed ahead of any fault on them (also in pages_snapshot)
+  uint64_t ahead_faulted = 0;    // of those, pages that faulted later (a write-protect fault: the guest wrote one)
 };
 
 // What prefault() did.
@@ -270,6 +278,9 @@ class Session {
     bool wp = false;
     bool prefetch_late = false;
     int64_t read_ns = 0;
+    // Fault-around window in pages, chosen when the fault is first served
+    // (0: not yet); a fault handed on to a worker or retried keeps it.
+    uint32_t window = 0;
   };
   // What the registry reads while the session is live.
   class MetricsSource final : public metrics::SessionSource {
@@ -300,7 +311,13 @@ class Session {
   // Installs one faulted page. kRetry: retry after the reader's next batch.
   // `by_reader`: the event reader serving it itself, which it does only for
   // 4 KiB pages that need no storage I/O (else kNeedsWorker).
-  Served serve(Worker& w, const QueuedFault& fault, bool by_reader);
+  Served serve(Worker& w, QueuedFault& fault, bool by_reader);
+  // A demand fault's page and the `pages - 1` after it (fault-around), staged
+  // contiguously, through the installer. The faulting page counts as
+  // installed when the run installed it, however far the run got. Counts
+  // and records the pages installed ahead.
+  PageInstaller::Result install_window(Worker& w, size_t slot, const PageLocation& loc, uint64_t pages,
+                                       const uint8_t* staged, bool protect, bool write, int inject_errno);
   // `zero`: the install was of zeros (no file read); with `by_reader`, it
   // chooses the fault's latency path.
   Served finish_install(const GuestLayout& layout, Worker& w, const kernel::IoctlResult& r, PageState installed,
@@ -370,6 +387,8 @@ class Session {
   std::atomic<uint64_t> prefetch_late_{0};
   std::atomic<uint64_t> busy_poll_reads_{0};
   std::atomic<uint64_t> source_retries_{0};
+  std::atomic<uint64_t> ahead_faulted_{0};
+  FaultAround fault_around_;
   std::thread prefetcher_;
   mutable std::mutex record_mu_;
   std::vector<uint64_t> first_touches_;  // GUARDED_BY(record_mu_): file offsets, first-touch order

@@ -1,0 +1,52 @@
+#include "server/fault_around.h"
+
+#include <algorithm>
+
+namespace faultline {
+
+FaultAround::FaultAround(uint32_t max_pages) : max_pages_(std::min(max_pages, kMaxPages)) {}
+
+uint32_t FaultAround::start_pages() const {
+  const int score = score_.load(std::memory_order_relaxed);
+  const uint32_t start = score >= -4 ? kStartPages : score >= -12 ? 4 : 1;
+  return std::min(start, max_pages_);
+}
+
+uint32_t FaultAround::window(uint64_t page, bool follows_installed) {
+  if (!enabled()) return 1;
+  for (auto& slot : streams_) {
+    const uint64_t e = slot.load(std::memory_order_relaxed);
+    if (e == 0) continue;
+    const uint64_t next = e >> 16;
+    const uint32_t last = static_cast<uint32_t>(e & 0xffff);
+    // The stream faulted at the end of its window, or a little past it (a
+    // guest skips the odd page of a run): it used what was installed ahead.
+    if (page < next || page >= next + std::max(1u, last / 2)) continue;
+    const uint32_t grown = std::min(last * 2, max_pages_);
+    uint64_t expected = e;  // lost to a racing fault: that fault's entry stands
+    (void)slot.compare_exchange_strong(expected, pack(page + grown, grown), std::memory_order_relaxed);
+    int score = score_.load(std::memory_order_relaxed);
+    while (score < kScoreMax && !score_.compare_exchange_weak(score, score + 1, std::memory_order_relaxed)) {
+    }
+    continued_.fetch_add(1, std::memory_order_relaxed);
+    return grown;
+  }
+  // A new stream. Its first window ends at a boundary of its own size, as
+  // the kernel's fault-around maps the rest of the fault's 64 KiB block.
+  const uint32_t start = start_pages();
+  const uint32_t first = start - static_cast<uint32_t>(page % start);
+  const uint32_t at = next_slot_.fetch_add(1, std::memory_order_relaxed) % kStreams;
+  streams_[at].store(pack(page + first, start), std::memory_order_relaxed);
+  // Right after installed memory, the guest is still walking what it walked
+  // (a window that covered a whole run leaves no stream to continue, but
+  // the run's end touches its neighbour); anywhere else, it jumped.
+  const int step = follows_installed ? 1 : -1;
+  int score = score_.load(std::memory_order_relaxed);
+  while (score + step >= kScoreMin && score + step <= kScoreMax &&
+         !score_.compare_exchange_weak(score, score + step, std::memory_order_relaxed)) {
+  }
+  started_.fetch_add(1, std::memory_order_relaxed);
+  return first;
+}
+
+}  // namespace faultline

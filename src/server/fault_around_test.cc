@@ -1,0 +1,160 @@
+// The fault-around policy: windows start at the rest of the fault's 64 KiB
+// block, double while a stream keeps faulting at its end, and shrink to one
+// page when faults stop continuing streams. Meant for ThreadSanitizer too.
+#include "server/fault_around.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <random>
+#include <thread>
+#include <vector>
+
+namespace faultline {
+namespace {
+
+TEST(FaultAround, OffInstallsOnlyTheFaultingPage) {
+  for (uint32_t max : {0u, 1u}) {
+    FaultAround fa(max);
+    EXPECT_FALSE(fa.enabled());
+    for (uint64_t page : {0ull, 1ull, 2ull, 16ull, 17ull}) EXPECT_EQ(fa.window(page), 1u) << "max " << max;
+  }
+}
+
+TEST(FaultAround, ANewStreamGetsTheRestOfItsSixteenPageBlock) {
+  FaultAround a(64);
+  EXPECT_EQ(a.window(32), 16u);
+  FaultAround b(64);
+  EXPECT_EQ(b.window(35), 13u) << "pages 35..47: the block ends at 48";
+  FaultAround c(64);
+  EXPECT_EQ(c.window(47), 1u);
+  FaultAround d(8);
+  EXPECT_EQ(d.window(3), 5u) << "a maximum below 16 bounds the first window too";
+}
+
+TEST(FaultAround, ASequentialStreamDoublesUpToTheMaximum) {
+  FaultAround fa(64);
+  uint64_t page = 1024;
+  std::vector<uint32_t> windows;
+  for (int i = 0; i < 6; ++i) {
+    const uint32_t w = fa.window(page);
+    windows.push_back(w);
+    page += w;  // the guest touched every page installed ahead, then faults at the end
+  }
+  EXPECT_EQ(windows, (std::vector<uint32_t>{16, 32, 64, 64, 64, 64}));
+  EXPECT_EQ(fa.started(), 1u);
+  EXPECT_EQ(fa.continued(), 5u);
+}
+
+TEST(FaultAround, AMaximumThatIsNoPowerOfTwoIsReachedExactly) {
+  FaultAround fa(24);
+  EXPECT_EQ(fa.window(0), 16u);
+  EXPECT_EQ(fa.window(16), 24u);
+  EXPECT_EQ(fa.window(40), 24u);
+}
+
+TEST(FaultAround, AFaultAShortWayPastTheWindowStillContinuesTheStream) {
+  FaultAround fa(64);
+  ASSERT_EQ(fa.window(0), 16u);  // next expected: 16, up to half a window later
+  EXPECT_EQ(fa.window(23), 32u) << "pages 16..22 skipped: still the stream";
+  FaultAround far(64);
+  ASSERT_EQ(far.window(0), 16u);
+  EXPECT_EQ(far.window(24), 8u) << "past half a window: a new stream (the rest of block 16..31)";
+  EXPECT_EQ(far.continued(), 0u);
+}
+
+TEST(FaultAround, AFaultInsideTheLastWindowIsNoContinuation) {
+  // A page inside the window faults when the window was cut short (a
+  // present or removed neighbour): that is not the guest running ahead.
+  FaultAround fa(64);
+  ASSERT_EQ(fa.window(0), 16u);
+  EXPECT_EQ(fa.window(5), 11u);
+  EXPECT_EQ(fa.continued(), 0u);
+}
+
+TEST(FaultAround, InterleavedStreamsGrowEachOnItsOwn) {
+  FaultAround fa(64);
+  // Four vCPUs walking four areas, one fault each in turn.
+  std::vector<uint64_t> next{0, 100000, 200000, 300000};
+  std::vector<std::vector<uint32_t>> windows(4);
+  for (int round = 0; round < 4; ++round) {
+    for (size_t v = 0; v < next.size(); ++v) {
+      const uint32_t w = fa.window(next[v]);
+      windows[v].push_back(w);
+      next[v] += w;
+    }
+  }
+  for (size_t v = 0; v < windows.size(); ++v) {
+    EXPECT_EQ(windows[v][1], std::min(64u, windows[v][0] * 2)) << "vCPU " << v;
+    EXPECT_EQ(windows[v][3], std::min(64u, windows[v][2] * 2)) << "vCPU " << v;
+  }
+  EXPECT_EQ(fa.started(), 4u);
+  EXPECT_EQ(fa.continued(), 12u);
+}
+
+TEST(FaultAround, RandomAccessShrinksTheStartingWindowToOnePage) {
+  FaultAround fa(64);
+  std::mt19937_64 rng(7);
+  uint64_t installed = 0;
+  const int faults = 1000;
+  for (int i = 0; i < faults; ++i) installed += fa.window(rng() % (1ull << 30));
+  EXPECT_EQ(fa.start_pages(), 1u);
+  // The first few random faults paid a window (16 pages for 5 faults, 4 for
+  // 8 more); all the rest one page.
+  EXPECT_LE(installed, static_cast<uint64_t>(faults) + 5 * 15 + 8 * 3);
+  EXPECT_EQ(fa.continued(), 0u);
+}
+
+TEST(FaultAround, AStreamAfterRandomAccessGrowsFromOnePageAndRestoresTheStart) {
+  FaultAround fa(64);
+  std::mt19937_64 rng(9);
+  for (int i = 0; i < 100; ++i) (void)fa.window(rng() % (1ull << 30));
+  ASSERT_EQ(fa.start_pages(), 1u);
+  uint64_t page = 5ull << 32;
+  std::vector<uint32_t> windows;
+  for (int i = 0; i < 9; ++i) {
+    const uint32_t w = fa.window(page);
+    windows.push_back(w);
+    page += w;
+  }
+  EXPECT_EQ(windows, (std::vector<uint32_t>{1, 2, 4, 8, 16, 32, 64, 64, 64}));
+  // Faults continuing the stream raised the score again: new streams start
+  // with more than one page once the stream has run a while.
+  for (int i = 0; i < 20; ++i) page += fa.window(page);
+  EXPECT_EQ(fa.start_pages(), 16u);
+}
+
+TEST(FaultAround, NewRunsRightAfterInstalledMemoryKeepTheStartingWindow) {
+  // Runs of 12 pages, each a new stream (every window covers its run whole,
+  // so no stream is ever continued), each starting right after memory the
+  // guest touched before: the locality keeps windows at 16.
+  FaultAround fa(64);
+  for (uint64_t run = 0; run < 100; ++run) (void)fa.window(run * 1000, /*follows_installed=*/true);
+  EXPECT_EQ(fa.start_pages(), 16u);
+  FaultAround jumps(64);
+  for (uint64_t run = 0; run < 100; ++run) (void)jumps.window(run * 1000, /*follows_installed=*/false);
+  EXPECT_EQ(jumps.start_pages(), 1u);
+}
+
+TEST(FaultAround, ConcurrentFaultsGetWindowsWithinBounds) {
+  FaultAround fa(64);
+  std::atomic<bool> bad{false};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(t);
+      uint64_t page = static_cast<uint64_t>(t % 2) << 20;  // two threads share each stream
+      for (int i = 0; i < 20000; ++i) {
+        const uint32_t w = (i % 7 == 0) ? fa.window(rng() % (1ull << 30)) : fa.window(page);
+        if (w < 1 || w > 64) bad = true;
+        page += w;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_FALSE(bad);
+  EXPECT_EQ(fa.started() + fa.continued(), 4u * 20000u);
+}
+
+}  // namespace
+}  // namespace faultline

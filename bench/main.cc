@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
   int reps = 0;
   bool no_vcpu = false, no_huge = false;
   int workers = 2;
-  app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke; well under a minute)");
+  app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke)");
   app.add_option("--scenario", scenarios, "run only this scenario (1-4, 5 = storage, 6 = image); repeatable")
       ->transform(CLI::Transformer(std::map<std::string, std::string>{{"storage", "5"}, {"image", "6"}}))
       ->check(CLI::Range(1, 6));

@@ -360,8 +360,8 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
                 "~200 us\n",
                 human_bytes(static_cast<double>(sz.s3_guest)).c_str(),
                 static_cast<unsigned long long>(sz.s3_min_removes));
-    std::printf("faultline: fault messages read during the run, how many the event reader served itself, EAGAIN "
-                "retries\n");
+    std::printf("uffd servers: fault messages read during the run, how many faultline's event reader served itself, "
+                "EAGAIN retries\n");
     std::printf("%-20s %-11s %12s %12s %12s %10s %10s %8s  %s\n", "config", "backend", "p50 us", "p99 us", "max us",
                 "faults", "by reader", "EAGAIN", "note");
     for (const Row& row : r.rows) {

@@ -16,7 +16,8 @@ const char* to_string(Backend b) {
   switch (b) {
     case Backend::kKernel: return "(a) kernel alone, anonymous memory";
     case Backend::kFileMmap: return "(b) file mmap MAP_PRIVATE, warm page cache";
-    case Backend::kNaive: return "(c) naive uffd server";
+    case Backend::kNaive: return "(c) naive uffd server (separate process: poll, one read, pread + UFFDIO_COPY per fault)";
+    case Backend::kBusyPoll: return "busy-polling uffd server (separate process: the naive one spinning on a non-blocking read)";
     case Backend::kFaultline: return "faultline on demand";
     case Backend::kFaultlinePrefetch: return "faultline record+prefetch";
     case Backend::kFaultlineEager: return "faultline eager";
@@ -30,6 +31,10 @@ const char* to_string(Backend b) {
   return "?";
 }
 
+bool is_baseline_server(Backend b) { return b == Backend::kNaive || b == Backend::kBusyPoll; }
+
+BaselineMode baseline_mode(Backend b) { return b == Backend::kBusyPoll ? BaselineMode::kBusyPoll : BaselineMode::kNaive; }
+
 bool from_image(Backend b) {
   return b == Backend::kFaultlineImage || b == Backend::kFaultlineImagePrefetch || b == Backend::kFaultlineImageEager ||
          b == Backend::kFaultlineImageWarm;
@@ -40,6 +45,7 @@ const char* label(Backend b) {
     case Backend::kKernel: return "kernel";
     case Backend::kFileMmap: return "file-mmap";
     case Backend::kNaive: return "naive-uffd";
+    case Backend::kBusyPoll: return "busy-poll";
     case Backend::kFaultline: return "faultline";
     case Backend::kFaultlinePrefetch: return "fl-prefetch";
     case Backend::kFaultlineEager: return "fl-eager";
@@ -125,6 +131,7 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
       return g;
     }
     case Backend::kNaive:
+    case Backend::kBusyPoll:
     case Backend::kFaultline:
     case Backend::kFaultlinePrefetch:
     case Backend::kFaultlineEager:
@@ -141,10 +148,12 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
       if (!c) return std::unexpected(c.error());
       g->client_.emplace(std::move(*c));
       g->base_ = reinterpret_cast<uint8_t*>(g->client_->regions().front().base_host_virt_addr);
-      if (backend == Backend::kNaive) {
-        auto n = NaiveServer::start(g->client_->uffd(), g->client_->regions(), spec.memory_path);
-        if (!n) return std::unexpected(n.error());
-        g->naive_ = std::move(*n);
+      if (is_baseline_server(backend)) {
+        if (spec.baseline == nullptr) return fail("no baseline server process for this guest");
+        if (auto s = g->client_->connect_and_send(spec.baseline->socket_path()); !s) return std::unexpected(s.error());
+        if (spec.wait_until_served) {
+          if (auto s = spec.baseline->wait_serving(std::chrono::seconds(10)); !s) return std::unexpected(s.error());
+        }
         return g;
       }
       if (spec.host == nullptr) return fail("no faultline server for this guest", kNotApplicable);
@@ -171,9 +180,11 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
 }
 
 BenchGuest::~BenchGuest() {
-  const bool faultline = client_ && backend_ != Backend::kNaive && spec_.host != nullptr;
-  naive_.reset();
-  client_.reset();  // closes the socket: a v1.12+ session ends on EOF
+  const bool faultline = client_ && !is_baseline_server(backend_) && spec_.host != nullptr;
+  const bool baseline = client_ && is_baseline_server(backend_) && spec_.baseline != nullptr;
+  client_.reset();  // closes the socket: a v1.12+ session ends on EOF, a baseline server exits
+  // Its outcome stays in the BaselineProcess for the scenario to read.
+  if (baseline) (void)spec_.baseline->wait_exit(std::chrono::seconds(30));
   if (faultline) {
     const uint64_t started = spec_.host->sessions_started();
     Server& srv = spec_.host->server();
@@ -191,11 +202,12 @@ Status BenchGuest::remove(uint64_t offset, uint64_t length) {
   return {};
 }
 
-uint64_t resident_bytes() {
+uint64_t resident_bytes(pid_t pid) {
   // smaps_rollup walks the page tables: exact. VmRSS in /proc/self/status
   // comes from per-CPU counters that lag by up to tens of pages per CPU,
   // which is the size of what scenario 4 measures.
-  std::ifstream f("/proc/self/smaps_rollup");
+  std::ifstream f(pid == 0 ? std::string("/proc/self/smaps_rollup")
+                           : "/proc/" + std::to_string(pid) + "/smaps_rollup");
   std::string line;
   while (std::getline(f, line)) {
     if (line.rfind("Rss:", 0) == 0) return std::strtoull(line.c_str() + 4, nullptr, 10) * 1024;

@@ -1,6 +1,7 @@
 // The guest memories faultline-bench compares: one fresh guest per
-// repetition, backed by the kernel alone, by a file mapping, by the naive
-// reference server or by faultline (in-process, over the real handshake).
+// repetition, backed by the kernel alone, by a file mapping, by a baseline
+// uffd server (a separate process, bench/baseline_process.h) or by faultline
+// (in-process); both uffd kinds over the real handshake.
 //
 // Thread-safety: a FaultlineHost and the guests made from it are driven by
 // one controlling thread; guest memory may be touched from any thread while
@@ -13,7 +14,7 @@
 #include <string>
 #include <thread>
 
-#include "bench/naive_server.h"
+#include "bench/baseline_process.h"
 #include "client/firecracker_client.h"
 #include "common/error.h"
 #include "common/log.h"
@@ -25,7 +26,8 @@ namespace faultline::bench {
 enum class Backend {
   kKernel,             // (a) MAP_PRIVATE|MAP_ANONYMOUS, no uffd
   kFileMmap,           // (b) the memory file mmap'ed MAP_PRIVATE, page cache warm
-  kNaive,              // (c) NaiveServer: one thread, one UFFDIO_COPY per fault
+  kNaive,              // (c) faultline-baseline-server --mode naive: one thread, poll, one UFFDIO_COPY per fault
+  kBusyPoll,           // faultline-baseline-server --mode busy-poll: the same thread spinning on a non-blocking read
   kFaultline,          // faultline on demand
   kFaultlinePrefetch,  // faultline replaying a recorded working set (--prefetch FILE)
   kFaultlineEager,     // faultline filling everything in the background (--prefetch all)
@@ -37,6 +39,9 @@ enum class Backend {
   kFaultlineImageEager,     // --prefetch all
   kFaultlineImageWarm,      // on demand, the frame cache warm: a second VM of the image on the same daemon
 };
+// True for the backends served by faultline-baseline-server.
+bool is_baseline_server(Backend b);
+BaselineMode baseline_mode(Backend b);  // REQUIRES: is_baseline_server(b)
 // True for the backends served from an image.
 bool from_image(Backend b);
 const char* to_string(Backend b);
@@ -90,11 +95,14 @@ struct GuestSpec {
   // For uffd backends: return only once the server has the uffd (scenario 1
   // measures fault service, not the handshake). Scenario 2 times it all.
   bool wait_until_served = true;
+  // For kNaive and kBusyPoll: the server process, already listening, that
+  // this guest sends its handshake to. It must outlive the guest.
+  BaselineProcess* baseline = nullptr;
 };
 
-// One guest memory. Destroying it unmaps the memory and, for faultline, waits
-// until the session has ended (its socket closed), so repetitions never
-// overlap.
+// One guest memory. Destroying it unmaps the memory and closes its socket,
+// then waits until the faultline session has ended or the baseline server has
+// exited, so repetitions never overlap.
 class BenchGuest {
  public:
   static Result<std::unique_ptr<BenchGuest>> create(Backend backend, const GuestSpec& spec);
@@ -105,7 +113,6 @@ class BenchGuest {
   uint64_t page_size() const { return spec_.page_size; }
   Backend backend() const { return backend_; }
   client::FirecrackerClient* client() { return client_ ? &*client_ : nullptr; }
-  NaiveServer* naive() { return naive_.get(); }
   // For madvise: the kernel and file backends call madvise directly, the
   // uffd backends go through FirecrackerClient::remove (same syscall).
   Status remove(uint64_t offset, uint64_t length);
@@ -117,10 +124,10 @@ class BenchGuest {
   uint8_t* base_ = nullptr;
   Mapping mapping_;                                // kernel / file backends
   std::optional<client::FirecrackerClient> client_;  // uffd backends
-  std::unique_ptr<NaiveServer> naive_;             // destroyed before client_
 };
 
-// Resident set size of this process (Rss of /proc/self/smaps_rollup), bytes.
-uint64_t resident_bytes();
+// Resident set size of process `pid` (0: this one) from the Rss of its
+// /proc/PID/smaps_rollup, bytes.
+uint64_t resident_bytes(pid_t pid = 0);
 
 }  // namespace faultline::bench

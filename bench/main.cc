@@ -29,6 +29,7 @@
 
 #include "bench/corpus.h"
 #include "bench/guests.h"
+#include "bench/load.h"
 #include "bench/report.h"
 #include "bench/scenarios.h"
 #include "bench/storage.h"
@@ -125,14 +126,14 @@ struct Cleanup {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"faultline-bench: faultline against the kernel, a file mapping and a naive uffd server"};
+  CLI::App app{"faultline-bench: faultline against the kernel, a file mapping and naive and busy-polling uffd servers"};
   bool quick = false;
   std::vector<int> scenarios;
   std::string json_path, chart_path;
   int reps = 0;
   bool no_vcpu = false, no_huge = false;
   int workers = 2;
-  app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke; well under a minute)");
+  app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke)");
   app.add_option("--scenario", scenarios, "run only this scenario (1-4, 5 = storage, 6 = image); repeatable")
       ->transform(CLI::Transformer(std::map<std::string, std::string>{{"storage", "5"}, {"image", "6"}}))
       ->check(CLI::Range(1, 6));
@@ -265,7 +266,7 @@ int main(int argc, char** argv) {
                         "mem-sparse.zeroidx", "s1.sock", "s2.sock", "s2-eager.sock", "s2-record.sock",
                         "s2-prefetch.sock", "s3.sock", "s4.sock", "s1-metrics.sock", "s3-metrics.sock", "image-generated.mem",
                         "image-generated.flrec", "image-realistic.flrec", "img-0.sock", "img-1.sock", "img-2.sock",
-                        "img-3.sock", "img-record.sock"}) {
+                        "img-3.sock", "img-record.sock", "baseline.sock"}) {
     track_file(dir + "/" + n);
   }
   // Scenario 2's recorded working sets (record-PAGESIZE-TOUCHER-THREADS.flrec).
@@ -324,6 +325,8 @@ int main(int argc, char** argv) {
     }
   }
 
+  results.cores = fb::core_count();
+  results.load1_start = fb::load_average_1min();
   const auto t0 = std::chrono::steady_clock::now();
   if (want.count(1)) fb::run_scenario1(ctx);
   if (want.count(2)) fb::run_scenario2(ctx);
@@ -333,6 +336,7 @@ int main(int argc, char** argv) {
   if (want.count(fb::kImageScenario)) fb::run_image_scenario(ctx);
   if (want.count(fb::kStorageScenario)) fb::run_storage_scenario(ctx);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  results.load1_end = fb::load_average_1min();
 
   const auto targets = fb::evaluate_targets(results);
   fb::print_report(results, targets, sizes, quick);

@@ -11,6 +11,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "bench/load.h"
+#include "bench/stats.h"
 #include "bench/storage.h"
 
 namespace faultline::bench {
@@ -56,6 +58,24 @@ std::string status_text(const Row& row) {
 }
 
 void heading(const std::string& title) { std::printf("\n%s\n%s\n", title.c_str(), std::string(title.size(), '=').c_str()); }
+
+// Scenario 1: the configuration without its load condition ("4K host 1T random").
+std::string s1_base_config(const Row& row) {
+  std::string c = row.config();
+  if (!row.load.empty()) c.resize(c.size() - row.load.size() - 1);
+  return c;
+}
+
+// Median over scenario 1's loaded rows of `key` (NaN if none).
+double s1_loaded_median(const Results& r, const std::string& key) {
+  std::vector<double> v;
+  for (const Row& row : r.rows) {
+    if (row.scenario == 1 && row.load == "loaded") v.push_back(row.metric(key));
+  }
+  return median(v);
+}
+double s1_load_threads(const Results& r) { return s1_loaded_median(r, "load_threads"); }
+double s1_generated_load(const Results& r) { return s1_loaded_median(r, "load_cores"); }
 
 // The image scenario: the raw-file backend an image backend is compared with.
 Backend raw_counterpart(Backend b) {
@@ -148,16 +168,36 @@ std::vector<Target> evaluate_targets(const Results& r) {
   ratio_target("scenario 2 (" + s2 + "): record+prefetch within 1.5x of (b) file mmap", prefetch2, file2,
                "prefetch", "file-mmap", " ms", false, 1.5, pre_missing);
 
-  for (const std::string c : {"4K host 1T random", "4K host 1T seq"}) {
-    ratio_target("scenario 1 (" + c + "): faultline p50 no worse than (c) naive",
-                 metric_of(r, 1, c, Backend::kFaultline, "p50_us"), metric_of(r, 1, c, Backend::kNaive, "p50_us"),
-                 "faultline", "naive", " us", false, 1.0, "scenario 1 not run");
-  }
-  for (const std::string c : {"4K host 2T random", "4K host 2T seq"}) {
-    ratio_target("scenario 1 (" + c + "): faultline faults/s >= 1.5x (c) naive",
-                 metric_of(r, 1, c, Backend::kFaultline, "faults_per_s"),
-                 metric_of(r, 1, c, Backend::kNaive, "faults_per_s"), "faultline", "naive", "/s", true, 1.5,
-                 "scenario 1 not run");
+  // Scenario 1, quiet and loaded. A quiet target measured on a machine that
+  // was not quiet is not judged: the bench refuses to call that run quiet.
+  auto s1_target = [&](const std::string& c, std::string name, const char* key, Backend baseline,
+                       const std::string& unit, bool higher_is_met, double bound) {
+    const Row* fl = find(r, 1, c, Backend::kFaultline);
+    ratio_target("scenario 1 (" + c + "): " + std::move(name), metric_of(r, 1, c, Backend::kFaultline, key),
+                 metric_of(r, 1, c, baseline, key), "faultline", label(baseline), unit, higher_is_met, bound,
+                 fl ? "faultline " + status_text(*fl) : "scenario 1 not run");
+    Target& t = out.back();
+    if (fl && fl->load == "quiet" && fl->metric("not_quiet_reps") > 0) {
+      t.measured += " -- not judged: " + fl->note;
+      t.met.reset();
+    } else if (fl && fl->load == "loaded") {
+      t.measured += " (under " + num(fl->metric("load_cores"), 2) + " cores of generated load, other processes " +
+                    num(fl->metric("other_cores"), 2) + ")";
+    } else if (fl) {
+      t.measured += " (other processes " + num(fl->metric("other_cores"), 2) + " cores, load average " +
+                    num(fl->metric("load1"), 2) + ")";
+    }
+  };
+  for (const char* load : {"quiet", "loaded"}) {
+    const std::string l = load;
+    s1_target("4K host 1T random " + l, "faultline p50 no worse than the busy-polling baseline (issue 10)", "p50_us",
+              Backend::kBusyPoll, " us", false, 1.0);
+    for (const std::string c : {"4K host 1T random", "4K host 1T seq"}) {
+      s1_target(c + " " + l, "faultline p50 no worse than (c) naive", "p50_us", Backend::kNaive, " us", false, 1.0);
+    }
+    for (const std::string c : {"4K host 2T random", "4K host 2T seq"}) {
+      s1_target(c + " " + l, "faultline faults/s >= 1.5x (c) naive", "faults_per_s", Backend::kNaive, "/s", true, 1.5);
+    }
   }
 
   {
@@ -218,8 +258,11 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
   std::printf("faultline-bench (%s run, %d repetition%s, medians; baselines and faultline interleaved)\n",
               quick ? "quick" : "full", sz.reps, sz.reps == 1 ? "" : "s");
   std::printf("backends: (a) kernel = anonymous memory, no uffd; (b) file-mmap = memory file MAP_PRIVATE, warm page "
-              "cache;\n          (c) naive-uffd = one thread, one read + pread + UFFDIO_COPY per fault; faultline = "
-              "in-process Server, real handshake\n");
+              "cache;\n          (c) naive-uffd = a separate process, one thread: poll, one read + pread + UFFDIO_COPY "
+              "per fault;\n          busy-poll (scenario 1) = the same, spinning on a non-blocking read; faultline = "
+              "in-process Server; all uffd servers over the real handshake\n");
+  std::printf("machine: %d cores; load average (1 min) %s at the start and %s at the end of the scenarios\n", r.cores,
+              num(r.load1_start, 2).c_str(), num(r.load1_end, 2).c_str());
 
   bool any = false;
   for (const Row& row : r.rows) any = any || row.scenario == 1;
@@ -230,16 +273,59 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
                 human_bytes(static_cast<double>(sz.s1_guest)).c_str(),
                 human_bytes(static_cast<double>(sz.s1_vcpu_guest_4k)).c_str(),
                 human_bytes(static_cast<double>(sz.s1_vcpu_guest_2m)).c_str());
-    std::printf("%-20s %-11s %10s %10s %12s %10s %10s  %s\n", "config", "backend", "p50 us", "p99 us", "faults/s",
-                "p50/naive", "f/s/naive", "note");
+    std::printf("every configuration twice, repetitions alternating: quiet = before each repetition the bench waits up "
+                "to %d s for\nprocesses other than itself to keep at most %.1f cores busy (0.5 s windows of /proc/stat "
+                "minus its own CPU time); a repetition\nwhere they were busier, before or during it, is NOT quiet. "
+                "loaded = %s threads of another process spinning\n(faultline-baseline-server --spin), started before "
+                "and killed after each loaded repetition.\n",
+                sz.quiet_wait_s, kQuietMaxOtherCores, num(s1_load_threads(r), 0).c_str());
+    std::printf("faults: fault messages the server read; other: cores other processes kept busy (median); loaded "
+                "rows also used %s cores of generated load\n",
+                num(s1_generated_load(r), 2).c_str());
+    std::printf("%-20s %-11s | %-47s | %-47s | %s\n", "", "", "quiet", "loaded", "");
+    std::printf("%-20s %-11s | %9s %9s %10s %9s %5s | %9s %9s %10s %9s %5s | %s\n", "config", "backend", "p50 us",
+                "p99 us", "faults/s", "faults", "other", "p50 us", "p99 us", "faults/s", "faults", "other", "note");
     for (const Row& row : r.rows) {
-      if (row.scenario != 1) continue;
-      const double np50 = metric_of(r, 1, row.config(), Backend::kNaive, "p50_us");
-      const double nfps = metric_of(r, 1, row.config(), Backend::kNaive, "faults_per_s");
-      std::printf("%-20s %-11s %10s %10s %12s %10s %10s  %s\n", row.config().c_str(), label(row.backend),
-                  num(row.metric("p50_us"), 2).c_str(), num(row.metric("p99_us"), 1).c_str(),
-                  num(row.metric("faults_per_s"), 0).c_str(), num(row.metric("p50_us") / np50, 2).c_str(),
-                  num(row.metric("faults_per_s") / nfps, 2).c_str(), status_text(row).c_str());
+      if (row.scenario != 1 || row.load != "quiet") continue;
+      const std::string base = s1_base_config(row);
+      const Row* loaded = find(r, 1, base + " loaded", row.backend);
+      auto cells = [](const Row* x) {
+        if (!x) return std::string(47, ' ');
+        char buf[128];
+        std::snprintf(buf, sizeof buf, "%9s %9s %10s %9s %5s", num(x->metric("p50_us"), 2).c_str(),
+                      num(x->metric("p99_us"), 1).c_str(), num(x->metric("faults_per_s"), 0).c_str(),
+                      num(x->metric("server_faults"), 0).c_str(), num(x->metric("other_cores"), 2).c_str());
+        return std::string(buf);
+      };
+      std::string note = status_text(row);
+      if (loaded && !status_text(*loaded).empty()) {
+        note += (note.empty() ? "" : "; ") + std::string("loaded: ") + status_text(*loaded);
+      }
+      std::printf("%-20s %-11s | %s | %s | %s\n", base.c_str(), label(row.backend), cells(&row).c_str(),
+                  cells(loaded).c_str(), note.c_str());
+    }
+    std::printf("\nfaultline against the one-thread baselines (p50: faultline / baseline, below 1 = faultline faster; "
+                "faults/s: faultline / baseline, above 1 = faultline faster)\n");
+    std::printf("%-20s | %-39s | %-39s\n", "", "quiet", "loaded");
+    std::printf("%-20s | %9s %9s %9s %9s | %9s %9s %9s %9s\n", "config", "p50/naive", "p50/busy", "f/s/naive",
+                "f/s/busy", "p50/naive", "p50/busy", "f/s/naive", "f/s/busy");
+    for (const Row& row : r.rows) {
+      if (row.scenario != 1 || row.load != "quiet" || row.backend != Backend::kFaultline) continue;
+      const std::string base = s1_base_config(row);
+      std::string line;
+      for (const char* load : {" quiet", " loaded"}) {
+        const std::string c = base + load;
+        auto ratio = [&](Backend b, const char* key) {
+          return metric_of(r, 1, c, Backend::kFaultline, key) / metric_of(r, 1, c, b, key);
+        };
+        char buf[96];
+        std::snprintf(buf, sizeof buf, " | %9s %9s %9s %9s", num(ratio(Backend::kNaive, "p50_us"), 2).c_str(),
+                      num(ratio(Backend::kBusyPoll, "p50_us"), 2).c_str(),
+                      num(ratio(Backend::kNaive, "faults_per_s"), 2).c_str(),
+                      num(ratio(Backend::kBusyPoll, "faults_per_s"), 2).c_str());
+        line += buf;
+      }
+      std::printf("%-20s%s\n", base.c_str(), line.c_str());
     }
   }
 
@@ -274,8 +360,8 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
                 "~200 us\n",
                 human_bytes(static_cast<double>(sz.s3_guest)).c_str(),
                 static_cast<unsigned long long>(sz.s3_min_removes));
-    std::printf("faultline: fault messages read during the run, how many the event reader served itself, EAGAIN "
-                "retries\n");
+    std::printf("uffd servers: fault messages read during the run, how many faultline's event reader served itself, "
+                "EAGAIN retries\n");
     std::printf("%-20s %-11s %12s %12s %12s %10s %10s %8s  %s\n", "config", "backend", "p50 us", "p99 us", "max us",
                 "faults", "by reader", "EAGAIN", "note");
     for (const Row& row : r.rows) {
@@ -319,7 +405,7 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
                   "thread): %.1f ns per fault\n",
                   r.metrics_record_ns);
     }
-    std::printf("%-20s %9s %9s %7s %9s %9s %7s %11s %11s %7s\n", "scenario 1 config", "p50 off", "p50 on", "on/off",
+    std::printf("%-26s %9s %9s %7s %9s %9s %7s %11s %11s %7s\n", "scenario 1 config", "p50 off", "p50 on", "on/off",
                 "p99 off", "p99 on", "on/off", "f/s off", "f/s on", "on/off");
     double log_p50 = 0, log_fps = 0;
     int n = 0;
@@ -330,7 +416,7 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
       const double p50 = on->metric("p50_us") / row.metric("p50_us");
       const double p99 = on->metric("p99_us") / row.metric("p99_us");
       const double fps = on->metric("faults_per_s") / row.metric("faults_per_s");
-      std::printf("%-20s %9s %9s %7s %9s %9s %7s %11s %11s %7s\n", row.config().c_str(),
+      std::printf("%-26s %9s %9s %7s %9s %9s %7s %11s %11s %7s\n", row.config().c_str(),
                   num(row.metric("p50_us"), 2).c_str(), num(on->metric("p50_us"), 2).c_str(), num(p50, 3).c_str(),
                   num(row.metric("p99_us"), 1).c_str(), num(on->metric("p99_us"), 1).c_str(), num(p99, 3).c_str(),
                   num(row.metric("faults_per_s"), 0).c_str(), num(on->metric("faults_per_s"), 0).c_str(),
@@ -416,7 +502,7 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
     for (const std::string& n : r.notes) std::printf("- %s\n", n.c_str());
   }
 
-  heading("Targets (issues 4 and 9; measured ratios, never asserted)");
+  heading("Targets (issues 4, 9 and 10; measured ratios, never asserted)");
   for (const Target& t : targets) {
     std::printf("%-9s %s\n          %s\n", t.met ? (*t.met ? "MET" : "NOT MET") : "n/a", t.name.c_str(),
                 t.measured.c_str());
@@ -436,7 +522,7 @@ std::optional<std::string> write_json(const std::string& path, const Results& r,
                 {"s2_set", sz.s2_set},           {"s2_vcpu_guest", sz.s2_vcpu_guest},
                 {"s2_vcpu_set", sz.s2_vcpu_set}, {"s3_guest", sz.s3_guest},
                 {"s3_removes", sz.s3_min_removes}, {"s4_guests", sz.s4_guests},
-                {"storage_bytes", sz.storage_bytes}};
+                {"storage_bytes", sz.storage_bytes}, {"quiet_wait_s", sz.quiet_wait_s}};
   j["rows"] = json::array();
   for (const Row& row : r.rows) {
     json m = json::object();
@@ -448,6 +534,8 @@ std::optional<std::string> write_json(const std::string& path, const Results& r,
                          {"toucher", row.toucher},
                          {"threads", row.threads},
                          {"order", row.order},
+                         {"load", row.load},
+                         {"quiet", row.load == "quiet" ? json(row.metric("not_quiet_reps") == 0) : json(nullptr)},
                          {"backend", label(row.backend)},
                          {"backend_description", to_string(row.backend)},
                          {"guest_bytes", row.guest_bytes},
@@ -464,6 +552,8 @@ std::optional<std::string> write_json(const std::string& path, const Results& r,
                             {"ratio", finite(t.ratio)},
                             {"met", t.met ? json(*t.met) : json(nullptr)}});
   }
+  j["machine"] = {{"cores", r.cores}, {"load1_start", finite(r.load1_start)}, {"load1_end", finite(r.load1_end)}};
+  j["quiet_rule"] = {{"max_other_cores", kQuietMaxOtherCores}, {"wait_s", sz.quiet_wait_s}};
   j["data_mismatches"] = r.data_mismatches;
   j["metrics_record_ns"] = finite(r.metrics_record_ns);
   j["notes"] = r.notes;
@@ -521,8 +611,10 @@ std::string write_chart(const std::string& png_path, const std::string& work_dir
     const std::string file = work_dir + "/chart-" + std::to_string(panels.size()) + ".dat";
     if (write_panel(file, r, scenario, b, key)) panels.push_back({file, title, ylabel, b.size()});
   };
-  add(1, four, "p50_us", "Scenario 1: fault latency p50 (lower is better)", "microseconds (log)");
-  add(1, four, "faults_per_s", "Scenario 1: faults per second (higher is better)", "faults/s (log)");
+  const std::vector<Backend> five{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kBusyPoll,
+                                  Backend::kFaultline};
+  add(1, five, "p50_us", "Scenario 1: fault latency p50, quiet and loaded (lower is better)", "microseconds (log)");
+  add(1, five, "faults_per_s", "Scenario 1: faults per second, quiet and loaded (higher is better)", "faults/s (log)");
   add(2, six, "restore_ms", "Scenario 2: working-set restore time (lower is better)", "milliseconds (log)");
   add(3, four, "madvise_p99_us", "Scenario 3: madvise(DONTNEED) p99 under load (lower is better)",
       "microseconds (log)");

@@ -20,6 +20,7 @@
 #include <span>
 #include <thread>
 
+#include "bench/load.h"
 #include "bench/stats.h"
 #include "client/test_memory_file.h"
 #include "client/touch.h"
@@ -49,6 +50,7 @@ Sizes Sizes::quick() {
   s.s3_min_removes = 100;
   s.s4_guests = {64 * kMiB, 256 * kMiB};
   s.storage_bytes = 32 * kMiB;
+  s.quiet_wait_s = 2;  // the smoke test on a shared machine must not wait minutes
   return s;
 }
 
@@ -64,6 +66,7 @@ std::string Row::config() const {
   std::string s = page_size == kPageSize2M ? "2M" : "4K";
   s += " " + toucher + " " + std::to_string(threads) + "T";
   if (order != "-") s += " " + order;
+  if (!load.empty()) s += " " + load;
   return s;
 }
 
@@ -264,17 +267,27 @@ struct Series {
 // Runs `body(series, rep)` for every repetition and backend, the backend
 // order rotated each repetition so that no backend always runs first (the
 // machine is shared and noisy: interleaving spreads the noise over all).
-template <typename Body>
-std::vector<Series> interleaved(const std::vector<Backend>& backends, int reps, Body body) {
+std::vector<Series> make_series(const std::vector<Backend>& backends) {
   std::vector<Series> series;
   for (Backend b : backends) series.push_back(Series{b, {}, false, {}});
-  for (int rep = 0; rep < reps; ++rep) {
-    for (size_t k = 0; k < series.size(); ++k) {
-      Series& s = series[(k + static_cast<size_t>(rep)) % series.size()];
-      if (s.not_applicable || !s.note.empty()) continue;
-      body(s, rep);
-    }
+  return series;
+}
+
+// One repetition: `body(series, rep)` for every backend, starting with a
+// different one each repetition.
+template <typename Body>
+void run_repetition(std::vector<Series>& series, int rep, Body& body) {
+  for (size_t k = 0; k < series.size(); ++k) {
+    Series& s = series[(k + static_cast<size_t>(rep)) % series.size()];
+    if (s.not_applicable || !s.note.empty()) continue;
+    body(s, rep);
   }
+}
+
+template <typename Body>
+std::vector<Series> interleaved(const std::vector<Backend>& backends, int reps, Body body) {
+  std::vector<Series> series = make_series(backends);
+  for (int rep = 0; rep < reps; ++rep) run_repetition(series, rep, body);
   return series;
 }
 
@@ -327,6 +340,28 @@ Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::strin
   return FaultlineHost::start(o, *ctx.logger);
 }
 
+// For the baseline backends, a fresh faultline-baseline-server listening for
+// one guest's handshake (Firecracker starts one uffd handler per VM); null
+// for the other backends. Started before any timed region.
+Result<std::unique_ptr<BaselineProcess>> start_baseline(Context& ctx, Backend b, const std::string& memory_path) {
+  if (!is_baseline_server(b)) return std::unique_ptr<BaselineProcess>();
+  return BaselineProcess::start(baseline_mode(b), memory_path, ctx.dir + "/baseline.sock");
+}
+
+// After the guest of a baseline backend is gone: the server must have exited
+// cleanly; its fault count goes to `key`. False (and the failure recorded)
+// otherwise.
+bool finish_baseline(Series& s, BaselineProcess* baseline, const std::string& key) {
+  if (baseline == nullptr) return true;
+  auto stats = baseline->wait_exit(std::chrono::seconds(30));
+  if (!stats) {
+    record_failure(s, stats.error());
+    return false;
+  }
+  if (!key.empty()) s.add(key, static_cast<double>(stats->faults));
+  return true;
+}
+
 // With --metrics-cost, a second faultline host that records fault latency
 // (null otherwise, or with a note when it did not start).
 std::unique_ptr<FaultlineHost> start_metrics_host(Context& ctx, const std::string& memory_path, const std::string& name,
@@ -366,8 +401,11 @@ void run_scenario1(Context& ctx) {
     ctx.results->notes.push_back("scenario 1: cannot map the memory file: " + file.error().describe());
     return;
   }
-  std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kFaultline};
+  std::vector<Backend> backends{Backend::kKernel, Backend::kFileMmap, Backend::kNaive, Backend::kBusyPoll,
+                                Backend::kFaultline};
   auto with_metrics = start_metrics_host(ctx, ctx.file_small, "s1-metrics", backends);
+  // The generated load: one spinning thread per core, in another process.
+  const int load_threads = core_count();
   for (uint64_t ps : page_sizes(ctx)) {
     for (const std::string& toucher : touchers(ctx)) {
       const uint64_t bytes = toucher == "host" ? ctx.sizes.s1_guest
@@ -383,21 +421,94 @@ void run_scenario1(Context& ctx) {
           proto.order = order == client::PageOrder::kSequential ? "seq" : "random";
           proto.guest_bytes = bytes;
           proto.pages = pages;
-          progress("scenario 1: " + proto.config());
+          progress("scenario 1: " + proto.config() + " (quiet and loaded)");
           const auto offsets = client::select_pages(pages, ps, 1.0, order, 11);
-          auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int) {
-            GuestSpec spec{bytes, ps, ctx.file_small,
-                           s.backend == Backend::kFaultlineMetrics ? with_metrics.get() : host->get(), true};
-            auto g = BenchGuest::create(s.backend, spec);
-            if (!g) return record_failure(s, g.error());
-            TouchOutcome t = touch(**g, toucher, offsets, threads, true, &*file);
-            if (!t.error.empty()) return record_failure(s, Error{0, t.error});
-            note_bad(ctx, t, s.backend, "scenario 1 " + proto.config());
-            s.add("faults_per_s", static_cast<double>(offsets.size()) / t.seconds);
-            s.add("p50_us", percentile(t.latencies_ns, 50) / 1e3);
-            s.add("p99_us", percentile(t.latencies_ns, 99) / 1e3);
-          });
-          push_rows(ctx, proto, series, ctx.sizes.reps);
+          auto body = [&](Series& s, int) {
+            auto baseline = start_baseline(ctx, s.backend, ctx.file_small);
+            if (!baseline) return record_failure(s, baseline.error());
+            FaultlineHost* h = s.backend == Backend::kFaultlineMetrics ? with_metrics.get() : host->get();
+            {
+              auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_small, h, true, baseline->get()});
+              if (!g) return record_failure(s, g.error());
+              TouchOutcome t = touch(**g, toucher, offsets, threads, true, &*file);
+              if (!t.error.empty()) return record_failure(s, Error{0, t.error});
+              note_bad(ctx, t, s.backend, "scenario 1 " + proto.config());
+              s.add("faults_per_s", static_cast<double>(offsets.size()) / t.seconds);
+              s.add("p50_us", percentile(t.latencies_ns, 50) / 1e3);
+              s.add("p99_us", percentile(t.latencies_ns, 99) / 1e3);
+              if (s.backend == Backend::kFaultline || s.backend == Backend::kFaultlineMetrics) {
+                for (const SessionSummary& live : h->server().live_sessions()) {
+                  s.add("server_faults", static_cast<double>(live.counters.faults));
+                }
+              }
+            }  // the guest is gone: a baseline server exits and reports
+            finish_baseline(s, baseline->get(), "server_faults");
+          };
+          // Repetitions alternate quiet and loaded, so that both see the same
+          // drift of the machine.
+          std::vector<Series> quiet = make_series(backends), loaded = make_series(backends);
+          int not_quiet_reps = 0;
+          double worst_other = 0;
+          std::string load_error;
+          for (int rep = 0; rep < ctx.sizes.reps; ++rep) {
+            {
+              const QuietWait w = wait_for_quiet(std::chrono::seconds(ctx.sizes.quiet_wait_s), std::chrono::milliseconds(500));
+              const double load1 = load_average_1min();
+              OtherLoadMeter meter;
+              run_repetition(quiet, rep, body);
+              const double other = meter.other_cores();
+              // Refused as quiet when the machine was busy before or during it.
+              if (!w.quiet || !(other <= kQuietMaxOtherCores)) ++not_quiet_reps;
+              worst_other = std::max({worst_other, w.other_cores, other});
+              for (Series& s : quiet) {
+                s.add("load1", load1);
+                s.add("other_cores", other);
+                s.add("quiet_wait_s", w.waited_s);
+              }
+            }
+            auto spinner = SpinLoad::start(load_threads);
+            if (!spinner) {
+              load_error = "error: the background load did not start: " + spinner.error().describe();
+              break;
+            }
+            const double load1 = load_average_1min();
+            OtherLoadMeter meter;
+            run_repetition(loaded, rep, body);
+            const double seconds = meter.seconds();
+            auto ended = spinner->stop();
+            if (!ended) {
+              load_error = "error: the background load: " + ended.error().describe();
+              break;
+            }
+            // Measured after the spinner was reaped: its CPU counts as the bench's.
+            const double other = meter.other_cores();
+            for (Series& s : loaded) {
+              s.add("load1", load1);
+              s.add("other_cores", other);
+              s.add("load_cores", ended->cpu_seconds / seconds);
+            }
+          }
+          proto.load = "quiet";
+          const size_t first_quiet = ctx.results->rows.size();
+          push_rows(ctx, proto, quiet, ctx.sizes.reps);
+          for (size_t i = first_quiet; i < ctx.results->rows.size(); ++i) {
+            Row& row = ctx.results->rows[i];
+            row.metrics.emplace_back("not_quiet_reps", static_cast<double>(not_quiet_reps));
+            if (not_quiet_reps > 0) {
+              char why[160];
+              std::snprintf(why, sizeof why, "NOT quiet (%d of %d reps: other processes up to %.2f cores > %.1f)",
+                            not_quiet_reps, ctx.sizes.reps, worst_other, kQuietMaxOtherCores);
+              row.note = row.note.empty() ? why : row.note + "; " + why;
+            }
+          }
+          proto.load = "loaded";
+          const size_t first_loaded = ctx.results->rows.size();
+          push_rows(ctx, proto, loaded, ctx.sizes.reps);
+          for (size_t i = first_loaded; i < ctx.results->rows.size(); ++i) {
+            Row& row = ctx.results->rows[i];
+            row.metrics.emplace_back("load_threads", static_cast<double>(load_threads));
+            if (!load_error.empty() && row.note.empty()) row.note = load_error;
+          }
         }
       }
     }
@@ -495,24 +606,31 @@ void run_scenario2(Context& ctx) {
             s.note = s.backend == Backend::kFaultlinePrefetch ? prefetch_note : eager_note;
             return;
           }
-          const int64_t t0 = now_ns();
-          auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_large, host, false});
-          if (!g) return record_failure(s, g.error());
-          const double setup = static_cast<double>(now_ns() - t0) / 1e9;
-          TouchOutcome t = touch(**g, toucher, set, threads, false, &*file);
-          if (!t.error.empty()) return record_failure(s, Error{0, t.error});
-          note_bad(ctx, t, s.backend, "scenario 2 " + proto.config());
-          s.add("restore_ms", (setup + t.seconds) * 1e3);
-          if (s.backend == Backend::kFaultline || s.backend == Backend::kFaultlinePrefetch ||
-              s.backend == Backend::kFaultlineEager) {
-            // What the session did by the time the set was verified (the
-            // eager fill may still be running).
-            for (const SessionSummary& live : host->server().live_sessions()) {
-              s.add("prefetched_pages", static_cast<double>(live.counters.prefaulted_pages));
-              s.add("demand_faults", static_cast<double>(live.counters.faults));
-              s.add("prefetch_late", static_cast<double>(live.counters.prefetch_late));
+          // A baseline server is started (listening) before the clock, as
+          // Firecracker's uffd handler is before the snapshot load.
+          auto baseline = start_baseline(ctx, s.backend, ctx.file_large);
+          if (!baseline) return record_failure(s, baseline.error());
+          {
+            const int64_t t0 = now_ns();
+            auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_large, host, false, baseline->get()});
+            if (!g) return record_failure(s, g.error());
+            const double setup = static_cast<double>(now_ns() - t0) / 1e9;
+            TouchOutcome t = touch(**g, toucher, set, threads, false, &*file);
+            if (!t.error.empty()) return record_failure(s, Error{0, t.error});
+            note_bad(ctx, t, s.backend, "scenario 2 " + proto.config());
+            s.add("restore_ms", (setup + t.seconds) * 1e3);
+            if (s.backend == Backend::kFaultline || s.backend == Backend::kFaultlinePrefetch ||
+                s.backend == Backend::kFaultlineEager) {
+              // What the session did by the time the set was verified (the
+              // eager fill may still be running).
+              for (const SessionSummary& live : host->server().live_sessions()) {
+                s.add("prefetched_pages", static_cast<double>(live.counters.prefaulted_pages));
+                s.add("demand_faults", static_cast<double>(live.counters.faults));
+                s.add("prefetch_late", static_cast<double>(live.counters.prefetch_late));
+              }
             }
           }
+          finish_baseline(s, baseline->get(), "demand_faults");
         });
         push_rows(ctx, proto, series, ctx.sizes.reps);
       }
@@ -547,7 +665,9 @@ void run_scenario3(Context& ctx) {
       const auto offsets = client::select_pages(pages, ps, 1.0, client::PageOrder::kSequential, 17);
       auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int rep) {
         FaultlineHost* h = s.backend == Backend::kFaultlineMetrics ? with_metrics.get() : host->get();
-        auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_small, h, true});
+        auto baseline = start_baseline(ctx, s.backend, ctx.file_small);
+        if (!baseline) return record_failure(s, baseline.error());
+        auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_small, h, true, baseline->get()});
         if (!g) return record_failure(s, g.error());
         // Touchers sweep the guest over and over (the first sweep faults every
         // page, later ones re-fault what was removed) until the removes are done.
@@ -600,6 +720,13 @@ void run_scenario3(Context& ctx) {
         s.add("madvise_p99_us", percentile(lat, 99) / 1e3);
         s.add("madvise_max_us", percentile(lat, 100) / 1e3);
         s.add("removes", static_cast<double>(lat.size()));
+        g->reset();  // the guest is gone: a baseline server exits and reports
+        if (baseline->get() != nullptr) {
+          auto stats = (*baseline)->wait_exit(std::chrono::seconds(30));
+          if (!stats) return record_failure(s, stats.error());
+          s.add("faults", static_cast<double>(stats->faults));
+          s.add("eagain_retries", static_cast<double>(stats->eagain_retries));
+        }
       });
       push_rows(ctx, proto, series, ctx.sizes.reps);
     }
@@ -655,15 +782,19 @@ void run_scenario4(Context& ctx) {
           if (!h) return record_failure(s, h.error());
           host = std::move(*h);
         }
+        auto baseline = start_baseline(ctx, s.backend, ctx.file_sparse);
+        if (!baseline) return record_failure(s, baseline.error());
+        // The server's RSS: the naive one is a process of its own.
+        const pid_t server_pid = baseline->get() != nullptr ? (*baseline)->pid() : 0;
         ::malloc_trim(0);
-        const uint64_t before = resident_bytes();
-        auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_sparse, host.get(), true});
+        const uint64_t before = resident_bytes(server_pid);
+        auto g = BenchGuest::create(s.backend, GuestSpec{bytes, ps, ctx.file_sparse, host.get(), true, baseline->get()});
         if (!g) return record_failure(s, g.error());
-        const uint64_t after = resident_bytes();
+        const uint64_t after = resident_bytes(server_pid);
         const uint64_t pages = bytes / ps;
         double state = 0, table = 0, record = 0;
         if (s.backend == Backend::kNaive) {
-          state = static_cast<double>((*g)->naive()->state_bytes());
+          state = static_cast<double>((*baseline)->state_bytes());
           table = static_cast<double>(pages);  // its removed-page map, one byte a page
         } else {
           // What the session itself says it holds (Session::memory_use()).
@@ -927,11 +1058,6 @@ double fresh_memory_us_per_page() {
   return static_cast<double>(now_ns() - t0) / 1e3 / static_cast<double>(kBytes / kPageSize4K);
 }
 
-double load_average_1min() {
-  double l[3] = {std::nan(""), 0, 0};
-  return ::getloadavg(l, 3) >= 1 ? l[0] : std::nan("");
-}
-
 }  // namespace
 
 void run_image_scenario(Context& ctx) {
@@ -977,7 +1103,7 @@ void run_image_scenario(Context& ctx) {
       ctx.results->rows[i].metrics.emplace_back("load1_before", load_before);
       ctx.results->rows[i].metrics.emplace_back("fresh_memory_us_per_page", fresh_before);
       ctx.results->rows[i].metrics.emplace_back("load1_after", load_after);
-      ctx.results->rows[i].metrics.emplace_back("cores", static_cast<double>(std::thread::hardware_concurrency()));
+      ctx.results->rows[i].metrics.emplace_back("cores", static_cast<double>(core_count()));
     }
     std::error_code ec;
     std::filesystem::remove_all(ctx.dir + "/image-" + subject.name + "-store", ec);

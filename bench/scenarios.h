@@ -37,6 +37,9 @@ struct Sizes {
   uint64_t s3_min_removes = 1000;
   std::vector<uint64_t> s4_guests = {1 * kGiB, 4 * kGiB};
   uint64_t storage_bytes = 256 * kMiB;  // the storage and image scenarios' files (bench/storage.h)
+  // Scenario 1: how long to wait before a quiet repetition for the machine
+  // to quieten down (bench/load.h); it runs anyway after that, marked NOT quiet.
+  int quiet_wait_s = 60;
   static Sizes quick();
 };
 
@@ -53,10 +56,11 @@ struct Row {
   bool not_applicable = false;
   std::string note;               // why n/a, or an error
   std::string subject;            // storage scenario: the memory file ("generated", "realistic")
+  std::string load;               // scenario 1: "quiet" or "loaded" (bench/load.h); empty elsewhere
   std::vector<std::pair<std::string, double>> metrics;  // medians over reps
 
   double metric(const std::string& key) const;  // NaN when absent
-  std::string config() const;                   // "4K host 1T random" (the subject, when set)
+  std::string config() const;                   // "4K host 1T random quiet" (the subject, when set)
 };
 
 struct Results {
@@ -68,6 +72,11 @@ struct Results {
   double metrics_record_ns = std::nan("");
   // The storage scenario: how the realistic corpus was made (bench/corpus.h).
   std::vector<std::string> corpus_description;
+  // The machine the run was made on: cores, and the 1-minute load average
+  // at the start and the end of the scenarios.
+  int cores = 0;
+  double load1_start = std::nan("");
+  double load1_end = std::nan("");
 };
 
 struct Context {

@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "bench/corpus.h"
+#include "bench/load.h"
 #include "bench/stats.h"
 #include "client/test_memory_file.h"
 #include "common/mapping.h"
@@ -43,11 +44,6 @@ constexpr int kLevel = 3;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 double mb_per_s(uint64_t bytes, double s) { return static_cast<double>(bytes) / 1e6 / s; }
-
-double load1() {
-  double l[3] = {std::nan(""), 0, 0};
-  return ::getloadavg(l, 3) >= 1 ? l[0] : std::nan("");
-}
 
 // CPU time of this process (every thread), user + system.
 double cpu_seconds() {
@@ -118,7 +114,7 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
     }
   } cleanup{work}, mem_cleanup{mem_work};
   const bool in_memory = mem_work != work;
-  row.metrics.emplace_back("load1_before", load1());
+  row.metrics.emplace_back("load1_before", load_average_1min());
   warm_page_cache(path);
   uint64_t size = 0;
   auto raw = map_file(path, &size);
@@ -374,8 +370,8 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
     row.metrics.emplace_back("chain_over_expected", actual / expected);
     row.metrics.emplace_back("chain_diff_create_mb_s", mb_per_s(size * kGenerations, chain_create_s));
   }
-  row.metrics.emplace_back("load1_after", load1());
-  row.metrics.emplace_back("cores", static_cast<double>(std::thread::hardware_concurrency()));
+  row.metrics.emplace_back("load1_after", load_average_1min());
+  row.metrics.emplace_back("cores", static_cast<double>(core_count()));
   return {};
 }
 

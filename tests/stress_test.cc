@@ -715,6 +715,7 @@ void StressRound::run(Totals& totals) {
   ts.already_present += s.counters.already_present;
   ts.retries += s.counters.retries;
   ts.removes += s.counters.removes;
+  ts.ahead_pages += s.counters.ahead_pages;
 
   if (mismatches_.count() > 0) {
     ADD_FAILURE() << mismatches_.count() << " mismatches in round " << round_ << " (seed " << seed_
@@ -728,6 +729,11 @@ struct StressParam {
   // Served from an image made from the snapshot (the same model applies):
   // zero pages from the manifest, stored pages through the frame cache.
   bool image = false;
+  // Fault-around on (64-page windows): every demand fault of a 4 KiB page
+  // also installs untouched neighbours, racing the same REMOVEs, writes and
+  // prefaults; the model is unchanged (an installed page holds the
+  // snapshot's bytes until written or removed).
+  bool fault_around = false;
 };
 
 class StressAgainstModelTest : public ::testing::TestWithParam<StressParam> {
@@ -746,15 +752,15 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
   const GuestShape shape = guest_shape();
   // The image rounds exercise the same session code through another source:
   // half the time of the raw-file rounds keeps the suite's length in check.
-  const double seconds = stress_seconds() * (GetParam().image ? 0.5 : 1.0);
+  const double seconds = stress_seconds() * (GetParam().image || GetParam().fault_around ? 0.5 : 1.0);
   const uint64_t seed = stress_seed();
   // A restore every ~2 s (~0.5 s for the 16 huge pages, which are all
   // touched within a fraction of a second).
   const double round_seconds = kHugePages ? 0.5 : 2.0;
   const int rounds = std::max(1, static_cast<int>(seconds / round_seconds + 0.5));
   const auto round_length = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds / rounds));
-  std::printf("[stress] %s pages, %s, %s, %.1f s in %d rounds, seed %llu%s\n", kHugePages ? "2 MiB" : "4 KiB",
-              GetParam().image ? "image" : "raw file", wp ? "WP_ASYNC" : "no WP", seconds, rounds, static_cast<unsigned long long>(seed),
+  std::printf("[stress] %s pages, %s%s, %s, %.1f s in %d rounds, seed %llu%s\n", kHugePages ? "2 MiB" : "4 KiB",
+              GetParam().image ? "image" : "raw file", GetParam().fault_around ? ", fault-around" : "", wp ? "WP_ASYNC" : "no WP", seconds, rounds, static_cast<unsigned long long>(seed),
               kUnderTsan ? " (ThreadSanitizer)" : "");
 
   ServerHarness::Options ho;
@@ -763,6 +769,7 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
   ho.memory_bytes = shape.size();
   ho.seed = kSnapshotSeed;
   ho.zero_fraction = kSnapshotZeroFraction;
+  if (GetParam().fault_around) ho.configure = [](ServerConfig& c, const TempDir&) { c.fault_around_pages = 64; };
   ServerHarness h(ho);
   std::vector<uint8_t> snapshot(shape.size());
   for (uint64_t at = 0; at < shape.size(); at += client::kTestPageBytes) {
@@ -794,10 +801,12 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
       (unsigned long long)p.skipped_present, (unsigned long long)p.skipped_removed, (unsigned long long)p.retries,
       (unsigned long long)p.errors);
   std::printf(
-      "[stress] server: %llu faults, %llu snapshot installs, %llu zero installs, %llu EEXIST, %llu EAGAIN retries, "
+      "[stress] server: %llu faults, %llu snapshot installs (%llu of them fault-around pages ahead), %llu zero "
+      "installs, %llu EEXIST, %llu EAGAIN retries, "
       "%llu REMOVE events; final check: %llu pages, %llu untouched pages found prefaulted, "
       "%llu removed pages with a uffd-wp marker\n",
-      (unsigned long long)s.faults, (unsigned long long)s.pages_snapshot, (unsigned long long)s.pages_zero,
+      (unsigned long long)s.faults, (unsigned long long)s.pages_snapshot, (unsigned long long)s.ahead_pages,
+      (unsigned long long)s.pages_zero,
       (unsigned long long)s.already_present, (unsigned long long)s.retries, (unsigned long long)s.removes,
       (unsigned long long)totals.final_pages_checked, (unsigned long long)totals.untouched_found_present,
       (unsigned long long)totals.absent_with_wp_marker);
@@ -814,6 +823,7 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
   EXPECT_GT(o.writes, 0u);
   EXPECT_GT(o.removed_pages, 0u);
   EXPECT_GT(p.calls, 0u);
+  if (GetParam().fault_around) EXPECT_GT(s.ahead_pages, 0u) << "fault-around never installed a page ahead";
 }
 
 #if defined(FAULTLINE_STRESS_HUGE_PAGES)
@@ -825,10 +835,17 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
 INSTANTIATE_TEST_SUITE_P(FAULTLINE_STRESS_SUITE, StressAgainstModelTest,
                          ::testing::Values(StressParam{.wp = false}, StressParam{.wp = true},
                                            StressParam{.wp = false, .image = true},
-                                           StressParam{.wp = true, .image = true}),
+                                           StressParam{.wp = true, .image = true}
+#if !defined(FAULTLINE_STRESS_HUGE_PAGES)  // 2 MiB pages never use fault-around
+                                           ,
+                                           StressParam{.wp = false, .fault_around = true},
+                                           StressParam{.wp = true, .fault_around = true},
+                                           StressParam{.wp = false, .image = true, .fault_around = true}
+#endif
+                                           ),
                          [](const ::testing::TestParamInfo<StressParam>& info) {
-                           return std::string(info.param.image ? "Image" : "") +
-                                  (info.param.wp ? "WpAsync" : "NoWp");
+                           return std::string(info.param.fault_around ? "FaultAround" : "") +
+                                  (info.param.image ? "Image" : "") + (info.param.wp ? "WpAsync" : "NoWp");
                          });
 
 }  // namespace

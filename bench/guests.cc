@@ -18,6 +18,7 @@ const char* to_string(Backend b) {
     case Backend::kFileMmap: return "(b) file mmap MAP_PRIVATE, warm page cache";
     case Backend::kNaive: return "(c) naive uffd server";
     case Backend::kFaultline: return "faultline on demand";
+    case Backend::kFaultlineNoFaultAround: return "faultline on demand, fault-around off (fault_around_pages 1)";
     case Backend::kFaultlinePrefetch: return "faultline record+prefetch";
     case Backend::kFaultlineEager: return "faultline eager";
     case Backend::kFaultlineMetrics: return "faultline on demand, fault latency recorded (--metrics)";
@@ -41,6 +42,7 @@ const char* label(Backend b) {
     case Backend::kFileMmap: return "file-mmap";
     case Backend::kNaive: return "naive-uffd";
     case Backend::kFaultline: return "faultline";
+    case Backend::kFaultlineNoFaultAround: return "fl-no-fa";
     case Backend::kFaultlinePrefetch: return "fl-prefetch";
     case Backend::kFaultlineEager: return "fl-eager";
     case Backend::kFaultlineMetrics: return "fl+metrics";
@@ -126,6 +128,7 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
     }
     case Backend::kNaive:
     case Backend::kFaultline:
+    case Backend::kFaultlineNoFaultAround:
     case Backend::kFaultlinePrefetch:
     case Backend::kFaultlineEager:
     case Backend::kFaultlineMetrics:

@@ -27,6 +27,7 @@ enum class Backend {
   kFileMmap,           // (b) the memory file mmap'ed MAP_PRIVATE, page cache warm
   kNaive,              // (c) NaiveServer: one thread, one UFFDIO_COPY per fault
   kFaultline,          // faultline on demand
+  kFaultlineNoFaultAround,  // faultline on demand, fault-around off (fault_around_pages 1): the faulting page only
   kFaultlinePrefetch,  // faultline replaying a recorded working set (--prefetch FILE)
   kFaultlineEager,     // faultline filling everything in the background (--prefetch all)
   kFaultlineMetrics,   // faultline on demand timing every fault for the latency histograms (--metrics)
@@ -63,6 +64,7 @@ class FaultlineHost {
     int64_t busy_poll_us = 100;  // ServerConfig::busy_poll
     int prefetch_threads = 2;    // ServerConfig::prefetch_threads
     bool record_fault_latency = false;  // ServerConfig::record_fault_latency (serve --metrics)
+    uint32_t fault_around_pages = 64;   // ServerConfig::fault_around_pages (serve --fault-around-pages); 0 or 1: off
   };
   static Result<std::unique_ptr<FaultlineHost>> start(const Options& options, const Logger& logger);
   ~FaultlineHost();

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench/storage.h"
+#include "bench/trace_replay.h"
 
 namespace faultline::bench {
 
@@ -211,6 +212,7 @@ std::vector<Target> evaluate_targets(const Results& r) {
   }
   add_image_targets(r, out);
   add_storage_targets(r, out);
+  add_trace_targets(r, out);
   return out;
 }
 
@@ -410,13 +412,14 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
   }
 
   print_storage_report(r);
+  print_trace_report(r);
 
   if (!r.notes.empty()) {
     heading("Notes");
     for (const std::string& n : r.notes) std::printf("- %s\n", n.c_str());
   }
 
-  heading("Targets (issues 4 and 9; measured ratios, never asserted)");
+  heading("Targets (issues 4, 9 and 10; measured ratios, never asserted)");
   for (const Target& t : targets) {
     std::printf("%-9s %s\n          %s\n", t.met ? (*t.met ? "MET" : "NOT MET") : "n/a", t.name.c_str(),
                 t.measured.c_str());

@@ -397,11 +397,11 @@ void print_trace_report(const Results& r) {
     s.mean_run_pages = any->metric("trace_mean_run_pages");
     s.longest_run_pages = static_cast<uint64_t>(std::max(0.0, any->metric("trace_longest_run_pages")));
     s.single_page_run_share = any->metric("trace_single_page_run_share");
-    std::printf("\n%s (%llu MiB guest): ", name.c_str(), static_cast<unsigned long long>(any->guest_bytes / kMiB));
-    if (std::isnan(s.next_page_share)) {
-      std::printf("%s\n", any->note.c_str());
+    if (std::isnan(s.next_page_share)) {  // the trace could not be made or read
+      std::printf("\n%s: %s\n", name.c_str(), any->note.c_str());
       continue;
     }
+    std::printf("\n%s (%llu MiB guest): ", name.c_str(), static_cast<unsigned long long>(any->guest_bytes / kMiB));
     std::printf("%s\n", describe_shape(s).c_str());
     std::printf("%-12s %10s %8s %8s %9s %9s %9s %9s %7s %s\n", "backend", "restore ms", "/file", "no-fa/x",
                 "th faults", "srv flts", "present", "untouched", "waste", "note");

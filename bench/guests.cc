@@ -19,6 +19,7 @@ const char* to_string(Backend b) {
     case Backend::kNaive: return "(c) naive uffd server (separate process: poll, one read, pread + UFFDIO_COPY per fault)";
     case Backend::kBusyPoll: return "busy-polling uffd server (separate process: the naive one spinning on a non-blocking read)";
     case Backend::kFaultline: return "faultline on demand";
+    case Backend::kFaultlineNoFaultAround: return "faultline on demand, fault-around off (fault_around_pages 1)";
     case Backend::kFaultlinePrefetch: return "faultline record+prefetch";
     case Backend::kFaultlineEager: return "faultline eager";
     case Backend::kFaultlineMetrics: return "faultline on demand, fault latency recorded (--metrics)";
@@ -47,6 +48,7 @@ const char* label(Backend b) {
     case Backend::kNaive: return "naive-uffd";
     case Backend::kBusyPoll: return "busy-poll";
     case Backend::kFaultline: return "faultline";
+    case Backend::kFaultlineNoFaultAround: return "fl-no-fa";
     case Backend::kFaultlinePrefetch: return "fl-prefetch";
     case Backend::kFaultlineEager: return "fl-eager";
     case Backend::kFaultlineMetrics: return "fl+metrics";
@@ -92,6 +94,7 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   c.reader_serves_cached = options.reader_serves_cached;
   c.busy_poll = std::chrono::microseconds(options.busy_poll_us);
   c.record_fault_latency = options.record_fault_latency;
+  c.fault_around_pages = options.fault_around_pages;
   auto s = Server::create(c, logger);
   if (!s) return std::unexpected(s.error());
   h->server_ = std::move(*s);
@@ -133,6 +136,7 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
     case Backend::kNaive:
     case Backend::kBusyPoll:
     case Backend::kFaultline:
+    case Backend::kFaultlineNoFaultAround:
     case Backend::kFaultlinePrefetch:
     case Backend::kFaultlineEager:
     case Backend::kFaultlineMetrics:

@@ -29,6 +29,7 @@ enum class Backend {
   kNaive,              // (c) faultline-baseline-server --mode naive: one thread, poll, one UFFDIO_COPY per fault
   kBusyPoll,           // faultline-baseline-server --mode busy-poll: the same thread spinning on a non-blocking read
   kFaultline,          // faultline on demand
+  kFaultlineNoFaultAround,  // faultline on demand, fault-around off (fault_around_pages 1): the faulting page only
   kFaultlinePrefetch,  // faultline replaying a recorded working set (--prefetch FILE)
   kFaultlineEager,     // faultline filling everything in the background (--prefetch all)
   kFaultlineMetrics,   // faultline on demand timing every fault for the latency histograms (--metrics)
@@ -68,6 +69,7 @@ class FaultlineHost {
     int64_t busy_poll_us = 100;  // ServerConfig::busy_poll
     int prefetch_threads = 2;    // ServerConfig::prefetch_threads
     bool record_fault_latency = false;  // ServerConfig::record_fault_latency (serve --metrics)
+    uint32_t fault_around_pages = 64;   // ServerConfig::fault_around_pages (serve --fault-around-pages); 0 or 1: off
   };
   static Result<std::unique_ptr<FaultlineHost>> start(const Options& options, const Logger& logger);
   ~FaultlineHost();

@@ -2,7 +2,7 @@
 // baselines in one invocation and prints a table, a JSON file and a chart.
 // A program that prints figures, not a test: nothing here asserts a timing.
 //
-//   faultline-bench [--quick] [--scenario N|storage|image]... [--json FILE] [--chart FILE.png]
+//   faultline-bench [--quick] [--scenario N|storage|image|trace]... [--trace FILE]... [--json FILE] [--chart FILE.png]
 //   faultline-bench --make-corpus FILE [--quick]   (the realistic corpus and FILE.flws, then exit)
 //
 // Needs root (userfaultfd of KVM faults, /proc/sys/vm/nr_hugepages). Memory
@@ -33,6 +33,7 @@
 #include "bench/report.h"
 #include "bench/scenarios.h"
 #include "bench/storage.h"
+#include "bench/trace_replay.h"
 #include "client/firecracker_client.h"
 #include "client/test_memory_file.h"
 #include "common/log.h"
@@ -134,9 +135,18 @@ int main(int argc, char** argv) {
   bool no_vcpu = false, no_huge = false;
   int workers = 2;
   app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke)");
-  app.add_option("--scenario", scenarios, "run only this scenario (1-4, 5 = storage, 6 = image); repeatable")
-      ->transform(CLI::Transformer(std::map<std::string, std::string>{{"storage", "5"}, {"image", "6"}}))
-      ->check(CLI::Range(1, 6));
+  app.add_option("--scenario", scenarios, "run only this scenario (1-4, 5 = storage, 6 = image, 7 = trace); repeatable")
+      ->transform(CLI::Transformer(std::map<std::string, std::string>{{"storage", "5"}, {"image", "6"}, {"trace", "7"}}))
+      ->check(CLI::Range(1, 7));
+  fb::TraceScenarioOptions trace_options;
+  app.add_option("--trace", trace_options.trace_paths,
+                 "trace scenario: also replay this first-touch record (a working-set file, e.g. serve --record of a "
+                 "real guest) over a generated memory file of its size; repeatable")
+      ->check(CLI::ExistingFile);
+  app.add_option("--trace-streams", trace_options.trace_streams,
+                 "trace scenario: split each --trace FILE into this many streams (vCPUs), contiguous slices of the "
+                 "record (default 1)")
+      ->check(CLI::Range(1, 64));
   std::string corpus_path, make_corpus_path;
   app.add_option("--corpus", corpus_path,
                  "storage: use this realistic corpus (and its working set FILE.flws) instead of building one");
@@ -153,6 +163,10 @@ int main(int argc, char** argv) {
   bool reader_serves_cached = true;
   int prefetch_threads = 2;
   app.add_option("--prefetch-threads", prefetch_threads, "ServerConfig::prefetch_threads (default 2)")->check(CLI::Range(1, 64));
+  uint32_t fault_around_pages = 64;
+  app.add_option("--fault-around-pages", fault_around_pages,
+                 "ServerConfig::fault_around_pages of the faultline rows (default 64, as serve; 1: off)")
+      ->check(CLI::Range(1, 4096));
   int64_t busy_poll_us = 100;
   app.add_option("--busy-poll-us", busy_poll_us, "ServerConfig::busy_poll in microseconds (default 100; 0: the reader always sleeps)")
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
@@ -168,11 +182,14 @@ int main(int argc, char** argv) {
                "scenarios 1 and 3 also run faultline timing every fault for the latency histograms (serve "
                "--metrics), interleaved with it off, and print the on/off ratios");
   CLI11_PARSE(app, argc, argv);
-  const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4, fb::kStorageScenario, fb::kImageScenario}
+  const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4, fb::kStorageScenario, fb::kImageScenario,
+                                                               fb::kTraceScenario}
                                                : std::set<int>(scenarios.begin(), scenarios.end());
 
   fb::Sizes sizes = quick ? fb::Sizes::quick() : fb::Sizes{};
   if (reps > 0) sizes.reps = reps;
+  trace_options.guest_bytes = quick ? 32 * fb::kMiB : 256 * fb::kMiB;
+  for (std::string& p : trace_options.trace_paths) p = std::filesystem::absolute(p).string();
   if (!corpus_path.empty()) corpus_path = std::filesystem::absolute(corpus_path).string();
   if (!make_corpus_path.empty()) {
     fb::CorpusOptions co;
@@ -257,6 +274,7 @@ int main(int argc, char** argv) {
   ctx.faultline_reader_serves_cached = reader_serves_cached;
   ctx.faultline_busy_poll_us = busy_poll_us;
   ctx.faultline_prefetch_threads = prefetch_threads;
+  ctx.faultline_fault_around_pages = fault_around_pages;
   ctx.metrics_cost = metrics_cost;
   ctx.source_dir = FAULTLINE_SOURCE_DIR;
   ctx.corpus_path = corpus_path;
@@ -267,6 +285,14 @@ int main(int argc, char** argv) {
                         "s2-prefetch.sock", "s3.sock", "s4.sock", "s1-metrics.sock", "s3-metrics.sock", "image-generated.mem",
                         "image-generated.flrec", "image-realistic.flrec", "img-0.sock", "img-1.sock", "img-2.sock",
                         "img-3.sock", "img-record.sock", "baseline.sock"}) {
+    track_file(dir + "/" + n);
+  }
+  // The trace scenario: the generated traces, their memory file and servers.
+  for (const std::string& n : {std::string("trace-0.flws"), std::string("trace-1.flws"), std::string("trace-2.flws"),
+                               "trace-" + std::to_string(trace_options.guest_bytes) + ".mem",
+                               "trace-" + std::to_string(trace_options.guest_bytes) + ".mem.zeroidx",
+                               std::string("trace-fl-no-fa.sock"), std::string("trace-faultline.sock"),
+                               std::string("trace-fl-prefetch.sock")}) {
     track_file(dir + "/" + n);
   }
   // Scenario 2's recorded working sets (record-PAGESIZE-TOUCHER-THREADS.flrec).
@@ -335,6 +361,7 @@ int main(int argc, char** argv) {
   if (metrics_cost) fb::measure_metrics_recording(ctx);
   if (want.count(fb::kImageScenario)) fb::run_image_scenario(ctx);
   if (want.count(fb::kStorageScenario)) fb::run_storage_scenario(ctx);
+  if (want.count(fb::kTraceScenario)) fb::run_trace_scenario(ctx, trace_options);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   results.load1_end = fb::load_average_1min();
 

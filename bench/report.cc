@@ -14,6 +14,7 @@
 #include "bench/load.h"
 #include "bench/stats.h"
 #include "bench/storage.h"
+#include "bench/trace_replay.h"
 
 namespace faultline::bench {
 
@@ -251,6 +252,7 @@ std::vector<Target> evaluate_targets(const Results& r) {
   }
   add_image_targets(r, out);
   add_storage_targets(r, out);
+  add_trace_targets(r, out);
   return out;
 }
 
@@ -496,6 +498,7 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
   }
 
   print_storage_report(r);
+  print_trace_report(r);
 
   if (!r.notes.empty()) {
     heading("Notes");

@@ -329,16 +329,6 @@ void progress(const std::string& what) {
   std::fflush(stderr);
 }
 
-Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::string& memory_path,
-                                                  const std::string& name, FaultlineHost::Options o = {}) {
-  o.memory_path = memory_path;
-  o.workers = ctx.faultline_workers;
-  o.reader_serves_cached = ctx.faultline_reader_serves_cached;
-  o.busy_poll_us = ctx.faultline_busy_poll_us;
-  o.prefetch_threads = ctx.faultline_prefetch_threads;
-  o.socket_path = ctx.dir + "/" + name + ".sock";
-  return FaultlineHost::start(o, *ctx.logger);
-}
 
 // For the baseline backends, a fresh faultline-baseline-server listening for
 // one guest's handshake (Firecracker starts one uffd handler per VM); null
@@ -386,6 +376,18 @@ void note_bad(Context& ctx, const TouchOutcome& t, Backend b, const std::string&
 }
 
 }  // namespace
+
+Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::string& memory_path,
+                                                  const std::string& name, FaultlineHost::Options o, bool fault_around) {
+  o.memory_path = memory_path;
+  o.workers = ctx.faultline_workers;
+  o.reader_serves_cached = ctx.faultline_reader_serves_cached;
+  o.busy_poll_us = ctx.faultline_busy_poll_us;
+  o.prefetch_threads = ctx.faultline_prefetch_threads;
+  o.fault_around_pages = fault_around ? ctx.faultline_fault_around_pages : 1;
+  o.socket_path = ctx.dir + "/" + name + ".sock";
+  return FaultlineHost::start(o, *ctx.logger);
+}
 
 // --- scenario 1: on-demand fault service ---------------------------------
 

@@ -92,6 +92,9 @@ struct Context {
   bool faultline_reader_serves_cached = true;  // ServerConfig::reader_serves_cached
   int64_t faultline_busy_poll_us = 100;        // ServerConfig::busy_poll
   int faultline_prefetch_threads = 2;          // ServerConfig::prefetch_threads
+  // ServerConfig::fault_around_pages of the faultline rows (serve's default;
+  // 1: off). The trace scenario's fl-no-fa row is always 1.
+  uint32_t faultline_fault_around_pages = 64;
   // Scenarios 1 and 3 also run faultline with fault-latency recording on
   // (Backend::kFaultlineMetrics), interleaved with it off: the cost of --metrics.
   bool metrics_cost = false;
@@ -105,6 +108,12 @@ struct Context {
   uint32_t image_frame_pages = 0;
   Results* results = nullptr;
 };
+
+// A faultline server on its own thread with the context's settings, its
+// socket ctx.dir/NAME.sock; fault_around false serves with fault-around off.
+Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::string& memory_path,
+                                                  const std::string& name, FaultlineHost::Options o = {},
+                                                  bool fault_around = true);
 
 void run_scenario1(Context& ctx);
 void run_scenario2(Context& ctx);

@@ -823,7 +823,9 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
   EXPECT_GT(o.writes, 0u);
   EXPECT_GT(o.removed_pages, 0u);
   EXPECT_GT(p.calls, 0u);
-  if (GetParam().fault_around) EXPECT_GT(s.ahead_pages, 0u) << "fault-around never installed a page ahead";
+  if (GetParam().fault_around) {
+    EXPECT_GT(s.ahead_pages, 0u) << "fault-around never installed a page ahead";
+  }
 }
 
 #if defined(FAULTLINE_STRESS_HUGE_PAGES)

@@ -1,8 +1,16 @@
 #include "server/fault_around.h"
 
 #include <algorithm>
+#include <bit>
 
 namespace faultline {
+
+namespace {
+
+// The pages from `page` up to the next multiple of `size`.
+uint32_t aligned_rest(uint64_t page, uint32_t size) { return size - static_cast<uint32_t>(page % size); }
+
+}  // namespace
 
 FaultAround::FaultAround(uint32_t max_pages) : max_pages_(std::min(max_pages, kMaxPages)) {}
 
@@ -23,18 +31,24 @@ uint32_t FaultAround::window(uint64_t page, bool follows_installed) {
     // guest skips the odd page of a run): it used what was installed ahead.
     if (page < next || page >= next + std::max(1u, last / 2)) continue;
     const uint32_t grown = std::min(last * 2, max_pages_);
+    // The window ends at a boundary of its size (the power of two at or
+    // above it), as the first one does: a
+    // guest's allocator hands memory out in aligned power-of-two blocks, and
+    // an aligned window never runs past the end of an aligned block at least
+    // as large as itself into memory the guest may never touch.
+    const uint32_t w = std::min(grown, aligned_rest(page, std::bit_ceil(grown)));
     uint64_t expected = e;  // lost to a racing fault: that fault's entry stands
-    (void)slot.compare_exchange_strong(expected, pack(page + grown, grown), std::memory_order_relaxed);
+    (void)slot.compare_exchange_strong(expected, pack(page + w, grown), std::memory_order_relaxed);
     int score = score_.load(std::memory_order_relaxed);
     while (score < kScoreMax && !score_.compare_exchange_weak(score, score + 1, std::memory_order_relaxed)) {
     }
     continued_.fetch_add(1, std::memory_order_relaxed);
-    return grown;
+    return w;
   }
   // A new stream. Its first window ends at a boundary of its own size, as
   // the kernel's fault-around maps the rest of the fault's 64 KiB block.
   const uint32_t start = start_pages();
-  const uint32_t first = start - static_cast<uint32_t>(page % start);
+  const uint32_t first = aligned_rest(page, start);
   const uint32_t at = next_slot_.fetch_add(1, std::memory_order_relaxed) % kStreams;
   streams_[at].store(pack(page + first, start), std::memory_order_relaxed);
   // Right after installed memory, the guest is still walking what it walked

@@ -12,7 +12,13 @@
 //  - Streams: each vCPU that walks memory is a stream. A table of recent
 //    streams remembers where each one's last window ended. A fault at (or
 //    just after) that end continues the stream: its window doubles, up to
-//    `max_pages`.
+//    `max_pages`, and ends at a boundary of its size (a multiple of the
+//    power of two at or above it). A guest's allocator hands memory out in
+//    aligned power-of-two blocks; an aligned window stays inside such a
+//    block when the block is at least its size, instead of running past the
+//    block's end into memory the guest may never touch (measured on the
+//    trace replay: 7 % of installed pages untouched against 16 % for
+//    unaligned windows, for 10 % more faults).
 //  - Any other fault starts a stream with the starting window, which ends at
 //    a boundary of its own size (16 pages: the rest of the fault's 64 KiB
 //    block, as the kernel's fault-around maps).

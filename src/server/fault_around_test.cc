@@ -32,7 +32,7 @@ TEST(FaultAround, ANewStreamGetsTheRestOfItsSixteenPageBlock) {
   EXPECT_EQ(d.window(3), 5u) << "a maximum below 16 bounds the first window too";
 }
 
-TEST(FaultAround, ASequentialStreamDoublesUpToTheMaximum) {
+TEST(FaultAround, ASequentialStreamDoublesUpToTheMaximumInWindowsAlignedToTheirSize) {
   FaultAround fa(64);
   uint64_t page = 1024;
   std::vector<uint32_t> windows;
@@ -41,22 +41,26 @@ TEST(FaultAround, ASequentialStreamDoublesUpToTheMaximum) {
     windows.push_back(w);
     page += w;  // the guest touched every page installed ahead, then faults at the end
   }
-  EXPECT_EQ(windows, (std::vector<uint32_t>{16, 32, 64, 64, 64, 64}));
+  // 1024..1039 (the block), 1040..1055 (a 32-page window ends at a multiple
+  // of 32), 1056..1087, then 64 pages from a multiple of 64 on.
+  EXPECT_EQ(windows, (std::vector<uint32_t>{16, 16, 32, 64, 64, 64}));
   EXPECT_EQ(fa.started(), 1u);
   EXPECT_EQ(fa.continued(), 5u);
 }
 
-TEST(FaultAround, AMaximumThatIsNoPowerOfTwoIsReachedExactly) {
+TEST(FaultAround, AMaximumThatIsNoPowerOfTwoIsReachedAndNoWindowCrossesAPowerOfTwoBoundaryAboveIt) {
   FaultAround fa(24);
   EXPECT_EQ(fa.window(0), 16u);
-  EXPECT_EQ(fa.window(16), 24u);
-  EXPECT_EQ(fa.window(40), 24u);
+  EXPECT_EQ(fa.window(16), 16u) << "24 pages, cut at 32";
+  EXPECT_EQ(fa.window(32), 24u);
+  EXPECT_EQ(fa.window(56), 8u) << "24 pages, cut at 64";
 }
 
 TEST(FaultAround, AFaultAShortWayPastTheWindowStillContinuesTheStream) {
   FaultAround fa(64);
   ASSERT_EQ(fa.window(0), 16u);  // next expected: 16, up to half a window later
-  EXPECT_EQ(fa.window(23), 32u) << "pages 16..22 skipped: still the stream";
+  EXPECT_EQ(fa.window(23), 9u) << "pages 16..22 skipped: still the stream (32 pages, cut at 32)";
+  EXPECT_EQ(fa.continued(), 1u);
   FaultAround far(64);
   ASSERT_EQ(far.window(0), 16u);
   EXPECT_EQ(far.window(24), 8u) << "past half a window: a new stream (the rest of block 16..31)";
@@ -84,9 +88,17 @@ TEST(FaultAround, InterleavedStreamsGrowEachOnItsOwn) {
       next[v] += w;
     }
   }
+  // Each stream's windows are those it gets walking alone.
   for (size_t v = 0; v < windows.size(); ++v) {
-    EXPECT_EQ(windows[v][1], std::min(64u, windows[v][0] * 2)) << "vCPU " << v;
-    EXPECT_EQ(windows[v][3], std::min(64u, windows[v][2] * 2)) << "vCPU " << v;
+    FaultAround alone(64);
+    uint64_t page = v * 100000;
+    std::vector<uint32_t> expected;
+    for (int round = 0; round < 4; ++round) {
+      expected.push_back(alone.window(page));
+      page += expected.back();
+    }
+    EXPECT_EQ(windows[v], expected) << "vCPU " << v;
+    EXPECT_EQ(alone.continued(), 3u);
   }
   EXPECT_EQ(fa.started(), 4u);
   EXPECT_EQ(fa.continued(), 12u);
@@ -117,7 +129,9 @@ TEST(FaultAround, AStreamAfterRandomAccessGrowsFromOnePageAndRestoresTheStart) {
     windows.push_back(w);
     page += w;
   }
-  EXPECT_EQ(windows, (std::vector<uint32_t>{1, 2, 4, 8, 16, 32, 64, 64, 64}));
+  // The second window (2 pages) starts on an odd page: cut to 1 at the
+  // multiple of 2; from then on every window starts aligned to its size.
+  EXPECT_EQ(windows, (std::vector<uint32_t>{1, 1, 2, 4, 8, 16, 32, 64, 64}));
   // Faults continuing the stream raised the score again: new streams start
   // with more than one page once the stream has run a while.
   for (int i = 0; i < 20; ++i) page += fa.window(page);

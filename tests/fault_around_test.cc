@@ -223,5 +223,104 @@ TEST(FaultAroundServe, UnderWpNeighboursAreInstalledWriteProtectedAndOnlyWritten
   EXPECT_EQ(s.ahead_pages, 15u + 15u);
 }
 
+// Readahead: a fault that continues a stream at full speed (64-page windows)
+// has the stream's next window installed by a worker after the fault is
+// served, while the guest runs on.
+ServerHarness::Options with_readahead() {
+  ServerHarness::Options o;
+  o.configure = [](ServerConfig& c, const TempDir&) {
+    c.fault_around_pages = 64;
+    c.fault_around_readahead = true;
+  };
+  return o;
+}
+
+// Faults a stream from `first` up to full speed: windows of 16, 16, 32 pages
+// (first must be a multiple of 64), then a full window at first + 64.
+void fault_stream_to_full_speed(const client::FirecrackerClient& c, uint64_t first) {
+  for (uint64_t p : {first, first + 16, first + 32, first + 64}) (void)read_pages(c, p, 1);
+}
+
+TEST(FaultAroundServe, AStreamAtFullSpeedHasItsNextWindowReadAheadWriteProtectedAndFaultsPastIt) {
+  ServerHarness h(with_readahead());
+  const auto file = file_bytes(h.memory());
+  auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}, .wp_async = true});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  ASSERT_TRUE(wait_until([&] { return !h.server().live_sessions().empty(); }));
+  auto session = h.server().session(h.server().live_sessions().at(0).id);
+  ASSERT_TRUE(session);
+  // 1024..1039, 1040..1055, 1056..1087, then 1088..1151 with 1152..1215
+  // read ahead.
+  fault_stream_to_full_speed(*c, 1024);
+  ASSERT_TRUE(wait_until([&] { return session->summary().counters.ahead_pages == 15u + 15u + 31u + 63u + 64u; }))
+      << "ahead " << session->summary().counters.ahead_pages;
+  auto m = pagemap(*c, 1024, 200);
+  for (uint64_t p = 1024; p < 1224; ++p) {
+    EXPECT_EQ((m[p - 1024] & kPresent) != 0, p < 1216) << "page " << p;
+    if (p < 1216) {
+      EXPECT_TRUE(m[p - 1024] & kUffdWp) << "page " << p << ": installed for a read, write-protected";
+    }
+  }
+  // The guest walks the read-ahead pages without a fault, every byte the file's.
+  (void)read_pages(*c, 1089, 127);
+  for (uint64_t p : {1152u, 1180u, 1215u}) expect_page_is(*c, file, p);
+  EXPECT_EQ(session->summary().counters.faults, 4u);
+  // 1216, the end of the readahead, continues the stream: 64 pages now and
+  // 64 more read ahead.
+  (void)read_pages(*c, 1216, 1);
+  ASSERT_TRUE(wait_until([&] { return session->summary().counters.ahead_pages == 188u + 63u + 64u; }))
+      << "ahead " << session->summary().counters.ahead_pages;
+  m = pagemap(*c, 1216, 136);
+  for (uint64_t p = 1216; p < 1352; ++p) EXPECT_EQ((m[p - 1216] & kPresent) != 0, p < 1344) << "page " << p;
+  (void)read_pages(*c, 1217, 127);
+  for (uint64_t p : {1279u, 1280u, 1343u}) expect_page_is(*c, file, p);
+  EXPECT_EQ(session->summary().counters.faults, 5u);
+  // Only the guest's write makes a page dirty, read ahead or not.
+  *reinterpret_cast<volatile uint8_t*>(c->guest_ptr(1300 * kPage)) = 0x77;
+  auto map = session->page_map();
+  ASSERT_TRUE(map) << map.error().describe();
+  EXPECT_EQ(map->dirty, (std::vector<FileRange>{{1300 * kPage, kPage}}));
+}
+
+TEST(FaultAroundServe, ReadaheadOffInstallsOnlyTheWindows) {
+  ServerHarness h(with_fault_around());  // ServerConfig's default: no readahead
+  auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  fault_stream_to_full_speed(*c, 1024);
+  const auto m = pagemap(*c, 1024, 192);
+  for (uint64_t p = 1024; p < 1216; ++p) EXPECT_EQ((m[p - 1024] & kPresent) != 0, p < 1152) << "page " << p;
+}
+
+TEST(FaultAroundServe, ARemoveReadWhileAReadaheadWasStagedCutsItBeforeTheRemovedPage) {
+  // A readahead's bytes are read before the install fence, as a window's; a
+  // REMOVE of one of its pages read in between must cut the run there.
+  ServerHarness h(with_readahead());
+  const auto file = file_bytes(h.memory());
+  auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  ASSERT_TRUE(wait_until([&] { return !h.server().live_sessions().empty(); }));
+  auto session = h.server().session(h.server().live_sessions().at(0).id);
+  ASSERT_TRUE(session);
+  std::atomic<bool> fired{false};
+  test_hooks::set(HookPoint::kBeforeReadaheadInstall, [&](HookContext& ctx) {
+    if (ctx.page_index != 2176 || fired.exchange(true)) return;
+    // Staged (2176..2239), fence not entered: the REMOVE of 2186 is read and
+    // recorded now (the madvise returns only after the reader read it).
+    auto removed = std::async(std::launch::async, [&] { return c->remove(2186 * kPage, kPage); }).get();
+    EXPECT_TRUE(removed) << removed.error().describe();
+  });
+  fault_stream_to_full_speed(*c, 2048);  // ..., 2112..2175, and 2176..2239 read ahead
+  ASSERT_TRUE(wait_until([&] { return fired.load() && session->summary().counters.ahead_pages == 124u + 10u; }))
+      << "ahead " << session->summary().counters.ahead_pages;
+  test_hooks::clear(HookPoint::kBeforeReadaheadInstall);
+  const auto m = pagemap(*c, 2176, 64);
+  for (uint64_t p = 2176; p < 2240; ++p) EXPECT_EQ((m[p - 2176] & kPresent) != 0, p < 2186) << "page " << p;
+  expect_page_zero(*c, 2186);
+  for (uint64_t p : {2176u, 2185u, 2187u, 2239u}) expect_page_is(*c, file, p);
+}
+
 }  // namespace
 }  // namespace faultline::testing

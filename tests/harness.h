@@ -18,6 +18,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <sstream>
@@ -69,6 +70,17 @@ class TempDir {
 };
 
 using client::HugePageReservation;
+
+// Polls `pred` (server state the test cannot be told about, such as work a
+// server thread does in the background) until it holds; false after 20 s.
+inline bool wait_until(const std::function<bool()>& pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling server state, bounded
+  }
+  return false;
+}
 
 // A faultline Server running on its own thread. Logs go to a file the test
 // can read.

@@ -72,15 +72,6 @@ void restore_and_touch(PrefetchServer& s, const std::vector<uint64_t>& offsets, 
   EXPECT_EQ(r->mismatches, 0u);
 }
 
-bool wait_until(const std::function<bool()>& pred) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling server state, bounded
-  }
-  return false;
-}
-
 TEST(Prefetch, RecordWritesFirstTouchOrderWhenTheSessionEnds) {
   std::string record;
   PrefetchServer s(64 * kMiB, [&](ServerConfig& c) { record = c.record_path = c.memory_path + ".ws"; });

@@ -716,6 +716,7 @@ void StressRound::run(Totals& totals) {
   ts.retries += s.counters.retries;
   ts.removes += s.counters.removes;
   ts.ahead_pages += s.counters.ahead_pages;
+  ts.readahead_pages += s.counters.readahead_pages;
 
   if (mismatches_.count() > 0) {
     ADD_FAILURE() << mismatches_.count() << " mismatches in round " << round_ << " (seed " << seed_
@@ -734,6 +735,9 @@ struct StressParam {
   // prefaults; the model is unchanged (an installed page holds the
   // snapshot's bytes until written or removed).
   bool fault_around = false;
+  // With fault_around: readahead on (fault_around_readahead), windows of at
+  // most 8 pages.
+  bool readahead = false;
 };
 
 class StressAgainstModelTest : public ::testing::TestWithParam<StressParam> {
@@ -769,7 +773,15 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
   ho.memory_bytes = shape.size();
   ho.seed = kSnapshotSeed;
   ho.zero_fraction = kSnapshotZeroFraction;
-  if (GetParam().fault_around) ho.configure = [](ServerConfig& c, const TempDir&) { c.fault_around_pages = 64; };
+  if (GetParam().fault_around) {
+    // With readahead, windows of at most 8 pages: streams reach full speed
+    // (and plan readaheads) within a few faults, as the owners' random
+    // touches rarely walk 64 pages.
+    ho.configure = [readahead = GetParam().readahead](ServerConfig& c, const TempDir&) {
+      c.fault_around_pages = readahead ? 8 : 64;
+      c.fault_around_readahead = readahead;
+    };
+  }
   ServerHarness h(ho);
   std::vector<uint8_t> snapshot(shape.size());
   for (uint64_t at = 0; at < shape.size(); at += client::kTestPageBytes) {
@@ -801,12 +813,13 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
       (unsigned long long)p.skipped_present, (unsigned long long)p.skipped_removed, (unsigned long long)p.retries,
       (unsigned long long)p.errors);
   std::printf(
-      "[stress] server: %llu faults, %llu snapshot installs (%llu of them fault-around pages ahead), %llu zero "
+      "[stress] server: %llu faults, %llu snapshot installs (%llu of them fault-around pages ahead, %llu read ahead), "
+      "%llu zero "
       "installs, %llu EEXIST, %llu EAGAIN retries, "
       "%llu REMOVE events; final check: %llu pages, %llu untouched pages found prefaulted, "
       "%llu removed pages with a uffd-wp marker\n",
       (unsigned long long)s.faults, (unsigned long long)s.pages_snapshot, (unsigned long long)s.ahead_pages,
-      (unsigned long long)s.pages_zero,
+      (unsigned long long)s.readahead_pages, (unsigned long long)s.pages_zero,
       (unsigned long long)s.already_present, (unsigned long long)s.retries, (unsigned long long)s.removes,
       (unsigned long long)totals.final_pages_checked, (unsigned long long)totals.untouched_found_present,
       (unsigned long long)totals.absent_with_wp_marker);
@@ -826,6 +839,9 @@ TEST_P(StressAgainstModelTest, RandomReadsWritesRemovesAndPrefaultsMatchTheModel
   if (GetParam().fault_around) {
     EXPECT_GT(s.ahead_pages, 0u) << "fault-around never installed a page ahead";
   }
+  if (GetParam().readahead) {
+    EXPECT_GT(s.readahead_pages, 0u) << "no readahead was ever installed";
+  }
 }
 
 #if defined(FAULTLINE_STRESS_HUGE_PAGES)
@@ -842,11 +858,13 @@ INSTANTIATE_TEST_SUITE_P(FAULTLINE_STRESS_SUITE, StressAgainstModelTest,
                                            ,
                                            StressParam{.wp = false, .fault_around = true},
                                            StressParam{.wp = true, .fault_around = true},
-                                           StressParam{.wp = false, .image = true, .fault_around = true}
+                                           StressParam{.wp = false, .image = true, .fault_around = true},
+                                           StressParam{.wp = true, .fault_around = true, .readahead = true}
 #endif
                                            ),
                          [](const ::testing::TestParamInfo<StressParam>& info) {
                            return std::string(info.param.fault_around ? "FaultAround" : "") +
+                                  (info.param.readahead ? "Readahead" : "") +
                                   (info.param.image ? "Image" : "") + (info.param.wp ? "WpAsync" : "NoWp");
                          });
 

@@ -150,24 +150,66 @@ TEST(FaultAround, NewRunsRightAfterInstalledMemoryKeepTheStartingWindow) {
   EXPECT_EQ(jumps.start_pages(), 1u);
 }
 
-TEST(FaultAround, ConcurrentFaultsGetWindowsWithinBounds) {
-  FaultAround fa(64);
-  std::atomic<bool> bad{false};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < 4; ++t) {
-    threads.emplace_back([&, t] {
-      std::mt19937_64 rng(t);
-      uint64_t page = static_cast<uint64_t>(t % 2) << 20;  // two threads share each stream
-      for (int i = 0; i < 20000; ++i) {
-        const uint32_t w = (i % 7 == 0) ? fa.window(rng() % (1ull << 30)) : fa.window(page);
-        if (w < 1 || w > 64) bad = true;
-        page += w;
-      }
-    });
+TEST(FaultAround, AStreamAtFullSpeedReadsItsNextWindowAheadAndFaultsAtItsEnd) {
+  FaultAround fa(64, /*readahead=*/true);
+  using P = FaultAround::Plan;
+  auto eq = [](P a, P b) { return a.pages == b.pages && a.readahead == b.readahead; };
+  EXPECT_TRUE(eq(fa.plan(1024), P{16, 0})) << "a new stream: its block, nothing ahead";
+  EXPECT_TRUE(eq(fa.plan(1040), P{16, 0})) << "still growing: nothing ahead";
+  EXPECT_TRUE(eq(fa.plan(1056), P{32, 0})) << "64 pages cut to 32 at a multiple of 64: not yet a full window";
+  const P full = fa.plan(1088);
+  EXPECT_TRUE(eq(full, P{64, 64})) << full.pages << "+" << full.readahead
+                                   << ": 1088..1151 now, 1152..1215 ahead";
+  const P next = fa.plan(1216);  // the guest walked the readahead: its end
+  EXPECT_TRUE(eq(next, P{64, 64})) << next.pages << "+" << next.readahead;
+  EXPECT_EQ(fa.continued(), 4u);
+  EXPECT_EQ(fa.readahead_late(), 0u);
+}
+
+TEST(FaultAround, AFaultInsideAReadaheadThatHasNotLandedGetsTheRestOfItAndTheStreamGoesOn) {
+  FaultAround fa(64, true);
+  for (uint64_t page : {1024u, 1040u, 1056u}) (void)fa.plan(page);
+  ASSERT_EQ(fa.plan(1088).readahead, 64u);  // 1152..1215 ahead
+  const FaultAround::Plan late = fa.plan(1160);
+  EXPECT_EQ(late.pages, 56u) << "1160..1215: the rest of the readahead window";
+  EXPECT_EQ(late.readahead, 0u);
+  EXPECT_EQ(fa.readahead_late(), 1u);
+  const FaultAround::Plan next = fa.plan(1216);
+  EXPECT_EQ(next.pages, 64u) << "the stream continues at the readahead's end";
+  EXPECT_EQ(next.readahead, 64u);
+}
+
+TEST(FaultAround, WithoutReadaheadNothingIsPlannedAhead) {
+  FaultAround fa(64, false);
+  uint64_t page = 1024;
+  for (int i = 0; i < 6; ++i) {
+    const FaultAround::Plan p = fa.plan(page);
+    EXPECT_EQ(p.readahead, 0u);
+    page += p.pages;
   }
-  for (auto& th : threads) th.join();
-  EXPECT_FALSE(bad);
-  EXPECT_EQ(fa.started() + fa.continued(), 4u * 20000u);
+  EXPECT_EQ(fa.continued(), 5u);
+}
+
+TEST(FaultAround, ConcurrentFaultsGetWindowsWithinBounds) {
+  for (const bool readahead : {false, true}) {
+    FaultAround fa(64, readahead);
+    std::atomic<bool> bad{false};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937_64 rng(t);
+        uint64_t page = static_cast<uint64_t>(t % 2) << 20;  // two threads share each stream
+        for (int i = 0; i < 20000; ++i) {
+          const FaultAround::Plan p = (i % 7 == 0) ? fa.plan(rng() % (1ull << 30)) : fa.plan(page);
+          if (p.pages < 1 || p.pages > 64 || p.readahead > 64 || (!readahead && p.readahead != 0)) bad = true;
+          page += p.pages + p.readahead;
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    EXPECT_FALSE(bad) << "readahead " << readahead;
+    EXPECT_EQ(fa.started() + fa.continued() + fa.readahead_late(), 4u * 20000u) << "readahead " << readahead;
+  }
 }
 
 }  // namespace

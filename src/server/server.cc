@@ -300,6 +300,7 @@ Status Server::run() {
                              {"image_layers", image_ ? image_->chain().layers().size() : 0},
                              {"frame_cache_bytes", image_ ? image_->cache().capacity() : 0},
                              {"fault_around_pages", static_cast<uint64_t>(config_.fault_around_pages)},
+                             {"fault_around_readahead", config_.fault_around_readahead},
                              {"memory_bytes", source_->size()},
                              {"workers_per_session", config_.workers_per_session},
                              {"on_fatal", to_string(config_.on_fatal)},
@@ -622,7 +623,8 @@ void Server::handle_connection(Connection& c) {
                    .busy_poll = config_.busy_poll,
                    .metrics = &metrics_,
                    .record_fault_latency = config_.record_fault_latency,
-                   .fault_around_pages = config_.fault_around_pages};
+                   .fault_around_pages = config_.fault_around_pages,
+                   .fault_around_readahead = config_.fault_around_readahead};
   auto session = Session::start(std::move(*hs), source_, sc);
   if (!session) {
     reject_session(c, RefusalCause::kSessionRejected, session.error().describe());

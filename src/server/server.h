@@ -124,6 +124,10 @@ struct ServerConfig {
   // 4 KiB pages a demand fault installs; 0 or 1: off. Off for embedders and
   // tests that count installs page by page; `faultline serve` defaults to 64.
   uint32_t fault_around_pages = 1;
+  // With fault-around, a fault that continues a stream at full speed also
+  // has the stream's next window installed by a worker while the guest runs
+  // (SessionConfig::fault_around_readahead; off by default).
+  bool fault_around_readahead = false;
 };
 
 class Server {

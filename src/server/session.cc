@@ -13,6 +13,7 @@
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <new>
 #include <system_error>
@@ -52,6 +53,9 @@ namespace {
 constexpr size_t kRingCapacity = 1024;
 constexpr size_t kReadBatch = 64;
 constexpr size_t kDeferredReserve = 1024;
+// Readaheads a worker holds at most (one per stream it serves; the oldest
+// goes first: the guest has most likely passed it).
+constexpr size_t kMaxReadahead = 8;
 
 struct FreeDeleter {
   void operator()(uint8_t* p) const { std::free(p); }
@@ -91,6 +95,7 @@ struct Session::Worker {
   // fault-around window of 4 KiB pages if that is larger.
   std::unique_ptr<uint8_t, FreeDeleter> buffer;
   std::vector<QueuedFault> deferred;             // faults that hit EAGAIN; owned by the worker thread
+  std::deque<QueuedFault> readahead;             // readaheads to install when no fault waits; worker-owned
   std::atomic<bool> deferred_empty{true};        // for demand_pending(), read by other threads
   uint64_t deferred_generation = 0;
   std::thread thread;
@@ -129,7 +134,7 @@ Session::Session(protocol::Handshake handshake, GuestLayout initial_layout,
       handshake_(std::move(handshake)),
       uffd_(std::move(handshake_.uffd)),
       source_(std::move(source)),
-      fault_around_(config.fault_around_pages),
+      fault_around_(config.fault_around_pages, config.fault_around_readahead),
       started_(std::chrono::steady_clock::now()) {
   // Read slots as fence slots: one per worker, one for prefault(), one per
   // prefetch thread.
@@ -413,6 +418,7 @@ std::vector<LogField> summary_fields(const SessionSummary& s) {
                           {"source_retries", s.counters.source_retries},
                           {"ahead_pages", s.counters.ahead_pages},
                           {"ahead_faulted", s.counters.ahead_faulted},
+                          {"readahead_pages", s.counters.readahead_pages},
                           {"pages_snapshot", s.counters.pages_snapshot},
                           {"pages_zero", s.counters.pages_zero},
                           {"snapshot_zero_pages", s.counters.snapshot_zero_pages},
@@ -447,6 +453,7 @@ SessionSummary Session::summary() const {
   s.counters.busy_poll_reads = busy_poll_reads_.load(std::memory_order_relaxed);
   s.counters.source_retries = source_retries_.load(std::memory_order_relaxed);
   s.counters.ahead_faulted = ahead_faulted_.load(std::memory_order_relaxed);
+  s.counters.readahead_pages = readahead_pages_.load(std::memory_order_relaxed);
   for (const Worker* w : all_workers()) {
     s.counters.pages_snapshot += w->pages_snapshot.load(std::memory_order_relaxed);
     s.counters.pages_zero += w->pages_zero.load(std::memory_order_relaxed);
@@ -821,29 +828,77 @@ PageInstaller::Result Session::install_window(Worker& w, size_t slot, const Page
   // later (a neighbour became present, or an event became pending): the
   // fault is served.
   if (run.installed > 0) run.ioctl = {kernel::IoctlOutcome::kDone, loc.page_size, 0};
-  if (ahead > 0) {
-    // Snapshot pages like the faulting one (pages_snapshot, bytes), and
-    // counted apart too.
-    w.ahead.fetch_add(ahead, std::memory_order_relaxed);
-    w.pages_snapshot.fetch_add(ahead, std::memory_order_relaxed);
-    w.bytes.fetch_add(ahead * loc.page_size, std::memory_order_relaxed);
-    const size_t src = static_cast<size_t>(metrics::InstallSource::kFaultAround);
-    w.installed_pages[src].store(w.installed_pages[src].load(std::memory_order_relaxed) + ahead,
-                                 std::memory_order_relaxed);
-    w.installed_bytes[src].store(w.installed_bytes[src].load(std::memory_order_relaxed) + ahead * loc.page_size,
-                                 std::memory_order_relaxed);
-    // The pages installed ahead never fault: they are first touches as far
-    // as the record can tell, and they are the ones a prefetch of this
-    // record should install.
-    std::unique_lock<std::mutex> lock(record_mu_, std::defer_lock);
-    if (recording()) lock.lock();
-    for (uint64_t k = 1; k <= ahead; ++k) {
-      if (pages_->mark_touched(loc.page_index + k) && recording()) {
-        first_touches_.push_back(loc.file_offset + k * loc.page_size);
-      }
+  if (ahead > 0) count_ahead(w, loc, 1, ahead);
+  return run;
+}
+
+void Session::count_ahead(Worker& w, const PageLocation& loc, uint64_t first, uint64_t pages) {
+  // Snapshot pages like a faulting one (pages_snapshot, bytes), and counted
+  // apart too.
+  w.ahead.fetch_add(pages, std::memory_order_relaxed);
+  w.pages_snapshot.fetch_add(pages, std::memory_order_relaxed);
+  w.bytes.fetch_add(pages * loc.page_size, std::memory_order_relaxed);
+  const size_t src = static_cast<size_t>(metrics::InstallSource::kFaultAround);
+  w.installed_pages[src].store(w.installed_pages[src].load(std::memory_order_relaxed) + pages,
+                               std::memory_order_relaxed);
+  w.installed_bytes[src].store(w.installed_bytes[src].load(std::memory_order_relaxed) + pages * loc.page_size,
+                               std::memory_order_relaxed);
+  // The pages installed ahead never fault: they are first touches as far as
+  // the record can tell, and they are the ones a prefetch of this record
+  // should install.
+  std::unique_lock<std::mutex> lock(record_mu_, std::defer_lock);
+  if (recording()) lock.lock();
+  for (uint64_t k = first; k < first + pages; ++k) {
+    if (pages_->mark_touched(loc.page_index + k) && recording()) {
+      first_touches_.push_back(loc.file_offset + k * loc.page_size);
     }
   }
-  return run;
+}
+
+void Session::queue_readahead(Worker& w, const PageLocation& loc, const QueuedFault& fault, uint64_t pages,
+                              bool by_reader) {
+  QueuedFault ra;
+  ra.address = loc.address + pages * loc.page_size;
+  ra.window = fault.readahead;
+  ra.is_readahead = true;
+  if (!by_reader) {
+    // This worker installs it once no fault waits in its ring. A few at
+    // most: an old readahead the guest has long passed is worth nothing.
+    if (w.readahead.size() >= kMaxReadahead) w.readahead.pop_front();
+    w.readahead.push_back(ra);
+    return;
+  }
+  // The reader is the producer of every worker's ring; a full ring drops
+  // the readahead (a fault will ask again).
+  const size_t target = (loc.page_index + pages) % workers_.size();
+  if (workers_[target]->ring.push(ra)) workers_[target]->signal.notify();
+}
+
+void Session::serve_readahead(Worker& w, const QueuedFault& ra) {
+  const PublishedLayout::Reader layout = layout_->read(w.layout_slot);
+  const auto loc = layout->locate(ra.address);
+  if (!loc || loc->page_size != kPageSize4K) return;  // unmapped or moved since
+  // Cheap checks before any I/O: the guest (or a fault) got there first.
+  if (pages_->state(loc->page_index) != PageState::kUntouched) return;
+  const uint64_t pages = std::min<uint64_t>(ra.window, layout->pages_to_end(loc->address));
+  // A readahead that cannot be read is dropped: the fault that needs the
+  // page reads it again and reports what is wrong.
+  if (!read_source(loc->file_offset, {w.buffer.get(), pages * loc->page_size})) return;
+  HookContext hook{loc->address, loc->page_index};
+  FAULTLINE_HOOK(HookPoint::kBeforeReadaheadInstall, hook);
+  const PageInstaller::Result run = installer_->install_run({.slot = w.index,
+                                                             .first_page = loc->page_index,
+                                                             .address = loc->address,
+                                                             .page_size = loc->page_size,
+                                                             .pages = pages,
+                                                             .staged = w.buffer.get(),
+                                                             .protect = region_wp_[loc->region],
+                                                             .inject_errno = hook.inject_errno,
+                                                             .ahead = true});
+  if (run.installed > 0) {
+    count_ahead(w, *loc, 0, run.installed);
+    readahead_pages_.fetch_add(run.installed, std::memory_order_relaxed);
+  }
 }
 
 Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
@@ -889,7 +944,9 @@ Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
     fault.window = 1;
     if (loc->page_size == kPageSize4K && fault_around_.enabled()) {
       const bool follows = loc->page_index > 0 && pages_->state(loc->page_index - 1) != PageState::kUntouched;
-      fault.window = fault_around_.window(loc->address / kPageSize4K, follows);
+      const FaultAround::Plan plan = fault_around_.plan(loc->address / kPageSize4K, follows);
+      fault.window = plan.pages;
+      fault.readahead = plan.readahead;
     }
   }
   for (;;) {
@@ -926,6 +983,9 @@ Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
       // The reader recorded every REMOVE it read before serving: the page
       // cannot have turned zero since it looked.
       r = run.eligible == 0 ? kernel::result_for_errno(EAGAIN) : run.ioctl;
+      if (fault.readahead > 0 && run.installed == pages && pages == fault.window) {
+        queue_readahead(w, *loc, fault, pages, true);
+      }
     } else {
       // Storage I/O happens here, before the fence, so the reader never waits on it.
       Status read = read_source(loc->file_offset, {w.buffer.get(), pages * loc->page_size});
@@ -946,6 +1006,9 @@ Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
       // the page now serves zero.
       if (run.eligible == 0) continue;
       r = run.ioctl;
+      if (fault.readahead > 0 && run.installed == pages && pages == fault.window) {
+        queue_readahead(w, *loc, fault, pages, false);
+      }
     }
     return finish_install(*layout, w, r, installed, *loc, fault, /*count=*/true, removed || snapshot_zero, by_reader);
   }
@@ -1027,6 +1090,11 @@ void Session::worker_loop(Worker& w) {
     }
     while (!stopping_.load(std::memory_order_acquire) && w.ring.pop(f)) {
       progressed = true;
+      if (f.is_readahead) {
+        if (w.readahead.size() >= kMaxReadahead) w.readahead.pop_front();
+        w.readahead.push_back(f);
+        continue;
+      }
       if (serve(w, f, false) != Served::kRetry) continue;
       // De-duplicate: one deferred entry per page and access kind.
       const uint64_t page = f.address & ~(kPageSize4K - 1);
@@ -1042,6 +1110,14 @@ void Session::worker_loop(Worker& w) {
     }
     w.deferred_empty.store(w.deferred.empty(), std::memory_order_release);
     if (stopping_.load(std::memory_order_acquire)) break;
+    // Demand faults first: one readahead, only when none waits in the ring,
+    // then look at the ring again.
+    if (!w.readahead.empty() && w.ring.empty()) {
+      const QueuedFault ra = w.readahead.front();
+      w.readahead.pop_front();
+      serve_readahead(w, ra);
+      continue;
+    }
     if (!progressed || !w.deferred.empty()) {
       // Deferred faults retry when the reader signals a new batch; the
       // timeout is a backstop that grows, so nothing busy-loops.
@@ -1058,7 +1134,9 @@ void Session::worker_loop(Worker& w) {
   // faults again and the message waits in the uffd for whoever serves next.
   const PublishedLayout::Reader layout = layout_->read(w.layout_slot);
   for (const auto& d : w.deferred) wake_page(*layout, d.address);
-  while (w.ring.pop(f)) wake_page(*layout, f.address);
+  while (w.ring.pop(f)) {
+    if (!f.is_readahead) wake_page(*layout, f.address);
+  }
 }
 
 }  // namespace faultline

@@ -114,6 +114,12 @@ struct SessionConfig {
   // after it, in one UFFDIO_COPY); 0 or 1: only the faulting page. 2 MiB
   // pages never use it.
   uint32_t fault_around_pages = 1;
+  // With fault-around: a fault that continues a stream at full speed also
+  // has the stream's next window installed by a worker while the guest
+  // walks this one (server/fault_around.h, FaultAround::plan). Off by
+  // default: on 2 cores it saved under 5 % of a trace replay's restore time
+  // and left twice the untouched pages (docs/performance.md).
+  bool fault_around_readahead = false;
 };
 
 // Counters, summed over the session's threads.
@@ -134,6 +140,7 @@ struct SessionCounters {
   uint64_t source_retries = 0;   // source reads tried again after a retryable error
   uint64_t ahead_pages = 0;      // pages fault-around installed ahead of any fault on them (also in pages_snapshot)
   uint64_t ahead_faulted = 0;    // of those, pages that faulted later (a write-protect fault: the guest wrote one)
+  uint64_t readahead_pages = 0;  // of ahead_pages, those installed by readahead (fault_around_readahead)
 };
 
 // What prefault() did.
@@ -281,6 +288,11 @@ class Session {
     // Fault-around window in pages, chosen when the fault is first served
     // (0: not yet); a fault handed on to a worker or retried keeps it.
     uint32_t window = 0;
+    // Readahead pages to install after the window once it is in (0: none).
+    uint32_t readahead = 0;
+    // Not a fault: a readahead of `window` pages from `address`, which no
+    // thread waits for (the reader hands those to a worker this way).
+    bool is_readahead = false;
   };
   // What the registry reads while the session is live.
   class MetricsSource final : public metrics::SessionSource {
@@ -318,6 +330,14 @@ class Session {
   // and records the pages installed ahead.
   PageInstaller::Result install_window(Worker& w, size_t slot, const PageLocation& loc, uint64_t pages,
                                        const uint8_t* staged, bool protect, bool write, int inject_errno);
+  // Accounts `pages` pages installed ahead of any fault from `loc` + `first`
+  // pages on: counters, metrics, first touches (they never fault).
+  void count_ahead(Worker& w, const PageLocation& loc, uint64_t first, uint64_t pages);
+  // After a window was installed whole: its readahead goes to a worker (the
+  // reader's ring, or this worker's own list).
+  void queue_readahead(Worker& w, const PageLocation& loc, const QueuedFault& fault, uint64_t pages, bool by_reader);
+  // A worker installs a readahead, if its first page is still untouched.
+  void serve_readahead(Worker& w, const QueuedFault& ra);
   // `zero`: the install was of zeros (no file read); with `by_reader`, it
   // chooses the fault's latency path.
   Served finish_install(const GuestLayout& layout, Worker& w, const kernel::IoctlResult& r, PageState installed,
@@ -388,6 +408,7 @@ class Session {
   std::atomic<uint64_t> busy_poll_reads_{0};
   std::atomic<uint64_t> source_retries_{0};
   std::atomic<uint64_t> ahead_faulted_{0};
+  std::atomic<uint64_t> readahead_pages_{0};
   FaultAround fault_around_;
   std::thread prefetcher_;
   mutable std::mutex record_mu_;

@@ -23,6 +23,7 @@ enum class HookPoint {
   kReaderBeforeRead,       // event reader, before it reads a batch from the uffd
   kBeforeInstallIoctl,     // worker, before an install ioctl for a fault (page staged, fence not yet entered)
   kBeforePrefaultInstall,  // prefault, before its install ioctl
+  kBeforeReadaheadInstall, // worker, before a fault-around readahead's install (pages staged, fence not yet entered)
   kServerBeforeRefuse,     // accept thread, before it drains a connection it refuses (address = the fd)
   kMetricsCollect,         // a scrape, reading a live session's counts (registry lock held)
   kBeforeMetricsFold,      // a session's end, final counts taken, before they are folded into the registry

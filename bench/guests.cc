@@ -20,6 +20,7 @@ const char* to_string(Backend b) {
     case Backend::kBusyPoll: return "busy-polling uffd server (separate process: the naive one spinning on a non-blocking read)";
     case Backend::kFaultline: return "faultline on demand";
     case Backend::kFaultlineNoFaultAround: return "faultline on demand, fault-around off (fault_around_pages 1)";
+    case Backend::kFaultlineReadahead: return "faultline on demand, fault-around with readahead";
     case Backend::kFaultlinePrefetch: return "faultline record+prefetch";
     case Backend::kFaultlineEager: return "faultline eager";
     case Backend::kFaultlineMetrics: return "faultline on demand, fault latency recorded (--metrics)";
@@ -49,6 +50,7 @@ const char* label(Backend b) {
     case Backend::kBusyPoll: return "busy-poll";
     case Backend::kFaultline: return "faultline";
     case Backend::kFaultlineNoFaultAround: return "fl-no-fa";
+    case Backend::kFaultlineReadahead: return "fl+ra";
     case Backend::kFaultlinePrefetch: return "fl-prefetch";
     case Backend::kFaultlineEager: return "fl-eager";
     case Backend::kFaultlineMetrics: return "fl+metrics";
@@ -95,6 +97,7 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   c.busy_poll = std::chrono::microseconds(options.busy_poll_us);
   c.record_fault_latency = options.record_fault_latency;
   c.fault_around_pages = options.fault_around_pages;
+  c.fault_around_readahead = options.fault_around_readahead;
   auto s = Server::create(c, logger);
   if (!s) return std::unexpected(s.error());
   h->server_ = std::move(*s);
@@ -137,6 +140,7 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
     case Backend::kBusyPoll:
     case Backend::kFaultline:
     case Backend::kFaultlineNoFaultAround:
+    case Backend::kFaultlineReadahead:
     case Backend::kFaultlinePrefetch:
     case Backend::kFaultlineEager:
     case Backend::kFaultlineMetrics:

@@ -30,6 +30,7 @@ enum class Backend {
   kBusyPoll,           // faultline-baseline-server --mode busy-poll: the same thread spinning on a non-blocking read
   kFaultline,          // faultline on demand
   kFaultlineNoFaultAround,  // faultline on demand, fault-around off (fault_around_pages 1): the faulting page only
+  kFaultlineReadahead,      // faultline on demand, fault-around with readahead (fault_around_readahead)
   kFaultlinePrefetch,  // faultline replaying a recorded working set (--prefetch FILE)
   kFaultlineEager,     // faultline filling everything in the background (--prefetch all)
   kFaultlineMetrics,   // faultline on demand timing every fault for the latency histograms (--metrics)
@@ -70,6 +71,7 @@ class FaultlineHost {
     int prefetch_threads = 2;    // ServerConfig::prefetch_threads
     bool record_fault_latency = false;  // ServerConfig::record_fault_latency (serve --metrics)
     uint32_t fault_around_pages = 64;   // ServerConfig::fault_around_pages (serve --fault-around-pages); 0 or 1: off
+    bool fault_around_readahead = false;  // ServerConfig::fault_around_readahead (serve --fault-around-readahead)
   };
   static Result<std::unique_ptr<FaultlineHost>> start(const Options& options, const Logger& logger);
   ~FaultlineHost();

@@ -167,6 +167,10 @@ int main(int argc, char** argv) {
   app.add_option("--fault-around-pages", fault_around_pages,
                  "ServerConfig::fault_around_pages of the faultline rows (default 64, as serve; 1: off)")
       ->check(CLI::Range(1, 4096));
+  std::string fault_around_readahead = "off";
+  app.add_option("--fault-around-readahead", fault_around_readahead,
+                 "ServerConfig::fault_around_readahead of the faultline rows (default off, as serve)")
+      ->check(CLI::IsMember({"on", "off"}));
   int64_t busy_poll_us = 100;
   app.add_option("--busy-poll-us", busy_poll_us, "ServerConfig::busy_poll in microseconds (default 100; 0: the reader always sleeps)")
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
@@ -275,6 +279,7 @@ int main(int argc, char** argv) {
   ctx.faultline_busy_poll_us = busy_poll_us;
   ctx.faultline_prefetch_threads = prefetch_threads;
   ctx.faultline_fault_around_pages = fault_around_pages;
+  ctx.faultline_fault_around_readahead = fault_around_readahead == "on";
   ctx.metrics_cost = metrics_cost;
   ctx.source_dir = FAULTLINE_SOURCE_DIR;
   ctx.corpus_path = corpus_path;

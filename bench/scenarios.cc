@@ -385,6 +385,7 @@ Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::strin
   o.busy_poll_us = ctx.faultline_busy_poll_us;
   o.prefetch_threads = ctx.faultline_prefetch_threads;
   o.fault_around_pages = fault_around ? ctx.faultline_fault_around_pages : 1;
+  o.fault_around_readahead = o.fault_around_readahead || ctx.faultline_fault_around_readahead;
   o.socket_path = ctx.dir + "/" + name + ".sock";
   return FaultlineHost::start(o, *ctx.logger);
 }

@@ -95,6 +95,7 @@ struct Context {
   // ServerConfig::fault_around_pages of the faultline rows (serve's default;
   // 1: off). The trace scenario's fl-no-fa row is always 1.
   uint32_t faultline_fault_around_pages = 64;
+  bool faultline_fault_around_readahead = false;  // ServerConfig::fault_around_readahead of the faultline rows
   // Scenarios 1 and 3 also run faultline with fault-latency recording on
   // (Backend::kFaultlineMetrics), interleaved with it off: the cost of --metrics.
   bool metrics_cost = false;

@@ -31,8 +31,9 @@ int64_t now_ns() {
       .count();
 }
 
-const std::vector<Backend> kBackends{Backend::kFileMmap, Backend::kNaive, Backend::kFaultlineNoFaultAround,
-                                     Backend::kFaultline, Backend::kFaultlinePrefetch};
+const std::vector<Backend> kBackends{Backend::kFileMmap,          Backend::kNaive,     Backend::kFaultlineNoFaultAround,
+                                     Backend::kFaultline,            Backend::kFaultlineReadahead,
+                                     Backend::kFaultlinePrefetch};
 
 struct NamedTrace {
   std::string name;         // the row subject: "generated 1 vCPU", "random 1 vCPU", "FILE 2 vCPU"
@@ -149,8 +150,10 @@ void replay_trace(Context& ctx, const NamedTrace& nt, const std::string& memory_
   // trace (sessions run one at a time: a guest waits for its session's end).
   std::map<Backend, std::unique_ptr<FaultlineHost>> hosts;
   std::map<Backend, std::string> host_errors;
-  for (Backend b : {Backend::kFaultlineNoFaultAround, Backend::kFaultline, Backend::kFaultlinePrefetch}) {
+  for (Backend b : {Backend::kFaultlineNoFaultAround, Backend::kFaultline, Backend::kFaultlineReadahead,
+                    Backend::kFaultlinePrefetch}) {
     FaultlineHost::Options o;
+    if (b == Backend::kFaultlineReadahead) o.fault_around_readahead = true;
     if (b == Backend::kFaultlinePrefetch) o.prefetch_path = nt.record_path;
     auto h = start_host(ctx, memory_path, std::string("trace-") + label(b), o, b != Backend::kFaultlineNoFaultAround);
     if (h) {
@@ -388,8 +391,9 @@ void print_trace_report(const Results& r) {
   std::printf("\n%s\n%s\n", title.c_str(), std::string(title.size(), '=').c_str());
   std::printf("each thread reads one byte of every page of its stream, in order; restore = guest mapping/handshake "
               "until every stream is done\n");
-  std::printf("faultline = on demand with fault-around (default); fl-no-fa = fault_around_pages 1; fl-prefetch = "
-              "--prefetch of the trace itself\n");
+  std::printf("faultline = on demand with fault-around (the default 64 pages); fl+ra = the same with readahead "
+              "(--fault-around-readahead on);\nfl-no-fa = fault_around_pages 1; fl-prefetch = --prefetch of the trace "
+              "itself\n");
   std::printf("faults: taken by the touching threads (getrusage) / read by the server; ahead: pages fault-around "
               "installed ahead of a fault;\npresent: guest pages "
               "present after the replay (pagemap),\nuntouched: present but not in the trace (installed and never "

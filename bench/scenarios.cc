@@ -93,16 +93,6 @@ uint64_t expected_first_qword(uint64_t offset) {
 
 bool content_checked(Backend b) { return b != Backend::kKernel; }
 
-// The memory file mapped read-only and shared (its page cache is warm): what
-// every byte of a served page must equal. Guest offset == file offset (one
-// region at file offset 0).
-Result<Mapping> map_memory_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return fail_errno("cannot open " + path);
-  struct stat st{};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
-  return Mapping::map(static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get(), 0);
-}
 
 // Pages of `offsets` whose bytes differ anywhere from the memory file's.
 // Runs after the touching threads have joined, outside every timed region.
@@ -376,6 +366,14 @@ void note_bad(Context& ctx, const TouchOutcome& t, Backend b, const std::string&
 }
 
 }  // namespace
+
+Result<Mapping> map_memory_file(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) return fail_errno("cannot open " + path);
+  struct stat st{};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
+  return Mapping::map(static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get(), 0);
+}
 
 Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::string& memory_path,
                                                   const std::string& name, FaultlineHost::Options o, bool fault_around) {

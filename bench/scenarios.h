@@ -15,6 +15,7 @@
 
 #include "bench/guests.h"
 #include "common/log.h"
+#include "common/mapping.h"
 
 namespace faultline::bench {
 
@@ -109,6 +110,11 @@ struct Context {
   uint32_t image_frame_pages = 0;
   Results* results = nullptr;
 };
+
+// The memory file mapped read-only and shared (its page cache is warm): what
+// every byte of a served page must equal. Guest offset == file offset (one
+// region at file offset 0).
+Result<Mapping> map_memory_file(const std::string& path);
 
 // A faultline server on its own thread with the context's settings, its
 // socket ctx.dir/NAME.sock; fault_around false serves with fault-around off.

@@ -119,14 +119,6 @@ Result<Residency> read_residency(const uint8_t* base, uint64_t bytes, const std:
   return res;
 }
 
-Result<Mapping> map_memory_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return fail_errno("cannot open " + path);
-  struct stat st{};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
-  return Mapping::map(static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get(), 0);
-}
-
 void add_shape_metrics(Row& row, const TraceShape& s) {
   row.metrics.emplace_back("trace_next_page_share", s.next_page_share);
   row.metrics.emplace_back("trace_block_use", s.block_use);

@@ -904,9 +904,11 @@ void Session::serve_readahead(Worker& w, const QueuedFault& ra) {
   // Cheap checks before any I/O: the guest (or a fault) got there first.
   if (pages_->state(loc->page_index) != PageState::kUntouched) return;
   const uint64_t pages = std::min<uint64_t>(ra.window, layout->pages_to_end(loc->address));
-  // A readahead that cannot be read is dropped: the fault that needs the
-  // page reads it again and reports what is wrong.
-  if (!read_source(loc->file_offset, {w.buffer.get(), pages * loc->page_size})) return;
+  // A readahead that cannot be read is dropped at once, never retried (no
+  // thread waits for it, and a worker waiting on a slow store would hold up
+  // demand faults): the fault that needs the page reads it again, with
+  // retries, and reports what is wrong.
+  if (!source_->read(loc->file_offset, {w.buffer.get(), pages * loc->page_size})) return;
   HookContext hook{loc->address, loc->page_index};
   FAULTLINE_HOOK(HookPoint::kBeforeReadaheadInstall, hook);
   const PageInstaller::Result run = installer_->install_run({.slot = w.index,

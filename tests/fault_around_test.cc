@@ -202,8 +202,15 @@ TEST(FaultAroundServe, UnderWpNeighboursAreInstalledWriteProtectedAndOnlyWritten
   // A read fault at 0 (window 0..15, all protected), then a write fault at
   // 32 (its own page unprotected and dirty, 33..47 protected), then a write
   // to 5, a page installed ahead (WP_ASYNC: the kernel unprotects it).
+  ASSERT_TRUE(wait_until([&] { return !h.server().live_sessions().empty(); }));
+  auto session = h.server().session(h.server().live_sessions().at(0).id);
+  ASSERT_TRUE(session);
   (void)read_pages(*c, 0, 1);
   *reinterpret_cast<volatile uint8_t*>(c->guest_ptr(32 * kPage)) = 0xa5;
+  // The writer was woken as soon as its own page was in; the neighbours are
+  // copied after that: wait until they are counted (they are present then).
+  ASSERT_TRUE(wait_until([&] { return session->summary().counters.ahead_pages == 15u + 15u; }))
+      << "ahead " << session->summary().counters.ahead_pages;
   *reinterpret_cast<volatile uint8_t*>(c->guest_ptr(5 * kPage)) = 0x5a;
   const auto m = pagemap(*c, 0, 48);
   for (uint64_t p = 0; p < 48; ++p) {
@@ -214,8 +221,6 @@ TEST(FaultAroundServe, UnderWpNeighboursAreInstalledWriteProtectedAndOnlyWritten
     }
   }
   for (uint64_t p : {0u, 15u, 33u, 47u}) expect_page_is(*c, file, p);
-  auto session = h.server().session(h.server().live_sessions().at(0).id);
-  ASSERT_TRUE(session);
   auto map = session->page_map();
   ASSERT_TRUE(map) << map.error().describe();
   EXPECT_EQ(map->dirty, (std::vector<FileRange>{{5 * kPage, kPage}, {32 * kPage, kPage}}));

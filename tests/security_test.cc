@@ -235,14 +235,20 @@ TEST(AllowList, ControlSocketHasItsOwnAllowList) {
 TEST(PeerPidfd, AKillNeverReachesAProcessThatReusedThePid) {
   // The scenario runs in a fresh pid namespace (it forces the pid reuse with
   // ns_last_pid there): see tests/pid_reuse_scenario.cc.
-  TempDir dir;
-  const std::string out = dir.file("out");
-  const pid_t p = spawn({"/usr/bin/unshare", "--pid", "--fork", "--mount-proc", built_binary("pid_reuse_scenario"),
-                         dir.path()},
-                        out);
-  const int status = wait_child(p, std::chrono::seconds(120));
-  const std::string text = read_file(out);
-  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << text;
+  // The reuse is forced, not guaranteed: a thread the process starts in
+  // between (a sanitizer runtime's, for one) takes the pid first, once seen
+  // under ThreadSanitizer. Then the scenario did not happen: run it again.
+  std::string text;
+  for (int attempt = 0; attempt < 5 && text.find("pid_reused=true") == std::string::npos; ++attempt) {
+    TempDir dir;
+    const std::string out = dir.file("out");
+    const pid_t p = spawn({"/usr/bin/unshare", "--pid", "--fork", "--mount-proc", built_binary("pid_reuse_scenario"),
+                           dir.path()},
+                          out);
+    const int status = wait_child(p, std::chrono::seconds(120));
+    text = read_file(out);
+    ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << text;
+  }
   EXPECT_NE(text.find("pid_reused=true"), std::string::npos) << text;
   EXPECT_NE(text.find("uffd_received=true peer_killed=false"), std::string::npos) << text;
   EXPECT_NE(text.find("reuser_alive=true"), std::string::npos) << text;

@@ -61,6 +61,13 @@ void expect_page_zero(const client::FirecrackerClient& c, uint64_t page) {
   EXPECT_EQ(std::memcmp(c.guest_ptr(page * kPage), zeros.data(), kPage), 0) << "page " << page;
 }
 
+// The harness's one live session, once the client's handshake made it
+// (null if none came within wait_until's bound).
+std::shared_ptr<Session> live_session(ServerHarness& h) {
+  if (!wait_until([&] { return !h.server().live_sessions().empty(); })) return nullptr;
+  return h.server().session(h.server().live_sessions().at(0).id);
+}
+
 TEST(FaultAroundServe, ASequentialRestoreTakesAFractionOfTheFaultsAndEveryByteIsRight) {
   ServerHarness h(with_fault_around());
   client::RestoreOptions o;
@@ -202,8 +209,7 @@ TEST(FaultAroundServe, UnderWpNeighboursAreInstalledWriteProtectedAndOnlyWritten
   // A read fault at 0 (window 0..15, all protected), then a write fault at
   // 32 (its own page unprotected and dirty, 33..47 protected), then a write
   // to 5, a page installed ahead (WP_ASYNC: the kernel unprotects it).
-  ASSERT_TRUE(wait_until([&] { return !h.server().live_sessions().empty(); }));
-  auto session = h.server().session(h.server().live_sessions().at(0).id);
+  auto session = live_session(h);
   ASSERT_TRUE(session);
   (void)read_pages(*c, 0, 1);
   *reinterpret_cast<volatile uint8_t*>(c->guest_ptr(32 * kPage)) = 0xa5;
@@ -252,8 +258,7 @@ TEST(FaultAroundServe, AStreamAtFullSpeedHasItsNextWindowReadAheadWriteProtected
   auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}, .wp_async = true});
   ASSERT_TRUE(c) << c.error().describe();
   ASSERT_TRUE(c->connect_and_send(h.socket()));
-  ASSERT_TRUE(wait_until([&] { return !h.server().live_sessions().empty(); }));
-  auto session = h.server().session(h.server().live_sessions().at(0).id);
+  auto session = live_session(h);
   ASSERT_TRUE(session);
   // 1024..1039, 1040..1055, 1056..1087, then 1088..1151 with 1152..1215
   // read ahead.
@@ -306,8 +311,7 @@ TEST(FaultAroundServe, ARemoveReadWhileAReadaheadWasStagedCutsItBeforeTheRemoved
   auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
   ASSERT_TRUE(c) << c.error().describe();
   ASSERT_TRUE(c->connect_and_send(h.socket()));
-  ASSERT_TRUE(wait_until([&] { return !h.server().live_sessions().empty(); }));
-  auto session = h.server().session(h.server().live_sessions().at(0).id);
+  auto session = live_session(h);
   ASSERT_TRUE(session);
   std::atomic<bool> fired{false};
   test_hooks::set(HookPoint::kBeforeReadaheadInstall, [&](HookContext& ctx) {

@@ -5,7 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <atomic>
+#include <cstdint>
 #include <thread>
 #include <vector>
 
@@ -81,9 +84,18 @@ TEST(PublishedLayout, ConcurrentReadersNeverSeeAFreedLayoutWhileTheWriterPublish
   PublishedLayout p(layout_number(0), kReaders);
   std::atomic<bool> done{false};
   std::atomic<uint64_t> reads{0};
+  // Each reader counts its own reads, so the writer can go on publishing until every reader
+  // has read while it published (on a loaded host the writer alone can finish 20000 layouts
+  // before a reader thread is first scheduled).
+  std::array<std::atomic<uint64_t>, kReaders> reads_by{};
   std::vector<std::thread> readers;
   for (size_t slot = 0; slot < kReaders; ++slot) {
     readers.emplace_back([&, slot] {
+      // A failed ASSERT returns from here: count the reader as done so the writer stops.
+      const struct Leave {
+        std::atomic<uint64_t>& count;
+        ~Leave() { count.store(UINT64_MAX); }
+      } leave{reads_by[slot]};
       uint64_t last = 0;
       while (!done.load(std::memory_order_acquire)) {
         auto r = p.read(slot);
@@ -96,13 +108,18 @@ TEST(PublishedLayout, ConcurrentReadersNeverSeeAFreedLayoutWhileTheWriterPublish
         ASSERT_EQ(r->regions().at(0).base_host_virt_addr, base);
         for (uint64_t k = 0; k < 512; k += 37) ASSERT_EQ(r->locate(base + k * 4096)->page_index, k);
         reads.fetch_add(1, std::memory_order_relaxed);
+        reads_by[slot].fetch_add(1, std::memory_order_relaxed);
       }
     });
   }
   std::thread snapshots([&] {
     while (!done.load(std::memory_order_acquire)) ASSERT_EQ(p.snapshot()->segments().size(), 1u);
   });
-  for (uint64_t n = 1; n <= kLayouts; ++n) p.publish(layout_number(n));
+  constexpr uint64_t kReadsEach = 100;
+  const auto every_reader_read = [&] {
+    return std::ranges::all_of(reads_by, [](const auto& r) { return r.load() >= kReadsEach; });
+  };
+  for (uint64_t n = 1; n <= kLayouts || !every_reader_read(); ++n) p.publish(layout_number(n));
   done.store(true, std::memory_order_release);
   for (auto& t : readers) t.join();
   snapshots.join();

@@ -386,6 +386,44 @@ TEST_P(Race, PrefaultNeverOverwritesAWrittenPageNorRevivesARemovedOne) {
   EXPECT_TRUE(holds(p + 2, snapshot(p + 2)));
 }
 
+// A fault is read and handed to a worker. Before the worker installs, another
+// install (here a prefault; fault-around windows and readahead do the same)
+// puts the page in and wakes the faulting thread, which reads on; the guest
+// then removes the page. The worker's fault is stale: serving it (zeros, the
+// page being removed) would make the removed page present again and, under
+// WP, dirty. It is answered with a wake only.
+TEST_P(Race, AFaultWhoseThreadAnotherInstallWokeIsOnlyWokenOnceItsPageWasRemoved) {
+  const uint64_t p = 12;
+  InstallPark park(HookPoint::kBeforeInstallIoctl, address(p));
+  bool snapshot_read = false;
+  Actor reader([&] { snapshot_read = read_matches(p, snapshot(p)); });
+  ASSERT_TRUE(park.wait_parked());  // the fault was read; its worker waits before its install
+  const uint64_t index = session_->layout()->locate(address(p))->page_index;
+  std::vector<uint64_t> run{index};
+  PrefaultOptions options;
+  options.yield_to_demand = false;  // the parked fault is a demand fault being served
+  auto report = session_->prefault(run, options);
+  ASSERT_TRUE(report) << report.error().describe();
+  EXPECT_EQ(report->installed_pages, 1u);
+  reader.join();  // woken by the prefault's install
+  EXPECT_TRUE(snapshot_read);
+  remove(p);
+  EXPECT_FALSE(bits(p).present);
+  EXPECT_EQ(counters().stale_faults, 0u);
+  const uint64_t zeros_before = counters().pages_zero;
+  park.release();
+  // The worker is done with the fault either way: woken, or (wrongly) served zeros.
+  ASSERT_TRUE(
+      wait_counter([&](const SessionCounters& c) { return c.stale_faults + c.pages_zero > zeros_before; }));
+  EXPECT_FALSE(bits(p).present) << "a stale fault brought the removed page back";
+  EXPECT_EQ(counters().stale_faults, 1u);
+  EXPECT_EQ(counters().pages_zero, zeros_before);
+  // A thread that faults on the page now gets zeros, as after any REMOVE.
+  EXPECT_TRUE(read_matches(p, zero()));
+  EXPECT_TRUE(bits(p).present);
+  EXPECT_EQ(counters().stale_faults, 1u);
+}
+
 TEST_P(Race, PrefaultFillsSmallGapsButNeverARemovedPage) {
   const bool small = !GetParam().huge;  // gap filling is for 4 KiB pages only
   const uint64_t first = session_->layout()->locate(address(0))->page_index;

@@ -1,9 +1,16 @@
-// PageStateTable: what faultline knows about every guest page, one byte per
+// PageStateTable: what faultline knows about every guest page, two bytes per
 // page, readable and updatable from any thread without a lock.
 //
 // The state decides where a page's next install comes from: the snapshot only
 // while the page has never been removed; zero after any REMOVE. It also
 // records whether the page was installed for a write (dirty from the start).
+//
+// The second byte counts the REMOVEs that covered the page (wrapping). A fault
+// carries the count it was read with: a fault served after a REMOVE of its page
+// was read may be stale (its thread was woken by an install and went on to
+// write and remove the page itself), and serving it would bring a removed page
+// back as present zeros. Such a fault is answered with a wake only; a thread
+// that still needs the page faults again (see Session::serve).
 //
 // Thread-safety: every operation is a single atomic access on the page's byte;
 // safe for concurrent use. Ordering between a REMOVE and a racing install is
@@ -29,8 +36,13 @@ const char* to_string(PageState state);
 class PageStateTable {
  public:
   explicit PageStateTable(uint64_t page_count)
-      : count_(page_count), bytes_(std::make_unique<std::atomic<uint8_t>[]>(page_count)) {
-    for (uint64_t i = 0; i < count_; ++i) bytes_[i].store(0, std::memory_order_relaxed);
+      : count_(page_count),
+        bytes_(std::make_unique<std::atomic<uint8_t>[]>(page_count)),
+        removals_(std::make_unique<std::atomic<uint8_t>[]>(page_count)) {
+    for (uint64_t i = 0; i < count_; ++i) {
+      bytes_[i].store(0, std::memory_order_relaxed);
+      removals_[i].store(0, std::memory_order_relaxed);
+    }
   }
   PageStateTable(const PageStateTable&) = delete;
   PageStateTable& operator=(const PageStateTable&) = delete;
@@ -48,14 +60,20 @@ class PageStateTable {
   static bool serves_zero(PageState s) { return s == PageState::kZero || s == PageState::kRemoved; }
 
   // REMOVE: the page reads zero from its next fault on. Clears the written
-  // bit (the guest's bytes are gone); keeps the bookkeeping bits.
+  // bit (the guest's bytes are gone); keeps the bookkeeping bits; counts the
+  // removal before the state changes, so whoever sees the new state sees the
+  // new count.
   void mark_removed(uint64_t page) {
+    removals_[page].fetch_add(1, std::memory_order_relaxed);
     uint8_t cur = bytes_[page].load(std::memory_order_acquire);
     while (!bytes_[page].compare_exchange_weak(cur, static_cast<uint8_t>((cur & kKeepMask) |
                                                                          static_cast<uint8_t>(PageState::kRemoved)),
                                                std::memory_order_acq_rel)) {
     }
   }
+
+  // How many REMOVEs covered the page, modulo 256 (see the file comment).
+  uint8_t removals(uint64_t page) const { return removals_[page].load(std::memory_order_acquire); }
 
   // Records an install, unless the state moved away from `expected` meanwhile
   // (a REMOVE won the race: keep kRemoved). Returns whether it was recorded.
@@ -88,7 +106,7 @@ class PageStateTable {
   // The guest wrote an installed page (a write-protect fault was resolved).
   void mark_written(uint64_t page) { bytes_[page].fetch_or(kWrittenBit, std::memory_order_acq_rel); }
 
-  static constexpr size_t kBytesPerPage = 1;
+  static constexpr size_t kBytesPerPage = 2;
 
  private:
   // bits 0-3 state, 4 written, 5 touched (faulted), 6 planned (prefetch),
@@ -103,6 +121,7 @@ class PageStateTable {
 
   uint64_t count_;
   std::unique_ptr<std::atomic<uint8_t>[]> bytes_;
+  std::unique_ptr<std::atomic<uint8_t>[]> removals_;
 };
 
 }  // namespace faultline

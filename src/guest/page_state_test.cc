@@ -34,7 +34,22 @@ TEST(PageStateTable, InstallRecordLosesToARemoveRecordedAfterTheInstallerLooked)
   EXPECT_EQ(t.state(0), PageState::kRemoved);
 }
 
-TEST(PageStateTable, OneBytePerPage) { EXPECT_EQ(PageStateTable::kBytesPerPage, 1u); }
+TEST(PageStateTable, TwoBytesPerPage) { EXPECT_EQ(PageStateTable::kBytesPerPage, 2u); }
+
+TEST(PageStateTable, EveryRemoveIsCountedPerPageAndTheCountWraps) {
+  PageStateTable t(2);
+  EXPECT_EQ(t.removals(0), 0u);
+  t.mark_removed(0);
+  EXPECT_EQ(t.removals(0), 1u);
+  // An install does not reset it: a fault read before the REMOVE still sees a change.
+  EXPECT_TRUE(t.record_install(0, PageState::kRemoved, PageState::kZero, false));
+  EXPECT_EQ(t.removals(0), 1u);
+  t.mark_removed(0);
+  EXPECT_EQ(t.removals(0), 2u);
+  EXPECT_EQ(t.removals(1), 0u);
+  for (int k = 0; k < 254; ++k) t.mark_removed(0);
+  EXPECT_EQ(t.removals(0), 0u);
+}
 
 // Runs body(k) on `threads` threads that all start at once (a barrier), so
 // their operations really overlap instead of running one after the other.

@@ -39,17 +39,21 @@ PageInstaller::Result PageInstaller::install_run(const Run& run) {
   return result;
 }
 
-kernel::IoctlResult PageInstaller::install_zero(uint64_t page, uint64_t address, uint64_t page_size, bool protect,
-                                                PageState seen, PageState installed, bool write, int inject_errno) {
-  kernel::IoctlResult r;
-  if (inject_errno != 0) {
-    r = kernel::result_for_errno(inject_errno);
-  } else if (protect || page_size != kPageSize4K) {
-    r = uffd_.copy(address, zero_page_, page_size, protect, false);
-  } else {
-    r = uffd_.zeropage(address, page_size, false);
+std::optional<kernel::IoctlResult> PageInstaller::install_zero(const Zero& z) {
+  const bool fenced = z.removals && z.slot != kReaderUnfenced;
+  if (fenced) fence_.enter(z.slot);
+  std::optional<kernel::IoctlResult> r;
+  if (!z.removals || pages_.removals(z.page) == *z.removals) {
+    if (z.inject_errno != 0) {
+      r = kernel::result_for_errno(z.inject_errno);
+    } else if (z.protect || z.page_size != kPageSize4K) {
+      r = uffd_.copy(z.address, zero_page_, z.page_size, z.protect, false);
+    } else {
+      r = uffd_.zeropage(z.address, z.page_size, false);
+    }
+    if (r->outcome == kernel::IoctlOutcome::kDone) pages_.record_install(z.page, z.seen, z.installed, z.write);
   }
-  if (r.outcome == kernel::IoctlOutcome::kDone) pages_.record_install(page, seen, installed, write);
+  if (fenced) fence_.exit(z.slot);
   return r;
 }
 

@@ -15,14 +15,19 @@
 //    write-protected (atomically, UFFDIO_COPY_MODE_WP);
 //  - every page installed is recorded in the page-state table inside the
 //    fence, from the state it had, so a REMOVE read meanwhile is never lost.
-// Zeros need no fence (they are never stale): install_zero().
+// Zeros are never stale bytes: install_zero(). But zeros for a fault that is
+// itself stale (read before a REMOVE of its page, whose thread was woken by an
+// install and went on to remove the page) would leave a removed page present:
+// a removed page's zeros go in only while the page's REMOVE count is still the
+// one the fault was read with, checked inside the fence.
 //
-// Thread-safety: install_run() from one thread per fence slot at a time
-// (slots are the session's workers, prefault(), prefetch threads; the event
-// reader uses kReaderUnfenced); install_zero() from any thread.
+// Thread-safety: install_run() and install_zero() from one thread per fence
+// slot at a time (slots are the session's workers, prefault(), prefetch
+// threads; the event reader uses kReaderUnfenced).
 #pragma once
 
 #include <cstdint>
+#include <optional>
 
 #include "guest/page_state.h"
 #include "kernel/userfaultfd.h"
@@ -73,16 +78,31 @@ class PageInstaller {
 
   Result install_run(const Run& run);
 
-  // Zeros at one page (a removed page, or one the snapshot holds as zeros),
-  // outside the fence: zeros are never stale. Recorded as `installed`
-  // (kZero after a REMOVE, kSnapshot for snapshot zeros) from `seen`, the
-  // state the caller decided on; a REMOVE recorded in between wins.
+  struct Zero {
+    size_t slot = kReaderUnfenced;  // the caller's fence slot (used with `removals`)
+    uint64_t page = 0;              // global page index
+    uint64_t address = 0;           // client address of the page
+    uint64_t page_size = 0;
+    bool protect = false;
+    PageState seen = PageState::kUntouched;       // the state the caller decided on
+    PageState installed = PageState::kSnapshot;  // kZero after a REMOVE, kSnapshot for snapshot zeros
+    bool write = false;
+    int inject_errno = 0;
+    // A removed page's zeros for a fault: installed only while the page's
+    // REMOVE count is still this one (the count the fault was read with).
+    std::optional<uint8_t> removals;
+  };
+  // Zeros at one page (a removed page, or one the snapshot holds as zeros).
+  // Recorded as `installed` from `seen`; a REMOVE recorded in between wins.
+  // With `removals` set and a fence slot, the count is checked and the zeros
+  // installed inside the fence, so no REMOVE is read in between; the reader
+  // (kReaderUnfenced) reads no REMOVE while it serves. nullopt: the count
+  // moved (the fault may be stale), nothing was installed.
   // Protected or 2 MiB zeros are a copy of the zero page with MODE_WP:
   // UFFDIO_ZEROPAGE has no WP mode, "zeropage then writeprotect" leaves a
   // window in which a write goes unrecorded, and ZEROPAGE does not exist on
   // hugetlbfs.
-  kernel::IoctlResult install_zero(uint64_t page, uint64_t address, uint64_t page_size, bool protect, PageState seen,
-                                   PageState installed, bool write, int inject_errno = 0);
+  std::optional<kernel::IoctlResult> install_zero(const Zero& zero);
 
  private:
   const kernel::Userfaultfd& uffd_;

@@ -422,6 +422,7 @@ std::vector<LogField> summary_fields(const SessionSummary& s) {
                           {"ahead_pages", s.counters.ahead_pages},
                           {"ahead_faulted", s.counters.ahead_faulted},
                           {"readahead_pages", s.counters.readahead_pages},
+                          {"stale_faults", s.counters.stale_faults},
                           {"pages_snapshot", s.counters.pages_snapshot},
                           {"pages_zero", s.counters.pages_zero},
                           {"snapshot_zero_pages", s.counters.snapshot_zero_pages},
@@ -457,6 +458,7 @@ SessionSummary Session::summary() const {
   s.counters.source_retries = source_retries_.load(std::memory_order_relaxed);
   s.counters.ahead_faulted = ahead_faulted_.load(std::memory_order_relaxed);
   s.counters.readahead_pages = readahead_pages_.load(std::memory_order_relaxed);
+  s.counters.stale_faults = stale_faults_.load(std::memory_order_relaxed);
   for (const Worker* w : all_workers()) {
     s.counters.pages_snapshot += w->pages_snapshot.load(std::memory_order_relaxed);
     s.counters.pages_zero += w->pages_zero.load(std::memory_order_relaxed);
@@ -680,6 +682,7 @@ void Session::reader_loop() {
               break;
             }
             QueuedFault q{f->address, f->write, f->wp, false, read_ns};
+            q.removals = pages_->removals(loc->page_index);
             if (pages_->mark_touched(loc->page_index)) {
               // First touch since restore: record it, and count it as late
               // if prefetch planned the page but had not installed it yet.
@@ -988,11 +991,29 @@ Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
     // is read anyway (it then holds the zeros too).
     const bool snapshot_zero = !removed && pages == 1 && snapshot_known_zero(loc->file_offset, loc->page_size);
     if (removed || snapshot_zero) {
-      // Zeros are never stale: no fence needed.
       installed = removed ? PageState::kZero : PageState::kSnapshot;
       FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
-      r = installer_->install_zero(loc->page_index, loc->address, loc->page_size, protect, seen, installed, fault.write,
-                                   hook.inject_errno);
+      PageInstaller::Zero zero{.slot = by_reader ? PageInstaller::kReaderUnfenced : w.index,
+                               .page = loc->page_index,
+                               .address = loc->address,
+                               .page_size = loc->page_size,
+                               .protect = protect,
+                               .seen = seen,
+                               .installed = installed,
+                               .write = fault.write,
+                               .inject_errno = hook.inject_errno};
+      // A page removed after the fault was read: the fault may be stale
+      // (its thread woken by an install, then the page written and
+      // removed); zeros would make the removed page present again. Only a
+      // wake; a thread that still waits faults again and gets the zeros.
+      if (removed) zero.removals = fault.removals;
+      const std::optional<kernel::IoctlResult> done = installer_->install_zero(zero);
+      if (!done) {
+        stale_faults_.fetch_add(1, std::memory_order_relaxed);
+        (void)uffd_.wake(loc->address, loc->page_size);
+        return Served::kDone;
+      }
+      r = *done;
       if (r.outcome == kernel::IoctlOutcome::kDone && snapshot_zero) {
         w.snapshot_zero.fetch_add(1, std::memory_order_relaxed);
       }

@@ -141,6 +141,7 @@ struct SessionCounters {
   uint64_t ahead_pages = 0;      // pages fault-around installed ahead of any fault on them (also in pages_snapshot)
   uint64_t ahead_faulted = 0;    // of those, pages that faulted later (a write-protect fault: the guest wrote one)
   uint64_t readahead_pages = 0;  // of ahead_pages, those installed by readahead (fault_around_readahead)
+  uint64_t stale_faults = 0;     // faults on a page removed after they were read: woken, not served (Session::serve)
 };
 
 // What prefault() did.
@@ -293,6 +294,8 @@ class Session {
     // Not a fault: a readahead of `window` pages from `address`, which no
     // thread waits for (the reader hands those to a worker this way).
     bool is_readahead = false;
+    // The page's REMOVE count when the fault was read (PageStateTable::removals).
+    uint8_t removals = 0;
   };
   // What the registry reads while the session is live.
   class MetricsSource final : public metrics::SessionSource {
@@ -408,6 +411,7 @@ class Session {
   std::atomic<uint64_t> busy_poll_reads_{0};
   std::atomic<uint64_t> source_retries_{0};
   std::atomic<uint64_t> ahead_faulted_{0};
+  std::atomic<uint64_t> stale_faults_{0};
   std::atomic<uint64_t> readahead_pages_{0};
   FaultAround fault_around_;
   std::thread prefetcher_;

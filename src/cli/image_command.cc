@@ -9,8 +9,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "image/local_store.h"
 #include "image/operations.h"
+#include "image/transfer.h"
+#include "objstore/s3_store.h"
 
 namespace faultline::cli {
 namespace {
@@ -19,7 +20,11 @@ constexpr const char* kImageFooter = R"(Images are faultline's snapshot format: 
 or stored in a zstd-compressed frame; frames are blobs named by their SHA-256 in a store
 directory (DIR/blobs/sha256/, manifests in DIR/images/NAME), so identical frames are stored
 once. A diff (--parent) stores only the pages whose bytes differ from its parent's.
-The format: docs/image-format.md.)";
+A store is a directory or an S3 bucket and prefix (--store s3://BUCKET/PREFIX, the same
+layout under the prefix; endpoint and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_REGION or a profile in ~/.aws/credentials); push and pull copy an
+image and its parents between a directory and a bucket, only the blobs the other side lacks.
+The format: docs/image-format.md; object stores: docs/object-store.md.)";
 
 // One progress line on stderr, redrawn in place on a terminal and printed at
 // most every 2 s otherwise (so logs stay short).
@@ -57,7 +62,10 @@ struct ImageCommand::Options {
   CLI::App* verify = nullptr;
   CLI::App* flatten = nullptr;
   CLI::App* gc = nullptr;
-  std::string store, name, from, parent, working_set, out;
+  CLI::App* push = nullptr;
+  CLI::App* pull = nullptr;
+  std::string store, name, from, parent, working_set, out, url;
+  unsigned threads = 8;
   uint32_t page_size = 4096;
   int level = 3;
   uint32_t frame_pages = 0;
@@ -70,7 +78,7 @@ ImageCommand::ImageCommand(CLI::App& app) : options_(std::make_unique<Options>()
   o.image->require_subcommand(1);
   o.image->footer(kImageFooter);
   auto add_store = [&o](CLI::App* c) {
-    c->add_option("--store", o.store, "Store directory (blobs/ and images/)")->required();
+    c->add_option("--store", o.store, "Store: a directory (blobs/ and images/) or s3://BUCKET/PREFIX")->required();
   };
   auto add_name = [&o](CLI::App* c) { c->add_option("--name", o.name, "Image name (a plain file name)")->required(); };
   auto add_quiet = [&o](CLI::App* c) { c->add_flag("--quiet", o.quiet, "No progress line on stderr"); };
@@ -119,6 +127,20 @@ ImageCommand::ImageCommand(CLI::App& app) : options_(std::make_unique<Options>()
       "gc", "Remove blobs no image references (safe while other processes create images in the store)");
   add_store(o.gc);
   o.gc->add_flag("--dry-run", o.dry_run, "Count what would be removed, remove nothing");
+
+  auto add_transfer = [&](CLI::App* c, const char* url_help) {
+    add_store(c);
+    add_name(c);
+    c->add_option("url", o.url, url_help)->required();
+    c->add_option("--threads", o.threads, "Blobs in flight at once")->default_val(8)->check(CLI::Range(1, 256));
+    add_quiet(c);
+  };
+  o.push = o.image->add_subcommand(
+      "push", "Upload an image and its parents to s3://BUCKET/PREFIX: only blobs the bucket lacks, manifests last");
+  add_transfer(o.push, "Destination: s3://BUCKET/PREFIX (the bucket is created if missing)");
+  o.pull = o.image->add_subcommand(
+      "pull", "Download an image and its parents from s3://BUCKET/PREFIX into --store, checking every blob");
+  add_transfer(o.pull, "Source: s3://BUCKET/PREFIX");
 }
 
 ImageCommand::~ImageCommand() = default;
@@ -127,7 +149,31 @@ bool ImageCommand::parsed() const { return options_->image->parsed(); }
 
 int ImageCommand::run() {
   const Options& o = *options_;
-  auto store = image::LocalStore::open(o.store, o.create->parsed());
+  if (o.push->parsed() || o.pull->parsed()) {
+    if (!objstore::is_s3_url(o.url)) {
+      return report_error(Error{EINVAL, "'" + o.url + "' is not an s3://BUCKET/PREFIX URL"});
+    }
+    auto local = objstore::open_store(o.store, o.pull->parsed());
+    if (!local) return report_error(local.error());
+    auto remote = objstore::open_store(o.url, o.push->parsed());
+    if (!remote) return report_error(remote.error());
+    image::CopyOptions c;
+    c.threads = o.threads;
+    c.progress = progress_line((o.push->parsed() ? "pushing " : "pulling ") + o.name, o.quiet);
+    const auto start = std::chrono::steady_clock::now();
+    auto r = o.push->parsed() ? image::copy_image(**local, **remote, o.name, c)
+                              : image::copy_image(**remote, **local, o.name, c);
+    if (!r) return report_error(r.error());
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::printf("image %s %s %s: %llu layer(s), %llu new; %llu of %llu blobs copied (%s), the rest already there; "
+                "%.1f s\n",
+                o.name.c_str(), o.push->parsed() ? "pushed to" : "pulled from", o.url.c_str(),
+                static_cast<unsigned long long>(r->layers), static_cast<unsigned long long>(r->manifests_written),
+                static_cast<unsigned long long>(r->blobs_copied), static_cast<unsigned long long>(r->blobs),
+                mib(r->bytes_copied).c_str(), seconds);
+    return 0;
+  }
+  auto store = objstore::open_store(o.store, o.create->parsed());
   if (!store) return report_error(store.error());
 
   if (o.create->parsed()) {

@@ -1,0 +1,430 @@
+#include "objstore/s3_client.h"
+
+#include <curl/curl.h>
+
+#include <cctype>
+#include <cerrno>
+#include <cstring>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include "common/text_escape.h"
+
+namespace faultline::objstore {
+
+namespace {
+
+// curl_global_init is not thread-safe: run it once, before any handle.
+void init_curl_once() {
+  static const bool done = [] { return curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK; }();
+  (void)done;
+}
+
+std::string env(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string();
+}
+
+std::string trim(std::string s) {
+  const auto first = s.find_first_not_of(" \t\r\n");
+  if (first == std::string::npos) return {};
+  const auto last = s.find_last_not_of(" \t\r\n");
+  return s.substr(first, last - first + 1);
+}
+
+// Keys of one profile of an AWS shared credentials file ("[name]", "k = v").
+void read_profile(const std::string& path, const std::string& profile, std::string& access, std::string& secret) {
+  std::ifstream in(path);
+  std::string line, section;
+  while (std::getline(in, line)) {
+    line = trim(line);
+    if (line.empty() || line[0] == '#' || line[0] == ';') continue;
+    if (line.front() == '[' && line.back() == ']') {
+      section = trim(line.substr(1, line.size() - 2));
+      continue;
+    }
+    if (section != profile) continue;
+    const auto eq = line.find('=');
+    if (eq == std::string::npos) continue;
+    const std::string k = trim(line.substr(0, eq)), v = trim(line.substr(eq + 1));
+    if (k == "aws_access_key_id" && access.empty()) access = v;
+    if (k == "aws_secret_access_key" && secret.empty()) secret = v;
+  }
+}
+
+// Percent-encodes a key for the URL path, keeping '/' (S3's unreserved set).
+std::string encode_key(const std::string& key) {
+  static const char* hex = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : key) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' || c == '/') {
+      out += static_cast<char>(c);
+    } else {
+      out += '%';
+      out += hex[c >> 4];
+      out += hex[c & 15];
+    }
+  }
+  return out;
+}
+
+std::string xml_unescape(std::string_view s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '&') {
+      out += s[i];
+      continue;
+    }
+    static const std::pair<std::string_view, char> entities[] = {
+        {"&amp;", '&'}, {"&lt;", '<'}, {"&gt;", '>'}, {"&quot;", '"'}, {"&apos;", '\''}};
+    bool matched = false;
+    for (const auto& [name, ch] : entities) {
+      if (s.substr(i, name.size()) == name) {
+        out += ch;
+        i += name.size() - 1;
+        matched = true;
+        break;
+      }
+    }
+    if (!matched) out += '&';
+  }
+  return out;
+}
+
+// Every <tag>value</tag> in an S3 XML answer (flat: S3's answers never nest
+// a tag inside one of the same name).
+std::vector<std::string> xml_values(std::string_view xml, std::string_view tag) {
+  std::vector<std::string> out;
+  const std::string open = "<" + std::string(tag) + ">", close = "</" + std::string(tag) + ">";
+  size_t at = 0;
+  while ((at = xml.find(open, at)) != std::string_view::npos) {
+    at += open.size();
+    const size_t end = xml.find(close, at);
+    if (end == std::string_view::npos) break;
+    out.push_back(xml_unescape(xml.substr(at, end - at)));
+    at = end + close.size();
+  }
+  return out;
+}
+
+std::string xml_value(std::string_view xml, std::string_view tag) {
+  auto v = xml_values(xml, tag);
+  return v.empty() ? std::string() : v[0];
+}
+
+size_t write_body(char* data, size_t size, size_t n, void* user) {
+  static_cast<std::string*>(user)->append(data, size * n);
+  return size * n;
+}
+
+struct Upload {
+  std::string_view body;
+  size_t at = 0;
+};
+size_t read_body(char* out, size_t size, size_t n, void* user) {
+  auto* up = static_cast<Upload*>(user);
+  const size_t len = std::min(size * n, up->body.size() - up->at);
+  std::memcpy(out, up->body.data() + up->at, len);
+  up->at += len;
+  return len;
+}
+
+}  // namespace
+
+Result<S3Config> S3Config::from_environment() {
+  S3Config c;
+  c.endpoint = env("AWS_ENDPOINT_URL");
+  while (!c.endpoint.empty() && c.endpoint.back() == '/') c.endpoint.pop_back();
+  if (c.endpoint.empty()) {
+    return fail("no S3 endpoint: set AWS_ENDPOINT_URL (for example http://127.0.0.1:7480)");
+  }
+  if (std::string r = env("AWS_REGION"); !r.empty()) {
+    c.region = r;
+  } else if (std::string d = env("AWS_DEFAULT_REGION"); !d.empty()) {
+    c.region = d;
+  }
+  c.access_key = env("AWS_ACCESS_KEY_ID");
+  c.secret_key = env("AWS_SECRET_ACCESS_KEY");
+  if (c.access_key.empty() || c.secret_key.empty()) {
+    std::string file = env("AWS_SHARED_CREDENTIALS_FILE");
+    if (file.empty() && !env("HOME").empty()) file = env("HOME") + "/.aws/credentials";
+    std::string profile = env("AWS_PROFILE");
+    if (profile.empty()) profile = "default";
+    if (!file.empty()) read_profile(file, profile, c.access_key, c.secret_key);
+    if (c.access_key.empty() || c.secret_key.empty()) {
+      return fail("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or give profile '" + profile +
+                  "' aws_access_key_id and aws_secret_access_key in " + (file.empty() ? "~/.aws/credentials" : file));
+    }
+  }
+  return c;
+}
+
+struct S3Client::Handle {
+  CURL* curl = nullptr;
+  ~Handle() {
+    if (curl) curl_easy_cleanup(curl);
+  }
+};
+
+Result<std::unique_ptr<S3Client>> S3Client::create(S3Config config) {
+  init_curl_once();
+  if (config.endpoint.rfind("http://", 0) != 0 && config.endpoint.rfind("https://", 0) != 0) {
+    return fail("S3 endpoint '" + escape_untrusted(config.endpoint) + "' is not an http:// or https:// URL");
+  }
+  if (config.max_connections == 0) config.max_connections = 1;
+  if (config.max_attempts < 1) config.max_attempts = 1;
+  return std::unique_ptr<S3Client>(new S3Client(std::move(config)));
+}
+
+S3Client::S3Client(S3Config config) : config_(std::move(config)) {}
+S3Client::~S3Client() = default;
+
+uint64_t S3Client::requests() const {
+  std::lock_guard lock(mu_);
+  return requests_;
+}
+
+std::unique_ptr<S3Client::Handle> S3Client::acquire() {
+  std::unique_lock lock(mu_);
+  free_cv_.wait(lock, [&] { return !free_.empty() || open_ < config_.max_connections; });
+  if (!free_.empty()) {
+    auto h = std::move(free_.back());
+    free_.pop_back();
+    return h;
+  }
+  ++open_;
+  lock.unlock();
+  auto h = std::make_unique<Handle>();
+  h->curl = curl_easy_init();
+  return h;
+}
+
+void S3Client::release(std::unique_ptr<Handle> h) {
+  std::lock_guard lock(mu_);
+  if (h && h->curl) {
+    free_.push_back(std::move(h));
+  } else {
+    --open_;
+  }
+  free_cv_.notify_one();
+}
+
+std::string S3Client::url(const std::string& bucket, const std::string& key, const std::string& query) const {
+  std::string u = config_.endpoint + "/" + encode_key(bucket);
+  if (!key.empty()) u += "/" + encode_key(key);
+  if (!query.empty()) u += "?" + query;
+  return u;
+}
+
+Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& method, const std::string& url,
+                                                  std::string_view body, std::optional<ByteRange> range) {
+  CURL* c = h.curl;
+  if (!c) return fail("curl_easy_init failed", ENOMEM);
+  curl_easy_reset(c);  // keeps the connection; forgets the last request's options
+  Response r;
+  Upload up{body, 0};
+  const std::string sigv4 = "aws:amz:" + config_.region + ":s3";
+  curl_easy_setopt(c, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(c, CURLOPT_AWS_SIGV4, sigv4.c_str());
+  curl_easy_setopt(c, CURLOPT_USERNAME, config_.access_key.c_str());
+  curl_easy_setopt(c, CURLOPT_PASSWORD, config_.secret_key.c_str());
+  curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
+  curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(config_.connect_timeout.count()));
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(config_.request_timeout.count()));
+  curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, write_body);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &r.body);
+  // libcurl signs but does not send the payload hash header, which S3 (and
+  // RGW) require: without it every request is refused with 403
+  // SignatureDoesNotMatch. The payload is not signed; its content is
+  // checked against its address by the store's readers.
+  curl_slist* headers = curl_slist_append(nullptr, "x-amz-content-sha256: UNSIGNED-PAYLOAD");
+  std::string range_header;
+  if (method == "GET") {
+    if (range) {
+      // "FIRST-LAST": curl sends it as "Range: bytes=FIRST-LAST".
+      range_header = std::to_string(range->offset) + "-" + std::to_string(range->offset + range->length - 1);
+      curl_easy_setopt(c, CURLOPT_RANGE, range_header.c_str());
+    }
+  } else if (method == "PUT") {
+    curl_easy_setopt(c, CURLOPT_UPLOAD, 1L);
+    curl_easy_setopt(c, CURLOPT_READFUNCTION, read_body);
+    curl_easy_setopt(c, CURLOPT_READDATA, &up);
+    curl_easy_setopt(c, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(body.size()));
+    // Not "Expect:" to skip the 100-continue round trip of large bodies:
+    // libcurl 7.88 signs the emptied header as if it were sent, and the
+    // store answers 403 SignatureDoesNotMatch.
+  } else if (method == "HEAD") {
+    curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+  } else {
+    curl_easy_setopt(c, CURLOPT_CUSTOMREQUEST, method.c_str());
+  }
+  curl_easy_setopt(c, CURLOPT_HTTPHEADER, headers);
+  {
+    std::lock_guard lock(mu_);
+    ++requests_;
+  }
+  const CURLcode rc = curl_easy_perform(c);
+  curl_slist_free_all(headers);
+  if (rc != CURLE_OK) {
+    Error e{0, std::string("S3 request ") + method + " " + url + " failed: " + curl_easy_strerror(rc)};
+    // Connection and timeout failures may pass; a malformed URL will not.
+    e.retryable = rc != CURLE_URL_MALFORMAT && rc != CURLE_UNSUPPORTED_PROTOCOL;
+    e.code = rc == CURLE_OPERATION_TIMEDOUT ? ETIMEDOUT : rc == CURLE_COULDNT_CONNECT ? ECONNREFUSED : EIO;
+    return std::unexpected(e);
+  }
+  curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &r.status);
+  curl_off_t length = 0;
+  curl_easy_getinfo(c, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &length);
+  r.content_length = length > 0 ? static_cast<uint64_t>(length) : 0;
+  return r;
+}
+
+Result<S3Client::Response> S3Client::perform(const std::string& method, const std::string& bucket,
+                                             const std::string& key, const std::string& query, std::string_view body,
+                                             std::optional<ByteRange> range) {
+  const std::string u = url(bucket, key, query);
+  const std::string what = "s3://" + bucket + (key.empty() ? "" : "/" + key);
+  thread_local std::minstd_rand jitter(std::random_device{}());
+  auto backoff = config_.first_backoff;
+  Error last;
+  for (int attempt = 1; attempt <= config_.max_attempts; ++attempt) {
+    if (attempt > 1) {
+      // Full jitter: a fleet retrying together does not hit the store in step.
+      std::uniform_int_distribution<int64_t> d(backoff.count() / 2, backoff.count());
+      std::this_thread::sleep_for(std::chrono::milliseconds(d(jitter)));
+      backoff *= 2;
+    }
+    auto h = acquire();
+    auto r = perform_once(*h, method, u, body, range);
+    release(std::move(h));
+    if (!r) {
+      last = r.error();
+      if (!last.retryable) return std::unexpected(last);
+      continue;
+    }
+    const long status = r->status;
+    if (status >= 200 && status < 300) return r;
+    const std::string code = xml_value(r->body, "Code");
+    // 5xx (503 SlowDown among them) and 429: the store is busy or failing
+    // for a moment. Everything else is an answer that would repeat itself.
+    if (status >= 500 || status == 429) {
+      last = Error{EAGAIN, method + " " + what + ": the store answered " + std::to_string(status) +
+                               (code.empty() ? "" : " " + code),
+                   true};
+      continue;
+    }
+    if (status == 404 || code == "NoSuchKey" || code == "NoSuchBucket") {
+      if (code == "NoSuchBucket") return fail("bucket '" + escape_untrusted(bucket) + "' does not exist (" + what + ")", ENOENT);
+      return std::unexpected(Error{ENOENT, what + ": no such object"});
+    }
+    if (status == 403 || status == 401) {
+      return fail(method + " " + what + ": the store refused the credentials (" +
+                      (code.empty() ? std::to_string(status) : code) +
+                      "); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+                  EACCES);
+    }
+    return fail(method + " " + what + ": the store answered " + std::to_string(status) +
+                    (code.empty() ? "" : " " + code) + (xml_value(r->body, "Message").empty() ? "" : ": " + escape_untrusted(xml_value(r->body, "Message"))),
+                EIO);
+  }
+  last.message += " (after " + std::to_string(config_.max_attempts) + " attempts)";
+  return std::unexpected(last);
+}
+
+Result<std::string> S3Client::get(const std::string& bucket, const std::string& key, std::optional<ByteRange> range) {
+  auto r = perform("GET", bucket, key, "", {}, range);
+  if (!r) return std::unexpected(r.error());
+  if (range && r->body.size() != range->length) {
+    // A 200 (the whole object) or a short 206: not the bytes asked for.
+    return fail("GET s3://" + bucket + "/" + key + " bytes " + std::to_string(range->offset) + "+" +
+                    std::to_string(range->length) + ": the store returned " + std::to_string(r->body.size()) +
+                    " bytes",
+                EIO);
+  }
+  return std::move(r->body);
+}
+
+Status S3Client::put(const std::string& bucket, const std::string& key, std::string_view body) {
+  auto r = perform("PUT", bucket, key, "", body, std::nullopt);
+  if (!r) return std::unexpected(r.error());
+  return {};
+}
+
+Result<std::optional<uint64_t>> S3Client::head(const std::string& bucket, const std::string& key) {
+  auto r = perform("HEAD", bucket, key, "", {}, std::nullopt);
+  if (!r) {
+    // A HEAD answer has no body: a 404 may be a missing bucket as well.
+    if (r.error().code == ENOENT) return std::optional<uint64_t>{};
+    return std::unexpected(r.error());
+  }
+  return std::optional<uint64_t>{r->content_length};
+}
+
+Status S3Client::remove(const std::string& bucket, const std::string& key) {
+  auto r = perform("DELETE", bucket, key, "", {}, std::nullopt);
+  if (!r && r.error().code != ENOENT) return std::unexpected(r.error());
+  return {};
+}
+
+Result<std::vector<std::string>> S3Client::list(const std::string& bucket, const std::string& prefix) {
+  std::vector<std::string> keys;
+  std::string token;
+  for (;;) {
+    // Query parameters in sorted order (SigV4's canonical query string).
+    std::string query;
+    if (!token.empty()) {
+      char* t = curl_easy_escape(nullptr, token.c_str(), static_cast<int>(token.size()));
+      query += "continuation-token=" + std::string(t) + "&";
+      curl_free(t);
+    }
+    query += "list-type=2";
+    if (!prefix.empty()) {
+      char* p = curl_easy_escape(nullptr, prefix.c_str(), static_cast<int>(prefix.size()));
+      query += "&prefix=" + std::string(p);
+      curl_free(p);
+    }
+    auto r = perform("GET", bucket, "", query, {}, std::nullopt);
+    if (!r) return std::unexpected(r.error());
+    for (std::string& k : xml_values(r->body, "Key")) keys.push_back(std::move(k));
+    if (xml_value(r->body, "IsTruncated") != "true") break;
+    token = xml_value(r->body, "NextContinuationToken");
+    if (token.empty()) return fail("LIST s3://" + bucket + "/" + prefix + ": a truncated answer without a token", EIO);
+  }
+  return keys;
+}
+
+Status S3Client::create_bucket(const std::string& bucket) {
+  auto r = perform("PUT", bucket, "", "", {}, std::nullopt);
+  if (!r) {
+    if (r.error().message.find("BucketAlreadyOwnedByYou") != std::string::npos) return {};
+    return std::unexpected(r.error());
+  }
+  return {};
+}
+
+bool is_s3_url(std::string_view location) { return location.rfind("s3://", 0) == 0; }
+
+Result<S3Location> S3Location::parse(std::string_view url) {
+  if (!is_s3_url(url)) return fail("'" + escape_untrusted(url) + "' is not an s3://BUCKET/PREFIX URL");
+  std::string_view rest = url.substr(5);
+  S3Location l;
+  const size_t slash = rest.find('/');
+  l.bucket = std::string(rest.substr(0, slash));
+  if (slash != std::string_view::npos) l.prefix = std::string(rest.substr(slash + 1));
+  while (!l.prefix.empty() && l.prefix.back() == '/') l.prefix.pop_back();
+  if (l.bucket.size() < 3 || l.bucket.size() > 63) {
+    return fail("'" + escape_untrusted(url) + "': a bucket name has 3 to 63 characters");
+  }
+  for (char ch : l.bucket) {
+    if (!(std::islower(static_cast<unsigned char>(ch)) || std::isdigit(static_cast<unsigned char>(ch)) || ch == '-' ||
+          ch == '.')) {
+      return fail("'" + escape_untrusted(url) + "': a bucket name holds lowercase letters, digits, '-' and '.'");
+    }
+  }
+  return l;
+}
+
+}  // namespace faultline::objstore

@@ -1,0 +1,120 @@
+// S3Client: the S3 API calls faultline needs (GET with a range, PUT, HEAD,
+// DELETE, ListObjectsV2, create bucket) over HTTP with libcurl, which signs
+// every request with AWS Signature V4 (CURLOPT_AWS_SIGV4). Path-style
+// addressing (`ENDPOINT/BUCKET/KEY`), any endpoint: AWS, Ceph's RADOS
+// Gateway, MinIO.
+//
+// Connections: a bounded pool of curl handles, each keeping its connection
+// alive between requests (a new connection costs ~13-17 ms against ~1 ms for
+// a small ranged GET on a kept-alive one, measured on loopback here); a
+// request waits for a free handle when all are busy.
+//
+// Errors: timeouts, connection failures and resets, 5xx answers and 503
+// SlowDown are retried with exponential backoff and jitter, up to
+// `max_attempts`; what is left is returned with Error::retryable set, so a
+// caller with a deadline of its own (a session serving faults) can retry
+// longer. A missing object or bucket is ENOENT, refused credentials EACCES,
+// each with a sentence naming what is missing or refused. Credentials never
+// appear in an error or a log line.
+//
+// Thread-safety: safe for concurrent use from any number of threads.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/error.h"
+
+namespace faultline::objstore {
+
+struct S3Config {
+  std::string endpoint;  // "http://127.0.0.1:7480", no trailing slash
+  std::string region = "us-east-1";
+  std::string access_key;
+  std::string secret_key;
+  size_t max_connections = 16;
+  int max_attempts = 5;  // per request, the first included
+  std::chrono::milliseconds connect_timeout{5000};
+  std::chrono::milliseconds request_timeout{60000};
+  std::chrono::milliseconds first_backoff{50};  // doubled per attempt, with jitter
+
+  // The way AWS tools take them: AWS_ENDPOINT_URL, AWS_REGION (or
+  // AWS_DEFAULT_REGION), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; keys
+  // missing from the environment come from the shared credentials file
+  // (AWS_SHARED_CREDENTIALS_FILE, else ~/.aws/credentials), profile
+  // AWS_PROFILE or "default". An endpoint is required (no AWS default).
+  static Result<S3Config> from_environment();
+};
+
+struct ByteRange {
+  uint64_t offset = 0;
+  uint64_t length = 0;  // > 0
+};
+
+class S3Client {
+ public:
+  static Result<std::unique_ptr<S3Client>> create(S3Config config);
+  ~S3Client();
+  S3Client(const S3Client&) = delete;
+  S3Client& operator=(const S3Client&) = delete;
+
+  // The object's bytes, or `range` of them (REQUIRES: within the object).
+  Result<std::string> get(const std::string& bucket, const std::string& key,
+                          std::optional<ByteRange> range = std::nullopt);
+  // Stores the object whole (S3 makes it visible all at once).
+  Status put(const std::string& bucket, const std::string& key, std::string_view body);
+  // The object's size, or nullopt when there is no such object.
+  Result<std::optional<uint64_t>> head(const std::string& bucket, const std::string& key);
+  // Succeeds when the object is gone (also when it never existed).
+  Status remove(const std::string& bucket, const std::string& key);
+  // Every key that starts with `prefix`, in S3's order (by key).
+  Result<std::vector<std::string>> list(const std::string& bucket, const std::string& prefix);
+  // Succeeds when the bucket exists afterwards (also when it existed).
+  Status create_bucket(const std::string& bucket);
+
+  // Requests sent, retries included (tests and the benchmark count GETs).
+  uint64_t requests() const;
+  const S3Config& config() const { return config_; }
+
+ private:
+  struct Handle;
+  struct Response {
+    long status = 0;
+    std::string body;
+    uint64_t content_length = 0;
+  };
+  explicit S3Client(S3Config config);
+  // One request with retries. `body` for PUT; `range` for GET.
+  Result<Response> perform(const std::string& method, const std::string& bucket, const std::string& key,
+                           const std::string& query, std::string_view body, std::optional<ByteRange> range);
+  Result<Response> perform_once(Handle& h, const std::string& method, const std::string& url, std::string_view body,
+                                std::optional<ByteRange> range);
+  std::unique_ptr<Handle> acquire();
+  void release(std::unique_ptr<Handle> h);
+  std::string url(const std::string& bucket, const std::string& key, const std::string& query) const;
+
+  S3Config config_;
+  mutable std::mutex mu_;
+  std::condition_variable free_cv_;
+  std::vector<std::unique_ptr<Handle>> free_;
+  size_t open_ = 0;
+  uint64_t requests_ = 0;
+};
+
+// "s3://bucket/some/prefix" -> {"bucket", "some/prefix"} (no trailing slash).
+struct S3Location {
+  std::string bucket;
+  std::string prefix;
+  static Result<S3Location> parse(std::string_view url);
+  std::string url() const { return "s3://" + bucket + (prefix.empty() ? "" : "/" + prefix); }
+};
+bool is_s3_url(std::string_view location);
+
+}  // namespace faultline::objstore

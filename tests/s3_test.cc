@@ -1,0 +1,369 @@
+// The S3 client and image push/pull against a real Ceph RADOS Gateway, which
+// each test starts on 127.0.0.1 with scripts/rgw.sh (a single-node cluster,
+// ~5 s) and stops afterwards. Every byte that went in is checked coming out;
+// errors are checked for what they say and for what they must not say (a
+// secret key).
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "capability.h"
+#include "client/test_memory_file.h"
+#include "harness.h"
+#include "image/local_store.h"
+#include "image/operations.h"
+#include "image/transfer.h"
+#include "objstore/s3_client.h"
+#include "objstore/s3_store.h"
+
+namespace faultline::testing {
+namespace {
+
+using objstore::S3Client;
+using objstore::S3Config;
+
+// A TCP port nothing listens on now, with the next one free too (the mon's).
+int free_port_pair() {
+  std::mt19937 rng(static_cast<unsigned>(::getpid()));
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    const int port = 20000 + static_cast<int>(rng() % 20000) * 2;
+    bool free = true;
+    for (int p : {port, port + 1}) {
+      const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in a{};
+      a.sin_family = AF_INET;
+      a.sin_port = htons(static_cast<uint16_t>(p));
+      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) free = false;
+      ::close(fd);
+    }
+    if (free) return port;
+  }
+  return 0;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), {}};
+}
+
+bool have_ceph() {
+  return std::system("command -v ceph-mon >/dev/null && command -v radosgw >/dev/null") == 0;
+}
+
+class S3Test : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    FAULTLINE_REQUIRE_CAPABILITY("ceph", have_ceph(),
+                                 "ceph-mon or radosgw is not installed (scripts/install-deps.sh installs them)");
+    port_ = free_port_pair();
+    ASSERT_NE(port_, 0);
+    rgw_dir_ = dir_.path() + "/rgw";
+    const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh start " + rgw_dir_ + " " +
+                            std::to_string(port_) + " >" + dir_.path() + "/rgw-start.log 2>&1";
+    started_ = std::system(cmd.c_str()) == 0;
+    ASSERT_TRUE(started_) << "scripts/rgw.sh start failed:\n" << read_file(dir_.path() + "/rgw-start.log");
+    // DIR/env: "export NAME=VALUE" lines.
+    std::ifstream env(rgw_dir_ + "/env");
+    for (std::string line; std::getline(env, line);) {
+      const auto eq = line.find('=');
+      const std::string name = line.substr(7, eq - 7), value = line.substr(eq + 1);
+      ::setenv(name.c_str(), value.c_str(), 1);
+    }
+    auto config = S3Config::from_environment();
+    ASSERT_TRUE(config) << config.error().describe();
+    config_ = *config;
+    auto c = S3Client::create(config_);
+    ASSERT_TRUE(c) << c.error().describe();
+    client_ = std::move(*c);
+  }
+  void TearDown() override {
+    if (started_) {
+      const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh stop " + rgw_dir_;
+      EXPECT_EQ(std::system(cmd.c_str()), 0);
+    }
+  }
+
+  std::unique_ptr<image::Store> s3_store(const std::string& url, bool create) {
+    auto s = objstore::open_store(url, create);
+    EXPECT_TRUE(s) << s.error().describe();
+    return s ? std::move(*s) : nullptr;
+  }
+
+  TempDir dir_;
+  std::string rgw_dir_;
+  int port_ = 0;
+  bool started_ = false;
+  S3Config config_;
+  std::shared_ptr<S3Client> client_;
+};
+
+std::string random_bytes(size_t n, uint64_t seed) {
+  std::string s(n, '\0');
+  std::mt19937_64 rng(seed);
+  for (auto& ch : s) ch = static_cast<char>(rng());
+  return s;
+}
+
+TEST_F(S3Test, ObjectsRoundTripWholeAndByRangeAndAreListedAndRemoved) {
+  ASSERT_TRUE(client_->create_bucket("fl-objects"));
+  ASSERT_TRUE(client_->create_bucket("fl-objects")) << "creating an existing bucket of ours succeeds";
+  const std::string big = random_bytes(3 * 1024 * 1024 + 17, 1);  // above curl's 100-continue threshold
+  const std::string small = random_bytes(4096, 2);
+  ASSERT_TRUE(client_->put("fl-objects", "p/a/big", big));
+  ASSERT_TRUE(client_->put("fl-objects", "p/b/small", small));
+  ASSERT_TRUE(client_->put("fl-objects", "q/other", "x"));
+
+  auto whole = client_->get("fl-objects", "p/a/big");
+  ASSERT_TRUE(whole) << whole.error().describe();
+  EXPECT_TRUE(*whole == big);
+  for (const objstore::ByteRange r : {objstore::ByteRange{0, 1}, objstore::ByteRange{4096, 65536},
+                                      objstore::ByteRange{big.size() - 100, 100}}) {
+    auto part = client_->get("fl-objects", "p/a/big", r);
+    ASSERT_TRUE(part) << part.error().describe();
+    EXPECT_TRUE(*part == big.substr(r.offset, r.length)) << "range " << r.offset << "+" << r.length;
+  }
+  auto size = client_->head("fl-objects", "p/b/small");
+  ASSERT_TRUE(size) << size.error().describe();
+  ASSERT_TRUE(size->has_value());
+  EXPECT_EQ(**size, 4096u);
+
+  auto keys = client_->list("fl-objects", "p/");
+  ASSERT_TRUE(keys) << keys.error().describe();
+  EXPECT_EQ(*keys, (std::vector<std::string>{"p/a/big", "p/b/small"}));
+
+  ASSERT_TRUE(client_->remove("fl-objects", "p/b/small"));
+  ASSERT_TRUE(client_->remove("fl-objects", "p/b/small")) << "removing what is gone succeeds";
+  auto gone = client_->head("fl-objects", "p/b/small");
+  ASSERT_TRUE(gone);
+  EXPECT_FALSE(gone->has_value());
+}
+
+TEST_F(S3Test, AListingLongerThanOnePageFollowsTheContinuationToken) {
+  ASSERT_TRUE(client_->create_bucket("fl-many"));
+  // S3 answers at most 1000 keys per page.
+  constexpr int kKeys = 1100;
+  for (int i = 0; i < kKeys; ++i) {
+    char key[32];
+    std::snprintf(key, sizeof key, "k/%05d", i);
+    ASSERT_TRUE(client_->put("fl-many", key, std::to_string(i)));
+  }
+  auto keys = client_->list("fl-many", "k/");
+  ASSERT_TRUE(keys) << keys.error().describe();
+  ASSERT_EQ(keys->size(), static_cast<size_t>(kKeys));
+  EXPECT_EQ(keys->front(), "k/00000");
+  EXPECT_EQ(keys->back(), "k/01099");
+}
+
+TEST_F(S3Test, MissingObjectsBucketsAndWrongCredentialsAreClearErrorsThatNeverShowTheSecret) {
+  ASSERT_TRUE(client_->create_bucket("fl-errors"));
+  auto missing = client_->get("fl-errors", "no/such/key");
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error().code, ENOENT);
+  EXPECT_NE(missing.error().message.find("s3://fl-errors/no/such/key"), std::string::npos) << missing.error().message;
+  EXPECT_FALSE(missing.error().retryable);
+
+  auto no_bucket = client_->get("fl-nonexistent", "k");
+  ASSERT_FALSE(no_bucket);
+  EXPECT_EQ(no_bucket.error().code, ENOENT);
+  EXPECT_NE(no_bucket.error().message.find("bucket 'fl-nonexistent' does not exist"), std::string::npos)
+      << no_bucket.error().message;
+
+  S3Config wrong = config_;
+  wrong.secret_key = "not-the-secret-0123456789abcdef";
+  auto bad = S3Client::create(wrong);
+  ASSERT_TRUE(bad);
+  auto refused = (*bad)->get("fl-errors", "k");
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, EACCES);
+  EXPECT_NE(refused.error().message.find("refused the credentials"), std::string::npos) << refused.error().message;
+  EXPECT_EQ(refused.error().message.find(wrong.secret_key), std::string::npos);
+  EXPECT_EQ(refused.error().message.find(config_.secret_key), std::string::npos);
+  EXPECT_EQ((*bad)->requests(), 1u) << "a refusal is not retried";
+
+  // The store named in the command line: the same errors, with the image's names.
+  ::setenv("AWS_SECRET_ACCESS_KEY", wrong.secret_key.c_str(), 1);
+  auto store = objstore::open_store("s3://fl-errors/images", false);
+  ::setenv("AWS_SECRET_ACCESS_KEY", config_.secret_key.c_str(), 1);
+  ASSERT_FALSE(store);
+  EXPECT_EQ(store.error().code, EACCES);
+  auto no_store = objstore::open_store("s3://fl-nonexistent/x", false);
+  ASSERT_FALSE(no_store);
+  EXPECT_EQ(no_store.error().code, ENOENT);
+}
+
+TEST(S3ClientOffline, AnEndpointThatRefusesConnectionsIsRetriedThenReportedRetryable) {
+  S3Config c;
+  c.endpoint = "http://127.0.0.1:" + std::to_string(free_port_pair());  // nothing listens
+  c.access_key = "AKIA";
+  c.secret_key = "secret-that-must-not-show";
+  c.max_attempts = 3;
+  c.first_backoff = std::chrono::milliseconds(1);
+  auto client = S3Client::create(c);
+  ASSERT_TRUE(client);
+  auto r = (*client)->get("bucket", "key");
+  ASSERT_FALSE(r);
+  EXPECT_TRUE(r.error().retryable);
+  EXPECT_EQ(r.error().code, ECONNREFUSED);
+  EXPECT_NE(r.error().message.find("after 3 attempts"), std::string::npos) << r.error().message;
+  EXPECT_EQ(r.error().message.find(c.secret_key), std::string::npos);
+  EXPECT_EQ((*client)->requests(), 3u);
+}
+
+TEST(S3ClientOffline, CredentialsComeFromTheEnvironmentOrAProfileOfTheSharedFile) {
+  TempDir dir;
+  const std::string file = dir.path() + "/credentials";
+  std::ofstream(file) << "[default]\naws_access_key_id = DEFAULTKEY\naws_secret_access_key = defaultsecret\n"
+                         "\n[ci]\naws_access_key_id=CIKEY\naws_secret_access_key=cisecret\n";
+  ::setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1/", 1);
+  ::unsetenv("AWS_ACCESS_KEY_ID");
+  ::unsetenv("AWS_SECRET_ACCESS_KEY");
+  ::unsetenv("AWS_REGION");
+  ::setenv("AWS_DEFAULT_REGION", "eu-west-1", 1);
+  ::setenv("AWS_SHARED_CREDENTIALS_FILE", file.c_str(), 1);
+  ::unsetenv("AWS_PROFILE");
+  auto d = S3Config::from_environment();
+  ASSERT_TRUE(d) << d.error().describe();
+  EXPECT_EQ(d->endpoint, "http://127.0.0.1:1");
+  EXPECT_EQ(d->region, "eu-west-1");
+  EXPECT_EQ(d->access_key, "DEFAULTKEY");
+  EXPECT_EQ(d->secret_key, "defaultsecret");
+  ::setenv("AWS_PROFILE", "ci", 1);
+  auto ci = S3Config::from_environment();
+  ASSERT_TRUE(ci);
+  EXPECT_EQ(ci->access_key, "CIKEY");
+  ::setenv("AWS_ACCESS_KEY_ID", "ENVKEY", 1);
+  ::setenv("AWS_SECRET_ACCESS_KEY", "envsecret", 1);
+  auto env = S3Config::from_environment();
+  ASSERT_TRUE(env);
+  EXPECT_EQ(env->access_key, "ENVKEY");
+  ::unsetenv("AWS_ACCESS_KEY_ID");
+  ::unsetenv("AWS_SECRET_ACCESS_KEY");
+  ::setenv("AWS_PROFILE", "absent", 1);
+  auto none = S3Config::from_environment();
+  ASSERT_FALSE(none);
+  EXPECT_NE(none.error().message.find("profile 'absent'"), std::string::npos) << none.error().message;
+  ::unsetenv("AWS_ENDPOINT_URL");
+  auto no_endpoint = S3Config::from_environment();
+  ASSERT_FALSE(no_endpoint);
+  EXPECT_NE(no_endpoint.error().message.find("AWS_ENDPOINT_URL"), std::string::npos);
+  for (const char* v : {"AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE"}) ::unsetenv(v);
+}
+
+// A base image and a diff on top of it, in a local store; returns the
+// child's raw memory (what flatten must give back).
+std::string make_chain(image::Store& store, const std::string& dir, uint32_t page_size) {
+  const uint64_t size = page_size == 4096 ? 8 * kMiB : 16 * kMiB;
+  const std::string base = dir + "/base.mem", child = dir + "/child.mem";
+  EXPECT_TRUE(client::write_test_memory_file(base, size, 7, 0.25));
+  std::string bytes = read_file(base);
+  // The child rewrites a few pages.
+  for (uint64_t off : {uint64_t{0}, size / 2, size - page_size}) {
+    const std::string fresh = random_bytes(page_size, off + 1);
+    bytes.replace(off, page_size, fresh);
+  }
+  std::ofstream(child, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  image::CreateOptions c;
+  c.memory_path = base;
+  c.name = "base";
+  c.page_size = page_size;
+  EXPECT_TRUE(image::create_image(store, c));
+  c.memory_path = child;
+  c.name = "child";
+  c.parent = "base";
+  EXPECT_TRUE(image::create_image(store, c));
+  return bytes;
+}
+
+TEST_F(S3Test, PushThenPullRoundTripsEveryByteOfAChainAndASecondPushCopiesNothing) {
+  for (const uint32_t page_size : {4096u, 2u * 1024 * 1024}) {
+    SCOPED_TRACE(page_size);
+    const std::string sub = dir_.path() + "/p" + std::to_string(page_size);
+    std::filesystem::create_directories(sub);
+    auto local = image::LocalStore::open(sub + "/local", true);
+    ASSERT_TRUE(local);
+    const std::string child = make_chain(**local, sub, page_size);
+    const std::string url = "s3://fl-images/fleet/p" + std::to_string(page_size);
+    auto bucket = s3_store(url, true);
+    ASSERT_TRUE(bucket);
+
+    auto pushed = image::copy_image(**local, *bucket, "child", {});
+    ASSERT_TRUE(pushed) << pushed.error().describe();
+    EXPECT_EQ(pushed->layers, 2u);
+    EXPECT_EQ(pushed->manifests_written, 2u);
+    EXPECT_GT(pushed->blobs, 0u);
+    EXPECT_EQ(pushed->blobs_copied, pushed->blobs);
+    auto again = image::copy_image(**local, *bucket, "child", {});
+    ASSERT_TRUE(again) << again.error().describe();
+    EXPECT_EQ(again->blobs_copied, 0u) << "the bucket had every blob";
+    EXPECT_EQ(again->manifests_written, 0u);
+
+    // The bucket is a store like any other: verify and flatten read it directly.
+    auto verified = image::verify_image(*bucket, "child", {});
+    ASSERT_TRUE(verified) << verified.error().describe();
+    EXPECT_TRUE(verified->problems.empty());
+    EXPECT_EQ(verified->layers, 2u);
+
+    auto pulled_to = image::LocalStore::open(sub + "/pulled", true);
+    ASSERT_TRUE(pulled_to);
+    auto pulled = image::copy_image(*bucket, **pulled_to, "child", {});
+    ASSERT_TRUE(pulled) << pulled.error().describe();
+    EXPECT_EQ(pulled->blobs_copied, pushed->blobs);
+    ASSERT_TRUE(image::flatten_image(**pulled_to, "child", sub + "/flat", {}));
+    EXPECT_TRUE(read_file(sub + "/flat") == child) << "flatten of the pulled image differs from the memory file";
+    ASSERT_TRUE(image::flatten_image(*bucket, "child", sub + "/flat-s3", {}));
+    EXPECT_TRUE(read_file(sub + "/flat-s3") == child) << "flatten straight from the bucket differs";
+  }
+}
+
+TEST_F(S3Test, ADamagedBlobIsNeverPulledAndAnInterruptedPushLeavesNoImage) {
+  auto local = image::LocalStore::open(dir_.path() + "/local", true);
+  ASSERT_TRUE(local);
+  (void)make_chain(**local, dir_.path(), 4096);
+  auto bucket = s3_store("s3://fl-damage", true);
+  ASSERT_TRUE(bucket);
+  ASSERT_TRUE(image::copy_image(**local, *bucket, "child", {}));
+  // Overwrite one blob of the bucket with other bytes under the same name.
+  auto blobs = bucket->list();
+  ASSERT_TRUE(blobs);
+  ASSERT_FALSE(blobs->empty());
+  const image::BlobId victim = blobs->front();
+  ASSERT_TRUE(client_->put("fl-damage", "blobs/sha256/" + victim.hex(), "not the frame"));
+  auto pulled_to = image::LocalStore::open(dir_.path() + "/pulled", true);
+  ASSERT_TRUE(pulled_to);
+  auto pulled = image::copy_image(*bucket, **pulled_to, "child", {});
+  ASSERT_FALSE(pulled);
+  EXPECT_EQ(pulled.error().code, EIO);
+  EXPECT_NE(pulled.error().message.find(victim.hex()), std::string::npos) << pulled.error().message;
+  auto exists = (*pulled_to)->exists(victim);
+  ASSERT_TRUE(exists);
+  EXPECT_FALSE(*exists) << "the damaged blob was stored";
+  auto manifests = (*pulled_to)->list_manifests();
+  ASSERT_TRUE(manifests);
+  EXPECT_TRUE(manifests->empty()) << "a manifest appeared although its blobs did not all arrive";
+
+  // A push that cannot read one of its blobs stops before any manifest.
+  auto other = s3_store("s3://fl-damage/other", true);
+  ASSERT_TRUE(other);
+  auto local_blobs = (*local)->list();
+  ASSERT_TRUE(local_blobs);
+  ASSERT_TRUE((*local)->remove(local_blobs->back()));
+  auto pushed = image::copy_image(**local, *other, "child", {});
+  ASSERT_FALSE(pushed);
+  EXPECT_EQ(pushed.error().code, ENOENT);
+  auto in_bucket = other->list_manifests();
+  ASSERT_TRUE(in_bucket);
+  EXPECT_TRUE(in_bucket->empty());
+}
+
+}  // namespace
+}  // namespace faultline::testing

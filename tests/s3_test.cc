@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 
 #include "capability.h"
+#include "client/restore_scenario.h"
 #include "client/test_memory_file.h"
 #include "harness.h"
 #include "image/local_store.h"
@@ -363,6 +364,55 @@ TEST_F(S3Test, ADamagedBlobIsNeverPulledAndAnInterruptedPushLeavesNoImage) {
   auto in_bucket = other->list_manifests();
   ASSERT_TRUE(in_bucket);
   EXPECT_TRUE(in_bucket->empty());
+}
+
+// `faultline serve --image s3://BUCKET/PREFIX/NAME`: a VM restores straight
+// from the bucket (the local store is deleted before the daemon starts), and
+// every byte it reads is the memory file's; 4 KiB and 2 MiB pages.
+TEST_F(S3Test, AVmRestoresStraightFromTheBucketWithEveryByteChecked) {
+  for (const bool huge : {false, true}) {
+    SCOPED_TRACE(huge ? "2 MiB pages" : "4 KiB pages");
+    std::optional<HugePageReservation> reservation;
+    if (huge) {
+      reservation.emplace(16);
+      FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation->ok(), reservation->reason());
+    }
+    const std::string url = std::string("s3://fl-serve/") + (huge ? "huge" : "small");
+    ServerHarness::Options ho;
+    ho.memory_bytes = 16 * kMiB;
+    ho.zero_fraction = 0.2;
+    ho.serve_image = true;
+    ho.image_page_size = huge ? 2 * kMiB : 4096;
+    ho.configure = [&](ServerConfig& c, const TempDir& dir) {
+      auto local = image::LocalStore::open(dir.file("store"), false);
+      ASSERT_TRUE(local) << local.error().describe();
+      auto bucket = s3_store(url, true);
+      ASSERT_TRUE(bucket);
+      auto pushed = image::copy_image(**local, *bucket, "base", {});
+      ASSERT_TRUE(pushed) << pushed.error().describe();
+      local->reset();
+      std::filesystem::remove_all(dir.file("store"));
+      c.image_path = url + "/base";
+    };
+    ServerHarness h(ho);
+    client::RestoreOptions o;
+    o.socket_path = h.socket();
+    o.memory_path = h.memory();
+    o.threads = 2;
+    o.touch_fraction = 1.0;
+    o.huge_pages = huge;
+    auto r = client::run_restore(o);
+    ASSERT_TRUE(r) << r.error().describe();
+    EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
+    EXPECT_GT(r->pages_verified, 0u);
+    ASSERT_TRUE(h.wait_ended(1));
+    const SessionSummary s = h.server().finished_sessions().at(0);
+    EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
+    const auto snap = h.server().metrics().snapshot();
+    ASSERT_TRUE(snap.frame_cache.has_value());
+    EXPECT_GT(snap.frame_cache->misses, 0u);
+    EXPECT_EQ(snap.frame_cache->load_failures, 0u);
+  }
 }
 
 }  // namespace

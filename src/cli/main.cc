@@ -200,8 +200,10 @@ int main(int argc, char** argv) {
           ->check(CLI::ExistingFile);
   CLI::Option* image_option = serve->add_option(
       "--image", config.image_path,
-      "Serve an image instead of a raw file: STORE_DIR/NAME, the image NAME of the store STORE_DIR (`faultline "
-      "image create`), with its whole chain of parents");
+      "Serve an image instead of a raw file: STORE/NAME, the image NAME of the store STORE (`faultline "
+      "image create`), with its whole chain of parents. STORE is a directory or s3://BUCKET/PREFIX: frames are "
+      "then fetched from the bucket as faults need them (endpoint and credentials from AWS_ENDPOINT_URL, "
+      "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION or ~/.aws/credentials)");
   memory_option->excludes(image_option);
   serve->add_option("--frame-cache-size", config.frame_cache_bytes,
                     "Bytes of decompressed image frames kept in memory, shared by every session (with --image)")

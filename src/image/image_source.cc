@@ -33,7 +33,8 @@ Result<FrameCache::Frame> ImageSource::frame(const PageLocation& loc) const {
   auto got = cache_->get(ref.id, [&] { return chain_.read_frame(loc.layer, loc.frame); });
   if (!got) {
     Error e = got.error();
-    e.retryable = retryable_errno(e.code);
+    // A store that knows (an S3 client: timeouts, resets, 5xx) said so itself.
+    e.retryable = e.retryable || retryable_errno(e.code);
     return std::unexpected(std::move(e));
   }
   return got;

@@ -19,6 +19,7 @@
 #include "common/atomic_file.h"
 #include "common/text_escape.h"
 #include "image/local_store.h"
+#include "objstore/s3_store.h"
 #include "kernel/process.h"
 #include "protocol/handshake_socket.h"
 #include "server/control.h"
@@ -187,7 +188,9 @@ std::string describe_access(const protocol::SocketAccess& a) {
 static Result<std::pair<std::string, std::string>> split_image_path(const std::string& path) {
   const size_t slash = path.find_last_of('/');
   if (slash == std::string::npos || slash + 1 == path.size()) {
-    return fail("--image " + path + ": expected STORE_DIR/NAME (a store directory and an image name in it)", EINVAL);
+    return fail("--image " + path +
+                    ": expected STORE/NAME (a store directory or s3://BUCKET/PREFIX, and an image name in it)",
+                EINVAL);
   }
   return std::make_pair(slash == 0 ? std::string("/") : path.substr(0, slash), path.substr(slash + 1));
 }
@@ -197,7 +200,10 @@ static Result<std::shared_ptr<const image::ImageSource>> open_image(const Server
   auto split = split_image_path(path);
   if (!split) return std::unexpected(split.error());
   const auto& [dir, name] = *split;
-  auto store = image::LocalStore::open(dir, /*create=*/false);
+  // A directory, or s3://BUCKET/PREFIX: frames are then fetched from the
+  // bucket as faults need them (one GET per frame, shared by the faults
+  // that wait for it through the frame cache).
+  auto store = objstore::open_store(dir, /*create=*/false);
   if (!store) return fail("--image " + path + ": " + store.error().message, store.error().code);
   std::shared_ptr<image::FrameCache> cache =
       config.frame_cache ? config.frame_cache : std::make_shared<image::FrameCache>(config.frame_cache_bytes);

@@ -12,27 +12,31 @@
 #                                     the mon listens on PORT+1); prints `. DIR/env`
 #   scripts/rgw.sh stop DIR          stop the daemons started in DIR
 #   scripts/rgw.sh status DIR        exit 0 when the gateway answers
+#   scripts/rgw.sh gateway-stop DIR  stop only radosgw (the store "goes down")
+#   scripts/rgw.sh gateway-start DIR start radosgw again and wait until it answers
 #
 # Needs the Debian packages ceph-mon ceph-osd radosgw ceph-common
 # (scripts/install-deps.sh installs them).
 set -euo pipefail
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
 [ $# -ge 2 ] || usage
 cmd=$1
 dir=$2
-port=${3:-7480}
+port=${3:-$(cat "$dir/port" 2>/dev/null || echo 7480)}
 
 pids() { cat "$dir"/*.pid 2>/dev/null || true; }
 
 stop() {
   local p
   for p in $(pids); do kill "$p" 2>/dev/null || true; done
-  for _ in $(seq 1 100); do
+  # The data lives in the OSD's memory and goes with it: no clean shutdown
+  # to wait for beyond 2 s (the mon takes ~6 s to honour SIGTERM).
+  for _ in $(seq 1 20); do
     local alive=0
     for p in $(pids); do kill -0 "$p" 2>/dev/null && alive=1; done
     [ $alive = 0 ] && break
@@ -64,6 +68,28 @@ fail() {
   done
   stop
   exit 1
+}
+
+start_gateway() {
+  export CEPH_CONF="$dir/ceph.conf"
+  daemon rgw radosgw -f -n client.rgw
+  for _ in $(seq 1 300); do
+    answers && break
+    sleep 0.1  # polling for the gateway to listen
+  done
+  answers || fail "the gateway did not answer on 127.0.0.1:$port"
+}
+
+stop_gateway() {
+  local p
+  p=$(cat "$dir/rgw.pid" 2>/dev/null) || return 0
+  kill "$p" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "$p" 2>/dev/null || break
+    sleep 0.1  # polling for the gateway to exit
+  done
+  kill -9 "$p" 2>/dev/null || true
+  rm -f "$dir/rgw.pid"
 }
 
 start() {
@@ -138,12 +164,8 @@ EOF
     sleep 0.1  # polling for the OSD to boot
   done
   timeout 10 ceph osd stat 2>/dev/null | grep -q '1 up' || fail "the OSD did not come up"
-  daemon rgw radosgw -f -n client.rgw
-  for _ in $(seq 1 300); do
-    answers && break
-    sleep 0.1  # polling for the gateway to listen
-  done
-  answers || fail "the gateway did not answer on 127.0.0.1:$port"
+  echo "$port" >"$dir/port"
+  start_gateway
   local access secret
   access=FAULTLINE$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n' | tr a-f A-F)
   secret=$(od -An -N20 -tx1 /dev/urandom | tr -d ' \n')
@@ -162,5 +184,7 @@ case "$cmd" in
   start) start ;;
   stop) stop ;;
   status) answers ;;
+  gateway-stop) stop_gateway ;;
+  gateway-start) start_gateway ;;
   *) usage ;;
 esac

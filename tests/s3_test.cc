@@ -10,6 +10,9 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <future>
+#include <map>
+#include <mutex>
 #include <fstream>
 #include <iterator>
 #include <random>
@@ -19,6 +22,7 @@
 #include "capability.h"
 #include "client/restore_scenario.h"
 #include "client/test_memory_file.h"
+#include "fault_proxy.h"
 #include "harness.h"
 #include "image/local_store.h"
 #include "image/operations.h"
@@ -413,6 +417,141 @@ TEST_F(S3Test, AVmRestoresStraightFromTheBucketWithEveryByteChecked) {
     EXPECT_GT(snap.frame_cache->misses, 0u);
     EXPECT_EQ(snap.frame_cache->load_failures, 0u);
   }
+}
+
+TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
+  ASSERT_TRUE(client_->create_bucket("fl-flaky"));
+  const std::string bytes = random_bytes(256 * 1024, 3);
+  ASSERT_TRUE(client_->put("fl-flaky", "obj", bytes));
+  // The first three GETs of the object misbehave, one way each; the fourth is forwarded.
+  std::atomic<int> gets{0};
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (method != "GET" || path != "/fl-flaky/obj") return d;
+    switch (gets.fetch_add(1)) {
+      case 0: d.action = FaultProxy::Action::kSlowDown; break;
+      case 1: d.action = FaultProxy::Action::kReset; break;
+      case 2:
+        d.action = FaultProxy::Action::kDelay;
+        d.delay = std::chrono::milliseconds(1500);  // past the client's request timeout below
+        break;
+      default: break;
+    }
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  S3Config c = config_;
+  c.endpoint = proxy.endpoint();
+  c.request_timeout = std::chrono::milliseconds(500);
+  c.first_backoff = std::chrono::milliseconds(5);
+  auto flaky = S3Client::create(c);
+  ASSERT_TRUE(flaky);
+  auto got = (*flaky)->get("fl-flaky", "obj");
+  ASSERT_TRUE(got) << got.error().describe();
+  EXPECT_TRUE(*got == bytes);
+  EXPECT_EQ(gets.load(), 4);
+  EXPECT_EQ((*flaky)->requests(), 4u);
+
+  // A store that keeps answering 503: the last error says so and is retryable.
+  FaultProxy down(port_, [](const std::string&, const std::string&) {
+    return FaultProxy::Decision{FaultProxy::Action::kSlowDown, {}};
+  });
+  c.endpoint = down.endpoint();
+  c.max_attempts = 3;
+  auto busy = S3Client::create(c);
+  ASSERT_TRUE(busy);
+  auto refused = (*busy)->get("fl-flaky", "obj");
+  ASSERT_FALSE(refused);
+  EXPECT_TRUE(refused.error().retryable);
+  EXPECT_NE(refused.error().message.find("503 SlowDown"), std::string::npos) << refused.error().message;
+  EXPECT_NE(refused.error().message.find("after 3 attempts"), std::string::npos) << refused.error().message;
+}
+
+// Every frame's first GET arrives damaged (one byte of the body flipped):
+// each is fetched once more, and the VM gets every byte right.
+TEST_F(S3Test, AFrameDamagedOnTheWayIsFetchedOnceMoreAndTheVmGetsEveryByteRight) {
+  std::mutex mu;
+  std::map<std::string, int> blob_gets;
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (method == "GET" && path.find("/blobs/sha256/") != std::string::npos) {
+      std::lock_guard lock(mu);
+      if (blob_gets[path]++ == 0) d.action = FaultProxy::Action::kCorruptBody;
+    }
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  const std::string url = "s3://fl-damaged-wire/images";
+  ServerHarness::Options ho;
+  ho.memory_bytes = 8 * kMiB;
+  ho.zero_fraction = 0.2;
+  ho.serve_image = true;
+  ho.configure = [&](ServerConfig& c, const TempDir& dir) {
+    auto local = image::LocalStore::open(dir.file("store"), false);
+    ASSERT_TRUE(local);
+    auto bucket = s3_store(url, true);
+    ASSERT_TRUE(bucket);
+    ASSERT_TRUE(image::copy_image(**local, *bucket, "base", {}));
+    ::setenv("AWS_ENDPOINT_URL", proxy.endpoint().c_str(), 1);  // the daemon goes through the proxy
+    c.image_path = url + "/base";
+  };
+  ServerHarness h(ho);
+  client::RestoreOptions o;
+  o.socket_path = h.socket();
+  o.memory_path = h.memory();
+  o.threads = 2;
+  o.touch_fraction = 1.0;
+  auto r = client::run_restore(o);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
+  ASSERT_TRUE(h.wait_ended(1));
+  const SessionSummary s = h.server().finished_sessions().at(0);
+  EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
+  std::lock_guard lock(mu);
+  ASSERT_FALSE(blob_gets.empty());
+  for (const auto& [path, n] : blob_gets) EXPECT_EQ(n, 2) << path << ": damaged once, fetched twice";
+}
+
+// The gateway goes down before the VM touches its memory and comes back
+// while faults wait: the VM runs on, every byte right.
+TEST_F(S3Test, FaultsWaitWhileTheStoreIsDownAndTheVmRunsOnWhenItReturns) {
+  const std::string url = "s3://fl-outage/images";
+  ServerHarness::Options ho;
+  ho.memory_bytes = 8 * kMiB;
+  ho.zero_fraction = 0.2;
+  ho.serve_image = true;
+  ho.configure = [&](ServerConfig& c, const TempDir& dir) {
+    auto local = image::LocalStore::open(dir.file("store"), false);
+    ASSERT_TRUE(local);
+    auto bucket = s3_store(url, true);
+    ASSERT_TRUE(bucket);
+    ASSERT_TRUE(image::copy_image(**local, *bucket, "base", {}));
+    c.image_path = url + "/base";
+  };
+  ServerHarness h(ho);
+  auto session_retries = [&] {
+    uint64_t n = 0;
+    for (const auto& s : h.server().live_sessions()) n += s.counters.source_retries;
+    return n;
+  };
+  const std::string rgw = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh ";
+  ASSERT_EQ(std::system((rgw + "gateway-stop " + rgw_dir_).c_str()), 0);
+  client::RestoreOptions o;
+  o.socket_path = h.socket();
+  o.memory_path = h.memory();
+  o.threads = 2;
+  o.touch_fraction = 1.0;
+  auto restore = std::async(std::launch::async, [&] { return client::run_restore(o); });
+  ASSERT_TRUE(wait_until([&] { return session_retries() > 0; }))
+      << "no fault was retried while the gateway was down";
+  ASSERT_EQ(std::system((rgw + "gateway-start " + rgw_dir_ + " >/dev/null").c_str()), 0);
+  auto r = restore.get();
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
+  ASSERT_TRUE(h.wait_ended(1));
+  const SessionSummary s = h.server().finished_sessions().at(0);
+  EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
+  EXPECT_GT(s.counters.source_retries, 0u);
 }
 
 }  // namespace

@@ -87,14 +87,27 @@ std::string ImageChain::describe_layer(uint32_t layer) const {
 Result<std::string> ImageChain::read_frame(uint32_t layer, uint64_t frame) const {
   const Manifest& m = layers_[layer].manifest;
   const FrameRef& f = m.frames[frame];
-  auto blob = store_->get(f.id);
-  if (!blob) return fail(describe_layer(layer) + ": " + blob.error().describe(), blob.error().code);
-  if (blob->size() != f.compressed_bytes) {
-    return fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->size()) +
-                    " bytes, the manifest says " + std::to_string(f.compressed_bytes),
-                EIO);
+  // Bytes that do not match the blob's address (or size) may have been
+  // damaged on the way (a proxy, a flaky network card): fetched once more.
+  // Damaged twice, they are damaged where they are stored.
+  for (int attempt = 1;; ++attempt) {
+    auto blob = store_->get(f.id);
+    if (!blob) {
+      Error e = blob.error();
+      e.message = describe_layer(layer) + ": " + e.message;
+      return std::unexpected(std::move(e));  // keeps code and retryable: the store's to say
+    }
+    Result<std::string> frame =
+        blob->size() != f.compressed_bytes
+            ? fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->size()) +
+                       " bytes, the manifest says " + std::to_string(f.compressed_bytes),
+                   EIO)
+            : decode_frame(*blob, f.id, static_cast<uint64_t>(f.pages) * m.page_size, describe_layer(layer));
+    if (frame || attempt == 2) {
+      if (!frame) frame.error().message += " (fetched twice, damaged both times)";
+      return frame;
+    }
   }
-  return decode_frame(*blob, f.id, static_cast<uint64_t>(f.pages) * m.page_size, describe_layer(layer));
 }
 
 std::vector<uint64_t> ImageChain::guest_pages_of_storage(uint32_t layer) const {

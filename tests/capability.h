@@ -17,7 +17,8 @@
 // a default.
 //
 // Capability names: "hugepages" (2 MiB hugetlb pages reserved through
-// vm.nr_hugepages, which needs root), "kvm" (a usable /dev/kvm).
+// vm.nr_hugepages, which needs root), "kvm" (a usable /dev/kvm), "root"
+// (other privileged setup, such as mounting a small tmpfs).
 //
 // Header-only, so that tests in tests/, client/ and client/kvm/ share it
 // without a library dependency (includes are rooted at the repository).

@@ -554,5 +554,70 @@ TEST_F(S3Test, FaultsWaitWhileTheStoreIsDownAndTheVmRunsOnWhenItReturns) {
   EXPECT_GT(s.counters.source_retries, 0u);
 }
 
+// `serve --cache-dir`: the first daemon fetches each frame from the bucket
+// once and keeps it on local disk; a second daemon started over that cache
+// (a restart) fetches no frame at all. Every byte checked both times.
+TEST_F(S3Test, ADaemonRestartedOverAWarmDiskCacheFetchesNoFrameFromTheBucket) {
+  std::mutex mu;
+  std::map<std::string, int> blob_gets;
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    if (method == "GET" && path.find("/blobs/sha256/") != std::string::npos) {
+      std::lock_guard lock(mu);
+      ++blob_gets[path];
+    }
+    return FaultProxy::Decision{};
+  });
+  ASSERT_NE(proxy.port(), 0);
+  const std::string url = "s3://fl-warm/images";
+  const std::string cache_dir = dir_.path() + "/frame-cache";
+  std::string memory_model;
+  auto restore_once = [&](bool first) {
+    ServerHarness::Options ho;
+    ho.memory_bytes = 8 * kMiB;
+    ho.zero_fraction = 0.2;
+    ho.serve_image = true;
+    ho.configure = [&](ServerConfig& c, const TempDir& dir) {
+      if (first) {
+        auto local = image::LocalStore::open(dir.file("store"), false);
+        ASSERT_TRUE(local);
+        auto bucket = s3_store(url, true);
+        ASSERT_TRUE(bucket);
+        ASSERT_TRUE(image::copy_image(**local, *bucket, "base", {}));
+      }
+      ::setenv("AWS_ENDPOINT_URL", proxy.endpoint().c_str(), 1);
+      c.image_path = url + "/base";
+      c.cache_dir = cache_dir;
+      c.cache_bytes = 64 * kMiB;
+    };
+    ServerHarness h(ho);  // the same seed: the same memory file as the image was made from
+    client::RestoreOptions o;
+    o.socket_path = h.socket();
+    o.memory_path = h.memory();
+    o.threads = 2;
+    o.touch_fraction = 1.0;
+    auto r = client::run_restore(o);
+    ASSERT_TRUE(r) << r.error().describe();
+    EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
+    ASSERT_TRUE(h.wait_ended(1));
+    EXPECT_EQ(h.server().finished_sessions().at(0).end, SessionEnd::kSocketClosed);
+    EXPECT_NE(h.log().find("disk_cache_open"), std::string::npos);
+  };
+  restore_once(true);
+  size_t frames = 0;
+  {
+    std::lock_guard lock(mu);
+    frames = blob_gets.size();
+    ASSERT_GT(frames, 0u);
+    for (const auto& [path, n] : blob_gets) EXPECT_EQ(n, 1) << path;
+    blob_gets.clear();
+  }
+  size_t cached = 0;
+  for (const auto& e : std::filesystem::directory_iterator(cache_dir)) cached += e.is_regular_file();
+  EXPECT_EQ(cached, frames);
+  restore_once(false);
+  std::lock_guard lock(mu);
+  EXPECT_TRUE(blob_gets.empty()) << blob_gets.size() << " frames fetched again after the restart";
+}
+
 }  // namespace
 }  // namespace faultline::testing

@@ -209,6 +209,14 @@ int main(int argc, char** argv) {
                     "Bytes of decompressed image frames kept in memory, shared by every session (with --image)")
       ->default_val(256ull << 20)
       ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 40));
+  serve->add_option("--cache-dir", config.cache_dir,
+                    "With --image s3://...: also keep the frames fetched from the bucket in this directory "
+                    "(bounded by --cache-size, least recently used evicted, verified on every read), so a "
+                    "restarted daemon reads them from local disk")
+      ->needs(image_option);
+  serve->add_option("--cache-size", config.cache_bytes, "Bytes of frames --cache-dir may hold")
+      ->default_val(4ull << 30)
+      ->check(CLI::Range(uint64_t{1} << 20, uint64_t{1} << 50));
   serve->add_option("--workers", config.workers_per_session, "Install threads per session")
       ->default_val(2)
       ->check(CLI::Range(1, 64));

@@ -19,6 +19,7 @@
 #include "common/atomic_file.h"
 #include "common/text_escape.h"
 #include "image/local_store.h"
+#include "objstore/disk_cache.h"
 #include "objstore/s3_store.h"
 #include "kernel/process.h"
 #include "protocol/handshake_socket.h"
@@ -195,7 +196,8 @@ static Result<std::pair<std::string, std::string>> split_image_path(const std::s
   return std::make_pair(slash == 0 ? std::string("/") : path.substr(0, slash), path.substr(slash + 1));
 }
 
-static Result<std::shared_ptr<const image::ImageSource>> open_image(const ServerConfig& config) {
+static Result<std::shared_ptr<const image::ImageSource>> open_image(const ServerConfig& config,
+                                                                     const Logger& logger) {
   const std::string& path = config.image_path;
   auto split = split_image_path(path);
   if (!split) return std::unexpected(split.error());
@@ -205,6 +207,27 @@ static Result<std::shared_ptr<const image::ImageSource>> open_image(const Server
   // that wait for it through the frame cache).
   auto store = objstore::open_store(dir, /*create=*/false);
   if (!store) return fail("--image " + path + ": " + store.error().message, store.error().code);
+  if (!config.cache_dir.empty()) {
+    if (!objstore::is_s3_url(dir)) {
+      return fail("--cache-dir is for images in an object store (--image s3://...); " + dir +
+                      " is a local directory already",
+                  EINVAL);
+    }
+    auto disk = objstore::DiskCache::open(config.cache_dir, config.cache_bytes);
+    if (!disk) return fail("--cache-dir " + config.cache_dir + ": " + disk.error().message, disk.error().code);
+    const auto held = (*disk)->stats();
+    logger.info("disk_cache_open", {{"dir", config.cache_dir},
+                                    {"max_bytes", config.cache_bytes},
+                                    {"blobs", held.blobs},
+                                    {"bytes", held.bytes}});
+    // A full disk (or any write error) does not stop serving: frames are
+    // served without being kept, and the log says so once per episode.
+    *store = std::make_unique<objstore::CachedStore>(
+        std::move(*store), std::move(*disk), [&logger, dir = config.cache_dir](const Error& e) {
+          logger.warn("disk_cache_write_failed",
+                      {{"dir", dir}, {"error", e.describe()}, {"effect", "serving without caching"}});
+        });
+  }
   std::shared_ptr<image::FrameCache> cache =
       config.frame_cache ? config.frame_cache : std::make_shared<image::FrameCache>(config.frame_cache_bytes);
   auto source = image::ImageSource::open(std::move(*store), name, std::move(cache));
@@ -223,7 +246,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   std::shared_ptr<const image::ImageSource> image;
   std::shared_ptr<const ZeroIndex> zero_index;
   if (!config.image_path.empty()) {
-    auto opened = open_image(config);
+    auto opened = open_image(config, logger);
     if (!opened) return std::unexpected(opened.error());
     image = *opened;
     source = image;

@@ -76,6 +76,11 @@ struct ServerConfig {
   // when `frame_cache` is given, by every server sharing that cache).
   uint64_t frame_cache_bytes = 256ull << 20;
   std::shared_ptr<image::FrameCache> frame_cache;
+  // With an image in an object store: frames fetched from it are kept in
+  // this directory too (objstore/disk_cache.h), at most cache_bytes of them,
+  // so a restarted daemon does not fetch them again. Empty: no disk cache.
+  std::string cache_dir;
+  uint64_t cache_bytes = 4ull << 30;
   int workers_per_session = 2;
   OnFatal on_fatal = OnFatal::kKill;
   std::chrono::milliseconds handshake_timeout{5000};

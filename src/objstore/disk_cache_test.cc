@@ -1,0 +1,260 @@
+// DiskCache and CachedStore over a local store standing in for the bucket
+// (the cache does not care where misses go; tests/s3_test.cc runs it in
+// front of a real gateway): bounded LRU with every byte checked, a restart
+// over a warm cache, damaged and half-written files, concurrent use, and a
+// full disk.
+#include "objstore/disk_cache.h"
+
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "tests/capability.h"
+#include "image/local_store.h"
+
+namespace faultline::objstore {
+namespace {
+
+using image::BlobId;
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/faultline-cache-test-XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+std::string blob(size_t n, uint64_t seed) {
+  std::string s(n, '\0');
+  std::mt19937_64 rng(seed);
+  for (auto& c : s) c = static_cast<char>(rng());
+  return s;
+}
+
+// Counts the inner store's blob reads.
+class CountingStore final : public image::Store {
+ public:
+  explicit CountingStore(std::unique_ptr<image::Store> inner) : inner_(std::move(inner)) {}
+  std::atomic<int> gets{0};
+  Result<std::string> get(const BlobId& id) override {
+    gets.fetch_add(1);
+    return inner_->get(id);
+  }
+  Status put(const BlobId& id, std::string_view b) override { return inner_->put(id, b); }
+  Result<bool> exists(const BlobId& id) override { return inner_->exists(id); }
+  Result<std::vector<BlobId>> list() override { return inner_->list(); }
+  Status remove(const BlobId& id) override { return inner_->remove(id); }
+  std::string describe(const BlobId& id) const override { return inner_->describe(id); }
+  Result<std::string> read_manifest(const std::string& n) override { return inner_->read_manifest(n); }
+  Result<bool> manifest_exists(const std::string& n) override { return inner_->manifest_exists(n); }
+  Status write_manifest(const std::string& n, std::string_view b) override { return inner_->write_manifest(n, b); }
+  Result<std::vector<std::string>> list_manifests() override { return inner_->list_manifests(); }
+  std::string describe_manifest(const std::string& n) const override { return inner_->describe_manifest(n); }
+  Result<std::unique_ptr<image::StoreLock>> lock_shared(const std::function<void()>& w) override {
+    return inner_->lock_shared(w);
+  }
+  Result<std::unique_ptr<image::StoreLock>> lock_exclusive(const std::function<void()>& w) override {
+    return inner_->lock_exclusive(w);
+  }
+
+ private:
+  std::unique_ptr<image::Store> inner_;
+};
+
+TEST(DiskCache, KeepsTheMostRecentlyUsedBlobsWithinItsBoundAndReturnsTheirExactBytes) {
+  TempDir dir;
+  constexpr size_t kBlob = 64 * 1024;
+  auto cache = DiskCache::open(dir.path() + "/cache", 3 * kBlob);
+  ASSERT_TRUE(cache) << cache.error().describe();
+  std::vector<std::string> blobs;
+  std::vector<BlobId> ids;
+  for (int i = 0; i < 5; ++i) {
+    blobs.push_back(blob(kBlob, i));
+    ids.push_back(BlobId::of(blobs.back()));
+  }
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE((*cache)->put(ids[i], blobs[i]));
+  ASSERT_TRUE((*cache)->get(ids[0]));  // 0 is now the most recently used: 1 goes first
+  ASSERT_TRUE((*cache)->put(ids[3], blobs[3]));
+  ASSERT_TRUE((*cache)->put(ids[4], blobs[4]));
+  EXPECT_FALSE((*cache)->get(ids[1]));
+  EXPECT_FALSE((*cache)->get(ids[2]));
+  for (int i : {0, 3, 4}) {
+    auto got = (*cache)->get(ids[i]);
+    ASSERT_TRUE(got) << "blob " << i;
+    EXPECT_TRUE(*got == blobs[i]) << "blob " << i;
+  }
+  const auto s = (*cache)->stats();
+  EXPECT_EQ(s.blobs, 3u);
+  EXPECT_EQ(s.bytes, 3 * kBlob);
+  EXPECT_EQ(s.evictions, 2u);
+  // The directory holds exactly what the index says.
+  size_t files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path() + "/cache")) files += e.is_regular_file();
+  EXPECT_EQ(files, 3u);
+  // A blob larger than the whole cache is not kept (and evicts nothing).
+  const std::string huge = blob(4 * kBlob, 9);
+  ASSERT_TRUE((*cache)->put(BlobId::of(huge), huge));
+  EXPECT_FALSE((*cache)->get(BlobId::of(huge)));
+  EXPECT_EQ((*cache)->stats().blobs, 3u);
+}
+
+TEST(DiskCache, ARestartedCacheKnowsItsBlobsEvictsByLastUseAndDropsHalfWrittenFiles) {
+  TempDir dir;
+  const std::string cdir = dir.path() + "/cache";
+  constexpr size_t kBlob = 4096;
+  std::vector<std::string> blobs{blob(kBlob, 1), blob(kBlob, 2), blob(kBlob, 3)};
+  {
+    auto cache = DiskCache::open(cdir, 10 * kBlob);
+    ASSERT_TRUE(cache);
+    for (const auto& b : blobs) ASSERT_TRUE((*cache)->put(BlobId::of(b), b));
+  }
+  // Last uses, as a daemon would have left them: 1 oldest, then 2, then 0.
+  auto set_mtime = [&](const std::string& b, time_t t) {
+    const timespec times[2] = {{t, 0}, {t, 0}};
+    ASSERT_EQ(::utimensat(AT_FDCWD, (cdir + "/" + BlobId::of(b).hex()).c_str(), times, 0), 0);
+  };
+  set_mtime(blobs[1], 1000);
+  set_mtime(blobs[2], 2000);
+  set_mtime(blobs[0], 3000);
+  std::ofstream(cdir + "/." + BlobId::of(blobs[0]).hex() + ".tmp-abcdef") << "half";  // a crash mid-write
+  auto cache = DiskCache::open(cdir, 2 * kBlob);  // a smaller bound: the oldest goes
+  ASSERT_TRUE(cache);
+  EXPECT_EQ((*cache)->stats().blobs, 2u);
+  EXPECT_FALSE((*cache)->get(BlobId::of(blobs[1])));
+  for (int i : {0, 2}) {
+    auto got = (*cache)->get(BlobId::of(blobs[i]));
+    ASSERT_TRUE(got);
+    EXPECT_TRUE(*got == blobs[i]);
+  }
+  EXPECT_FALSE(std::filesystem::exists(cdir + "/." + BlobId::of(blobs[0]).hex() + ".tmp-abcdef"));
+}
+
+TEST(CachedStore, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFileIsFetchedAgain) {
+  TempDir dir;
+  auto local = image::LocalStore::open(dir.path() + "/store", true);
+  ASSERT_TRUE(local);
+  const std::string b = blob(100000, 5);
+  const BlobId id = BlobId::of(b);
+  ASSERT_TRUE((*local)->put(id, b));
+  auto counting = std::make_unique<CountingStore>(std::move(*local));
+  CountingStore* inner = counting.get();
+  auto cache = DiskCache::open(dir.path() + "/cache", 1 << 20);
+  ASSERT_TRUE(cache);
+  CachedStore store(std::move(counting), *cache);
+  for (int i = 0; i < 3; ++i) {
+    auto got = store.get(id);
+    ASSERT_TRUE(got) << got.error().describe();
+    EXPECT_TRUE(*got == b);
+  }
+  EXPECT_EQ(inner->gets.load(), 1);
+  // Damage the cached file: the cache must notice, drop it and fetch again.
+  {
+    std::fstream f(dir.path() + "/cache/" + id.hex(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(500);
+    f.put('\x42' ^ b[500]);
+  }
+  auto again = store.get(id);
+  ASSERT_TRUE(again);
+  EXPECT_TRUE(*again == b);
+  EXPECT_EQ(inner->gets.load(), 2);
+  EXPECT_EQ((*cache)->stats().damaged, 1u);
+  auto third = store.get(id);
+  ASSERT_TRUE(third);
+  EXPECT_TRUE(*third == b);
+  EXPECT_EQ(inner->gets.load(), 2) << "the refetched blob was cached again";
+}
+
+TEST(CachedStore, ThreadsSharingASmallCacheAlwaysGetTheRightBytes) {
+  TempDir dir;
+  auto local = image::LocalStore::open(dir.path() + "/store", true);
+  ASSERT_TRUE(local);
+  constexpr int kBlobs = 24;
+  constexpr size_t kBlob = 16 * 1024;
+  std::vector<std::string> blobs;
+  for (int i = 0; i < kBlobs; ++i) {
+    blobs.push_back(blob(kBlob, 100 + i));
+    ASSERT_TRUE((*local)->put(BlobId::of(blobs.back()), blobs.back()));
+  }
+  auto cache = DiskCache::open(dir.path() + "/cache", 6 * kBlob);  // a quarter of them fit
+  ASSERT_TRUE(cache);
+  CachedStore store(std::move(*local), *cache);
+  std::atomic<int> wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int k = 0; k < 300; ++k) {
+        const int i = static_cast<int>(rng() % kBlobs);
+        auto got = store.get(BlobId::of(blobs[i]));
+        if (!got || *got != blobs[i]) wrong.fetch_add(1);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(wrong.load(), 0);
+  const auto s = (*cache)->stats();
+  EXPECT_LE(s.bytes, 6 * kBlob);
+  EXPECT_GT(s.hits, 0u);
+  EXPECT_GT(s.evictions, 0u);
+  uint64_t on_disk = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path() + "/cache")) on_disk += e.file_size();
+  EXPECT_LE(on_disk, 6 * kBlob);
+}
+
+TEST(CachedStore, AFullDiskIsReportedOnceAndServingGoesOnWithoutCaching) {
+  TempDir dir;
+  const std::string mnt = dir.path() + "/small";
+  std::filesystem::create_directories(mnt);
+  const bool mounted = ::mount("tmpfs", mnt.c_str(), "tmpfs", 0, "size=256k") == 0;
+  FAULTLINE_REQUIRE_CAPABILITY("root", mounted, "cannot mount a 256 KiB tmpfs: " << std::strerror(errno));
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+  auto local = image::LocalStore::open(dir.path() + "/store", true);
+  ASSERT_TRUE(local);
+  std::vector<std::string> blobs;
+  for (int i = 0; i < 8; ++i) {
+    blobs.push_back(blob(100 * 1024, 200 + i));
+    ASSERT_TRUE((*local)->put(BlobId::of(blobs.back()), blobs.back()));
+  }
+  auto cache = DiskCache::open(mnt + "/cache", 64 << 20);  // the bound is not what stops it: the disk is
+  ASSERT_TRUE(cache);
+  std::vector<Error> reported;
+  CachedStore store(std::move(*local), *cache, [&](const Error& e) { reported.push_back(e); });
+  for (const auto& b : blobs) {
+    auto got = store.get(BlobId::of(b));
+    ASSERT_TRUE(got) << got.error().describe();
+    EXPECT_TRUE(*got == b);
+  }
+  ASSERT_EQ(reported.size(), 1u) << "one report for the whole episode";
+  EXPECT_EQ(reported[0].code, ENOSPC) << reported[0].describe();
+  EXPECT_GT((*cache)->stats().put_failures, 0u);
+  // What it did keep is whole and right.
+  for (const auto& b : blobs) {
+    if (auto hit = (*cache)->get(BlobId::of(b))) {
+      EXPECT_TRUE(*hit == b);
+    }
+  }
+  EXPECT_EQ((*cache)->stats().damaged, 0u);
+}
+
+}  // namespace
+}  // namespace faultline::objstore

@@ -104,6 +104,52 @@ class S3Test : public ::testing::Test {
     return s ? std::move(*s) : nullptr;
   }
 
+  // A daemon serving the harness's 8 MiB image (16 MiB for 2 MiB pages) from
+  // `url`: pushed there from the harness's local store (when `push`), which
+  // is then deleted, so every frame must come from the bucket. `endpoint`:
+  // where the daemon sends its requests (a FaultProxy), if not the gateway.
+  ServerHarness::Options bucket_image(const std::string& url, bool push = true, uint32_t page_size = 4096,
+                                      const std::string& endpoint = {},
+                                      std::function<void(ServerConfig&)> more = {}) {
+    ServerHarness::Options ho;
+    ho.memory_bytes = page_size == 4096 ? 8 * kMiB : 16 * kMiB;
+    ho.zero_fraction = 0.2;
+    ho.serve_image = true;
+    ho.image_page_size = page_size;
+    ho.configure = [this, url, push, endpoint, more](ServerConfig& c, const TempDir& dir) {
+      if (push) {
+        auto local = image::LocalStore::open(dir.file("store"), false);
+        ASSERT_TRUE(local) << local.error().describe();
+        auto bucket = s3_store(url, true);
+        ASSERT_TRUE(bucket);
+        auto pushed = image::copy_image(**local, *bucket, "base", {});
+        ASSERT_TRUE(pushed) << pushed.error().describe();
+      }
+      std::filesystem::remove_all(dir.file("store"));
+      if (!endpoint.empty()) ::setenv("AWS_ENDPOINT_URL", endpoint.c_str(), 1);
+      c.image_path = url + "/base";
+      if (more) more(c);
+    };
+    return ho;
+  }
+  // A VM restore touching every page of the harness's guest: every byte
+  // checked against the memory file; the session must end cleanly.
+  static void restore_every_byte(ServerHarness& h, bool huge = false) {
+    client::RestoreOptions o;
+    o.socket_path = h.socket();
+    o.memory_path = h.memory();
+    o.threads = 2;
+    o.touch_fraction = 1.0;
+    o.huge_pages = huge;
+    auto r = client::run_restore(o);
+    ASSERT_TRUE(r) << r.error().describe();
+    EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
+    EXPECT_GT(r->pages_verified, 0u);
+    ASSERT_TRUE(h.wait_ended(1));
+    const SessionSummary s = h.server().finished_sessions().at(0);
+    EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
+  }
+
   TempDir dir_;
   std::string rgw_dir_;
   int port_ = 0;
@@ -381,37 +427,9 @@ TEST_F(S3Test, AVmRestoresStraightFromTheBucketWithEveryByteChecked) {
       reservation.emplace(16);
       FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation->ok(), reservation->reason());
     }
-    const std::string url = std::string("s3://fl-serve/") + (huge ? "huge" : "small");
-    ServerHarness::Options ho;
-    ho.memory_bytes = 16 * kMiB;
-    ho.zero_fraction = 0.2;
-    ho.serve_image = true;
-    ho.image_page_size = huge ? 2 * kMiB : 4096;
-    ho.configure = [&](ServerConfig& c, const TempDir& dir) {
-      auto local = image::LocalStore::open(dir.file("store"), false);
-      ASSERT_TRUE(local) << local.error().describe();
-      auto bucket = s3_store(url, true);
-      ASSERT_TRUE(bucket);
-      auto pushed = image::copy_image(**local, *bucket, "base", {});
-      ASSERT_TRUE(pushed) << pushed.error().describe();
-      local->reset();
-      std::filesystem::remove_all(dir.file("store"));
-      c.image_path = url + "/base";
-    };
-    ServerHarness h(ho);
-    client::RestoreOptions o;
-    o.socket_path = h.socket();
-    o.memory_path = h.memory();
-    o.threads = 2;
-    o.touch_fraction = 1.0;
-    o.huge_pages = huge;
-    auto r = client::run_restore(o);
-    ASSERT_TRUE(r) << r.error().describe();
-    EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
-    EXPECT_GT(r->pages_verified, 0u);
-    ASSERT_TRUE(h.wait_ended(1));
-    const SessionSummary s = h.server().finished_sessions().at(0);
-    EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
+    ServerHarness h(bucket_image(std::string("s3://fl-serve/") + (huge ? "huge" : "small"), true,
+                                 huge ? 2 * kMiB : 4096));
+    restore_every_byte(h, huge);
     const auto snap = h.server().metrics().snapshot();
     ASSERT_TRUE(snap.frame_cache.has_value());
     EXPECT_GT(snap.frame_cache->misses, 0u);
@@ -481,32 +499,8 @@ TEST_F(S3Test, AFrameDamagedOnTheWayIsFetchedOnceMoreAndTheVmGetsEveryByteRight)
     return d;
   });
   ASSERT_NE(proxy.port(), 0);
-  const std::string url = "s3://fl-damaged-wire/images";
-  ServerHarness::Options ho;
-  ho.memory_bytes = 8 * kMiB;
-  ho.zero_fraction = 0.2;
-  ho.serve_image = true;
-  ho.configure = [&](ServerConfig& c, const TempDir& dir) {
-    auto local = image::LocalStore::open(dir.file("store"), false);
-    ASSERT_TRUE(local);
-    auto bucket = s3_store(url, true);
-    ASSERT_TRUE(bucket);
-    ASSERT_TRUE(image::copy_image(**local, *bucket, "base", {}));
-    ::setenv("AWS_ENDPOINT_URL", proxy.endpoint().c_str(), 1);  // the daemon goes through the proxy
-    c.image_path = url + "/base";
-  };
-  ServerHarness h(ho);
-  client::RestoreOptions o;
-  o.socket_path = h.socket();
-  o.memory_path = h.memory();
-  o.threads = 2;
-  o.touch_fraction = 1.0;
-  auto r = client::run_restore(o);
-  ASSERT_TRUE(r) << r.error().describe();
-  EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
-  ASSERT_TRUE(h.wait_ended(1));
-  const SessionSummary s = h.server().finished_sessions().at(0);
-  EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
+  ServerHarness h(bucket_image("s3://fl-damaged-wire/images", true, 4096, proxy.endpoint()));
+  restore_every_byte(h);
   std::lock_guard lock(mu);
   ASSERT_FALSE(blob_gets.empty());
   for (const auto& [path, n] : blob_gets) EXPECT_EQ(n, 2) << path << ": damaged once, fetched twice";
@@ -515,20 +509,7 @@ TEST_F(S3Test, AFrameDamagedOnTheWayIsFetchedOnceMoreAndTheVmGetsEveryByteRight)
 // The gateway goes down before the VM touches its memory and comes back
 // while faults wait: the VM runs on, every byte right.
 TEST_F(S3Test, FaultsWaitWhileTheStoreIsDownAndTheVmRunsOnWhenItReturns) {
-  const std::string url = "s3://fl-outage/images";
-  ServerHarness::Options ho;
-  ho.memory_bytes = 8 * kMiB;
-  ho.zero_fraction = 0.2;
-  ho.serve_image = true;
-  ho.configure = [&](ServerConfig& c, const TempDir& dir) {
-    auto local = image::LocalStore::open(dir.file("store"), false);
-    ASSERT_TRUE(local);
-    auto bucket = s3_store(url, true);
-    ASSERT_TRUE(bucket);
-    ASSERT_TRUE(image::copy_image(**local, *bucket, "base", {}));
-    c.image_path = url + "/base";
-  };
-  ServerHarness h(ho);
+  ServerHarness h(bucket_image("s3://fl-outage/images"));
   auto session_retries = [&] {
     uint64_t n = 0;
     for (const auto& s : h.server().live_sessions()) n += s.counters.source_retries;
@@ -568,38 +549,14 @@ TEST_F(S3Test, ADaemonRestartedOverAWarmDiskCacheFetchesNoFrameFromTheBucket) {
     return FaultProxy::Decision{};
   });
   ASSERT_NE(proxy.port(), 0);
-  const std::string url = "s3://fl-warm/images";
   const std::string cache_dir = dir_.path() + "/frame-cache";
-  std::string memory_model;
   auto restore_once = [&](bool first) {
-    ServerHarness::Options ho;
-    ho.memory_bytes = 8 * kMiB;
-    ho.zero_fraction = 0.2;
-    ho.serve_image = true;
-    ho.configure = [&](ServerConfig& c, const TempDir& dir) {
-      if (first) {
-        auto local = image::LocalStore::open(dir.file("store"), false);
-        ASSERT_TRUE(local);
-        auto bucket = s3_store(url, true);
-        ASSERT_TRUE(bucket);
-        ASSERT_TRUE(image::copy_image(**local, *bucket, "base", {}));
-      }
-      ::setenv("AWS_ENDPOINT_URL", proxy.endpoint().c_str(), 1);
-      c.image_path = url + "/base";
+    // The same seed each time: the same memory file the image was made from.
+    ServerHarness h(bucket_image("s3://fl-warm/images", first, 4096, proxy.endpoint(), [&](ServerConfig& c) {
       c.cache_dir = cache_dir;
       c.cache_bytes = 64 * kMiB;
-    };
-    ServerHarness h(ho);  // the same seed: the same memory file as the image was made from
-    client::RestoreOptions o;
-    o.socket_path = h.socket();
-    o.memory_path = h.memory();
-    o.threads = 2;
-    o.touch_fraction = 1.0;
-    auto r = client::run_restore(o);
-    ASSERT_TRUE(r) << r.error().describe();
-    EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
-    ASSERT_TRUE(h.wait_ended(1));
-    EXPECT_EQ(h.server().finished_sessions().at(0).end, SessionEnd::kSocketClosed);
+    }));
+    restore_every_byte(h);
     EXPECT_NE(h.log().find("disk_cache_open"), std::string::npos);
   };
   restore_once(true);

@@ -250,6 +250,19 @@ TEST_F(S3Test, MissingObjectsBucketsAndWrongCredentialsAreClearErrorsThatNeverSh
   auto no_store = objstore::open_store("s3://fl-nonexistent/x", false);
   ASSERT_FALSE(no_store);
   EXPECT_EQ(no_store.error().code, ENOENT);
+
+  // A daemon asked to serve an image the bucket does not hold does not start,
+  // and says which image and where.
+  ServerConfig c;
+  c.socket_path = dir_.path() + "/none.sock";
+  c.image_path = "s3://fl-errors/images/nope";
+  Logger quiet(LogFormat::kText, LogLevel::kError, 2);
+  auto server = Server::create(c, quiet);
+  ASSERT_FALSE(server);
+  EXPECT_EQ(server.error().code, ENOENT);
+  EXPECT_NE(server.error().message.find("image nope does not exist"), std::string::npos) << server.error().message;
+  EXPECT_NE(server.error().message.find("s3://fl-errors/images/images/nope"), std::string::npos)
+      << server.error().message;
 }
 
 TEST(S3ClientOffline, AnEndpointThatRefusesConnectionsIsRetriedThenReportedRetryable) {
@@ -574,6 +587,28 @@ TEST_F(S3Test, ADaemonRestartedOverAWarmDiskCacheFetchesNoFrameFromTheBucket) {
   restore_once(false);
   std::lock_guard lock(mu);
   EXPECT_TRUE(blob_gets.empty()) << blob_gets.size() << " frames fetched again after the restart";
+}
+
+// Two daemons (two hosts of a fleet) serve one image from one bucket at the
+// same time, each with its own disk cache, one of them far smaller than the
+// image (frames evicted and fetched again while VMs run): every byte right.
+TEST_F(S3Test, TwoDaemonsShareABucketAndASmallDiskCacheEvictsWithoutAWrongByte) {
+  ServerHarness first(bucket_image("s3://fl-shared/images", true, 4096, {}, [&](ServerConfig& c) {
+    c.cache_dir = dir_.path() + "/cache-a";
+    c.cache_bytes = 64 * kMiB;
+  }));
+  ServerHarness second(bucket_image("s3://fl-shared/images", false, 4096, {}, [&](ServerConfig& c) {
+    c.cache_dir = dir_.path() + "/cache-b";
+    c.cache_bytes = 1 * kMiB;  // 2 frames of 512 KiB at most
+    c.frame_cache_bytes = 1 * kMiB;
+  }));
+  auto a = std::async(std::launch::async, [&] { restore_every_byte(first); });
+  restore_every_byte(second);
+  a.get();
+  uint64_t cached_b = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir_.path() + "/cache-b")) cached_b += e.file_size();
+  EXPECT_LE(cached_b, 1 * kMiB);
+  EXPECT_GT(cached_b, 0u);
 }
 
 }  // namespace

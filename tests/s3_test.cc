@@ -4,6 +4,8 @@
 // errors are checked for what they say and for what they must not say (a
 // secret key).
 #include <arpa/inet.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -54,11 +56,6 @@ int free_port_pair() {
     if (free) return port;
   }
   return 0;
-}
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
 }
 
 bool have_ceph() {
@@ -609,6 +606,51 @@ TEST_F(S3Test, TwoDaemonsShareABucketAndASmallDiskCacheEvictsWithoutAWrongByte) 
   for (const auto& e : std::filesystem::directory_iterator(dir_.path() + "/cache-b")) cached_b += e.file_size();
   EXPECT_LE(cached_b, 1 * kMiB);
   EXPECT_GT(cached_b, 0u);
+}
+
+// Past --store-deadline a fault waiting for the store ends its session: the
+// daemon (a separate process, as an operator runs it) kills the VM under
+// --on-fatal=kill and says why; the daemon itself keeps running.
+TEST_F(S3Test, PastTheStoreDeadlineTheSessionIsFatalAndTheVmIsKilled) {
+  const std::string mem = dir_.path() + "/mem";
+  ASSERT_TRUE(client::write_test_memory_file(mem, 8 * kMiB, 11, 0.2));
+  {
+    auto local = image::LocalStore::open(dir_.path() + "/store", true);
+    ASSERT_TRUE(local);
+    image::CreateOptions c;
+    c.memory_path = mem;
+    c.name = "vm";
+    ASSERT_TRUE(image::create_image(**local, c));
+    auto bucket = s3_store("s3://fl-deadline/images", true);
+    ASSERT_TRUE(bucket);
+    ASSERT_TRUE(image::copy_image(**local, *bucket, "vm", {}));
+  }
+  const std::string sock = dir_.path() + "/vm.sock", log = dir_.path() + "/serve.log";
+  const pid_t daemon = spawn({built_binary("faultline"), "serve", "--socket", sock, "--image",
+                              "s3://fl-deadline/images/vm", "--store-deadline", "1", "--on-fatal", "kill"},
+                             log);
+  ASSERT_GT(daemon, 0);
+  ASSERT_TRUE(eventually_true([&] { return read_file(log).find("event=server_start") != std::string::npos; }))
+      << read_file(log);
+  const std::string rgw = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh ";
+  ASSERT_EQ(std::system((rgw + "gateway-stop " + rgw_dir_).c_str()), 0);
+  const std::string out = dir_.path() + "/client.out";
+  const pid_t vm = spawn({built_binary("faultline-client"), "restore", "--socket", sock, "--memory", mem,
+                          "--threads", "2"},
+                         out);
+  const int status = wait_child(vm, std::chrono::seconds(120));
+  ASSERT_TRUE(WIFSIGNALED(status)) << "the VM was not killed: " << read_file(out);
+  EXPECT_EQ(WTERMSIG(status), SIGKILL);
+  const bool daemon_alive = ::kill(daemon, 0) == 0;
+  ::kill(daemon, SIGTERM);
+  const int daemon_status = wait_child(daemon, std::chrono::seconds(30));
+  EXPECT_TRUE(daemon_alive) << "the daemon died with the session";
+  EXPECT_TRUE(WIFEXITED(daemon_status) && WEXITSTATUS(daemon_status) == 0) << read_file(log);
+  const std::string served = read_file(log);
+  EXPECT_NE(served.find("state=fatal"), std::string::npos) << served;
+  EXPECT_NE(served.find("retried for 1000 ms"), std::string::npos) << served;
+  EXPECT_NE(served.find("s3://fl-deadline/images/blobs/sha256/"), std::string::npos) << served;
+  EXPECT_NE(served.find("peer_killed=true"), std::string::npos) << served;
 }
 
 }  // namespace

@@ -296,6 +296,12 @@ int main(int argc, char** argv) {
                     "always sleep")
       ->default_val(100)
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
+  double store_deadline_s = 30;
+  serve->add_option("--store-deadline", store_deadline_s,
+                    "Seconds a fault waits for a store failing in a way that may pass (an object store down, "
+                    "timing out, answering 5xx) before its session is fatal and --on-fatal applies")
+      ->default_val(30)
+      ->check(CLI::Range(0.0, 86400.0));
   serve->add_option("--prefetch-threads", config.prefetch_threads,
                     "Threads per session installing the --prefetch plan (single-page installs cost kernel time, "
                     "so a scattered working set goes faster over several cores)")
@@ -435,6 +441,7 @@ int main(int argc, char** argv) {
     config.reader_serves_cached = reader_serves == "on";
     config.fault_around_readahead = fault_around_readahead == "on";
     config.busy_poll = std::chrono::microseconds(busy_poll_us);
+    config.store_deadline = std::chrono::milliseconds(static_cast<int64_t>(store_deadline_s * 1000));
     config.handshake_timeout = std::chrono::milliseconds(handshake_timeout_ms);
     config.control_timeout = std::chrono::milliseconds(control_timeout_ms);
     config.socket_access = socket_access.resolve();

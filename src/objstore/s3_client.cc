@@ -219,7 +219,8 @@ std::string S3Client::url(const std::string& bucket, const std::string& key, con
 }
 
 Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& method, const std::string& url,
-                                                  std::string_view body, std::optional<ByteRange> range) {
+                                                  const std::string& what, std::string_view body,
+                                                  std::optional<ByteRange> range) {
   CURL* c = h.curl;
   if (!c) return fail("curl_easy_init failed", ENOMEM);
   curl_easy_reset(c);  // keeps the connection; forgets the last request's options
@@ -269,7 +270,7 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
   const CURLcode rc = curl_easy_perform(c);
   curl_slist_free_all(headers);
   if (rc != CURLE_OK) {
-    Error e{0, std::string("S3 request ") + method + " " + url + " failed: " + curl_easy_strerror(rc)};
+    Error e{0, method + " " + what + " (" + config_.endpoint + ") failed: " + curl_easy_strerror(rc)};
     // Connection and timeout failures may pass; a malformed URL will not.
     e.retryable = rc != CURLE_URL_MALFORMAT && rc != CURLE_UNSUPPORTED_PROTOCOL;
     e.code = rc == CURLE_OPERATION_TIMEDOUT ? ETIMEDOUT : rc == CURLE_COULDNT_CONNECT ? ECONNREFUSED : EIO;
@@ -298,7 +299,7 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
       backoff *= 2;
     }
     auto h = acquire();
-    auto r = perform_once(*h, method, u, body, range);
+    auto r = perform_once(*h, method, u, what, body, range);
     release(std::move(h));
     if (!r) {
       last = r.error();

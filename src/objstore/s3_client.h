@@ -94,8 +94,9 @@ class S3Client {
   // One request with retries. `body` for PUT; `range` for GET.
   Result<Response> perform(const std::string& method, const std::string& bucket, const std::string& key,
                            const std::string& query, std::string_view body, std::optional<ByteRange> range);
-  Result<Response> perform_once(Handle& h, const std::string& method, const std::string& url, std::string_view body,
-                                std::optional<ByteRange> range);
+  // `what`: "s3://bucket/key", for error messages.
+  Result<Response> perform_once(Handle& h, const std::string& method, const std::string& url, const std::string& what,
+                                std::string_view body, std::optional<ByteRange> range);
   std::unique_ptr<Handle> acquire();
   void release(std::unique_ptr<Handle> h);
   std::string url(const std::string& bucket, const std::string& key, const std::string& query) const;

@@ -651,6 +651,7 @@ void Server::handle_connection(Connection& c) {
                    .reader_serves_cached = config_.reader_serves_cached,
                    .busy_poll = config_.busy_poll,
                    .metrics = &metrics_,
+                   .source_retry_deadline = config_.store_deadline,
                    .record_fault_latency = config_.record_fault_latency,
                    .fault_around_pages = config_.fault_around_pages,
                    .fault_around_readahead = config_.fault_around_readahead};

@@ -114,6 +114,10 @@ struct ServerConfig {
   std::string prefetch_path;  // install this working set as each VM starts
   bool prefetch_all = false;  // install the whole snapshot in the background
   int prefetch_threads = 2;   // threads installing the prefetch plan (SessionConfig::prefetch_threads)
+  // How long a fault waits for a store that fails in a way that may pass (an
+  // object store down, timing out, answering 5xx) before its session is fatal
+  // and on_fatal applies (SessionConfig::source_retry_deadline).
+  std::chrono::milliseconds store_deadline{30000};
   // The event reader serves faults itself when that needs no I/O (see SessionConfig).
   bool reader_serves_cached = true;
   // How long each session's reader keeps polling after an event before it

@@ -787,7 +787,7 @@ Status Session::read_source(uint64_t offset, std::span<uint8_t> out) {
     // not forever: a guest thread is waiting on this page.
     if (stopping_.load(std::memory_order_acquire)) return s;
     if (std::chrono::steady_clock::now() + backoff > deadline) {
-      return fail(s.error().describe() + " (retried for " + std::to_string(config_.source_retry_deadline.count()) +
+      return fail(s.error().message + " (retried for " + std::to_string(config_.source_retry_deadline.count()) +
                       " ms)",
                   s.error().code);
     }

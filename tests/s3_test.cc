@@ -210,6 +210,9 @@ TEST_F(S3Test, AListingLongerThanOnePageFollowsTheContinuationToken) {
   ASSERT_EQ(keys->size(), static_cast<size_t>(kKeys));
   EXPECT_EQ(keys->front(), "k/00000");
   EXPECT_EQ(keys->back(), "k/01099");
+  auto first = client_->list("fl-many", "k/", 3);
+  ASSERT_TRUE(first) << first.error().describe();
+  EXPECT_EQ(*first, (std::vector<std::string>{"k/00000", "k/00001", "k/00002"}));
 }
 
 TEST_F(S3Test, MissingObjectsBucketsAndWrongCredentialsAreClearErrorsThatNeverShowTheSecret) {

@@ -370,7 +370,8 @@ Status S3Client::remove(const std::string& bucket, const std::string& key) {
   return {};
 }
 
-Result<std::vector<std::string>> S3Client::list(const std::string& bucket, const std::string& prefix) {
+Result<std::vector<std::string>> S3Client::list(const std::string& bucket, const std::string& prefix,
+                                                size_t max_keys) {
   std::vector<std::string> keys;
   std::string token;
   for (;;) {
@@ -382,6 +383,7 @@ Result<std::vector<std::string>> S3Client::list(const std::string& bucket, const
       curl_free(t);
     }
     query += "list-type=2";
+    if (max_keys > 0) query += "&max-keys=" + std::to_string(max_keys);
     if (!prefix.empty()) {
       char* p = curl_easy_escape(nullptr, prefix.c_str(), static_cast<int>(prefix.size()));
       query += "&prefix=" + std::string(p);
@@ -390,6 +392,10 @@ Result<std::vector<std::string>> S3Client::list(const std::string& bucket, const
     auto r = perform("GET", bucket, "", query, {}, std::nullopt);
     if (!r) return std::unexpected(r.error());
     for (std::string& k : xml_values(r->body, "Key")) keys.push_back(std::move(k));
+    if (max_keys > 0 && keys.size() >= max_keys) {
+      keys.resize(max_keys);
+      break;
+    }
     if (xml_value(r->body, "IsTruncated") != "true") break;
     token = xml_value(r->body, "NextContinuationToken");
     if (token.empty()) return fail("LIST s3://" + bucket + "/" + prefix + ": a truncated answer without a token", EIO);

@@ -74,8 +74,9 @@ class S3Client {
   Result<std::optional<uint64_t>> head(const std::string& bucket, const std::string& key);
   // Succeeds when the object is gone (also when it never existed).
   Status remove(const std::string& bucket, const std::string& key);
-  // Every key that starts with `prefix`, in S3's order (by key).
-  Result<std::vector<std::string>> list(const std::string& bucket, const std::string& prefix);
+  // Every key that starts with `prefix`, in S3's order (by key); with
+  // `max_keys` > 0, at most that many (the first ones).
+  Result<std::vector<std::string>> list(const std::string& bucket, const std::string& prefix, size_t max_keys = 0);
   // Succeeds when the bucket exists afterwards (also when it existed).
   Status create_bucket(const std::string& bucket);
 

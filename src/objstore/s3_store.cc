@@ -16,9 +16,9 @@ Result<std::unique_ptr<S3Store>> S3Store::open(std::shared_ptr<S3Client> client,
   if (create_bucket) {
     if (auto st = client->create_bucket(where.bucket); !st) return std::unexpected(st.error());
   }
-  // One LIST of at most a few keys: a missing bucket, an unreachable
-  // endpoint or refused credentials show here, before any work starts.
-  auto probe = client->list(where.bucket, where.prefix.empty() ? "images/" : where.prefix + "/images/");
+  // One LIST of at most one key: a missing bucket, an unreachable endpoint
+  // or refused credentials show here, before any work starts.
+  auto probe = client->list(where.bucket, where.prefix.empty() ? "images/" : where.prefix + "/images/", 1);
   if (!probe) return std::unexpected(probe.error());
   return std::unique_ptr<S3Store>(new S3Store(std::move(client), std::move(where)));
 }

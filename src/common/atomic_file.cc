@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <utility>
 
@@ -147,6 +148,25 @@ Status AtomicFileWriter::commit() {
   // The rename is durable only once the directory is.
   if (::fsync(dir_fd_) != 0) return fail_errno("fsync of the directory " + dir_ + " failed");
   return {};
+}
+
+Result<std::string> read_whole_file(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  if (!fd) return fail_errno("cannot open " + path);
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
+  if (!S_ISREG(st.st_mode)) return fail(path + " is not a regular file", EINVAL);
+  std::string out(static_cast<size_t>(st.st_size), '\0');
+  size_t done = 0;
+  while (done < out.size()) {
+    const ssize_t n = ::read(fd.get(), out.data() + done, out.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail_errno("reading " + path + " failed");
+    if (n == 0) break;  // shrank under us: what we got is what the checks see
+    done += static_cast<size_t>(n);
+  }
+  out.resize(done);
+  return out;
 }
 
 }  // namespace faultline

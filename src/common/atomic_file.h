@@ -35,6 +35,10 @@ Status check_plain_file_name(std::string_view name);
 // writer uses it, so one naming covers gc's cleanup of interrupted writes.
 Result<std::pair<UniqueFd, std::string>> create_temporary_file(int dir_fd, const std::string& final_name, mode_t mode);
 
+// The whole of a regular file (O_NOFOLLOW): what a reader of files written
+// by the functions below sees. A file that shrinks while read gives what was read.
+Result<std::string> read_whole_file(const std::string& path);
+
 // Writes `bytes` to `name` (checked with check_plain_file_name()) inside the
 // directory open as `dir_fd`.
 Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode = 0644);

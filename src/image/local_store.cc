@@ -17,25 +17,6 @@
 namespace faultline::image {
 namespace {
 
-Result<std::string> read_whole_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
-  if (!fd) return fail_errno("cannot open " + path);
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
-  if (!S_ISREG(st.st_mode)) return fail(path + " is not a regular file", EINVAL);
-  std::string out(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < out.size()) {
-    const ssize_t n = ::read(fd.get(), out.data() + done, out.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return fail_errno("reading " + path + " failed");
-    if (n == 0) break;  // shrank under us: what we got is what the checks see
-    done += static_cast<size_t>(n);
-  }
-  out.resize(done);
-  return out;
-}
-
 Status make_dir(const std::string& path) {
   if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) return fail_errno("cannot create directory " + path);
   return {};

@@ -14,27 +14,6 @@
 
 namespace faultline::objstore {
 
-namespace {
-
-Result<std::string> read_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
-  if (!fd) return fail_errno("cannot open " + path);
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
-  std::string bytes(static_cast<size_t>(st.st_size), '\0');
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::pread(fd.get(), bytes.data() + done, bytes.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return fail_errno("cannot read " + path);
-    if (n == 0) break;
-    done += static_cast<size_t>(n);
-  }
-  bytes.resize(done);
-  return bytes;
-}
-
-}  // namespace
 
 Result<std::shared_ptr<DiskCache>> DiskCache::open(const std::string& dir, uint64_t max_bytes) {
   if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) return fail_errno("cannot create cache directory " + dir);
@@ -101,7 +80,7 @@ std::optional<std::string> DiskCache::get(const image::BlobId& id) {
       return std::nullopt;
     }
   }
-  auto bytes = read_file(path(id));
+  auto bytes = read_whole_file(path(id));
   std::lock_guard lock(mu_);
   if (!bytes || image::BlobId::of(*bytes) != id) {
     // Gone (evicted meanwhile) or damaged: never returned; a damaged file goes.
@@ -138,47 +117,33 @@ Status DiskCache::put(const image::BlobId& id, std::string_view bytes) {
     if (bytes_ + reserved_ + bytes.size() > max_bytes_) return {};  // the rest is being written: skip this one
     reserved_ += bytes.size();
   }
-  const auto release = [&] { reserved_ -= bytes.size(); };  // with mu_ held
+  // A put that fails gives its reservation back and leaves no temporary file.
+  const auto failed = [&](Error e, int dir_fd = -1, const std::string& tmp_name = {}) -> Status {
+    if (!tmp_name.empty()) ::unlinkat(dir_fd, tmp_name.c_str(), 0);
+    std::lock_guard lock(mu_);
+    reserved_ -= bytes.size();
+    ++counts_.put_failures;
+    return std::unexpected(std::move(e));
+  };
   // No fsync: a torn file after a crash fails verification on read and is
   // dropped; the rename keeps readers from ever seeing a partial one.
   UniqueFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  Result<std::pair<UniqueFd, std::string>> tmp = fail("unset");
-  if (dir_fd) {
-    tmp = create_temporary_file(dir_fd.get(), id.hex(), 0600);
-  } else {
-    tmp = fail_errno("cannot open cache directory " + dir_);
-  }
-  if (!tmp) {
-    std::lock_guard lock(mu_);
-    release();
-    ++counts_.put_failures;
-    return std::unexpected(tmp.error());
-  }
+  if (!dir_fd) return failed(Error{errno, "cannot open cache directory " + dir_});
+  auto tmp = create_temporary_file(dir_fd.get(), id.hex(), 0600);
+  if (!tmp) return failed(tmp.error());
   auto& [fd, tmp_name] = *tmp;
   size_t done = 0;
   while (done < bytes.size()) {
     const ssize_t n = ::write(fd.get(), bytes.data() + done, bytes.size() - done);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      const int err = errno;
-      ::unlinkat(dir_fd.get(), tmp_name.c_str(), 0);
-      std::lock_guard lock(mu_);
-      release();
-      ++counts_.put_failures;
-      return std::unexpected(Error{err, "cannot write to the frame cache " + dir_});
-    }
+    if (n < 0) return failed(Error{errno, "cannot write to the frame cache " + dir_}, dir_fd.get(), tmp_name);
     done += static_cast<size_t>(n);
   }
   if (::renameat(dir_fd.get(), tmp_name.c_str(), dir_fd.get(), id.hex().c_str()) != 0) {
-    const int err = errno;
-    ::unlinkat(dir_fd.get(), tmp_name.c_str(), 0);
-    std::lock_guard lock(mu_);
-    release();
-    ++counts_.put_failures;
-    return std::unexpected(Error{err, "cannot rename into the frame cache " + dir_});
+    return failed(Error{errno, "cannot rename into the frame cache " + dir_}, dir_fd.get(), tmp_name);
   }
   std::lock_guard lock(mu_);
-  release();
+  reserved_ -= bytes.size();
   if (!entries_.contains(id)) {
     order_.push_back(id);
     entries_[id] = {bytes.size(), std::prev(order_.end())};

@@ -9,7 +9,8 @@
 # ../shared/STORAGE.md section 3 and docs/object-store.md.
 #
 #   scripts/rgw.sh start DIR [PORT]  start (PORT: the gateway's, default 7480;
-#                                     the mon listens on PORT+1); prints `. DIR/env`
+#                                     the mon listens on PORT+1); prints `. DIR/env`;
+#                                     exits 3 when a port is taken
 #   scripts/rgw.sh stop DIR          stop the daemons started in DIR
 #   scripts/rgw.sh status DIR        exit 0 when the gateway answers
 #   scripts/rgw.sh gateway-stop DIR  stop only radosgw (the store "goes down")
@@ -20,7 +21,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -59,7 +60,14 @@ daemon() {
   echo $! >"$dir/$name.pid"
 }
 
+# fail [--code N] MESSAGE: prints MESSAGE and the logs' tails, stops the
+# daemons, exits N (default 1; 3 means "the port is taken: pick another").
 fail() {
+  local code=1
+  if [ "$1" = --code ]; then
+    code=$2
+    shift 2
+  fi
   echo "rgw.sh: $*" >&2
   for f in "$dir"/log/*; do
     [ -s "$f" ] || continue
@@ -67,17 +75,24 @@ fail() {
     tail -n 15 "$f" >&2
   done
   stop
-  exit 1
+  exit "$code"
 }
 
 start_gateway() {
   export CEPH_CONF="$dir/ceph.conf"
   daemon rgw radosgw -f -n client.rgw
+  local pid
+  pid=$(cat "$dir/rgw.pid")
   for _ in $(seq 1 300); do
     answers && break
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.1  # polling for the gateway to listen
   done
-  answers || fail "the gateway did not answer on 127.0.0.1:$port"
+  answers && return 0
+  if grep -qs "failed to bind address.*Address already in use" "$dir/log/rgw.out" "$dir/log/client.rgw.log"; then
+    fail --code 3 "127.0.0.1:$port is taken by another process"
+  fi
+  fail "the gateway did not answer on 127.0.0.1:$port"
 }
 
 stop_gateway() {
@@ -156,7 +171,11 @@ EOF
   local uuid
   uuid=$(cat /proc/sys/kernel/random/uuid)
   local id
-  id=$(timeout 30 ceph osd create "$uuid" 2>"$dir/log/osd-create.out") || fail "the mon did not answer (ceph osd create)"
+  id=$(timeout 30 ceph osd create "$uuid" 2>"$dir/log/osd-create.out") || {
+    grep -qs "Address already in use" "$dir/log/mon.out" "$dir/log/mon.a.log" &&
+      fail --code 3 "127.0.0.1:$mon_port (the mon's) is taken by another process"
+    fail "the mon did not answer (ceph osd create)"
+  }
   ceph-osd -i "$id" --mkfs --osd-uuid "$uuid" >"$dir/log/mkfs-osd.out" 2>&1 || fail "ceph-osd --mkfs failed"
   daemon osd ceph-osd -f -i "$id"
   for _ in $(seq 1 300); do

@@ -10,7 +10,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <ctime>
 #include <filesystem>
 #include <future>
 #include <map>
@@ -38,11 +40,16 @@ namespace {
 using objstore::S3Client;
 using objstore::S3Config;
 
-// A TCP port nothing listens on now, with the next one free too (the mon's).
+// A TCP port nothing listens on now, with the next one free too (the mon's),
+// below the kernel's ephemeral range (ip_local_port_range), so no outgoing
+// connection's source port takes it before the daemons bind it.
 int free_port_pair() {
-  std::mt19937 rng(static_cast<unsigned>(::getpid()));
+  int ephemeral_low = 32768;
+  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> ephemeral_low;
+  const int low = 10000, span = std::max(ephemeral_low - 2 - low, 1000) / 2;
+  std::mt19937 rng(static_cast<unsigned>(::getpid()) ^ static_cast<unsigned>(::time(nullptr)));
   for (int attempt = 0; attempt < 200; ++attempt) {
-    const int port = 20000 + static_cast<int>(rng() % 20000) * 2;
+    const int port = low + static_cast<int>(rng() % static_cast<unsigned>(span)) * 2;
     bool free = true;
     for (int p : {port, port + 1}) {
       const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -67,12 +74,19 @@ class S3Test : public ::testing::Test {
   void SetUp() override {
     FAULTLINE_REQUIRE_CAPABILITY("ceph", have_ceph(),
                                  "ceph-mon or radosgw is not installed (scripts/install-deps.sh installs them)");
-    port_ = free_port_pair();
-    ASSERT_NE(port_, 0);
     rgw_dir_ = dir_.path() + "/rgw";
-    const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh start " + rgw_dir_ + " " +
-                            std::to_string(port_) + " >" + dir_.path() + "/rgw-start.log 2>&1";
-    started_ = std::system(cmd.c_str()) == 0;
+    // Another process may bind the chosen port between the probe and the
+    // daemons' bind (another test picking ports): rgw.sh then exits 3 and
+    // the cluster starts again on other ports.
+    for (int attempt = 0; attempt < 4 && !started_; ++attempt) {
+      port_ = free_port_pair();
+      ASSERT_NE(port_, 0);
+      const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh start " + rgw_dir_ +
+                              " " + std::to_string(port_) + " >" + dir_.path() + "/rgw-start.log 2>&1";
+      const int status = std::system(cmd.c_str());
+      started_ = status == 0;
+      if (!started_ && !(WIFEXITED(status) && WEXITSTATUS(status) == 3)) break;
+    }
     ASSERT_TRUE(started_) << "scripts/rgw.sh start failed:\n" << read_file(dir_.path() + "/rgw-start.log");
     // DIR/env: "export NAME=VALUE" lines.
     std::ifstream env(rgw_dir_ + "/env");

@@ -37,6 +37,14 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         FUZZ_CHECK(cmd == "snapshot" && j["session"] == request->session && j["name"] == request->name &&
                    j["store"] == request->store);
         break;
+      case ControlRequest::Command::kAttach:
+        FUZZ_CHECK(cmd == "attach" && j["socket"] == request->socket &&
+                   (request->image.empty() != request->memory.empty()) &&
+                   (request->image.empty() || j["image"] == request->image) &&
+                   (request->memory.empty() || j["memory"] == request->memory));
+        break;
+      case ControlRequest::Command::kDetach: FUZZ_CHECK(cmd == "detach" && j["socket"] == request->socket); break;
+      case ControlRequest::Command::kAttachments: FUZZ_CHECK(cmd == "attachments"); break;
     }
     return 0;
   }

@@ -156,7 +156,7 @@ TEST(Cli, ServeHelpDescribesTheModelAndOptions) {
   int status = wait_child(p, std::chrono::seconds(10));
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
   const std::string help = read_file(out);
-  for (const char* needle : {"one memory file per socket", "--socket", "--memory", "--on-fatal", "--log-format",
+  for (const char* needle : {"one daemon per host", "--socket", "--socket-dir", "--memory", "--on-fatal", "--log-format",
                              "backend_type", "Uffd"}) {
     EXPECT_NE(help.find(needle), std::string::npos) << needle;
   }

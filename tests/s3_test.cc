@@ -628,6 +628,51 @@ TEST_F(S3Test, TwoDaemonsShareABucketAndASmallDiskCacheEvictsWithoutAWrongByte) 
 // Past --store-deadline a fault waiting for the store ends its session: the
 // daemon (a separate process, as an operator runs it) kills the VM under
 // --on-fatal=kill and says why; the daemon itself keeps running.
+// One daemon, two sockets: the start-up one serves the bucket's image, a
+// second one attached at run time serves a local image of other bytes; both
+// VMs at once, every byte checked against its own model; then the bucket
+// image attached once more on a third socket reads no frame twice (one
+// frame cache for the daemon).
+TEST_F(S3Test, OneDaemonServesABucketImageAndALocalImageOnSocketsAttachedAtRunTime) {
+  ServerHarness h(bucket_image("s3://fl-attach/images", true, 4096, {}, [&](ServerConfig& c) {
+    std::filesystem::create_directory(dir_.path() + "/vms");
+    c.socket_dir = dir_.path() + "/vms";
+    c.cache_dir = dir_.path() + "/cache";
+  }));
+  const std::string other = dir_.path() + "/other.mem";
+  ASSERT_TRUE(client::write_test_memory_file(other, 8 * kMiB, 99, 0.3));
+  {
+    auto local = image::LocalStore::open(dir_.path() + "/local", true);
+    ASSERT_TRUE(local) << local.error().describe();
+    image::CreateOptions o;
+    o.memory_path = other;
+    o.name = "other";
+    ASSERT_TRUE(image::create_image(**local, o));
+  }
+  auto a = h.server().attach({.socket = "local.sock", .image = dir_.path() + "/local/other"});
+  ASSERT_TRUE(a) << a.error().describe();
+  client::RestoreOptions o;
+  o.socket_path = dir_.path() + "/vms/local.sock";
+  o.memory_path = other;
+  o.touch_fraction = 1.0;
+  auto on_local = std::async(std::launch::async, [&] { return client::run_restore(o); });
+  restore_every_byte(h);
+  auto r = on_local.get();
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u);
+  EXPECT_GT(r->pages_verified, 0u);
+  const uint64_t misses = h.server().metrics().snapshot().frame_cache->misses;
+
+  auto again = h.server().attach({.socket = "again.sock", .image = "s3://fl-attach/images/base"});
+  ASSERT_TRUE(again) << again.error().describe();
+  o.socket_path = dir_.path() + "/vms/again.sock";
+  o.memory_path = h.memory();
+  r = client::run_restore(o);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u);
+  EXPECT_EQ(h.server().metrics().snapshot().frame_cache->misses, misses) << "frames read twice";
+}
+
 TEST_F(S3Test, PastTheStoreDeadlineTheSessionIsFatalAndTheVmIsKilled) {
   const std::string mem = dir_.path() + "/mem";
   ASSERT_TRUE(client::write_test_memory_file(mem, 8 * kMiB, 11, 0.2));

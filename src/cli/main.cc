@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <map>
 #include <cstring>
+#include <filesystem>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -33,13 +34,18 @@ void on_signal(int) {
 
 constexpr const char* kServeDescription = R"(Serve Firecracker VMs' guest memory from a memory snapshot over userfaultfd.
 
-Model: one memory file per socket. faultline listens on --socket; every VM restored with
+Model: one daemon per host, any number of sockets, each bound to what it serves. Every VM
+restored with
   PUT /snapshot/load {"snapshot_path": "...",
                       "mem_backend": {"backend_type": "Uffd", "backend_path": "<socket>"},
                       "resume_vm": true}
-connects, hands over its userfaultfd, and gets its own session, served from --memory (a raw
-memory file) or --image (an image of `faultline image create` and its parents, decompressed
-frame by frame into a cache shared by every session: --frame-cache-size). Several
+connects, hands over its userfaultfd, and gets its own session, served from what its socket
+is bound to: a raw memory file, or an image of `faultline image create` and its parents, local
+or in an object store (s3://), decompressed frame by frame into a cache shared by every image
+and session of the daemon (--frame-cache-size; images in a bucket also share --cache-dir).
+--socket with --memory or --image binds one socket at start-up; with --control and
+--socket-dir, `faultline attach --socket NAME --image STORE/NAME` binds more at run time (in
+--socket-dir only) and `faultline detach` removes one (its VMs are served on). Many
 VMs may be served at once; each session ends when its VM exits (socket EOF for Firecracker
 >= 1.12, the process gone, or ESRCH) and logs one line with its counts. A session that cannot
 go on (bad handshake or regions, memory file truncated or unreadable, unknown event) ends
@@ -193,8 +199,16 @@ int main(int argc, char** argv) {
 
   CLI::App* serve = app.add_subcommand("serve", "Serve Firecracker VMs' guest memory from a memory snapshot (the daemon)");
   serve->footer(kServeDescription);
-  serve->add_option("--socket", config.socket_path, "Unix socket to listen on (Firecracker's backend_path)")
-      ->required();
+  serve->add_option("--socket", config.socket_path,
+                    "Unix socket to listen on (Firecracker's backend_path), serving --memory or --image; optional "
+                    "with --control and --socket-dir (sockets are then attached at run time)");
+  serve->add_option("--socket-dir", config.socket_dir,
+                    "Directory in which `faultline attach` creates VM sockets (attach is refused without it)")
+      ->check(CLI::ExistingDirectory);
+  serve->add_option("--max-attachments", config.max_attachments,
+                    "Most sockets attached at once (the --socket one included)")
+      ->default_val(1024)
+      ->check(CLI::Range(1, 65536));
   CLI::Option* memory_option =
       serve->add_option("--memory", config.memory_path, "Memory snapshot file to serve guest pages from")
           ->check(CLI::ExistingFile);
@@ -383,6 +397,32 @@ int main(int argc, char** argv) {
   snapshot->add_option("--name", snapshot_name, "Name of the new image (images are immutable: a new name)")
       ->required();
 
+  std::string attach_socket, attach_image, attach_memory, attach_prefetch;
+  CLI::App* attach = app.add_subcommand(
+      "attach",
+      "Bind a new VM socket of a running daemon to an image or a memory file (needs serve --control and\n"
+      "--socket-dir). The socket accepts VMs when this returns; prints the attachment as JSON.");
+  attach->add_option("--control", control_path, "The daemon's control socket")->required();
+  attach->add_option("--socket", attach_socket,
+                     "The VM socket: a name, or a path directly inside the daemon's --socket-dir")
+      ->required();
+  CLI::Option* attach_image_option = attach->add_option(
+      "--image", attach_image, "Serve this image: STORE/NAME, STORE a directory or s3://BUCKET/PREFIX");
+  CLI::Option* attach_memory_option =
+      attach->add_option("--memory", attach_memory, "Serve this raw memory file")->check(CLI::ExistingFile);
+  attach_image_option->excludes(attach_memory_option);
+  attach->add_option("--prefetch", attach_prefetch,
+                     "Install this working set (a --record file) as each VM starts, or 'all'");
+  CLI::App* detach = app.add_subcommand(
+      "detach",
+      "Remove a VM socket from a running daemon: the socket file is gone and no VM connects through it\n"
+      "when this returns; VMs already connected are served on until they end.");
+  detach->add_option("--control", control_path, "The daemon's control socket")->required();
+  detach->add_option("--socket", attach_socket, "The socket, as attached (a name in --socket-dir, or its path)")
+      ->required();
+  CLI::App* attachments = app.add_subcommand("attachments", "List a running daemon's VM sockets and what each serves, as JSON");
+  attachments->add_option("--control", control_path, "The daemon's control socket")->required();
+
   faultline::cli::ImageCommand image_command(app);
 
   CLI11_PARSE(app, argc, argv);
@@ -421,6 +461,27 @@ int main(int argc, char** argv) {
         control_request(control_path, req.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
   }
   if (sessions->parsed()) return print_control_reply(control_request(control_path, R"({"cmd":"sessions"})"));
+  if (attachments->parsed()) return print_control_reply(control_request(control_path, R"({"cmd":"attachments"})"));
+  if (attach->parsed() || detach->parsed()) {
+    // The daemon resolves paths from its own working directory: send ours
+    // made absolute.
+    auto absolute = [](const std::string& p) {
+      return p.empty() || p.front() == '/' ? p : std::filesystem::absolute(p).lexically_normal().string();
+    };
+    const std::string socket = attach_socket.find('/') == std::string::npos ? attach_socket : absolute(attach_socket);
+    nlohmann::json req{{"cmd", attach->parsed() ? "attach" : "detach"}, {"socket", socket}};
+    if (attach->parsed()) {
+      if (attach_image.empty() == attach_memory.empty()) {
+        std::fprintf(stderr, "faultline attach: give --image STORE/NAME or --memory FILE\n");
+        return 2;
+      }
+      if (!attach_image.empty()) req["image"] = attach_image.rfind("s3://", 0) == 0 ? attach_image : absolute(attach_image);
+      if (!attach_memory.empty()) req["memory"] = absolute(attach_memory);
+      if (!attach_prefetch.empty()) req["prefetch"] = attach_prefetch == "all" ? attach_prefetch : absolute(attach_prefetch);
+    }
+    return print_control_reply(
+        control_request(control_path, req.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
+  }
   if (dirty->parsed()) {
     return print_control_reply(control_request(
         control_path, std::string(R"({"cmd":"page_map","session":)") + std::to_string(session_id) +
@@ -459,8 +520,14 @@ int main(int argc, char** argv) {
       }
     }
 
-    if (memory_option->count() == 0 && image_option->count() == 0) {
-      std::fprintf(stderr, "faultline serve: give --memory FILE or --image STORE_DIR/NAME\n");
+    if (memory_option->count() == 0 && image_option->count() == 0 && config.socket_dir.empty()) {
+      std::fprintf(stderr,
+                   "faultline serve: give --memory FILE or --image STORE_DIR/NAME (with --socket), or --control "
+                   "and --socket-dir to attach images at run time\n");
+      return 2;
+    }
+    if ((memory_option->count() != 0 || image_option->count() != 0) && config.socket_path.empty()) {
+      std::fprintf(stderr, "faultline serve: --memory and --image serve the --socket: give --socket too\n");
       return 2;
     }
     auto server = faultline::Server::create(config, logger);

@@ -44,6 +44,35 @@ Result<ControlRequest> parse(std::string_view line) {
     r.command = ControlRequest::Command::kSessions;
     return r;
   }
+  if (cmd == "attachments") {
+    r.command = ControlRequest::Command::kAttachments;
+    return r;
+  }
+  // Optional string fields of attach.
+  auto optional_string = [&](const char* key, std::string* out) -> Status {
+    if (!req.contains(key)) return {};
+    if (!req[key].is_string()) return fail(std::string("\"") + key + "\" must be a string");
+    *out = req[key].get<std::string>();
+    return {};
+  };
+  if (cmd == "attach" || cmd == "detach") {
+    if (!req.contains("socket") || !req["socket"].is_string()) {
+      return fail(cmd + " needs \"socket\": a name (or path) in the daemon's --socket-dir");
+    }
+    r.socket = req["socket"].get<std::string>();
+    if (cmd == "detach") {
+      r.command = ControlRequest::Command::kDetach;
+      return r;
+    }
+    r.command = ControlRequest::Command::kAttach;
+    for (auto [key, out] : {std::pair{"image", &r.image}, {"memory", &r.memory}, {"prefetch", &r.prefetch}}) {
+      if (auto st = optional_string(key, out); !st) return std::unexpected(st.error());
+    }
+    if (r.image.empty() == r.memory.empty()) {
+      return fail("attach needs exactly one of \"image\" (STORE/NAME) and \"memory\" (a memory file)");
+    }
+    return r;
+  }
   if (cmd == "snapshot") {
     if (!req.contains("session") || !req["session"].is_number_unsigned()) {
       return fail("snapshot needs \"session\": the id from the session_start log line");
@@ -80,10 +109,17 @@ Result<ControlRequest> parse(std::string_view line) {
     r.name = req["name"].get<std::string>();
     return r;
   }
-  return fail("unknown command \"" + escape_untrusted(cmd, 64) + "\" (known: sessions, page_map, record, snapshot)");
+  return fail("unknown command \"" + escape_untrusted(cmd, 64) + "\" (known: sessions, page_map, record, snapshot, attach, detach, attachments)");
 }
 
-std::string answer(const Server& server, const ControlRequest& req) {
+ordered_json attachment_json(const Server::Attachment& a) {
+  return ordered_json{{"attachment", a.id},         {"socket", a.socket},
+                      {"serves", a.serves},         {"memory_bytes", a.memory_bytes},
+                      {"image_layers", a.image_layers}, {"prefetch_pages", a.prefetch_pages},
+                      {"prefetch_all", a.prefetch_all}, {"connections", a.connections}};
+}
+
+std::string answer(Server& server, const ControlRequest& req) {
   switch (req.command) {
     case ControlRequest::Command::kSessions: {
       ordered_json out;
@@ -102,6 +138,22 @@ std::string answer(const Server& server, const ControlRequest& req) {
       auto recorded = server.record(req.session, req.name);
       if (!recorded) return control_error_reply(recorded.error().describe());
       return dump(ordered_json{{"path", recorded->path}, {"pages", recorded->pages}});
+    }
+    case ControlRequest::Command::kAttach: {
+      auto a = server.attach({.socket = req.socket, .image = req.image, .memory = req.memory, .prefetch = req.prefetch});
+      if (!a) return control_error_reply(a.error().describe());
+      return dump(attachment_json(*a));
+    }
+    case ControlRequest::Command::kDetach: {
+      auto a = server.detach(req.socket);
+      if (!a) return control_error_reply(a.error().describe());
+      return dump(attachment_json(*a));
+    }
+    case ControlRequest::Command::kAttachments: {
+      ordered_json out;
+      out["attachments"] = ordered_json::array();
+      for (const Server::Attachment& a : server.attachments()) out["attachments"].push_back(attachment_json(a));
+      return dump(out);
     }
     case ControlRequest::Command::kSnapshot: {
       auto r = server.snapshot(req.session, req.store, req.name);
@@ -130,7 +182,7 @@ std::string control_error_reply(std::string_view message) {
   }
 }
 
-std::string handle_control_request(const Server& server, std::string_view line) {
+std::string handle_control_request(Server& server, std::string_view line) {
   auto req = parse_control_request(line);
   if (!req) return control_error_reply(req.error().describe());
   try {

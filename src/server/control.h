@@ -8,11 +8,17 @@
 //   {"cmd":"snapshot","session":N,"store":D,"name":I}
 //                                         -> writes image I on top of the served image,
 //                                            from the (paused) VM's memory (Server::snapshot)
+//   {"cmd":"attach","socket":S,"image":I}  (or "memory":F; optional "prefetch":P|"all")
+//                                         -> binds VM socket S (in --socket-dir) to image I
+//                                            or memory file F (Server::attach): {attachment}
+//   {"cmd":"detach","socket":S}           -> removes socket S; its VMs are served on: {attachment}
+//   {"cmd":"attachments"}                 -> {"attachments":[{attachment}, ...]}
 // Errors come back as {"error":"..."}.
 //
 // The socket is served on its own thread, one request at a time, with a
 // deadline for reading the request and one for writing the reply (see
-// Server); a snapshot holds the thread while it writes its image. This file turns a request line into a reply and never throws,
+// Server); a snapshot holds the thread while it writes its image, an attach
+// while it opens its image. This file turns a request line into a reply and never throws,
 // whatever bytes the line holds.
 //
 // Thread-safety: every function is safe from any thread.
@@ -29,12 +35,15 @@ namespace faultline {
 class Server;
 
 struct ControlRequest {
-  enum class Command { kSessions, kPageMap, kRecord, kSnapshot };
+  enum class Command { kSessions, kPageMap, kRecord, kSnapshot, kAttach, kDetach, kAttachments };
   Command command = Command::kSessions;
   uint64_t session = 0;
   bool pagemap_fallback = false;  // page_map: read /proc/PID/pagemap instead of PAGEMAP_SCAN
   std::string name;               // record: a plain file name inside --record-dir; snapshot: the new image
   std::string store;              // snapshot: the store directory (must be the one the daemon serves from)
+  std::string socket;             // attach, detach: the VM socket
+  std::string image, memory;      // attach: what the socket serves (exactly one)
+  std::string prefetch;           // attach: a working-set file, "all", or empty
 };
 
 // Parses one request line. Pure: no I/O, no shared state; never throws.
@@ -45,6 +54,6 @@ Result<ControlRequest> parse_control_request(std::string_view line);
 std::string control_error_reply(std::string_view message);
 
 // Parses `line` and answers it from `server`'s state.
-std::string handle_control_request(const Server& server, std::string_view line);
+std::string handle_control_request(Server& server, std::string_view line);
 
 }  // namespace faultline

@@ -30,10 +30,37 @@
 
 namespace faultline {
 
+// What one attached socket serves; shared by the socket and every session
+// that connected through it (a detached socket's sessions keep it).
+struct Server::Served {
+  std::string memory_path;  // exactly one of memory_path and image_path
+  std::string image_path;
+  std::string store;  // the image's store, as named in image_path
+  std::shared_ptr<const PageSource> source;
+  std::shared_ptr<const image::ImageSource> image;  // source, when it is an image
+  std::shared_ptr<const WorkingSet> prefetch;
+  bool prefetch_all = false;
+  std::shared_ptr<const ZeroIndex> zero_index;
+  const std::string& name() const { return image_path.empty() ? memory_path : image_path; }
+};
+
+// An attached socket. Owned by Server::bound_ (and, for one pass of its
+// loop, by run()): the socket file is unlinked when the last owner drops it.
+struct Server::Bound {
+  Bound(uint64_t i, protocol::UnixListener l, std::shared_ptr<const Served> s)
+      : id(i), listener(std::move(l)), served(std::move(s)) {}
+  const uint64_t id;
+  protocol::UnixListener listener;
+  const std::shared_ptr<const Served> served;
+  mutable std::atomic<uint64_t> connections{0};  // counted by accept_vm()
+};
+
 struct Server::Connection {
   uint64_t id = 0;
   UniqueFd fd;
   protocol::PeerIdentity peer;
+  std::shared_ptr<const Served> served;
+  std::string socket;
   std::thread thread;
   std::atomic<bool> done{false};
   bool serving = false;              // GUARDED_BY(Server::mu_): counted in serving_, else in handshaking_
@@ -65,13 +92,13 @@ struct WatchedZeroIndex {
 // fd, a loaded index has a sample of its pages checked against the file, and
 // a FileWatch disables it if the file is written while it is in use. With no
 // way to watch the file, there is no index (zero pages are read like others).
-Result<std::shared_ptr<const ZeroIndex>> open_zero_index(const ServerConfig& config, const MemoryFile& memory,
-                                                         const Logger& log) {
-  const std::string path = config.zero_index_path.empty() ? config.memory_path + ".zeroidx" : config.zero_index_path;
+Result<std::shared_ptr<const ZeroIndex>> open_zero_index(const std::string& memory_path, const std::string& index_path,
+                                                         const MemoryFile& memory, const Logger& log) {
+  const std::string path = index_path.empty() ? memory_path + ".zeroidx" : index_path;
   auto state = std::make_shared<WatchedZeroIndex>();
   // Watch before reading anything: a write from here on is seen.
   WatchedZeroIndex* raw = state.get();  // the watch thread ends before *state does
-  auto watch = FileWatch::start(memory, [raw, &log, path, memory_path = config.memory_path](
+  auto watch = FileWatch::start(memory, [raw, &log, path, memory_path](
                                             FileWatch::Event event, const std::string& detail) {
     if (event == FileWatch::Event::kReplaced) {
       log.warn("memory_file_replaced", {{"memory", memory_path},
@@ -183,22 +210,26 @@ std::string describe_access(const protocol::SocketAccess& a) {
 
 }  // namespace
 
-// "STORE_DIR/NAME": the image NAME of the local store STORE_DIR, with its
-// whole chain of parents (each manifest and pin checked now, so a damaged
-// chain stops the daemon at start rather than a VM later).
+// "STORE/NAME": the image NAME of the store STORE (a directory or
+// s3://BUCKET/PREFIX).
 static Result<std::pair<std::string, std::string>> split_image_path(const std::string& path) {
   const size_t slash = path.find_last_of('/');
   if (slash == std::string::npos || slash + 1 == path.size()) {
-    return fail("--image " + path +
-                    ": expected STORE/NAME (a store directory or s3://BUCKET/PREFIX, and an image name in it)",
+    return fail(path + ": expected STORE/NAME (a store directory or s3://BUCKET/PREFIX, and an image name in it)",
                 EINVAL);
   }
   return std::make_pair(slash == 0 ? std::string("/") : path.substr(0, slash), path.substr(slash + 1));
 }
 
-static Result<std::shared_ptr<const image::ImageSource>> open_image(const ServerConfig& config,
+// The image at `path` with its whole chain of parents (each manifest and pin
+// checked now, so a damaged chain is refused here rather than failing a VM
+// later), read through the daemon's frame cache and, for an object store,
+// its disk cache.
+static Result<std::shared_ptr<const image::ImageSource>> open_image(const std::string& path,
+                                                                     std::shared_ptr<objstore::DiskCache> disk,
+                                                                     const std::string& cache_dir,
+                                                                     std::shared_ptr<image::FrameCache> frames,
                                                                      const Logger& logger) {
-  const std::string& path = config.image_path;
   auto split = split_image_path(path);
   if (!split) return std::unexpected(split.error());
   const auto& [dir, name] = *split;
@@ -206,65 +237,82 @@ static Result<std::shared_ptr<const image::ImageSource>> open_image(const Server
   // bucket as faults need them (one GET per frame, shared by the faults
   // that wait for it through the frame cache).
   auto store = objstore::open_store(dir, /*create=*/false);
-  if (!store) return fail("--image " + path + ": " + store.error().message, store.error().code);
-  if (!config.cache_dir.empty()) {
-    if (!objstore::is_s3_url(dir)) {
-      return fail("--cache-dir is for images in an object store (--image s3://...); " + dir +
-                      " is a local directory already",
-                  EINVAL);
-    }
-    auto disk = objstore::DiskCache::open(config.cache_dir, config.cache_bytes);
-    if (!disk) return fail("--cache-dir " + config.cache_dir + ": " + disk.error().message, disk.error().code);
-    const auto held = (*disk)->stats();
-    logger.info("disk_cache_open", {{"dir", config.cache_dir},
-                                    {"max_bytes", config.cache_bytes},
-                                    {"blobs", held.blobs},
-                                    {"bytes", held.bytes}});
+  if (!store) return fail(path + ": " + store.error().message, store.error().code);
+  if (disk && objstore::is_s3_url(dir)) {
     // A full disk (or any write error) does not stop serving: frames are
     // served without being kept, and the log says so once per episode.
     *store = std::make_unique<objstore::CachedStore>(
-        std::move(*store), std::move(*disk), [&logger, dir = config.cache_dir](const Error& e) {
+        std::move(*store), std::move(disk), [&logger, cache_dir](const Error& e) {
           logger.warn("disk_cache_write_failed",
-                      {{"dir", dir}, {"error", e.describe()}, {"effect", "serving without caching"}});
+                      {{"dir", cache_dir}, {"error", e.describe()}, {"effect", "serving without caching"}});
         });
   }
-  std::shared_ptr<image::FrameCache> cache =
-      config.frame_cache ? config.frame_cache : std::make_shared<image::FrameCache>(config.frame_cache_bytes);
-  auto source = image::ImageSource::open(std::move(*store), name, std::move(cache));
-  if (!source) return fail("--image " + path + ": " + source.error().message, source.error().code);
+  auto source = image::ImageSource::open(std::move(*store), name, std::move(frames));
+  if (!source) return fail(path + ": " + source.error().message, source.error().code);
   return std::shared_ptr<const image::ImageSource>(std::move(*source));
 }
 
-Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const Logger& logger) {
-  if (config.max_handshakes == 0 || config.max_sessions == 0) {
-    return fail("max_handshakes and max_sessions must be at least 1", EINVAL);
-  }
-  if (config.memory_path.empty() == config.image_path.empty()) {
-    return fail("serve needs exactly one of a memory file and an image", EINVAL);
-  }
-  std::shared_ptr<const PageSource> source;
-  std::shared_ptr<const image::ImageSource> image;
-  std::shared_ptr<const ZeroIndex> zero_index;
-  if (!config.image_path.empty()) {
-    auto opened = open_image(config, logger);
+Result<std::shared_ptr<const Server::Served>> Server::open_served(const std::string& memory_path,
+                                                                  const std::string& image_path,
+                                                                  const std::string& prefetch_path,
+                                                                  bool prefetch_all,
+                                                                  const std::string& zero_index_path) const {
+  auto served = std::make_shared<Served>();
+  served->memory_path = memory_path;
+  served->image_path = image_path;
+  served->prefetch_all = prefetch_all;
+  if (!image_path.empty()) {
+    auto opened = open_image(image_path, disk_cache_, config_.cache_dir, frame_cache_, log_);
     if (!opened) return std::unexpected(opened.error());
-    image = *opened;
-    source = image;
+    served->image = *opened;
+    served->source = std::move(*opened);
+    served->store = split_image_path(image_path)->first;
   } else {
-    auto memory = MemoryFile::open(config.memory_path);
+    auto memory = MemoryFile::open(memory_path);
     if (!memory) return std::unexpected(memory.error());
-    if (config.zero_index) {
-      auto z = open_zero_index(config, **memory, logger);
+    if (config_.zero_index) {
+      auto z = open_zero_index(memory_path, zero_index_path, **memory, log_);
       if (!z) return std::unexpected(z.error());
-      zero_index = std::move(*z);
+      served->zero_index = std::move(*z);
     }
-    source = std::move(*memory);
+    served->source = std::move(*memory);
   }
-  std::shared_ptr<const WorkingSet> prefetch;
-  if (!config.prefetch_path.empty()) {
-    auto set = read_working_set(config.prefetch_path, source->size());
+  if (!prefetch_path.empty()) {
+    auto set = read_working_set(prefetch_path, served->source->size());
     if (!set) return std::unexpected(set.error());
-    prefetch = std::make_shared<const WorkingSet>(std::move(*set));
+    served->prefetch = std::make_shared<const WorkingSet>(std::move(*set));
+  }
+  return std::shared_ptr<const Served>(std::move(served));
+}
+
+Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const Logger& logger) {
+  if (config.max_handshakes == 0 || config.max_sessions == 0 || config.max_attachments == 0) {
+    return fail("max_handshakes, max_sessions and max_attachments must be at least 1", EINVAL);
+  }
+  const bool startup_socket = !config.socket_path.empty();
+  if (startup_socket && config.memory_path.empty() == config.image_path.empty()) {
+    return fail("serve needs exactly one of a memory file and an image for its --socket", EINVAL);
+  }
+  if (!startup_socket) {
+    if (!config.memory_path.empty() || !config.image_path.empty()) {
+      return fail("--memory and --image name what the start-up --socket serves: give --socket too", EINVAL);
+    }
+    if (config.control_path.empty() || config.socket_dir.empty()) {
+      return fail("a daemon without --socket serves only the images attached through its control socket: give "
+                  "--control and --socket-dir",
+                  EINVAL);
+    }
+  }
+  if (!config.socket_dir.empty() && !std::filesystem::is_directory(config.socket_dir)) {
+    return fail("--socket-dir " + config.socket_dir + " is not a directory", ENOTDIR);
+  }
+  if (!config.cache_dir.empty() && !config.image_path.empty()) {
+    auto split = split_image_path(config.image_path);
+    if (split && !objstore::is_s3_url(split->first) && config.socket_dir.empty()) {
+      return fail("--cache-dir is for images in an object store (--image s3://...); " + split->first +
+                      " is a local directory already",
+                  EINVAL);
+    }
   }
   UniqueFd record_dir;
   if (!config.record_dir.empty()) {
@@ -273,24 +321,43 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   }
   UniqueFd stop_efd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!stop_efd) return fail_errno("eventfd for the stop signal failed");
+  UniqueFd wake_efd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!wake_efd) return fail_errno("eventfd for attach and detach failed");
   UniqueFd reserve(::open("/dev/null", O_RDONLY | O_CLOEXEC));
   if (!reserve) return fail_errno("cannot open /dev/null (the fd kept in reserve for EMFILE)");
-  auto listener = protocol::UnixListener::bind(config.socket_path, config.socket_access);
-  if (!listener) return std::unexpected(listener.error());
-  auto server = std::unique_ptr<Server>(new Server(config, logger, std::move(source), std::move(*listener),
-                                                   std::move(stop_efd), std::move(reserve)));
-  if (image) {
-    server->metrics_.set_frame_cache_source([cache = &image->cache()] {
-      const image::FrameCache::Stats st = cache->stats();
-      return metrics::FrameCacheCounts{st.hits,  st.misses, st.waits,  st.load_failures,
-                                       st.evictions, st.bytes,  st.frames, st.capacity};
-    });
+  auto server = std::unique_ptr<Server>(
+      new Server(config, logger, std::move(stop_efd), std::move(wake_efd), std::move(reserve)));
+  server->frame_cache_ =
+      config.frame_cache ? config.frame_cache : std::make_shared<image::FrameCache>(config.frame_cache_bytes);
+  server->metrics_.set_frame_cache_source([cache = server->frame_cache_] {
+    const image::FrameCache::Stats st = cache->stats();
+    return metrics::FrameCacheCounts{st.hits,      st.misses, st.waits,  st.load_failures,
+                                     st.evictions, st.bytes,  st.frames, st.capacity};
+  });
+  if (!config.cache_dir.empty()) {
+    auto disk = objstore::DiskCache::open(config.cache_dir, config.cache_bytes);
+    if (!disk) return fail("--cache-dir " + config.cache_dir + ": " + disk.error().message, disk.error().code);
+    const auto held = (*disk)->stats();
+    logger.info("disk_cache_open", {{"dir", config.cache_dir},
+                                    {"max_bytes", config.cache_bytes},
+                                    {"blobs", held.blobs},
+                                    {"bytes", held.bytes}});
+    server->disk_cache_ = std::move(*disk);
   }
-  if (image) server->image_store_dir_ = split_image_path(config.image_path)->first;
-  server->image_ = std::move(image);
-  server->prefetch_ = std::move(prefetch);
-  server->zero_index_ = std::move(zero_index);
   server->record_dir_fd_ = std::move(record_dir);
+  if (startup_socket) {
+    auto served = server->open_served(config.memory_path, config.image_path, config.prefetch_path,
+                                      config.prefetch_all, config.zero_index_path);
+    if (!served) {
+      if (config.image_path.empty()) return std::unexpected(served.error());
+      return fail("--image " + served.error().message, served.error().code);
+    }
+    auto listener = protocol::UnixListener::bind(config.socket_path, config.socket_access);
+    if (!listener) return std::unexpected(listener.error());
+    std::lock_guard op(server->attach_op_mu_);
+    auto added = server->add_bound(std::move(*served), std::move(*listener));
+    if (!added) return std::unexpected(added.error());
+  }
   if (!config.control_path.empty()) {
     auto control = protocol::UnixListener::bind(config.control_path, config.control_access);
     if (!control) return std::unexpected(control.error());
@@ -299,12 +366,10 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   return server;
 }
 
-Server::Server(ServerConfig config, const Logger& logger, std::shared_ptr<const PageSource> source,
-               protocol::UnixListener listener, UniqueFd stop_efd, UniqueFd reserve_fd)
+Server::Server(ServerConfig config, const Logger& logger, UniqueFd stop_efd, UniqueFd wake_efd, UniqueFd reserve_fd)
     : config_(std::move(config)),
       log_(logger),
-      source_(std::move(source)),
-      listener_(std::move(listener)),
+      wake_efd_(std::move(wake_efd)),
       stop_efd_(std::move(stop_efd)),
       reserve_fd_(std::move(reserve_fd)),
       metrics_({to_string(SessionEnd::kPeerExited), to_string(SessionEnd::kSocketClosed),
@@ -322,15 +387,23 @@ void Server::stop() {
 }
 
 Status Server::run() {
+  std::shared_ptr<Bound> first;
+  {
+    std::lock_guard lock(bound_mu_);
+    if (!bound_.empty()) first = bound_.front();
+  }
+  const Served* served = first ? first->served.get() : nullptr;
   log_.info("server_start", {{"socket", config_.socket_path},
                              {"socket_access", describe_access(config_.socket_access)},
+                             {"socket_dir", config_.socket_dir},
                              {"memory", config_.memory_path},
                              {"image", config_.image_path},
-                             {"image_layers", image_ ? image_->chain().layers().size() : 0},
-                             {"frame_cache_bytes", image_ ? image_->cache().capacity() : 0},
+                             {"image_layers", served && served->image ? served->image->chain().layers().size() : 0},
+                             {"frame_cache_bytes", frame_cache_->capacity()},
+                             {"disk_cache", config_.cache_dir},
                              {"fault_around_pages", static_cast<uint64_t>(config_.fault_around_pages)},
                              {"fault_around_readahead", config_.fault_around_readahead},
-                             {"memory_bytes", source_->size()},
+                             {"memory_bytes", served ? served->source->size() : 0},
                              {"workers_per_session", config_.workers_per_session},
                              {"on_fatal", to_string(config_.on_fatal)},
                              {"max_handshakes", config_.max_handshakes},
@@ -339,8 +412,9 @@ Status Server::run() {
                              {"record", config_.record_path},
                              {"record_dir", config_.record_dir},
                              {"prefetch", config_.prefetch_all ? std::string("all") : config_.prefetch_path},
-                             {"prefetch_pages", prefetch_ ? prefetch_->offsets.size() : 0},
-                             {"zero_pages", zero_index_ ? zero_index_->zero_pages() : 0}});
+                             {"prefetch_pages", served && served->prefetch ? served->prefetch->offsets.size() : 0},
+                             {"zero_pages", served && served->zero_index ? served->zero_index->zero_pages() : 0}});
+  first.reset();
   if (control_) {
     try {
       control_thread_ = std::thread([this] { control_loop(); });
@@ -349,27 +423,58 @@ Status Server::run() {
     }
   }
   Status status;
+  std::vector<std::shared_ptr<Bound>> bound;
+  std::vector<pollfd> fds;
+  {
+    std::lock_guard lock(bound_mu_);
+    accepting_ = true;
+  }
   for (;;) {
-    std::array<pollfd, 2> fds{{{listener_.fd(), POLLIN, 0}, {stop_efd_.get(), POLLIN, 0}}};
+    {
+      std::lock_guard lock(bound_mu_);
+      bound = bound_;
+    }
+    fds.assign({{stop_efd_.get(), POLLIN, 0}, {wake_efd_.get(), POLLIN, 0}});
+    for (const auto& b : bound) fds.push_back({b->listener.fd(), POLLIN, 0});
     // Wake up now and then to join the threads of sessions that ended.
     const int rc = ::poll(fds.data(), fds.size(), 200);
     if (rc < 0 && errno != EINTR) {
-      status = fail_errno("poll on the listening socket failed");
+      status = fail_errno("poll on the listening sockets failed");
       break;
     }
     reap(false);
-    if (fds[1].revents) break;
-    if (rc <= 0 || !(fds[0].revents & POLLIN)) continue;
-    // Nothing a client does may take the daemon down: an exception here
-    // (an allocation failing under memory pressure) refuses that client.
-    try {
-      accept_vm();
-    } catch (const std::exception& e) {
-      log_.error("internal_error", {{"where", "accept"}, {"error", e.what()}});
-    } catch (...) {
-      log_.error("internal_error", {{"where", "accept"}, {"error", "unknown exception"}});
+    if (fds[0].revents) break;
+    if (fds[1].revents) {
+      uint64_t drained;
+      (void)!::read(wake_efd_.get(), &drained, sizeof drained);
     }
+    for (size_t i = 0; rc > 0 && i < bound.size(); ++i) {
+      if (!(fds[i + 2].revents & POLLIN)) continue;
+      // Nothing a client does may take the daemon down: an exception here
+      // (an allocation failing under memory pressure) refuses that client.
+      try {
+        accept_vm(*bound[i]);
+      } catch (const std::exception& e) {
+        log_.error("internal_error", {{"where", "accept"}, {"error", e.what()}});
+      } catch (...) {
+        log_.error("internal_error", {{"where", "accept"}, {"error", "unknown exception"}});
+      }
+    }
+    // A detached socket is closed (and its file unlinked) by whoever drops
+    // it last: detach() waits for this pass to let go of it.
+    bound.clear();
+    {
+      std::lock_guard lock(bound_mu_);
+      ++run_passes_;
+    }
+    bound_cv_.notify_all();
   }
+  bound.clear();
+  {
+    std::lock_guard lock(bound_mu_);
+    accepting_ = false;
+  }
+  bound_cv_.notify_all();
   {
     std::lock_guard lock(mu_);
     stopping_ = true;
@@ -383,6 +488,169 @@ Status Server::run() {
   reap(true);
   log_.info("server_stop", {{"sessions", finished_total()}});
   return status;
+}
+
+// --- attach and detach -------------------------------------------------------
+
+Result<std::string> Server::attach_socket_path(const std::string& socket) const {
+  if (config_.socket_dir.empty()) {
+    return fail("attach is off: start the daemon with --socket-dir DIR (the directory its VM sockets go in)", EPERM);
+  }
+  std::error_code ec;
+  const std::filesystem::path dir = std::filesystem::canonical(config_.socket_dir, ec);
+  if (ec) return fail("--socket-dir " + config_.socket_dir + ": " + ec.message(), ec.value());
+  std::string name = socket;
+  const size_t slash = socket.rfind('/');
+  if (slash != std::string::npos) {
+    const std::filesystem::path parent =
+        std::filesystem::canonical(slash == 0 ? std::string("/") : socket.substr(0, slash), ec);
+    if (ec || parent != dir) {
+      return fail("socket \"" + escape_untrusted(socket, 256) + "\" is not directly inside --socket-dir " +
+                      dir.string() + " (attach binds sockets only there)",
+                  EPERM);
+    }
+    name = socket.substr(slash + 1);
+  }
+  if (auto st = check_plain_file_name(name); !st) {
+    return fail("socket name \"" + escape_untrusted(name, 64) + "\" is refused: " + st.error().message, EINVAL);
+  }
+  return (dir / name).string();
+}
+
+Result<Server::Attachment> Server::add_bound(std::shared_ptr<const Served> served, protocol::UnixListener listener) {
+  std::shared_ptr<Bound> b;
+  {
+    std::lock_guard lock(bound_mu_);
+    if (bound_.size() >= config_.max_attachments) {
+      return fail(std::to_string(bound_.size()) + " sockets are attached (--max-attachments " +
+                      std::to_string(config_.max_attachments) + ")",
+                  EMFILE);
+    }
+    b = std::make_shared<Bound>(next_attachment_id_++, std::move(listener), std::move(served));
+    bound_.push_back(b);
+  }
+  uint64_t one = 1;
+  (void)!::write(wake_efd_.get(), &one, sizeof one);
+  Attachment a = describe(*b);
+  log_.info("attached", {{"attachment", a.id},
+                         {"socket", a.socket},
+                         {"serves", a.serves},
+                         {"memory_bytes", a.memory_bytes},
+                         {"image_layers", a.image_layers},
+                         {"prefetch_pages", a.prefetch_pages},
+                         {"prefetch_all", a.prefetch_all}});
+  return a;
+}
+
+Server::Attachment Server::describe(const Bound& b) const {
+  Attachment a;
+  a.id = b.id;
+  a.socket = b.listener.path();
+  a.serves = b.served->name();
+  a.memory_bytes = b.served->source->size();
+  a.image_layers = b.served->image ? b.served->image->chain().layers().size() : 0;
+  a.prefetch_pages = b.served->prefetch ? b.served->prefetch->offsets.size() : 0;
+  a.prefetch_all = b.served->prefetch_all;
+  a.connections = b.connections.load(std::memory_order_relaxed);
+  return a;
+}
+
+Result<Server::Attachment> Server::attach(const AttachRequest& request) {
+  std::lock_guard op(attach_op_mu_);
+  auto path = attach_socket_path(request.socket);
+  if (!path) return std::unexpected(path.error());
+  if (request.image.empty() == request.memory.empty()) {
+    return fail("attach needs exactly one of an image and a memory file", EINVAL);
+  }
+  // Never over a socket this daemon listens on (bind replaces a socket file).
+  auto same_file = [&](const std::string& other) {
+    std::error_code ec;
+    return !other.empty() && std::filesystem::weakly_canonical(other, ec) == std::filesystem::path(*path) && !ec;
+  };
+  if (same_file(config_.control_path)) {
+    return fail(*path + " is this daemon's control socket", EEXIST);
+  }
+  {
+    std::lock_guard lock(bound_mu_);
+    for (const auto& b : bound_) {
+      if (same_file(b->listener.path())) {
+        return fail(*path + " is attached already (to " + b->served->name() + "; detach it first)", EEXIST);
+      }
+    }
+    if (bound_.size() >= config_.max_attachments) {
+      return fail(std::to_string(bound_.size()) + " sockets are attached (--max-attachments " +
+                      std::to_string(config_.max_attachments) + ")",
+                  EMFILE);
+    }
+  }
+  const bool prefetch_all = request.prefetch == "all";
+  const std::string serves = request.image.empty() ? request.memory : request.image;
+  auto served = open_served(request.memory, request.image, prefetch_all ? std::string() : request.prefetch,
+                            prefetch_all, /*zero_index_path=*/{});
+  if (!served) {
+    log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", served.error().describe()}});
+    if (!request.image.empty()) return std::unexpected(served.error());  // it names the image already
+    return fail(request.memory + ": " + served.error().message, served.error().code);
+  }
+  auto listener = protocol::UnixListener::bind(*path, config_.socket_access);
+  if (!listener) {
+    log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", listener.error().describe()}});
+    return std::unexpected(listener.error());
+  }
+  return add_bound(std::move(*served), std::move(*listener));
+}
+
+Result<Server::Attachment> Server::detach(const std::string& socket) {
+  std::lock_guard op(attach_op_mu_);
+  std::shared_ptr<Bound> removed;
+  uint64_t pass = 0;
+  {
+    std::lock_guard lock(bound_mu_);
+    auto matches = [&](const std::shared_ptr<Bound>& b) { return b->listener.path() == socket; };
+    auto it = std::find_if(bound_.begin(), bound_.end(), matches);
+    if (it == bound_.end() && socket.find('/') == std::string::npos && !config_.socket_dir.empty()) {
+      // A plain name: the socket of that name in --socket-dir.
+      std::error_code ec;
+      const auto full = (std::filesystem::canonical(config_.socket_dir, ec) / socket).string();
+      it = std::find_if(bound_.begin(), bound_.end(), [&](const auto& b) { return b->listener.path() == full; });
+    }
+    if (it == bound_.end()) {
+      return fail("no socket \"" + escape_untrusted(socket, 256) + "\" is attached", ENOENT);
+    }
+    removed = std::move(*it);
+    bound_.erase(it);
+    pass = run_passes_;
+  }
+  Attachment a = describe(*removed);
+  // run()'s pass may hold a copy of the list: wake it and wait until that
+  // pass ended (it drops its copy, closing the socket and unlinking its file,
+  // before it counts the pass), so that the socket is gone when this
+  // returns. A weak_ptr's expiry would not do: it is seen before the other
+  // thread's destructor has run.
+  removed.reset();
+  uint64_t one = 1;
+  (void)!::write(wake_efd_.get(), &one, sizeof one);
+  {
+    std::unique_lock lock(bound_mu_);
+    if (!bound_cv_.wait_for(lock, std::chrono::seconds(5), [&] { return !accepting_ || run_passes_ > pass; })) {
+      log_.warn("detach_slow", {{"socket", a.socket}, {"note", "the accept loop still held the socket after 5 s"}});
+    }
+  }
+  log_.info("detached", {{"attachment", a.id}, {"socket", a.socket}, {"serves", a.serves},
+                         {"connections", a.connections}});
+  return a;
+}
+
+std::vector<Server::Attachment> Server::attachments() const {
+  std::vector<std::shared_ptr<Bound>> bound;
+  {
+    std::lock_guard lock(bound_mu_);
+    bound = bound_;
+  }
+  std::vector<Attachment> out;
+  out.reserve(bound.size());
+  for (const auto& b : bound) out.push_back(describe(*b));
+  return out;
 }
 
 bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) {
@@ -472,9 +740,9 @@ void Server::refuse(UniqueFd connection, const protocol::PeerIdentity& peer, Ref
   note_rejected(std::string(to_string(cause)) + ": " + why);
 }
 
-void Server::accept_vm() {
+void Server::accept_vm(const Bound& bound) {
   UniqueFd conn;
-  if (!accept_or_shed(listener_.fd(), "vm", &conn)) return;
+  if (!accept_or_shed(bound.listener.fd(), "vm", &conn)) return;
   auto peer = protocol::identify_peer(conn.get());
   if (!peer) {
     // No pidfd for want of fds (or no credentials at all): refuse it, as
@@ -510,6 +778,9 @@ void Server::accept_vm() {
       c->id = next_id_++;
       c->fd = std::move(conn);
       c->peer = std::move(*peer);
+      c->served = bound.served;
+      c->socket = bound.listener.path();
+      bound.connections.fetch_add(1, std::memory_order_relaxed);
       raw = c.get();
       connections_.push_back(std::move(c));
       ++handshaking_;
@@ -638,16 +909,19 @@ void Server::handle_connection(Connection& c) {
                         "write-protect registration cannot be read from /proc (installs are not protected), "
                         "and its exit is seen through the pidfd if the kernel gave one, else through the socket"}});
   }
+  const Served& served = *c.served;
   SessionConfig sc{.id = c.id,
+                   .socket = c.socket,
+                   .serves = served.name(),
                    .workers = config_.workers_per_session,
                    .on_fatal = config_.on_fatal,
                    .logger = &log_,
                    .record_path = config_.record_path,
                    .record_first_touches = !config_.record_dir.empty(),
-                   .prefetch = prefetch_,
-                   .prefetch_all = config_.prefetch_all,
+                   .prefetch = served.prefetch,
+                   .prefetch_all = served.prefetch_all,
                    .prefetch_threads = config_.prefetch_threads,
-                   .zero_index = zero_index_,
+                   .zero_index = served.zero_index,
                    .reader_serves_cached = config_.reader_serves_cached,
                    .busy_poll = config_.busy_poll,
                    .metrics = &metrics_,
@@ -655,7 +929,7 @@ void Server::handle_connection(Connection& c) {
                    .record_fault_latency = config_.record_fault_latency,
                    .fault_around_pages = config_.fault_around_pages,
                    .fault_around_readahead = config_.fault_around_readahead};
-  auto session = Session::start(std::move(*hs), source_, sc);
+  auto session = Session::start(std::move(*hs), served.source, sc);
   if (!session) {
     reject_session(c, RefusalCause::kSessionRejected, session.error().describe());
     return;
@@ -802,10 +1076,22 @@ std::vector<LogField> snapshot_fields(const Server::Snapshot& s) {
           {"seconds", s.seconds}};
 }
 
+std::shared_ptr<const Server::Served> Server::served_by(uint64_t id) const {
+  std::lock_guard lock(mu_);
+  for (const auto& c : connections_) {
+    std::lock_guard clock(c->mu);
+    if (c->id == id && c->session && !c->done) return c->served;
+  }
+  return nullptr;
+}
+
 Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_dir, const std::string& name) const {
-  if (!image_) {
-    return fail("snapshot writes a diff on top of the image the VM was restored from: start the daemon with "
-                "--image STORE_DIR/NAME (this one serves the raw file " + config_.memory_path + ")",
+  const std::shared_ptr<const Served> served = served_by(id);
+  if (!served) return fail("no running session " + std::to_string(id), ESRCH);
+  if (!served->image) {
+    return fail("snapshot writes a diff on top of the image the VM was restored from: serve it from an image "
+                "(--image or attach --image STORE_DIR/NAME; session " + std::to_string(id) +
+                    " is served from the raw file " + served->memory_path + ")",
                 EINVAL);
   }
   if (auto st = image::check_image_name(name); !st) {
@@ -816,18 +1102,18 @@ Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_
   // daemon write into any other directory.
   std::error_code ec1, ec2;
   const auto asked = std::filesystem::canonical(store_dir, ec1);
-  const auto served = std::filesystem::canonical(image_store_dir_, ec2);
-  if (ec1 || ec2 || asked != served) {
-    return fail("snapshot writes only into the store this daemon serves from (" + image_store_dir_ + "), not \"" +
+  const auto serving = std::filesystem::canonical(served->store, ec2);
+  if (ec1 || ec2 || asked != serving) {
+    return fail("snapshot writes only into the store the session is served from (" + served->store + "), not \"" +
                     escape_untrusted(store_dir, 256) + "\"",
                 EPERM);
   }
   auto s = session(id);
   if (!s) return fail("no running session " + std::to_string(id), ESRCH);
-  auto store = image::LocalStore::open(image_store_dir_, /*create=*/false);
+  auto store = image::LocalStore::open(served->store, /*create=*/false);
   if (!store) return std::unexpected(store.error());
   ExportOptions options;
-  options.parent = image_->name();
+  options.parent = served->image->name();
   options.name = name;
   const auto began = std::chrono::steady_clock::now();
   auto report = export_session_diff(*s, **store, options);

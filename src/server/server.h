@@ -1,27 +1,35 @@
-// Server: the faultline daemon's core. Listens on one Unix socket and serves
-// every VM that connects from one memory snapshot file, one Session per
-// connection, several at once. A session that fails (bad handshake, bad
-// regions, truncated file, dead client) ends alone; the server keeps running.
+// Server: the faultline daemon's core. Listens on Unix sockets, one per
+// attachment (a socket bound to what VMs connecting to it are served from: a
+// memory snapshot file or an image with its chain of parents, local or in an
+// object store), and serves every VM that connects, one Session per
+// connection, many at once. A session that fails (bad handshake, bad regions,
+// truncated file, dead client) ends alone; the server keeps running.
 //
-// Model: one memory file per socket. Run one `faultline serve` per snapshot
-// (or per VM), each on its own socket.
+// Model: one daemon per host. The socket given at start-up (--socket with
+// --memory or --image) is the first attachment; more are made and removed at
+// run time through the control socket (attach()/detach()), each under the
+// socket directory fixed at start-up. Every image of the daemon reads through
+// one in-memory frame cache and, for images in an object store, one disk
+// cache: a frame that two images share is fetched and held once.
 //
-// Trust boundary: whoever can connect to the VM socket can read the snapshot
-// and whoever can connect to the control socket can read page maps and write
-// working sets, so both sockets get an explicit mode and owner before the
-// first accept, peers may be limited to an allow-list of uids and gids
-// (SO_PEERCRED, SO_PEERGROUPS), and every peer is identified by a pidfd taken
-// at accept time. Everything a client can make the daemon hold is bounded:
-// concurrent handshakes and sessions, the handshake's duration, control
-// requests (served on their own thread with a deadline each), the history of
-// ended sessions. Each refusal is one log line; the daemon keeps serving.
+// Trust boundary: whoever can connect to a VM socket can read what it serves
+// and whoever can connect to the control socket can read page maps, write
+// working sets and attach any image the daemon can read, so every socket gets
+// an explicit mode and owner before the first accept, peers may be limited to
+// an allow-list of uids and gids (SO_PEERCRED, SO_PEERGROUPS), and every peer
+// is identified by a pidfd taken at accept time. Everything a client can make
+// the daemon hold is bounded: concurrent handshakes and sessions, attachments,
+// the handshake's duration, control requests (served on their own thread with
+// a deadline each), the history of ended sessions. Each refusal is one log
+// line; the daemon keeps serving.
 //
-// Threads: run()'s thread accepts VM connections; one thread per connection
-// receives the handshake and then waits for its session; one thread serves
-// the control socket, one request at a time.
+// Threads: run()'s thread accepts VM connections on every attached socket;
+// one thread per connection receives the handshake and then waits for its
+// session; one thread serves the control socket, one request at a time.
 //
 // Thread-safety: run() from one thread; stop() from any thread or a signal
-// handler (it only writes an eventfd); the query methods from any thread.
+// handler (it only writes an eventfd); attach(), detach() and the query
+// methods from any thread.
 #pragma once
 
 #include <atomic>
@@ -52,6 +60,10 @@
 
 namespace faultline {
 
+namespace objstore {
+class DiskCache;
+}
+
 // Which peers may use a socket, by SO_PEERCRED uid and by group (the peer's
 // primary group or any of its supplementary groups, SO_PEERGROUPS). Empty
 // (no uid and no gid): everyone who can open the socket file.
@@ -67,18 +79,28 @@ struct PeerAllowList {
 using RefusalCause = metrics::RefusalCause;
 
 struct ServerConfig {
+  // The socket attached at start-up and what VMs connecting to it are served
+  // from: a raw memory file, or (when image_path is set) an image and its
+  // chain of parents, "STORE/NAME" (STORE a directory or s3://BUCKET/PREFIX).
+  // Empty socket_path: nothing is attached at start-up (then control_path and
+  // socket_dir are required: VMs are attached through the control socket).
   std::string socket_path;
-  // What every VM is served from: a raw memory file, or (when image_path is
-  // set) an image and its chain of parents, "STORE_DIR/NAME".
   std::string memory_path;
   std::string image_path;
+  // Directory in which attach() creates VM sockets (fixed at start-up, so a
+  // control client cannot make the daemon bind or replace a socket anywhere
+  // else); empty: attach() is refused.
+  std::string socket_dir;
+  // Most sockets attached at once (the start-up one included).
+  size_t max_attachments = 1024;
   // Decompressed image frames kept in memory, shared by every session (and,
   // when `frame_cache` is given, by every server sharing that cache).
   uint64_t frame_cache_bytes = 256ull << 20;
   std::shared_ptr<image::FrameCache> frame_cache;
-  // With an image in an object store: frames fetched from it are kept in
+  // With images in an object store: frames fetched from them are kept in
   // this directory too (objstore/disk_cache.h), at most cache_bytes of them,
-  // so a restarted daemon does not fetch them again. Empty: no disk cache.
+  // so a restarted daemon does not fetch them again; one cache for every
+  // image of the daemon. Empty: no disk cache.
   std::string cache_dir;
   uint64_t cache_bytes = 4ull << 30;
   int workers_per_session = 2;
@@ -141,7 +163,8 @@ struct ServerConfig {
 
 class Server {
  public:
-  // Opens the memory file and binds the socket; serving starts with run().
+  // Opens what the start-up socket serves and binds it (when one is given),
+  // binds the control socket; serving starts with run().
   static Result<std::unique_ptr<Server>> create(const ServerConfig& config, const Logger& logger);
   ~Server();
 
@@ -196,6 +219,39 @@ class Server {
   };
   Result<Snapshot> snapshot(uint64_t id, const std::string& store_dir, const std::string& name) const;
 
+  // Attaches a new VM socket at run time: `socket` (a plain name, or a path
+  // directly inside config.socket_dir) is bound, with config.socket_access,
+  // to `image` ("STORE/NAME") or `memory` (a raw memory file), exactly one;
+  // `prefetch`: a working-set file installed as each VM starts, "all", or
+  // empty. The socket accepts VMs when this returns. Refused when the
+  // daemon has no socket_dir, the socket is already attached, max_attachments
+  // are, or the image or file cannot be opened (the error names it). Logs
+  // `attached`.
+  struct AttachRequest {
+    std::string socket;
+    std::string image;
+    std::string memory;
+    std::string prefetch;
+  };
+  struct Attachment {
+    uint64_t id = 0;
+    std::string socket;  // the bound path
+    std::string serves;  // the image ("STORE/NAME") or memory file
+    uint64_t memory_bytes = 0;
+    size_t image_layers = 0;  // 0 for a memory file
+    uint64_t prefetch_pages = 0;
+    bool prefetch_all = false;
+    uint64_t connections = 0;  // VM connections accepted on this socket so far
+  };
+  Result<Attachment> attach(const AttachRequest& request);
+  // Removes an attached socket (as attach() names it, or the start-up
+  // socket's path): its file is gone and it accepts no VM when this returns;
+  // VMs already connected to it are served on until they end. ENOENT when
+  // no such socket is attached. Logs `detached`.
+  Result<Attachment> detach(const std::string& socket);
+  // The sockets attached now, in the order they were attached.
+  std::vector<Attachment> attachments() const;
+
   const std::string& socket_path() const { return config_.socket_path; }
   const ServerConfig& config() const { return config_; }
 
@@ -204,8 +260,21 @@ class Server {
 
  private:
   struct Connection;
-  Server(ServerConfig config, const Logger& logger, std::shared_ptr<const PageSource> source,
-         protocol::UnixListener listener, UniqueFd stop_efd, UniqueFd reserve_fd);
+  struct Served;
+  struct Bound;
+  Server(ServerConfig config, const Logger& logger, UniqueFd stop_efd, UniqueFd wake_efd, UniqueFd reserve_fd);
+  // Opens what a socket will serve (exactly one of image and memory).
+  Result<std::shared_ptr<const Served>> open_served(const std::string& memory, const std::string& image,
+                                                    const std::string& prefetch, bool prefetch_all,
+                                                    const std::string& zero_index_path) const;
+  // Adds a bound socket to the list run() accepts on; EMFILE-like refusal
+  // past max_attachments. REQUIRES: attach_op_mu_ held.
+  Result<Attachment> add_bound(std::shared_ptr<const Served> served, protocol::UnixListener listener);
+  Attachment describe(const Bound& b) const;
+  // The socket path attach()/detach() mean by `socket`.
+  Result<std::string> attach_socket_path(const std::string& socket) const;
+  // What session `id` is served from, or null.
+  std::shared_ptr<const Served> served_by(uint64_t id) const;
   // Under --on-fatal=kill, SIGKILLs a client that handed us a uffd we will
   // not serve (its VM would hang on its first fault), through the pidfd taken
   // when it connected; true if it was killed.
@@ -215,7 +284,7 @@ class Server {
   // logged) so that the listener does not stay readable forever; returns
   // false then, or when there was nothing to accept.
   bool accept_or_shed(int listener_fd, const char* socket, UniqueFd* out);
-  void accept_vm();
+  void accept_vm(const Bound& bound);
   // Refuses a VM connection before its handshake: logged, counted, closed; a
   // client that already sent its uffd is killed under --on-fatal=kill.
   void refuse(UniqueFd connection, const protocol::PeerIdentity& peer, RefusalCause cause, const std::string& why);
@@ -234,12 +303,19 @@ class Server {
 
   const ServerConfig config_;
   const Logger& log_;
-  std::shared_ptr<const PageSource> source_;
-  std::shared_ptr<const image::ImageSource> image_;  // source_, when it is an image
-  std::string image_store_dir_;                      // its store, as given in --image
-  std::shared_ptr<const WorkingSet> prefetch_;
-  std::shared_ptr<const ZeroIndex> zero_index_;
-  protocol::UnixListener listener_;  // unlinks the socket path when destroyed
+  // Shared by every image the daemon serves.
+  std::shared_ptr<image::FrameCache> frame_cache_;
+  std::shared_ptr<objstore::DiskCache> disk_cache_;  // with config.cache_dir
+  // Serializes attach() and detach() (each opens or closes sockets and
+  // images outside mu_).
+  std::mutex attach_op_mu_;
+  mutable std::mutex bound_mu_;
+  std::condition_variable bound_cv_;  // run() dropped its copy of the list
+  std::vector<std::shared_ptr<Bound>> bound_;  // GUARDED_BY(bound_mu_)
+  uint64_t next_attachment_id_ = 1;            // GUARDED_BY(bound_mu_)
+  uint64_t run_passes_ = 0;                    // GUARDED_BY(bound_mu_): run() loop iterations
+  bool accepting_ = false;                     // GUARDED_BY(bound_mu_): run()'s loop is running
+  UniqueFd wake_efd_;                          // wakes run() when bound_ changes
   std::optional<protocol::UnixListener> control_;
   UniqueFd record_dir_fd_;
   UniqueFd stop_efd_;

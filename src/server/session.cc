@@ -291,7 +291,9 @@ Status Session::launch() {
                               {"format", protocol::to_string(handshake_.format)},
                               {"write_protect", any_wp_},
                               {"workers", config_.workers},
-                              {"extra_fds", handshake_.extra_fds.size()}});
+                              {"extra_fds", handshake_.extra_fds.size()},
+                              {"socket", config_.socket},
+                              {"serves", config_.serves}});
   return {};
 }
 
@@ -435,6 +437,8 @@ std::vector<LogField> summary_fields(const SessionSummary& s) {
                           {"prefetch_late", s.counters.prefetch_late},
                           {"seconds", s.seconds}};
   if (s.end != SessionEnd::kRunning) f.emplace_back("peer_killed", s.peer_killed);
+  f.emplace_back("socket", s.socket);
+  f.emplace_back("serves", s.serves);
   return f;
 }
 
@@ -442,6 +446,8 @@ SessionSummary Session::summary() const {
   SessionSummary s;
   s.id = config_.id;
   s.peer_pid = handshake_.peer.pid;
+  s.socket = config_.socket;
+  s.serves = config_.serves;
   {
     std::lock_guard lock(end_mu_);
     s.end = end_reason_;

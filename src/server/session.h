@@ -70,6 +70,12 @@ const char* to_string(SessionEnd);
 
 struct SessionConfig {
   uint64_t id = 0;
+  // Which socket the VM connected to and what it is served from (the image
+  // or memory file attached to that socket): in the session's log lines and
+  // summary, so that an operator of a daemon serving many images can tell
+  // its sessions apart.
+  std::string socket;
+  std::string serves;
   int workers = 2;
   OnFatal on_fatal = OnFatal::kKill;
   const Logger* logger = nullptr;  // REQUIRES: outlives the session
@@ -190,6 +196,8 @@ struct PageMap {
 struct SessionSummary {
   uint64_t id = 0;
   pid_t peer_pid = 0;
+  std::string socket;  // SessionConfig::socket
+  std::string serves;  // SessionConfig::serves
   SessionEnd end = SessionEnd::kRunning;
   std::string error;  // why, when end == kFatal
   bool peer_killed = false;

@@ -536,6 +536,35 @@ TEST_F(S3MultipartTest, AnUploadThatFailsForGoodIsAbortedAndLeavesNeitherObjectN
   }
 }
 
+// The store completes the upload but its answer is lost (the connection is
+// reset after the gateway answered): the retried completion finds the upload
+// gone, and put still succeeds because the object is there, whole.
+TEST_F(S3MultipartTest, ACompletionWhoseAnswerIsLostSucceedsAndTheObjectIsRight) {
+  ASSERT_TRUE(client_->create_bucket("fl-multipart-lost"));
+  std::atomic<int> completions{0};
+  auto first_completion_answer_lost = [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (method == "POST" && path.find("?uploadId=") != std::string::npos && completions.fetch_add(1) == 0) {
+      d.action = FaultProxy::Action::kLoseAnswer;
+    }
+    return d;
+  };
+  FaultProxy proxy(port_, recording(first_completion_answer_lost));
+  ASSERT_NE(proxy.port(), 0);
+  auto client = multipart_client(proxy);
+  ASSERT_TRUE(client);
+  const std::string body = random_bytes(11 * kMiB, 26);
+  auto put = client->put("fl-multipart-lost", "obj", body);
+  ASSERT_TRUE(put) << put.error().describe();
+  EXPECT_EQ(completions.load(), 2) << "the completion was not sent again";
+  auto got = client_->get("fl-multipart-lost", "obj");
+  ASSERT_TRUE(got) << got.error().describe();
+  EXPECT_TRUE(*got == body);
+  auto unfinished = client_->unfinished_uploads("fl-multipart-lost", "");
+  ASSERT_TRUE(unfinished);
+  EXPECT_TRUE(unfinished->empty());
+}
+
 TEST(S3ClientOffline, APartSizeBelowS3sMinimumIsRefused) {
   S3Config c;
   c.endpoint = "http://127.0.0.1:1";

@@ -413,7 +413,8 @@ Result<std::string> S3Client::get(const std::string& bucket, const std::string& 
 }
 
 Status S3Client::put(const std::string& bucket, const std::string& key, std::string_view body) {
-  if (body.size() >= config_.multipart_threshold) return put_multipart(bucket, key, body);
+  // An empty body has no part to send, whatever the threshold.
+  if (!body.empty() && body.size() >= config_.multipart_threshold) return put_multipart(bucket, key, body);
   auto r = perform("PUT", bucket, key, "", body, std::nullopt);
   if (!r) return std::unexpected(r.error());
   return {};
@@ -492,7 +493,8 @@ Status S3Client::put_multipart(const std::string& bucket, const std::string& key
       }
     }
     upload_parts();
-  }  // joins the helpers
+  }  // joins the helpers: no part is in flight when the upload is aborted
+  // (S3 may keep a part that finishes after the abort, and the upload with it)
   if (first_error) return abort_upload(*first_error);
 
   std::string complete = "<CompleteMultipartUpload>";

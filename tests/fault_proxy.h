@@ -1,6 +1,7 @@
 // FaultProxy: a small HTTP proxy in front of the real S3 gateway that
 // misbehaves on purpose, the way a store and a network do: answers 503
-// SlowDown, resets connections, waits, or damages a response body, each when
+// SlowDown, resets connections (before forwarding the request, or after it:
+// the store acted, its answer is lost), waits, or damages a response body, each when
 // the test's rule says so for that request. Everything else is forwarded
 // byte for byte (SigV4 signs the Host header, which the client computed for
 // the proxy's address and which reaches the gateway unchanged).
@@ -32,7 +33,7 @@ namespace faultline::testing {
 
 class FaultProxy {
  public:
-  enum class Action { kForward, kSlowDown, kReset, kCorruptBody, kDelay };
+  enum class Action { kForward, kSlowDown, kReset, kCorruptBody, kDelay, kLoseAnswer };
   struct Decision {
     Action action = Action::kForward;
     std::chrono::milliseconds delay{0};  // kDelay: then forward
@@ -149,6 +150,12 @@ class FaultProxy {
       }
     }
     ::close(up);
+    if (d.action == Action::kLoseAnswer) {
+      linger l{1, 0};
+      ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+      ::close(fd);
+      return;
+    }
     if (d.action == Action::kCorruptBody) {
       const size_t end = resp.find("\r\n\r\n");
       if (end != std::string::npos && resp.size() > end + 4) resp[resp.size() - 1] ^= 0x5a;  // last body byte

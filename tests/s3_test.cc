@@ -337,6 +337,243 @@ TEST(S3ClientOffline, CredentialsComeFromTheEnvironmentOrAProfileOfTheSharedFile
   for (const char* v : {"AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE"}) ::unsetenv(v);
 }
 
+// Multipart uploads. S3 refuses parts under 5 MiB (but the last), so these
+// use 5 MiB parts and bodies of 2-3 parts; every request goes through a
+// FaultProxy that records what it saw (method and path with query).
+class S3MultipartTest : public S3Test {
+ protected:
+  struct Seen {
+    std::string method, path;
+  };
+  // A client through `proxy` with 5 MiB parts from 6 MiB on.
+  std::unique_ptr<S3Client> multipart_client(const FaultProxy& proxy, int max_attempts = 5) {
+    S3Config c = config_;
+    c.endpoint = proxy.endpoint();
+    c.multipart_threshold = 6 * kMiB;
+    c.multipart_part_size = 5 * kMiB;
+    c.max_attempts = max_attempts;
+    c.first_backoff = std::chrono::milliseconds(1);
+    auto client = S3Client::create(c);
+    EXPECT_TRUE(client) << client.error().describe();
+    return client ? std::move(*client) : nullptr;
+  }
+  // Records every request, then asks `rule` (if any) what to do with it.
+  FaultProxy::Rule recording(FaultProxy::Rule rule = {}) {
+    return [this, rule](const std::string& method, const std::string& path) {
+      {
+        std::lock_guard lock(seen_mu_);
+        seen_.push_back({method, path});
+      }
+      return rule ? rule(method, path) : FaultProxy::Decision{};
+    };
+  }
+  // How many recorded requests had `method` and a path containing `part`.
+  size_t count(const std::string& method, const std::string& part) {
+    std::lock_guard lock(seen_mu_);
+    return static_cast<size_t>(std::count_if(seen_.begin(), seen_.end(), [&](const Seen& s) {
+      return s.method == method && s.path.find(part) != std::string::npos;
+    }));
+  }
+  void forget_requests() {
+    std::lock_guard lock(seen_mu_);
+    seen_.clear();
+  }
+
+  std::mutex seen_mu_;
+  std::vector<Seen> seen_;
+};
+
+TEST_F(S3MultipartTest, ABodyAboveTheThresholdGoesUpInPartsAndReadsBackByteForByteAlsoAcrossPartBoundaries) {
+  ASSERT_TRUE(client_->create_bucket("fl-multipart"));
+  FaultProxy proxy(port_, recording());
+  ASSERT_NE(proxy.port(), 0);
+  auto client = multipart_client(proxy);
+  ASSERT_TRUE(client);
+  const std::string body = random_bytes(12 * kMiB + 17, 21);  // parts of 5, 5 and 2 MiB + 17
+  ASSERT_TRUE(client->put("fl-multipart", "big", body));
+  EXPECT_EQ(count("POST", "/fl-multipart/big?uploads="), 1u);
+  for (const std::string n : {"1", "2", "3"})
+    EXPECT_EQ(count("PUT", "/fl-multipart/big?partNumber=" + n + "&"), 1u) << n;
+  EXPECT_EQ(count("PUT", "partNumber=4&"), 0u);
+  EXPECT_EQ(count("POST", "/fl-multipart/big?uploadId="), 1u);
+  EXPECT_EQ(count("PUT", "/fl-multipart/big"), 3u) << "the body also went up in one PUT";
+
+  auto whole = client_->get("fl-multipart", "big");
+  ASSERT_TRUE(whole) << whole.error().describe();
+  EXPECT_EQ(whole->size(), body.size());
+  EXPECT_TRUE(*whole == body);
+  auto size = client_->head("fl-multipart", "big");
+  ASSERT_TRUE(size && size->has_value());
+  EXPECT_EQ(**size, body.size());
+  for (const objstore::ByteRange r :
+       {objstore::ByteRange{5 * kMiB - 100, 200}, objstore::ByteRange{10 * kMiB - 1, 2},
+        objstore::ByteRange{4 * kMiB, 7 * kMiB}, objstore::ByteRange{body.size() - 5, 5}}) {
+    auto part = client_->get("fl-multipart", "big", r);
+    ASSERT_TRUE(part) << part.error().describe();
+    EXPECT_TRUE(*part == body.substr(r.offset, r.length)) << "range " << r.offset << "+" << r.length;
+  }
+  auto unfinished = client_->unfinished_uploads("fl-multipart", "");
+  ASSERT_TRUE(unfinished) << unfinished.error().describe();
+  EXPECT_TRUE(unfinished->empty());
+
+  // Just under the threshold: one PUT.
+  forget_requests();
+  const std::string under = random_bytes(6 * kMiB - 1, 22);
+  ASSERT_TRUE(client->put("fl-multipart", "under", under));
+  EXPECT_EQ(count("PUT", "/fl-multipart/under"), 1u);
+  EXPECT_EQ(count("POST", "/fl-multipart/under"), 0u);
+  auto got = client_->get("fl-multipart", "under");
+  ASSERT_TRUE(got);
+  EXPECT_TRUE(*got == under);
+}
+
+// A blob store over a multipart client: a frame-sized blob above the
+// threshold is stored under its SHA-256 and reads back with that hash. (The
+// ETag of a multipart object is not its bytes' MD5; nothing in faultline
+// reads ETags: readers check the bytes against the blob's name.)
+TEST_F(S3MultipartTest, ABlobAboveTheThresholdIsStoredInPartsAndReadsBackUnderItsSha256) {
+  FaultProxy proxy(port_, recording());
+  ASSERT_NE(proxy.port(), 0);
+  std::shared_ptr<S3Client> client = multipart_client(proxy);
+  ASSERT_TRUE(client);
+  auto where = objstore::S3Location::parse("s3://fl-multipart-store/images");
+  ASSERT_TRUE(where);
+  auto store = objstore::S3Store::open(client, *where, true);
+  ASSERT_TRUE(store) << store.error().describe();
+  const std::string blob = random_bytes(11 * kMiB, 23);
+  const image::BlobId id = image::BlobId::of(blob);
+  ASSERT_TRUE((*store)->put(id, blob));
+  EXPECT_EQ(count("PUT", "partNumber=3&"), 1u);
+  EXPECT_EQ(count("POST", "uploadId="), 1u);
+  auto got = (*store)->get(id);
+  ASSERT_TRUE(got) << got.error().describe();
+  EXPECT_TRUE(image::BlobId::of(*got) == id);
+  EXPECT_TRUE(*got == blob);
+}
+
+TEST_F(S3MultipartTest, APartAnswered503IsRetriedAndTheObjectComesOutRight) {
+  ASSERT_TRUE(client_->create_bucket("fl-multipart-retry"));
+  std::atomic<int> part2{0};
+  auto first_part2_slows_down = [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (method == "PUT" && path.find("partNumber=2&") != std::string::npos && part2.fetch_add(1) == 0) {
+      d.action = FaultProxy::Action::kSlowDown;
+    }
+    return d;
+  };
+  FaultProxy proxy(port_, recording(first_part2_slows_down));
+  ASSERT_NE(proxy.port(), 0);
+  auto client = multipart_client(proxy);
+  ASSERT_TRUE(client);
+  const std::string body = random_bytes(11 * kMiB, 24);
+  auto put = client->put("fl-multipart-retry", "obj", body);
+  ASSERT_TRUE(put) << put.error().describe();
+  EXPECT_EQ(part2.load(), 2) << "part 2: answered 503 once, then sent again";
+  EXPECT_EQ(count("PUT", "partNumber=1&"), 1u);
+  EXPECT_EQ(count("PUT", "partNumber=3&"), 1u);
+  EXPECT_EQ(count("DELETE", "uploadId="), 0u) << "a retried part aborted the upload";
+  auto got = client_->get("fl-multipart-retry", "obj");
+  ASSERT_TRUE(got) << got.error().describe();
+  EXPECT_TRUE(*got == body);
+  auto unfinished = client_->unfinished_uploads("fl-multipart-retry", "");
+  ASSERT_TRUE(unfinished);
+  EXPECT_TRUE(unfinished->empty());
+}
+
+// An upload that fails for good (a part, or the completion, answered 503 on
+// every attempt) is aborted: the bucket holds neither the object nor an
+// unfinished upload. When the abort fails too, the error says the parts
+// stay, and the bucket's listing of unfinished uploads shows them.
+TEST_F(S3MultipartTest, AnUploadThatFailsForGoodIsAbortedAndLeavesNeitherObjectNorParts) {
+  ASSERT_TRUE(client_->create_bucket("fl-multipart-fail"));
+  struct Case {
+    std::string name, fail_method, fail_path;
+    bool abort_fails;
+  };
+  for (const Case& c : {Case{"part", "PUT", "partNumber=2&", false}, Case{"complete", "POST", "?uploadId=", false},
+                        Case{"part-and-abort", "PUT", "partNumber=2&", true}}) {
+    SCOPED_TRACE(c.name);
+    forget_requests();
+    auto always_slows_down = [&](const std::string& method, const std::string& path) {
+      FaultProxy::Decision d;
+      if (method == c.fail_method && path.find(c.fail_path) != std::string::npos) {
+        d.action = FaultProxy::Action::kSlowDown;
+      }
+      if (c.abort_fails && method == "DELETE") d.action = FaultProxy::Action::kSlowDown;
+      return d;
+    };
+    FaultProxy proxy(port_, recording(always_slows_down));
+    ASSERT_NE(proxy.port(), 0);
+    auto client = multipart_client(proxy, 3);
+    ASSERT_TRUE(client);
+    const std::string key = "obj-" + c.name;
+    auto put = client->put("fl-multipart-fail", key, random_bytes(11 * kMiB, 25));
+    ASSERT_FALSE(put);
+    const std::string& m = put.error().message;
+    EXPECT_TRUE(put.error().retryable) << m;
+    EXPECT_NE(m.find("multipart upload of s3://fl-multipart-fail/" + key), std::string::npos) << m;
+    EXPECT_NE(m.find("503 SlowDown"), std::string::npos) << m;
+    EXPECT_NE(m.find("after 3 attempts"), std::string::npos) << m;
+    EXPECT_EQ(m.find(config_.secret_key), std::string::npos);
+    if (c.name != "complete") {
+      EXPECT_NE(m.find("part 2 of 3"), std::string::npos) << m;
+      EXPECT_EQ(count("PUT", "partNumber=2&"), 3u);
+    }
+    EXPECT_EQ(count("POST", "?uploadId="), c.name == "complete" ? 3u : 0u);
+    EXPECT_EQ(count("DELETE", "/fl-multipart-fail/" + key + "?uploadId="), c.abort_fails ? 3u : 1u);
+
+    auto object = client_->head("fl-multipart-fail", key);
+    ASSERT_TRUE(object) << object.error().describe();
+    EXPECT_FALSE(object->has_value()) << "a failed upload left an object";
+    auto unfinished = client_->unfinished_uploads("fl-multipart-fail", key);
+    ASSERT_TRUE(unfinished) << unfinished.error().describe();
+    if (c.abort_fails) {
+      EXPECT_NE(m.find("its parts stay in the bucket"), std::string::npos) << m;
+      EXPECT_EQ(*unfinished, std::vector<std::string>{key});
+    } else {
+      EXPECT_TRUE(unfinished->empty()) << unfinished->size() << " unfinished uploads left";
+    }
+  }
+}
+
+// The store completes the upload but its answer is lost (the connection is
+// reset after the gateway answered): the retried completion finds the upload
+// gone, and put still succeeds because the object is there, whole.
+TEST_F(S3MultipartTest, ACompletionWhoseAnswerIsLostSucceedsAndTheObjectIsRight) {
+  ASSERT_TRUE(client_->create_bucket("fl-multipart-lost"));
+  std::atomic<int> completions{0};
+  auto first_completion_answer_lost = [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (method == "POST" && path.find("?uploadId=") != std::string::npos && completions.fetch_add(1) == 0) {
+      d.action = FaultProxy::Action::kLoseAnswer;
+    }
+    return d;
+  };
+  FaultProxy proxy(port_, recording(first_completion_answer_lost));
+  ASSERT_NE(proxy.port(), 0);
+  auto client = multipart_client(proxy);
+  ASSERT_TRUE(client);
+  const std::string body = random_bytes(11 * kMiB, 26);
+  auto put = client->put("fl-multipart-lost", "obj", body);
+  ASSERT_TRUE(put) << put.error().describe();
+  EXPECT_EQ(completions.load(), 2) << "the completion was not sent again";
+  auto got = client_->get("fl-multipart-lost", "obj");
+  ASSERT_TRUE(got) << got.error().describe();
+  EXPECT_TRUE(*got == body);
+  auto unfinished = client_->unfinished_uploads("fl-multipart-lost", "");
+  ASSERT_TRUE(unfinished);
+  EXPECT_TRUE(unfinished->empty());
+}
+
+TEST(S3ClientOffline, APartSizeBelowS3sMinimumIsRefused) {
+  S3Config c;
+  c.endpoint = "http://127.0.0.1:1";
+  c.multipart_part_size = 5 * kMiB - 1;
+  auto client = S3Client::create(c);
+  ASSERT_FALSE(client);
+  EXPECT_NE(client.error().message.find("minimum of 5 MiB"), std::string::npos) << client.error().message;
+}
+
 // A base image and a diff on top of it, in a local store; returns the
 // child's raw memory (what flatten must give back).
 std::string make_chain(image::Store& store, const std::string& dir, uint32_t page_size) {

@@ -1,13 +1,17 @@
 #include "objstore/s3_client.h"
 
 #include <curl/curl.h>
+#include <strings.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cerrno>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <random>
+#include <system_error>
 #include <thread>
 
 #include "common/text_escape.h"
@@ -70,6 +74,35 @@ std::string encode_key(const std::string& key) {
   return out;
 }
 
+// A query parameter's value, percent-encoded with uppercase hex as SigV4's
+// canonical query string has it.
+std::string query_escape(std::string_view v) {
+  char* e = curl_easy_escape(nullptr, v.data(), static_cast<int>(v.size()));
+  std::string out = e ? e : "";
+  curl_free(e);
+  return out;
+}
+
+std::string xml_escape(std::string_view s) {
+  std::string out;
+  for (char ch : s) {
+    switch (ch) {
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      default:
+        out += ch;
+    }
+  }
+  return out;
+}
+
 std::string xml_unescape(std::string_view s) {
   std::string out;
   for (size_t i = 0; i < s.size(); ++i) {
@@ -119,6 +152,16 @@ size_t write_body(char* data, size_t size, size_t n, void* user) {
   return size * n;
 }
 
+// Keeps the ETag header of the answer (of its last status line: a
+// "100 Continue" comes first for large bodies).
+size_t read_header(char* data, size_t size, size_t n, void* user) {
+  const std::string_view line(data, size * n);
+  if (line.size() > 5 && ::strncasecmp(line.data(), "etag:", 5) == 0) {
+    *static_cast<std::string*>(user) = trim(std::string(line.substr(5)));
+  }
+  return size * n;
+}
+
 struct Upload {
   std::string_view body;
   size_t at = 0;
@@ -161,6 +204,13 @@ Result<S3Config> S3Config::from_environment() {
   return c;
 }
 
+namespace {
+// S3 refuses a part under 5 MiB unless it is the last, and more than 10000
+// parts in one upload.
+constexpr uint64_t kMinPartSize = 5 * 1024 * 1024;
+constexpr uint64_t kMaxParts = 10000;
+}  // namespace
+
 struct S3Client::Handle {
   CURL* curl = nullptr;
   ~Handle() {
@@ -175,6 +225,11 @@ Result<std::unique_ptr<S3Client>> S3Client::create(S3Config config) {
   }
   if (config.max_connections == 0) config.max_connections = 1;
   if (config.max_attempts < 1) config.max_attempts = 1;
+  if (config.multipart_part_size < kMinPartSize) {
+    return fail("S3 multipart part size " + std::to_string(config.multipart_part_size) +
+                " is below S3's minimum of 5 MiB");
+  }
+  if (config.multipart_parallel_parts == 0) config.multipart_parallel_parts = 1;
   return std::unique_ptr<S3Client>(new S3Client(std::move(config)));
 }
 
@@ -237,6 +292,8 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
   curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(config_.request_timeout.count()));
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, write_body);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &r.body);
+  curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, read_header);
+  curl_easy_setopt(c, CURLOPT_HEADERDATA, &r.etag);
   // libcurl signs but does not send the payload hash header, which S3 (and
   // RGW) require: without it every request is refused with 403
   // SignatureDoesNotMatch. The payload is not signed; its content is
@@ -257,6 +314,12 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
     // Not "Expect:" to skip the 100-continue round trip of large bodies:
     // libcurl 7.88 signs the emptied header as if it were sent, and the
     // store answers 403 SignatureDoesNotMatch.
+  } else if (method == "POST") {
+    // An empty body (CreateMultipartUpload) as "": with a null pointer
+    // libcurl would read the body from its read callback.
+    curl_easy_setopt(c, CURLOPT_POST, 1L);
+    curl_easy_setopt(c, CURLOPT_POSTFIELDS, body.empty() ? "" : body.data());
+    curl_easy_setopt(c, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(body.size()));
   } else if (method == "HEAD") {
     curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
   } else {
@@ -317,7 +380,8 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
                    true};
       continue;
     }
-    if (status == 404 || code == "NoSuchKey" || code == "NoSuchBucket") {
+    if (status == 404 || code == "NoSuchKey" || code == "NoSuchBucket" || code == "NoSuchUpload") {
+      if (code == "NoSuchUpload") return fail(method + " " + what + ": no such multipart upload", ENOENT);
       if (code == "NoSuchBucket") return fail("bucket '" + escape_untrusted(bucket) + "' does not exist (" + what + ")", ENOENT);
       return std::unexpected(Error{ENOENT, what + ": no such object"});
     }
@@ -349,9 +413,133 @@ Result<std::string> S3Client::get(const std::string& bucket, const std::string& 
 }
 
 Status S3Client::put(const std::string& bucket, const std::string& key, std::string_view body) {
+  // An empty body has no part to send, whatever the threshold.
+  if (!body.empty() && body.size() >= config_.multipart_threshold) return put_multipart(bucket, key, body);
   auto r = perform("PUT", bucket, key, "", body, std::nullopt);
   if (!r) return std::unexpected(r.error());
   return {};
+}
+
+// Query strings below are written in SigV4's canonical form (parameters
+// sorted by name, a valueless one as "uploads="): libcurl 7.88 signs the
+// query exactly as given, while the store signs its canonical form.
+Status S3Client::put_multipart(const std::string& bucket, const std::string& key, std::string_view body) {
+  const std::string what = "multipart upload of s3://" + bucket + "/" + key;
+  const uint64_t part_size = std::max(config_.multipart_part_size, (body.size() + kMaxParts - 1) / kMaxParts);
+  const size_t parts = static_cast<size_t>((body.size() + part_size - 1) / part_size);
+
+  auto created = perform("POST", bucket, key, "uploads=", {}, std::nullopt);
+  if (!created) {
+    Error e = created.error();
+    e.message = what + ": starting it: " + e.message;
+    return std::unexpected(e);
+  }
+  const std::string upload_id = xml_value(created->body, "UploadId");
+  if (upload_id.empty()) return fail(what + ": the store answered CreateMultipartUpload without an UploadId", EIO);
+  const std::string upload_query = "uploadId=" + query_escape(upload_id);
+
+  // Every failure after this point aborts the upload: the parts already
+  // stored would otherwise stay in the bucket (invisible, but kept and
+  // billed) until someone aborts it.
+  auto abort_upload = [&](Error cause) {
+    auto aborted = perform("DELETE", bucket, key, upload_query, {}, std::nullopt);
+    // NoSuchUpload: nothing is left to abort.
+    if (!aborted && aborted.error().code != ENOENT) {
+      cause.message += "; aborting the upload (id " + escape_untrusted(upload_id) +
+                       ") failed as well, its parts stay in the bucket until it is aborted: " + aborted.error().message;
+    }
+    cause.message = what + ": " + cause.message;
+    return std::unexpected(cause);
+  };
+
+  // A few parts at once, each a request of its own on the connection pool
+  // (retried there); the first failure stops the others from starting more.
+  std::vector<std::string> etags(parts);
+  std::atomic<size_t> next_part{0};
+  std::atomic<bool> failed{false};
+  std::mutex error_mu;
+  std::optional<Error> first_error;
+  auto upload_parts = [&] {
+    while (!failed.load()) {
+      const size_t i = next_part.fetch_add(1);
+      if (i >= parts) return;
+      const std::string number = std::to_string(i + 1);
+      auto r = perform("PUT", bucket, key, "partNumber=" + number + "&" + upload_query,
+                       body.substr(i * part_size, part_size), std::nullopt);
+      std::optional<Error> e;
+      if (!r) {
+        e = r.error();
+        e->message = "part " + number + " of " + std::to_string(parts) + ": " + e->message;
+      } else if (r->etag.empty()) {
+        e = Error{EIO, "part " + number + ": the store answered UploadPart without an ETag"};
+      }
+      if (e) {
+        std::lock_guard lock(error_mu);
+        if (!first_error) first_error = std::move(e);
+        failed = true;
+        return;
+      }
+      etags[i] = std::move(r->etag);
+    }
+  };
+  {
+    std::vector<std::jthread> helpers;
+    const size_t width = std::min({parts, config_.multipart_parallel_parts, config_.max_connections});
+    for (size_t t = 1; t < width; ++t) {
+      try {
+        helpers.emplace_back(upload_parts);
+      } catch (const std::system_error&) {
+        break;  // no thread to spare: the parts go up on fewer
+      }
+    }
+    upload_parts();
+  }  // joins the helpers: no part is in flight when the upload is aborted
+  // (S3 may keep a part that finishes after the abort, and the upload with it)
+  if (first_error) return abort_upload(*first_error);
+
+  std::string complete = "<CompleteMultipartUpload>";
+  for (size_t i = 0; i < parts; ++i) {
+    complete +=
+        "<Part><PartNumber>" + std::to_string(i + 1) + "</PartNumber><ETag>" + xml_escape(etags[i]) + "</ETag></Part>";
+  }
+  complete += "</CompleteMultipartUpload>";
+  auto completed = perform("POST", bucket, key, upload_query, complete, std::nullopt);
+  if (!completed) return abort_upload(completed.error());
+  // S3 may answer 200 and then fail while assembling the parts: the error
+  // is then in the body ("a 200 OK response can contain either a success
+  // or an error", CompleteMultipartUpload in the S3 API reference).
+  if (completed->body.find("<CompleteMultipartUploadResult") == std::string::npos) {
+    const std::string code = xml_value(completed->body, "Code");
+    return abort_upload(
+        Error{EIO,
+              "CompleteMultipartUpload: the store answered 200 " +
+                  (code.empty() ? std::string("without a result") : "with error " + escape_untrusted(code)),
+              code == "InternalError" || code == "SlowDown"});
+  }
+  return {};
+}
+
+Result<std::vector<std::string>> S3Client::unfinished_uploads(const std::string& bucket, const std::string& prefix) {
+  std::vector<std::string> keys;
+  std::string key_marker, upload_id_marker;
+  for (;;) {
+    std::string query;  // sorted by name, see put_multipart
+    if (!key_marker.empty()) query += "key-marker=" + query_escape(key_marker) + "&";
+    if (!prefix.empty()) query += "prefix=" + query_escape(prefix) + "&";
+    if (!upload_id_marker.empty()) query += "upload-id-marker=" + query_escape(upload_id_marker) + "&";
+    query += "uploads=";
+    auto r = perform("GET", bucket, "", query, {}, std::nullopt);
+    if (!r) return std::unexpected(r.error());
+    // <Key> appears only inside each <Upload> (the markers have tags of their own).
+    for (std::string& k : xml_values(r->body, "Key")) keys.push_back(std::move(k));
+    if (xml_value(r->body, "IsTruncated") != "true") break;
+    key_marker = xml_value(r->body, "NextKeyMarker");
+    upload_id_marker = xml_value(r->body, "NextUploadIdMarker");
+    if (key_marker.empty()) {
+      return fail("LIST uploads s3://" + bucket + "/" + prefix + ": a truncated answer without a marker", EIO);
+    }
+  }
+  return keys;
 }
 
 Result<std::optional<uint64_t>> S3Client::head(const std::string& bucket, const std::string& key) {

@@ -1,5 +1,6 @@
 // S3Client: the S3 API calls faultline needs (GET with a range, PUT, HEAD,
-// DELETE, ListObjectsV2, create bucket) over HTTP with libcurl, which signs
+// DELETE, ListObjectsV2, create bucket, multipart upload) over HTTP with
+// libcurl, which signs
 // every request with AWS Signature V4 (CURLOPT_AWS_SIGV4). Path-style
 // addressing (`ENDPOINT/BUCKET/KEY`), any endpoint: AWS, Ceph's RADOS
 // Gateway, MinIO.
@@ -16,6 +17,12 @@
 // longer. A missing object or bucket is ENOENT, refused credentials EACCES,
 // each with a sentence naming what is missing or refused. Credentials never
 // appear in an error or a log line.
+//
+// Large bodies: `put` sends a body of `multipart_threshold` bytes or more as
+// a multipart upload (CreateMultipartUpload, UploadPart for each
+// `multipart_part_size` slice, a few at once, CompleteMultipartUpload), each
+// request retried as above; an upload that fails is aborted
+// (AbortMultipartUpload), so its parts do not stay behind in the bucket.
 //
 // Thread-safety: safe for concurrent use from any number of threads.
 #pragma once
@@ -44,6 +51,13 @@ struct S3Config {
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds request_timeout{60000};
   std::chrono::milliseconds first_backoff{50};  // doubled per attempt, with jitter
+  // Bodies of this size or more go up in parts of `multipart_part_size`
+  // bytes (the last part smaller), `multipart_parallel_parts` at once.
+  // S3 refuses parts under 5 MiB other than the last: create() refuses a
+  // smaller part size.
+  uint64_t multipart_threshold = 16 * 1024 * 1024;
+  uint64_t multipart_part_size = 8 * 1024 * 1024;
+  size_t multipart_parallel_parts = 4;
 
   // The way AWS tools take them: AWS_ENDPOINT_URL, AWS_REGION (or
   // AWS_DEFAULT_REGION), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; keys
@@ -68,7 +82,11 @@ class S3Client {
   // The object's bytes, or `range` of them (REQUIRES: within the object).
   Result<std::string> get(const std::string& bucket, const std::string& key,
                           std::optional<ByteRange> range = std::nullopt);
-  // Stores the object whole (S3 makes it visible all at once).
+  // Stores the object whole (S3 makes it visible all at once, a multipart
+  // upload too: only when it completes). On failure no object of that key
+  // was created by this call and no part of it is left in the bucket
+  // (unless the process dies mid-upload, or the abort itself fails: then
+  // the error says so).
   Status put(const std::string& bucket, const std::string& key, std::string_view body);
   // The object's size, or nullopt when there is no such object.
   Result<std::optional<uint64_t>> head(const std::string& bucket, const std::string& key);
@@ -79,6 +97,10 @@ class S3Client {
   Result<std::vector<std::string>> list(const std::string& bucket, const std::string& prefix, size_t max_keys = 0);
   // Succeeds when the bucket exists afterwards (also when it existed).
   Status create_bucket(const std::string& bucket);
+  // The keys of the multipart uploads started under `prefix` and neither
+  // completed nor aborted (ListMultipartUploads), in S3's order; a key
+  // appears once per such upload. What a killed writer leaves behind.
+  Result<std::vector<std::string>> unfinished_uploads(const std::string& bucket, const std::string& prefix);
 
   // Requests sent, retries included (tests and the benchmark count GETs).
   uint64_t requests() const;
@@ -90,9 +112,11 @@ class S3Client {
     long status = 0;
     std::string body;
     uint64_t content_length = 0;
+    std::string etag;  // the ETag header, quotes included, if any
   };
   explicit S3Client(S3Config config);
-  // One request with retries. `body` for PUT; `range` for GET.
+  Status put_multipart(const std::string& bucket, const std::string& key, std::string_view body);
+  // One request with retries. `body` for PUT and POST; `range` for GET.
   Result<Response> perform(const std::string& method, const std::string& bucket, const std::string& key,
                            const std::string& query, std::string_view body, std::optional<ByteRange> range);
   // `what`: "s3://bucket/key", for error messages.

@@ -29,6 +29,10 @@ const char* to_string(Backend b) {
     case Backend::kFaultlineImageEager: return "faultline eager (--prefetch all) from an image";
     case Backend::kFaultlineImageWarm:
       return "faultline on demand from an image, frame cache warm (a second VM of the image on the same daemon)";
+    case Backend::kFaultlineStoreCold:
+      return "faultline record+prefetch from the image in an object store, cold (empty disk and frame caches)";
+    case Backend::kFaultlineStoreWarm:
+      return "faultline record+prefetch from the image in an object store, disk cache warm (a restarted daemon)";
   }
   return "?";
 }
@@ -39,7 +43,7 @@ BaselineMode baseline_mode(Backend b) { return b == Backend::kBusyPoll ? Baselin
 
 bool from_image(Backend b) {
   return b == Backend::kFaultlineImage || b == Backend::kFaultlineImagePrefetch || b == Backend::kFaultlineImageEager ||
-         b == Backend::kFaultlineImageWarm;
+         b == Backend::kFaultlineImageWarm || b == Backend::kFaultlineStoreCold || b == Backend::kFaultlineStoreWarm;
 }
 
 const char* label(Backend b) {
@@ -58,6 +62,8 @@ const char* label(Backend b) {
     case Backend::kFaultlineImagePrefetch: return "fl-img-prefetch";
     case Backend::kFaultlineImageEager: return "fl-img-eager";
     case Backend::kFaultlineImageWarm: return "fl-img-warm";
+    case Backend::kFaultlineStoreCold: return "fl-s3-cold";
+    case Backend::kFaultlineStoreWarm: return "fl-s3-warm";
   }
   return "?";
 }
@@ -86,6 +92,7 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   } else {
     c.image_path = options.image_path;
   }
+  c.cache_dir = options.cache_dir;
   c.workers_per_session = options.workers;
   // The client is this process: a fatal session must not SIGKILL the bench.
   c.on_fatal = OnFatal::kLeave;
@@ -147,7 +154,9 @@ Result<std::unique_ptr<BenchGuest>> BenchGuest::create(Backend backend, const Gu
     case Backend::kFaultlineImage:
     case Backend::kFaultlineImagePrefetch:
     case Backend::kFaultlineImageEager:
-    case Backend::kFaultlineImageWarm: {
+    case Backend::kFaultlineImageWarm:
+    case Backend::kFaultlineStoreCold:
+    case Backend::kFaultlineStoreWarm: {
       client::ClientConfig cc;
       cc.version = {1, 14};
       cc.region_sizes = {spec.bytes};

@@ -40,6 +40,11 @@ enum class Backend {
   kFaultlineImagePrefetch,  // replaying a recorded working set, image created with --working-set
   kFaultlineImageEager,     // --prefetch all
   kFaultlineImageWarm,      // on demand, the frame cache warm: a second VM of the image on the same daemon
+  // The image laid out by a working set, in an object store (a local Ceph
+  // RADOS Gateway), restored with --prefetch of that set (the store
+  // scenario, issue 11):
+  kFaultlineStoreCold,  // an empty --cache-dir and frame cache: every frame fetched from the gateway
+  kFaultlineStoreWarm,  // a --cache-dir that an earlier restore filled (a restarted daemon); frame cache empty
 };
 // True for the backends served by faultline-baseline-server.
 bool is_baseline_server(Backend b);
@@ -60,6 +65,7 @@ class FaultlineHost {
   struct Options {
     std::string memory_path;
     std::string image_path;  // ServerConfig::image_path ("STORE_DIR/NAME"): served instead of memory_path
+    std::string cache_dir;   // ServerConfig::cache_dir (images in an object store)
     std::string socket_path;
     int workers = 2;
     // ServerConfig::record_path, prefetch_path, prefetch_all, reader_serves_cached.

@@ -2,7 +2,7 @@
 // baselines in one invocation and prints a table, a JSON file and a chart.
 // A program that prints figures, not a test: nothing here asserts a timing.
 //
-//   faultline-bench [--quick] [--scenario N|storage|image|trace]... [--trace FILE]... [--json FILE] [--chart FILE.png]
+//   faultline-bench [--quick] [--scenario N|storage|image|trace|store]... [--trace FILE]... [--json FILE] [--chart FILE.png]
 //   faultline-bench --make-corpus FILE [--quick]   (the realistic corpus and FILE.flws, then exit)
 //
 // Needs root (userfaultfd of KVM faults, /proc/sys/vm/nr_hugepages). Memory
@@ -135,9 +135,11 @@ int main(int argc, char** argv) {
   bool no_vcpu = false, no_huge = false;
   int workers = 2;
   app.add_flag("--quick", quick, "small sizes, one repetition (CI smoke)");
-  app.add_option("--scenario", scenarios, "run only this scenario (1-4, 5 = storage, 6 = image, 7 = trace); repeatable")
-      ->transform(CLI::Transformer(std::map<std::string, std::string>{{"storage", "5"}, {"image", "6"}, {"trace", "7"}}))
-      ->check(CLI::Range(1, 7));
+  app.add_option("--scenario", scenarios, "run only this scenario (1-4, 5 = storage, 6 = image, 7 = trace, 8 = store: images "
+                 "in a local Ceph RADOS Gateway); repeatable")
+      ->transform(CLI::Transformer(
+          std::map<std::string, std::string>{{"storage", "5"}, {"image", "6"}, {"trace", "7"}, {"store", "8"}}))
+      ->check(CLI::Range(1, 8));
   fb::TraceScenarioOptions trace_options;
   app.add_option("--trace", trace_options.trace_paths,
                  "trace scenario: also replay this first-touch record (a working-set file, e.g. serve --record of a "
@@ -187,7 +189,7 @@ int main(int argc, char** argv) {
                "--metrics), interleaved with it off, and print the on/off ratios");
   CLI11_PARSE(app, argc, argv);
   const std::set<int> want = scenarios.empty() ? std::set<int>{1, 2, 3, 4, fb::kStorageScenario, fb::kImageScenario,
-                                                               fb::kTraceScenario}
+                                                               fb::kTraceScenario, fb::kStoreScenario}
                                                : std::set<int>(scenarios.begin(), scenarios.end());
 
   fb::Sizes sizes = quick ? fb::Sizes::quick() : fb::Sizes{};
@@ -337,7 +339,8 @@ int main(int argc, char** argv) {
 
   // The realistic corpus, built once for the image and storage scenarios
   // (the image scenario runs first: the storage scenario removes it).
-  if ((want.count(fb::kImageScenario) || want.count(fb::kStorageScenario)) && ctx.corpus_path.empty()) {
+  if ((want.count(fb::kImageScenario) || want.count(fb::kStorageScenario) || want.count(fb::kStoreScenario)) &&
+      ctx.corpus_path.empty()) {
     const std::string path = dir + "/realistic.mem";
     track_file(path);
     track_file(path + ".flws");
@@ -365,6 +368,7 @@ int main(int argc, char** argv) {
   if (want.count(4)) fb::run_scenario4(ctx);
   if (metrics_cost) fb::measure_metrics_recording(ctx);
   if (want.count(fb::kImageScenario)) fb::run_image_scenario(ctx);
+  if (want.count(fb::kStoreScenario)) fb::run_store_scenario(ctx);
   if (want.count(fb::kStorageScenario)) fb::run_storage_scenario(ctx);
   if (want.count(fb::kTraceScenario)) fb::run_trace_scenario(ctx, trace_options);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

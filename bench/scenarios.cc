@@ -1,8 +1,12 @@
 #include "bench/scenarios.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <malloc.h>
+#include <netinet/in.h>
 #include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -15,6 +19,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <random>
 #include <span>
@@ -27,6 +32,9 @@
 #include "guest/page_state.h"
 #include "image/local_store.h"
 #include "image/operations.h"
+#include "image/transfer.h"
+#include "objstore/s3_client.h"
+#include "objstore/s3_store.h"
 #include "kernel/userfaultfd.h"
 #include "metrics/fault_metrics.h"
 #include "snapshot/working_set.h"
@@ -1109,6 +1117,253 @@ void run_image_scenario(Context& ctx) {
     std::error_code ec;
     std::filesystem::remove_all(ctx.dir + "/image-" + subject.name + "-store", ec);
     std::filesystem::remove(ctx.dir + "/image-" + subject.name + ".flrec", ec);
+  }
+  std::error_code ec;
+  std::filesystem::remove(generated, ec);
+}
+
+// --- the store scenario: the image served from an object store -------------
+
+namespace {
+
+// A single-node Ceph cluster with its RADOS Gateway on 127.0.0.1
+// (scripts/rgw.sh), its S3 settings put in this process's environment;
+// stopped when destroyed.
+class Gateway {
+ public:
+  static Result<std::unique_ptr<Gateway>> start(const std::string& dir) {
+    if (std::system("command -v ceph-mon >/dev/null 2>&1 && command -v radosgw >/dev/null 2>&1") != 0) {
+      return fail("Ceph is not installed (scripts/install-deps.sh installs ceph-mon, ceph-osd and radosgw)",
+                  kNotApplicable);
+    }
+    std::unique_ptr<Gateway> g(new Gateway(dir));
+    // rgw.sh exits 3 when another process took the port first.
+    for (int attempt = 0; attempt < 4 && !g->started_; ++attempt) {
+      const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh start " + dir + " " +
+                              std::to_string(free_port_pair()) + " >" + dir + ".log 2>&1";
+      const int status = std::system(cmd.c_str());
+      g->started_ = status == 0;
+      if (!g->started_ && !(WIFEXITED(status) && WEXITSTATUS(status) == 3)) {
+        return fail("scripts/rgw.sh start failed (its output: " + dir + ".log)");
+      }
+    }
+    if (!g->started_) return fail("scripts/rgw.sh found no free port");
+    std::ifstream env(dir + "/env");  // "export NAME=VALUE" lines
+    for (std::string line; std::getline(env, line);) {
+      const auto eq = line.find('=');
+      if (line.rfind("export ", 0) != 0 || eq == std::string::npos) continue;
+      ::setenv(line.substr(7, eq - 7).c_str(), line.substr(eq + 1).c_str(), 1);
+    }
+    return g;
+  }
+  ~Gateway() {
+    if (!started_) return;
+    const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh stop " + dir_ + " >/dev/null 2>&1";
+    (void)!std::system(cmd.c_str());
+  }
+
+ private:
+  explicit Gateway(std::string dir) : dir_(std::move(dir)) {}
+  // A port nothing listens on, with the next one free too (the mon's), below
+  // the kernel's ephemeral range.
+  static int free_port_pair() {
+    int low = 32768;
+    std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> low;
+    std::mt19937 rng(std::random_device{}());
+    for (int attempt = 0; attempt < 200; ++attempt) {
+      const int port = 10000 + static_cast<int>(rng() % static_cast<unsigned>(std::max(low - 10002, 1000) / 2)) * 2;
+      bool free = true;
+      for (int p : {port, port + 1}) {
+        UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_port = htons(static_cast<uint16_t>(p));
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) free = false;
+      }
+      if (free) return port;
+    }
+    return 7480;
+  }
+  std::string dir_;
+  bool started_ = false;
+};
+
+// The working-set restore of `subject` from its image in the bucket (cold
+// and warm disk cache), from the same image on local disk and from the raw
+// file, interleaved, every byte read compared with the file.
+Status measure_store_serving(Context& ctx, const ImageSubject& subject) {
+  warm_page_cache(subject.path);
+  auto file = map_memory_file(subject.path);
+  if (!file) return std::unexpected(file.error());
+  const uint64_t size = file->size();
+  if (size == 0 || size % kPageSize4K != 0) return fail(subject.path + ": not a whole number of 4 KiB pages", EINVAL);
+  const uint64_t pages = size / kPageSize4K;
+  std::vector<uint64_t> set;
+  if (subject.ws_path.empty()) {
+    set = client::select_pages(pages, kPageSize4K, 1.0 / 8, client::PageOrder::kRandom, 13);
+  } else {
+    auto ws = read_working_set(subject.ws_path, size);
+    if (!ws) return std::unexpected(ws.error());
+    set = std::move(ws->offsets);
+  }
+  // The set as a restore records it (serve --record), then the image laid
+  // out by that record (image create --working-set), pushed to the bucket.
+  const std::string record = ctx.dir + "/store-" + subject.name + ".flrec";
+  {
+    FaultlineHost::Options ro;
+    ro.record_path = record;
+    auto rh = start_host(ctx, subject.path, "st-record", ro);
+    if (!rh) return fail("recording server: " + rh.error().describe());
+    auto g = BenchGuest::create(Backend::kFaultline, GuestSpec{size, kPageSize4K, subject.path, rh->get(), true});
+    if (!g) return fail("recording run: " + g.error().describe());
+    TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
+    if (!t.error.empty()) return fail("recording run: " + t.error);
+    note_bad(ctx, t, Backend::kFaultline, "the recording run of the store scenario (" + subject.name + ")");
+  }
+  progress("store: creating the " + subject.name + " image with --working-set and pushing it to the gateway");
+  const std::string store_dir = ctx.dir + "/store-" + subject.name + "-local";
+  auto local = image::LocalStore::open(store_dir, true);
+  if (!local) return std::unexpected(local.error());
+  image::CreateOptions co;
+  co.memory_path = subject.path;
+  co.name = "base-ws";
+  co.working_set_path = record;
+  if (ctx.image_frame_pages != 0) co.frame_pages = ctx.image_frame_pages;
+  auto created = image::create_image(**local, co);
+  if (!created) return fail("image create: " + created.error().describe(), created.error().code);
+  const std::string bucket_url = "s3://fl-bench/" + subject.name;
+  {
+    auto bucket = objstore::open_store(bucket_url, /*create=*/true);
+    if (!bucket) return fail(bucket_url + ": " + bucket.error().describe(), bucket.error().code);
+    auto pushed = image::copy_image(**local, **bucket, "base-ws", {});
+    if (!pushed) return fail("push: " + pushed.error().describe(), pushed.error().code);
+  }
+  // What the working set weighs compressed: its pages at the image's
+  // compression ratio (the denominator of the read amplification).
+  const double ws_compressed_bytes =
+      created->stored_pages == 0
+          ? std::nan("")
+          : static_cast<double>(set.size()) * static_cast<double>(created->stored_bytes) /
+                static_cast<double>(created->stored_pages);
+
+  const std::string warm_cache = ctx.dir + "/store-" + subject.name + "-cache-warm";
+  int seq = 0;
+  auto host_for = [&](Backend b) {
+    FaultlineHost::Options o;
+    o.prefetch_path = record;
+    if (b == Backend::kFaultlineImagePrefetch) o.image_path = store_dir + "/base-ws";
+    if (b == Backend::kFaultlineStoreCold || b == Backend::kFaultlineStoreWarm) {
+      o.image_path = bucket_url + "/base-ws";
+      o.cache_dir = b == Backend::kFaultlineStoreWarm ? warm_cache : ctx.dir + "/store-cache-cold";
+    }
+    return start_host(ctx, subject.path, "st-" + std::to_string(seq++ % 4), o);
+  };
+  // The warm disk cache: one untimed restore through a daemon that has since
+  // stopped (every set page checked).
+  {
+    auto host = host_for(Backend::kFaultlineStoreWarm);
+    if (!host) return fail("warming the disk cache: " + host.error().describe());
+    auto g = BenchGuest::create(Backend::kFaultlineStoreWarm, GuestSpec{size, kPageSize4K, subject.path, host->get(), false});
+    if (!g) return fail("warming the disk cache: " + g.error().describe());
+    TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
+    if (!t.error.empty()) return fail("warming the disk cache: " + t.error);
+    note_bad(ctx, t, Backend::kFaultlineStoreWarm, "the store scenario's warm-up (" + subject.name + ")");
+  }
+
+  Row proto;
+  proto.scenario = kStoreScenario;
+  proto.guest_bytes = size;
+  proto.pages = set.size();
+  proto.order = subject.ws_path.empty() ? "random" : "recorded";
+  proto.subject = subject.name + " 4K working-set restore";
+  progress("store: " + proto.subject);
+  const std::vector<Backend> backends{Backend::kFaultlinePrefetch, Backend::kFaultlineImagePrefetch,
+                                      Backend::kFaultlineStoreCold, Backend::kFaultlineStoreWarm};
+  auto series = interleaved(backends, ctx.sizes.reps, [&](Series& s, int) {
+    std::error_code ec;
+    std::filesystem::remove_all(ctx.dir + "/store-cache-cold", ec);  // cold: nothing kept from the last run
+    const auto before = objstore::S3Client::process_totals();
+    {
+      // A fresh daemon each time: its frame cache starts empty. Opening the
+      // image (its manifests, from the bucket for the store rows) is the
+      // daemon's start-up and not timed: a restore starts at the handshake.
+      auto host = host_for(s.backend);
+      if (!host) return record_failure(s, host.error());
+      const int64_t t0 = now_ns();
+      auto g = BenchGuest::create(s.backend, GuestSpec{size, kPageSize4K, subject.path, host->get(), false});
+      if (!g) return record_failure(s, g.error());
+      const double setup = static_cast<double>(now_ns() - t0) / 1e9;
+      TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
+      if (!t.error.empty()) return record_failure(s, Error{0, t.error});
+      note_bad(ctx, t, s.backend, "store scenario " + proto.subject);
+      s.add("restore_ms", (setup + t.seconds) * 1e3);
+      for (const SessionSummary& live : (*host)->server().live_sessions()) {
+        s.add("demand_faults", static_cast<double>(live.counters.faults));
+        s.add("prefetched_pages", static_cast<double>(live.counters.prefaulted_pages));
+      }
+    }  // the guest, then the daemon, gone: every fetch the restore caused is counted
+    const auto after = objstore::S3Client::process_totals();
+    if (s.backend == Backend::kFaultlineStoreCold || s.backend == Backend::kFaultlineStoreWarm) {
+      const double fetched = static_cast<double>(after.get_body_bytes - before.get_body_bytes);
+      s.add("gets", static_cast<double>(after.gets - before.gets));
+      s.add("fetched_mb", fetched / 1e6);
+      s.add("read_amplification", fetched / ws_compressed_bytes);
+      s.add("retries", static_cast<double>(after.retries - before.retries));
+    }
+  });
+  push_rows(ctx, proto, series, ctx.sizes.reps);
+  const size_t first = ctx.results->rows.size() - series.size();
+  for (size_t i = first; i < ctx.results->rows.size(); ++i) {
+    ctx.results->rows[i].metrics.emplace_back("ws_compressed_mb", ws_compressed_bytes / 1e6);
+    ctx.results->rows[i].metrics.emplace_back("image_stored_mb", static_cast<double>(created->stored_bytes) / 1e6);
+  }
+  std::error_code ec;
+  std::filesystem::remove_all(store_dir, ec);
+  std::filesystem::remove_all(warm_cache, ec);
+  std::filesystem::remove_all(ctx.dir + "/store-cache-cold", ec);
+  std::filesystem::remove(record, ec);
+  return {};
+}
+
+}  // namespace
+
+void run_store_scenario(Context& ctx) {
+  auto gateway = Gateway::start(ctx.dir + "/rgw");
+  if (!gateway) {
+    Row row;
+    row.scenario = kStoreScenario;
+    row.subject = "object store";
+    row.not_applicable = true;
+    row.note = (gateway.error().code == kNotApplicable ? "" : "error: ") + gateway.error().message;
+    ctx.results->rows.push_back(row);
+    return;
+  }
+  std::vector<ImageSubject> subjects;
+  const std::string generated = ctx.dir + "/store-generated.mem";
+  if (auto st = client::write_test_memory_file(generated, ctx.sizes.storage_bytes, kFileSeed, kZeroFraction); !st) {
+    ctx.results->notes.push_back("store scenario: error: cannot write the generated file: " + st.error().describe());
+  } else {
+    subjects.push_back({"generated", generated, ""});
+  }
+  if (!ctx.corpus_path.empty()) subjects.push_back({"realistic", ctx.corpus_path, ctx.corpus_path + ".flws"});
+  for (const ImageSubject& subject : subjects) {
+    const double load_before = load_average_1min();
+    const size_t first_row = ctx.results->rows.size();
+    if (auto st = measure_store_serving(ctx, subject); !st) {
+      Row row;
+      row.scenario = kStoreScenario;
+      row.subject = subject.name;
+      row.not_applicable = true;
+      row.note = "error: " + st.error().describe();
+      ctx.results->rows.push_back(row);
+    }
+    const double load_after = load_average_1min();
+    for (size_t i = first_row; i < ctx.results->rows.size(); ++i) {
+      ctx.results->rows[i].metrics.emplace_back("load1_before", load_before);
+      ctx.results->rows[i].metrics.emplace_back("load1_after", load_after);
+      ctx.results->rows[i].metrics.emplace_back("cores", static_cast<double>(core_count()));
+    }
   }
   std::error_code ec;
   std::filesystem::remove(generated, ec);

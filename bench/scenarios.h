@@ -133,6 +133,14 @@ void run_scenario4(Context& ctx);
 // an image of it. Every server is fresh (an empty frame cache).
 inline constexpr int kImageScenario = 6;
 void run_image_scenario(Context& ctx);
+// The store scenario (issue 11): the working-set restore of the generated
+// file and of the realistic corpus from an image in a local Ceph RADOS
+// Gateway (scripts/rgw.sh), with a cold and a warm disk cache, next to the
+// same image on local disk and the raw file, interleaved; GETs, bytes
+// fetched and read amplification per restore. Rows of scenario
+// kStoreScenario; not applicable (with the reason) without Ceph.
+inline constexpr int kStoreScenario = 8;
+void run_store_scenario(Context& ctx);
 // Times FaultLatencyShard::record() with its clock reads in a loop on one
 // thread: the CPU cost --metrics adds to each fault, without the noise of a
 // whole fault's service. Sets results->metrics_record_ns.

@@ -205,6 +205,8 @@ Result<S3Config> S3Config::from_environment() {
 }
 
 namespace {
+std::atomic<uint64_t> g_requests{0}, g_gets{0}, g_get_body_bytes{0}, g_retries{0};
+
 // S3 refuses a part under 5 MiB unless it is the last, and more than 10000
 // parts in one upload.
 constexpr uint64_t kMinPartSize = 5 * 1024 * 1024;
@@ -364,6 +366,12 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
     auto h = acquire();
     auto r = perform_once(*h, method, u, what, body, range);
     release(std::move(h));
+    g_requests.fetch_add(1, std::memory_order_relaxed);
+    if (attempt > 1) g_retries.fetch_add(1, std::memory_order_relaxed);
+    if (method == "GET") {
+      g_gets.fetch_add(1, std::memory_order_relaxed);
+      if (r) g_get_body_bytes.fetch_add(r->body.size(), std::memory_order_relaxed);
+    }
     if (!r) {
       last = r.error();
       if (!last.retryable) return std::unexpected(last);
@@ -620,6 +628,11 @@ Result<S3Location> S3Location::parse(std::string_view url) {
     }
   }
   return l;
+}
+
+S3Client::Totals S3Client::process_totals() {
+  return Totals{g_requests.load(std::memory_order_relaxed), g_gets.load(std::memory_order_relaxed),
+                g_get_body_bytes.load(std::memory_order_relaxed), g_retries.load(std::memory_order_relaxed)};
 }
 
 }  // namespace faultline::objstore

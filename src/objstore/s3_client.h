@@ -97,6 +97,17 @@ class S3Client {
   Result<std::vector<std::string>> list(const std::string& bucket, const std::string& prefix, size_t max_keys = 0);
   // Succeeds when the bucket exists afterwards (also when it existed).
   Status create_bucket(const std::string& bucket);
+
+  // What every S3Client of this process sent and received since it started
+  // (each attempt counts; relaxed counters, read while requests run): for
+  // the benchmark's GETs per restore and bytes fetched.
+  struct Totals {
+    uint64_t requests = 0;        // every attempt that reached the network
+    uint64_t gets = 0;            // of those, GETs
+    uint64_t get_body_bytes = 0;  // bytes of the bodies GETs received
+    uint64_t retries = 0;         // attempts after the first of a request
+  };
+  static Totals process_totals();
   // The keys of the multipart uploads started under `prefix` and neither
   // completed nor aborted (ListMultipartUploads), in S3's order; a key
   // appears once per such upload. What a killed writer leaves behind.

@@ -338,7 +338,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"on", "off"}));
   serve->add_option("--zero-index-path", config.zero_index_path, "Where the zero index lives (default MEMORY.zeroidx)");
   serve->add_option("--control", config.control_path,
-                    "Control socket for `faultline sessions` and `faultline dirty` (off when not given)");
+                    "Control socket for `faultline sessions`, `dirty`, `record`, `snapshot`, `attach`, `detach` and "
+                    "`attachments` (off when not given)");
   std::string metrics_address;
   serve->add_option("--metrics", metrics_address,
                     "Serve Prometheus metrics (text format 0.0.4) on GET http://ADDR/metrics, ADDR = HOST:PORT or "

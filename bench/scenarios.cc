@@ -58,6 +58,7 @@ Sizes Sizes::quick() {
   s.s3_min_removes = 100;
   s.s4_guests = {64 * kMiB, 256 * kMiB};
   s.storage_bytes = 32 * kMiB;
+  s.store_generated_bytes = 32 * kMiB;
   s.quiet_wait_s = 2;  // the smoke test on a shared machine must not wait minutes
   return s;
 }
@@ -1341,7 +1342,10 @@ void run_store_scenario(Context& ctx) {
   }
   std::vector<ImageSubject> subjects;
   const std::string generated = ctx.dir + "/store-generated.mem";
-  if (auto st = client::write_test_memory_file(generated, ctx.sizes.storage_bytes, kFileSeed, kZeroFraction); !st) {
+  std::fprintf(stderr, "store: writing a %llu MiB generated memory file...\n",
+               static_cast<unsigned long long>(ctx.sizes.store_generated_bytes / kMiB));
+  if (auto st = client::write_test_memory_file(generated, ctx.sizes.store_generated_bytes, kFileSeed, kZeroFraction);
+      !st) {
     ctx.results->notes.push_back("store scenario: error: cannot write the generated file: " + st.error().describe());
   } else {
     subjects.push_back({"generated", generated, ""});

@@ -38,6 +38,7 @@ struct Sizes {
   uint64_t s3_min_removes = 1000;
   std::vector<uint64_t> s4_guests = {1 * kGiB, 4 * kGiB};
   uint64_t storage_bytes = 256 * kMiB;  // the storage and image scenarios' files (bench/storage.h)
+  uint64_t store_generated_bytes = 2 * kGiB;  // the store scenario's generated guest (issue 11)
   // Scenario 1: how long to wait before a quiet repetition for the machine
   // to quieten down (bench/load.h); it runs anyway after that, marked NOT quiet.
   int quiet_wait_s = 60;

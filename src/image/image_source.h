@@ -45,6 +45,10 @@ class ImageSource final : public PageSource {
   Result<bool> read_if_cached(uint64_t offset, std::span<uint8_t> out) const override;
   SourceExtent extent(uint64_t offset) const override;
   bool known_zero(uint64_t offset, uint64_t length) const override;
+  // Loads the frames the plan needs into the frame cache ahead of its reads
+  // (image/frame_read_ahead.h), at most a quarter of the cache's capacity
+  // ahead of the reader. Null when the cache keeps nothing.
+  std::unique_ptr<ReadAhead> read_ahead(std::vector<SourceRange> plan, const ReadAheadOptions& options) const override;
   uint64_t size() const override { return chain_.guest_bytes(); }
   const std::string& describe() const override { return description_; }
 

@@ -340,6 +340,7 @@ Status Server::run() {
                              {"record_dir", config_.record_dir},
                              {"prefetch", config_.prefetch_all ? std::string("all") : config_.prefetch_path},
                              {"prefetch_pages", prefetch_ ? prefetch_->offsets.size() : 0},
+                             {"prefetch_fetches", config_.prefetch_fetches},
                              {"zero_pages", zero_index_ ? zero_index_->zero_pages() : 0}});
   if (control_) {
     try {
@@ -647,6 +648,7 @@ void Server::handle_connection(Connection& c) {
                    .prefetch = prefetch_,
                    .prefetch_all = config_.prefetch_all,
                    .prefetch_threads = config_.prefetch_threads,
+                   .prefetch_fetches = config_.prefetch_fetches,
                    .zero_index = zero_index_,
                    .reader_serves_cached = config_.reader_serves_cached,
                    .busy_poll = config_.busy_poll,

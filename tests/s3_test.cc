@@ -784,6 +784,9 @@ TEST_F(S3Test, PrefetchFromTheBucketReadsFramesAheadFetchesEachOnceAndEveryByteI
   EXPECT_EQ(log_count(log, "prefetch_done", "read_ahead_evicted_unused"), 0u);
   EXPECT_EQ(log_count(log, "prefetch_done", "read_ahead_failed"), 0u);
   EXPECT_EQ(log_count(log, "prefetch_done", "prefetched_pages"), 8 * kMiB / 4096) << "every planned page";
+  const auto snap = h.server().metrics().snapshot();
+  ASSERT_TRUE(snap.frame_cache.has_value());
+  EXPECT_EQ(snap.frame_cache->loads_ahead, ahead);
   std::lock_guard lock(counter.mu);
   ASSERT_FALSE(counter.gets.empty());
   EXPECT_LE(ahead, counter.gets.size());

@@ -67,6 +67,7 @@ Result<FrameCache::Frame> FrameCache::load_ahead(const BlobId& id, const Loader&
     mine = std::make_shared<Load>();
     s.loading.emplace(id, mine);
     ++s.misses;
+    ++s.loads_ahead;
   }
   return finish_load(s, id, mine, load);
 }
@@ -121,6 +122,7 @@ FrameCache::Stats FrameCache::stats() const {
     total.hits += s.hits;
     total.misses += s.misses;
     total.waits += s.waits;
+    total.loads_ahead += s.loads_ahead;
     total.load_failures += s.load_failures;
     total.evictions += s.evictions;
     total.bytes += s.bytes;

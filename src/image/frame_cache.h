@@ -45,6 +45,7 @@ class FrameCache {
     uint64_t hits = 0;    // get() or find() found the frame
     uint64_t misses = 0;  // get() ran the loader
     uint64_t waits = 0;   // get() waited for another thread's load of the same frame
+    uint64_t loads_ahead = 0;  // load_ahead() ran the loader (also counted in misses)
     uint64_t load_failures = 0;
     uint64_t evictions = 0;
     uint64_t bytes = 0;   // decompressed bytes held now
@@ -91,7 +92,7 @@ class FrameCache {
     std::unordered_map<BlobId, std::shared_ptr<Load>, BlobIdHash> loading;
     std::list<BlobId> lru;
     uint64_t bytes = 0;
-    uint64_t hits = 0, misses = 0, waits = 0, load_failures = 0, evictions = 0;
+    uint64_t hits = 0, misses = 0, waits = 0, load_failures = 0, evictions = 0, loads_ahead = 0;
   };
   Shard& shard_of(const BlobId& id) { return shards_[BlobIdHash{}(id) % shards_.size()]; }
   // REQUIRES: s.mu held.

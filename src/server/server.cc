@@ -282,8 +282,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   if (image) {
     server->metrics_.set_frame_cache_source([cache = &image->cache()] {
       const image::FrameCache::Stats st = cache->stats();
-      return metrics::FrameCacheCounts{st.hits,  st.misses, st.waits,  st.load_failures,
-                                       st.evictions, st.bytes,  st.frames, st.capacity};
+      return metrics::FrameCacheCounts{st.hits,  st.misses, st.waits,    st.load_failures, st.evictions,
+                                       st.bytes, st.frames, st.capacity, st.loads_ahead};
     });
   }
   if (image) server->image_store_dir_ = split_image_path(config.image_path)->first;

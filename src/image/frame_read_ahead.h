@@ -19,9 +19,11 @@
 // again). A failed load is only counted: the reader loads the frame itself
 // and meets the real error there.
 //
-// Thread-safety: consumed() and stats() are safe from any thread. The
-// destructor stops the fetch threads and joins them (a load in flight ends
-// first: a store read is not interrupted).
+// Stopping: no load starts once stop() was called or options.cancelled reads
+// true; stop() and the destructor join the fetch threads (a load in flight
+// ends first: a store read is not interrupted).
+//
+// Thread-safety: every method is safe from any thread.
 #pragma once
 
 #include <condition_variable>

@@ -11,6 +11,9 @@
 // does without ever loading. Zero pages are known from the manifests
 // (extent(), known_zero()), so they are installed without reading.
 //
+// A prefetch's plan can be loaded ahead of its reads (read_ahead(): many
+// frames in flight at once, image/frame_read_ahead.h).
+//
 // Errors name the image layer and the blob. A checksum mismatch or a missing
 // blob is final; a store error that may pass (EAGAIN, ENOMEM, EMFILE, ENFILE,
 // EINTR, ETIMEDOUT) is marked retryable.

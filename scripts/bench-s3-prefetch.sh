@@ -7,6 +7,10 @@
 # the prefetch_done line's figures, with `uptime` beside them.
 #
 #   scripts/bench-s3-prefetch.sh BIN_DIR [SIZE] [RUNS] [PORT]
+#
+# LATENCY_MS=N puts a proxy in front of the gateway that holds each request
+# N ms before forwarding it: a store across a network, where a GET's cost is
+# mostly waiting (the local gateway's cost is mostly CPU, on the same cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(cd "$1" && pwd)
@@ -17,6 +21,7 @@ work=$(mktemp -d /tmp/faultline-bench-s3-prefetch-XXXXXX)
 server_pid=""
 cleanup() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  if [ -n "$proxy_pid" ]; then kill "$proxy_pid" 2>/dev/null || true; fi
   bash scripts/rgw.sh stop "$work/rgw" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -24,9 +29,42 @@ trap cleanup EXIT
 
 bash scripts/rgw.sh start "$work/rgw" "$port" >/dev/null
 . "$work/rgw/env"
+proxy_pid=""
+if [ -n "${LATENCY_MS:-}" ]; then
+  # One request per burst of bytes from the client (curl does not pipeline):
+  # each is held LATENCY_MS before it goes on.
+  python3 - "$port" $((port + 2)) "$LATENCY_MS" <<'PY' &
+import asyncio, sys
+up, listen, delay = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) / 1000
+async def pump(r, w, hold):
+    try:
+        while data := await r.read(1 << 16):
+            if hold:
+                await asyncio.sleep(delay)
+            w.write(data)
+            await w.drain()
+    except ConnectionError:
+        pass
+    finally:
+        w.close()
+async def conn(cr, cw):
+    ur, uw = await asyncio.open_connection("127.0.0.1", up)
+    await asyncio.gather(pump(cr, uw, True), pump(ur, cw, False))
+async def main():
+    server = await asyncio.start_server(conn, "127.0.0.1", listen)
+    async with server:
+        await server.serve_forever()
+asyncio.run(main())
+PY
+  proxy_pid=$!
+  sleep 0.5
+fi
 "$bin/faultline-client" generate --memory "$work/vm.mem" --size "$size" --zero-fraction 0.1 >/dev/null
 "$bin/faultline" image create --from "$work/vm.mem" --store "$work/store" --name vm --quiet
 "$bin/faultline" image push --store "$work/store" --name vm s3://bench/images --quiet
+
+# The daemons read the bucket through the proxy (the image was pushed directly).
+[ -n "$proxy_pid" ] && export AWS_ENDPOINT_URL=http://127.0.0.1:$((port + 2))
 
 # serve IMAGE LOG ARGS...: starts a daemon, waits for its socket.
 serve() {
@@ -57,7 +95,9 @@ stop_serving
 [ -s "$work/ws" ] || { echo "no working set recorded"; exit 1; }
 
 field() { sed -n "s/.*[ {\"]$1\"\{0,1\}[=:]\([0-9.]*\).*/\1/p" | head -1; }
-for image in s3://bench/images/vm "$work/store/vm"; do
+images=(s3://bench/images/vm)
+[ -z "$proxy_pid" ] && images+=("$work/store/vm")
+for image in "${images[@]}"; do
   for fetches in 0 12; do
     for run in $(seq "$runs"); do
       serve "$image" "$work/serve.log" --prefetch "$work/ws" --prefetch-fetches "$fetches"

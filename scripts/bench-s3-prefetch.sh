@@ -11,6 +11,9 @@
 # LATENCY_MS=N puts a proxy in front of the gateway that holds each request
 # N ms before forwarding it: a store across a network, where a GET's cost is
 # mostly waiting (the local gateway's cost is mostly CPU, on the same cores).
+# STORES="s3 local" and FETCHES="0 12" (the defaults) choose what is run;
+# runs alternate between the FETCHES values so that drift in the machine's
+# load falls on both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(cd "$1" && pwd)
@@ -95,11 +98,16 @@ stop_serving
 [ -s "$work/ws" ] || { echo "no working set recorded"; exit 1; }
 
 field() { sed -n "s/.*[ {\"]$1\"\{0,1\}[=:]\([0-9.]*\).*/\1/p" | head -1; }
-images=(s3://bench/images/vm)
-[ -z "$proxy_pid" ] && images+=("$work/store/vm")
+images=()
+for store in ${STORES:-s3 local}; do
+  case $store in
+    s3) images+=(s3://bench/images/vm) ;;
+    local) [ -z "$proxy_pid" ] && images+=("$work/store/vm") ;;
+  esac
+done
 for image in "${images[@]}"; do
-  for fetches in 0 12; do
-    for run in $(seq "$runs"); do
+  for run in $(seq "$runs"); do
+    for fetches in ${FETCHES:-0 12}; do
       serve "$image" "$work/serve.log" --prefetch "$work/ws" --prefetch-fetches "$fetches"
       out=$(restore)
       sleep 0.5  # prefetch_done is logged as the session ends

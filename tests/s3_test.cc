@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
@@ -24,8 +25,11 @@
 #include <gtest/gtest.h>
 
 #include "capability.h"
+#include "client/firecracker_client.h"
 #include "client/restore_scenario.h"
 #include "client/test_memory_file.h"
+#include "client/touch.h"
+#include "client/verifier.h"
 #include "fault_proxy.h"
 #include "harness.h"
 #include "image/local_store.h"
@@ -33,6 +37,7 @@
 #include "image/transfer.h"
 #include "objstore/s3_client.h"
 #include "objstore/s3_store.h"
+#include "snapshot/working_set.h"
 
 namespace faultline::testing {
 namespace {
@@ -950,6 +955,203 @@ TEST_F(S3Test, PastTheStoreDeadlineTheSessionIsFatalAndTheVmIsKilled) {
   EXPECT_NE(served.find("retried for 1000 ms"), std::string::npos) << served;
   EXPECT_NE(served.find("s3://fl-deadline/images/blobs/sha256/"), std::string::npos) << served;
   EXPECT_NE(served.find("peer_killed=true"), std::string::npos) << served;
+}
+
+// --- working-set prefetch from the bucket, with frames read ahead ----------
+
+// A working set of every 4 KiB page of a guest of `bytes`, in a shuffled
+// order: the installs need the image's frames scattered, not in storage order.
+std::string write_shuffled_working_set(const std::string& path, uint64_t bytes) {
+  WorkingSet ws;
+  ws.page_size = 4096;
+  ws.memory_file_size = bytes;
+  for (uint64_t off = 0; off < bytes; off += 4096) ws.offsets.push_back(off);
+  std::shuffle(ws.offsets.begin(), ws.offsets.end(), std::mt19937_64(42));
+  EXPECT_TRUE(write_working_set(path, ws));
+  return path;
+}
+
+// The value of `key` in the first `event` line of a text log (0 if absent).
+uint64_t log_count(const std::string& log, const std::string& event, const std::string& key) {
+  const size_t line = log.find("event=" + event + " ");
+  if (line == std::string::npos) return 0;
+  const size_t end = log.find('\n', line);
+  const size_t at = log.find(" " + key + "=", line);
+  if (at == std::string::npos || at > end) return 0;
+  return std::stoull(log.substr(at + key.size() + 2));
+}
+
+// Blob GETs that reach the gateway through a FaultProxy: counted per object
+// and, while the gate is closed, held until `open_at` of them are held at
+// once (then the gate opens for good) or until release(). A gate that never
+// opens fails the test after 30 s instead of hanging it.
+struct BlobGetGate {
+  explicit BlobGetGate(int open_at) : open_at(open_at) {}
+  FaultProxy::Decision on_request(const std::string& method, const std::string& path) {
+    if (method != "GET" || path.find("/blobs/sha256/") == std::string::npos) return {};
+    std::unique_lock lock(mu);
+    ++gets[path];
+    ++total;
+    if (open) return {};
+    ++held;
+    max_held = std::max(max_held, held);
+    if (open_at > 0 && held >= open_at) {
+      open = true;
+      cv.notify_all();
+    } else {
+      cv.notify_all();  // for wait_held()
+      if (!cv.wait_for(lock, std::chrono::seconds(30), [&] { return open; })) {
+        timed_out = true;
+        open = true;
+        cv.notify_all();
+      }
+    }
+    --held;
+    return {};
+  }
+  // Blocks until `n` GETs are held at once (false after 30 s).
+  bool wait_held(int n) {
+    std::unique_lock lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(30), [&] { return held >= n || open; }) && !open;
+  }
+  void release() {
+    std::lock_guard lock(mu);
+    open = true;
+    cv.notify_all();
+  }
+
+  const int open_at;  // 0: only release() opens
+  std::mutex mu;
+  std::condition_variable cv;
+  bool open = false, timed_out = false;
+  int held = 0, max_held = 0, total = 0;
+  std::map<std::string, int> gets;
+};
+
+// A VM that restores and touches nothing until the prefetch is done, then
+// reads every page of its 8 MiB: each byte checked against the memory file.
+void check_every_byte_after_prefetch(ServerHarness& h) {
+  auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {8 * kMiB}});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  ASSERT_TRUE(wait_until([&] { return h.log().find("event=prefetch_done") != std::string::npos; })) << h.log();
+  auto v = client::Verifier::open(h.memory(), c->guest_size(), c->page_size());
+  ASSERT_TRUE(v) << v.error().describe();
+  std::vector<uint64_t> offsets;
+  for (uint64_t off = 0; off < c->guest_size(); off += c->page_size()) offsets.push_back(off);
+  auto r = client::touch_pages(*c, **v, offsets, client::Access::kRead);
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u);
+}
+
+// `serve --prefetch FILE` from the bucket: the frames are loaded ahead of the
+// installs, each frame is fetched once (a load ahead and an install that
+// wants the same frame share one GET), every frame read ahead is still in the
+// cache when its install comes, and every byte is right.
+TEST_F(S3Test, PrefetchFromTheBucketReadsFramesAheadFetchesEachOnceAndEveryByteIsRight) {
+  BlobGetGate counter(0);
+  counter.open = true;  // count only
+  FaultProxy proxy(port_, [&](const std::string& m, const std::string& p) { return counter.on_request(m, p); });
+  ASSERT_NE(proxy.port(), 0);
+  const std::string ws = write_shuffled_working_set(dir_.path() + "/ws", 8 * kMiB);
+  ServerHarness h(bucket_image("s3://fl-prefetch/images", true, 4096, proxy.endpoint(),
+                               [&](ServerConfig& c) { c.prefetch_path = ws; }));
+  check_every_byte_after_prefetch(h);
+  ASSERT_TRUE(h.wait_ended(1));
+  EXPECT_EQ(h.server().finished_sessions().at(0).end, SessionEnd::kSocketClosed);
+  const std::string log = h.log();
+  const uint64_t ahead = log_count(log, "prefetch_done", "read_ahead_frames");
+  EXPECT_GT(ahead, 0u) << log;
+  EXPECT_EQ(log_count(log, "prefetch_done", "read_ahead_used"), ahead);
+  EXPECT_EQ(log_count(log, "prefetch_done", "read_ahead_evicted_unused"), 0u);
+  EXPECT_EQ(log_count(log, "prefetch_done", "read_ahead_failed"), 0u);
+  EXPECT_EQ(log_count(log, "prefetch_done", "prefetched_pages"), 8 * kMiB / 4096) << "every planned page";
+  const auto snap = h.server().metrics().snapshot();
+  ASSERT_TRUE(snap.frame_cache.has_value());
+  EXPECT_EQ(snap.frame_cache->loads_ahead, ahead);
+  std::lock_guard lock(counter.mu);
+  ASSERT_FALSE(counter.gets.empty());
+  EXPECT_LE(ahead, counter.gets.size());
+  for (const auto& [path, n] : counter.gets) EXPECT_EQ(n, 1) << path << " fetched more than once";
+}
+
+// The blob GETs are held at the proxy until 8 of them wait at once: with two
+// prefetch threads and no guest faulting, only read-ahead can have that many
+// in flight (without it this gate never opens and the test fails).
+TEST_F(S3Test, PrefetchKeepsManyFrameGetsInFlightAtOnceAheadOfItsInstalls) {
+  constexpr int kAtOnce = 8;
+  BlobGetGate gate(kAtOnce);
+  FaultProxy proxy(port_, [&](const std::string& m, const std::string& p) { return gate.on_request(m, p); });
+  ASSERT_NE(proxy.port(), 0);
+  const std::string ws = write_shuffled_working_set(dir_.path() + "/ws", 8 * kMiB);
+  ServerHarness h(bucket_image("s3://fl-inflight/images", true, 4096, proxy.endpoint(), [&](ServerConfig& c) {
+    c.prefetch_path = ws;
+    c.prefetch_threads = 2;
+    c.prefetch_fetches = 12;
+  }));
+  check_every_byte_after_prefetch(h);
+  ASSERT_TRUE(h.wait_ended(1));
+  std::lock_guard lock(gate.mu);
+  EXPECT_FALSE(gate.timed_out) << "never " << kAtOnce << " frame GETs in flight at once (at most " << gate.max_held
+                               << ")";
+  EXPECT_GE(gate.max_held, kAtOnce);
+  EXPECT_GE(log_count(h.log(), "prefetch_done", "read_ahead_frames"), static_cast<uint64_t>(kAtOnce - 2));
+}
+
+// A frame cache of two frames (1 MiB of 512 KiB frames): read-ahead stays
+// one frame ahead, frames come and go, and the prefetch is still right to the
+// byte with no error.
+TEST_F(S3Test, PrefetchWithAFrameCacheOfTwoFramesIsRightToTheByte) {
+  const std::string ws = write_shuffled_working_set(dir_.path() + "/ws", 8 * kMiB);
+  ServerHarness h(bucket_image("s3://fl-small-cache/images", true, 4096, {}, [&](ServerConfig& c) {
+    c.prefetch_path = ws;
+    c.frame_cache_bytes = 1 * kMiB;
+  }));
+  check_every_byte_after_prefetch(h);
+  ASSERT_TRUE(h.wait_ended(1));
+  const SessionSummary s = h.server().finished_sessions().at(0);
+  EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
+  const std::string log = h.log();
+  EXPECT_EQ(log_count(log, "prefetch_done", "read_ahead_failed"), 0u);
+  EXPECT_EQ(log_count(log, "prefetch_done", "prefetched_pages"), 8 * kMiB / 4096) << log;
+  EXPECT_EQ(log_count(log, "prefetch_done", "read_ahead_used") +
+                log_count(log, "prefetch_done", "read_ahead_evicted_unused"),
+            log_count(log, "prefetch_done", "read_ahead_frames"));
+  EXPECT_EQ(log.find("session_fatal"), std::string::npos) << log;
+}
+
+// The VM goes away while the read-ahead's GETs are held at the proxy: once
+// they are let through, the session ends cleanly and no further frame is
+// fetched (at most one GET per fetch thread and prefetch thread in all).
+TEST_F(S3Test, AVmGoneWhileReadAheadGetsAreHeldEndsTheSessionWithoutFetchingMore) {
+  constexpr int kFetches = 4;
+  BlobGetGate gate(0);
+  FaultProxy proxy(port_, [&](const std::string& m, const std::string& p) { return gate.on_request(m, p); });
+  ASSERT_NE(proxy.port(), 0);
+  const std::string ws = write_shuffled_working_set(dir_.path() + "/ws", 8 * kMiB);
+  ServerHarness h(bucket_image("s3://fl-stop/images", true, 4096, proxy.endpoint(), [&](ServerConfig& c) {
+    c.prefetch_path = ws;
+    c.prefetch_threads = 1;
+    c.prefetch_fetches = kFetches;
+  }));
+  {
+    auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {8 * kMiB}});
+    ASSERT_TRUE(c) << c.error().describe();
+    ASSERT_TRUE(c->connect_and_send(h.socket()));
+    ASSERT_TRUE(gate.wait_held(kFetches)) << "the read-ahead's GETs did not arrive";
+  }  // the VM exits: its socket closes
+  ASSERT_TRUE(wait_until([&] {
+    auto live = h.server().live_sessions();
+    return !live.empty() && live[0].end != SessionEnd::kRunning;
+  })) << "the session did not see the VM go";
+  gate.release();
+  ASSERT_TRUE(h.wait_ended(1));
+  const SessionSummary s = h.server().finished_sessions().at(0);
+  EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
+  EXPECT_NE(h.log().find("event=prefetch_done"), std::string::npos);
+  std::lock_guard lock(gate.mu);
+  EXPECT_FALSE(gate.timed_out);
+  EXPECT_LE(gate.total, kFetches + 1) << "frames were fetched after the session stopped";
 }
 
 }  // namespace

@@ -321,6 +321,12 @@ int main(int argc, char** argv) {
                     "so a scattered working set goes faster over several cores)")
       ->default_val(2)
       ->check(CLI::Range(1, 64));
+  serve->add_option("--prefetch-fetches", config.prefetch_fetches,
+                    "Frames an image source loads ahead of the --prefetch installs, in flight at once (an image "
+                    "in an object store then waits on that many GETs at once, not one per prefetch thread); "
+                    "they stay within a quarter of --frame-cache-size ahead of the installs; 0: none ahead")
+      ->default_val(12)
+      ->check(CLI::Range(0, 64));
   serve->add_option("--fault-around-pages", config.fault_around_pages,
                     "Fault-around: a demand fault on a 4 KiB page installs it and up to this many pages in all "
                     "(the untouched ones after it, in one UFFDIO_COPY); the window starts at 16 pages (the rest of "

@@ -1,6 +1,8 @@
 #include "image/frame_cache.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <exception>
 
 namespace faultline::image {
 
@@ -49,10 +51,40 @@ Result<FrameCache::Frame> FrameCache::get(const BlobId& id, const Loader& load) 
     s.loading.emplace(id, mine);
     ++s.misses;
   }
+  return finish_load(s, id, mine, load);
+}
+
+Result<FrameCache::Frame> FrameCache::load_ahead(const BlobId& id, const Loader& load) {
+  Shard& s = shard_of(id);
+  std::shared_ptr<Load> mine;
+  {
+    std::lock_guard lock(s.mu);
+    if (auto it = s.entries.find(id); it != s.entries.end()) {
+      s.lru.splice(s.lru.begin(), s.lru, it->second.lru);
+      return Frame{};
+    }
+    if (s.loading.contains(id)) return Frame{};
+    mine = std::make_shared<Load>();
+    s.loading.emplace(id, mine);
+    ++s.misses;
+    ++s.loads_ahead;
+  }
+  return finish_load(s, id, mine, load);
+}
+
+Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const BlobId& id, const std::shared_ptr<Load>& mine,
+                                                  const Loader& load) {
   // The load (storage read, checksum, decompression) runs with no lock held.
-  Result<std::string> bytes = load();
-  Result<Frame> result = bytes ? Result<Frame>(std::make_shared<const std::string>(std::move(*bytes)))
-                               : Result<Frame>(std::unexpected(bytes.error()));
+  // A loader that throws (bad_alloc) must still release the waiters, or they
+  // would wait forever.
+  Result<Frame> result = Frame{};
+  try {
+    Result<std::string> bytes = load();
+    result = bytes ? Result<Frame>(std::make_shared<const std::string>(std::move(*bytes)))
+                   : Result<Frame>(std::unexpected(bytes.error()));
+  } catch (const std::exception& e) {
+    result = std::unexpected(Error{ENOMEM, std::string("loading a frame failed: ") + e.what()});
+  }
   {
     std::lock_guard lock(s.mu);
     s.loading.erase(id);
@@ -90,6 +122,7 @@ FrameCache::Stats FrameCache::stats() const {
     total.hits += s.hits;
     total.misses += s.misses;
     total.waits += s.waits;
+    total.loads_ahead += s.loads_ahead;
     total.load_failures += s.load_failures;
     total.evictions += s.evictions;
     total.bytes += s.bytes;

@@ -45,6 +45,7 @@ class FrameCache {
     uint64_t hits = 0;    // get() or find() found the frame
     uint64_t misses = 0;  // get() ran the loader
     uint64_t waits = 0;   // get() waited for another thread's load of the same frame
+    uint64_t loads_ahead = 0;  // load_ahead() ran the loader (also counted in misses)
     uint64_t load_failures = 0;
     uint64_t evictions = 0;
     uint64_t bytes = 0;   // decompressed bytes held now
@@ -62,9 +63,18 @@ class FrameCache {
   Frame find(const BlobId& id);
   // The frame, loading it with `load` (decompressed bytes) if it is not held.
   Result<Frame> get(const BlobId& id, const Loader& load);
+  // Read-ahead: loads the frame with `load` if it is neither held nor being
+  // loaded, and returns it; returns null, having loaded nothing and waited
+  // for nothing, when it is held (then marked recently used, so it stays as
+  // long as what is read ahead after it) or another thread is loading it. A
+  // get() of the frame while this load runs waits for it: one load, shared.
+  Result<Frame> load_ahead(const BlobId& id, const Loader& load);
 
   Stats stats() const;
   uint64_t capacity() const { return capacity_; }
+  // The largest frame kept (a shard's share of the capacity): a larger one
+  // is handed out but not kept, so loading it ahead is wasted.
+  uint64_t largest_kept() const { return shard_capacity_; }
 
  private:
   struct Load {
@@ -82,11 +92,14 @@ class FrameCache {
     std::unordered_map<BlobId, std::shared_ptr<Load>, BlobIdHash> loading;
     std::list<BlobId> lru;
     uint64_t bytes = 0;
-    uint64_t hits = 0, misses = 0, waits = 0, load_failures = 0, evictions = 0;
+    uint64_t hits = 0, misses = 0, waits = 0, load_failures = 0, evictions = 0, loads_ahead = 0;
   };
   Shard& shard_of(const BlobId& id) { return shards_[BlobIdHash{}(id) % shards_.size()]; }
   // REQUIRES: s.mu held.
   void insert(Shard& s, const BlobId& id, const Frame& frame);
+  // Runs `load` for a miss registered in s.loading as `mine`, keeps and
+  // hands out the result. REQUIRES: s.mu not held.
+  Result<Frame> finish_load(Shard& s, const BlobId& id, const std::shared_ptr<Load>& mine, const Loader& load);
 
   const uint64_t capacity_;
   uint64_t shard_capacity_;

@@ -127,6 +127,38 @@ TEST(FrameCache, FindNeverLoadsAndAFrameLargerThanTheCacheIsNotKept) {
   EXPECT_EQ(cache.stats().bytes, 0u);
 }
 
+TEST(FrameCache, LoadAheadNeverWaitsAndAGetDuringItSharesItsLoad) {
+  FrameCache cache(64 << 20);
+  std::promise<void> gate;
+  std::shared_future<void> opened = gate.get_future().share();
+  std::atomic<int> loads{0};
+  auto held_loader = [&]() -> Result<std::string> {
+    loads.fetch_add(1);
+    opened.wait();
+    return std::string(4096, 'a');
+  };
+  auto ahead = std::async(std::launch::async, [&] { return cache.load_ahead(id_of("x"), held_loader); });
+  ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
+  // Another load ahead of the same frame returns at once, having done nothing.
+  auto again = cache.load_ahead(id_of("x"), held_loader);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(*again, nullptr);
+  auto wanted = std::async(std::launch::async, [&] { return cache.get(id_of("x"), held_loader); });
+  ASSERT_TRUE(eventually([&] { return cache.stats().waits == 1; }));
+  gate.set_value();
+  auto a = ahead.get();
+  auto w = wanted.get();
+  ASSERT_TRUE(a && w);
+  ASSERT_NE(*a, nullptr);
+  EXPECT_EQ(a->get(), w->get()) << "the get() had the frame of the load ahead";
+  EXPECT_EQ(loads.load(), 1);
+  // Held now: nothing to do.
+  auto held = cache.load_ahead(id_of("x"), held_loader);
+  ASSERT_TRUE(held);
+  EXPECT_EQ(*held, nullptr);
+  EXPECT_EQ(loads.load(), 1);
+}
+
 // --- ImageSource ----------------------------------------------------------
 
 class ImageSourceTest : public ::testing::Test {
@@ -271,6 +303,81 @@ TEST_F(ImageSourceTest, AStoreOutOfFileDescriptorsIsARetryableError) {
   EXPECT_TRUE(r.error().retryable);
   ASSERT_TRUE(src->read(0, page));
   EXPECT_EQ(std::memcmp(page.data(), memory_.data(), 4096), 0);
+}
+
+// Every page of the image in order, as a plan of 4 KiB reads.
+std::vector<SourceRange> every_page(uint64_t bytes) {
+  std::vector<SourceRange> plan;
+  for (uint64_t off = 0; off < bytes; off += 4096) plan.push_back({off, 4096});
+  return plan;
+}
+
+TEST_F(ImageSourceTest, ReadAheadLoadsEveryFrameOfThePlanOnceAndEachIsUsed) {
+  auto cache = std::make_shared<FrameCache>(64 << 20);
+  auto src = open(cache);
+  ASSERT_TRUE(src);
+  const std::vector<SourceRange> plan = every_page(memory_.size());
+  auto ahead = src->read_ahead(plan, {.fetches = 4});
+  ASSERT_NE(ahead, nullptr);
+  const uint64_t frames = src->chain().layers()[0].manifest.frames.size();
+  ASSERT_GT(frames, 2u);
+  // The window (a quarter of 64 MiB) holds them all: every frame loads
+  // before the reader reads anything.
+  ASSERT_TRUE(eventually([&] { return ahead->stats().loaded == frames; }));
+  std::vector<uint8_t> page(4096);
+  for (size_t k = 0; k < plan.size(); ++k) {
+    ASSERT_TRUE(src->read(plan[k].offset, page));
+    ASSERT_EQ(std::memcmp(page.data(), memory_.data() + plan[k].offset, 4096), 0) << plan[k].offset;
+    ahead->consumed(k, k + 1);
+  }
+  ahead->stop();
+  const ReadAheadStats st = ahead->stats();
+  EXPECT_EQ(st.loaded, frames);
+  EXPECT_EQ(st.used, frames);
+  EXPECT_EQ(st.evicted_unused, 0u);
+  EXPECT_EQ(st.failed, 0u);
+  EXPECT_EQ(cache->stats().misses, frames) << "each frame loaded once, ahead";
+}
+
+// A cache of 3 frames (one shard) and 4 in the plan: read-ahead stays
+// within a quarter of the cache (one frame) ahead of the reader, so nothing
+// it loads is pushed out before it is read, and no frame loads twice.
+TEST_F(ImageSourceTest, ReadAheadStaysWithinItsWindowSoNothingItLoadsIsEvictedUnused) {
+  auto cache = std::make_shared<FrameCache>(3 * 128 * 4096);
+  auto src = open(cache);
+  ASSERT_TRUE(src);
+  const uint64_t frames = src->chain().layers()[0].manifest.frames.size();
+  ASSERT_GT(frames, 3u) << "more frames than the cache holds";
+  const std::vector<SourceRange> plan = every_page(memory_.size());
+  auto ahead = src->read_ahead(plan, {.fetches = 4});
+  ASSERT_NE(ahead, nullptr);
+  std::vector<uint8_t> page(4096);
+  for (size_t k = 0; k < plan.size(); ++k) {
+    ASSERT_TRUE(src->read(plan[k].offset, page));
+    ASSERT_EQ(std::memcmp(page.data(), memory_.data() + plan[k].offset, 4096), 0) << plan[k].offset;
+    ahead->consumed(k, k + 1);
+  }
+  ahead->stop();
+  const ReadAheadStats st = ahead->stats();
+  EXPECT_EQ(st.evicted_unused, 0u);
+  EXPECT_EQ(st.used, st.loaded);
+  EXPECT_EQ(cache->stats().misses, frames) << "a frame was loaded twice";
+}
+
+TEST_F(ImageSourceTest, ReadAheadStopsWhenCancelledAndOnStopWithLoadsLeft) {
+  auto cache = std::make_shared<FrameCache>(64 << 20);
+  auto src = open(cache);
+  ASSERT_TRUE(src);
+  const std::atomic<bool> cancelled{true};
+  auto none = src->read_ahead(every_page(memory_.size()), {.fetches = 4, .cancelled = &cancelled});
+  ASSERT_NE(none, nullptr);
+  none->stop();
+  EXPECT_EQ(none->stats().loaded, 0u) << "a cancelled read-ahead starts no load";
+  EXPECT_EQ(cache->stats().misses, 0u);
+  // Destroyed mid-plan, never consumed: its threads are joined.
+  auto ahead = src->read_ahead(every_page(memory_.size()), {.fetches = 2});
+  ASSERT_NE(ahead, nullptr);
+  ahead.reset();
 }
 
 }  // namespace

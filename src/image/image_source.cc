@@ -4,6 +4,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "image/frame_read_ahead.h"
+
 namespace faultline::image {
 
 namespace {
@@ -108,6 +110,17 @@ SourceExtent ImageSource::extent(uint64_t offset) const {
   }
   e.length = next * page_size - offset;
   return e;
+}
+
+std::unique_ptr<ReadAhead> ImageSource::read_ahead(std::vector<SourceRange> plan,
+                                                   const ReadAheadOptions& options) const {
+  // A quarter of the cache: room for the frames the installers hold, demand
+  // faults' frames and other sessions', so that a frame read ahead is still
+  // held when its install comes (the LRU pushes out the oldest first).
+  constexpr uint64_t kShareOfCache = 4;
+  if (options.fetches <= 0 || cache_->capacity() == 0 || plan.empty()) return nullptr;
+  return std::make_unique<FrameReadAhead>(chain_, *cache_, std::move(plan), options,
+                                          cache_->capacity() / kShareOfCache);
 }
 
 bool ImageSource::known_zero(uint64_t offset, uint64_t length) const {

@@ -11,6 +11,9 @@
 // does without ever loading. Zero pages are known from the manifests
 // (extent(), known_zero()), so they are installed without reading.
 //
+// A prefetch's plan can be loaded ahead of its reads (read_ahead(): many
+// frames in flight at once, image/frame_read_ahead.h).
+//
 // Errors name the image layer and the blob. A checksum mismatch or a missing
 // blob is final; a store error that may pass (EAGAIN, ENOMEM, EMFILE, ENFILE,
 // EINTR, ETIMEDOUT) is marked retryable.
@@ -45,6 +48,10 @@ class ImageSource final : public PageSource {
   Result<bool> read_if_cached(uint64_t offset, std::span<uint8_t> out) const override;
   SourceExtent extent(uint64_t offset) const override;
   bool known_zero(uint64_t offset, uint64_t length) const override;
+  // Loads the frames the plan needs into the frame cache ahead of its reads
+  // (image/frame_read_ahead.h), at most a quarter of the cache's capacity
+  // ahead of the reader. Null when the cache keeps nothing.
+  std::unique_ptr<ReadAhead> read_ahead(std::vector<SourceRange> plan, const ReadAheadOptions& options) const override;
   uint64_t size() const override { return chain_.guest_bytes(); }
   const std::string& describe() const override { return description_; }
 

@@ -135,6 +135,9 @@ std::string Registry::render(const Snapshot& s) {
     w.family("faultline_frame_cache_misses_total", "counter",
              "Image frames loaded into the cache (fetched, checksum-checked, decompressed).");
     w.sample("faultline_frame_cache_misses_total", {}, c.misses);
+    w.family("faultline_frame_cache_loads_ahead_total", "counter",
+             "Image frames loaded ahead of a prefetch's installs (serve --prefetch-fetches); also in misses.");
+    w.sample("faultline_frame_cache_loads_ahead_total", {}, c.loads_ahead);
     w.family("faultline_frame_cache_load_waits_total", "counter",
              "Lookups that waited for another thread's load of the same frame instead of loading it again.");
     w.sample("faultline_frame_cache_load_waits_total", {}, c.load_waits);

@@ -60,6 +60,7 @@ class SessionSource {
 struct FrameCacheCounts {
   uint64_t hits = 0, misses = 0, load_waits = 0, load_failures = 0, evictions = 0;
   uint64_t bytes = 0, frames = 0, capacity_bytes = 0;
+  uint64_t loads_ahead = 0;
 };
 
 class Registry {

@@ -331,8 +331,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
       config.frame_cache ? config.frame_cache : std::make_shared<image::FrameCache>(config.frame_cache_bytes);
   server->metrics_.set_frame_cache_source([cache = server->frame_cache_] {
     const image::FrameCache::Stats st = cache->stats();
-    return metrics::FrameCacheCounts{st.hits,      st.misses, st.waits,  st.load_failures,
-                                     st.evictions, st.bytes,  st.frames, st.capacity};
+    return metrics::FrameCacheCounts{st.hits,  st.misses, st.waits,    st.load_failures, st.evictions,
+                                     st.bytes, st.frames, st.capacity, st.loads_ahead};
   });
   if (!config.cache_dir.empty()) {
     auto disk = objstore::DiskCache::open(config.cache_dir, config.cache_bytes);
@@ -413,6 +413,7 @@ Status Server::run() {
                              {"record_dir", config_.record_dir},
                              {"prefetch", config_.prefetch_all ? std::string("all") : config_.prefetch_path},
                              {"prefetch_pages", served && served->prefetch ? served->prefetch->offsets.size() : 0},
+                             {"prefetch_fetches", config_.prefetch_fetches},
                              {"zero_pages", served && served->zero_index ? served->zero_index->zero_pages() : 0}});
   first.reset();
   if (control_) {
@@ -921,6 +922,7 @@ void Server::handle_connection(Connection& c) {
                    .prefetch = served.prefetch,
                    .prefetch_all = served.prefetch_all,
                    .prefetch_threads = config_.prefetch_threads,
+                   .prefetch_fetches = config_.prefetch_fetches,
                    .zero_index = served.zero_index,
                    .reader_serves_cached = config_.reader_serves_cached,
                    .busy_poll = config_.busy_poll,

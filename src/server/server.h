@@ -136,6 +136,7 @@ struct ServerConfig {
   std::string prefetch_path;  // install this working set as each VM starts
   bool prefetch_all = false;  // install the whole snapshot in the background
   int prefetch_threads = 2;   // threads installing the prefetch plan (SessionConfig::prefetch_threads)
+  int prefetch_fetches = 12;  // loads in flight ahead of those installs (SessionConfig::prefetch_fetches)
   // How long a fault waits for a store that fails in a way that may pass (an
   // object store down, timing out, answering 5xx) before its session is fatal
   // and on_fatal applies (SessionConfig::source_retry_deadline).

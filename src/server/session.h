@@ -26,6 +26,7 @@
 #include <atomic>
 #include <chrono>
 #include <exception>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -93,6 +94,11 @@ struct SessionConfig {
   // a single-page UFFDIO_COPY costs a few microseconds of kernel time, so a
   // scattered working set goes faster split over cores.
   int prefetch_threads = 2;
+  // Loads the source may keep in flight ahead of the prefetch installs
+  // (PageSource::read_ahead: an image in an object store waits on many GETs
+  // at once instead of one per prefetch thread); 0: none ahead. 12 leaves 4
+  // of the S3 client's 16 connections to demand faults.
+  int prefetch_fetches = 12;
   // Pages that are all zero in the snapshot: installed without reading.
   std::shared_ptr<const ZeroIndex> zero_index;
   // The event reader serves a fault itself when that costs no I/O (4 KiB
@@ -168,6 +174,9 @@ struct PrefaultOptions {
   // 4 KiB pages: fill gaps of up to this many unplanned (untouched) pages
   // between planned ones, trading a few extra pages for fewer, larger copies.
   uint64_t max_gap_pages = 0;
+  // Called with how many of the (sorted, de-duplicated) pages are done,
+  // installed or skipped, as the call goes (after each install).
+  std::function<void(size_t done)> progress;
 };
 
 // A run of bytes of the memory file.

@@ -152,6 +152,7 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
     // Skip the planned pages the run installed; the loop looks at the rest
     // again (a page that stopped the run is skipped there with its reason).
     while (i < pages.size() && pages[i] < base + done_pages) ++i;
+    if (options.progress) options.progress(i);
     switch (r.outcome) {
       case kernel::IoctlOutcome::kDone:
         break;
@@ -222,12 +223,39 @@ void Session::prefetch_loop() {
       if (auto idx = l->page_at_offset(off)) plan.push_back(*idx);
     }
   }
+  constexpr size_t kChunk = 4096;
+  {
+    // Each page once, at its first touch; then each chunk sorted as
+    // prefault_in_slot() installs it (which leaves it as it is), so that
+    // plan positions are install positions: what the read-ahead is told.
+    std::vector<bool> seen(pages_->size());
+    std::erase_if(plan, [&](uint64_t p) { return seen[p] ? true : (seen[p] = true, false); });
+  }
+  for (size_t at = 0; at < plan.size(); at += kChunk) {
+    std::sort(plan.begin() + static_cast<std::ptrdiff_t>(at),
+              plan.begin() + static_cast<std::ptrdiff_t>(std::min(at + kChunk, plan.size())));
+  }
   for (uint64_t p : plan) pages_->mark_planned(p);
+  // The source may load ahead of the installs (an image: frames from its
+  // store, many at once). Stopped and joined before this function returns,
+  // after the install threads (which report to it) are; it starts no load
+  // once the session is stopping.
+  std::unique_ptr<ReadAhead> read_ahead;
+  if (config_.prefetch_fetches > 0 && !plan.empty()) {
+    std::vector<SourceRange> ranges(plan.size());
+    {
+      const PublishedLayout::Reader l = layout_->read(workers_.size() + 1);
+      for (size_t k = 0; k < plan.size(); ++k) {
+        if (auto loc = l->page(plan[k])) ranges[k] = {loc->file_offset, loc->page_size};
+      }
+    }
+    read_ahead =
+        source_->read_ahead(std::move(ranges), {.fetches = config_.prefetch_fetches, .cancelled = &stopping_});
+  }
   // In first-touch order, a chunk at a time: each chunk is sorted and
   // coalesced into large runs by prefault(), so the pages the guest needs
   // first come first and the file is still read in large sequential pieces.
   // prefetch_threads threads take the next chunk as they finish one.
-  constexpr size_t kChunk = 4096;
   std::atomic<size_t> next_chunk{0};
   std::mutex mu;  // guards total and error
   PrefaultReport total;
@@ -241,7 +269,15 @@ void Session::prefetch_loop() {
       // Working sets are scattered: fill small gaps so that copies stay large.
       PrefaultOptions options;
       options.max_gap_pages = config_.prefetch_all ? 0 : kPrefetchMaxGapPages;
+      size_t reported = 0;  // pages of this chunk told to the read-ahead
+      if (read_ahead) {
+        options.progress = [&](size_t done) {
+          read_ahead->consumed(at + reported, at + done);
+          reported = std::max(reported, done);
+        };
+      }
       auto r = prefault_in_slot(std::span<const uint64_t>(plan.data() + at, n), options, slot);
+      if (read_ahead) read_ahead->consumed(at + reported, at + n);
       std::lock_guard lock(mu);
       if (!r) {
         if (!stopping_.load(std::memory_order_acquire) && error.empty()) error = r.error().describe();
@@ -291,6 +327,9 @@ void Session::prefetch_loop() {
     }
     install(0);
   }
+  // Stopped and joined here, after the installs: its counts are final.
+  if (read_ahead) read_ahead->stop();
+  const ReadAheadStats ahead = read_ahead ? read_ahead->stats() : ReadAheadStats{};
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   log_.info("prefetch_done", {{"session", config_.id},
                               {"mode", config_.prefetch_all ? "all" : "working_set"},
@@ -302,6 +341,10 @@ void Session::prefetch_loop() {
                               {"skipped_removed", total.skipped_removed},
                               {"retries", total.retries},
                               {"late_faults", prefetch_late_.load(std::memory_order_relaxed)},
+                              {"read_ahead_frames", ahead.loaded},
+                              {"read_ahead_used", ahead.used},
+                              {"read_ahead_evicted_unused", ahead.evicted_unused},
+                              {"read_ahead_failed", ahead.failed},
                               {"seconds", seconds},
                               {"error", error}});
 }

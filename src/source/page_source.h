@@ -8,10 +8,12 @@
 // Thread-safety: implementations are safe for concurrent read() calls.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "common/error.h"
 #include "common/unique_fd.h"
@@ -46,6 +48,48 @@ struct SourceExtent {
   uint64_t length = 0;
 };
 
+// A range of the source's bytes.
+struct SourceRange {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+
+// What read-ahead did (PageSource::read_ahead). For an image, a unit is a
+// frame.
+struct ReadAheadStats {
+  uint64_t loaded = 0;          // units loaded ahead of the reader
+  uint64_t used = 0;            // of those, still in memory when the reader got there
+  uint64_t evicted_unused = 0;  // of those, gone from memory before the reader got there
+  uint64_t failed = 0;          // loads that failed (not fatal: the reader meets the error itself)
+};
+
+struct ReadAheadOptions {
+  // Most loads in flight at once (threads of the read-ahead).
+  int fetches = 12;
+  // Once this reads true no load starts any more: the reader is gone (its
+  // session is stopping). Null: only stop() ends the read-ahead early.
+  // REQUIRES: outlives the read-ahead.
+  const std::atomic<bool>* cancelled = nullptr;
+};
+
+// A read-ahead running for one reader of a plan. It owns its threads: the
+// destructor stops them and joins them, so none outlives it.
+//
+// Thread-safety: every method is safe from any thread.
+class ReadAhead {
+ public:
+  virtual ~ReadAhead() = default;
+  // The reader is done with the plan's entries [from, to) (read, or skipped
+  // for good): what only they needed no longer holds back the read-ahead.
+  // Entries may be reported in any order, each once.
+  virtual void consumed(size_t from, size_t to) = 0;
+  // Stops the threads and joins them (after the loads in flight end: a
+  // store read is not interrupted); afterwards stats() is final. Idempotent;
+  // the destructor does it too.
+  virtual void stop() = 0;
+  virtual ReadAheadStats stats() const = 0;
+};
+
 class PageSource {
  public:
   virtual ~PageSource() = default;
@@ -72,6 +116,20 @@ class PageSource {
     (void)offset;
     (void)length;
     return false;
+  }
+  // A hint: the ranges of `plan` will be read in this order (a working-set
+  // prefetch), so the source may load what they need ahead of the reads,
+  // with at most options.fetches loads in flight and never so far ahead that
+  // what it loaded is pushed out before it is read. Errors stay with the
+  // reads: a load ahead that fails is only counted. The reader reports its
+  // progress with ReadAhead::consumed() (positions are indexes into `plan`;
+  // an entry of length 0 needs nothing). Null: nothing to do ahead (the
+  // default; a local file, whose reads are cheap). REQUIRES: the source
+  // outlives the returned read-ahead.
+  virtual std::unique_ptr<ReadAhead> read_ahead(std::vector<SourceRange> plan, const ReadAheadOptions& options) const {
+    (void)plan;
+    (void)options;
+    return nullptr;
   }
   // Size in bytes when the source was opened.
   virtual uint64_t size() const = 0;

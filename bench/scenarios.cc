@@ -851,6 +851,33 @@ struct ImageSubject {
   std::string ws_path;  // pages to restore, in order (the corpus's measured set), or empty: random 1/8
 };
 
+// The pages `subject` restores, in order: the corpus's measured set, or 1/8
+// of the file's pages at random.
+Result<std::vector<uint64_t>> working_set_of(const ImageSubject& subject, uint64_t size) {
+  if (subject.ws_path.empty()) {
+    return client::select_pages(size / kPageSize4K, kPageSize4K, 1.0 / 8, client::PageOrder::kRandom, 13);
+  }
+  auto ws = read_working_set(subject.ws_path, size);
+  if (!ws) return std::unexpected(ws.error());
+  return std::move(ws->offsets);
+}
+
+// Writes `record` as a restore of `set` records it (serve --record): one
+// untimed restore through a recording server, every byte read checked.
+Status record_working_set(Context& ctx, const ImageSubject& subject, std::span<const uint64_t> set,
+                          const Mapping& file, const std::string& record, const std::string& scenario) {
+  FaultlineHost::Options ro;
+  ro.record_path = record;
+  auto rh = start_host(ctx, subject.path, scenario + "-record", ro);
+  if (!rh) return fail("recording server: " + rh.error().describe());
+  auto g = BenchGuest::create(Backend::kFaultline, GuestSpec{file.size(), kPageSize4K, subject.path, rh->get(), true});
+  if (!g) return fail("recording run: " + g.error().describe());
+  TouchOutcome t = touch(**g, "host", set, 1, false, &file);
+  if (!t.error.empty()) return fail("recording run: " + t.error);
+  note_bad(ctx, t, Backend::kFaultline, "the recording run of the " + scenario + " scenario (" + subject.name + ")");
+  return {};
+}  // the session ends with the guest, before the server: the record is written
+
 // Serves `subject` from the raw file and from images of it, side by side.
 Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
   warm_page_cache(subject.path);
@@ -959,28 +986,11 @@ Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
   // then restore on demand, with --prefetch RECORD and with --prefetch all,
   // from the raw file and from the images.
   const uint64_t pages = size / kPageSize4K;
-  std::vector<uint64_t> set;
-  if (subject.ws_path.empty()) {
-    set = client::select_pages(pages, kPageSize4K, 1.0 / 8, client::PageOrder::kRandom, 13);
-  } else {
-    auto ws = read_working_set(subject.ws_path, size);
-    if (!ws) return std::unexpected(ws.error());
-    set = std::move(ws->offsets);
-  }
+  auto working_set = working_set_of(subject, size);
+  if (!working_set) return std::unexpected(working_set.error());
+  const std::vector<uint64_t> set = std::move(*working_set);
   const std::string record = ctx.dir + "/image-" + subject.name + ".flrec";
-  {
-    FaultlineHost::Options ro;
-    ro.record_path = record;
-    auto rh = start_host(ctx, subject.path, "img-record", ro);
-    if (!rh) return fail("recording server: " + rh.error().describe());
-    {
-      auto g = BenchGuest::create(Backend::kFaultline, GuestSpec{size, kPageSize4K, subject.path, rh->get(), true});
-      if (!g) return fail("recording run: " + g.error().describe());
-      TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
-      if (!t.error.empty()) return fail("recording run: " + t.error);
-      note_bad(ctx, t, Backend::kFaultline, "the recording run of the image scenario (" + subject.name + ")");
-    }  // the session ends here and writes the record
-  }
+  if (auto st = record_working_set(ctx, subject, set, *file, record, "image"); !st) return st;
   progress("image: creating the " + subject.name + " image with --working-set");
   if (auto st = create("base-ws", image::kSmallPage, record); !st) return st;
   {
@@ -1199,29 +1209,13 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject) {
   if (!file) return std::unexpected(file.error());
   const uint64_t size = file->size();
   if (size == 0 || size % kPageSize4K != 0) return fail(subject.path + ": not a whole number of 4 KiB pages", EINVAL);
-  const uint64_t pages = size / kPageSize4K;
-  std::vector<uint64_t> set;
-  if (subject.ws_path.empty()) {
-    set = client::select_pages(pages, kPageSize4K, 1.0 / 8, client::PageOrder::kRandom, 13);
-  } else {
-    auto ws = read_working_set(subject.ws_path, size);
-    if (!ws) return std::unexpected(ws.error());
-    set = std::move(ws->offsets);
-  }
+  auto working_set = working_set_of(subject, size);
+  if (!working_set) return std::unexpected(working_set.error());
+  const std::vector<uint64_t> set = std::move(*working_set);
   // The set as a restore records it (serve --record), then the image laid
   // out by that record (image create --working-set), pushed to the bucket.
   const std::string record = ctx.dir + "/store-" + subject.name + ".flrec";
-  {
-    FaultlineHost::Options ro;
-    ro.record_path = record;
-    auto rh = start_host(ctx, subject.path, "st-record", ro);
-    if (!rh) return fail("recording server: " + rh.error().describe());
-    auto g = BenchGuest::create(Backend::kFaultline, GuestSpec{size, kPageSize4K, subject.path, rh->get(), true});
-    if (!g) return fail("recording run: " + g.error().describe());
-    TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
-    if (!t.error.empty()) return fail("recording run: " + t.error);
-    note_bad(ctx, t, Backend::kFaultline, "the recording run of the store scenario (" + subject.name + ")");
-  }
+  if (auto st = record_working_set(ctx, subject, set, *file, record, "store"); !st) return st;
   progress("store: creating the " + subject.name + " image with --working-set and pushing it to the gateway");
   const std::string store_dir = ctx.dir + "/store-" + subject.name + "-local";
   auto local = image::LocalStore::open(store_dir, true);

@@ -21,6 +21,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <set>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -32,6 +33,7 @@
 #include "client/restore_scenario.h"
 #include "client/test_memory_file.h"
 #include "common/log.h"
+#include "image/image_chain.h"
 #include "image/local_store.h"
 #include "image/operations.h"
 #include "server/server.h"
@@ -80,6 +82,22 @@ inline bool wait_until(const std::function<bool()>& pred) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling server state, bounded
   }
   return false;
+}
+
+// How many distinct frames (blobs) image `name` of the store `store_dir`
+// and its parents reference.
+inline uint64_t frames_in_chain(const std::string& store_dir, const std::string& name) {
+  auto store = image::LocalStore::open(store_dir, false);
+  EXPECT_TRUE(store);
+  if (!store) return 0;
+  auto chain = image::ImageChain::open(**store, name);
+  EXPECT_TRUE(chain);
+  if (!chain) return 0;
+  std::set<image::BlobId> ids;
+  for (const auto& l : chain->layers()) {
+    for (const auto& f : l.manifest.frames) ids.insert(f.id);
+  }
+  return ids.size();
 }
 
 // A faultline Server running on its own thread. Logs go to a file the test

@@ -78,18 +78,6 @@ client::RestoreOptions restore_options(const std::string& socket, const std::str
   return o;
 }
 
-uint64_t frames_in_chain(const std::string& store_dir, const std::string& name) {
-  auto store = image::LocalStore::open(store_dir, false);
-  EXPECT_TRUE(store);
-  auto chain = image::ImageChain::open(**store, name);
-  EXPECT_TRUE(chain);
-  std::set<image::BlobId> ids;
-  for (const auto& l : chain->layers()) {
-    for (const auto& f : l.manifest.frames) ids.insert(f.id);
-  }
-  return ids.size();
-}
-
 TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDecompressedOnce) {
   ServerHarness::Options ho;
   ho.memory_bytes = kGuestBytes;

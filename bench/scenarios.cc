@@ -1150,7 +1150,8 @@ class Gateway {
     std::unique_ptr<Gateway> g(new Gateway(dir));
     // rgw.sh exits 3 when another process took the port first.
     for (int attempt = 0; attempt < 4 && !g->started_; ++attempt) {
-      const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh start " + dir + " " +
+      const std::string cmd = "RGW_OWNER_PID=" + std::to_string(::getpid()) + " bash " + FAULTLINE_SOURCE_DIR +
+                              "/scripts/rgw.sh start " + dir + " " +
                               std::to_string(free_port_pair()) + " >" + dir + ".log 2>&1";
       const int status = std::system(cmd.c_str());
       g->started_ = status == 0;

@@ -30,7 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-bash scripts/rgw.sh start "$work/rgw" "$port" >/dev/null
+RGW_OWNER_PID=$$ bash scripts/rgw.sh start "$work/rgw" "$port" >/dev/null
 . "$work/rgw/env"
 proxy_pid=""
 if [ -n "${LATENCY_MS:-}" ]; then

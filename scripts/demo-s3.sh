@@ -25,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== starting a single-node Ceph cluster and its S3 gateway on 127.0.0.1:7480 (scripts/rgw.sh)"
-bash scripts/rgw.sh start "$work/rgw" 7480 >/dev/null
+RGW_OWNER_PID=$$ bash scripts/rgw.sh start "$work/rgw" 7480 >/dev/null
 # shellcheck disable=SC1091
 . "$work/rgw/env"
 echo "   AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL (credentials in $work/rgw/env)"

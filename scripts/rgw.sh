@@ -10,7 +10,10 @@
 #
 #   scripts/rgw.sh start DIR [PORT]  start (PORT: the gateway's, default 7480;
 #                                     the mon listens on PORT+1); prints `. DIR/env`;
-#                                     exits 3 when a port is taken
+#                                     exits 3 when a port is taken; with
+#                                     RGW_OWNER_PID=PID in the environment the
+#                                     daemons are stopped when PID exits (a test
+#                                     that crashed leaves no cluster behind)
 #   scripts/rgw.sh stop DIR          stop the daemons started in DIR
 #   scripts/rgw.sh status DIR        exit 0 when the gateway answers
 #   scripts/rgw.sh gateway-stop DIR  stop only radosgw (the store "goes down")
@@ -21,7 +24,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 }
 
@@ -34,6 +37,10 @@ pids() { cat "$dir"/*.pid 2>/dev/null || true; }
 
 stop() {
   local p
+  # The watchdog first (when this is not the watchdog itself stopping).
+  p=$(cat "$dir/watchdog.wpid" 2>/dev/null || true)
+  if [ -n "$p" ] && [ "$p" != "${RGW_WATCHDOG_SELF:-}" ]; then kill "$p" 2>/dev/null || true; fi
+  rm -f "$dir/watchdog.wpid"
   for p in $(pids); do kill "$p" 2>/dev/null || true; done
   # The data lives in the OSD's memory and goes with it: no clean shutdown
   # to wait for beyond 2 s (the mon takes ~6 s to honour SIGTERM).
@@ -196,6 +203,13 @@ export AWS_ACCESS_KEY_ID=$access
 export AWS_SECRET_ACCESS_KEY=$secret
 export AWS_REGION=us-east-1
 EOF
+  if [ -n "${RGW_OWNER_PID:-}" ]; then
+    # Stops the cluster once its owner is gone (checked every second: a
+    # bound on leftover daemons, nothing waits on it).
+    setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; RGW_WATCHDOG_SELF=$$ exec bash "$2" stop "$3"' \
+      watchdog "$RGW_OWNER_PID" "$0" "$dir" >/dev/null 2>&1 </dev/null &
+    echo $! >"$dir/watchdog.wpid"
+  fi
   echo ". $dir/env"
 }
 

@@ -86,7 +86,9 @@ class S3Test : public ::testing::Test {
     for (int attempt = 0; attempt < 4 && !started_; ++attempt) {
       port_ = free_port_pair();
       ASSERT_NE(port_, 0);
-      const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh start " + rgw_dir_ +
+      // RGW_OWNER_PID: the cluster stops by itself if this test crashes.
+      const std::string cmd = "RGW_OWNER_PID=" + std::to_string(::getpid()) + " bash " + FAULTLINE_SOURCE_DIR +
+                              "/scripts/rgw.sh start " + rgw_dir_ +
                               " " + std::to_string(port_) + " >" + dir_.path() + "/rgw-start.log 2>&1";
       const int status = std::system(cmd.c_str());
       started_ = status == 0;

@@ -2,10 +2,12 @@
 # The object-store demo: starts a real S3 store on 127.0.0.1 (a single-node
 # Ceph cluster with its RADOS Gateway, scripts/rgw.sh), makes a 2-layer image
 # from a generated 256 MiB memory snapshot (a base and a diff on top of it),
-# pushes it to a bucket, and restores a VM straight from the bucket with
-# `faultline serve --image s3://...`: the Firecracker-faithful client touches,
-# writes and balloons pages away, verifying every byte. Prints each step's
-# output and the daemon's log; stops the store at the end.
+# pushes it to a bucket, and restores two VMs straight from the bucket through
+# one daemon (`faultline serve --control ... --socket-dir ...`, then
+# `faultline attach --image s3://...` for the child and for its base, each on
+# its own socket): the Firecracker-faithful clients touch, write and balloon
+# pages away, verifying every byte. Prints each step's output and the
+# daemon's log; stops the store at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -46,16 +48,34 @@ echo "== faultline image push --store $work/store --name child s3://demo/images"
 rm -rf "$work/store"  # from here on, the bucket is the only copy
 "$bin/faultline" image inspect --store s3://demo/images --name child
 
-echo "== starting: faultline serve --socket $work/vm.sock --image s3://demo/images/child"
-"$bin/faultline" serve --socket "$work/vm.sock" --image s3://demo/images/child 2>"$work/server.log" &
+echo "== starting one daemon for every image: faultline serve --control $work/control.sock --socket-dir $work/vms --cache-dir $work/cache"
+mkdir -p "$work/vms"
+"$bin/faultline" serve --control "$work/control.sock" --socket-dir "$work/vms" --cache-dir "$work/cache" \
+  2>"$work/server.log" &
 server_pid=$!
-for _ in $(seq 200); do [ -S "$work/vm.sock" ] && break; sleep 0.05; done
-[ -S "$work/vm.sock" ] || { cat "$work/server.log"; echo "faultline did not start"; exit 1; }
+for _ in $(seq 200); do [ -S "$work/control.sock" ] && break; sleep 0.05; done
+[ -S "$work/control.sock" ] || { cat "$work/server.log"; echo "faultline did not start"; exit 1; }
 
-echo "== restoring as Firecracker 1.14 would (2 host threads), random order, every byte checked against child.mem"
+echo "== faultline attach: child.sock serves s3://demo/images/child, base.sock serves its parent s3://demo/images/base"
+"$bin/faultline" attach --control "$work/control.sock" --socket child.sock --image s3://demo/images/child
+"$bin/faultline" attach --control "$work/control.sock" --socket base.sock --image s3://demo/images/base
+
+echo "== restoring two VMs at once as Firecracker 1.14 would (2 host threads each), random order,"
+echo "   every byte checked against child.mem and base.mem; the frames they share are fetched once"
 status=0
-"$bin/faultline-client" restore --socket "$work/vm.sock" --memory "$work/child.mem" --fc-version 1.14 \
+"$bin/faultline-client" restore --socket "$work/vms/child.sock" --memory "$work/child.mem" --fc-version 1.14 \
+  --threads 2 --pattern random --write-fraction 0.25 --remove-fraction 0.05 >"$work/child.out" 2>&1 &
+child_pid=$!
+"$bin/faultline-client" restore --socket "$work/vms/base.sock" --memory "$work/base.mem" --fc-version 1.14 \
   --threads 2 --pattern random --write-fraction 0.25 --remove-fraction 0.05 || status=$?
+wait "$child_pid" || status=$?
+echo "-- the VM restored from child:"
+cat "$work/child.out"
+
+echo "== faultline attachments, then faultline detach of both sockets"
+"$bin/faultline" attachments --control "$work/control.sock"
+"$bin/faultline" detach --control "$work/control.sock" --socket child.sock >/dev/null
+"$bin/faultline" detach --control "$work/control.sock" --socket base.sock >/dev/null
 
 kill -TERM "$server_pid"
 wait "$server_pid" || true

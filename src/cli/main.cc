@@ -224,10 +224,10 @@ int main(int argc, char** argv) {
       ->default_val(256ull << 20)
       ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 40));
   serve->add_option("--cache-dir", config.cache_dir,
-                    "With --image s3://...: also keep the frames fetched from the bucket in this directory "
-                    "(bounded by --cache-size, least recently used evicted, verified on every read), so a "
-                    "restarted daemon reads them from local disk")
-      ->needs(image_option);
+                    "For images in an object store (--image s3://... or attached): also keep the frames fetched "
+                    "from a bucket in this directory, one cache for every image (bounded by --cache-size, least "
+                    "recently used evicted, verified on every read), so a restarted daemon reads them from local "
+                    "disk");
   serve->add_option("--cache-size", config.cache_bytes, "Bytes of frames --cache-dir may hold")
       ->default_val(4ull << 30)
       ->check(CLI::Range(uint64_t{1} << 20, uint64_t{1} << 50));

@@ -878,6 +878,31 @@ Status record_working_set(Context& ctx, const ImageSubject& subject, std::span<c
   return {};
 }  // the session ends with the guest, before the server: the record is written
 
+// Runs `measure(ctx, subject)`: a failure becomes a row of `scenario` with
+// the error; every row it added (the error row too) gets the 1-minute load
+// average before and after and the core count. Returns the index of its
+// first row.
+template <typename Measure>
+size_t measure_subject(Context& ctx, int scenario, const ImageSubject& subject, Measure measure) {
+  const double load_before = load_average_1min();
+  const size_t first_row = ctx.results->rows.size();
+  if (auto st = measure(ctx, subject); !st) {
+    Row row;
+    row.scenario = scenario;
+    row.subject = subject.name;
+    row.not_applicable = true;
+    row.note = "error: " + st.error().describe();
+    ctx.results->rows.push_back(row);
+  }
+  const double load_after = load_average_1min();
+  for (size_t i = first_row; i < ctx.results->rows.size(); ++i) {
+    ctx.results->rows[i].metrics.emplace_back("load1_before", load_before);
+    ctx.results->rows[i].metrics.emplace_back("load1_after", load_after);
+    ctx.results->rows[i].metrics.emplace_back("cores", static_cast<double>(core_count()));
+  }
+  return first_row;
+}
+
 // Serves `subject` from the raw file and from images of it, side by side.
 Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
   warm_page_cache(subject.path);
@@ -1101,18 +1126,8 @@ void run_image_scenario(Context& ctx) {
     subjects.push_back({"realistic", ctx.corpus_path, ctx.corpus_path + ".flws"});
   }
   for (const ImageSubject& subject : subjects) {
-    const double load_before = load_average_1min();
     const double fresh_before = fresh_memory_us_per_page();
-    const size_t first_row = ctx.results->rows.size();
-    if (auto st = measure_image_serving(ctx, subject); !st) {
-      Row row;
-      row.scenario = kImageScenario;
-      row.subject = subject.name;
-      row.not_applicable = true;
-      row.note = "error: " + st.error().describe();
-      ctx.results->rows.push_back(row);
-    }
-    const double load_after = load_average_1min();
+    const size_t first_row = measure_subject(ctx, kImageScenario, subject, measure_image_serving);
     for (size_t i = first_row; i < ctx.results->rows.size(); ++i) {
       const bool huge_row = ctx.results->rows[i].page_size == kPageSize2M;
       const uint32_t frame_pages = huge_row ? image::default_frame_pages(image::kHugePage)
@@ -1120,10 +1135,7 @@ void run_image_scenario(Context& ctx) {
                                                                 : image::default_frame_pages(image::kSmallPage);
       ctx.results->rows[i].metrics.emplace_back("image_frame_bytes",
                                                 static_cast<double>(frame_pages) * static_cast<double>(ctx.results->rows[i].page_size));
-      ctx.results->rows[i].metrics.emplace_back("load1_before", load_before);
       ctx.results->rows[i].metrics.emplace_back("fresh_memory_us_per_page", fresh_before);
-      ctx.results->rows[i].metrics.emplace_back("load1_after", load_after);
-      ctx.results->rows[i].metrics.emplace_back("cores", static_cast<double>(core_count()));
     }
     std::error_code ec;
     std::filesystem::remove_all(ctx.dir + "/image-" + subject.name + "-store", ec);
@@ -1346,24 +1358,7 @@ void run_store_scenario(Context& ctx) {
     subjects.push_back({"generated", generated, ""});
   }
   if (!ctx.corpus_path.empty()) subjects.push_back({"realistic", ctx.corpus_path, ctx.corpus_path + ".flws"});
-  for (const ImageSubject& subject : subjects) {
-    const double load_before = load_average_1min();
-    const size_t first_row = ctx.results->rows.size();
-    if (auto st = measure_store_serving(ctx, subject); !st) {
-      Row row;
-      row.scenario = kStoreScenario;
-      row.subject = subject.name;
-      row.not_applicable = true;
-      row.note = "error: " + st.error().describe();
-      ctx.results->rows.push_back(row);
-    }
-    const double load_after = load_average_1min();
-    for (size_t i = first_row; i < ctx.results->rows.size(); ++i) {
-      ctx.results->rows[i].metrics.emplace_back("load1_before", load_before);
-      ctx.results->rows[i].metrics.emplace_back("load1_after", load_after);
-      ctx.results->rows[i].metrics.emplace_back("cores", static_cast<double>(core_count()));
-    }
-  }
+  for (const ImageSubject& subject : subjects) measure_subject(ctx, kStoreScenario, subject, measure_store_serving);
   std::error_code ec;
   std::filesystem::remove(generated, ec);
 }

@@ -221,18 +221,16 @@ static Result<std::pair<std::string, std::string>> split_image_path(const std::s
   return std::make_pair(slash == 0 ? std::string("/") : path.substr(0, slash), path.substr(slash + 1));
 }
 
-// The image at `path` with its whole chain of parents (each manifest and pin
-// checked now, so a damaged chain is refused here rather than failing a VM
-// later), read through the daemon's frame cache and, for an object store,
-// its disk cache.
-static Result<std::shared_ptr<const image::ImageSource>> open_image(const std::string& path,
+// The image at `path` (NAME in the store DIR) with its whole chain of
+// parents (each manifest and pin checked now, so a damaged chain is refused
+// here rather than failing a VM later), read through the daemon's frame
+// cache and, for an object store, its disk cache.
+static Result<std::shared_ptr<const image::ImageSource>> open_image(const std::string& path, const std::string& dir,
+                                                                     const std::string& name,
                                                                      std::shared_ptr<objstore::DiskCache> disk,
                                                                      const std::string& cache_dir,
                                                                      std::shared_ptr<image::FrameCache> frames,
                                                                      const Logger& logger) {
-  auto split = split_image_path(path);
-  if (!split) return std::unexpected(split.error());
-  const auto& [dir, name] = *split;
   // A directory, or s3://BUCKET/PREFIX: frames are then fetched from the
   // bucket as faults need them (one GET per frame, shared by the faults
   // that wait for it through the frame cache).
@@ -262,11 +260,14 @@ Result<std::shared_ptr<const Server::Served>> Server::open_served(const std::str
   served->image_path = image_path;
   served->prefetch_all = prefetch_all;
   if (!image_path.empty()) {
-    auto opened = open_image(image_path, disk_cache_, config_.cache_dir, frame_cache_, log_);
+    auto split = split_image_path(image_path);
+    if (!split) return std::unexpected(split.error());
+    served->store = split->first;
+    auto opened =
+        open_image(image_path, split->first, split->second, disk_cache_, config_.cache_dir, frame_cache_, log_);
     if (!opened) return std::unexpected(opened.error());
     served->image = *opened;
     served->source = std::move(*opened);
-    served->store = split_image_path(image_path)->first;
   } else {
     auto memory = MemoryFile::open(memory_path);
     if (!memory) return std::unexpected(memory.error());
@@ -609,11 +610,11 @@ Result<Server::Attachment> Server::detach(const std::string& socket) {
     std::lock_guard lock(bound_mu_);
     auto matches = [&](const std::shared_ptr<Bound>& b) { return b->listener.path() == socket; };
     auto it = std::find_if(bound_.begin(), bound_.end(), matches);
-    if (it == bound_.end() && socket.find('/') == std::string::npos && !config_.socket_dir.empty()) {
+    if (it == bound_.end() && socket.find('/') == std::string::npos) {
       // A plain name: the socket of that name in --socket-dir.
-      std::error_code ec;
-      const auto full = (std::filesystem::canonical(config_.socket_dir, ec) / socket).string();
-      it = std::find_if(bound_.begin(), bound_.end(), [&](const auto& b) { return b->listener.path() == full; });
+      if (auto full = attach_socket_path(socket)) {
+        it = std::find_if(bound_.begin(), bound_.end(), [&](const auto& b) { return b->listener.path() == *full; });
+      }
     }
     if (it == bound_.end()) {
       return fail("no socket \"" + escape_untrusted(socket, 256) + "\" is attached", ENOENT);

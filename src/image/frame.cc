@@ -65,6 +65,11 @@ Result<std::string> decode_frame(std::string_view blob, const BlobId& id, uint64
   if (BlobId::of(blob) != id) {
     return fail(what + ": blob " + id.hex() + " is corrupt (its SHA-256 does not match its name)", EIO);
   }
+  return decode_checked_frame(blob, id, expected_bytes, what);
+}
+
+Result<std::string> decode_checked_frame(std::string_view blob, const BlobId& id, uint64_t expected_bytes,
+                                         const std::string& what) {
   const unsigned long long content = ZSTD_getFrameContentSize(blob.data(), blob.size());
   if (content == ZSTD_CONTENTSIZE_ERROR || content == ZSTD_CONTENTSIZE_UNKNOWN || content != expected_bytes) {
     return fail(what + ": blob " + id.hex() + " is not a zstd frame of " + std::to_string(expected_bytes) + " bytes",

@@ -41,5 +41,9 @@ class FrameCompressor {
 // errors. No byte of a blob whose hash does not match is ever decompressed.
 Result<std::string> decode_frame(std::string_view blob, const BlobId& id, uint64_t expected_bytes,
                                  const std::string& what);
+// decode_frame() without the hash, for a blob its store has just checked
+// against `id` (FetchedBlob::checked). REQUIRES: BlobId::of(blob) == id.
+Result<std::string> decode_checked_frame(std::string_view blob, const BlobId& id, uint64_t expected_bytes,
+                                         const std::string& what);
 
 }  // namespace faultline::image

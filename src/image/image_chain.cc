@@ -91,18 +91,21 @@ Result<std::string> ImageChain::read_frame(uint32_t layer, uint64_t frame) const
   // damaged on the way (a proxy, a flaky network card): fetched once more.
   // Damaged twice, they are damaged where they are stored.
   for (int attempt = 1;; ++attempt) {
-    auto blob = store_->get(f.id);
+    auto blob = store_->get_checked(f.id);
     if (!blob) {
       Error e = blob.error();
       e.message = describe_layer(layer) + ": " + e.message;
       return std::unexpected(std::move(e));  // keeps code and retryable: the store's to say
     }
     Result<std::string> frame =
-        blob->size() != f.compressed_bytes
-            ? fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->size()) +
+        blob->bytes.size() != f.compressed_bytes
+            ? fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->bytes.size()) +
                        " bytes, the manifest says " + std::to_string(f.compressed_bytes),
                    EIO)
-            : decode_frame(*blob, f.id, static_cast<uint64_t>(f.pages) * m.page_size, describe_layer(layer));
+        : blob->checked
+            ? decode_checked_frame(blob->bytes, f.id, static_cast<uint64_t>(f.pages) * m.page_size,
+                                   describe_layer(layer))
+            : decode_frame(blob->bytes, f.id, static_cast<uint64_t>(f.pages) * m.page_size, describe_layer(layer));
     if (frame || attempt == 2) {
       if (!frame) frame.error().message += " (fetched twice, damaged both times)";
       return frame;

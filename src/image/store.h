@@ -7,7 +7,8 @@
 //    part of one, and a blob that exists already is not rewritten (its name
 //    is its content, so rewriting could only lose it during the write).
 //  - get() returns the bytes as stored; callers check them against the id
-//    (frame.h) before using any of them.
+//    (frame.h) before using any of them, unless get_checked() says the
+//    store has just done so.
 //  - write_manifest() is atomic in the same way; manifests are written last,
 //    after every blob they reference, so an interrupted create leaves no
 //    image, only blobs that gc removes.
@@ -27,10 +28,27 @@
 
 namespace faultline::image {
 
+// A blob as read by BlobStore::get_checked().
+struct FetchedBlob {
+  std::string bytes;
+  // True when the store checked `bytes` against their id (SHA-256) on this
+  // read, so the reader need not hash them a second time.
+  bool checked = false;
+};
+
 class BlobStore {
  public:
   virtual ~BlobStore() = default;
   virtual Result<std::string> get(const BlobId& id) = 0;
+  // get(), saying whether the store has checked the bytes against `id` on the
+  // way: a store that must hash what it reads anyway (a disk cache verifying
+  // what it reads back, or what it fetched before keeping it) says so, and a
+  // frame is then hashed once per read instead of twice.
+  virtual Result<FetchedBlob> get_checked(const BlobId& id) {
+    auto bytes = get(id);
+    if (!bytes) return std::unexpected(bytes.error());
+    return FetchedBlob{std::move(*bytes), false};
+  }
   // Stores `bytes` under `id` (REQUIRES: id == BlobId::of(bytes)), unless present.
   virtual Status put(const BlobId& id, std::string_view bytes) = 0;
   // Like put(), but the blob need not be visible or durable before the next

@@ -161,19 +161,26 @@ DiskCache::Stats DiskCache::stats() const {
 }
 
 Result<std::string> CachedStore::get(const image::BlobId& id) {
-  if (auto hit = cache_->get(id)) return std::move(*hit);
+  auto blob = get_checked(id);
+  if (!blob) return std::unexpected(blob.error());
+  return std::move(blob->bytes);
+}
+
+Result<image::FetchedBlob> CachedStore::get_checked(const image::BlobId& id) {
+  if (auto hit = cache_->get(id)) return image::FetchedBlob{std::move(*hit), true};  // get() checked it
   auto bytes = inner_->get(id);
-  if (!bytes) return bytes;
+  if (!bytes) return std::unexpected(bytes.error());
   // Bytes damaged on the way are not kept (the caller checks them and may
   // fetch again).
-  if (image::BlobId::of(*bytes) == id) {
+  const bool matches = image::BlobId::of(*bytes) == id;
+  if (matches) {
     if (auto st = cache_->put(id, *bytes); !st) {
       if (!failing_.exchange(true) && on_cache_error_) on_cache_error_(st.error());
     } else {
       failing_.store(false);
     }
   }
-  return bytes;
+  return image::FetchedBlob{std::move(*bytes), matches};
 }
 
 }  // namespace faultline::objstore

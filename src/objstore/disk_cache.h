@@ -87,6 +87,10 @@ class CachedStore final : public image::Store {
       : inner_(std::move(inner)), cache_(std::move(cache)), on_cache_error_(std::move(on_cache_error)) {}
 
   Result<std::string> get(const image::BlobId& id) override;
+  // Every blob this returns was hashed once on the way (DiskCache::get checks
+  // a hit; a miss is checked before it is kept): checked, unless a fetched
+  // blob did not match its name (returned unchecked, for the caller's error).
+  Result<image::FetchedBlob> get_checked(const image::BlobId& id) override;
   Status put(const image::BlobId& id, std::string_view bytes) override { return inner_->put(id, bytes); }
   Result<bool> exists(const image::BlobId& id) override { return inner_->exists(id); }
   Result<std::vector<image::BlobId>> list() override { return inner_->list(); }

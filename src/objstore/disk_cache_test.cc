@@ -48,14 +48,18 @@ std::string blob(size_t n, uint64_t seed) {
   return s;
 }
 
-// Counts the inner store's blob reads.
+// Counts the inner store's blob reads; with `damage` set, flips a byte of
+// every blob it returns (a body damaged on the way).
 class CountingStore final : public image::Store {
  public:
   explicit CountingStore(std::unique_ptr<image::Store> inner) : inner_(std::move(inner)) {}
   std::atomic<int> gets{0};
+  std::atomic<bool> damage{false};
   Result<std::string> get(const BlobId& id) override {
     gets.fetch_add(1);
-    return inner_->get(id);
+    auto bytes = inner_->get(id);
+    if (bytes && damage.load() && !bytes->empty()) (*bytes)[bytes->size() / 2] ^= 0x20;
+    return bytes;
   }
   Status put(const BlobId& id, std::string_view b) override { return inner_->put(id, b); }
   Result<bool> exists(const BlobId& id) override { return inner_->exists(id); }
@@ -179,6 +183,52 @@ TEST(CachedStore, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFileIsFe
   ASSERT_TRUE(third);
   EXPECT_TRUE(*third == b);
   EXPECT_EQ(inner->gets.load(), 2) << "the refetched blob was cached again";
+}
+
+// A frame read through the cache is hashed once: get_checked() says
+// `checked` for what it has hashed itself (a hit, a fetch that matched its
+// name), and never for bytes that did not match, which the reader must check
+// (and refuse) itself; those are not kept either.
+TEST(CachedStore, GetCheckedSaysCheckedOnlyForBytesItHashedAndFoundRight) {
+  TempDir dir;
+  auto local = image::LocalStore::open(dir.path() + "/store", true);
+  ASSERT_TRUE(local);
+  const std::string b = blob(70000, 9);
+  const BlobId id = BlobId::of(b);
+  ASSERT_TRUE((*local)->put(id, b));
+  auto counting = std::make_unique<CountingStore>(std::move(*local));
+  CountingStore* inner = counting.get();
+  auto cache = DiskCache::open(dir.path() + "/cache", 1 << 20);
+  ASSERT_TRUE(cache);
+  CachedStore store(std::move(counting), *cache);
+
+  inner->damage = true;
+  auto damaged = store.get_checked(id);
+  ASSERT_TRUE(damaged) << damaged.error().describe();
+  EXPECT_FALSE(damaged->checked);
+  EXPECT_NE(BlobId::of(damaged->bytes), id);
+  EXPECT_EQ((*cache)->stats().bytes, 0u) << "damaged bytes were kept";
+
+  inner->damage = false;
+  auto fetched = store.get_checked(id);
+  ASSERT_TRUE(fetched) << fetched.error().describe();
+  EXPECT_TRUE(fetched->checked);
+  EXPECT_TRUE(fetched->bytes == b);
+  EXPECT_EQ(inner->gets.load(), 2);
+
+  auto hit = store.get_checked(id);
+  ASSERT_TRUE(hit) << hit.error().describe();
+  EXPECT_TRUE(hit->checked);
+  EXPECT_TRUE(hit->bytes == b);
+  EXPECT_EQ(inner->gets.load(), 2) << "a hit reached the store";
+
+  // A store without a cache hashes nothing on the way: the reader must.
+  auto plain = image::LocalStore::open(dir.path() + "/store", false);
+  ASSERT_TRUE(plain);
+  auto unchecked = (*plain)->get_checked(id);
+  ASSERT_TRUE(unchecked);
+  EXPECT_FALSE(unchecked->checked);
+  EXPECT_TRUE(unchecked->bytes == b);
 }
 
 TEST(CachedStore, ThreadsSharingASmallCacheAlwaysGetTheRightBytes) {

@@ -551,17 +551,24 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
                 "image (create --working-set) on local disk; fl-s3-cold: that image in the bucket, empty --cache-dir;\n"
                 "fl-s3-warm: the same with a --cache-dir an earlier daemon filled. restore: handshake until the set "
                 "was read (image opening is start-up, untimed);\nGETs and MB: what the S3 client fetched for the "
-                "restore (opening the image included); amp: MB fetched / the set's compressed size (its pages at the image's ratio)\n");
-    std::printf("%-34s %-15s %10s %8s %8s %9s %6s %9s %9s  %s\n", "config", "backend", "restore ms", "x local",
-                "GETs", "MB", "amp", "set MB", "faults", "note");
+                "restore (opening the image included); amp: MB fetched / the set's compressed size (its pages at the image's ratio);\n"
+                "CPU ms: used from the daemon's start to its stop by this process (daemon, S3 client, touching thread) "
+                "and by the store's daemons (mon, OSD, gateway);\nbusy: both over restore ms x cores (near 100 %%: the "
+                "restore waited for CPU, not for the store)\n");
+    std::printf("%-34s %-15s %10s %8s %8s %9s %6s %9s %9s %9s %9s %6s  %s\n", "config", "backend", "restore ms",
+                "x local", "GETs", "MB", "amp", "set MB", "faults", "own CPU", "store CPU", "busy", "note");
     for (const Row& row : r.rows) {
       if (row.scenario != kStoreScenario) continue;
       const double local = metric_of(r, kStoreScenario, row.config(), Backend::kFaultlineImagePrefetch, "restore_ms");
-      std::printf("%-34s %-15s %10s %8s %8s %9s %6s %9s %9s  %s\n", row.config().c_str(), label(row.backend),
-                  num(row.metric("restore_ms"), 1).c_str(), num(row.metric("restore_ms") / local, 2).c_str(),
-                  num(row.metric("gets"), 0).c_str(), num(row.metric("fetched_mb"), 1).c_str(),
-                  num(row.metric("read_amplification"), 2).c_str(), num(row.metric("ws_compressed_mb"), 1).c_str(),
-                  num(row.metric("demand_faults"), 0).c_str(), status_text(row).c_str());
+      const double busy = (row.metric("own_cpu_ms") + row.metric("store_cpu_ms")) /
+                          (row.metric("restore_ms") * row.metric("cores")) * 100;
+      std::printf("%-34s %-15s %10s %8s %8s %9s %6s %9s %9s %9s %9s %6s  %s\n", row.config().c_str(),
+                  label(row.backend), num(row.metric("restore_ms"), 1).c_str(),
+                  num(row.metric("restore_ms") / local, 2).c_str(), num(row.metric("gets"), 0).c_str(),
+                  num(row.metric("fetched_mb"), 1).c_str(), num(row.metric("read_amplification"), 2).c_str(),
+                  num(row.metric("ws_compressed_mb"), 1).c_str(), num(row.metric("demand_faults"), 0).c_str(),
+                  num(row.metric("own_cpu_ms"), 0).c_str(), num(row.metric("store_cpu_ms"), 0).c_str(),
+                  (num(busy, 0) + (std::isnan(busy) ? "" : " %")).c_str(), status_text(row).c_str());
     }
     std::set<std::string> printed;
     for (const Row& row : r.rows) {

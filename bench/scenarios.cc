@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -23,6 +24,7 @@
 #include <map>
 #include <random>
 #include <span>
+#include <sstream>
 #include <thread>
 
 #include "bench/load.h"
@@ -1180,6 +1182,33 @@ class Gateway {
     }
     return g;
   }
+  // CPU seconds (user + system) the cluster's daemons (mon, OSD, gateway)
+  // have used since they started: the store's share of a restore on this
+  // machine, where it runs on the same cores as the daemon and the guest.
+  double cpu_seconds() const {
+    static const double ticks = static_cast<double>(::sysconf(_SC_CLK_TCK));
+    double total = 0;
+    std::error_code ec;
+    for (const auto& entry : std::filesystem::directory_iterator(dir_, ec)) {
+      if (entry.path().extension() != ".pid") continue;
+      int pid = 0;
+      std::ifstream(entry.path()) >> pid;
+      std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+      std::string line;
+      if (pid <= 0 || !std::getline(stat, line)) continue;
+      // Fields after the command name, which may hold spaces: state is field
+      // 3, utime and stime are fields 14 and 15.
+      std::istringstream rest(line.substr(line.rfind(')') + 2));
+      std::string field;
+      double utime = 0, stime = 0;
+      for (int i = 3; i <= 15 && rest >> field; ++i) {
+        if (i == 14) utime = std::stod(field);
+        if (i == 15) stime = std::stod(field);
+      }
+      total += (utime + stime) / ticks;
+    }
+    return total;
+  }
   ~Gateway() {
     if (!started_) return;
     const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh stop " + dir_ + " >/dev/null 2>&1";
@@ -1216,7 +1245,14 @@ class Gateway {
 // The working-set restore of `subject` from its image in the bucket (cold
 // and warm disk cache), from the same image on local disk and from the raw
 // file, interleaved, every byte read compared with the file.
-Status measure_store_serving(Context& ctx, const ImageSubject& subject) {
+double process_cpu_seconds() {
+  rusage r{};
+  ::getrusage(RUSAGE_SELF, &r);
+  return static_cast<double>(r.ru_utime.tv_sec + r.ru_stime.tv_sec) +
+         static_cast<double>(r.ru_utime.tv_usec + r.ru_stime.tv_usec) / 1e6;
+}
+
+Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Gateway& gateway) {
   warm_page_cache(subject.path);
   auto file = map_memory_file(subject.path);
   if (!file) return std::unexpected(file.error());
@@ -1292,6 +1328,8 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject) {
     std::error_code ec;
     std::filesystem::remove_all(ctx.dir + "/store-cache-cold", ec);  // cold: nothing kept from the last run
     const auto before = objstore::S3Client::process_totals();
+    const double store_cpu_before = gateway.cpu_seconds();
+    const double own_cpu_before = process_cpu_seconds();
     {
       // A fresh daemon each time: its frame cache starts empty. Opening the
       // image (its manifests, from the bucket for the store rows) is the
@@ -1312,6 +1350,10 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject) {
       }
     }  // the guest, then the daemon, gone: every fetch the restore caused is counted
     const auto after = objstore::S3Client::process_totals();
+    // Where the restore's CPU went: this process (the daemon, its S3 client
+    // and the touching thread) and the store's daemons, against the 2 cores.
+    s.add("own_cpu_ms", (process_cpu_seconds() - own_cpu_before) * 1e3);
+    s.add("store_cpu_ms", (gateway.cpu_seconds() - store_cpu_before) * 1e3);
     if (s.backend == Backend::kFaultlineStoreCold || s.backend == Backend::kFaultlineStoreWarm) {
       const double fetched = static_cast<double>(after.get_body_bytes - before.get_body_bytes);
       s.add("gets", static_cast<double>(after.gets - before.gets));
@@ -1358,7 +1400,11 @@ void run_store_scenario(Context& ctx) {
     subjects.push_back({"generated", generated, ""});
   }
   if (!ctx.corpus_path.empty()) subjects.push_back({"realistic", ctx.corpus_path, ctx.corpus_path + ".flws"});
-  for (const ImageSubject& subject : subjects) measure_subject(ctx, kStoreScenario, subject, measure_store_serving);
+  for (const ImageSubject& subject : subjects) {
+    measure_subject(ctx, kStoreScenario, subject, [&](Context& c, const ImageSubject& s) {
+      return measure_store_serving(c, s, **gateway);
+    });
+  }
   std::error_code ec;
   std::filesystem::remove(generated, ec);
 }

@@ -17,6 +17,8 @@
 #include "client/firecracker_client.h"
 #include "client/restore_scenario.h"
 #include "harness.h"
+#include "image/image_chain.h"
+#include "image/local_store.h"
 #include "kernel/process.h"
 #include "server/test_hooks.h"
 
@@ -130,6 +132,96 @@ TEST(FaultAroundServe, HugePageGuestsInstallOnlyTheFaultingPageAndEveryByteIsRig
   // Every page installed was installed for a fault of its own (or lost an
   // EEXIST race to one): none went ahead.
   EXPECT_LE(s.pages_snapshot + s.pages_zero, s.faults);
+}
+
+// Frame boundaries of the harness's image: for each frame after the first,
+// its first guest page (the first stored page that lies in it), with the
+// last stored page before it (in the frame before).
+struct FrameEdge {
+  uint64_t last_before = 0;
+  uint64_t first = 0;
+};
+std::vector<FrameEdge> frame_edges(ServerHarness& h) {
+  auto store = image::LocalStore::open(h.dir().file("store"), false);
+  EXPECT_TRUE(store);
+  if (!store) return {};
+  auto chain = image::ImageChain::open(**store, "base");
+  EXPECT_TRUE(chain);
+  if (!chain) return {};
+  std::vector<FrameEdge> edges;
+  uint64_t last_stored = 0;
+  bool any = false;
+  for (uint64_t p = 0; p < chain->guest_pages(); ++p) {
+    const image::PageLocation loc = chain->locate(p);
+    if (loc.zero) continue;
+    if (any && loc.frame != chain->locate(last_stored).frame) edges.push_back({last_stored, p});
+    last_stored = p;
+    any = true;
+  }
+  return edges;
+}
+
+// With an image, a fault's window never waits for the load of a frame other
+// than its own page's: it ends where a frame not in memory begins, and
+// runs on over one that is (PageSource::read_window).
+TEST(FaultAroundServe, AnImagesWindowEndsAtAFrameNotInMemoryAndRunsOnOverOneThatIs) {
+  ServerHarness::Options o = with_fault_around();
+  o.serve_image = true;
+  ServerHarness h(o);
+  const auto file = file_bytes(h.memory());
+  // Two frame edges inside a 64 KiB block (a fresh session's first window is
+  // the rest of its fault's 16-page block), the fault's page in the frame
+  // before, far enough apart to share no frame.
+  std::vector<FrameEdge> inside;
+  for (const FrameEdge& e : frame_edges(h)) {
+    if (e.first % 16 != 0 && e.last_before / 16 == e.first / 16 &&
+        (inside.empty() || e.first > inside.back().first + 1024)) {
+      inside.push_back(e);
+    }
+  }
+  ASSERT_GE(inside.size(), 3u) << "the test image has too few frame edges inside a 64 KiB block";
+  const auto misses = [&] { return h.server().metrics().snapshot().frame_cache->misses; };
+
+  // 1. The next frame is not in memory: the window stops before it.
+  const FrameEdge cold = inside[0];
+  {
+    auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+    ASSERT_TRUE(c) << c.error().describe();
+    ASSERT_TRUE(c->connect_and_send(h.socket()));
+    (void)read_pages(*c, cold.last_before, 1);
+    EXPECT_EQ(misses(), 1u) << "a frame was loaded for the neighbours";
+    const uint64_t block_end = (cold.first / 16 + 1) * 16;
+    const auto m = pagemap(*c, cold.last_before, block_end - cold.last_before);
+    for (uint64_t p = cold.last_before; p < block_end; ++p) {
+      EXPECT_EQ((m[p - cold.last_before] & kPresent) != 0, p < cold.first) << "page " << p;
+    }
+    expect_page_is(*c, file, cold.last_before);
+    // The next frame's first page faults on its own and loads it.
+    (void)read_pages(*c, cold.first, 1);
+    EXPECT_EQ(misses(), 2u);
+    for (uint64_t p = cold.last_before; p < block_end; ++p) expect_page_is(*c, file, p);
+  }
+  // 2. Another VM finds the frame after its fault's frame in memory (a first
+  // VM loaded it): its window runs over the edge to the end of the block.
+  const FrameEdge warm = inside[2];
+  {
+    auto first_vm = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+    ASSERT_TRUE(first_vm) << first_vm.error().describe();
+    ASSERT_TRUE(first_vm->connect_and_send(h.socket()));
+    (void)read_pages(*first_vm, warm.first, 1);
+    const uint64_t loaded = misses();
+    auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
+    ASSERT_TRUE(c) << c.error().describe();
+    ASSERT_TRUE(c->connect_and_send(h.socket()));
+    (void)read_pages(*c, warm.last_before, 1);
+    EXPECT_EQ(misses(), loaded + 1) << "only the fault's own frame was loaded";
+    const uint64_t block_end = (warm.first / 16 + 1) * 16;
+    const auto m = pagemap(*c, warm.last_before, block_end - warm.last_before);
+    for (uint64_t p = warm.last_before; p < block_end; ++p) {
+      EXPECT_TRUE(m[p - warm.last_before] & kPresent) << "page " << p;
+      expect_page_is(*c, file, p);
+    }
+  }
 }
 
 TEST(FaultAroundServe, OffInstallsOnlyTheFaultingPage) {

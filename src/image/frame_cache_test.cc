@@ -239,6 +239,62 @@ TEST_F(ImageSourceTest, ReadIfCachedNeverLoadsAFrame) {
   EXPECT_EQ(cache->stats().misses, 1u);
 }
 
+// A demand fault's window (PageSource::read_window) loads at most the frame
+// of its first page; after it, pages are read while they are zero, in that
+// frame or in a frame already in memory.
+TEST_F(ImageSourceTest, AWindowLoadsOnlyItsFirstPagesFrameAndReadsOnOverFramesInMemory) {
+  auto cache = std::make_shared<FrameCache>(64 << 20);
+  auto src = open(cache);
+  ASSERT_TRUE(src);
+  const ImageChain& chain = src->chain();
+  // The first stored page of frame 1 (frame 0 holds 128 stored pages) and a
+  // window that starts 8 guest pages before it, in frame 0.
+  uint64_t boundary = 0;
+  while (chain.locate(boundary).zero || chain.locate(boundary).frame != 1) ++boundary;
+  uint64_t start = boundary - 8;
+  while (chain.locate(start).zero) --start;
+  ASSERT_EQ(chain.locate(start).frame, 0u);
+  const uint64_t window_pages = 32;
+  std::vector<uint8_t> out(window_pages * 4096, 0xEE);
+  auto expect_bytes = [&](uint64_t pages) {
+    EXPECT_EQ(std::memcmp(out.data(), memory_.data() + start * 4096, pages * 4096), 0);
+  };
+
+  // From memory only, with frame 0 not loaded: nothing, and nothing loaded.
+  auto none = src->read_window(start * 4096, out, 4096, /*cached_only=*/true);
+  ASSERT_TRUE(none) << none.error().describe();
+  EXPECT_EQ(*none, 0u);
+  EXPECT_EQ(cache->stats().misses, 0u);
+
+  // Loading allowed: frame 0 is loaded, frame 1 is not, and the window ends
+  // where frame 1 begins.
+  auto first = src->read_window(start * 4096, out, 4096, /*cached_only=*/false);
+  ASSERT_TRUE(first) << first.error().describe();
+  EXPECT_EQ(*first, (boundary - start) * 4096);
+  expect_bytes(boundary - start);
+  EXPECT_EQ(cache->stats().misses, 1u);
+
+  // With frame 1 in memory, the whole window is read, even from memory only.
+  std::vector<uint8_t> page(4096);
+  ASSERT_TRUE(src->read(boundary * 4096, page));
+  EXPECT_EQ(cache->stats().misses, 2u);
+  auto whole = src->read_window(start * 4096, out, 4096, /*cached_only=*/true);
+  ASSERT_TRUE(whole) << whole.error().describe();
+  EXPECT_EQ(*whole, window_pages * 4096);
+  expect_bytes(window_pages);
+
+  // A window that starts on a zero page (the run 200-259) loads nothing: it
+  // ends before the first stored page of a frame not in memory.
+  auto fresh_cache = std::make_shared<FrameCache>(64 << 20);
+  auto fresh = open(fresh_cache);
+  ASSERT_TRUE(fresh);
+  auto zeros = fresh->read_window(230 * 4096, out, 4096, /*cached_only=*/false);
+  ASSERT_TRUE(zeros) << zeros.error().describe();
+  EXPECT_EQ(*zeros, 30u * 4096);
+  EXPECT_EQ(std::vector<uint8_t>(out.begin(), out.begin() + 30 * 4096), std::vector<uint8_t>(30 * 4096, 0));
+  EXPECT_EQ(fresh_cache->stats().misses, 0u);
+}
+
 TEST_F(ImageSourceTest, ExtentsAndZeroRangesComeFromTheManifest) {
   auto src = open(std::make_shared<FrameCache>(64 << 20));
   ASSERT_TRUE(src);

@@ -43,7 +43,7 @@ Result<FrameCache::Frame> ImageSource::frame(const PageLocation& loc) const {
 }
 
 template <typename FrameOf>
-Result<bool> ImageSource::copy_out(uint64_t offset, std::span<uint8_t> out, FrameOf&& frame_of) const {
+Result<uint64_t> ImageSource::copy_out(uint64_t offset, std::span<uint8_t> out, FrameOf&& frame_of) const {
   if (offset > size() || out.size() > size() - offset) {
     return fail("read of " + std::to_string(out.size()) + " bytes at offset " + std::to_string(offset) +
                     " is beyond the end of " + description_ + " (" + std::to_string(size()) + " bytes)",
@@ -69,7 +69,7 @@ Result<bool> ImageSource::copy_out(uint64_t offset, std::span<uint8_t> out, Fram
       if (held_for != &ref) {
         auto f = frame_of(loc);
         if (!f) return std::unexpected(f.error());
-        if (!*f) return false;
+        if (!*f) return done;
         held = std::move(*f);
         held_for = &ref;
       }
@@ -77,7 +77,7 @@ Result<bool> ImageSource::copy_out(uint64_t offset, std::span<uint8_t> out, Fram
     }
     done += n;
   }
-  return true;
+  return done;
 }
 
 Status ImageSource::read(uint64_t offset, std::span<uint8_t> out) const {
@@ -87,9 +87,30 @@ Status ImageSource::read(uint64_t offset, std::span<uint8_t> out) const {
 }
 
 Result<bool> ImageSource::read_if_cached(uint64_t offset, std::span<uint8_t> out) const {
-  return copy_out(offset, out, [this](const PageLocation& loc) -> Result<FrameCache::Frame> {
+  auto r = copy_out(offset, out, [this](const PageLocation& loc) -> Result<FrameCache::Frame> {
     return cache_->find(chain_.layers()[loc.layer].manifest.frames[loc.frame].id);
   });
+  if (!r) return std::unexpected(r.error());
+  return *r == out.size();
+}
+
+Result<uint64_t> ImageSource::read_window(uint64_t offset, std::span<uint8_t> out, uint64_t page_size,
+                                          bool cached_only) const {
+  // Only the first page decides whether anything is loaded: a stored page
+  // after it in another frame is read only if that frame is in memory (an
+  // image laid out by a working set keeps a page's guest neighbours in
+  // other frames, often ones the guest never needs: loading one for a
+  // guess would make the fault wait for a second GET or decompression).
+  const uint64_t first_page_end = std::min<uint64_t>(page_size, out.size());
+  const PageLocation head = chain_.locate(offset / chain_.page_size());
+  auto r = copy_out(offset, out, [&](const PageLocation& loc) -> Result<FrameCache::Frame> {
+    const bool heads_frame = !head.zero && loc.layer == head.layer && loc.frame == head.frame;
+    if (heads_frame && !cached_only) return frame(loc);
+    return cache_->find(chain_.layers()[loc.layer].manifest.frames[loc.frame].id);
+  });
+  if (!r) return std::unexpected(r.error());
+  const uint64_t whole = *r - *r % page_size;
+  return whole < first_page_end ? 0 : whole;
 }
 
 SourceExtent ImageSource::extent(uint64_t offset) const {

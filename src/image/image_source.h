@@ -46,6 +46,10 @@ class ImageSource final : public PageSource {
   // True (bytes copied) when every page of the range is zero or in a frame
   // the cache holds now; false otherwise, having loaded nothing.
   Result<bool> read_if_cached(uint64_t offset, std::span<uint8_t> out) const override;
+  // The first page's frame is loaded if it must be; later pages are read
+  // while they are zero, in that frame or in a frame the cache holds now.
+  Result<uint64_t> read_window(uint64_t offset, std::span<uint8_t> out, uint64_t page_size,
+                               bool cached_only) const override;
   SourceExtent extent(uint64_t offset) const override;
   bool known_zero(uint64_t offset, uint64_t length) const override;
   // Loads the frames the plan needs into the frame cache ahead of its reads
@@ -64,10 +68,11 @@ class ImageSource final : public PageSource {
   ImageSource(std::unique_ptr<Store> store, ImageChain chain, std::string name, std::shared_ptr<FrameCache> cache);
   // The frame holding `loc`, from the cache or loaded into it.
   Result<FrameCache::Frame> frame(const PageLocation& loc) const;
-  // Copies [offset, offset + out.size()) page by page; `frame_of` gives the
-  // frame of a stored page (or null: stop, return false).
+  // Copies [offset, offset + out.size()) page by page; `frame_of(loc)` gives
+  // the frame of a stored page, or null: stop there. Returns the bytes
+  // copied, out.size() unless frame_of stopped it.
   template <typename FrameOf>
-  Result<bool> copy_out(uint64_t offset, std::span<uint8_t> out, FrameOf&& frame_of) const;
+  Result<uint64_t> copy_out(uint64_t offset, std::span<uint8_t> out, FrameOf&& frame_of) const;
 
   std::unique_ptr<Store> store_;  // the chain reads through it
   ImageChain chain_;

@@ -779,14 +779,27 @@ bool Session::snapshot_known_zero(uint64_t offset, uint64_t length) const {
 }
 
 Status Session::read_source(uint64_t offset, std::span<uint8_t> out) {
+  auto r = read_source_window(offset, out, 0);
+  if (!r) return std::unexpected(r.error());
+  return {};
+}
+
+Result<uint64_t> Session::read_source_window(uint64_t offset, std::span<uint8_t> out, uint64_t window_page_size) {
   const auto deadline = std::chrono::steady_clock::now() + config_.source_retry_deadline;
   auto backoff = std::chrono::milliseconds{1};
   for (;;) {
     HookContext hook{offset, 0};
     FAULTLINE_HOOK(HookPoint::kSourceRead, hook);
-    Status s = hook.inject_errno ? Status(std::unexpected(Error{hook.inject_errno, "injected source read failure",
-                                                                hook.inject_errno == EAGAIN}))
-                                 : source_->read(offset, out);
+    Result<uint64_t> s = uint64_t{0};
+    if (hook.inject_errno) {
+      s = std::unexpected(Error{hook.inject_errno, "injected source read failure", hook.inject_errno == EAGAIN});
+    } else if (window_page_size != 0) {
+      s = source_->read_window(offset, out, window_page_size, /*cached_only=*/false);
+    } else if (Status read = source_->read(offset, out); read) {
+      s = out.size();
+    } else {
+      s = std::unexpected(read.error());
+    }
     if (s || !s.error().retryable) return s;
     // The source says this may pass (a store short of memory or fds, a
     // timeout): wait and try again rather than kill a VM over a hiccup, but
@@ -1024,12 +1037,16 @@ Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
         w.snapshot_zero.fetch_add(1, std::memory_order_relaxed);
       }
     } else if (by_reader) {
-      auto cached = source_->read_if_cached(loc->file_offset, {w.buffer.get(), pages * loc->page_size});
+      // The window as far as it is in memory; a first page that would wait
+      // for storage goes to a worker.
+      auto cached = source_->read_window(loc->file_offset, {w.buffer.get(), pages * loc->page_size}, loc->page_size,
+                                         /*cached_only=*/true);
       if (!cached) {
         end(SessionEnd::kFatal, cached.error().describe());
         return Served::kDone;
       }
-      if (!*cached) return Served::kNeedsWorker;  // it would wait for storage
+      if (*cached == 0) return Served::kNeedsWorker;  // it would wait for storage
+      pages = *cached / loc->page_size;
       const PageInstaller::Result run = install_window(w, PageInstaller::kReaderUnfenced, *loc, pages, w.buffer.get(),
                                                        protect, fault.write, 0);
       // The reader recorded every REMOVE it read before serving: the page
@@ -1039,18 +1056,22 @@ Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
         queue_readahead(w, *loc, fault, pages, true);
       }
     } else {
-      // Storage I/O happens here, before the fence, so the reader never waits on it.
-      Status read = read_source(loc->file_offset, {w.buffer.get(), pages * loc->page_size});
+      // Storage I/O happens here, before the fence, so the reader never waits
+      // on it. The window is read as far as it comes without a load beyond
+      // the faulting page's own (PageSource::read_window).
+      Result<uint64_t> read =
+          read_source_window(loc->file_offset, {w.buffer.get(), pages * loc->page_size}, loc->page_size);
       // A window that cannot be read (a damaged frame of a neighbour) is no
       // reason to fail the fault: its own page decides.
       if (!read && pages > 1) {
         pages = 1;
-        read = read_source(loc->file_offset, {w.buffer.get(), loc->page_size});
+        read = read_source_window(loc->file_offset, {w.buffer.get(), loc->page_size}, loc->page_size);
       }
       if (!read) {
         end(SessionEnd::kFatal, read.error().describe());
         return Served::kDone;
       }
+      pages = *read / loc->page_size;
       FAULTLINE_HOOK(HookPoint::kBeforeInstallIoctl, hook);
       const PageInstaller::Result run =
           install_window(w, w.index, *loc, pages, w.buffer.get(), protect, fault.write, hook.inject_errno);

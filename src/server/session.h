@@ -385,6 +385,10 @@ class Session {
   bool snapshot_known_zero(uint64_t offset, uint64_t length) const;
   // source_->read(), retrying retryable errors (SessionConfig::source_retry_deadline).
   Status read_source(uint64_t offset, std::span<uint8_t> out);
+  // The same for a demand fault's window: source_->read_window() (a window
+  // of pages of window_page_size bytes; the bytes read, at least the first
+  // page's), or source_->read() of all of `out` when window_page_size is 0.
+  Result<uint64_t> read_source_window(uint64_t offset, std::span<uint8_t> out, uint64_t window_page_size);
   bool recording() const { return config_.record_first_touches || !config_.record_path.empty(); }
 
   const SessionConfig config_;

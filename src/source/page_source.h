@@ -106,6 +106,28 @@ class PageSource {
     (void)out;
     return false;
   }
+  // Reads a demand fault's window [offset, offset + out.size()): the first
+  // page (`page_size` bytes at `offset`) and then the pages after it for as
+  // long as they come without another load from storage: zero, in the same
+  // unit as the first page (an image's frame), or in memory already. So a
+  // fault never waits for a load made only for its neighbours (the kernel's
+  // fault-around likewise maps only pages already in the page cache).
+  // Returns the bytes read: whole pages from the start of `out`, the first
+  // page at least; or 0 with `cached_only` when the first page itself would
+  // need a load (nothing is loaded then). The default: a plain file, where
+  // the whole window is one cheap read (read_if_cached() with `cached_only`).
+  // REQUIRES: offset and out.size() are multiples of page_size, out not empty.
+  virtual Result<uint64_t> read_window(uint64_t offset, std::span<uint8_t> out, uint64_t page_size,
+                                       bool cached_only) const {
+    (void)page_size;
+    if (cached_only) {
+      auto cached = read_if_cached(offset, out);
+      if (!cached) return std::unexpected(cached.error());
+      return *cached ? out.size() : 0;
+    }
+    if (auto s = read(offset, out); !s) return std::unexpected(s.error());
+    return out.size();
+  }
   // What the source holds at `offset`. The default knows nothing: all data.
   // REQUIRES: offset < size().
   virtual SourceExtent extent(uint64_t offset) const { return {SourceExtent::Kind::kData, 0, size() - offset}; }

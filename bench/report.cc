@@ -553,15 +553,14 @@ void print_report(const Results& r, const std::vector<Target>& targets, const Si
                 "was read (image opening is start-up, untimed);\nGETs and MB: what the S3 client fetched for the "
                 "restore (opening the image included); amp: MB fetched / the set's compressed size (its pages at the image's ratio);\n"
                 "CPU ms: used from the daemon's start to its stop by this process (daemon, S3 client, touching thread) "
-                "and by the store's daemons (mon, OSD, gateway);\nbusy: both over restore ms x cores (near 100 %%: the "
-                "restore waited for CPU, not for the store)\n");
+                "and by the store's daemons (mon, OSD, gateway);\nbusy: how busy the machine's cores were meanwhile, "
+                "any process (/proc/stat; near 100 %%: the restore waited for CPU, not for the store)\n");
     std::printf("%-34s %-15s %10s %8s %8s %9s %6s %9s %9s %9s %9s %6s  %s\n", "config", "backend", "restore ms",
                 "x local", "GETs", "MB", "amp", "set MB", "faults", "own CPU", "store CPU", "busy", "note");
     for (const Row& row : r.rows) {
       if (row.scenario != kStoreScenario) continue;
       const double local = metric_of(r, kStoreScenario, row.config(), Backend::kFaultlineImagePrefetch, "restore_ms");
-      const double busy = (row.metric("own_cpu_ms") + row.metric("store_cpu_ms")) /
-                          (row.metric("restore_ms") * row.metric("cores")) * 100;
+      const double busy = row.metric("machine_busy_pct");
       std::printf("%-34s %-15s %10s %8s %8s %9s %6s %9s %9s %9s %9s %6s  %s\n", row.config().c_str(),
                   label(row.backend), num(row.metric("restore_ms"), 1).c_str(),
                   num(row.metric("restore_ms") / local, 2).c_str(), num(row.metric("gets"), 0).c_str(),

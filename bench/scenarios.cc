@@ -1252,6 +1252,20 @@ double process_cpu_seconds() {
          static_cast<double>(r.ru_utime.tv_usec + r.ru_stime.tv_usec) / 1e6;
 }
 
+// The machine's CPU time so far, all cores (/proc/stat "cpu"), in clock
+// ticks: {busy, total}. Busy is everything but idle and iowait.
+std::pair<double, double> machine_cpu_ticks() {
+  std::ifstream stat("/proc/stat");
+  std::string cpu;
+  stat >> cpu;
+  double busy = 0, total = 0, v = 0;
+  for (int field = 0; field < 10 && stat >> v; ++field) {
+    total += v;
+    if (field != 3 && field != 4) busy += v;  // idle, iowait
+  }
+  return {busy, total};
+}
+
 Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Gateway& gateway) {
   warm_page_cache(subject.path);
   auto file = map_memory_file(subject.path);
@@ -1330,6 +1344,7 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Ga
     const auto before = objstore::S3Client::process_totals();
     const double store_cpu_before = gateway.cpu_seconds();
     const double own_cpu_before = process_cpu_seconds();
+    const auto machine_before = machine_cpu_ticks();
     {
       // A fresh daemon each time: its frame cache starts empty. Opening the
       // image (its manifests, from the bucket for the store rows) is the
@@ -1354,6 +1369,12 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Ga
     // and the touching thread) and the store's daemons, against the 2 cores.
     s.add("own_cpu_ms", (process_cpu_seconds() - own_cpu_before) * 1e3);
     s.add("store_cpu_ms", (gateway.cpu_seconds() - store_cpu_before) * 1e3);
+    // And how busy the whole machine was meanwhile (other work included).
+    const auto machine_after = machine_cpu_ticks();
+    if (machine_after.second > machine_before.second) {
+      s.add("machine_busy_pct", (machine_after.first - machine_before.first) /
+                                    (machine_after.second - machine_before.second) * 100);
+    }
     if (s.backend == Backend::kFaultlineStoreCold || s.backend == Backend::kFaultlineStoreWarm) {
       const double fetched = static_cast<double>(after.get_body_bytes - before.get_body_bytes);
       s.add("gets", static_cast<double>(after.gets - before.gets));

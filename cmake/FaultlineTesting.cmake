@@ -11,7 +11,8 @@
 # Google Test program or an add_test() bypassed these functions.
 #
 #   faultline_gtest(<target> SANITIZERS YES|NO [HUGEPAGES] [SPAWNS <program>...]
-#                   [TIMEOUT <s>] [DISCOVERY_TIMEOUT <s>])
+#                   [TIMEOUT <s>] [DISCOVERY_TIMEOUT <s>]
+#                   [PROPERTIES <name> <value>...])
 #     <target>: a Google Test executable already made with add_executable().
 #     SANITIZERS YES: its tests run again under ThreadSanitizer and
 #       AddressSanitizer (label `sanitizers`). Say YES for anything that runs
@@ -23,6 +24,8 @@
 #       before it, and with it into the sanitizer stages.
 #     TIMEOUT: seconds per test (default 300); a fault nobody serves hangs,
 #       and a hang must fail. DISCOVERY_TIMEOUT: for --gtest_list_tests (default 60).
+#     PROPERTIES: more ctest properties for every test of the program, each
+#       with one value (e.g. FIXTURES_REQUIRED, ENVIRONMENT: see s3_test).
 #
 #   faultline_command_test(NAME <name> SANITIZERS YES|NO [HUGEPAGES]
 #                          [TIMEOUT <s>] COMMAND <command> [<arg>...])
@@ -52,7 +55,7 @@ function(_faultline_sanitizer_choice out function_name what value)
 endfunction()
 
 function(faultline_gtest target)
-  cmake_parse_arguments(PARSE_ARGV 1 ARG "HUGEPAGES" "SANITIZERS;TIMEOUT;DISCOVERY_TIMEOUT" "SPAWNS")
+  cmake_parse_arguments(PARSE_ARGV 1 ARG "HUGEPAGES" "SANITIZERS;TIMEOUT;DISCOVERY_TIMEOUT" "SPAWNS;PROPERTIES")
   if(ARG_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "faultline_gtest(${target}): unknown arguments ${ARG_UNPARSED_ARGUMENTS}")
   endif()
@@ -66,7 +69,7 @@ function(faultline_gtest target)
   if(NOT ARG_DISCOVERY_TIMEOUT)
     set(ARG_DISCOVERY_TIMEOUT 60)
   endif()
-  set(properties TIMEOUT ${ARG_TIMEOUT})
+  set(properties TIMEOUT ${ARG_TIMEOUT} ${ARG_PROPERTIES})
   if(ARG_HUGEPAGES)
     list(APPEND properties RESOURCE_LOCK hugepages)
   endif()

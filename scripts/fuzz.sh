@@ -16,6 +16,8 @@
 #   FUZZ_JOBS         build parallelism (default 2)
 #   FUZZ_REPLAY_BUILD an AddressSanitizer build directory whose bin/fuzz_NAME
 #                     replay programs are used instead of building new ones
+#   FUZZ_BUILD_ONLY   1: only build the AFL++ targets, then exit (scripts/test.sh
+#                     builds them in the background while tests run)
 set -euo pipefail
 
 seconds=${1:-30}
@@ -51,6 +53,10 @@ mapfile -t all_targets < "$afl_build/fuzz_targets.txt"
 read -r -a targets <<< "${FUZZ_TARGETS:-${all_targets[*]}}"
 cmake --build "$afl_build" -j"$jobs" --target "${targets[@]/#/fuzz_}" >"$work/afl-build.log" 2>&1 ||
   { tail -50 "$work/afl-build.log"; exit 1; }
+if [ "${FUZZ_BUILD_ONLY:-0}" = 1 ]; then
+  stamp "built the AFL++ targets (FUZZ_BUILD_ONLY=1)"
+  exit 0
+fi
 
 replayed_under="ASan+UBSan"
 if [ "$asan_replay" = 1 ] && [ -n "${FUZZ_REPLAY_BUILD:-}" ]; then

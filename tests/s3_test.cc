@@ -1,8 +1,8 @@
-// The S3 client and image push/pull against a real Ceph RADOS Gateway, which
-// each test starts on 127.0.0.1 with scripts/rgw.sh (a single-node cluster,
-// ~5 s) and stops afterwards. Every byte that went in is checked coming out;
-// errors are checked for what they say and for what they must not say (a
-// secret key).
+// The S3 client and image push/pull against a real Ceph RADOS Gateway on
+// 127.0.0.1 (scripts/rgw.sh, a single-node cluster), one that the tests share
+// (see S3Test) unless a test stops the gateway. Every byte that went in is
+// checked coming out; errors are checked for what they say and for what they
+// must not say (a secret key).
 #include <arpa/inet.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -37,6 +37,7 @@
 #include "image/transfer.h"
 #include "objstore/s3_client.h"
 #include "objstore/s3_store.h"
+#include "rgw_cluster.h"
 #include "snapshot/working_set.h"
 
 namespace faultline::testing {
@@ -45,75 +46,100 @@ namespace {
 using objstore::S3Client;
 using objstore::S3Config;
 
-// A TCP port nothing listens on now, with the next one free too (the mon's),
-// below the kernel's ephemeral range (ip_local_port_range), so no outgoing
-// connection's source port takes it before the daemons bind it.
-int free_port_pair() {
-  int ephemeral_low = 32768;
-  std::ifstream("/proc/sys/net/ipv4/ip_local_port_range") >> ephemeral_low;
-  const int low = 10000, span = std::max(ephemeral_low - 2 - low, 1000) / 2;
-  std::mt19937 rng(static_cast<unsigned>(::getpid()) ^ static_cast<unsigned>(::time(nullptr)));
-  for (int attempt = 0; attempt < 200; ++attempt) {
-    const int port = low + static_cast<int>(rng() % static_cast<unsigned>(span)) * 2;
-    bool free = true;
-    for (int p : {port, port + 1}) {
-      const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-      sockaddr_in a{};
-      a.sin_family = AF_INET;
-      a.sin_port = htons(static_cast<uint16_t>(p));
-      a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-      if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) free = false;
-      ::close(fd);
-    }
-    if (free) return port;
-  }
-  return 0;
-}
-
 bool have_ceph() {
   return std::system("command -v ceph-mon >/dev/null && command -v radosgw >/dev/null") == 0;
 }
 
+// The cluster the tests share when no ctest fixture started one (the
+// program run by hand): started by the first S3 test, stopped when the last
+// has run, and by rgw.sh's watchdog if this process dies first.
+class ProcessCluster : public ::testing::Environment {
+ public:
+  // The cluster's directory; a fatal failure when it does not start.
+  static void get(std::string* dir) {
+    if (!started_) {
+      dir_.emplace();
+      const std::string rgw = dir_->path() + "/rgw";
+      ASSERT_NE(start_rgw_cluster(rgw, ::getpid(), dir_->path() + "/rgw-start.log"), 0)
+          << "scripts/rgw.sh start failed:\n" << read_file(dir_->path() + "/rgw-start.log");
+      started_ = true;
+    }
+    *dir = dir_->path() + "/rgw";
+  }
+  void TearDown() override {
+    if (started_) {
+      EXPECT_TRUE(stop_rgw_cluster(dir_->path() + "/rgw"));
+    }
+    started_ = false;
+    dir_.reset();
+  }
+
+ private:
+  static inline std::optional<TempDir> dir_;
+  static inline bool started_ = false;
+};
+[[maybe_unused]] ::testing::Environment* const process_cluster =
+    ::testing::AddGlobalTestEnvironment(new ProcessCluster);
+
+// Every S3 test talks to a real Ceph RADOS Gateway. Starting a cluster takes
+// ~5 s, more than most tests run, so the tests share one: the ctest fixture
+// `s3_cluster` starts it before the first S3 test of a ctest run and names
+// its directory in FAULTLINE_S3_CLUSTER (tests/s3_test_cluster.cc); without
+// it, the first test of this process starts one (ProcessCluster). Each test
+// keeps to buckets of its own (bucket_name()), so no test sees another's objects,
+// whichever ran before or runs beside it. A test that stops the gateway calls
+// use_own_cluster() first.
 class S3Test : public ::testing::Test {
  protected:
   void SetUp() override {
     FAULTLINE_REQUIRE_CAPABILITY("ceph", have_ceph(),
                                  "ceph-mon or radosgw is not installed (scripts/install-deps.sh installs them)");
-    rgw_dir_ = dir_.path() + "/rgw";
-    // Another process may bind the chosen port between the probe and the
-    // daemons' bind (another test picking ports): rgw.sh then exits 3 and
-    // the cluster starts again on other ports.
-    for (int attempt = 0; attempt < 4 && !started_; ++attempt) {
-      port_ = free_port_pair();
-      ASSERT_NE(port_, 0);
-      // RGW_OWNER_PID: the cluster stops by itself if this test crashes.
-      const std::string cmd = "RGW_OWNER_PID=" + std::to_string(::getpid()) + " bash " + FAULTLINE_SOURCE_DIR +
-                              "/scripts/rgw.sh start " + rgw_dir_ +
-                              " " + std::to_string(port_) + " >" + dir_.path() + "/rgw-start.log 2>&1";
-      const int status = std::system(cmd.c_str());
-      started_ = status == 0;
-      if (!started_ && !(WIFEXITED(status) && WEXITSTATUS(status) == 3)) break;
+    // pid and a count: unique among tests run side by side, one after the
+    // other in one cluster, and repeated in one process (--gtest_repeat).
+    static int tests_in_this_process = 0;
+    bucket_suffix_ = "-" + std::to_string(::getpid()) + "-" + std::to_string(++tests_in_this_process);
+    std::string dir;
+    if (const char* shared = std::getenv("FAULTLINE_S3_CLUSTER"); shared != nullptr && *shared != '\0') {
+      dir = shared;
+      ASSERT_NE(rgw_cluster_port(dir), 0) << "no cluster in " << dir
+                                          << " (the ctest fixture s3_cluster_start starts it: see its output)";
+    } else {
+      ASSERT_NO_FATAL_FAILURE(ProcessCluster::get(&dir));
     }
-    ASSERT_TRUE(started_) << "scripts/rgw.sh start failed:\n" << read_file(dir_.path() + "/rgw-start.log");
-    // DIR/env: "export NAME=VALUE" lines.
-    std::ifstream env(rgw_dir_ + "/env");
-    for (std::string line; std::getline(env, line);) {
-      const auto eq = line.find('=');
-      const std::string name = line.substr(7, eq - 7), value = line.substr(eq + 1);
-      ::setenv(name.c_str(), value.c_str(), 1);
+    ASSERT_NO_FATAL_FAILURE(connect(dir));
+  }
+  void TearDown() override {
+    if (own_cluster_) {
+      EXPECT_TRUE(stop_rgw_cluster(rgw_dir_));
     }
+  }
+
+  // The bucket this test calls `name`: S3 bucket names are global to the
+  // cluster, which other tests share.
+  std::string bucket_name(const std::string& name) const { return name + bucket_suffix_; }
+
+  // Moves this test onto a cluster of its own, for a test that stops or
+  // restarts the gateway (the shared one must keep answering the others).
+  void use_own_cluster() {
+    const std::string dir = dir_.path() + "/rgw";
+    ASSERT_NE(start_rgw_cluster(dir, ::getpid(), dir_.path() + "/rgw-start.log"), 0)
+        << "scripts/rgw.sh start failed:\n" << read_file(dir_.path() + "/rgw-start.log");
+    own_cluster_ = true;
+    ASSERT_NO_FATAL_FAILURE(connect(dir));
+  }
+
+  // Points this process (its S3 settings, which the daemons it starts
+  // inherit, port_, client_) at the cluster in `dir`.
+  void connect(const std::string& dir) {
+    rgw_dir_ = dir;
+    port_ = rgw_cluster_port(dir);
+    ASSERT_TRUE(load_rgw_env(dir)) << "no S3 settings in " << dir << "/env";
     auto config = S3Config::from_environment();
     ASSERT_TRUE(config) << config.error().describe();
     config_ = *config;
     auto c = S3Client::create(config_);
     ASSERT_TRUE(c) << c.error().describe();
     client_ = std::move(*c);
-  }
-  void TearDown() override {
-    if (started_) {
-      const std::string cmd = std::string("bash ") + FAULTLINE_SOURCE_DIR + "/scripts/rgw.sh stop " + rgw_dir_;
-      EXPECT_EQ(std::system(cmd.c_str()), 0);
-    }
   }
 
   std::unique_ptr<image::Store> s3_store(const std::string& url, bool create) {
@@ -169,9 +195,9 @@ class S3Test : public ::testing::Test {
   }
 
   TempDir dir_;
-  std::string rgw_dir_;
+  std::string rgw_dir_, bucket_suffix_;
   int port_ = 0;
-  bool started_ = false;
+  bool own_cluster_ = false;
   S3Config config_;
   std::shared_ptr<S3Client> client_;
 };
@@ -184,77 +210,79 @@ std::string random_bytes(size_t n, uint64_t seed) {
 }
 
 TEST_F(S3Test, ObjectsRoundTripWholeAndByRangeAndAreListedAndRemoved) {
-  ASSERT_TRUE(client_->create_bucket("fl-objects"));
-  ASSERT_TRUE(client_->create_bucket("fl-objects")) << "creating an existing bucket of ours succeeds";
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-objects")));
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-objects"))) << "creating an existing bucket of ours succeeds";
   const std::string big = random_bytes(3 * 1024 * 1024 + 17, 1);  // above curl's 100-continue threshold
   const std::string small = random_bytes(4096, 2);
-  ASSERT_TRUE(client_->put("fl-objects", "p/a/big", big));
-  ASSERT_TRUE(client_->put("fl-objects", "p/b/small", small));
-  ASSERT_TRUE(client_->put("fl-objects", "q/other", "x"));
+  ASSERT_TRUE(client_->put(bucket_name("fl-objects"), "p/a/big", big));
+  ASSERT_TRUE(client_->put(bucket_name("fl-objects"), "p/b/small", small));
+  ASSERT_TRUE(client_->put(bucket_name("fl-objects"), "q/other", "x"));
 
-  auto whole = client_->get("fl-objects", "p/a/big");
+  auto whole = client_->get(bucket_name("fl-objects"), "p/a/big");
   ASSERT_TRUE(whole) << whole.error().describe();
   EXPECT_TRUE(*whole == big);
   for (const objstore::ByteRange r : {objstore::ByteRange{0, 1}, objstore::ByteRange{4096, 65536},
                                       objstore::ByteRange{big.size() - 100, 100}}) {
-    auto part = client_->get("fl-objects", "p/a/big", r);
+    auto part = client_->get(bucket_name("fl-objects"), "p/a/big", r);
     ASSERT_TRUE(part) << part.error().describe();
     EXPECT_TRUE(*part == big.substr(r.offset, r.length)) << "range " << r.offset << "+" << r.length;
   }
-  auto size = client_->head("fl-objects", "p/b/small");
+  auto size = client_->head(bucket_name("fl-objects"), "p/b/small");
   ASSERT_TRUE(size) << size.error().describe();
   ASSERT_TRUE(size->has_value());
   EXPECT_EQ(**size, 4096u);
 
-  auto keys = client_->list("fl-objects", "p/");
+  auto keys = client_->list(bucket_name("fl-objects"), "p/");
   ASSERT_TRUE(keys) << keys.error().describe();
   EXPECT_EQ(*keys, (std::vector<std::string>{"p/a/big", "p/b/small"}));
 
-  ASSERT_TRUE(client_->remove("fl-objects", "p/b/small"));
-  ASSERT_TRUE(client_->remove("fl-objects", "p/b/small")) << "removing what is gone succeeds";
-  auto gone = client_->head("fl-objects", "p/b/small");
+  ASSERT_TRUE(client_->remove(bucket_name("fl-objects"), "p/b/small"));
+  ASSERT_TRUE(client_->remove(bucket_name("fl-objects"), "p/b/small")) << "removing what is gone succeeds";
+  auto gone = client_->head(bucket_name("fl-objects"), "p/b/small");
   ASSERT_TRUE(gone);
   EXPECT_FALSE(gone->has_value());
 }
 
 TEST_F(S3Test, AListingLongerThanOnePageFollowsTheContinuationToken) {
-  ASSERT_TRUE(client_->create_bucket("fl-many"));
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-many")));
   // S3 answers at most 1000 keys per page.
   constexpr int kKeys = 1100;
   for (int i = 0; i < kKeys; ++i) {
     char key[32];
     std::snprintf(key, sizeof key, "k/%05d", i);
-    ASSERT_TRUE(client_->put("fl-many", key, std::to_string(i)));
+    ASSERT_TRUE(client_->put(bucket_name("fl-many"), key, std::to_string(i)));
   }
-  auto keys = client_->list("fl-many", "k/");
+  auto keys = client_->list(bucket_name("fl-many"), "k/");
   ASSERT_TRUE(keys) << keys.error().describe();
   ASSERT_EQ(keys->size(), static_cast<size_t>(kKeys));
   EXPECT_EQ(keys->front(), "k/00000");
   EXPECT_EQ(keys->back(), "k/01099");
-  auto first = client_->list("fl-many", "k/", 3);
+  auto first = client_->list(bucket_name("fl-many"), "k/", 3);
   ASSERT_TRUE(first) << first.error().describe();
   EXPECT_EQ(*first, (std::vector<std::string>{"k/00000", "k/00001", "k/00002"}));
 }
 
 TEST_F(S3Test, MissingObjectsBucketsAndWrongCredentialsAreClearErrorsThatNeverShowTheSecret) {
-  ASSERT_TRUE(client_->create_bucket("fl-errors"));
-  auto missing = client_->get("fl-errors", "no/such/key");
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-errors")));
+  auto missing = client_->get(bucket_name("fl-errors"), "no/such/key");
   ASSERT_FALSE(missing);
   EXPECT_EQ(missing.error().code, ENOENT);
-  EXPECT_NE(missing.error().message.find("s3://fl-errors/no/such/key"), std::string::npos) << missing.error().message;
+  EXPECT_NE(missing.error().message.find("s3://" + bucket_name("fl-errors") + "/no/such/key"), std::string::npos)
+      << missing.error().message;
   EXPECT_FALSE(missing.error().retryable);
 
-  auto no_bucket = client_->get("fl-nonexistent", "k");
+  auto no_bucket = client_->get(bucket_name("fl-nonexistent"), "k");
   ASSERT_FALSE(no_bucket);
   EXPECT_EQ(no_bucket.error().code, ENOENT);
-  EXPECT_NE(no_bucket.error().message.find("bucket 'fl-nonexistent' does not exist"), std::string::npos)
+  EXPECT_NE(no_bucket.error().message.find("bucket '" + bucket_name("fl-nonexistent") + "' does not exist"),
+            std::string::npos)
       << no_bucket.error().message;
 
   S3Config wrong = config_;
   wrong.secret_key = "not-the-secret-0123456789abcdef";
   auto bad = S3Client::create(wrong);
   ASSERT_TRUE(bad);
-  auto refused = (*bad)->get("fl-errors", "k");
+  auto refused = (*bad)->get(bucket_name("fl-errors"), "k");
   ASSERT_FALSE(refused);
   EXPECT_EQ(refused.error().code, EACCES);
   EXPECT_NE(refused.error().message.find("refused the credentials"), std::string::npos) << refused.error().message;
@@ -264,11 +292,11 @@ TEST_F(S3Test, MissingObjectsBucketsAndWrongCredentialsAreClearErrorsThatNeverSh
 
   // The store named in the command line: the same errors, with the image's names.
   ::setenv("AWS_SECRET_ACCESS_KEY", wrong.secret_key.c_str(), 1);
-  auto store = objstore::open_store("s3://fl-errors/images", false);
+  auto store = objstore::open_store("s3://" + bucket_name("fl-errors") + "/images", false);
   ::setenv("AWS_SECRET_ACCESS_KEY", config_.secret_key.c_str(), 1);
   ASSERT_FALSE(store);
   EXPECT_EQ(store.error().code, EACCES);
-  auto no_store = objstore::open_store("s3://fl-nonexistent/x", false);
+  auto no_store = objstore::open_store("s3://" + bucket_name("fl-nonexistent") + "/x", false);
   ASSERT_FALSE(no_store);
   EXPECT_EQ(no_store.error().code, ENOENT);
 
@@ -276,13 +304,13 @@ TEST_F(S3Test, MissingObjectsBucketsAndWrongCredentialsAreClearErrorsThatNeverSh
   // and says which image and where.
   ServerConfig c;
   c.socket_path = dir_.path() + "/none.sock";
-  c.image_path = "s3://fl-errors/images/nope";
+  c.image_path = "s3://" + bucket_name("fl-errors") + "/images/nope";
   Logger quiet(LogFormat::kText, LogLevel::kError, 2);
   auto server = Server::create(c, quiet);
   ASSERT_FALSE(server);
   EXPECT_EQ(server.error().code, ENOENT);
   EXPECT_NE(server.error().message.find("image nope does not exist"), std::string::npos) << server.error().message;
-  EXPECT_NE(server.error().message.find("s3://fl-errors/images/images/nope"), std::string::npos)
+  EXPECT_NE(server.error().message.find("s3://" + bucket_name("fl-errors") + "/images/images/nope"), std::string::npos)
       << server.error().message;
 }
 
@@ -391,45 +419,45 @@ class S3MultipartTest : public S3Test {
 };
 
 TEST_F(S3MultipartTest, ABodyAboveTheThresholdGoesUpInPartsAndReadsBackByteForByteAlsoAcrossPartBoundaries) {
-  ASSERT_TRUE(client_->create_bucket("fl-multipart"));
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-multipart")));
   FaultProxy proxy(port_, recording());
   ASSERT_NE(proxy.port(), 0);
   auto client = multipart_client(proxy);
   ASSERT_TRUE(client);
   const std::string body = random_bytes(12 * kMiB + 17, 21);  // parts of 5, 5 and 2 MiB + 17
-  ASSERT_TRUE(client->put("fl-multipart", "big", body));
-  EXPECT_EQ(count("POST", "/fl-multipart/big?uploads="), 1u);
+  ASSERT_TRUE(client->put(bucket_name("fl-multipart"), "big", body));
+  EXPECT_EQ(count("POST", "/" + bucket_name("fl-multipart") + "/big?uploads="), 1u);
   for (const std::string n : {"1", "2", "3"})
-    EXPECT_EQ(count("PUT", "/fl-multipart/big?partNumber=" + n + "&"), 1u) << n;
+    EXPECT_EQ(count("PUT", "/" + bucket_name("fl-multipart") + "/big?partNumber=" + n + "&"), 1u) << n;
   EXPECT_EQ(count("PUT", "partNumber=4&"), 0u);
-  EXPECT_EQ(count("POST", "/fl-multipart/big?uploadId="), 1u);
-  EXPECT_EQ(count("PUT", "/fl-multipart/big"), 3u) << "the body also went up in one PUT";
+  EXPECT_EQ(count("POST", "/" + bucket_name("fl-multipart") + "/big?uploadId="), 1u);
+  EXPECT_EQ(count("PUT", "/" + bucket_name("fl-multipart") + "/big"), 3u) << "the body also went up in one PUT";
 
-  auto whole = client_->get("fl-multipart", "big");
+  auto whole = client_->get(bucket_name("fl-multipart"), "big");
   ASSERT_TRUE(whole) << whole.error().describe();
   EXPECT_EQ(whole->size(), body.size());
   EXPECT_TRUE(*whole == body);
-  auto size = client_->head("fl-multipart", "big");
+  auto size = client_->head(bucket_name("fl-multipart"), "big");
   ASSERT_TRUE(size && size->has_value());
   EXPECT_EQ(**size, body.size());
   for (const objstore::ByteRange r :
        {objstore::ByteRange{5 * kMiB - 100, 200}, objstore::ByteRange{10 * kMiB - 1, 2},
         objstore::ByteRange{4 * kMiB, 7 * kMiB}, objstore::ByteRange{body.size() - 5, 5}}) {
-    auto part = client_->get("fl-multipart", "big", r);
+    auto part = client_->get(bucket_name("fl-multipart"), "big", r);
     ASSERT_TRUE(part) << part.error().describe();
     EXPECT_TRUE(*part == body.substr(r.offset, r.length)) << "range " << r.offset << "+" << r.length;
   }
-  auto unfinished = client_->unfinished_uploads("fl-multipart", "");
+  auto unfinished = client_->unfinished_uploads(bucket_name("fl-multipart"), "");
   ASSERT_TRUE(unfinished) << unfinished.error().describe();
   EXPECT_TRUE(unfinished->empty());
 
   // Just under the threshold: one PUT.
   forget_requests();
   const std::string under = random_bytes(6 * kMiB - 1, 22);
-  ASSERT_TRUE(client->put("fl-multipart", "under", under));
-  EXPECT_EQ(count("PUT", "/fl-multipart/under"), 1u);
-  EXPECT_EQ(count("POST", "/fl-multipart/under"), 0u);
-  auto got = client_->get("fl-multipart", "under");
+  ASSERT_TRUE(client->put(bucket_name("fl-multipart"), "under", under));
+  EXPECT_EQ(count("PUT", "/" + bucket_name("fl-multipart") + "/under"), 1u);
+  EXPECT_EQ(count("POST", "/" + bucket_name("fl-multipart") + "/under"), 0u);
+  auto got = client_->get(bucket_name("fl-multipart"), "under");
   ASSERT_TRUE(got);
   EXPECT_TRUE(*got == under);
 }
@@ -443,7 +471,7 @@ TEST_F(S3MultipartTest, ABlobAboveTheThresholdIsStoredInPartsAndReadsBackUnderIt
   ASSERT_NE(proxy.port(), 0);
   std::shared_ptr<S3Client> client = multipart_client(proxy);
   ASSERT_TRUE(client);
-  auto where = objstore::S3Location::parse("s3://fl-multipart-store/images");
+  auto where = objstore::S3Location::parse("s3://" + bucket_name("fl-multipart-store") + "/images");
   ASSERT_TRUE(where);
   auto store = objstore::S3Store::open(client, *where, true);
   ASSERT_TRUE(store) << store.error().describe();
@@ -459,7 +487,7 @@ TEST_F(S3MultipartTest, ABlobAboveTheThresholdIsStoredInPartsAndReadsBackUnderIt
 }
 
 TEST_F(S3MultipartTest, APartAnswered503IsRetriedAndTheObjectComesOutRight) {
-  ASSERT_TRUE(client_->create_bucket("fl-multipart-retry"));
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-multipart-retry")));
   std::atomic<int> part2{0};
   auto first_part2_slows_down = [&](const std::string& method, const std::string& path) {
     FaultProxy::Decision d;
@@ -473,16 +501,16 @@ TEST_F(S3MultipartTest, APartAnswered503IsRetriedAndTheObjectComesOutRight) {
   auto client = multipart_client(proxy);
   ASSERT_TRUE(client);
   const std::string body = random_bytes(11 * kMiB, 24);
-  auto put = client->put("fl-multipart-retry", "obj", body);
+  auto put = client->put(bucket_name("fl-multipart-retry"), "obj", body);
   ASSERT_TRUE(put) << put.error().describe();
   EXPECT_EQ(part2.load(), 2) << "part 2: answered 503 once, then sent again";
   EXPECT_EQ(count("PUT", "partNumber=1&"), 1u);
   EXPECT_EQ(count("PUT", "partNumber=3&"), 1u);
   EXPECT_EQ(count("DELETE", "uploadId="), 0u) << "a retried part aborted the upload";
-  auto got = client_->get("fl-multipart-retry", "obj");
+  auto got = client_->get(bucket_name("fl-multipart-retry"), "obj");
   ASSERT_TRUE(got) << got.error().describe();
   EXPECT_TRUE(*got == body);
-  auto unfinished = client_->unfinished_uploads("fl-multipart-retry", "");
+  auto unfinished = client_->unfinished_uploads(bucket_name("fl-multipart-retry"), "");
   ASSERT_TRUE(unfinished);
   EXPECT_TRUE(unfinished->empty());
 }
@@ -492,7 +520,7 @@ TEST_F(S3MultipartTest, APartAnswered503IsRetriedAndTheObjectComesOutRight) {
 // unfinished upload. When the abort fails too, the error says the parts
 // stay, and the bucket's listing of unfinished uploads shows them.
 TEST_F(S3MultipartTest, AnUploadThatFailsForGoodIsAbortedAndLeavesNeitherObjectNorParts) {
-  ASSERT_TRUE(client_->create_bucket("fl-multipart-fail"));
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-multipart-fail")));
   struct Case {
     std::string name, fail_method, fail_path;
     bool abort_fails;
@@ -514,11 +542,12 @@ TEST_F(S3MultipartTest, AnUploadThatFailsForGoodIsAbortedAndLeavesNeitherObjectN
     auto client = multipart_client(proxy, 3);
     ASSERT_TRUE(client);
     const std::string key = "obj-" + c.name;
-    auto put = client->put("fl-multipart-fail", key, random_bytes(11 * kMiB, 25));
+    auto put = client->put(bucket_name("fl-multipart-fail"), key, random_bytes(11 * kMiB, 25));
     ASSERT_FALSE(put);
     const std::string& m = put.error().message;
     EXPECT_TRUE(put.error().retryable) << m;
-    EXPECT_NE(m.find("multipart upload of s3://fl-multipart-fail/" + key), std::string::npos) << m;
+    EXPECT_NE(m.find("multipart upload of s3://" + bucket_name("fl-multipart-fail") + "/" + key), std::string::npos)
+        << m;
     EXPECT_NE(m.find("503 SlowDown"), std::string::npos) << m;
     EXPECT_NE(m.find("after 3 attempts"), std::string::npos) << m;
     EXPECT_EQ(m.find(config_.secret_key), std::string::npos);
@@ -527,12 +556,13 @@ TEST_F(S3MultipartTest, AnUploadThatFailsForGoodIsAbortedAndLeavesNeitherObjectN
       EXPECT_EQ(count("PUT", "partNumber=2&"), 3u);
     }
     EXPECT_EQ(count("POST", "?uploadId="), c.name == "complete" ? 3u : 0u);
-    EXPECT_EQ(count("DELETE", "/fl-multipart-fail/" + key + "?uploadId="), c.abort_fails ? 3u : 1u);
+    EXPECT_EQ(count("DELETE", "/" + bucket_name("fl-multipart-fail") + "/" + key + "?uploadId="),
+              c.abort_fails ? 3u : 1u);
 
-    auto object = client_->head("fl-multipart-fail", key);
+    auto object = client_->head(bucket_name("fl-multipart-fail"), key);
     ASSERT_TRUE(object) << object.error().describe();
     EXPECT_FALSE(object->has_value()) << "a failed upload left an object";
-    auto unfinished = client_->unfinished_uploads("fl-multipart-fail", key);
+    auto unfinished = client_->unfinished_uploads(bucket_name("fl-multipart-fail"), key);
     ASSERT_TRUE(unfinished) << unfinished.error().describe();
     if (c.abort_fails) {
       EXPECT_NE(m.find("its parts stay in the bucket"), std::string::npos) << m;
@@ -547,7 +577,7 @@ TEST_F(S3MultipartTest, AnUploadThatFailsForGoodIsAbortedAndLeavesNeitherObjectN
 // reset after the gateway answered): the retried completion finds the upload
 // gone, and put still succeeds because the object is there, whole.
 TEST_F(S3MultipartTest, ACompletionWhoseAnswerIsLostSucceedsAndTheObjectIsRight) {
-  ASSERT_TRUE(client_->create_bucket("fl-multipart-lost"));
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-multipart-lost")));
   std::atomic<int> completions{0};
   auto first_completion_answer_lost = [&](const std::string& method, const std::string& path) {
     FaultProxy::Decision d;
@@ -561,13 +591,13 @@ TEST_F(S3MultipartTest, ACompletionWhoseAnswerIsLostSucceedsAndTheObjectIsRight)
   auto client = multipart_client(proxy);
   ASSERT_TRUE(client);
   const std::string body = random_bytes(11 * kMiB, 26);
-  auto put = client->put("fl-multipart-lost", "obj", body);
+  auto put = client->put(bucket_name("fl-multipart-lost"), "obj", body);
   ASSERT_TRUE(put) << put.error().describe();
   EXPECT_EQ(completions.load(), 2) << "the completion was not sent again";
-  auto got = client_->get("fl-multipart-lost", "obj");
+  auto got = client_->get(bucket_name("fl-multipart-lost"), "obj");
   ASSERT_TRUE(got) << got.error().describe();
   EXPECT_TRUE(*got == body);
-  auto unfinished = client_->unfinished_uploads("fl-multipart-lost", "");
+  auto unfinished = client_->unfinished_uploads(bucket_name("fl-multipart-lost"), "");
   ASSERT_TRUE(unfinished);
   EXPECT_TRUE(unfinished->empty());
 }
@@ -614,7 +644,7 @@ TEST_F(S3Test, PushThenPullRoundTripsEveryByteOfAChainAndASecondPushCopiesNothin
     auto local = image::LocalStore::open(sub + "/local", true);
     ASSERT_TRUE(local);
     const std::string child = make_chain(**local, sub, page_size);
-    const std::string url = "s3://fl-images/fleet/p" + std::to_string(page_size);
+    const std::string url = "s3://" + bucket_name("fl-images") + "/fleet/p" + std::to_string(page_size);
     auto bucket = s3_store(url, true);
     ASSERT_TRUE(bucket);
 
@@ -651,7 +681,7 @@ TEST_F(S3Test, ADamagedBlobIsNeverPulledAndAnInterruptedPushLeavesNoImage) {
   auto local = image::LocalStore::open(dir_.path() + "/local", true);
   ASSERT_TRUE(local);
   (void)make_chain(**local, dir_.path(), 4096);
-  auto bucket = s3_store("s3://fl-damage", true);
+  auto bucket = s3_store("s3://" + bucket_name("fl-damage"), true);
   ASSERT_TRUE(bucket);
   ASSERT_TRUE(image::copy_image(**local, *bucket, "child", {}));
   // Overwrite one blob of the bucket with other bytes under the same name.
@@ -659,7 +689,7 @@ TEST_F(S3Test, ADamagedBlobIsNeverPulledAndAnInterruptedPushLeavesNoImage) {
   ASSERT_TRUE(blobs);
   ASSERT_FALSE(blobs->empty());
   const image::BlobId victim = blobs->front();
-  ASSERT_TRUE(client_->put("fl-damage", "blobs/sha256/" + victim.hex(), "not the frame"));
+  ASSERT_TRUE(client_->put(bucket_name("fl-damage"), "blobs/sha256/" + victim.hex(), "not the frame"));
   auto pulled_to = image::LocalStore::open(dir_.path() + "/pulled", true);
   ASSERT_TRUE(pulled_to);
   auto pulled = image::copy_image(*bucket, **pulled_to, "child", {});
@@ -674,7 +704,7 @@ TEST_F(S3Test, ADamagedBlobIsNeverPulledAndAnInterruptedPushLeavesNoImage) {
   EXPECT_TRUE(manifests->empty()) << "a manifest appeared although its blobs did not all arrive";
 
   // A push that cannot read one of its blobs stops before any manifest.
-  auto other = s3_store("s3://fl-damage/other", true);
+  auto other = s3_store("s3://" + bucket_name("fl-damage") + "/other", true);
   ASSERT_TRUE(other);
   auto local_blobs = (*local)->list();
   ASSERT_TRUE(local_blobs);
@@ -698,7 +728,7 @@ TEST_F(S3Test, AVmRestoresStraightFromTheBucketWithEveryByteChecked) {
       reservation.emplace(16);
       FAULTLINE_REQUIRE_CAPABILITY("hugepages", reservation->ok(), reservation->reason());
     }
-    ServerHarness h(bucket_image(std::string("s3://fl-serve/") + (huge ? "huge" : "small"), true,
+    ServerHarness h(bucket_image(std::string("s3://" + bucket_name("fl-serve") + "/") + (huge ? "huge" : "small"), true,
                                  huge ? 2 * kMiB : 4096));
     restore_every_byte(h, huge);
     const auto snap = h.server().metrics().snapshot();
@@ -709,14 +739,14 @@ TEST_F(S3Test, AVmRestoresStraightFromTheBucketWithEveryByteChecked) {
 }
 
 TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
-  ASSERT_TRUE(client_->create_bucket("fl-flaky"));
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-flaky")));
   const std::string bytes = random_bytes(256 * 1024, 3);
-  ASSERT_TRUE(client_->put("fl-flaky", "obj", bytes));
+  ASSERT_TRUE(client_->put(bucket_name("fl-flaky"), "obj", bytes));
   // The first three GETs of the object misbehave, one way each; the fourth is forwarded.
   std::atomic<int> gets{0};
   FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
     FaultProxy::Decision d;
-    if (method != "GET" || path != "/fl-flaky/obj") return d;
+    if (method != "GET" || path != "/" + bucket_name("fl-flaky") + "/obj") return d;
     switch (gets.fetch_add(1)) {
       case 0: d.action = FaultProxy::Action::kSlowDown; break;
       case 1: d.action = FaultProxy::Action::kReset; break;
@@ -735,7 +765,7 @@ TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
   c.first_backoff = std::chrono::milliseconds(5);
   auto flaky = S3Client::create(c);
   ASSERT_TRUE(flaky);
-  auto got = (*flaky)->get("fl-flaky", "obj");
+  auto got = (*flaky)->get(bucket_name("fl-flaky"), "obj");
   ASSERT_TRUE(got) << got.error().describe();
   EXPECT_TRUE(*got == bytes);
   EXPECT_EQ(gets.load(), 4);
@@ -749,7 +779,7 @@ TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
   c.max_attempts = 3;
   auto busy = S3Client::create(c);
   ASSERT_TRUE(busy);
-  auto refused = (*busy)->get("fl-flaky", "obj");
+  auto refused = (*busy)->get(bucket_name("fl-flaky"), "obj");
   ASSERT_FALSE(refused);
   EXPECT_TRUE(refused.error().retryable);
   EXPECT_NE(refused.error().message.find("503 SlowDown"), std::string::npos) << refused.error().message;
@@ -770,7 +800,7 @@ TEST_F(S3Test, AFrameDamagedOnTheWayIsFetchedOnceMoreAndTheVmGetsEveryByteRight)
     return d;
   });
   ASSERT_NE(proxy.port(), 0);
-  ServerHarness h(bucket_image("s3://fl-damaged-wire/images", true, 4096, proxy.endpoint()));
+  ServerHarness h(bucket_image("s3://" + bucket_name("fl-damaged-wire") + "/images", true, 4096, proxy.endpoint()));
   restore_every_byte(h);
   std::lock_guard lock(mu);
   ASSERT_FALSE(blob_gets.empty());
@@ -780,7 +810,8 @@ TEST_F(S3Test, AFrameDamagedOnTheWayIsFetchedOnceMoreAndTheVmGetsEveryByteRight)
 // The gateway goes down before the VM touches its memory and comes back
 // while faults wait: the VM runs on, every byte right.
 TEST_F(S3Test, FaultsWaitWhileTheStoreIsDownAndTheVmRunsOnWhenItReturns) {
-  ServerHarness h(bucket_image("s3://fl-outage/images"));
+  ASSERT_NO_FATAL_FAILURE(use_own_cluster());  // it stops the gateway
+  ServerHarness h(bucket_image("s3://" + bucket_name("fl-outage") + "/images"));
   auto session_retries = [&] {
     uint64_t n = 0;
     for (const auto& s : h.server().live_sessions()) n += s.counters.source_retries;
@@ -823,10 +854,11 @@ TEST_F(S3Test, ADaemonRestartedOverAWarmDiskCacheFetchesNoFrameFromTheBucket) {
   const std::string cache_dir = dir_.path() + "/frame-cache";
   auto restore_once = [&](bool first) {
     // The same seed each time: the same memory file the image was made from.
-    ServerHarness h(bucket_image("s3://fl-warm/images", first, 4096, proxy.endpoint(), [&](ServerConfig& c) {
-      c.cache_dir = cache_dir;
-      c.cache_bytes = 64 * kMiB;
-    }));
+    ServerHarness h(
+        bucket_image("s3://" + bucket_name("fl-warm") + "/images", first, 4096, proxy.endpoint(), [&](ServerConfig& c) {
+          c.cache_dir = cache_dir;
+          c.cache_bytes = 64 * kMiB;
+        }));
     restore_every_byte(h);
     EXPECT_NE(h.log().find("disk_cache_open"), std::string::npos);
   };
@@ -851,15 +883,17 @@ TEST_F(S3Test, ADaemonRestartedOverAWarmDiskCacheFetchesNoFrameFromTheBucket) {
 // same time, each with its own disk cache, one of them far smaller than the
 // image (frames evicted and fetched again while VMs run): every byte right.
 TEST_F(S3Test, TwoDaemonsShareABucketAndASmallDiskCacheEvictsWithoutAWrongByte) {
-  ServerHarness first(bucket_image("s3://fl-shared/images", true, 4096, {}, [&](ServerConfig& c) {
-    c.cache_dir = dir_.path() + "/cache-a";
-    c.cache_bytes = 64 * kMiB;
-  }));
-  ServerHarness second(bucket_image("s3://fl-shared/images", false, 4096, {}, [&](ServerConfig& c) {
-    c.cache_dir = dir_.path() + "/cache-b";
-    c.cache_bytes = 1 * kMiB;  // 2 frames of 512 KiB at most
-    c.frame_cache_bytes = 1 * kMiB;
-  }));
+  ServerHarness first(
+      bucket_image("s3://" + bucket_name("fl-shared") + "/images", true, 4096, {}, [&](ServerConfig& c) {
+        c.cache_dir = dir_.path() + "/cache-a";
+        c.cache_bytes = 64 * kMiB;
+      }));
+  ServerHarness second(
+      bucket_image("s3://" + bucket_name("fl-shared") + "/images", false, 4096, {}, [&](ServerConfig& c) {
+        c.cache_dir = dir_.path() + "/cache-b";
+        c.cache_bytes = 1 * kMiB;  // 2 frames of 512 KiB at most
+        c.frame_cache_bytes = 1 * kMiB;
+      }));
   auto a = std::async(std::launch::async, [&] { restore_every_byte(first); });
   restore_every_byte(second);
   a.get();
@@ -878,7 +912,7 @@ TEST_F(S3Test, TwoDaemonsShareABucketAndASmallDiskCacheEvictsWithoutAWrongByte) 
 // image attached once more on a third socket reads no frame twice (one
 // frame cache for the daemon).
 TEST_F(S3Test, OneDaemonServesABucketImageAndALocalImageOnSocketsAttachedAtRunTime) {
-  ServerHarness h(bucket_image("s3://fl-attach/images", true, 4096, {}, [&](ServerConfig& c) {
+  ServerHarness h(bucket_image("s3://" + bucket_name("fl-attach") + "/images", true, 4096, {}, [&](ServerConfig& c) {
     std::filesystem::create_directory(dir_.path() + "/vms");
     c.socket_dir = dir_.path() + "/vms";
     c.cache_dir = dir_.path() + "/cache";
@@ -907,7 +941,8 @@ TEST_F(S3Test, OneDaemonServesABucketImageAndALocalImageOnSocketsAttachedAtRunTi
   EXPECT_GT(r->pages_verified, 0u);
   const uint64_t misses = h.server().metrics().snapshot().frame_cache->misses;
 
-  auto again = h.server().attach({.socket = "again.sock", .image = "s3://fl-attach/images/base"});
+  auto again =
+      h.server().attach({.socket = "again.sock", .image = "s3://" + bucket_name("fl-attach") + "/images/base"});
   ASSERT_TRUE(again) << again.error().describe();
   o.socket_path = dir_.path() + "/vms/again.sock";
   o.memory_path = h.memory();
@@ -918,6 +953,7 @@ TEST_F(S3Test, OneDaemonServesABucketImageAndALocalImageOnSocketsAttachedAtRunTi
 }
 
 TEST_F(S3Test, PastTheStoreDeadlineTheSessionIsFatalAndTheVmIsKilled) {
+  ASSERT_NO_FATAL_FAILURE(use_own_cluster());  // it stops the gateway for good
   const std::string mem = dir_.path() + "/mem";
   ASSERT_TRUE(client::write_test_memory_file(mem, 8 * kMiB, 11, 0.2));
   {
@@ -927,14 +963,15 @@ TEST_F(S3Test, PastTheStoreDeadlineTheSessionIsFatalAndTheVmIsKilled) {
     c.memory_path = mem;
     c.name = "vm";
     ASSERT_TRUE(image::create_image(**local, c));
-    auto bucket = s3_store("s3://fl-deadline/images", true);
+    auto bucket = s3_store("s3://" + bucket_name("fl-deadline") + "/images", true);
     ASSERT_TRUE(bucket);
     ASSERT_TRUE(image::copy_image(**local, *bucket, "vm", {}));
   }
   const std::string sock = dir_.path() + "/vm.sock", log = dir_.path() + "/serve.log";
-  const pid_t daemon = spawn({built_binary("faultline"), "serve", "--socket", sock, "--image",
-                              "s3://fl-deadline/images/vm", "--store-deadline", "1", "--on-fatal", "kill"},
-                             log);
+  const pid_t daemon =
+      spawn({built_binary("faultline"), "serve", "--socket", sock, "--image",
+             "s3://" + bucket_name("fl-deadline") + "/images/vm", "--store-deadline", "1", "--on-fatal", "kill"},
+            log);
   ASSERT_GT(daemon, 0);
   ASSERT_TRUE(eventually_true([&] { return read_file(log).find("event=server_start") != std::string::npos; }))
       << read_file(log);
@@ -955,7 +992,7 @@ TEST_F(S3Test, PastTheStoreDeadlineTheSessionIsFatalAndTheVmIsKilled) {
   const std::string served = read_file(log);
   EXPECT_NE(served.find("state=fatal"), std::string::npos) << served;
   EXPECT_NE(served.find("retried for 1000 ms"), std::string::npos) << served;
-  EXPECT_NE(served.find("s3://fl-deadline/images/blobs/sha256/"), std::string::npos) << served;
+  EXPECT_NE(served.find("s3://" + bucket_name("fl-deadline") + "/images/blobs/sha256/"), std::string::npos) << served;
   EXPECT_NE(served.find("peer_killed=true"), std::string::npos) << served;
 }
 
@@ -1056,7 +1093,7 @@ TEST_F(S3Test, PrefetchFromTheBucketReadsFramesAheadFetchesEachOnceAndEveryByteI
   FaultProxy proxy(port_, [&](const std::string& m, const std::string& p) { return counter.on_request(m, p); });
   ASSERT_NE(proxy.port(), 0);
   const std::string ws = write_shuffled_working_set(dir_.path() + "/ws", 8 * kMiB);
-  ServerHarness h(bucket_image("s3://fl-prefetch/images", true, 4096, proxy.endpoint(),
+  ServerHarness h(bucket_image("s3://" + bucket_name("fl-prefetch") + "/images", true, 4096, proxy.endpoint(),
                                [&](ServerConfig& c) { c.prefetch_path = ws; }));
   check_every_byte_after_prefetch(h);
   ASSERT_TRUE(h.wait_ended(1));
@@ -1086,11 +1123,12 @@ TEST_F(S3Test, PrefetchKeepsManyFrameGetsInFlightAtOnceAheadOfItsInstalls) {
   FaultProxy proxy(port_, [&](const std::string& m, const std::string& p) { return gate.on_request(m, p); });
   ASSERT_NE(proxy.port(), 0);
   const std::string ws = write_shuffled_working_set(dir_.path() + "/ws", 8 * kMiB);
-  ServerHarness h(bucket_image("s3://fl-inflight/images", true, 4096, proxy.endpoint(), [&](ServerConfig& c) {
-    c.prefetch_path = ws;
-    c.prefetch_threads = 2;
-    c.prefetch_fetches = 12;
-  }));
+  ServerHarness h(bucket_image("s3://" + bucket_name("fl-inflight") + "/images", true, 4096, proxy.endpoint(),
+                               [&](ServerConfig& c) {
+                                 c.prefetch_path = ws;
+                                 c.prefetch_threads = 2;
+                                 c.prefetch_fetches = 12;
+                               }));
   check_every_byte_after_prefetch(h);
   ASSERT_TRUE(h.wait_ended(1));
   std::lock_guard lock(gate.mu);
@@ -1105,10 +1143,11 @@ TEST_F(S3Test, PrefetchKeepsManyFrameGetsInFlightAtOnceAheadOfItsInstalls) {
 // byte with no error.
 TEST_F(S3Test, PrefetchWithAFrameCacheOfTwoFramesIsRightToTheByte) {
   const std::string ws = write_shuffled_working_set(dir_.path() + "/ws", 8 * kMiB);
-  ServerHarness h(bucket_image("s3://fl-small-cache/images", true, 4096, {}, [&](ServerConfig& c) {
-    c.prefetch_path = ws;
-    c.frame_cache_bytes = 1 * kMiB;
-  }));
+  ServerHarness h(
+      bucket_image("s3://" + bucket_name("fl-small-cache") + "/images", true, 4096, {}, [&](ServerConfig& c) {
+        c.prefetch_path = ws;
+        c.frame_cache_bytes = 1 * kMiB;
+      }));
   check_every_byte_after_prefetch(h);
   ASSERT_TRUE(h.wait_ended(1));
   const SessionSummary s = h.server().finished_sessions().at(0);
@@ -1131,11 +1170,12 @@ TEST_F(S3Test, AVmGoneWhileReadAheadGetsAreHeldEndsTheSessionWithoutFetchingMore
   FaultProxy proxy(port_, [&](const std::string& m, const std::string& p) { return gate.on_request(m, p); });
   ASSERT_NE(proxy.port(), 0);
   const std::string ws = write_shuffled_working_set(dir_.path() + "/ws", 8 * kMiB);
-  ServerHarness h(bucket_image("s3://fl-stop/images", true, 4096, proxy.endpoint(), [&](ServerConfig& c) {
-    c.prefetch_path = ws;
-    c.prefetch_threads = 1;
-    c.prefetch_fetches = kFetches;
-  }));
+  ServerHarness h(
+      bucket_image("s3://" + bucket_name("fl-stop") + "/images", true, 4096, proxy.endpoint(), [&](ServerConfig& c) {
+        c.prefetch_path = ws;
+        c.prefetch_threads = 1;
+        c.prefetch_fetches = kFetches;
+      }));
   {
     auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {8 * kMiB}});
     ASSERT_TRUE(c) << c.error().describe();

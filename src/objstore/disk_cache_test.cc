@@ -150,20 +150,33 @@ TEST(DiskCache, ARestartedCacheKnowsItsBlobsEvictsByLastUseAndDropsHalfWrittenFi
   EXPECT_FALSE(std::filesystem::exists(cdir + "/." + BlobId::of(blobs[0]).hex() + ".tmp-abcdef"));
 }
 
-TEST(CachedStore, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFileIsFetchedAgain) {
+// One blob `b` in a local store standing in for the bucket, read through a
+// CountingStore (`inner`) and a 1 MiB disk cache.
+class CachedStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto local = image::LocalStore::open(dir.path() + "/store", true);
+    ASSERT_TRUE(local);
+    ASSERT_TRUE((*local)->put(id, b));
+    auto counting = std::make_unique<CountingStore>(std::move(*local));
+    inner = counting.get();
+    auto opened = DiskCache::open(dir.path() + "/cache", 1 << 20);
+    ASSERT_TRUE(opened);
+    cache = *opened;
+    store = std::make_unique<CachedStore>(std::move(counting), cache);
+  }
+
   TempDir dir;
-  auto local = image::LocalStore::open(dir.path() + "/store", true);
-  ASSERT_TRUE(local);
   const std::string b = blob(100000, 5);
   const BlobId id = BlobId::of(b);
-  ASSERT_TRUE((*local)->put(id, b));
-  auto counting = std::make_unique<CountingStore>(std::move(*local));
-  CountingStore* inner = counting.get();
-  auto cache = DiskCache::open(dir.path() + "/cache", 1 << 20);
-  ASSERT_TRUE(cache);
-  CachedStore store(std::move(counting), *cache);
+  CountingStore* inner = nullptr;
+  std::shared_ptr<DiskCache> cache;
+  std::unique_ptr<CachedStore> store;
+};
+
+TEST_F(CachedStoreTest, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFileIsFetchedAgain) {
   for (int i = 0; i < 3; ++i) {
-    auto got = store.get(id);
+    auto got = store->get(id);
     ASSERT_TRUE(got) << got.error().describe();
     EXPECT_TRUE(*got == b);
   }
@@ -174,12 +187,12 @@ TEST(CachedStore, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFileIsFe
     f.seekp(500);
     f.put('\x42' ^ b[500]);
   }
-  auto again = store.get(id);
+  auto again = store->get(id);
   ASSERT_TRUE(again);
   EXPECT_TRUE(*again == b);
   EXPECT_EQ(inner->gets.load(), 2);
-  EXPECT_EQ((*cache)->stats().damaged, 1u);
-  auto third = store.get(id);
+  EXPECT_EQ(cache->stats().damaged, 1u);
+  auto third = store->get(id);
   ASSERT_TRUE(third);
   EXPECT_TRUE(*third == b);
   EXPECT_EQ(inner->gets.load(), 2) << "the refetched blob was cached again";
@@ -189,34 +202,23 @@ TEST(CachedStore, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFileIsFe
 // `checked` for what it has hashed itself (a hit, a fetch that matched its
 // name), and never for bytes that did not match, which the reader must check
 // (and refuse) itself; those are not kept either.
-TEST(CachedStore, GetCheckedSaysCheckedOnlyForBytesItHashedAndFoundRight) {
-  TempDir dir;
-  auto local = image::LocalStore::open(dir.path() + "/store", true);
-  ASSERT_TRUE(local);
-  const std::string b = blob(70000, 9);
-  const BlobId id = BlobId::of(b);
-  ASSERT_TRUE((*local)->put(id, b));
-  auto counting = std::make_unique<CountingStore>(std::move(*local));
-  CountingStore* inner = counting.get();
-  auto cache = DiskCache::open(dir.path() + "/cache", 1 << 20);
-  ASSERT_TRUE(cache);
-  CachedStore store(std::move(counting), *cache);
+TEST_F(CachedStoreTest, GetCheckedSaysCheckedOnlyForBytesItHashedAndFoundRight) {
 
   inner->damage = true;
-  auto damaged = store.get_checked(id);
+  auto damaged = store->get_checked(id);
   ASSERT_TRUE(damaged) << damaged.error().describe();
   EXPECT_FALSE(damaged->checked);
   EXPECT_NE(BlobId::of(damaged->bytes), id);
-  EXPECT_EQ((*cache)->stats().bytes, 0u) << "damaged bytes were kept";
+  EXPECT_EQ(cache->stats().bytes, 0u) << "damaged bytes were kept";
 
   inner->damage = false;
-  auto fetched = store.get_checked(id);
+  auto fetched = store->get_checked(id);
   ASSERT_TRUE(fetched) << fetched.error().describe();
   EXPECT_TRUE(fetched->checked);
   EXPECT_TRUE(fetched->bytes == b);
   EXPECT_EQ(inner->gets.load(), 2);
 
-  auto hit = store.get_checked(id);
+  auto hit = store->get_checked(id);
   ASSERT_TRUE(hit) << hit.error().describe();
   EXPECT_TRUE(hit->checked);
   EXPECT_TRUE(hit->bytes == b);

@@ -343,6 +343,10 @@ class RecordDir : public ::testing::Test {
     auto v = client::Verifier::open(h_->memory(), client_->guest_size(), client_->page_size());
     ASSERT_TRUE(v);
     ASSERT_TRUE(client::touch_pages(*client_, **v, std::vector<uint64_t>{3 * 4096, 0, 7 * 4096}, client::Access::kRead));
+    // A session serves faults from Session::start on, a moment before the
+    // daemon lists it (Server::session): wait for the listing, or `record`
+    // may find no session 1 (seen once in the ASan stage of CI).
+    ASSERT_TRUE(wait_until([&] { return h_->server().session(1) != nullptr; }));
   }
   void TearDown() override {
     client_->close_socket();

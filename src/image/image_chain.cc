@@ -97,15 +97,14 @@ Result<std::string> ImageChain::read_frame(uint32_t layer, uint64_t frame) const
       e.message = describe_layer(layer) + ": " + e.message;
       return std::unexpected(std::move(e));  // keeps code and retryable: the store's to say
     }
+    // A blob the store has just checked against its id is not hashed again.
+    const auto decode = blob->checked ? decode_checked_frame : decode_frame;
     Result<std::string> frame =
         blob->bytes.size() != f.compressed_bytes
             ? fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->bytes.size()) +
                        " bytes, the manifest says " + std::to_string(f.compressed_bytes),
                    EIO)
-        : blob->checked
-            ? decode_checked_frame(blob->bytes, f.id, static_cast<uint64_t>(f.pages) * m.page_size,
-                                   describe_layer(layer))
-            : decode_frame(blob->bytes, f.id, static_cast<uint64_t>(f.pages) * m.page_size, describe_layer(layer));
+            : decode(blob->bytes, f.id, static_cast<uint64_t>(f.pages) * m.page_size, describe_layer(layer));
     if (frame || attempt == 2) {
       if (!frame) frame.error().message += " (fetched twice, damaged both times)";
       return frame;

@@ -1061,8 +1061,10 @@ Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
       // the faulting page's own (PageSource::read_window).
       Result<uint64_t> read =
           read_source_window(loc->file_offset, {w.buffer.get(), pages * loc->page_size}, loc->page_size);
-      // A window that cannot be read (a damaged frame of a neighbour) is no
-      // reason to fail the fault: its own page decides.
+      // A window that cannot be read (a file that shrank under its end) is
+      // no reason to fail the fault: its own page decides. (An image's
+      // window never loads a neighbour's frame, so only the fault's own
+      // frame can fail it.)
       if (!read && pages > 1) {
         pages = 1;
         read = read_source_window(loc->file_offset, {w.buffer.get(), loc->page_size}, loc->page_size);

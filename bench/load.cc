@@ -11,8 +11,6 @@
 
 namespace faultline::bench {
 
-namespace {
-
 // Busy seconds of all cores since boot: user + nice + system + irq + softirq
 // of /proc/stat's "cpu" line (guest time is inside user; steal is time the
 // hypervisor gave to other machines, not load on this one).
@@ -34,8 +32,6 @@ double own_cpu_seconds() {
   ::getrusage(RUSAGE_CHILDREN, &children);
   return seconds(self.ru_utime) + seconds(self.ru_stime) + seconds(children.ru_utime) + seconds(children.ru_stime);
 }
-
-}  // namespace
 
 double load_average_1min() {
   double l[3] = {std::nan(""), 0, 0};

@@ -24,6 +24,10 @@ inline constexpr double kQuietMaxOtherCores = 0.5;
 double load_average_1min();
 // Online cores (std::thread::hardware_concurrency, at least 1).
 int core_count();
+// Busy seconds of all cores since boot (/proc/stat; NaN if unreadable).
+double machine_busy_seconds();
+// CPU seconds of this process and its reaped children (getrusage).
+double own_cpu_seconds();
 
 // Measures other processes' CPU use from the moment it is made.
 class OtherLoadMeter {

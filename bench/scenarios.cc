@@ -8,7 +8,6 @@
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -1245,27 +1244,6 @@ class Gateway {
 // The working-set restore of `subject` from its image in the bucket (cold
 // and warm disk cache), from the same image on local disk and from the raw
 // file, interleaved, every byte read compared with the file.
-double process_cpu_seconds() {
-  rusage r{};
-  ::getrusage(RUSAGE_SELF, &r);
-  return static_cast<double>(r.ru_utime.tv_sec + r.ru_stime.tv_sec) +
-         static_cast<double>(r.ru_utime.tv_usec + r.ru_stime.tv_usec) / 1e6;
-}
-
-// The machine's CPU time so far, all cores (/proc/stat "cpu"), in clock
-// ticks: {busy, total}. Busy is everything but idle and iowait.
-std::pair<double, double> machine_cpu_ticks() {
-  std::ifstream stat("/proc/stat");
-  std::string cpu;
-  stat >> cpu;
-  double busy = 0, total = 0, v = 0;
-  for (int field = 0; field < 10 && stat >> v; ++field) {
-    total += v;
-    if (field != 3 && field != 4) busy += v;  // idle, iowait
-  }
-  return {busy, total};
-}
-
 Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Gateway& gateway) {
   warm_page_cache(subject.path);
   auto file = map_memory_file(subject.path);
@@ -1343,8 +1321,9 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Ga
     std::filesystem::remove_all(ctx.dir + "/store-cache-cold", ec);  // cold: nothing kept from the last run
     const auto before = objstore::S3Client::process_totals();
     const double store_cpu_before = gateway.cpu_seconds();
-    const double own_cpu_before = process_cpu_seconds();
-    const auto machine_before = machine_cpu_ticks();
+    const double own_cpu_before = own_cpu_seconds();
+    const double machine_before = machine_busy_seconds();
+    const int64_t cpu_window_start = now_ns();
     {
       // A fresh daemon each time: its frame cache starts empty. Opening the
       // image (its manifests, from the bucket for the store rows) is the
@@ -1367,14 +1346,11 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Ga
     const auto after = objstore::S3Client::process_totals();
     // Where the restore's CPU went: this process (the daemon, its S3 client
     // and the touching thread) and the store's daemons, against the 2 cores.
-    s.add("own_cpu_ms", (process_cpu_seconds() - own_cpu_before) * 1e3);
+    s.add("own_cpu_ms", (own_cpu_seconds() - own_cpu_before) * 1e3);
     s.add("store_cpu_ms", (gateway.cpu_seconds() - store_cpu_before) * 1e3);
     // And how busy the whole machine was meanwhile (other work included).
-    const auto machine_after = machine_cpu_ticks();
-    if (machine_after.second > machine_before.second) {
-      s.add("machine_busy_pct", (machine_after.first - machine_before.first) /
-                                    (machine_after.second - machine_before.second) * 100);
-    }
+    const double cpu_window_s = static_cast<double>(now_ns() - cpu_window_start) / 1e9;
+    s.add("machine_busy_pct", (machine_busy_seconds() - machine_before) / (cpu_window_s * core_count()) * 100);
     if (s.backend == Backend::kFaultlineStoreCold || s.backend == Backend::kFaultlineStoreWarm) {
       const double fetched = static_cast<double>(after.get_body_bytes - before.get_body_bytes);
       s.add("gets", static_cast<double>(after.gets - before.gets));

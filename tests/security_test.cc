@@ -23,6 +23,7 @@
 #include "client/uffd_setup.h"
 #include "client/verifier.h"
 #include "harness.h"
+#include "race_harness.h"
 #include "protocol/handshake_socket.h"
 #include "server/test_hooks.h"
 #include "snapshot/working_set.h"
@@ -343,10 +344,6 @@ class RecordDir : public ::testing::Test {
     auto v = client::Verifier::open(h_->memory(), client_->guest_size(), client_->page_size());
     ASSERT_TRUE(v);
     ASSERT_TRUE(client::touch_pages(*client_, **v, std::vector<uint64_t>{3 * 4096, 0, 7 * 4096}, client::Access::kRead));
-    // A session serves faults from Session::start on, a moment before the
-    // daemon lists it (Server::session): wait for the listing, or `record`
-    // may find no session 1 (seen once in the ASan stage of CI).
-    ASSERT_TRUE(wait_until([&] { return h_->server().session(1) != nullptr; }));
   }
   void TearDown() override {
     client_->close_socket();
@@ -431,6 +428,65 @@ TEST(RecordDirMissing, ControlRecordIsRefusedWithoutARecordDirectory) {
   EXPECT_NE(reply.find("--record-dir"), std::string::npos) << reply;
   c->close_socket();
   ASSERT_TRUE(h.wait_ended(1));
+}
+
+// A session serves faults and logs session_start from inside Session::start,
+// before the connection thread lists it. A control client that saw either
+// (its VM's first fault answered, the log line) must find the session: the
+// daemon is parked between start and listing until the lookup is waiting,
+// then each command answers about session 1.
+TEST(ControlLookup, ASessionServingFaultsIsFoundBeforeTheDaemonListsIt) {
+  for (const std::string cmd : {"record", "sessions", "page_map"}) {
+    SCOPED_TRACE(cmd);
+    TempDir records;
+    ServerHarness::Options o;
+    o.memory_bytes = 4 * kMiB;
+    o.configure = [&](ServerConfig& c, const TempDir& dir) {
+      c.control_path = dir.file("ctl");
+      c.record_dir = records.path();
+    };
+    ServerHarness h(o);
+    Gate at_publish, lookup_waits;
+    test_hooks::set(HookPoint::kServerBeforePublish, [&](HookContext&) {
+      at_publish.open();
+      // Bounded: without the wait in the lookup this never opens, the
+      // command fails at once and the test with it.
+      (void)lookup_waits.wait_for(std::chrono::seconds(20));
+    });
+    test_hooks::set(HookPoint::kLookupWaitsForStart, [&](HookContext&) { lookup_waits.open(); });
+    auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {4 * kMiB}});
+    ASSERT_TRUE(c);
+    ASSERT_TRUE(c->connect_and_send(h.socket()));
+    ASSERT_TRUE(at_publish.wait_for(std::chrono::seconds(20)));
+    // Served while the daemon does not list the session yet.
+    auto v = client::Verifier::open(h.memory(), c->guest_size(), c->page_size());
+    ASSERT_TRUE(v);
+    ASSERT_TRUE(client::touch_pages(*c, **v, std::vector<uint64_t>{5 * 4096}, client::Access::kRead));
+    ASSERT_TRUE(log_shows(h, "event=session_start session=1"));
+    const std::string request = cmd == "sessions" ? R"({"cmd":"sessions"})"
+                                : cmd == "record" ? R"({"cmd":"record","session":1,"name":"ws"})"
+                                                  : R"({"cmd":"page_map","session":1})";
+    const std::string reply = control(h.dir().file("ctl"), request);
+    EXPECT_TRUE(lookup_waits.is_open()) << "the lookup did not wait for the session mid-start";
+    test_hooks::clear(HookPoint::kServerBeforePublish);
+    test_hooks::clear(HookPoint::kLookupWaitsForStart);
+    EXPECT_EQ(reply.find("\"error\""), std::string::npos) << reply;
+    auto j = nlohmann::json::parse(reply);
+    if (cmd == "sessions") {
+      ASSERT_EQ(j["sessions"].size(), 1u) << reply;
+      EXPECT_EQ(j["sessions"][0]["session"], 1) << reply;
+    } else if (cmd == "record") {
+      EXPECT_EQ(j["pages"], 1) << reply;
+      auto set = read_working_set(records.file("ws"), 4 * kMiB);
+      ASSERT_TRUE(set) << set.error().describe();
+      EXPECT_EQ(set->offsets, std::vector<uint64_t>{5 * 4096});
+    } else {
+      EXPECT_EQ(j["session"], 1) << reply;
+      EXPECT_EQ(j["pid"], ::getpid()) << reply;
+    }
+    c->close_socket();
+    ASSERT_TRUE(h.wait_ended(1));
+  }
 }
 
 // --- limits ----------------------------------------------------------------

@@ -64,6 +64,10 @@ struct Server::Connection {
   std::thread thread;
   std::atomic<bool> done{false};
   bool serving = false;              // GUARDED_BY(Server::mu_): counted in serving_, else in handshaking_
+  // GUARDED_BY(Server::mu_): Session::start is under way. The session serves
+  // faults and logs session_start before the server publishes it in
+  // `session`; lookups wait out this window (Server::session).
+  bool starting = false;
   std::mutex mu;
   std::shared_ptr<Session> session;  // GUARDED_BY(mu)
 };
@@ -76,6 +80,10 @@ namespace {
 // probability 1 - (1 - f)^64 (96 % for f = 5 %); smaller changes are left to
 // the identity check (any write moves ctime).
 constexpr uint64_t kSamplePagesPerClass = 64;
+
+// How long a control lookup waits for a session mid-start (Session::start
+// takes microseconds to a few ms: threads, buffers, one smaps read).
+constexpr auto kStartingLookupWait = std::chrono::seconds(5);
 
 // The index and the watch that turns it off, kept alive together by every
 // holder of the index (the server and each session).
@@ -858,7 +866,9 @@ void Server::reject_session(Connection& c, RefusalCause cause, const std::string
     std::lock_guard lock(mu_);
     --handshaking_;
     c.done = true;
+    c.starting = false;
   }
+  published_cv_.notify_all();
   note_rejected(error);
 }
 
@@ -932,6 +942,10 @@ void Server::handle_connection(Connection& c) {
                    .record_fault_latency = config_.record_fault_latency,
                    .fault_around_pages = config_.fault_around_pages,
                    .fault_around_readahead = config_.fault_around_readahead};
+  {
+    std::lock_guard lock(mu_);
+    c.starting = true;
+  }
   auto session = Session::start(std::move(*hs), served.source, sc);
   if (!session) {
     reject_session(c, RefusalCause::kSessionRejected, session.error().describe());
@@ -939,15 +953,20 @@ void Server::handle_connection(Connection& c) {
   }
   std::shared_ptr<Session> owned = std::move(*session);
   Session* s = owned.get();
+  HookContext publish_hook;
+  publish_hook.address = c.id;
+  FAULTLINE_HOOK(HookPoint::kServerBeforePublish, publish_hook);
   {
     std::lock_guard lock(mu_);
     std::lock_guard clock(c.mu);
     c.session = std::move(owned);
+    c.starting = false;
     --handshaking_;
     ++serving_;
     c.serving = true;
     if (stopping_) s->stop();
   }
+  published_cv_.notify_all();
   s->wait();
   std::lock_guard lock(mu_);
   finished_.push_back(s->summary());
@@ -1080,7 +1099,8 @@ std::vector<LogField> snapshot_fields(const Server::Snapshot& s) {
 }
 
 std::shared_ptr<const Server::Served> Server::served_by(uint64_t id) const {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
+  wait_for_starting(lock, id);
   for (const auto& c : connections_) {
     std::lock_guard clock(c->mu);
     if (c->id == id && c->session && !c->done) return c->served;
@@ -1204,8 +1224,26 @@ size_t Server::handshakes_in_progress() const {
   return handshaking_;
 }
 
+// A session serves its VM's faults and logs session_start from inside
+// Session::start, a moment before handle_connection() publishes it: a control
+// client that saw either may ask at once. Lookups wait for sessions mid-start
+// (bounded: a start that hangs must not hang the control socket).
+void Server::wait_for_starting(std::unique_lock<std::mutex>& lock, std::optional<uint64_t> id) const {
+  const auto settled = [&] {
+    return std::none_of(connections_.begin(), connections_.end(), [&](const auto& c) {
+      return c->starting && !c->done && (!id || c->id == *id);
+    });
+  };
+  if (settled()) return;
+  HookContext hook;
+  hook.address = id.value_or(0);
+  FAULTLINE_HOOK(HookPoint::kLookupWaitsForStart, hook);
+  published_cv_.wait_for(lock, kStartingLookupWait, settled);
+}
+
 std::shared_ptr<Session> Server::session(uint64_t id) const {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
+  wait_for_starting(lock, id);
   for (const auto& c : connections_) {
     std::lock_guard clock(c->mu);
     if (c->id == id && c->session && !c->done) return c->session;
@@ -1214,7 +1252,8 @@ std::shared_ptr<Session> Server::session(uint64_t id) const {
 }
 
 std::vector<SessionSummary> Server::live_sessions() const {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
+  wait_for_starting(lock, std::nullopt);
   std::vector<SessionSummary> out;
   for (const auto& c : connections_) {
     std::lock_guard clock(c->mu);

@@ -276,6 +276,9 @@ class Server {
   Result<std::string> attach_socket_path(const std::string& socket) const;
   // What session `id` is served from, or null.
   std::shared_ptr<const Served> served_by(uint64_t id) const;
+  // Waits (at most kStartingLookupWait) until no connection (or none with
+  // `id`) is in Session::start. REQUIRES: `lock` holds mu_.
+  void wait_for_starting(std::unique_lock<std::mutex>& lock, std::optional<uint64_t> id) const;
   // Under --on-fatal=kill, SIGKILLs a client that handed us a uffd we will
   // not serve (its VM would hang on its first fault), through the pidfd taken
   // when it connected; true if it was killed.
@@ -332,6 +335,8 @@ class Server {
 
   mutable std::mutex mu_;
   mutable std::condition_variable ended_cv_;
+  // Notified when a connection leaves `starting` (published or rejected).
+  mutable std::condition_variable published_cv_;
   std::list<std::unique_ptr<Connection>> connections_;  // GUARDED_BY(mu_)
   std::deque<SessionSummary> finished_;                 // GUARDED_BY(mu_), at most ended_history
   std::deque<std::string> rejected_;                    // GUARDED_BY(mu_), at most ended_history

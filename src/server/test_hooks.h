@@ -29,6 +29,8 @@ enum class HookPoint {
   kBeforeMetricsFold,      // a session's end, final counts taken, before they are folded into the registry
   kSessionSetup,           // Session::start, before each step that can fail (`what` names it)
   kSourceRead,             // worker or prefault, before a read of snapshot bytes (address = file offset)
+  kServerBeforePublish,    // connection thread, session started (serving), before the server lists it (address = session id)
+  kLookupWaitsForStart,    // a session lookup (control), about to wait for a session mid-start (address = id, 0: any)
   kCount,
 };
 

@@ -21,6 +21,7 @@
 #include <fstream>
 #include <iterator>
 #include <random>
+#include <set>
 
 #include <gtest/gtest.h>
 
@@ -950,6 +951,82 @@ TEST_F(S3Test, OneDaemonServesABucketImageAndALocalImageOnSocketsAttachedAtRunTi
   ASSERT_TRUE(r) << r.error().describe();
   EXPECT_EQ(r->mismatches, 0u);
   EXPECT_EQ(h.server().metrics().snapshot().frame_cache->misses, misses) << "frames read twice";
+}
+
+// Pause-and-snapshot in a fleet: a VM restored straight from the bucket
+// writes and balloons some pages; `snapshot` (the control command and the
+// CLI) writes its diff into the same bucket, on top of the served image; a
+// second daemon restores the new image from the bucket alone and the VM sees
+// every byte the first one had. Another bucket is refused.
+TEST_F(S3Test, ASnapshotOfAVmServedFromTheBucketIsWrittenThereAndRestoresEveryByte) {
+  const std::string url = "s3://" + bucket_name("fl-snap") + "/fleet";
+  std::string model;
+  {
+    ServerHarness h(bucket_image(url, true, 4096, {}, [&](ServerConfig& c) {
+      c.cache_dir = dir_.path() + "/cache";
+      c.control_path = dir_.file("ctl");
+    }));
+    model = read_file(h.memory());
+    auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {8 * kMiB}});
+    ASSERT_TRUE(c) << c.error().describe();
+    ASSERT_TRUE(c->connect_and_send(h.socket()));
+    const uint64_t pages = 8 * kMiB / 4096;
+    // Reads (served from the bucket), then writes, then the balloon.
+    for (uint64_t p = 0; p < pages; p += 3) {
+      ASSERT_EQ(std::memcmp(c->guest_ptr(p * 4096), model.data() + p * 4096, 4096), 0) << "page " << p;
+    }
+    std::set<uint64_t> written;
+    for (uint64_t p = 1; p < pages; p += 37) {
+      std::string bytes(4096, '\0');
+      client::fill_write_pattern(900 + p, p * 4096, {reinterpret_cast<uint8_t*>(bytes.data()), bytes.size()});
+      std::memcpy(c->guest_ptr(p * 4096), bytes.data(), 4096);
+      model.replace(p * 4096, 4096, bytes);
+      written.insert(p);
+    }
+    // A page written back to its old bytes is not stored again.
+    std::memcpy(c->guest_ptr(2 * 4096), model.data() + 2 * 4096, 4096);
+    for (uint64_t p : {uint64_t{38}, uint64_t{100}, uint64_t{101}}) {  // 38 was written, then ballooned
+      auto r = c->remove(p * 4096, 4096);
+      ASSERT_TRUE(r) << r.error().describe();
+      model.replace(p * 4096, 4096, std::string(4096, '\0'));
+      written.erase(p);
+    }
+    // The VM is paused from here on: this thread touches nothing.
+    const auto sessions = h.server().live_sessions();
+    ASSERT_EQ(sessions.size(), 1u);
+    const uint64_t id = sessions[0].id;
+    auto refused = h.server().snapshot(id, "s3://" + bucket_name("fl-other") + "/fleet", "gen1");
+    ASSERT_FALSE(refused);
+    EXPECT_EQ(refused.error().code, EPERM) << refused.error().describe();
+    auto snap = h.server().snapshot(id, url + "/", "gen1");
+    ASSERT_TRUE(snap) << snap.error().describe();
+    EXPECT_EQ(snap->report.image.stored_pages, written.size());
+    EXPECT_EQ(snap->parent, "base");
+    // Images are immutable: the same name again is refused, in the bucket too.
+    const std::string out = dir_.file("snapshot.out");
+    const int status = wait_child(spawn({built_binary("faultline"), "snapshot", "--control", dir_.file("ctl"), "--session",
+                                         std::to_string(id), "--store", url, "--name", "gen1"},
+                                        out),
+                                  std::chrono::seconds(60));
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 1) << read_file(out);
+    EXPECT_NE(read_file(out).find("exists"), std::string::npos) << read_file(out);
+    c->close_socket();
+    ASSERT_TRUE(h.wait_ended(1));
+  }
+  auto bucket = s3_store(url, false);
+  ASSERT_TRUE(bucket);
+  auto manifest = (*bucket).manifest_exists("gen1");
+  ASSERT_TRUE(manifest && *manifest) << "gen1 is not in the bucket";
+  // A daemon with nothing of it on disk restores the new image from the bucket.
+  ServerHarness h2(bucket_image(url, false, 4096, {}, [&](ServerConfig& c) { c.image_path = url + "/gen1"; }));
+  auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {8 * kMiB}});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(h2.socket()));
+  for (uint64_t p = 0; p < 8 * kMiB / 4096; ++p) {
+    ASSERT_EQ(std::memcmp(c->guest_ptr(p * 4096), model.data() + p * 4096, 4096), 0) << "page " << p;
+  }
+  c->close_socket();
+  ASSERT_TRUE(h2.wait_ended(1));
 }
 
 TEST_F(S3Test, PastTheStoreDeadlineTheSessionIsFatalAndTheVmIsKilled) {

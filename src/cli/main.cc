@@ -397,10 +397,14 @@ int main(int argc, char** argv) {
       "Write a new image from a live VM that its caller has paused: its parent is the image the daemon\n"
       "serves (serve --image), and it holds the pages the VM wrote since restore (read from the VM's\n"
       "memory), the pages the balloon removed (as zero) and nothing else. Refused, with no image\n"
-      "written, when the VM's memory changes while it is read (pause it first). Needs serve --control.");
+      "written, when the VM's memory changes while it is read (pause it first). Needs serve --control.\n"
+      "Written where the served image is: its store directory, or its bucket (s3://BUCKET/PREFIX).");
   snapshot->add_option("--control", control_path, "The daemon's control socket")->required();
   snapshot->add_option("--session", session_id, "Session id, as in the session_start log line")->required();
-  snapshot->add_option("--store", snapshot_store, "The store directory the daemon serves its image from")->required();
+  snapshot->add_option("--store", snapshot_store,
+                       "The store the daemon serves the VM's image from: its directory, or s3://BUCKET/PREFIX "
+                       "(the new image's frames and manifest are then written to the bucket)")
+      ->required();
   snapshot->add_option("--name", snapshot_name, "Name of the new image (images are immutable: a new name)")
       ->required();
 

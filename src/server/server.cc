@@ -18,7 +18,6 @@
 
 #include "common/atomic_file.h"
 #include "common/text_escape.h"
-#include "image/local_store.h"
 #include "objstore/disk_cache.h"
 #include "objstore/s3_store.h"
 #include "kernel/process.h"
@@ -1122,24 +1121,35 @@ Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_
   }
   // The new image goes into the store the daemon serves from, nowhere else:
   // its parent is there, and a control client must not be able to make the
-  // daemon write into any other directory.
-  std::error_code ec1, ec2;
-  const auto asked = std::filesystem::canonical(store_dir, ec1);
-  const auto serving = std::filesystem::canonical(served->store, ec2);
-  if (ec1 || ec2 || asked != serving) {
+  // daemon write into any other directory or bucket.
+  bool same_store = false;
+  if (objstore::is_s3_url(served->store)) {
+    const auto trimmed = [](std::string_view url) {
+      while (url.size() > 1 && url.back() == '/') url.remove_suffix(1);
+      return url;
+    };
+    same_store = trimmed(store_dir) == trimmed(served->store);
+  } else {
+    std::error_code ec1, ec2;
+    const auto asked = std::filesystem::canonical(store_dir, ec1);
+    const auto serving = std::filesystem::canonical(served->store, ec2);
+    same_store = !ec1 && !ec2 && asked == serving;
+  }
+  if (!same_store) {
     return fail("snapshot writes only into the store the session is served from (" + served->store + "), not \"" +
                     escape_untrusted(store_dir, 256) + "\"",
                 EPERM);
   }
   auto s = session(id);
   if (!s) return fail("no running session " + std::to_string(id), ESRCH);
-  auto store = image::LocalStore::open(served->store, /*create=*/false);
-  if (!store) return std::unexpected(store.error());
   ExportOptions options;
   options.parent = served->image->name();
   options.name = name;
   const auto began = std::chrono::steady_clock::now();
-  auto report = export_session_diff(*s, **store, options);
+  // Through the store the session reads its image from: in a bucket, the new
+  // frames are PUT there and the parent's frames the diff compares against
+  // come through the daemon's disk cache when it has them.
+  auto report = export_session_diff(*s, served->image->chain().store(), options);
   if (!report) {
     log_.warn("snapshot_failed", {{"session", id}, {"image", name}, {"error", report.error().describe()}});
     return std::unexpected(report.error());

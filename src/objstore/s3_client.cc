@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cctype>
 #include <cerrno>
+#include <charconv>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -152,12 +153,33 @@ size_t write_body(char* data, size_t size, size_t n, void* user) {
   return size * n;
 }
 
+// What read_header() fills in.
+struct HeaderSink {
+  std::string* etag;
+  std::string* body;
+};
+
+// Bodies up to this size are reserved from their Content-Length, so that a
+// frame is received into one allocation instead of a string that grows (and
+// copies what it holds) as the bytes arrive. Larger ones grow: a bogus
+// length must not make us allocate it.
+constexpr uint64_t kMaxReservedBody = 64ull << 20;
+
 // Keeps the ETag header of the answer (of its last status line: a
-// "100 Continue" comes first for large bodies).
+// "100 Continue" comes first for large bodies) and reserves room for the
+// body it announces.
 size_t read_header(char* data, size_t size, size_t n, void* user) {
   const std::string_view line(data, size * n);
+  auto* sink = static_cast<HeaderSink*>(user);
   if (line.size() > 5 && ::strncasecmp(line.data(), "etag:", 5) == 0) {
-    *static_cast<std::string*>(user) = trim(std::string(line.substr(5)));
+    *sink->etag = trim(std::string(line.substr(5)));
+  } else if (line.size() > 15 && ::strncasecmp(line.data(), "content-length:", 15) == 0) {
+    const std::string value = trim(std::string(line.substr(15)));
+    uint64_t length = 0;
+    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), length);
+    if (ec == std::errc() && end == value.data() + value.size() && length <= kMaxReservedBody) {
+      sink->body->reserve(static_cast<size_t>(length));
+    }
   }
   return size * n;
 }
@@ -294,8 +316,9 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
   curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(config_.request_timeout.count()));
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, write_body);
   curl_easy_setopt(c, CURLOPT_WRITEDATA, &r.body);
+  HeaderSink sink{&r.etag, &r.body};
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, read_header);
-  curl_easy_setopt(c, CURLOPT_HEADERDATA, &r.etag);
+  curl_easy_setopt(c, CURLOPT_HEADERDATA, &sink);
   // libcurl signs but does not send the payload hash header, which S3 (and
   // RGW) require: without it every request is refused with 403
   // SignatureDoesNotMatch. The payload is not signed; its content is

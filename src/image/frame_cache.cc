@@ -16,16 +16,19 @@ size_t shard_count(uint64_t capacity) {
 }  // namespace
 
 FrameCache::FrameCache(uint64_t capacity_bytes)
-    : capacity_(capacity_bytes),
-      shard_capacity_(capacity_bytes / shard_count(capacity_bytes)),
-      shards_(shard_count(capacity_bytes)) {}
+    : capacity_(capacity_bytes), shards_(shard_count(capacity_bytes)) {}
+
+void FrameCache::touch(Shard& s, Entry& e) {
+  s.lru.splice(s.lru.begin(), s.lru, e.lru);
+  e.last_use = clock_.fetch_add(1, std::memory_order_relaxed) + 1;
+}
 
 FrameCache::Frame FrameCache::find(const BlobId& id) {
   Shard& s = shard_of(id);
   std::lock_guard lock(s.mu);
   auto it = s.entries.find(id);
   if (it == s.entries.end()) return {};
-  s.lru.splice(s.lru.begin(), s.lru, it->second.lru);
+  touch(s, it->second);
   ++s.hits;
   return it->second.frame;
 }
@@ -36,7 +39,7 @@ Result<FrameCache::Frame> FrameCache::get(const BlobId& id, const Loader& load) 
   {
     std::unique_lock lock(s.mu);
     if (auto it = s.entries.find(id); it != s.entries.end()) {
-      s.lru.splice(s.lru.begin(), s.lru, it->second.lru);
+      touch(s, it->second);
       ++s.hits;
       return it->second.frame;
     }
@@ -60,7 +63,7 @@ Result<FrameCache::Frame> FrameCache::load_ahead(const BlobId& id, const Loader&
   {
     std::lock_guard lock(s.mu);
     if (auto it = s.entries.find(id); it != s.entries.end()) {
-      s.lru.splice(s.lru.begin(), s.lru, it->second.lru);
+      touch(s, it->second);
       return Frame{};
     }
     if (s.loading.contains(id)) return Frame{};
@@ -97,21 +100,48 @@ Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const BlobId& id, co
     mine->done = true;
   }
   mine->cv.notify_all();
+  if (result) make_room();
   return result;
 }
 
 void FrameCache::insert(Shard& s, const BlobId& id, const Frame& frame) {
-  if (frame->size() > shard_capacity_) return;  // would evict everything and still not fit
-  while (!s.lru.empty() && s.bytes + frame->size() > shard_capacity_) {
-    auto victim = s.entries.find(s.lru.back());
-    s.bytes -= victim->second.frame->size();
-    s.entries.erase(victim);
-    s.lru.pop_back();
-    ++s.evictions;
-  }
+  if (frame->size() > capacity_) return;  // would evict everything and still not fit
   s.lru.push_front(id);
-  s.entries.emplace(id, Entry{frame, s.lru.begin()});
+  s.entries.emplace(id, Entry{frame, s.lru.begin(), clock_.fetch_add(1, std::memory_order_relaxed) + 1});
   s.bytes += frame->size();
+  bytes_.fetch_add(frame->size(), std::memory_order_relaxed);
+}
+
+void FrameCache::make_room() {
+  if (bytes_.load(std::memory_order_relaxed) <= capacity_) return;
+  std::lock_guard evicting(evict_mu_);
+  while (bytes_.load(std::memory_order_relaxed) > capacity_) {
+    // The least recently used frame of all is the oldest of the shards'
+    // least recently used ones. Shard locks are taken one at a time; a frame
+    // used meanwhile is no longer a tail, and the choice is made again.
+    Shard* oldest = nullptr;
+    uint64_t oldest_use = 0;
+    for (Shard& s : shards_) {
+      std::lock_guard lock(s.mu);
+      if (s.lru.empty()) continue;
+      const uint64_t use = s.entries.find(s.lru.back())->second.last_use;
+      if (!oldest || use < oldest_use) {
+        oldest = &s;
+        oldest_use = use;
+      }
+    }
+    if (!oldest) return;
+    std::lock_guard lock(oldest->mu);
+    if (oldest->lru.empty()) continue;
+    auto victim = oldest->entries.find(oldest->lru.back());
+    if (victim->second.last_use != oldest_use) continue;  // used since: look again
+    const uint64_t size = victim->second.frame->size();
+    oldest->bytes -= size;
+    bytes_.fetch_sub(size, std::memory_order_relaxed);
+    oldest->entries.erase(victim);
+    oldest->lru.pop_back();
+    ++oldest->evictions;
+  }
 }
 
 FrameCache::Stats FrameCache::stats() const {

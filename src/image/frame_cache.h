@@ -10,17 +10,23 @@
 // get() is single-flight: when several threads miss the same frame at once,
 // one of them runs the loader and the others wait for its result (a failure
 // too: it is handed to every waiter and not cached, so a later get() tries
-// again). Eviction is least-recently-used, per shard; a frame larger than a
-// shard's share of the capacity is returned but not kept. Frames are handed
-// out as shared pointers, so an evicted frame stays valid for whoever still
-// holds it: the capacity bounds what the cache keeps, not what callers hold
-// (each caller holds at most a few frames at a time).
+// again). Eviction is least-recently-used over the whole cache: the capacity
+// is one budget, however the frames spread over the shards (a cache of N
+// bytes holds N bytes of frames), and the frame evicted is the one used
+// longest ago of all. A frame larger than the capacity is returned but not
+// kept. Frames are handed out as shared pointers, so an evicted frame stays
+// valid for whoever still holds it: the capacity bounds what the cache keeps,
+// not what callers hold (each caller holds at most a few frames at a time).
+// While a load is being inserted the cache may hold that one frame over the
+// capacity; the inserting thread evicts back under it before it returns.
 //
 // Thread-safety: every method is safe from any thread. The key space is split
 // into shards with a mutex each, so threads on different frames rarely meet;
-// a hit allocates nothing.
+// a hit allocates nothing. Evictions are serialized by one more mutex, taken
+// before any shard's (never while holding one).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -72,9 +78,9 @@ class FrameCache {
 
   Stats stats() const;
   uint64_t capacity() const { return capacity_; }
-  // The largest frame kept (a shard's share of the capacity): a larger one
-  // is handed out but not kept, so loading it ahead is wasted.
-  uint64_t largest_kept() const { return shard_capacity_; }
+  // The largest frame kept (the capacity): a larger one is handed out but
+  // not kept, so loading it ahead is wasted.
+  uint64_t largest_kept() const { return capacity_; }
 
  private:
   struct Load {
@@ -85,6 +91,7 @@ class FrameCache {
   struct Entry {
     Frame frame;
     std::list<BlobId>::iterator lru;  // position in Shard::lru (front: most recent)
+    uint64_t last_use = 0;            // a tick of clock_: orders uses across shards
   };
   struct Shard {
     mutable std::mutex mu;
@@ -95,15 +102,22 @@ class FrameCache {
     uint64_t hits = 0, misses = 0, waits = 0, load_failures = 0, evictions = 0, loads_ahead = 0;
   };
   Shard& shard_of(const BlobId& id) { return shards_[BlobIdHash{}(id) % shards_.size()]; }
-  // REQUIRES: s.mu held.
+  // Marks a held frame most recently used. REQUIRES: s.mu held.
+  void touch(Shard& s, Entry& e);
+  // REQUIRES: s.mu held. May leave the cache over its capacity: make_room().
   void insert(Shard& s, const BlobId& id, const Frame& frame);
+  // Evicts the least recently used frames of the whole cache until it holds
+  // at most its capacity. REQUIRES: no shard's mu held.
+  void make_room();
   // Runs `load` for a miss registered in s.loading as `mine`, keeps and
   // hands out the result. REQUIRES: s.mu not held.
   Result<Frame> finish_load(Shard& s, const BlobId& id, const std::shared_ptr<Load>& mine, const Loader& load);
 
   const uint64_t capacity_;
-  uint64_t shard_capacity_;
   std::vector<Shard> shards_;
+  std::atomic<uint64_t> clock_{0};
+  std::atomic<uint64_t> bytes_{0};  // held by every shard together
+  std::mutex evict_mu_;
 };
 
 }  // namespace faultline::image

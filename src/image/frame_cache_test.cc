@@ -106,6 +106,83 @@ TEST(FrameCache, EvictsTheLeastRecentlyUsedFrameToStayWithinCapacity) {
   EXPECT_LE(st.bytes, 3 * kFrame);
 }
 
+// `n` blob ids that all fall into the same shard whatever the shard count
+// (the count is at most 16 and divides 16 for the capacities used here).
+std::vector<BlobId> ids_of_one_shard(size_t n) {
+  std::vector<BlobId> out;
+  for (uint64_t i = 0; out.size() < n; ++i) {
+    const BlobId id = id_of("frame " + std::to_string(i));
+    if (BlobIdHash{}(id) % 16 == 0) out.push_back(id);
+  }
+  return out;
+}
+
+// The capacity is one budget: frames that all hash to one shard fill the
+// whole cache, and the frame evicted is the least recently used of all, even
+// when it is in another shard than the frame coming in.
+TEST(FrameCache, ACacheOfNBytesHoldsNBytesOfFramesHoweverTheyHashAndEvictsTheOldestOfAll) {
+  constexpr size_t kFrame = 1 << 20;
+  constexpr size_t kFrames = 64;
+  FrameCache cache(kFrames * kFrame);  // several shards
+  const std::vector<BlobId> same_shard = ids_of_one_shard(kFrames);
+  for (size_t i = 0; i < kFrames; ++i) {
+    ASSERT_TRUE(cache.get(same_shard[i], [] { return bytes_of(kFrame, 's'); }));
+  }
+  FrameCache::Stats st = cache.stats();
+  EXPECT_EQ(st.frames, kFrames);
+  EXPECT_EQ(st.bytes, kFrames * kFrame);
+  EXPECT_EQ(st.evictions, 0u);
+
+  // Frames in other shards push the oldest ones out, oldest first, wherever
+  // they are; a frame used again stays.
+  ASSERT_NE(cache.find(same_shard[0]), nullptr);  // now the most recent
+  std::vector<BlobId> others;
+  for (uint64_t i = 0; others.size() < 3; ++i) {
+    const BlobId id = id_of("other " + std::to_string(i));
+    if (BlobIdHash{}(id) % 16 != 0) others.push_back(id);
+  }
+  for (size_t k = 0; k < others.size(); ++k) {
+    ASSERT_TRUE(cache.get(others[k], [] { return bytes_of(kFrame, 'o'); }));
+    st = cache.stats();
+    EXPECT_EQ(st.evictions, k + 1);
+    EXPECT_EQ(st.bytes, kFrames * kFrame);
+    EXPECT_EQ(cache.find(same_shard[k + 1]), nullptr) << "frame " << k + 1 << " was the least recently used";
+  }
+  EXPECT_NE(cache.find(same_shard[0]), nullptr);
+  EXPECT_NE(cache.find(same_shard[4]), nullptr);
+  for (const BlobId& id : others) EXPECT_NE(cache.find(id), nullptr);
+}
+
+// Many threads loading distinct frames at once into a small cache: it ends
+// at its capacity exactly, with every count adding up (also under TSan).
+TEST(FrameCache, ConcurrentLoadsIntoAFullCacheEndWithinItsCapacity) {
+  constexpr size_t kFrame = 256 << 10;
+  constexpr size_t kKept = 96;  // 24 MiB: two shards
+  FrameCache cache(kKept * kFrame);
+  constexpr int kThreads = 4;
+  constexpr int kPerThread = 100;
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        const BlobId id = id_of("t" + std::to_string(t) + " f" + std::to_string(i));
+        auto f = cache.get(id, [&] { return bytes_of(kFrame, static_cast<char>('a' + t)); });
+        if (!f || (**f)[kFrame - 1] != 'a' + t) failures.fetch_add(1);
+        // Now and then a frame of another thread is used again.
+        if (i % 7 == 0) (void)cache.find(id_of("t" + std::to_string((t + 1) % kThreads) + " f" + std::to_string(i / 2)));
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  const FrameCache::Stats st = cache.stats();
+  EXPECT_EQ(st.misses, static_cast<uint64_t>(kThreads * kPerThread));
+  EXPECT_EQ(st.frames, kKept);
+  EXPECT_EQ(st.bytes, kKept * kFrame);
+  EXPECT_EQ(st.evictions, kThreads * kPerThread - kKept);
+}
+
 TEST(FrameCache, AFrameHeldByACallerOutlivesItsEviction) {
   constexpr size_t kFrame = 1 << 20;
   FrameCache cache(kFrame);

@@ -14,6 +14,7 @@
 #include <sys/wait.h>
 
 #include <filesystem>
+#include <stdexcept>
 #include <nlohmann/json.hpp>
 
 #include "client/firecracker_client.h"
@@ -487,6 +488,37 @@ TEST(ControlLookup, ASessionServingFaultsIsFoundBeforeTheDaemonListsIt) {
     c->close_socket();
     ASSERT_TRUE(h.wait_ended(1));
   }
+}
+
+// A session whose start fails after its lookup began to wait (the connection
+// thread throws between start and listing) wakes the lookup at once: the
+// wait is set to 10 minutes, so a lookup left to its bound would outlast the
+// control client's 20 s and the reply would be empty.
+TEST(ControlLookup, ALookupWaitingForASessionThatFailsToStartIsAnsweredAtOnce) {
+  ServerHarness::Options o;
+  o.memory_bytes = 4 * kMiB;
+  o.configure = [](ServerConfig& c, const TempDir& dir) {
+    c.control_path = dir.file("ctl");
+    c.session_start_wait = std::chrono::minutes(10);
+  };
+  ServerHarness h(o);
+  Gate lookup_waits;
+  test_hooks::set(HookPoint::kServerBeforePublish, [&](HookContext&) {
+    (void)lookup_waits.wait_for(std::chrono::seconds(20));
+    throw std::runtime_error("injected: the connection thread fails before listing its session");
+  });
+  test_hooks::set(HookPoint::kLookupWaitsForStart, [&](HookContext&) { lookup_waits.open(); });
+  auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {4 * kMiB}});
+  ASSERT_TRUE(c);
+  ASSERT_TRUE(c->connect_and_send(h.socket()));  // the guest is never touched: nobody will serve it
+  const std::string reply = control(h.dir().file("ctl"), R"({"cmd":"page_map","session":1})");
+  test_hooks::clear(HookPoint::kServerBeforePublish);
+  test_hooks::clear(HookPoint::kLookupWaitsForStart);
+  EXPECT_TRUE(lookup_waits.is_open()) << "the lookup did not wait for the session mid-start";
+  EXPECT_NE(reply.find("no running session 1"), std::string::npos) << reply;
+  ASSERT_TRUE(h.wait_ended(1));
+  EXPECT_NE(h.log().find("injected: the connection thread fails"), std::string::npos) << h.log();
+  c->close_socket();
 }
 
 // --- limits ----------------------------------------------------------------

@@ -80,10 +80,6 @@ namespace {
 // the identity check (any write moves ctime).
 constexpr uint64_t kSamplePagesPerClass = 64;
 
-// How long a control lookup waits for a session mid-start (Session::start
-// takes microseconds to a few ms: threads, buffers, one smaps read).
-constexpr auto kStartingLookupWait = std::chrono::seconds(5);
-
 // The index and the watch that turns it off, kept alive together by every
 // holder of the index (the server and each session).
 struct WatchedZeroIndex {
@@ -846,8 +842,10 @@ void Server::handle_connection_or_log(Connection& c) {
   if (!c.done) {
     (c.serving ? serving_ : handshaking_)--;
     c.done = true;
+    c.starting = false;
     ++rejected_total_;
     ended_cv_.notify_all();
+    published_cv_.notify_all();  // a lookup waiting for this start
   }
 }
 
@@ -1248,7 +1246,7 @@ void Server::wait_for_starting(std::unique_lock<std::mutex>& lock, std::optional
   HookContext hook;
   hook.address = id.value_or(0);
   FAULTLINE_HOOK(HookPoint::kLookupWaitsForStart, hook);
-  published_cv_.wait_for(lock, kStartingLookupWait, settled);
+  published_cv_.wait_for(lock, config_.session_start_wait, settled);
 }
 
 std::shared_ptr<Session> Server::session(uint64_t id) const {

@@ -125,6 +125,9 @@ struct ServerConfig {
   std::string control_path;
   // A control request must arrive and its reply be read within this time.
   std::chrono::milliseconds control_timeout{2000};
+  // How long a control request naming a session still in Session::start
+  // (serving, not yet listed) waits for it to be listed or refused.
+  std::chrono::milliseconds session_start_wait{5000};
   // Largest control reply (a page map of a huge, fragmented guest); a larger
   // one is answered with an error instead.
   size_t max_control_reply_bytes = 64 << 20;
@@ -276,7 +279,7 @@ class Server {
   Result<std::string> attach_socket_path(const std::string& socket) const;
   // What session `id` is served from, or null.
   std::shared_ptr<const Served> served_by(uint64_t id) const;
-  // Waits (at most kStartingLookupWait) until no connection (or none with
+  // Waits (at most config_.session_start_wait) until no connection (or none with
   // `id`) is in Session::start. REQUIRES: `lock` holds mu_.
   void wait_for_starting(std::unique_lock<std::mutex>& lock, std::optional<uint64_t> id) const;
   // Under --on-fatal=kill, SIGKILLs a client that handed us a uffd we will

@@ -10,8 +10,8 @@
 # (called at the end of the root CMakeLists.txt) fails configuration when a
 # Google Test program or an add_test() bypassed these functions.
 #
-#   faultline_gtest(<target> SANITIZERS YES|NO [HUGEPAGES] [SPAWNS <program>...]
-#                   [TIMEOUT <s>] [DISCOVERY_TIMEOUT <s>]
+#   faultline_gtest(<target> SANITIZERS YES|NO [HUGEPAGES | HUGEPAGE_TESTS <filter>]
+#                   [SPAWNS <program>...] [TIMEOUT <s>] [DISCOVERY_TIMEOUT <s>]
 #                   [PROPERTIES <name> <value>...])
 #     <target>: a Google Test executable already made with add_executable().
 #     SANITIZERS YES: its tests run again under ThreadSanitizer and
@@ -20,6 +20,8 @@
 #       with a reason written beside the call.
 #     HUGEPAGES: its tests change vm.nr_hugepages, which is system-wide: they
 #       take the `hugepages` resource lock, so ctest never runs two at once.
+#     HUGEPAGE_TESTS: only the tests this --gtest_filter pattern matches take
+#       the lock (a program of which few tests reserve huge pages).
 #     SPAWNS: programs its tests start (faultline, faultline-client): built
 #       before it, and with it into the sanitizer stages.
 #     TIMEOUT: seconds per test (default 300); a fault nobody serves hangs,
@@ -55,7 +57,8 @@ function(_faultline_sanitizer_choice out function_name what value)
 endfunction()
 
 function(faultline_gtest target)
-  cmake_parse_arguments(PARSE_ARGV 1 ARG "HUGEPAGES" "SANITIZERS;TIMEOUT;DISCOVERY_TIMEOUT" "SPAWNS;PROPERTIES")
+  cmake_parse_arguments(PARSE_ARGV 1 ARG "HUGEPAGES" "SANITIZERS;TIMEOUT;DISCOVERY_TIMEOUT;HUGEPAGE_TESTS"
+                        "SPAWNS;PROPERTIES")
   if(ARG_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "faultline_gtest(${target}): unknown arguments ${ARG_UNPARSED_ARGUMENTS}")
   endif()
@@ -88,7 +91,19 @@ function(faultline_gtest target)
       add_dependencies(sanitizer-test-programs ${program})
     endif()
   endforeach()
-  gtest_discover_tests(${target} DISCOVERY_TIMEOUT ${ARG_DISCOVERY_TIMEOUT} PROPERTIES ${properties})
+  if(ARG_HUGEPAGE_TESTS)
+    if(ARG_HUGEPAGES)
+      message(FATAL_ERROR "faultline_gtest(${target}): HUGEPAGES (every test) or HUGEPAGE_TESTS (some), not both")
+    endif()
+    # Two listings of one program: the tests the pattern leaves out, without
+    # the lock, and those it matches, with it.
+    gtest_discover_tests(${target} DISCOVERY_TIMEOUT ${ARG_DISCOVERY_TIMEOUT} TEST_FILTER "-${ARG_HUGEPAGE_TESTS}"
+                         PROPERTIES ${properties})
+    gtest_discover_tests(${target} DISCOVERY_TIMEOUT ${ARG_DISCOVERY_TIMEOUT} TEST_FILTER "${ARG_HUGEPAGE_TESTS}"
+                         PROPERTIES ${properties} RESOURCE_LOCK hugepages)
+  else()
+    gtest_discover_tests(${target} DISCOVERY_TIMEOUT ${ARG_DISCOVERY_TIMEOUT} PROPERTIES ${properties})
+  endif()
   set_property(GLOBAL APPEND PROPERTY FAULTLINE_REGISTERED_PROGRAMS ${target})
 endfunction()
 

@@ -502,7 +502,9 @@ TEST(ControlLookup, ALookupWaitingForASessionThatFailsToStartIsAnsweredAtOnce) {
     c.session_start_wait = std::chrono::minutes(10);
   };
   ServerHarness h(o);
-  Gate lookup_waits;
+  Gate in_start, lookup_waits;
+  // Session::start's first step: the connection is marked starting by now.
+  test_hooks::set(HookPoint::kSessionSetup, [&](HookContext&) { in_start.open(); });
   test_hooks::set(HookPoint::kServerBeforePublish, [&](HookContext&) {
     (void)lookup_waits.wait_for(std::chrono::seconds(20));
     throw std::runtime_error("injected: the connection thread fails before listing its session");
@@ -511,7 +513,11 @@ TEST(ControlLookup, ALookupWaitingForASessionThatFailsToStartIsAnsweredAtOnce) {
   auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {4 * kMiB}});
   ASSERT_TRUE(c);
   ASSERT_TRUE(c->connect_and_send(h.socket()));  // the guest is never touched: nobody will serve it
+  // A request sent before the handshake was read would find no session at
+  // all and answer at once without waiting: send it once the start runs.
+  ASSERT_TRUE(in_start.wait_for(std::chrono::seconds(20)));
   const std::string reply = control(h.dir().file("ctl"), R"({"cmd":"page_map","session":1})");
+  test_hooks::clear(HookPoint::kSessionSetup);
   test_hooks::clear(HookPoint::kServerBeforePublish);
   test_hooks::clear(HookPoint::kLookupWaitsForStart);
   EXPECT_TRUE(lookup_waits.is_open()) << "the lookup did not wait for the session mid-start";

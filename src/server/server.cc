@@ -1122,11 +1122,9 @@ Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_
   // daemon write into any other directory or bucket.
   bool same_store = false;
   if (objstore::is_s3_url(served->store)) {
-    const auto trimmed = [](std::string_view url) {
-      while (url.size() > 1 && url.back() == '/') url.remove_suffix(1);
-      return url;
-    };
-    same_store = trimmed(store_dir) == trimmed(served->store);
+    const auto asked = objstore::S3Location::parse(store_dir);
+    const auto serving = objstore::S3Location::parse(served->store);
+    same_store = asked && serving && asked->bucket == serving->bucket && asked->prefix == serving->prefix;
   } else {
     std::error_code ec1, ec2;
     const auto asked = std::filesystem::canonical(store_dir, ec1);

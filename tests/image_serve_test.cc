@@ -104,6 +104,13 @@ TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDe
   EXPECT_GT(s.counters.reader_served, 0u);
   const std::string metrics = h.server().metrics().render();
   EXPECT_NE(metrics.find("faultline_frame_cache_misses_total "), std::string::npos);
+  // The frames live in frame memory (huge-page chunks), counted apart.
+  EXPECT_GT(snap.frame_cache->memory_bytes, 0u);
+  EXPECT_GE(snap.frame_cache->memory_fresh_bytes, snap.frame_cache->memory_bytes);
+  for (const char* name : {"faultline_frame_memory_bytes ", "faultline_frame_memory_fresh_bytes_total ",
+                           "faultline_frame_memory_slot_reuses_total "}) {
+    EXPECT_NE(metrics.find(name), std::string::npos) << name;
+  }
 }
 
 TEST(ImageServe, AChainOfThreeServesEachPageFromItsNewestLayer) {

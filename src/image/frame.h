@@ -18,6 +18,7 @@
 
 #include "common/error.h"
 #include "image/blob_id.h"
+#include "image/frame_buffer.h"
 
 namespace faultline::image {
 
@@ -39,11 +40,12 @@ class FrameCompressor {
 // Checks `blob` against `id` (SHA-256) first, then decompresses it and checks
 // that it holds exactly `expected_bytes`. `what` names the image and blob in
 // errors. No byte of a blob whose hash does not match is ever decompressed.
-Result<std::string> decode_frame(std::string_view blob, const BlobId& id, uint64_t expected_bytes,
+// The frame is decompressed into frame memory (image/frame_buffer.h).
+Result<FrameBuffer> decode_frame(std::string_view blob, const BlobId& id, uint64_t expected_bytes,
                                  const std::string& what);
 // decode_frame() without the hash, for a blob its store has just checked
 // against `id` (FetchedBlob::checked). REQUIRES: BlobId::of(blob) == id.
-Result<std::string> decode_checked_frame(std::string_view blob, const BlobId& id, uint64_t expected_bytes,
+Result<FrameBuffer> decode_checked_frame(std::string_view blob, const BlobId& id, uint64_t expected_bytes,
                                          const std::string& what);
 
 }  // namespace faultline::image

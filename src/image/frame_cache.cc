@@ -82,8 +82,8 @@ Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const BlobId& id, co
   // would wait forever.
   Result<Frame> result = Frame{};
   try {
-    Result<std::string> bytes = load();
-    result = bytes ? Result<Frame>(std::make_shared<const std::string>(std::move(*bytes)))
+    Result<FrameBuffer> bytes = load();
+    result = bytes ? Result<Frame>(std::make_shared<const FrameBuffer>(std::move(*bytes)))
                    : Result<Frame>(std::unexpected(bytes.error()));
   } catch (const std::exception& e) {
     result = std::unexpected(Error{ENOMEM, std::string("loading a frame failed: ") + e.what()});
@@ -105,11 +105,12 @@ Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const BlobId& id, co
 }
 
 void FrameCache::insert(Shard& s, const BlobId& id, const Frame& frame) {
-  if (frame->size() > capacity_) return;  // would evict everything and still not fit
+  // A frame counts the memory it holds (its slot), not only its bytes.
+  if (frame->footprint() > capacity_) return;  // would evict everything and still not fit
   s.lru.push_front(id);
   s.entries.emplace(id, Entry{frame, s.lru.begin(), clock_.fetch_add(1, std::memory_order_relaxed) + 1});
-  s.bytes += frame->size();
-  bytes_.fetch_add(frame->size(), std::memory_order_relaxed);
+  s.bytes += frame->footprint();
+  bytes_.fetch_add(frame->footprint(), std::memory_order_relaxed);
 }
 
 void FrameCache::make_room() {
@@ -135,7 +136,7 @@ void FrameCache::make_room() {
     if (oldest->lru.empty()) continue;
     auto victim = oldest->entries.find(oldest->lru.back());
     if (victim->second.last_use != oldest_use) continue;  // used since: look again
-    const uint64_t size = victim->second.frame->size();
+    const uint64_t size = victim->second.frame->footprint();
     oldest->bytes -= size;
     bytes_.fetch_sub(size, std::memory_order_relaxed);
     oldest->entries.erase(victim);

@@ -12,9 +12,10 @@
 // too: it is handed to every waiter and not cached, so a later get() tries
 // again). Eviction is least-recently-used over the whole cache: the capacity
 // is one budget, however the frames spread over the shards (a cache of N
-// bytes holds N bytes of frames), and the frame evicted is the one used
-// longest ago of all. A frame larger than the capacity is returned but not
-// kept. Frames are handed out as shared pointers, so an evicted frame stays
+// bytes holds N bytes of frame memory), and the frame evicted is the one used
+// longest ago of all. A frame counts the memory it holds (FrameBuffer::
+// footprint(): its power-of-two slot, so a 300 KiB frame counts 512 KiB). A
+// frame larger than the capacity is returned but not kept. Frames are handed out as shared pointers, so an evicted frame stays
 // valid for whoever still holds it: the capacity bounds what the cache keeps,
 // not what callers hold (each caller holds at most a few frames at a time).
 // While a load is being inserted the cache may hold that one frame over the
@@ -39,13 +40,14 @@
 
 #include "common/error.h"
 #include "image/blob_id.h"
+#include "image/frame_buffer.h"
 
 namespace faultline::image {
 
 class FrameCache {
  public:
-  using Frame = std::shared_ptr<const std::string>;
-  using Loader = std::function<Result<std::string>()>;
+  using Frame = std::shared_ptr<const FrameBuffer>;
+  using Loader = std::function<Result<FrameBuffer>()>;
 
   struct Stats {
     uint64_t hits = 0;    // get() or find() found the frame
@@ -54,12 +56,12 @@ class FrameCache {
     uint64_t loads_ahead = 0;  // load_ahead() ran the loader (also counted in misses)
     uint64_t load_failures = 0;
     uint64_t evictions = 0;
-    uint64_t bytes = 0;   // decompressed bytes held now
+    uint64_t bytes = 0;   // memory the frames held now take (FrameBuffer::footprint)
     uint64_t frames = 0;  // frames held now
     uint64_t capacity = 0;
   };
 
-  // `capacity_bytes`: most decompressed bytes kept (0 keeps nothing: every
+  // `capacity_bytes`: most frame memory kept (0 keeps nothing: every
   // get() loads, concurrent ones still share one load).
   explicit FrameCache(uint64_t capacity_bytes);
   FrameCache(const FrameCache&) = delete;

@@ -23,7 +23,7 @@ namespace {
 
 BlobId id_of(const std::string& s) { return BlobId::of(s); }
 
-Result<std::string> bytes_of(size_t n, char c) { return std::string(n, c); }
+Result<FrameBuffer> bytes_of(size_t n, char c) { return FrameBuffer::copy_of(std::string(n, c)); }
 
 // Polls a condition another thread makes true (a bound, not an ordering).
 bool eventually(const std::function<bool()>& cond) {
@@ -40,10 +40,10 @@ TEST(FrameCache, ConcurrentMissesOfOneFrameRunOneLoad) {
   std::promise<void> gate;
   std::shared_future<void> opened = gate.get_future().share();
   std::atomic<int> loads{0};
-  auto loader = [&]() -> Result<std::string> {
+  auto loader = [&]() -> Result<FrameBuffer> {
     loads.fetch_add(1);
     opened.wait();  // held until the second get() is waiting on this load
-    return std::string(4096, 'a');
+    return bytes_of(4096, 'a');
   };
   auto first = std::async(std::launch::async, [&] { return cache.get(id_of("x"), loader); });
   ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
@@ -63,7 +63,7 @@ TEST(FrameCache, AFailedLoadReachesEveryWaiterAndIsNotCached) {
   std::promise<void> gate;
   std::shared_future<void> opened = gate.get_future().share();
   std::atomic<int> loads{0};
-  auto failing = [&]() -> Result<std::string> {
+  auto failing = [&]() -> Result<FrameBuffer> {
     loads.fetch_add(1);
     opened.wait();
     return fail("blob damaged", EIO);
@@ -209,10 +209,10 @@ TEST(FrameCache, LoadAheadNeverWaitsAndAGetDuringItSharesItsLoad) {
   std::promise<void> gate;
   std::shared_future<void> opened = gate.get_future().share();
   std::atomic<int> loads{0};
-  auto held_loader = [&]() -> Result<std::string> {
+  auto held_loader = [&]() -> Result<FrameBuffer> {
     loads.fetch_add(1);
     opened.wait();
-    return std::string(4096, 'a');
+    return bytes_of(4096, 'a');
   };
   auto ahead = std::async(std::launch::async, [&] { return cache.load_ahead(id_of("x"), held_loader); });
   ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));

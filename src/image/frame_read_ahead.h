@@ -73,7 +73,7 @@ class FrameReadAhead final : public ReadAhead {
     uint64_t bytes = 0;
     bool loading = true;
     bool consumed_while_loading = false;
-    std::weak_ptr<const std::string> frame;  // expires when the cache and the reader dropped it
+    std::weak_ptr<const FrameBuffer> frame;  // expires when the cache and the reader dropped it
   };
   // Keyed by (first plan position, sequence): one entry of the plan may need
   // several frames (a 2 MiB page of a 4 KiB-page image).

@@ -84,7 +84,7 @@ std::string ImageChain::describe_layer(uint32_t layer) const {
   return "image " + layers_[layer].name + " (" + store_->describe_manifest(layers_[layer].name) + ")";
 }
 
-Result<std::string> ImageChain::read_frame(uint32_t layer, uint64_t frame) const {
+Result<FrameBuffer> ImageChain::read_frame(uint32_t layer, uint64_t frame) const {
   const Manifest& m = layers_[layer].manifest;
   const FrameRef& f = m.frames[frame];
   // Bytes that do not match the blob's address (or size) may have been
@@ -99,7 +99,7 @@ Result<std::string> ImageChain::read_frame(uint32_t layer, uint64_t frame) const
     }
     // A blob the store has just checked against its id is not hashed again.
     const auto decode = blob->checked ? decode_checked_frame : decode_frame;
-    Result<std::string> frame =
+    Result<FrameBuffer> frame =
         blob->bytes.size() != f.compressed_bytes
             ? fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->bytes.size()) +
                        " bytes, the manifest says " + std::to_string(f.compressed_bytes),

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "common/error.h"
+#include "image/frame_buffer.h"
 #include "image/manifest.h"
 #include "image/store.h"
 
@@ -62,7 +63,7 @@ class ImageChain {
   PageLocation locate(uint64_t page) const;
 
   // Fetches, checks and decompresses frame `frame` of layer `layer`.
-  Result<std::string> read_frame(uint32_t layer, uint64_t frame) const;
+  Result<FrameBuffer> read_frame(uint32_t layer, uint64_t frame) const;
 
   // For a layer, the guest page of each of its storage indexes (the inverse of
   // its page map): lets flatten decompress each frame once.
@@ -94,7 +95,7 @@ class ChainPageReader {
   const ImageChain& chain_;
   uint64_t cache_limit_;
   uint64_t cached_bytes_ = 0;
-  std::map<std::pair<uint32_t, uint64_t>, std::string> cache_;
+  std::map<std::pair<uint32_t, uint64_t>, FrameBuffer> cache_;
   std::deque<std::pair<uint32_t, uint64_t>> order_;  // insertion order, for FIFO eviction
 };
 

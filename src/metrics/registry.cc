@@ -146,12 +146,23 @@ std::string Registry::render(const Snapshot& s) {
     w.sample("faultline_frame_cache_load_failures_total", {}, c.load_failures);
     w.family("faultline_frame_cache_evictions_total", "counter", "Frames evicted to stay within the capacity.");
     w.sample("faultline_frame_cache_evictions_total", {}, c.evictions);
-    w.family("faultline_frame_cache_bytes", "gauge", "Decompressed bytes the frame cache holds now.");
+    w.family("faultline_frame_cache_bytes", "gauge",
+             "Memory the frames the frame cache holds now take (each frame's slot of frame memory).");
     w.sample("faultline_frame_cache_bytes", {}, c.bytes);
     w.family("faultline_frame_cache_frames", "gauge", "Frames the frame cache holds now.");
     w.sample("faultline_frame_cache_frames", {}, c.frames);
     w.family("faultline_frame_cache_capacity_bytes", "gauge", "The frame cache's capacity (--frame-cache-size).");
     w.sample("faultline_frame_cache_capacity_bytes", {}, c.capacity_bytes);
+    w.family("faultline_frame_memory_bytes", "gauge",
+             "Frame memory mapped now: huge-page chunks (frames in use, free slots, empty chunks kept) and large frames' "
+             "own mappings.");
+    w.sample("faultline_frame_memory_bytes", {}, c.memory_bytes);
+    w.family("faultline_frame_memory_fresh_bytes_total", "counter",
+             "Frame memory ever mapped, each byte first-touched once by a frame decompressed into it.");
+    w.sample("faultline_frame_memory_fresh_bytes_total", {}, c.memory_fresh_bytes);
+    w.family("faultline_frame_memory_slot_reuses_total", "counter",
+             "Frames decompressed into memory an earlier frame used (no first-touch cost).");
+    w.sample("faultline_frame_memory_slot_reuses_total", {}, c.memory_slot_reuses);
   }
 
   w.family("faultline_faults_total", "counter", "Page-fault messages read from the guests' userfaultfds.");

@@ -61,6 +61,8 @@ struct FrameCacheCounts {
   uint64_t hits = 0, misses = 0, load_waits = 0, load_failures = 0, evictions = 0;
   uint64_t bytes = 0, frames = 0, capacity_bytes = 0;
   uint64_t loads_ahead = 0;
+  // Frame memory of the process (image::FrameBuffer::totals()).
+  uint64_t memory_bytes = 0, memory_fresh_bytes = 0, memory_slot_reuses = 0;
 };
 
 class Registry {

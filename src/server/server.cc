@@ -335,8 +335,10 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
       config.frame_cache ? config.frame_cache : std::make_shared<image::FrameCache>(config.frame_cache_bytes);
   server->metrics_.set_frame_cache_source([cache = server->frame_cache_] {
     const image::FrameCache::Stats st = cache->stats();
-    return metrics::FrameCacheCounts{st.hits,  st.misses, st.waits,    st.load_failures, st.evictions,
-                                     st.bytes, st.frames, st.capacity, st.loads_ahead};
+    const image::FrameBuffer::Totals mem = image::FrameBuffer::totals();
+    return metrics::FrameCacheCounts{st.hits,        st.misses,        st.waits,       st.load_failures,
+                                     st.evictions,   st.bytes,         st.frames,      st.capacity,
+                                     st.loads_ahead, mem.mapped_bytes, mem.fresh_bytes, mem.slot_reuses};
   });
   if (!config.cache_dir.empty()) {
     auto disk = objstore::DiskCache::open(config.cache_dir, config.cache_bytes);

@@ -1,0 +1,243 @@
+#include "image/frame_buffer.h"
+
+#include <sys/mman.h>
+
+#include <array>
+#include <bit>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <unordered_map>
+#include <vector>
+
+namespace faultline::image {
+
+namespace {
+
+constexpr size_t kClasses = 6;  // slots of 64, 128, 256, 512 KiB, 1 MiB, 2 MiB (a whole chunk)
+static_assert((FrameBuffer::kSmallest << (kClasses - 1)) == FrameBuffer::kChunk);
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+// `bytes` (a multiple of kChunk) aligned to kChunk, marked for transparent
+// huge pages; null when the kernel refuses the mapping.
+char* map_aligned(size_t bytes) {
+  const size_t span = bytes + FrameBuffer::kChunk;
+  void* m = ::mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  const auto start = reinterpret_cast<uintptr_t>(m);
+  const uintptr_t aligned = round_up(start, FrameBuffer::kChunk);
+  if (aligned > start) ::munmap(m, aligned - start);
+  const uintptr_t end = start + span;
+  if (end > aligned + bytes) ::munmap(reinterpret_cast<void*>(aligned + bytes), end - aligned - bytes);
+  // EINVAL where the kernel has no transparent huge pages: ordinary pages.
+  (void)::madvise(reinterpret_cast<void*>(aligned), bytes, MADV_HUGEPAGE);
+  return reinterpret_cast<char*>(aligned);
+}
+
+// The chunks of every FrameBuffer of the process.
+class ChunkPool {
+ public:
+  // A slot of class `c` (size kSmallest << c), or null if no chunk can be
+  // mapped.
+  char* take(size_t c, bool& reused) {
+    std::lock_guard lock(mu_);
+    Chunk* chunk = nullptr;
+    uintptr_t base = 0;
+    if (!partial_[c].empty()) {
+      base = partial_[c].back();
+      chunk = &chunks_.at(base);
+    } else {
+      if (!empty_.empty()) {
+        base = empty_.back();
+        empty_.pop_back();
+        chunk = &chunks_.at(base);
+        chunk->touched = ~0u;  // every slot's memory was written by an earlier frame
+      } else {
+        char* mem = map_aligned(FrameBuffer::kChunk);
+        if (mem == nullptr) return nullptr;
+        base = reinterpret_cast<uintptr_t>(mem);
+        chunk = &chunks_[base];
+        chunk->touched = 0;
+        ++totals_.chunk_maps;
+        totals_.fresh_bytes += FrameBuffer::kChunk;
+      }
+      const size_t slots = FrameBuffer::kChunk / (FrameBuffer::kSmallest << c);
+      chunk->cls = c;
+      chunk->free = slots == 32 ? ~0u : ((1u << slots) - 1);
+      partial_[c].push_back(base);
+    }
+    const int slot = std::countr_zero(chunk->free);
+    chunk->free &= ~(1u << slot);
+    reused = (chunk->touched & (1u << slot)) != 0;
+    chunk->touched |= 1u << slot;
+    if (reused) ++totals_.slot_reuses;
+    if (chunk->free == 0) erase(partial_[c], base);
+    return reinterpret_cast<char*>(base + static_cast<size_t>(slot) * (FrameBuffer::kSmallest << c));
+  }
+
+  void give_back(char* p) {
+    const auto addr = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t base = addr & ~(FrameBuffer::kChunk - 1);
+    std::lock_guard lock(mu_);
+    Chunk& chunk = chunks_.at(base);
+    const size_t c = chunk.cls;
+    const size_t slots = FrameBuffer::kChunk / (FrameBuffer::kSmallest << c);
+    const uint32_t all = slots == 32 ? ~0u : ((1u << slots) - 1);
+    const bool was_full = chunk.free == 0;
+    chunk.free |= 1u << ((addr - base) / (FrameBuffer::kSmallest << c));
+    if (was_full) partial_[c].push_back(base);
+    if (chunk.free != all) return;
+    erase(partial_[c], base);
+    if (empty_.size() < FrameBuffer::kKeptEmptyChunks) {
+      empty_.push_back(base);
+      return;
+    }
+    ::munmap(reinterpret_cast<void*>(base), FrameBuffer::kChunk);
+    chunks_.erase(base);
+  }
+
+  void release_empty() {
+    std::lock_guard lock(mu_);
+    for (uintptr_t base : empty_) {
+      ::munmap(reinterpret_cast<void*>(base), FrameBuffer::kChunk);
+      chunks_.erase(base);
+    }
+    empty_.clear();
+  }
+
+  FrameBuffer::Totals totals() {
+    std::lock_guard lock(mu_);
+    FrameBuffer::Totals t = totals_;
+    t.chunks_mapped = chunks_.size();
+    t.chunks_empty = empty_.size();
+    t.mapped_bytes = chunks_.size() * FrameBuffer::kChunk + own_mapped_;
+    return t;
+  }
+
+  // A frame's own mapping (larger than a chunk) was made (+) or unmapped (-).
+  void own_mapping(size_t bytes, bool made) {
+    std::lock_guard lock(mu_);
+    if (made) {
+      own_mapped_ += bytes;
+      totals_.fresh_bytes += bytes;
+    } else {
+      own_mapped_ -= bytes;
+    }
+  }
+
+ private:
+  struct Chunk {
+    size_t cls = 0;
+    uint32_t free = 0;     // bit i: slot i free
+    uint32_t touched = 0;  // bit i: slot i handed out before (its memory faulted in)
+  };
+  static void erase(std::vector<uintptr_t>& v, uintptr_t base) {
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (v[i] == base) {
+        v[i] = v.back();
+        v.pop_back();
+        return;
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::unordered_map<uintptr_t, Chunk> chunks_;           // every chunk mapped, by base address
+  std::array<std::vector<uintptr_t>, kClasses> partial_;  // chunks of a class with a free slot
+  std::vector<uintptr_t> empty_;                          // chunks with no slot in use, kept
+  uint64_t own_mapped_ = 0;                               // bytes of frames' own mappings
+  FrameBuffer::Totals totals_;
+};
+
+// Never destroyed: buffers may be freed by static destructors after main.
+ChunkPool& pool() {
+  static ChunkPool* p = new ChunkPool;
+  return *p;
+}
+
+}  // namespace
+
+FrameBuffer FrameBuffer::allocate(size_t size) {
+  FrameBuffer b;
+  if (size == 0) return b;
+  b.size_ = size;
+  if (size > kChunk) {
+    const size_t bytes = round_up(size, kChunk);
+    if (char* m = map_aligned(bytes)) {
+      b.data_ = m;
+      b.footprint_ = bytes;
+      b.kind_ = Kind::kMapping;
+      pool().own_mapping(bytes, true);
+      return b;
+    }
+  } else if (size >= kSmallest) {
+    const size_t c = static_cast<size_t>(std::countr_zero(std::bit_ceil(size) / kSmallest));
+    bool reused = false;
+    if (char* p = pool().take(c, reused)) {
+      b.data_ = p;
+      b.footprint_ = kSmallest << c;
+      b.kind_ = Kind::kSlot;
+      return b;
+    }
+  }
+  b.data_ = static_cast<char*>(::operator new(size));
+  b.footprint_ = size;
+  b.kind_ = Kind::kHeap;
+  return b;
+}
+
+FrameBuffer FrameBuffer::copy_of(std::string_view bytes) {
+  FrameBuffer b = allocate(bytes.size());
+  if (!bytes.empty()) std::memcpy(b.data(), bytes.data(), bytes.size());
+  return b;
+}
+
+FrameBuffer::FrameBuffer(FrameBuffer&& other) noexcept
+    : data_(other.data_), size_(other.size_), footprint_(other.footprint_), kind_(other.kind_) {
+  other.data_ = nullptr;
+  other.size_ = other.footprint_ = 0;
+  other.kind_ = Kind::kNone;
+}
+
+FrameBuffer& FrameBuffer::operator=(FrameBuffer&& other) noexcept {
+  if (this != &other) {
+    reset();
+    data_ = other.data_;
+    size_ = other.size_;
+    footprint_ = other.footprint_;
+    kind_ = other.kind_;
+    other.data_ = nullptr;
+    other.size_ = other.footprint_ = 0;
+    other.kind_ = Kind::kNone;
+  }
+  return *this;
+}
+
+FrameBuffer::~FrameBuffer() { reset(); }
+
+void FrameBuffer::reset() {
+  switch (kind_) {
+    case Kind::kNone:
+      break;
+    case Kind::kHeap:
+      ::operator delete(data_);
+      break;
+    case Kind::kSlot:
+      pool().give_back(data_);
+      break;
+    case Kind::kMapping:
+      ::munmap(data_, footprint_);
+      pool().own_mapping(footprint_, false);
+      break;
+  }
+  data_ = nullptr;
+  size_ = footprint_ = 0;
+  kind_ = Kind::kNone;
+}
+
+FrameBuffer::Totals FrameBuffer::totals() { return pool().totals(); }
+
+void FrameBuffer::release_empty_chunks() { pool().release_empty(); }
+
+}  // namespace faultline::image

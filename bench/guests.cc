@@ -10,8 +10,6 @@
 #include <cstring>
 #include <fstream>
 
-#include "image/frame_buffer.h"
-
 namespace faultline::bench {
 
 const char* to_string(Backend b) {
@@ -107,10 +105,6 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   c.record_fault_latency = options.record_fault_latency;
   c.fault_around_pages = options.fault_around_pages;
   c.fault_around_readahead = options.fault_around_readahead;
-  // Every server here stands for a freshly started daemon: it must not find
-  // frame memory an earlier one faulted in and left (FrameBuffer keeps a few
-  // empty chunks for reuse). Frames still held elsewhere are not touched.
-  image::FrameBuffer::release_empty_chunks();
   auto s = Server::create(c, logger);
   if (!s) return std::unexpected(s.error());
   h->server_ = std::move(*s);

@@ -28,6 +28,7 @@
 #include "common/mapping.h"
 #include "common/unique_fd.h"
 #include "image/frame.h"
+#include "image/frame_buffer.h"
 #include "image/image_chain.h"
 #include "image/local_store.h"
 #include "image/operations.h"
@@ -93,6 +94,58 @@ std::set<std::string> blob_names(image::Store& store, const std::string& name, u
 }
 
 // Everything measured on one memory file; fills `row` or returns why not.
+// What a decompressed frame pays to be written into memory, apart from the
+// decompression itself (docs/performance.md, "Frame memory"): for frames of
+// 512 KiB and 2 MiB, 64 MiB of them held at once as a frame cache holds
+// them, each written whole (memset) once, median per frame:
+//  - heap: std::string memory, as frames were held before FrameBuffer
+//    (malloc: 4 KiB pages, each first write a page fault);
+//  - fresh chunk: FrameBuffer memory never used before (no chunk kept: a
+//    daemon's first frames; transparent huge pages where the kernel has them);
+//  - reused slot: a full cache's steady state, each new frame written into
+//    the slot the frame it evicted freed.
+void measure_frame_memory(Row& row) {
+  for (const size_t frame : {size_t{512} << 10, size_t{2} << 20}) {
+    const std::string suffix = frame == (size_t{2} << 20) ? "_2m" : "_512k";
+    const size_t n = (size_t{64} << 20) / frame;
+    std::vector<double> heap_us, fresh_us, reused_us;
+    {
+      std::vector<std::string> held;
+      for (size_t i = 0; i < n; ++i) {
+        const auto t0 = Clock::now();
+        std::string s;
+        s.resize_and_overwrite(frame, [](char* p, size_t size) {
+          std::memset(p, 0x5a, size);
+          return size;
+        });
+        heap_us.push_back(seconds_since(t0) * 1e6);
+        held.push_back(std::move(s));
+      }
+    }
+    image::FrameBuffer::release_empty_chunks();
+    std::vector<image::FrameBuffer> held;
+    for (size_t i = 0; i < n; ++i) {
+      const auto t0 = Clock::now();
+      image::FrameBuffer b = image::FrameBuffer::allocate(frame);
+      std::memset(b.data(), 0x5a, frame);
+      fresh_us.push_back(seconds_since(t0) * 1e6);
+      held.push_back(std::move(b));
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const auto t0 = Clock::now();
+      held[i] = image::FrameBuffer{};
+      held[i] = image::FrameBuffer::allocate(frame);
+      std::memset(held[i].data(), 0x5a, frame);
+      reused_us.push_back(seconds_since(t0) * 1e6);
+    }
+    held.clear();
+    image::FrameBuffer::release_empty_chunks();
+    row.metrics.emplace_back("mem_heap_us" + suffix, median_of(heap_us));
+    row.metrics.emplace_back("mem_fresh_chunk_us" + suffix, median_of(fresh_us));
+    row.metrics.emplace_back("mem_reused_slot_us" + suffix, median_of(reused_us));
+  }
+}
+
 Status measure_file(Context& ctx, const std::string& path, const std::string& ws_path, Row& row) {
   // Stores on the disk (beside the memory files) and in memory (tmpfs, where
   // syncfs has nothing to wait for): on this shared machine a syncfs also
@@ -237,6 +290,7 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
   }
   const double copy = median_of(pread_us);
   row.metrics.emplace_back("pread_page_us", copy);
+  measure_frame_memory(row);
   for (uint32_t frame_pages : {image::default_frame_pages(image::kSmallPage), 32u, 8u}) {
     image::LocalStore* store = stores[0].get();
     std::unique_ptr<image::LocalStore> small_store;
@@ -522,6 +576,23 @@ void print_storage_report(const Results& r) {
                   fixed(row.metric("decompress_frame_us" + suffix), 1).c_str(), fixed(row.metric("pread_page_us"), 2).c_str(),
                   fixed(row.metric("decode_over_pread" + suffix), 1).c_str(),
                   fixed(row.metric("stored_over_zstd3" + suffix), 3).c_str());
+    }
+  }
+  std::printf("\nFrame memory: writing a whole decompressed frame into memory once, 64 MiB of frames held (medians, us "
+              "per frame; measured beside each file)\nheap: std::string (malloc, 4 KiB pages, how frames were held "
+              "before FrameBuffer); fresh chunk: FrameBuffer, no memory kept (huge pages\nwhere the kernel has them); "
+              "reused slot: FrameBuffer, into the slot an evicted frame freed (a full frame cache)\n");
+  std::printf("%-10s %10s %10s %12s %12s %13s\n", "file", "frame KiB", "heap us", "fresh chunk", "reused slot",
+              "heap/fresh");
+  for (const Row& row : r.rows) {
+    if (row.scenario != kStorageScenario || row.not_applicable) continue;
+    for (const std::string suffix : {"_512k", "_2m"}) {
+      if (std::isnan(row.metric("mem_heap_us" + suffix))) continue;
+      std::printf("%-10s %10s %10s %12s %12s %13s\n", row.subject.c_str(), suffix == "_2m" ? "2048" : "512",
+                  fixed(row.metric("mem_heap_us" + suffix), 1).c_str(),
+                  fixed(row.metric("mem_fresh_chunk_us" + suffix), 1).c_str(),
+                  fixed(row.metric("mem_reused_slot_us" + suffix), 1).c_str(),
+                  fixed(row.metric("mem_heap_us" + suffix) / row.metric("mem_fresh_chunk_us" + suffix), 1).c_str());
     }
   }
   for (const Row& row : r.rows) {

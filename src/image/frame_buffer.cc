@@ -89,7 +89,7 @@ class ChunkPool {
     if (was_full) partial_[c].push_back(base);
     if (chunk.free != all) return;
     erase(partial_[c], base);
-    if (empty_.size() < FrameBuffer::kKeptEmptyChunks) {
+    if (empty_.size() < keep_empty_ / FrameBuffer::kChunk) {
       empty_.push_back(base);
       return;
     }
@@ -97,13 +97,23 @@ class ChunkPool {
     chunks_.erase(base);
   }
 
-  void release_empty() {
+  void release_empty() { set_keep_empty(0, true); }
+
+  uint64_t keep_empty() {
     std::lock_guard lock(mu_);
-    for (uintptr_t base : empty_) {
-      ::munmap(reinterpret_cast<void*>(base), FrameBuffer::kChunk);
-      chunks_.erase(base);
+    return keep_empty_;
+  }
+  // `restore`: release every kept chunk but leave the limit as it was.
+  void set_keep_empty(uint64_t bytes, bool restore = false) {
+    std::lock_guard lock(mu_);
+    const uint64_t before = keep_empty_;
+    keep_empty_ = bytes;
+    while (empty_.size() > keep_empty_ / FrameBuffer::kChunk) {
+      ::munmap(reinterpret_cast<void*>(empty_.back()), FrameBuffer::kChunk);
+      chunks_.erase(empty_.back());
+      empty_.pop_back();
     }
-    empty_.clear();
+    if (restore) keep_empty_ = before;
   }
 
   FrameBuffer::Totals totals() {
@@ -147,6 +157,7 @@ class ChunkPool {
   std::array<std::vector<uintptr_t>, kClasses> partial_;  // chunks of a class with a free slot
   std::vector<uintptr_t> empty_;                          // chunks with no slot in use, kept
   uint64_t own_mapped_ = 0;                               // bytes of frames' own mappings
+  uint64_t keep_empty_ = FrameBuffer::kDefaultKeepEmpty;
   FrameBuffer::Totals totals_;
 };
 
@@ -239,5 +250,9 @@ void FrameBuffer::reset() {
 FrameBuffer::Totals FrameBuffer::totals() { return pool().totals(); }
 
 void FrameBuffer::release_empty_chunks() { pool().release_empty(); }
+
+uint64_t FrameBuffer::keep_empty_bytes() { return pool().keep_empty(); }
+
+void FrameBuffer::set_keep_empty_bytes(uint64_t bytes) { pool().set_keep_empty(bytes); }
 
 }  // namespace faultline::image

@@ -14,8 +14,13 @@
 // image take a quarter of a chunk), a frame of up to 2 MiB a whole chunk, a
 // larger one a mapping of its own rounded up to 2 MiB. A freed slot is reused
 // by the next frame of its size (memory already faulted in), and a chunk whose
-// slots are all free is kept for reuse by any size, up to kKeptEmptyChunks of
-// them; beyond that it is unmapped. Smaller frames (a few pages of a diff) come
+// slots are all free is kept for reuse by any size, up to keep_empty_bytes()
+// of them (default kDefaultKeepEmpty, the default frame cache size; a Server
+// raises it to its frame cache's capacity); beyond that it is unmapped. A
+// daemon's frame cache frees frames only to make room for others, whose load
+// takes the freed slot at once; chunks fall empty when a cache is dropped
+// (a Server stopped in a process that goes on), and the next one reuses them
+// as a long-running daemon would, instead of first-touching new memory. Smaller frames (a few pages of a diff) come
 // from the heap. Where transparent huge pages are off, the chunks are ordinary
 // memory and the reuse still saves the first-touch cost.
 //
@@ -37,7 +42,7 @@ class FrameBuffer {
  public:
   static constexpr size_t kChunk = 2u << 20;
   static constexpr size_t kSmallest = 64u << 10;  // smaller frames: the heap
-  static constexpr size_t kKeptEmptyChunks = 8;   // 16 MiB kept for reuse at most
+  static constexpr uint64_t kDefaultKeepEmpty = 256ull << 20;
 
   FrameBuffer() = default;
   // `size` bytes, uninitialized.
@@ -68,8 +73,12 @@ class FrameBuffer {
     uint64_t fresh_bytes = 0;    // ever mapped: memory a frame first-touched
   };
   static Totals totals();
-  // Unmaps the chunks kept empty (tests; a daemon keeps them).
+  // Unmaps the chunks kept empty (tests, the bench's fresh-daemon figures).
   static void release_empty_chunks();
+  // Most bytes of empty chunks kept for reuse, process-wide (rounded down to
+  // whole chunks). Lowering it unmaps the chunks kept beyond it.
+  static uint64_t keep_empty_bytes();
+  static void set_keep_empty_bytes(uint64_t bytes);
 
  private:
   enum class Kind : uint8_t { kNone, kHeap, kSlot, kMapping };

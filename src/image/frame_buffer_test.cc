@@ -112,8 +112,11 @@ TEST(FrameBuffer, SlotsOfAChunkNeverOverlapAndAFreedSlotIsTheNextOneHandedOut) {
 
 TEST(FrameBuffer, EmptyChunksAreKeptUpToTheLimitForAnySizeAndTheRestUnmapped) {
   FrameBuffer::release_empty_chunks();
+  EXPECT_EQ(FrameBuffer::keep_empty_bytes(), FrameBuffer::kDefaultKeepEmpty);
+  constexpr size_t kKept = 8;
+  FrameBuffer::set_keep_empty_bytes(kKept * FrameBuffer::kChunk + 4096);  // whole chunks: 8
   const FrameBuffer::Totals before = FrameBuffer::totals();
-  const size_t n = FrameBuffer::kKeptEmptyChunks + 4;
+  const size_t n = kKept + 4;
   std::vector<FrameBuffer> whole;
   for (size_t i = 0; i < n; ++i) whole.push_back(FrameBuffer::allocate(2 << 20));
   EXPECT_EQ(FrameBuffer::totals().chunks_mapped, before.chunks_mapped + n);
@@ -130,8 +133,8 @@ TEST(FrameBuffer, EmptyChunksAreKeptUpToTheLimitForAnySizeAndTheRestUnmapped) {
   for (const FrameBuffer& b : whole) kept_candidates.insert(addr(b));
   whole.clear();
   FrameBuffer::Totals after = FrameBuffer::totals();
-  EXPECT_EQ(after.chunks_empty, FrameBuffer::kKeptEmptyChunks);
-  EXPECT_EQ(after.chunks_mapped, before.chunks_mapped + FrameBuffer::kKeptEmptyChunks);
+  EXPECT_EQ(after.chunks_empty, kKept);
+  EXPECT_EQ(after.chunks_mapped, before.chunks_mapped + kKept);
 
   // A kept chunk serves another size: 64 KiB slots, memory used before.
   FrameBuffer small = FrameBuffer::allocate(64 << 10);
@@ -139,7 +142,12 @@ TEST(FrameBuffer, EmptyChunksAreKeptUpToTheLimitForAnySizeAndTheRestUnmapped) {
   EXPECT_EQ(FrameBuffer::totals().chunk_maps, after.chunk_maps);
   EXPECT_EQ(FrameBuffer::totals().slot_reuses, after.slot_reuses + 1);
   small = FrameBuffer{};
+  EXPECT_EQ(FrameBuffer::totals().chunks_empty, kKept);
+  FrameBuffer::set_keep_empty_bytes(3 * FrameBuffer::kChunk);  // lowering the limit unmaps the excess
+  EXPECT_EQ(FrameBuffer::totals().chunks_empty, 3u);
+  EXPECT_EQ(FrameBuffer::totals().chunks_mapped, before.chunks_mapped + 3);
   FrameBuffer::release_empty_chunks();
+  EXPECT_EQ(FrameBuffer::keep_empty_bytes(), 3 * FrameBuffer::kChunk);  // the limit stays
   EXPECT_EQ(FrameBuffer::totals().chunks_empty, 0u);
   EXPECT_EQ(FrameBuffer::totals().chunks_mapped, before.chunks_mapped);
   EXPECT_EQ(FrameBuffer::totals().mapped_bytes, before.mapped_bytes);

@@ -333,6 +333,11 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
       new Server(config, logger, std::move(stop_efd), std::move(wake_efd), std::move(reserve)));
   server->frame_cache_ =
       config.frame_cache ? config.frame_cache : std::make_shared<image::FrameCache>(config.frame_cache_bytes);
+  // Frame memory a dropped cache leaves is kept for the next frames, up to
+  // what this cache may hold (image/frame_buffer.h).
+  if (server->frame_cache_->capacity() > image::FrameBuffer::keep_empty_bytes()) {
+    image::FrameBuffer::set_keep_empty_bytes(server->frame_cache_->capacity());
+  }
   server->metrics_.set_frame_cache_source([cache = server->frame_cache_] {
     const image::FrameCache::Stats st = cache->stats();
     const image::FrameBuffer::Totals mem = image::FrameBuffer::totals();

@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "harness.h"
+#include "image/frame_buffer.h"
 #include "image/image_chain.h"
 #include "image/local_store.h"
 #include "image/operations.h"
@@ -111,6 +112,41 @@ TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDe
                            "faultline_frame_memory_slot_reuses_total "}) {
     EXPECT_NE(metrics.find(name), std::string::npos) << name;
   }
+}
+
+// A daemon faults its frame memory in once: a server started after another
+// one stopped decompresses into the chunks the first one left (kept up to the
+// frame cache's capacity), not into fresh memory.
+TEST(ImageServe, AServerAfterAnotherDecompressesIntoTheFrameMemoryTheFirstLeft) {
+  image::FrameBuffer::release_empty_chunks();
+  ServerHarness::Options ho;
+  ho.memory_bytes = kGuestBytes;
+  ho.serve_image = true;
+  uint64_t fresh_after_first = 0;
+  {
+    ServerHarness h(ho);
+    auto r = client::run_restore(restore_options(h.socket(), h.memory()));
+    ASSERT_TRUE(r) << r.error().describe();
+    EXPECT_EQ(r->mismatches, 0u);
+    ASSERT_TRUE(h.wait_ended(1));
+    fresh_after_first = image::FrameBuffer::totals().fresh_bytes;
+  }
+  // The first server's frames were freed with its cache: their chunks are kept.
+  EXPECT_GT(image::FrameBuffer::totals().chunks_empty, 0u);
+  const uint64_t reuses_before = image::FrameBuffer::totals().slot_reuses;
+  ServerHarness h(ho);
+  auto r = client::run_restore(restore_options(h.socket(), h.memory()));
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u);
+  EXPECT_GT(r->pages_verified, 0u);
+  ASSERT_TRUE(h.wait_ended(1));
+  const image::FrameBuffer::Totals after = image::FrameBuffer::totals();
+  EXPECT_EQ(after.fresh_bytes, fresh_after_first);  // no new frame memory
+  EXPECT_GT(after.slot_reuses, reuses_before);
+  const auto snap = h.server().metrics().snapshot();
+  ASSERT_TRUE(snap.frame_cache.has_value());
+  EXPECT_GT(snap.frame_cache->misses, 0u);  // the frames were loaded again, into reused memory
+  EXPECT_EQ(snap.frame_cache->memory_slot_reuses, after.slot_reuses);
 }
 
 TEST(ImageServe, AChainOfThreeServesEachPageFromItsNewestLayer) {

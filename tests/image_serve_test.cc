@@ -79,17 +79,23 @@ client::RestoreOptions restore_options(const std::string& socket, const std::str
   return o;
 }
 
+// A guest restored through `h` reads every page and finds the file's bytes;
+// then its session ends. Use with ASSERT_NO_FATAL_FAILURE.
+void restore_every_page(ServerHarness& h) {
+  auto r = client::run_restore(restore_options(h.socket(), h.memory()));
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u);
+  EXPECT_GT(r->pages_verified, 0u);
+  ASSERT_TRUE(h.wait_ended(1));
+}
+
 TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDecompressedOnce) {
   ServerHarness::Options ho;
   ho.memory_bytes = kGuestBytes;
   ho.serve_image = true;
   ho.zero_fraction = 0.2;
   ServerHarness h(ho);
-  auto r = client::run_restore(restore_options(h.socket(), h.memory()));
-  ASSERT_TRUE(r) << r.error().describe();
-  EXPECT_EQ(r->mismatches, 0u);
-  EXPECT_GT(r->pages_verified, 0u);
-  ASSERT_TRUE(h.wait_ended(1));
+  ASSERT_NO_FATAL_FAILURE(restore_every_page(h));
   const SessionSummary s = h.server().finished_sessions().at(0);
   EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
   // Zero pages of the image are known from its manifest: installed without a
@@ -125,21 +131,14 @@ TEST(ImageServe, AServerAfterAnotherDecompressesIntoTheFrameMemoryTheFirstLeft) 
   uint64_t fresh_after_first = 0;
   {
     ServerHarness h(ho);
-    auto r = client::run_restore(restore_options(h.socket(), h.memory()));
-    ASSERT_TRUE(r) << r.error().describe();
-    EXPECT_EQ(r->mismatches, 0u);
-    ASSERT_TRUE(h.wait_ended(1));
+    ASSERT_NO_FATAL_FAILURE(restore_every_page(h));
     fresh_after_first = image::FrameBuffer::totals().fresh_bytes;
   }
   // The first server's frames were freed with its cache: their chunks are kept.
   EXPECT_GT(image::FrameBuffer::totals().chunks_empty, 0u);
   const uint64_t reuses_before = image::FrameBuffer::totals().slot_reuses;
   ServerHarness h(ho);
-  auto r = client::run_restore(restore_options(h.socket(), h.memory()));
-  ASSERT_TRUE(r) << r.error().describe();
-  EXPECT_EQ(r->mismatches, 0u);
-  EXPECT_GT(r->pages_verified, 0u);
-  ASSERT_TRUE(h.wait_ended(1));
+  ASSERT_NO_FATAL_FAILURE(restore_every_page(h));
   const image::FrameBuffer::Totals after = image::FrameBuffer::totals();
   EXPECT_EQ(after.fresh_bytes, fresh_after_first);  // no new frame memory
   EXPECT_GT(after.slot_reuses, reuses_before);

@@ -220,7 +220,9 @@ int main(int argc, char** argv) {
       "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION or ~/.aws/credentials)");
   memory_option->excludes(image_option);
   serve->add_option("--frame-cache-size", config.frame_cache_bytes,
-                    "Bytes of decompressed image frames kept in memory, shared by every session (with --image)")
+                    "Bytes of frame memory for decompressed image frames, shared by every session (with --image); "
+                    "a frame counts its slot (a power of two, 64 KiB to 2 MiB, in 2 MiB huge-page chunks), and the "
+                    "daemon keeps this much frame memory once faulted in")
       ->default_val(256ull << 20)
       ->check(CLI::Range(uint64_t{0}, uint64_t{1} << 40));
   serve->add_option("--cache-dir", config.cache_dir,

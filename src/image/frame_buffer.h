@@ -26,7 +26,13 @@
 //
 // footprint() is the memory a buffer holds (its slot, chunk or mapping):
 // what the frame cache counts against its budget, so the budget bounds memory,
-// not only decompressed bytes.
+// not only decompressed bytes. Not counted: the free slots of chunks partly in
+// use. A new frame takes a free slot of its size before a new chunk is mapped,
+// so a size's chunks hold at most its peak of live slots rounded up to a chunk;
+// but a chunk whose slots of one size were freed unevenly cannot serve another
+// size until it is empty, so when the sizes of the frames held shift (images
+// with other frame sizes), mapped memory can exceed the budget. The
+// faultline_frame_memory_bytes gauge shows what is mapped.
 //
 // Thread-safety: allocate() and the destructor may run on any thread (one
 // mutex guards the chunk lists); one buffer is not synchronized.

@@ -8,6 +8,7 @@
 #include <mutex>
 #include <new>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace faultline::image {
@@ -18,6 +19,13 @@ constexpr size_t kClasses = 6;  // slots of 64, 128, 256, 512 KiB, 1 MiB, 2 MiB 
 static_assert((FrameBuffer::kSmallest << (kClasses - 1)) == FrameBuffer::kChunk);
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+// The bytes of a slot of class `c`, and the free-slot mask of a chunk of them.
+size_t slot_bytes(size_t c) { return FrameBuffer::kSmallest << c; }
+uint32_t all_slots(size_t c) {
+  const size_t slots = FrameBuffer::kChunk / slot_bytes(c);
+  return slots == 32 ? ~0u : ((1u << slots) - 1);
+}
 
 // `bytes` (a multiple of kChunk) aligned to kChunk, marked for transparent
 // huge pages; null when the kernel refuses the mapping.
@@ -40,7 +48,7 @@ class ChunkPool {
  public:
   // A slot of class `c` (size kSmallest << c), or null if no chunk can be
   // mapped.
-  char* take(size_t c, bool& reused) {
+  char* take(size_t c) {
     std::lock_guard lock(mu_);
     Chunk* chunk = nullptr;
     uintptr_t base = 0;
@@ -62,18 +70,16 @@ class ChunkPool {
         ++totals_.chunk_maps;
         totals_.fresh_bytes += FrameBuffer::kChunk;
       }
-      const size_t slots = FrameBuffer::kChunk / (FrameBuffer::kSmallest << c);
       chunk->cls = c;
-      chunk->free = slots == 32 ? ~0u : ((1u << slots) - 1);
+      chunk->free = all_slots(c);
       partial_[c].push_back(base);
     }
     const int slot = std::countr_zero(chunk->free);
     chunk->free &= ~(1u << slot);
-    reused = (chunk->touched & (1u << slot)) != 0;
+    if ((chunk->touched & (1u << slot)) != 0) ++totals_.slot_reuses;
     chunk->touched |= 1u << slot;
-    if (reused) ++totals_.slot_reuses;
     if (chunk->free == 0) erase(partial_[c], base);
-    return reinterpret_cast<char*>(base + static_cast<size_t>(slot) * (FrameBuffer::kSmallest << c));
+    return reinterpret_cast<char*>(base + static_cast<size_t>(slot) * slot_bytes(c));
   }
 
   void give_back(char* p) {
@@ -82,12 +88,10 @@ class ChunkPool {
     std::lock_guard lock(mu_);
     Chunk& chunk = chunks_.at(base);
     const size_t c = chunk.cls;
-    const size_t slots = FrameBuffer::kChunk / (FrameBuffer::kSmallest << c);
-    const uint32_t all = slots == 32 ? ~0u : ((1u << slots) - 1);
     const bool was_full = chunk.free == 0;
-    chunk.free |= 1u << ((addr - base) / (FrameBuffer::kSmallest << c));
+    chunk.free |= 1u << ((addr - base) / slot_bytes(c));
     if (was_full) partial_[c].push_back(base);
-    if (chunk.free != all) return;
+    if (chunk.free != all_slots(c)) return;
     erase(partial_[c], base);
     if (empty_.size() < keep_empty_ / FrameBuffer::kChunk) {
       empty_.push_back(base);
@@ -97,23 +101,19 @@ class ChunkPool {
     chunks_.erase(base);
   }
 
-  void release_empty() { set_keep_empty(0, true); }
+  void release_empty() {
+    std::lock_guard lock(mu_);
+    unmap_empty_beyond(0);
+  }
 
   uint64_t keep_empty() {
     std::lock_guard lock(mu_);
     return keep_empty_;
   }
-  // `restore`: release every kept chunk but leave the limit as it was.
-  void set_keep_empty(uint64_t bytes, bool restore = false) {
+  void set_keep_empty(uint64_t bytes) {
     std::lock_guard lock(mu_);
-    const uint64_t before = keep_empty_;
     keep_empty_ = bytes;
-    while (empty_.size() > keep_empty_ / FrameBuffer::kChunk) {
-      ::munmap(reinterpret_cast<void*>(empty_.back()), FrameBuffer::kChunk);
-      chunks_.erase(empty_.back());
-      empty_.pop_back();
-    }
-    if (restore) keep_empty_ = before;
+    unmap_empty_beyond(keep_empty_ / FrameBuffer::kChunk);
   }
 
   FrameBuffer::Totals totals() {
@@ -142,6 +142,14 @@ class ChunkPool {
     uint32_t free = 0;     // bit i: slot i free
     uint32_t touched = 0;  // bit i: slot i handed out before (its memory faulted in)
   };
+  // Unmaps the empty chunks kept beyond the first `kept`. REQUIRES: mu_ held.
+  void unmap_empty_beyond(size_t kept) {
+    while (empty_.size() > kept) {
+      ::munmap(reinterpret_cast<void*>(empty_.back()), FrameBuffer::kChunk);
+      chunks_.erase(empty_.back());
+      empty_.pop_back();
+    }
+  }
   static void erase(std::vector<uintptr_t>& v, uintptr_t base) {
     for (size_t i = 0; i < v.size(); ++i) {
       if (v[i] == base) {
@@ -184,10 +192,9 @@ FrameBuffer FrameBuffer::allocate(size_t size) {
     }
   } else if (size >= kSmallest) {
     const size_t c = static_cast<size_t>(std::countr_zero(std::bit_ceil(size) / kSmallest));
-    bool reused = false;
-    if (char* p = pool().take(c, reused)) {
+    if (char* p = pool().take(c)) {
       b.data_ = p;
-      b.footprint_ = kSmallest << c;
+      b.footprint_ = slot_bytes(c);
       b.kind_ = Kind::kSlot;
       return b;
     }
@@ -205,23 +212,18 @@ FrameBuffer FrameBuffer::copy_of(std::string_view bytes) {
 }
 
 FrameBuffer::FrameBuffer(FrameBuffer&& other) noexcept
-    : data_(other.data_), size_(other.size_), footprint_(other.footprint_), kind_(other.kind_) {
-  other.data_ = nullptr;
-  other.size_ = other.footprint_ = 0;
-  other.kind_ = Kind::kNone;
-}
+    : data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)),
+      footprint_(std::exchange(other.footprint_, 0)),
+      kind_(std::exchange(other.kind_, Kind::kNone)) {}
 
 FrameBuffer& FrameBuffer::operator=(FrameBuffer&& other) noexcept {
-  if (this != &other) {
-    reset();
-    data_ = other.data_;
-    size_ = other.size_;
-    footprint_ = other.footprint_;
-    kind_ = other.kind_;
-    other.data_ = nullptr;
-    other.size_ = other.footprint_ = 0;
-    other.kind_ = Kind::kNone;
-  }
+  // Move-and-swap: `moved` takes other's memory, then ours, and releases it.
+  FrameBuffer moved(std::move(other));
+  std::swap(data_, moved.data_);
+  std::swap(size_, moved.size_);
+  std::swap(footprint_, moved.footprint_);
+  std::swap(kind_, moved.kind_);
   return *this;
 }
 

@@ -100,6 +100,7 @@ Result<std::unique_ptr<FaultlineHost>> FaultlineHost::start(const Options& optio
   c.prefetch_path = options.prefetch_path;
   c.prefetch_all = options.prefetch_all;
   c.prefetch_threads = options.prefetch_threads;
+  c.prefetch_fetches = options.prefetch_fetches;
   c.reader_serves_cached = options.reader_serves_cached;
   c.busy_poll = std::chrono::microseconds(options.busy_poll_us);
   c.record_fault_latency = options.record_fault_latency;

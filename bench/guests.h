@@ -75,6 +75,7 @@ class FaultlineHost {
     bool reader_serves_cached = true;
     int64_t busy_poll_us = 100;  // ServerConfig::busy_poll
     int prefetch_threads = 2;    // ServerConfig::prefetch_threads
+    int prefetch_fetches = 12;   // ServerConfig::prefetch_fetches
     bool record_fault_latency = false;  // ServerConfig::record_fault_latency (serve --metrics)
     uint32_t fault_around_pages = 64;   // ServerConfig::fault_around_pages (serve --fault-around-pages); 0 or 1: off
     bool fault_around_readahead = false;  // ServerConfig::fault_around_readahead (serve --fault-around-readahead)

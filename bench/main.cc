@@ -165,6 +165,11 @@ int main(int argc, char** argv) {
   bool reader_serves_cached = true;
   int prefetch_threads = 2;
   app.add_option("--prefetch-threads", prefetch_threads, "ServerConfig::prefetch_threads (default 2)")->check(CLI::Range(1, 64));
+  int prefetch_fetches = 12;
+  app.add_option("--prefetch-fetches", prefetch_fetches,
+                 "ServerConfig::prefetch_fetches: frame loads in flight ahead of a prefetch from an image (default 12, "
+                 "as serve; 0: none, the installing threads load)")
+      ->check(CLI::Range(0, 256));
   uint32_t fault_around_pages = 64;
   app.add_option("--fault-around-pages", fault_around_pages,
                  "ServerConfig::fault_around_pages of the faultline rows (default 64, as serve; 1: off)")
@@ -179,6 +184,10 @@ int main(int argc, char** argv) {
   app.add_option("--reader-serves-cached", reader_serves_cached,
                  "ServerConfig::reader_serves_cached: the event reader serves 4 KiB faults needing no I/O (default true)");
   uint32_t image_frame_pages = 0;
+  std::string image_rows;
+  app.add_option("--image-rows", image_rows,
+                 "image scenario: run only the rows whose subject contains TEXT (e.g. \"working-set restore\", "
+                 "\"realistic\"), to profile one of them");
   app.add_option("--image-frame-pages", image_frame_pages,
                  "image scenario: create its 4 KiB images with frames of this many pages (default: image create's "
                  "default)")
@@ -280,12 +289,14 @@ int main(int argc, char** argv) {
   ctx.faultline_reader_serves_cached = reader_serves_cached;
   ctx.faultline_busy_poll_us = busy_poll_us;
   ctx.faultline_prefetch_threads = prefetch_threads;
+  ctx.faultline_prefetch_fetches = prefetch_fetches;
   ctx.faultline_fault_around_pages = fault_around_pages;
   ctx.faultline_fault_around_readahead = fault_around_readahead == "on";
   ctx.metrics_cost = metrics_cost;
   ctx.source_dir = FAULTLINE_SOURCE_DIR;
   ctx.corpus_path = corpus_path;
   ctx.image_frame_pages = image_frame_pages;
+  ctx.image_rows = image_rows;
   ctx.results = &results;
   for (const char* n : {"mem-small", "mem-large", "mem-sparse", "mem-small.zeroidx", "mem-large.zeroidx",
                         "mem-sparse.zeroidx", "s1.sock", "s2.sock", "s2-eager.sock", "s2-record.sock",

@@ -392,6 +392,7 @@ Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::strin
   o.reader_serves_cached = ctx.faultline_reader_serves_cached;
   o.busy_poll_us = ctx.faultline_busy_poll_us;
   o.prefetch_threads = ctx.faultline_prefetch_threads;
+  o.prefetch_fetches = ctx.faultline_prefetch_fetches;
   o.fault_around_pages = fault_around ? ctx.faultline_fault_around_pages : 1;
   o.fault_around_readahead = o.fault_around_readahead || ctx.faultline_fault_around_readahead;
   o.socket_path = ctx.dir + "/" + name + ".sock";
@@ -937,6 +938,9 @@ Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
   const std::string image_4k = store_dir + "/base";
   const std::string image_2m = store_dir + "/base-2m";
   int socket_seq = 0;
+  auto wanted = [&](const std::string& row_subject) {
+    return ctx.image_rows.empty() || row_subject.find(ctx.image_rows) != std::string::npos;
+  };
   // A fresh server for every measurement: its frame cache starts empty, so
   // an image pays every decompression it needs (a raw-file server has no
   // cache to lose; its file stays warm in the page cache).
@@ -984,6 +988,7 @@ Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
       proto.guest_bytes = size;
       proto.pages = size / ps;
       proto.subject = subject.name + (ps == kPageSize2M ? " 2M " : " 4K ") + proto.order + " on demand";
+      if (!wanted(proto.subject)) continue;
       progress("image: " + proto.subject);
       const auto offsets = client::select_pages(size / ps, ps, 1.0, order, 11);
       const std::vector<Backend> backends{Backend::kFaultline, Backend::kFaultlineImage, Backend::kFaultlineImageWarm};
@@ -1019,7 +1024,7 @@ Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
   if (auto st = record_working_set(ctx, subject, set, *file, record, "image"); !st) return st;
   progress("image: creating the " + subject.name + " image with --working-set");
   if (auto st = create("base-ws", image::kSmallPage, record); !st) return st;
-  {
+  if (wanted(subject.name + " 4K working-set restore")) {
     Row proto;
     proto.scenario = kImageScenario;
     proto.guest_bytes = size;
@@ -1053,7 +1058,7 @@ Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
 
   // Eager fill: --prefetch all until every page of the guest is resident
   // (mincore, polled every 2 ms, nothing touched), then every byte checked.
-  {
+  if (wanted(subject.name + " 4K eager fill")) {
     Row proto;
     proto.scenario = kImageScenario;
     proto.guest_bytes = size;

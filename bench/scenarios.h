@@ -94,6 +94,7 @@ struct Context {
   bool faultline_reader_serves_cached = true;  // ServerConfig::reader_serves_cached
   int64_t faultline_busy_poll_us = 100;        // ServerConfig::busy_poll
   int faultline_prefetch_threads = 2;          // ServerConfig::prefetch_threads
+  int faultline_prefetch_fetches = 12;         // ServerConfig::prefetch_fetches
   // ServerConfig::fault_around_pages of the faultline rows (serve's default;
   // 1: off). The trace scenario's fl-no-fa row is always 1.
   uint32_t faultline_fault_around_pages = 64;
@@ -109,6 +110,9 @@ struct Context {
   // The image scenario: pages per frame of its 4 KiB images (0: the default,
   // image::default_frame_pages), to compare frame sizes run against run.
   uint32_t image_frame_pages = 0;
+  // The image scenario: run only the blocks of rows whose subject contains
+  // this text (empty: all), to profile one of them.
+  std::string image_rows;
   Results* results = nullptr;
 };
 

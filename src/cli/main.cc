@@ -326,7 +326,8 @@ int main(int argc, char** argv) {
   serve->add_option("--prefetch-fetches", config.prefetch_fetches,
                     "Frames an image source loads ahead of the --prefetch installs, in flight at once (an image "
                     "in an object store then waits on that many GETs at once, not one per prefetch thread); "
-                    "they stay within a quarter of --frame-cache-size ahead of the installs; 0: none ahead")
+                    "they stay within a quarter of --frame-cache-size ahead of the installs; from a store on local disk at "
+                    "most one per CPU, as its loads are bound by hashing and decompressing; 0: none ahead")
       ->default_val(12)
       ->check(CLI::Range(0, 64));
   serve->add_option("--fault-around-pages", config.fault_around_pages,

@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -495,6 +496,39 @@ TEST_F(ImageSourceTest, ReadAheadStaysWithinItsWindowSoNothingItLoadsIsEvictedUn
   EXPECT_EQ(st.evicted_unused, 0u);
   EXPECT_EQ(st.used, st.loaded);
   EXPECT_EQ(cache->stats().misses, frames) << "a frame was loaded twice";
+}
+
+// A local store's loads are bound by the CPU that reads, hashes and
+// decompresses them: a read-ahead over one runs at most one load per CPU
+// this process may use, however many were asked for, and never more than
+// were asked for; every frame still loads once and reads right.
+TEST_F(ImageSourceTest, ReadAheadFromALocalStoreRunsAtMostOneLoadPerCpu) {
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  ASSERT_EQ(::sched_getaffinity(0, sizeof(cpus), &cpus), 0);
+  const int cpu_count = CPU_COUNT(&cpus);
+  auto cache = std::make_shared<FrameCache>(64 << 20);
+  auto src = open(cache);
+  ASSERT_TRUE(src);
+  const std::vector<SourceRange> plan = every_page(memory_.size());
+  auto many = src->read_ahead(plan, {.fetches = cpu_count + 30});
+  ASSERT_NE(many, nullptr);
+  EXPECT_EQ(many->stats().fetches, cpu_count);
+  const uint64_t frames = src->chain().layers()[0].manifest.frames.size();
+  ASSERT_TRUE(eventually([&] { return many->stats().loaded == frames; }));
+  std::vector<uint8_t> page(4096);
+  for (size_t k = 0; k < plan.size(); ++k) {
+    ASSERT_TRUE(src->read(plan[k].offset, page));
+    ASSERT_EQ(std::memcmp(page.data(), memory_.data() + plan[k].offset, 4096), 0) << plan[k].offset;
+    many->consumed(k, k + 1);
+  }
+  many->stop();
+  EXPECT_EQ(cache->stats().misses, frames) << "each frame loaded once, ahead";
+  auto other = open(std::make_shared<FrameCache>(64 << 20));
+  ASSERT_TRUE(other);
+  auto one = other->read_ahead(plan, {.fetches = 1});
+  ASSERT_NE(one, nullptr);
+  EXPECT_EQ(one->stats().fetches, 1);
 }
 
 TEST_F(ImageSourceTest, ReadAheadStopsWhenCancelledAndOnStopWithLoadsLeft) {

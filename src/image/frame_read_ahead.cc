@@ -25,6 +25,8 @@ FrameReadAhead::FrameReadAhead(const ImageChain& chain, FrameCache& cache, std::
               // there are
     }
   }
+  std::lock_guard lock(mu_);
+  stats_.fetches = static_cast<int>(threads_.size());
 }
 
 FrameReadAhead::~FrameReadAhead() { stop(); }

@@ -3,11 +3,13 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 
@@ -67,6 +69,13 @@ std::string LocalStore::blob_dir(const BlobId& id) const {
 }
 
 std::string LocalStore::describe(const BlobId& id) const { return blob_dir(id) + "/" + id.hex(); }
+
+int LocalStore::useful_concurrent_gets() const {
+  cpu_set_t cpus;
+  CPU_ZERO(&cpus);
+  if (::sched_getaffinity(0, sizeof(cpus), &cpus) != 0) return 1;
+  return std::max(1, CPU_COUNT(&cpus));
+}
 
 std::string LocalStore::describe_manifest(const std::string& name) const { return dir_ + "/images/" + name; }
 

@@ -37,6 +37,8 @@ class LocalStore final : public Store {
   Result<std::vector<BlobId>> list() override;
   Status remove(const BlobId& id) override;
   std::string describe(const BlobId& id) const override;
+  // The CPUs this process may run on (sched_getaffinity).
+  int useful_concurrent_gets() const override;
 
   Result<std::string> read_manifest(const std::string& name) override;
   Result<bool> manifest_exists(const std::string& name) override;

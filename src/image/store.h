@@ -63,6 +63,12 @@ class BlobStore {
   virtual Status remove(const BlobId& id) = 0;
   // Where the blob is, for error messages (a path, a URL).
   virtual std::string describe(const BlobId& id) const = 0;
+  // How many get()s in flight at once still make loading frames faster; 0:
+  // no limit of the store's own (a remote store, whose get()s wait on round
+  // trips). A store on this host's disk says its CPU count: its get()s are
+  // page-cache reads, each followed by a hash and a decompression, so loads
+  // beyond one per core only contend with the installs they feed.
+  virtual int useful_concurrent_gets() const { return 0; }
 };
 
 // Held for as long as an operation must not overlap gc (see Store::lock_*).

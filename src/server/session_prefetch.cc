@@ -341,6 +341,7 @@ void Session::prefetch_loop() {
                               {"skipped_removed", total.skipped_removed},
                               {"retries", total.retries},
                               {"late_faults", prefetch_late_.load(std::memory_order_relaxed)},
+                              {"read_ahead_fetches", ahead.fetches},
                               {"read_ahead_frames", ahead.loaded},
                               {"read_ahead_used", ahead.used},
                               {"read_ahead_evicted_unused", ahead.evicted_unused},

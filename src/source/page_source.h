@@ -61,6 +61,7 @@ struct ReadAheadStats {
   uint64_t used = 0;            // of those, still in memory when the reader got there
   uint64_t evicted_unused = 0;  // of those, gone from memory before the reader got there
   uint64_t failed = 0;          // loads that failed (not fatal: the reader meets the error itself)
+  int fetches = 0;              // loads in flight at most (its threads)
 };
 
 struct ReadAheadOptions {

@@ -149,6 +149,16 @@ void ExpositionWriter::family(std::string_view name, std::string_view type, std:
   out_ += '\n';
 }
 
+void ExpositionWriter::counter(std::string_view name, std::string_view help, uint64_t value) {
+  family(name, "counter", help);
+  sample(name, {}, value);
+}
+
+void ExpositionWriter::gauge(std::string_view name, std::string_view help, uint64_t value) {
+  family(name, "gauge", help);
+  sample(name, {}, value);
+}
+
 void ExpositionWriter::series(std::string_view name, std::initializer_list<Label> labels, std::string_view extra_name,
                               std::string_view extra_value) {
   out_ += name;

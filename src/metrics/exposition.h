@@ -29,6 +29,9 @@ class ExpositionWriter {
   void family(std::string_view name, std::string_view type, std::string_view help);
   void sample(std::string_view name, std::initializer_list<Label> labels, uint64_t value);
   void sample(std::string_view name, std::initializer_list<Label> labels, double value);
+  // A family of one sample without labels: family(), then sample().
+  void counter(std::string_view name, std::string_view help, uint64_t value);
+  void gauge(std::string_view name, std::string_view help, uint64_t value);
   // A histogram's _bucket (cumulative, +Inf last), _sum (seconds) and
   // _count lines for one label set.
   void histogram(std::string_view name, std::initializer_list<Label> labels, const HistogramCounts& counts);

@@ -42,6 +42,21 @@ TEST(Exposition, WhatTheWriterRendersParsesBackToTheSameValues) {
   EXPECT_DOUBLE_EQ(*sample_value(*families, "demo_seconds_sum", {{"path", "x"}}), 30.0000167);
 }
 
+TEST(Exposition, CounterAndGaugeAreAFamilyOfOneUnlabelledSample) {
+  ExpositionWriter w;
+  w.counter("demo_events_total", "Events seen.", 42);
+  w.gauge("demo_bytes", "Bytes held.", 4096);
+  EXPECT_EQ(w.text(),
+            "# HELP demo_events_total Events seen.\n# TYPE demo_events_total counter\ndemo_events_total 42\n"
+            "# HELP demo_bytes Bytes held.\n# TYPE demo_bytes gauge\ndemo_bytes 4096\n");
+  ExpositionWriter by_hand;
+  by_hand.family("demo_events_total", "counter", "Events seen.");
+  by_hand.sample("demo_events_total", {}, uint64_t{42});
+  by_hand.family("demo_bytes", "gauge", "Bytes held.");
+  by_hand.sample("demo_bytes", {}, uint64_t{4096});
+  EXPECT_EQ(w.text(), by_hand.text());
+}
+
 TEST(Exposition, LabelValuesAreEscaped) {
   ExpositionWriter w;
   w.family("demo_total", "counter", "Escapes.");

@@ -113,10 +113,10 @@ std::string Registry::render(const Snapshot& s) {
   ExpositionWriter w;
   const SessionCounts& t = s.totals;
 
-  w.family("faultline_sessions_live", "gauge", "Sessions being served now (one per VM whose handshake was accepted).");
-  w.sample("faultline_sessions_live", {}, s.sessions_live);
-  w.family("faultline_sessions_started_total", "counter", "Sessions started (handshakes accepted) since the daemon started.");
-  w.sample("faultline_sessions_started_total", {}, s.sessions_started);
+  w.gauge("faultline_sessions_live", "Sessions being served now (one per VM whose handshake was accepted).",
+          s.sessions_live);
+  w.counter("faultline_sessions_started_total", "Sessions started (handshakes accepted) since the daemon started.",
+            s.sessions_started);
   w.family("faultline_sessions_ended_total", "counter",
            "Sessions ended, by reason (the state field of the session_end log line).");
   for (const auto& [reason, n] : s.sessions_ended) w.sample("faultline_sessions_ended_total", {{"reason", reason}}, n);
@@ -129,44 +129,37 @@ std::string Registry::render(const Snapshot& s) {
 
   if (s.frame_cache) {
     const FrameCacheCounts& c = *s.frame_cache;
-    w.family("faultline_frame_cache_hits_total", "counter",
-             "Image frame lookups served from the in-memory frame cache (shared by every session).");
-    w.sample("faultline_frame_cache_hits_total", {}, c.hits);
-    w.family("faultline_frame_cache_misses_total", "counter",
-             "Image frames loaded into the cache (fetched, checksum-checked, decompressed).");
-    w.sample("faultline_frame_cache_misses_total", {}, c.misses);
-    w.family("faultline_frame_cache_loads_ahead_total", "counter",
-             "Image frames loaded ahead of a prefetch's installs (serve --prefetch-fetches); also in misses.");
-    w.sample("faultline_frame_cache_loads_ahead_total", {}, c.loads_ahead);
-    w.family("faultline_frame_cache_load_waits_total", "counter",
-             "Lookups that waited for another thread's load of the same frame instead of loading it again.");
-    w.sample("faultline_frame_cache_load_waits_total", {}, c.load_waits);
-    w.family("faultline_frame_cache_load_failures_total", "counter",
-             "Frame loads that failed (missing blob, checksum mismatch, store error).");
-    w.sample("faultline_frame_cache_load_failures_total", {}, c.load_failures);
-    w.family("faultline_frame_cache_evictions_total", "counter", "Frames evicted to stay within the capacity.");
-    w.sample("faultline_frame_cache_evictions_total", {}, c.evictions);
-    w.family("faultline_frame_cache_bytes", "gauge",
-             "Memory the frames the frame cache holds now take (each frame's slot of frame memory).");
-    w.sample("faultline_frame_cache_bytes", {}, c.bytes);
-    w.family("faultline_frame_cache_frames", "gauge", "Frames the frame cache holds now.");
-    w.sample("faultline_frame_cache_frames", {}, c.frames);
-    w.family("faultline_frame_cache_capacity_bytes", "gauge", "The frame cache's capacity (--frame-cache-size).");
-    w.sample("faultline_frame_cache_capacity_bytes", {}, c.capacity_bytes);
-    w.family("faultline_frame_memory_bytes", "gauge",
-             "Frame memory mapped now: huge-page chunks (frames in use, free slots, empty chunks kept) and large frames' "
-             "own mappings.");
-    w.sample("faultline_frame_memory_bytes", {}, c.memory_bytes);
-    w.family("faultline_frame_memory_fresh_bytes_total", "counter",
-             "Frame memory ever mapped, each byte first-touched once by a frame decompressed into it.");
-    w.sample("faultline_frame_memory_fresh_bytes_total", {}, c.memory_fresh_bytes);
-    w.family("faultline_frame_memory_slot_reuses_total", "counter",
-             "Frames decompressed into memory an earlier frame used (no first-touch cost).");
-    w.sample("faultline_frame_memory_slot_reuses_total", {}, c.memory_slot_reuses);
+    w.counter("faultline_frame_cache_hits_total",
+              "Image frame lookups served from the in-memory frame cache (shared by every session).", c.hits);
+    w.counter("faultline_frame_cache_misses_total",
+              "Image frames loaded into the cache (fetched, checksum-checked, decompressed).", c.misses);
+    w.counter("faultline_frame_cache_loads_ahead_total",
+              "Image frames loaded ahead of a prefetch's installs (serve --prefetch-fetches); also in misses.",
+              c.loads_ahead);
+    w.counter("faultline_frame_cache_load_waits_total",
+              "Lookups that waited for another thread's load of the same frame instead of loading it again.",
+              c.load_waits);
+    w.counter("faultline_frame_cache_load_failures_total",
+              "Frame loads that failed (missing blob, checksum mismatch, store error).", c.load_failures);
+    w.counter("faultline_frame_cache_evictions_total", "Frames evicted to stay within the capacity.", c.evictions);
+    w.gauge("faultline_frame_cache_bytes",
+            "Memory the frames the frame cache holds now take (each frame's slot of frame memory).", c.bytes);
+    w.gauge("faultline_frame_cache_frames", "Frames the frame cache holds now.", c.frames);
+    w.gauge("faultline_frame_cache_capacity_bytes", "The frame cache's capacity (--frame-cache-size).",
+            c.capacity_bytes);
+    w.gauge(
+        "faultline_frame_memory_bytes",
+        "Frame memory mapped now: huge-page chunks (frames in use, free slots, empty chunks kept) and large frames' "
+        "own mappings.",
+        c.memory_bytes);
+    w.counter("faultline_frame_memory_fresh_bytes_total",
+              "Frame memory ever mapped, each byte first-touched once by a frame decompressed into it.",
+              c.memory_fresh_bytes);
+    w.counter("faultline_frame_memory_slot_reuses_total",
+              "Frames decompressed into memory an earlier frame used (no first-touch cost).", c.memory_slot_reuses);
   }
 
-  w.family("faultline_faults_total", "counter", "Page-fault messages read from the guests' userfaultfds.");
-  w.sample("faultline_faults_total", {}, t.faults);
+  w.counter("faultline_faults_total", "Page-fault messages read from the guests' userfaultfds.", t.faults);
   w.family("faultline_fault_service_seconds", "histogram",
            "Time from reading a fault message to the end of its install (or of the wake, when another install got "
            "there first), by path: reader, worker, zero, prefetch_late.");
@@ -181,25 +174,24 @@ std::string Registry::render(const Snapshot& s) {
     w.sample("faultline_installed_pages_total", {{"source", to_string(static_cast<InstallSource>(i))}},
              t.installed_pages[i]);
   }
-  w.family("faultline_installed_bytes_total", "counter", "Bytes installed into guests, by source (as installed_pages).");
+  w.family("faultline_installed_bytes_total", "counter",
+           "Bytes installed into guests, by source (as installed_pages).");
   for (size_t i = 0; i < kInstallSources; ++i) {
     w.sample("faultline_installed_bytes_total", {{"source", to_string(static_cast<InstallSource>(i))}},
              t.installed_bytes[i]);
   }
-  w.family("faultline_ahead_faulted_total", "counter",
-           "Pages fault-around installed ahead that faulted later (a write-protect fault: the guest wrote one).");
-  w.sample("faultline_ahead_faulted_total", {}, t.ahead_faulted);
-  w.family("faultline_faults_already_present_total", "counter",
-           "Faults whose page another install got to first (EEXIST): their thread was woken.");
-  w.sample("faultline_faults_already_present_total", {}, t.already_present);
-  w.family("faultline_eagain_retries_total", "counter",
-           "Fault installs deferred because an event was pending (EAGAIN) and retried after the reader read it.");
-  w.sample("faultline_eagain_retries_total", {}, t.eagain_retries);
-  w.family("faultline_remove_events_total", "counter",
-           "REMOVE events read (balloon, free page reporting and hinting: madvise(MADV_DONTNEED) of guest memory).");
-  w.sample("faultline_remove_events_total", {}, t.removes);
-  w.family("faultline_removed_pages_total", "counter", "Whole guest pages the REMOVE events covered.");
-  w.sample("faultline_removed_pages_total", {}, t.removed_pages);
+  w.counter("faultline_ahead_faulted_total",
+            "Pages fault-around installed ahead that faulted later (a write-protect fault: the guest wrote one).",
+            t.ahead_faulted);
+  w.counter("faultline_faults_already_present_total",
+            "Faults whose page another install got to first (EEXIST): their thread was woken.", t.already_present);
+  w.counter("faultline_eagain_retries_total",
+            "Fault installs deferred because an event was pending (EAGAIN) and retried after the reader read it.",
+            t.eagain_retries);
+  w.counter("faultline_remove_events_total",
+            "REMOVE events read (balloon, free page reporting and hinting: madvise(MADV_DONTNEED) of guest memory).",
+            t.removes);
+  w.counter("faultline_removed_pages_total", "Whole guest pages the REMOVE events covered.", t.removed_pages);
   return w.take();
 }
 

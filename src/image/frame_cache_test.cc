@@ -274,6 +274,17 @@ class ImageSourceTest : public ::testing::Test {
     return src ? *src : nullptr;
   }
 
+  // Reads every entry of `plan` as a prefetch would, each page checked
+  // against the file, reporting each to `ahead` once read.
+  void read_plan(const ImageSource& src, ReadAhead& ahead, const std::vector<SourceRange>& plan) {
+    std::vector<uint8_t> page(4096);
+    for (size_t k = 0; k < plan.size(); ++k) {
+      ASSERT_TRUE(src.read(plan[k].offset, page));
+      ASSERT_EQ(std::memcmp(page.data(), memory_.data() + plan[k].offset, 4096), 0) << plan[k].offset;
+      ahead.consumed(k, k + 1);
+    }
+  }
+
   std::string dir_;
   std::vector<uint8_t> memory_;
 };
@@ -458,12 +469,7 @@ TEST_F(ImageSourceTest, ReadAheadLoadsEveryFrameOfThePlanOnceAndEachIsUsed) {
   // The window (a quarter of 64 MiB) holds them all: every frame loads
   // before the reader reads anything.
   ASSERT_TRUE(eventually([&] { return ahead->stats().loaded == frames; }));
-  std::vector<uint8_t> page(4096);
-  for (size_t k = 0; k < plan.size(); ++k) {
-    ASSERT_TRUE(src->read(plan[k].offset, page));
-    ASSERT_EQ(std::memcmp(page.data(), memory_.data() + plan[k].offset, 4096), 0) << plan[k].offset;
-    ahead->consumed(k, k + 1);
-  }
+  ASSERT_NO_FATAL_FAILURE(read_plan(*src, *ahead, plan));
   ahead->stop();
   const ReadAheadStats st = ahead->stats();
   EXPECT_EQ(st.loaded, frames);
@@ -485,12 +491,7 @@ TEST_F(ImageSourceTest, ReadAheadStaysWithinItsWindowSoNothingItLoadsIsEvictedUn
   const std::vector<SourceRange> plan = every_page(memory_.size());
   auto ahead = src->read_ahead(plan, {.fetches = 4});
   ASSERT_NE(ahead, nullptr);
-  std::vector<uint8_t> page(4096);
-  for (size_t k = 0; k < plan.size(); ++k) {
-    ASSERT_TRUE(src->read(plan[k].offset, page));
-    ASSERT_EQ(std::memcmp(page.data(), memory_.data() + plan[k].offset, 4096), 0) << plan[k].offset;
-    ahead->consumed(k, k + 1);
-  }
+  ASSERT_NO_FATAL_FAILURE(read_plan(*src, *ahead, plan));
   ahead->stop();
   const ReadAheadStats st = ahead->stats();
   EXPECT_EQ(st.evicted_unused, 0u);
@@ -516,12 +517,7 @@ TEST_F(ImageSourceTest, ReadAheadFromALocalStoreRunsAtMostOneLoadPerCpu) {
   EXPECT_EQ(many->stats().fetches, cpu_count);
   const uint64_t frames = src->chain().layers()[0].manifest.frames.size();
   ASSERT_TRUE(eventually([&] { return many->stats().loaded == frames; }));
-  std::vector<uint8_t> page(4096);
-  for (size_t k = 0; k < plan.size(); ++k) {
-    ASSERT_TRUE(src->read(plan[k].offset, page));
-    ASSERT_EQ(std::memcmp(page.data(), memory_.data() + plan[k].offset, 4096), 0) << plan[k].offset;
-    many->consumed(k, k + 1);
-  }
+  ASSERT_NO_FATAL_FAILURE(read_plan(*src, *many, plan));
   many->stop();
   EXPECT_EQ(cache->stats().misses, frames) << "each frame loaded once, ahead";
   auto other = open(std::make_shared<FrameCache>(64 << 20));

@@ -69,8 +69,12 @@ run_ctest() {
   return $rc
 }
 
-stage "build (RelWithDebInfo, every directory, test hooks on)"
-configure build CMAKE_BUILD_TYPE=RelWithDebInfo FAULTLINE_SANITIZER= "${test_options[@]}"
+# -O2 as a release build, but -g1 (line tables only, as the sanitizer trees):
+# a failure's backtrace keeps file:line, and the compile is about a third
+# shorter (measured: tests/s3_test.cc 13.6 s against 20.5 s with -g).
+stage "build (RelWithDebInfo -O2 -g1, every directory, test hooks on)"
+configure build CMAKE_BUILD_TYPE=RelWithDebInfo "CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" \
+  "CMAKE_C_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" FAULTLINE_SANITIZER= "${test_options[@]}"
 cmake --build build -j"$(nproc)"
 echo "$(ctest --test-dir build -N | tail -1 | sed 's/^ *//') registered in build/"
 [ "${1:-}" = build ] && exit 0

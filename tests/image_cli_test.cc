@@ -155,11 +155,16 @@ TEST(ImageCli, ServeImageRestoresAVmWithEveryByteOfTheFile) {
                           "--threads", "2"},
                          out);
   const int status = wait_child(vm, std::chrono::seconds(120));
+  // The VM's exit closes its socket; the daemon ends the session when it
+  // reads that close. Stopped before then, it would end it as `stopped`.
+  const bool session_ended =
+      eventually_true([&] { return read_file(log).find("event=session_end") != std::string::npos; });
   ::kill(daemon, SIGTERM);
   const int daemon_status = wait_child(daemon, std::chrono::seconds(30));
   ASSERT_TRUE(WIFEXITED(status)) << read_file(out);
   EXPECT_EQ(WEXITSTATUS(status), 0) << read_file(out);
   EXPECT_NE(read_file(out).find("mismatches        0\n"), std::string::npos) << read_file(out);
+  EXPECT_TRUE(session_ended) << read_file(log);
   ASSERT_TRUE(WIFEXITED(daemon_status));
   EXPECT_EQ(WEXITSTATUS(daemon_status), 0);
   const std::string served = read_file(log);

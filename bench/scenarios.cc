@@ -1017,14 +1017,14 @@ Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
   // then restore on demand, with --prefetch RECORD and with --prefetch all,
   // from the raw file and from the images.
   const uint64_t pages = size / kPageSize4K;
-  auto working_set = working_set_of(subject, size);
-  if (!working_set) return std::unexpected(working_set.error());
-  const std::vector<uint64_t> set = std::move(*working_set);
-  const std::string record = ctx.dir + "/image-" + subject.name + ".flrec";
-  if (auto st = record_working_set(ctx, subject, set, *file, record, "image"); !st) return st;
-  progress("image: creating the " + subject.name + " image with --working-set");
-  if (auto st = create("base-ws", image::kSmallPage, record); !st) return st;
   if (wanted(subject.name + " 4K working-set restore")) {
+    auto working_set = working_set_of(subject, size);
+    if (!working_set) return std::unexpected(working_set.error());
+    const std::vector<uint64_t> set = std::move(*working_set);
+    const std::string record = ctx.dir + "/image-" + subject.name + ".flrec";
+    if (auto st = record_working_set(ctx, subject, set, *file, record, "image"); !st) return st;
+    progress("image: creating the " + subject.name + " image with --working-set");
+    if (auto st = create("base-ws", image::kSmallPage, record); !st) return st;
     Row proto;
     proto.scenario = kImageScenario;
     proto.guest_bytes = size;

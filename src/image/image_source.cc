@@ -142,8 +142,8 @@ std::unique_ptr<ReadAhead> ImageSource::read_ahead(std::vector<SourceRange> plan
   if (options.fetches <= 0 || cache_->capacity() == 0 || plan.empty()) return nullptr;
   // No more loads at once than the store can use: from a local store one per
   // CPU (measured in faultline-bench's image working-set restore on 2 CPUs:
-  // 12 loads ahead made the realistic image's prefetch 1.37-1.51x the raw
-  // file's, 2 made it 1.22-1.27x; docs/performance.md).
+  // 12 loads ahead made the realistic image's prefetch 1.25-1.38x the raw
+  // file's, one per CPU 1.12-1.24x, on one corpus; docs/performance.md).
   ReadAheadOptions capped = options;
   if (const int useful = chain_.store().useful_concurrent_gets(); useful > 0) {
     capped.fetches = std::min(capped.fetches, useful);

@@ -789,8 +789,23 @@ TEST(Resources, UnderEmfileTheDaemonRefusesNewWorkRecoversAndStopsCleanly) {
   const size_t at = during.find("event=connection_refused socket=vm reason=out_of_resources error=");
   ASSERT_NE(at, std::string::npos) << during;
   EXPECT_NE(during.find("Too many open files", at), std::string::npos) << during;
-  // Once the idle clients go, the daemon serves again.
+  // Once the idle clients go, the daemon serves again: after it has read
+  // each one's close and given back that handshake's fds. Every connection
+  // ends in one line, handshake_failed (closed mid-handshake) or
+  // connection_refused; a client that connected before the last of them
+  // could meet EMFILE itself (TSan CI, 6 Dec 2026: session_rejected, "creating
+  // its finished eventfd failed").
+  const size_t connections = idle.size();
   idle.clear();
+  const auto ended = [&] {
+    const std::string text = read_file(log);
+    return count(text, "event=handshake_failed ") + count(text, "event=connection_refused socket=vm ");
+  };
+  const auto closes_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (ended() < connections && std::chrono::steady_clock::now() < closes_deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // polling a log file
+  }
+  ASSERT_EQ(ended(), connections) << read_file(log);
   const std::string out = dir.file("client.out");
   const int status = wait_child(spawn({built_binary("faultline-client"), "restore", "--socket", sock, "--memory", mem,
                                        "--threads", "1", "--touch-fraction", "0.2"},

@@ -93,7 +93,12 @@ class ChunkPool {
     if (was_full) partial_[c].push_back(base);
     if (chunk.free != all_slots(c)) return;
     erase(partial_[c], base);
-    if (empty_.size() < keep_empty_ / FrameBuffer::kChunk) {
+    // Kept only while all frame memory, this chunk included, stays within
+    // the limit: chunks in use stay mapped whatever the limit, so counting
+    // only the empty ones would let them add a whole limit's worth on top
+    // (after the frames held shift to another size, measured: 1.7x a frame
+    // cache's budget mapped, a third of it empty chunks).
+    if (mapped_bytes() <= keep_empty_) {
       empty_.push_back(base);
       return;
     }
@@ -113,7 +118,7 @@ class ChunkPool {
   void set_keep_empty(uint64_t bytes) {
     std::lock_guard lock(mu_);
     keep_empty_ = bytes;
-    unmap_empty_beyond(keep_empty_ / FrameBuffer::kChunk);
+    while (!empty_.empty() && mapped_bytes() > keep_empty_) unmap_empty_beyond(empty_.size() - 1);
   }
 
   FrameBuffer::Totals totals() {
@@ -121,7 +126,7 @@ class ChunkPool {
     FrameBuffer::Totals t = totals_;
     t.chunks_mapped = chunks_.size();
     t.chunks_empty = empty_.size();
-    t.mapped_bytes = chunks_.size() * FrameBuffer::kChunk + own_mapped_;
+    t.mapped_bytes = mapped_bytes();
     return t;
   }
 
@@ -142,6 +147,8 @@ class ChunkPool {
     uint32_t free = 0;     // bit i: slot i free
     uint32_t touched = 0;  // bit i: slot i handed out before (its memory faulted in)
   };
+  // Chunks (in use or kept empty) and own mappings. REQUIRES: mu_ held.
+  uint64_t mapped_bytes() const { return chunks_.size() * FrameBuffer::kChunk + own_mapped_; }
   // Unmaps the empty chunks kept beyond the first `kept`. REQUIRES: mu_ held.
   void unmap_empty_beyond(size_t kept) {
     while (empty_.size() > kept) {

@@ -153,6 +153,36 @@ TEST(FrameBuffer, EmptyChunksAreKeptUpToTheLimitForAnySizeAndTheRestUnmapped) {
   EXPECT_EQ(FrameBuffer::totals().mapped_bytes, before.mapped_bytes);
 }
 
+TEST(FrameBuffer, ChunksInUseCountAgainstTheLimitOfTheOnesKeptEmpty) {
+  FrameBuffer::release_empty_chunks();
+  const uint64_t keep = FrameBuffer::keep_empty_bytes();
+  const FrameBuffer::Totals before = FrameBuffer::totals();
+  ASSERT_EQ(before.chunks_mapped, 0u) << "another test left frame memory in use";
+  FrameBuffer::set_keep_empty_bytes(8 * FrameBuffer::kChunk);
+  std::vector<FrameBuffer> in_use, freed;
+  for (int i = 0; i < 6; ++i) in_use.push_back(FrameBuffer::allocate(2 << 20));
+  for (int i = 0; i < 4; ++i) freed.push_back(FrameBuffer::allocate(2 << 20));
+  freed.clear();
+  // 6 in use: of the 4 emptied, only 2 fit under the limit of 8.
+  EXPECT_EQ(FrameBuffer::totals().chunks_empty, 2u);
+  EXPECT_EQ(FrameBuffer::totals().mapped_bytes, 8 * FrameBuffer::kChunk);
+  in_use.resize(2);  // 4 more emptied: 8 mapped, all kept
+  EXPECT_EQ(FrameBuffer::totals().chunks_empty, 6u);
+  EXPECT_EQ(FrameBuffer::totals().mapped_bytes, 8 * FrameBuffer::kChunk);
+  // A frame of its own mapping counts too: lowering the limit to 5 chunks
+  // with 2 chunks in use and a 4 MiB mapping leaves 1 kept empty.
+  FrameBuffer own = FrameBuffer::allocate(3 << 20);
+  FrameBuffer::set_keep_empty_bytes(5 * FrameBuffer::kChunk);
+  EXPECT_EQ(FrameBuffer::totals().chunks_empty, 1u);
+  EXPECT_EQ(FrameBuffer::totals().mapped_bytes, 5 * FrameBuffer::kChunk);
+  own = FrameBuffer{};
+  in_use.clear();
+  EXPECT_EQ(FrameBuffer::totals().chunks_empty, 3u);  // 1 kept + the 2 emptied now
+  FrameBuffer::set_keep_empty_bytes(keep);
+  FrameBuffer::release_empty_chunks();
+  EXPECT_EQ(FrameBuffer::totals().mapped_bytes, 0u);
+}
+
 // The point of the chunks: a 2 MiB frame written once is one transparent
 // huge page, not 512 page faults of fresh memory.
 TEST(FrameBuffer, AWholeChunkIsBackedByATransparentHugePage) {

@@ -276,10 +276,22 @@ class ForeignPidNamespace : public ::testing::Test {
     ASSERT_TRUE(S_ISSOCK(st.st_mode)) << read_file(log_);
   }
   void TearDown() override {
-    if (daemon_ > 0) {
-      ::kill(daemon_, SIGTERM);
-      wait_child(daemon_, std::chrono::seconds(20));
-    }
+    if (daemon_ <= 0) return;
+    // unshare --fork ignores SIGTERM while it waits for its child (a SIGTERM
+    // to it waited out wait_child's 20 s and ended in SIGKILL), so the
+    // daemon, unshare's one child, is stopped itself; unshare then exits with
+    // the daemon's status.
+    const pid_t served = only_child(daemon_);
+    EXPECT_GT(served, 0) << "no child of unshare " << daemon_;
+    if (served > 0) ::kill(served, SIGTERM);
+    const int status = wait_child(daemon_, std::chrono::seconds(20));
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status << "\n" << read_file(log_);
+  }
+  static pid_t only_child(pid_t parent) {
+    std::ifstream f("/proc/" + std::to_string(parent) + "/task/" + std::to_string(parent) + "/children");
+    pid_t child = -1;
+    f >> child;
+    return f ? child : -1;
   }
   bool log_shows(const std::string& needle) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);

@@ -55,6 +55,7 @@ class ChunkPool {
     if (!partial_[c].empty()) {
       base = partial_[c].back();
       chunk = &chunks_.at(base);
+      free_slot_bytes_ -= slot_bytes(c);
     } else {
       if (!empty_.empty()) {
         base = empty_.back();
@@ -73,6 +74,7 @@ class ChunkPool {
       chunk->cls = c;
       chunk->free = all_slots(c);
       partial_[c].push_back(base);
+      free_slot_bytes_ += FrameBuffer::kChunk - slot_bytes(c);  // every slot but the one taken now
     }
     const int slot = std::countr_zero(chunk->free);
     chunk->free &= ~(1u << slot);
@@ -91,7 +93,12 @@ class ChunkPool {
     const bool was_full = chunk.free == 0;
     chunk.free |= 1u << ((addr - base) / slot_bytes(c));
     if (was_full) partial_[c].push_back(base);
-    if (chunk.free != all_slots(c)) return;
+    if (chunk.free != all_slots(c)) {
+      free_slot_bytes_ += slot_bytes(c);
+      return;
+    }
+    // Its last slot in use: the others were counted free, the chunk is now empty.
+    free_slot_bytes_ -= FrameBuffer::kChunk - slot_bytes(c);
     erase(partial_[c], base);
     // Kept only while all frame memory, this chunk included, stays within
     // the limit: chunks in use stay mapped whatever the limit, so counting
@@ -127,7 +134,18 @@ class ChunkPool {
     t.chunks_mapped = chunks_.size();
     t.chunks_empty = empty_.size();
     t.mapped_bytes = mapped_bytes();
+    t.free_slot_bytes = free_slot_bytes_;
+    for (const auto& [base, chunk] : chunks_) {
+      if (chunk.free != all_slots(chunk.cls)) {
+        t.free_slot_bytes_counted += std::popcount(chunk.free) * slot_bytes(chunk.cls);
+      }
+    }
     return t;
+  }
+
+  uint64_t free_slot_bytes() {
+    std::lock_guard lock(mu_);
+    return free_slot_bytes_;
   }
 
   // A frame's own mapping (larger than a chunk) was made (+) or unmapped (-).
@@ -172,6 +190,7 @@ class ChunkPool {
   std::array<std::vector<uintptr_t>, kClasses> partial_;  // chunks of a class with a free slot
   std::vector<uintptr_t> empty_;                          // chunks with no slot in use, kept
   uint64_t own_mapped_ = 0;                               // bytes of frames' own mappings
+  uint64_t free_slot_bytes_ = 0;                          // free slots of the chunks with a slot in use
   uint64_t keep_empty_ = FrameBuffer::kDefaultKeepEmpty;
   FrameBuffer::Totals totals_;
 };
@@ -257,6 +276,8 @@ void FrameBuffer::reset() {
 }
 
 FrameBuffer::Totals FrameBuffer::totals() { return pool().totals(); }
+
+uint64_t FrameBuffer::free_slot_bytes() { return pool().free_slot_bytes(); }
 
 void FrameBuffer::release_empty_chunks() { pool().release_empty(); }
 

@@ -102,12 +102,20 @@ TEST(FrameBuffer, SlotsOfAChunkNeverOverlapAndAFreedSlotIsTheNextOneHandedOut) {
   const uintptr_t freed = addr(quarter[2]);
   const uint64_t reuses = FrameBuffer::totals().slot_reuses;
   const uint64_t maps = FrameBuffer::totals().chunk_maps;
+  EXPECT_EQ(FrameBuffer::free_slot_bytes(), 0u);  // the chunk is full
   quarter[2] = FrameBuffer{};
+  EXPECT_EQ(FrameBuffer::free_slot_bytes(), 512u << 10);  // one slot only a 512 KiB frame can take
+  EXPECT_EQ(FrameBuffer::totals().free_slot_bytes_counted, 512u << 10);
   FrameBuffer again = FrameBuffer::allocate(400 << 10);  // the same class: 512 KiB slots
   EXPECT_EQ(addr(again), freed);
   EXPECT_EQ(FrameBuffer::totals().slot_reuses, reuses + 1);
   EXPECT_EQ(FrameBuffer::totals().chunk_maps, maps);  // no fresh memory
   for (int i : {0, 1, 3}) EXPECT_TRUE(holds(quarter[i], static_cast<char>(i))) << i;
+  EXPECT_EQ(FrameBuffer::free_slot_bytes(), 0u);
+  quarter.clear();
+  again = FrameBuffer{};
+  EXPECT_EQ(FrameBuffer::free_slot_bytes(), 0u);  // an empty chunk serves any size: not counted
+  EXPECT_EQ(FrameBuffer::totals().free_slot_bytes_counted, 0u);
 }
 
 TEST(FrameBuffer, EmptyChunksAreKeptUpToTheLimitForAnySizeAndTheRestUnmapped) {

@@ -113,10 +113,21 @@ void FrameCache::insert(Shard& s, const BlobId& id, const Frame& frame) {
   bytes_.fetch_add(frame->footprint(), std::memory_order_relaxed);
 }
 
+bool FrameCache::over_budget() const {
+  const uint64_t held = bytes_.load(std::memory_order_relaxed);
+  if (held > capacity_) return true;
+  // Free slots of partly used chunks are memory too, usable only by frames
+  // of their size: past an allowance of one chunk per slot size (what a
+  // steady mix of sizes leaves free), they count against the budget, and
+  // the oldest frames go until chunks of the old size empty.
+  const uint64_t free_slots = FrameBuffer::free_slot_bytes();
+  return free_slots > kFreeSlotAllowance && held > 0 && held + free_slots > capacity_ + kFreeSlotAllowance;
+}
+
 void FrameCache::make_room() {
-  if (bytes_.load(std::memory_order_relaxed) <= capacity_) return;
+  if (!over_budget()) return;
   std::lock_guard evicting(evict_mu_);
-  while (bytes_.load(std::memory_order_relaxed) > capacity_) {
+  while (over_budget()) {
     // The least recently used frame of all is the oldest of the shards'
     // least recently used ones. Shard locks are taken one at a time; a frame
     // used meanwhile is no longer a tail, and the choice is made again.

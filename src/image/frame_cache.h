@@ -14,12 +14,16 @@
 // is one budget, however the frames spread over the shards (a cache of N
 // bytes holds N bytes of frame memory), and the frame evicted is the one used
 // longest ago of all. A frame counts the memory it holds (FrameBuffer::
-// footprint(): its power-of-two slot, so a 300 KiB frame counts 512 KiB). A
-// frame larger than the capacity is returned but not kept. Frames are handed out as shared pointers, so an evicted frame stays
-// valid for whoever still holds it: the capacity bounds what the cache keeps,
-// not what callers hold (each caller holds at most a few frames at a time).
-// While a load is being inserted the cache may hold that one frame over the
-// capacity; the inserting thread evicts back under it before it returns.
+// footprint(): its power-of-two slot, so a 300 KiB frame counts 512 KiB), and
+// the free slots of partly used chunks beyond one chunk per slot size count
+// too (FrameBuffer::free_slot_bytes(): memory only frames of their size can
+// use, left behind when the frames held change size). A frame larger than
+// the capacity is returned but not kept. Frames are handed out as shared
+// pointers, so an evicted frame stays valid for whoever still holds it: the
+// capacity bounds what the cache keeps, not what callers hold (each caller
+// holds at most a few frames at a time). While a load is being inserted the
+// cache may hold that one frame over the capacity; the inserting thread
+// evicts back under it before it returns.
 //
 // Thread-safety: every method is safe from any thread. The key space is split
 // into shards with a mutex each, so threads on different frames rarely meet;
@@ -108,12 +112,19 @@ class FrameCache {
   void touch(Shard& s, Entry& e);
   // REQUIRES: s.mu held. May leave the cache over its capacity: make_room().
   void insert(Shard& s, const BlobId& id, const Frame& frame);
-  // Evicts the least recently used frames of the whole cache until it holds
-  // at most its capacity. REQUIRES: no shard's mu held.
+  // Frame memory kept beyond the capacity is over it: the frames held, and
+  // the free slots of partly used chunks beyond kFreeSlotAllowance
+  // (FrameBuffer::free_slot_bytes(), process-wide).
+  bool over_budget() const;
+  // Evicts the least recently used frames of the whole cache until it is not
+  // over its budget, or holds nothing. REQUIRES: no shard's mu held.
   void make_room();
   // Runs `load` for a miss registered in s.loading as `mine`, keeps and
   // hands out the result. REQUIRES: s.mu not held.
   Result<Frame> finish_load(Shard& s, const BlobId& id, const std::shared_ptr<Load>& mine, const Loader& load);
+
+  // One 2 MiB chunk per slot size (64 KiB to 2 MiB, frame_buffer.h).
+  static constexpr uint64_t kFreeSlotAllowance = 6 * FrameBuffer::kChunk;
 
   const uint64_t capacity_;
   std::vector<Shard> shards_;

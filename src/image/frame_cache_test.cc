@@ -196,11 +196,14 @@ TEST(FrameCache, AFrameHeldByACallerOutlivesItsEviction) {
 
 // Frame memory comes in 2 MiB chunks of equal slots per size (frame_buffer.h):
 // when a daemon's frames shift from one size to another, the old size's
-// chunks empty only as its last frames go. Once they have, the memory mapped
-// is the budget again: the emptied chunks are not kept on top of the ones in
-// use (they were, up to a whole budget more: 1.7x measured).
-TEST(FrameCache, FrameMemoryReturnsToTheBudgetOnceTheFramesHeldShiftedToAnotherSize) {
-  constexpr uint64_t kCapacity = 16 << 20;
+// chunks empty only as its last frames go. Meanwhile their free slots count
+// against the budget beyond an allowance of one chunk per slot size, so the
+// oldest frames go sooner (without that: 98 MiB mapped for this 64 MiB
+// cache); once the shift is done the memory mapped is the budget again, the
+// emptied chunks not kept on top of the ones in use (they were: 100 MiB).
+TEST(FrameCache, FrameMemoryStaysNearTheBudgetWhileTheFramesHeldShiftToAnotherSizeAndReturnsToIt) {
+  constexpr uint64_t kCapacity = 64 << 20;
+  constexpr uint64_t kFreeSlotAllowance = 6 * FrameBuffer::kChunk;  // FrameCache's: a chunk per slot size
   constexpr size_t kOld = 512 << 10, kNew = 1 << 20;
   FrameBuffer::release_empty_chunks();
   const uint64_t keep = FrameBuffer::keep_empty_bytes();
@@ -224,7 +227,9 @@ TEST(FrameCache, FrameMemoryReturnsToTheBudgetOnceTheFramesHeldShiftedToAnotherS
     uint64_t peak = 0;
     for (int i = 0; i < new_frames; ++i) {
       load("new" + std::to_string(i), kNew, static_cast<char>(100 + i));
-      peak = std::max(peak, FrameBuffer::totals().mapped_bytes - before.mapped_bytes);
+      const FrameBuffer::Totals now = FrameBuffer::totals();
+      peak = std::max(peak, now.mapped_bytes - before.mapped_bytes);
+      EXPECT_EQ(now.free_slot_bytes, now.free_slot_bytes_counted) << "the pool's running count is off";
     }
     // Every old frame is gone, every new one is held with its bytes.
     for (int i = 0; i < old_frames; ++i) EXPECT_EQ(cache.find(id_of("old" + std::to_string(i))), nullptr) << i;
@@ -239,10 +244,9 @@ TEST(FrameCache, FrameMemoryReturnsToTheBudgetOnceTheFramesHeldShiftedToAnotherS
     const FrameBuffer::Totals after = FrameBuffer::totals();
     EXPECT_EQ(after.mapped_bytes - before.mapped_bytes, kCapacity) << "peak during the shift: " << peak;
     EXPECT_EQ(after.chunks_empty, 0u);
-    // While the sizes shifted it was over the budget, bounded by the old
-    // frames' chunks (at most the budget) on top of the new ones'.
+    // While the sizes shifted: over the budget by at most the allowance.
     EXPECT_GT(peak, kCapacity);
-    EXPECT_LE(peak, 2 * kCapacity + FrameBuffer::kChunk);
+    EXPECT_LE(peak, kCapacity + kFreeSlotAllowance);
   }
   // The cache dropped: its chunks are kept empty, up to the limit.
   EXPECT_EQ(FrameBuffer::totals().mapped_bytes - before.mapped_bytes, kCapacity);

@@ -115,9 +115,12 @@ TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDe
   EXPECT_GT(snap.frame_cache->memory_bytes, 0u);
   EXPECT_GE(snap.frame_cache->memory_fresh_bytes, snap.frame_cache->memory_bytes);
   for (const char* name : {"faultline_frame_memory_bytes ", "faultline_frame_memory_fresh_bytes_total ",
-                           "faultline_frame_memory_slot_reuses_total "}) {
+                           "faultline_frame_memory_slot_reuses_total ", "faultline_frame_memory_free_slot_bytes "}) {
     EXPECT_NE(metrics.find(name), std::string::npos) << name;
   }
+  // Nothing allocates frames between the scrape and this recount.
+  EXPECT_EQ(snap.frame_cache->memory_free_slot_bytes, image::FrameBuffer::totals().free_slot_bytes_counted);
+  EXPECT_LT(snap.frame_cache->memory_free_slot_bytes, snap.frame_cache->memory_bytes);
 }
 
 // A daemon faults its frame memory in once: a server started after another

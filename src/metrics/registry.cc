@@ -157,6 +157,10 @@ std::string Registry::render(const Snapshot& s) {
               c.memory_fresh_bytes);
     w.counter("faultline_frame_memory_slot_reuses_total",
               "Frames decompressed into memory an earlier frame used (no first-touch cost).", c.memory_slot_reuses);
+    w.gauge("faultline_frame_memory_free_slot_bytes",
+            "Frame memory in the free slots of partly used chunks, usable only by frames of their slot size; beyond "
+            "12 MiB the frame cache counts it against its capacity.",
+            c.memory_free_slot_bytes);
   }
 
   w.counter("faultline_faults_total", "Page-fault messages read from the guests' userfaultfds.", t.faults);

@@ -63,6 +63,7 @@ struct FrameCacheCounts {
   uint64_t loads_ahead = 0;
   // Frame memory of the process (image::FrameBuffer::totals()).
   uint64_t memory_bytes = 0, memory_fresh_bytes = 0, memory_slot_reuses = 0;
+  uint64_t memory_free_slot_bytes = 0;  // free slots of partly used chunks (FrameBuffer::free_slot_bytes())
 };
 
 class Registry {

@@ -343,7 +343,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
     const image::FrameBuffer::Totals mem = image::FrameBuffer::totals();
     return metrics::FrameCacheCounts{st.hits,        st.misses,        st.waits,       st.load_failures,
                                      st.evictions,   st.bytes,         st.frames,      st.capacity,
-                                     st.loads_ahead, mem.mapped_bytes, mem.fresh_bytes, mem.slot_reuses};
+                                     st.loads_ahead, mem.mapped_bytes, mem.fresh_bytes, mem.slot_reuses,
+                                     mem.free_slot_bytes};
   });
   if (!config.cache_dir.empty()) {
     auto disk = objstore::DiskCache::open(config.cache_dir, config.cache_bytes);

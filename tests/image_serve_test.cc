@@ -119,7 +119,7 @@ TEST(ImageServe, GuestReadsEveryByteOfTheFileTheImageWasMadeFromAndEachFrameIsDe
     EXPECT_NE(metrics.find(name), std::string::npos) << name;
   }
   // Nothing allocates frames between the scrape and this recount.
-  EXPECT_EQ(snap.frame_cache->memory_free_slot_bytes, image::FrameBuffer::totals().free_slot_bytes_counted);
+  EXPECT_EQ(snap.frame_cache->memory_free_slot_bytes, image::FrameBuffer::count_free_slot_bytes());
   EXPECT_LT(snap.frame_cache->memory_free_slot_bytes, snap.frame_cache->memory_bytes);
 }
 

@@ -115,7 +115,7 @@ class ChunkPool {
 
   void release_empty() {
     std::lock_guard lock(mu_);
-    unmap_empty_beyond(0);
+    unmap_empty_while_mapped_over(0);
   }
 
   uint64_t keep_empty() {
@@ -125,7 +125,7 @@ class ChunkPool {
   void set_keep_empty(uint64_t bytes) {
     std::lock_guard lock(mu_);
     keep_empty_ = bytes;
-    while (!empty_.empty() && mapped_bytes() > keep_empty_) unmap_empty_beyond(empty_.size() - 1);
+    unmap_empty_while_mapped_over(keep_empty_);
   }
 
   FrameBuffer::Totals totals() {
@@ -135,12 +135,16 @@ class ChunkPool {
     t.chunks_empty = empty_.size();
     t.mapped_bytes = mapped_bytes();
     t.free_slot_bytes = free_slot_bytes_;
-    for (const auto& [base, chunk] : chunks_) {
-      if (chunk.free != all_slots(chunk.cls)) {
-        t.free_slot_bytes_counted += std::popcount(chunk.free) * slot_bytes(chunk.cls);
-      }
-    }
     return t;
+  }
+
+  uint64_t count_free_slot_bytes() {
+    std::lock_guard lock(mu_);
+    uint64_t bytes = 0;
+    for (const auto& [base, chunk] : chunks_) {
+      if (chunk.free != all_slots(chunk.cls)) bytes += std::popcount(chunk.free) * slot_bytes(chunk.cls);
+    }
+    return bytes;
   }
 
   uint64_t free_slot_bytes() {
@@ -167,9 +171,10 @@ class ChunkPool {
   };
   // Chunks (in use or kept empty) and own mappings. REQUIRES: mu_ held.
   uint64_t mapped_bytes() const { return chunks_.size() * FrameBuffer::kChunk + own_mapped_; }
-  // Unmaps the empty chunks kept beyond the first `kept`. REQUIRES: mu_ held.
-  void unmap_empty_beyond(size_t kept) {
-    while (empty_.size() > kept) {
+  // Unmaps kept empty chunks while the frame memory mapped is over `bytes`
+  // (all of them for 0). REQUIRES: mu_ held.
+  void unmap_empty_while_mapped_over(uint64_t bytes) {
+    while (!empty_.empty() && mapped_bytes() > bytes) {
       ::munmap(reinterpret_cast<void*>(empty_.back()), FrameBuffer::kChunk);
       chunks_.erase(empty_.back());
       empty_.pop_back();
@@ -278,6 +283,8 @@ void FrameBuffer::reset() {
 FrameBuffer::Totals FrameBuffer::totals() { return pool().totals(); }
 
 uint64_t FrameBuffer::free_slot_bytes() { return pool().free_slot_bytes(); }
+
+uint64_t FrameBuffer::count_free_slot_bytes() { return pool().count_free_slot_bytes(); }
 
 void FrameBuffer::release_empty_chunks() { pool().release_empty(); }
 

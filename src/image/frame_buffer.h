@@ -84,8 +84,7 @@ class FrameBuffer {
     uint64_t slot_reuses = 0;    // allocations served from memory used before
     uint64_t mapped_bytes = 0;   // chunks and own mappings held now
     uint64_t fresh_bytes = 0;    // ever mapped: memory a frame first-touched
-    uint64_t free_slot_bytes = 0;          // free slots of chunks with a slot in use (free_slot_bytes())
-    uint64_t free_slot_bytes_counted = 0;  // the same, counted over every chunk now (a check of the first)
+    uint64_t free_slot_bytes = 0;  // free slots of chunks with a slot in use (free_slot_bytes())
   };
   static Totals totals();
   // Frame memory mapped that no buffer uses and only buffers of the same slot
@@ -94,6 +93,9 @@ class FrameBuffer {
   // against its budget, so that frames shifting in size cannot leave it
   // holding its capacity plus the old size's sparse chunks.
   static uint64_t free_slot_bytes();
+  // The same, counted over every chunk now rather than kept as a running
+  // count (tests check the one against the other).
+  static uint64_t count_free_slot_bytes();
   // Unmaps the chunks kept empty (tests, the bench's fresh-daemon figures).
   static void release_empty_chunks();
   // Empty chunks are kept for reuse only while all frame memory of the

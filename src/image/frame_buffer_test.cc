@@ -105,7 +105,7 @@ TEST(FrameBuffer, SlotsOfAChunkNeverOverlapAndAFreedSlotIsTheNextOneHandedOut) {
   EXPECT_EQ(FrameBuffer::free_slot_bytes(), 0u);  // the chunk is full
   quarter[2] = FrameBuffer{};
   EXPECT_EQ(FrameBuffer::free_slot_bytes(), 512u << 10);  // one slot only a 512 KiB frame can take
-  EXPECT_EQ(FrameBuffer::totals().free_slot_bytes_counted, 512u << 10);
+  EXPECT_EQ(FrameBuffer::count_free_slot_bytes(), 512u << 10);
   FrameBuffer again = FrameBuffer::allocate(400 << 10);  // the same class: 512 KiB slots
   EXPECT_EQ(addr(again), freed);
   EXPECT_EQ(FrameBuffer::totals().slot_reuses, reuses + 1);
@@ -115,7 +115,7 @@ TEST(FrameBuffer, SlotsOfAChunkNeverOverlapAndAFreedSlotIsTheNextOneHandedOut) {
   quarter.clear();
   again = FrameBuffer{};
   EXPECT_EQ(FrameBuffer::free_slot_bytes(), 0u);  // an empty chunk serves any size: not counted
-  EXPECT_EQ(FrameBuffer::totals().free_slot_bytes_counted, 0u);
+  EXPECT_EQ(FrameBuffer::count_free_slot_bytes(), 0u);
 }
 
 TEST(FrameBuffer, EmptyChunksAreKeptUpToTheLimitForAnySizeAndTheRestUnmapped) {

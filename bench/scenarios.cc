@@ -375,6 +375,30 @@ void note_bad(Context& ctx, const TouchOutcome& t, Backend b, const std::string&
                                " pages with wrong content in " + where);
 }
 
+// A restore that read its pages: the seconds from the guest's mapping (its
+// handshake included, unless GuestSpec::wait_until_served) to its last page,
+// and the guest, still mapped, so that its session is still live for the
+// caller to read counters from (destroying it ends the session).
+struct PagesRead {
+  double seconds = 0;
+  std::unique_ptr<BenchGuest> guest;
+};
+
+// A guest of `backend` (`spec`) reads one byte of every page of `pages`, in
+// order, on one host thread; then every byte of those pages is compared with
+// `file`, and pages that differ are noted for `where`: a working-set restore.
+Result<PagesRead> read_pages(Context& ctx, Backend backend, const GuestSpec& spec, std::span<const uint64_t> pages,
+                             const Mapping& file, const std::string& where) {
+  const int64_t t0 = now_ns();
+  auto g = BenchGuest::create(backend, spec);
+  if (!g) return std::unexpected(g.error());
+  const double setup = static_cast<double>(now_ns() - t0) / 1e9;
+  TouchOutcome t = touch(**g, "host", pages, 1, false, &file);
+  if (!t.error.empty()) return std::unexpected(Error{0, t.error});
+  note_bad(ctx, t, backend, where);
+  return PagesRead{setup + t.seconds, std::move(*g)};
+}
+
 }  // namespace
 
 Result<Mapping> map_memory_file(const std::string& path) {
@@ -872,11 +896,9 @@ Status record_working_set(Context& ctx, const ImageSubject& subject, std::span<c
   ro.record_path = record;
   auto rh = start_host(ctx, subject.path, scenario + "-record", ro);
   if (!rh) return fail("recording server: " + rh.error().describe());
-  auto g = BenchGuest::create(Backend::kFaultline, GuestSpec{file.size(), kPageSize4K, subject.path, rh->get(), true});
-  if (!g) return fail("recording run: " + g.error().describe());
-  TouchOutcome t = touch(**g, "host", set, 1, false, &file);
-  if (!t.error.empty()) return fail("recording run: " + t.error);
-  note_bad(ctx, t, Backend::kFaultline, "the recording run of the " + scenario + " scenario (" + subject.name + ")");
+  auto r = read_pages(ctx, Backend::kFaultline, GuestSpec{file.size(), kPageSize4K, subject.path, rh->get(), true}, set,
+                      file, "the recording run of the " + scenario + " scenario (" + subject.name + ")");
+  if (!r) return fail("recording run: " + r.error().describe());
   return {};
 }  // the session ends with the guest, before the server: the record is written
 
@@ -954,18 +976,10 @@ Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
   // server (untimed, checked), so the frames are in its cache when the
   // measured VM comes: the many-VMs-of-one-template case.
   auto warm_up = [&](Series& s, FaultlineHost& host, uint64_t ps, std::span<const uint64_t> offsets) -> bool {
-    auto g = BenchGuest::create(Backend::kFaultlineImage, GuestSpec{size, ps, subject.path, &host, true});
-    if (!g) {
-      record_failure(s, g.error());
-      return false;
-    }
-    TouchOutcome t = touch(**g, "host", offsets, 1, false, &*file);
-    if (!t.error.empty()) {
-      record_failure(s, Error{0, "warm-up VM: " + t.error});
-      return false;
-    }
-    note_bad(ctx, t, Backend::kFaultlineImage, "the warm-up VM of the image scenario (" + subject.name + ")");
-    return true;
+    auto r = read_pages(ctx, Backend::kFaultlineImage, GuestSpec{size, ps, subject.path, &host, true}, offsets, *file,
+                        "the warm-up VM of the image scenario (" + subject.name + ")");
+    if (!r) record_failure(s, Error{0, "warm-up VM: " + r.error().describe()});
+    return r.has_value();
   };
   auto session_counters = [](FaultlineHost& host, Series& s) {
     for (const SessionSummary& live : host.server().live_sessions()) {
@@ -1043,14 +1057,10 @@ Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
       auto host = fresh_host(s.backend, kPageSize4K, o);
       if (!host) return record_failure(s, host.error());
       if (s.backend == Backend::kFaultlineImageWarm && !warm_up(s, **host, kPageSize4K, set)) return;
-      const int64_t t0 = now_ns();
-      auto g = BenchGuest::create(s.backend, GuestSpec{size, kPageSize4K, subject.path, host->get(), false});
-      if (!g) return record_failure(s, g.error());
-      const double setup = static_cast<double>(now_ns() - t0) / 1e9;
-      TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
-      if (!t.error.empty()) return record_failure(s, Error{0, t.error});
-      note_bad(ctx, t, s.backend, "image scenario " + proto.subject);
-      s.add("restore_ms", (setup + t.seconds) * 1e3);
+      auto r = read_pages(ctx, s.backend, GuestSpec{size, kPageSize4K, subject.path, host->get(), false}, set, *file,
+                          "image scenario " + proto.subject);
+      if (!r) return record_failure(s, r.error());
+      s.add("restore_ms", r->seconds * 1e3);
       session_counters(**host, s);
     });
     push_rows(ctx, proto, series, ctx.sizes.reps);
@@ -1305,11 +1315,10 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Ga
   {
     auto host = host_for(Backend::kFaultlineStoreWarm);
     if (!host) return fail("warming the disk cache: " + host.error().describe());
-    auto g = BenchGuest::create(Backend::kFaultlineStoreWarm, GuestSpec{size, kPageSize4K, subject.path, host->get(), false});
-    if (!g) return fail("warming the disk cache: " + g.error().describe());
-    TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
-    if (!t.error.empty()) return fail("warming the disk cache: " + t.error);
-    note_bad(ctx, t, Backend::kFaultlineStoreWarm, "the store scenario's warm-up (" + subject.name + ")");
+    auto r =
+        read_pages(ctx, Backend::kFaultlineStoreWarm, GuestSpec{size, kPageSize4K, subject.path, host->get(), false},
+                   set, *file, "the store scenario's warm-up (" + subject.name + ")");
+    if (!r) return fail("warming the disk cache: " + r.error().describe());
   }
 
   Row proto;
@@ -1335,14 +1344,10 @@ Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Ga
       // daemon's start-up and not timed: a restore starts at the handshake.
       auto host = host_for(s.backend);
       if (!host) return record_failure(s, host.error());
-      const int64_t t0 = now_ns();
-      auto g = BenchGuest::create(s.backend, GuestSpec{size, kPageSize4K, subject.path, host->get(), false});
-      if (!g) return record_failure(s, g.error());
-      const double setup = static_cast<double>(now_ns() - t0) / 1e9;
-      TouchOutcome t = touch(**g, "host", set, 1, false, &*file);
-      if (!t.error.empty()) return record_failure(s, Error{0, t.error});
-      note_bad(ctx, t, s.backend, "store scenario " + proto.subject);
-      s.add("restore_ms", (setup + t.seconds) * 1e3);
+      auto r = read_pages(ctx, s.backend, GuestSpec{size, kPageSize4K, subject.path, host->get(), false}, set, *file,
+                          "store scenario " + proto.subject);
+      if (!r) return record_failure(s, r.error());
+      s.add("restore_ms", r->seconds * 1e3);
       for (const SessionSummary& live : (*host)->server().live_sessions()) {
         s.add("demand_faults", static_cast<double>(live.counters.faults));
         s.add("prefetched_pages", static_cast<double>(live.counters.prefaulted_pages));

@@ -195,14 +195,16 @@ class ServerHarness {
 };
 
 // Polls `condition` until it holds or `limit` passes; whether it held. For
-// effects another thread makes after an event this thread cannot observe
-// directly (a bound, not an ordering).
+// effects another thread or process makes after an event this thread cannot
+// observe directly (a bound, not an ordering). It checks every millisecond
+// rather than spinning: many conditions read a log file, and a spinning test
+// takes one of the two CPUs from the daemon whose line it waits for.
 inline bool eventually_true(const std::function<bool()>& condition,
                             std::chrono::milliseconds limit = std::chrono::seconds(20)) {
   const auto deadline = std::chrono::steady_clock::now() + limit;
   while (!condition()) {
     if (std::chrono::steady_clock::now() > deadline) return false;
-    std::this_thread::yield();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));  // polling, bounded
   }
   return true;
 }

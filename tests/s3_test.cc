@@ -853,6 +853,13 @@ TEST_F(S3Test, ADaemonRestartedOverAWarmDiskCacheFetchesNoFrameFromTheBucket) {
   });
   ASSERT_NE(proxy.port(), 0);
   const std::string cache_dir = dir_.path() + "/frame-cache";
+  // What each daemon's metrics said once its VM had read every byte, and
+  // how many GETs the restore itself sent (the image was opened before).
+  struct Scraped {
+    metrics::StoreCounts store;
+    uint64_t restore_gets = 0;
+    std::string text;
+  };
   auto restore_once = [&](bool first) {
     // The same seed each time: the same memory file the image was made from.
     ServerHarness h(
@@ -860,10 +867,16 @@ TEST_F(S3Test, ADaemonRestartedOverAWarmDiskCacheFetchesNoFrameFromTheBucket) {
           c.cache_dir = cache_dir;
           c.cache_bytes = 64 * kMiB;
         }));
+    const uint64_t gets_before = h.server().metrics().snapshot().store->gets;
     restore_every_byte(h);
     EXPECT_NE(h.log().find("disk_cache_open"), std::string::npos);
+    Scraped out;
+    out.store = *h.server().metrics().snapshot().store;
+    out.restore_gets = out.store.gets - gets_before;
+    out.text = h.server().metrics().render();
+    return out;
   };
-  restore_once(true);
+  const Scraped cold = restore_once(true);
   size_t frames = 0;
   {
     std::lock_guard lock(mu);
@@ -873,11 +886,37 @@ TEST_F(S3Test, ADaemonRestartedOverAWarmDiskCacheFetchesNoFrameFromTheBucket) {
     blob_gets.clear();
   }
   size_t cached = 0;
-  for (const auto& e : std::filesystem::directory_iterator(cache_dir)) cached += e.is_regular_file();
+  uint64_t cached_bytes = 0;
+  for (const auto& e : std::filesystem::directory_iterator(cache_dir)) {
+    cached += e.is_regular_file();
+    cached_bytes += e.file_size();
+  }
   EXPECT_EQ(cached, frames);
-  restore_once(false);
+  // The metrics tell the same story: every frame a GET and a disk-cache miss,
+  // then kept (the daemon's frame cache holds the whole image: one load each).
+  ASSERT_TRUE(cold.store.disk_cache);
+  EXPECT_EQ(cold.restore_gets, frames);
+  EXPECT_EQ(cold.store.disk_cache->misses, frames);
+  EXPECT_EQ(cold.store.disk_cache->hits, 0u);
+  EXPECT_EQ(cold.store.disk_cache->blobs, frames);
+  EXPECT_EQ(cold.store.disk_cache->bytes, cached_bytes);
+  EXPECT_EQ(cold.store.disk_cache->capacity_bytes, 64 * kMiB);
+  EXPECT_EQ(cold.store.disk_cache->put_failures, 0u);
+  EXPECT_NE(cold.text.find("faultline_disk_cache_misses_total " + std::to_string(frames) + "\n"), std::string::npos)
+      << cold.text;
+  EXPECT_NE(cold.text.find("faultline_disk_cache_frames " + std::to_string(frames) + "\n"), std::string::npos);
+  EXPECT_NE(cold.text.find("faultline_object_store_gets_total "), std::string::npos);
+  EXPECT_NE(cold.text.find("faultline_object_store_get_bytes_total "), std::string::npos);
+  const Scraped warm = restore_once(false);
   std::lock_guard lock(mu);
   EXPECT_TRUE(blob_gets.empty()) << blob_gets.size() << " frames fetched again after the restart";
+  ASSERT_TRUE(warm.store.disk_cache);
+  EXPECT_EQ(warm.restore_gets, 0u);
+  EXPECT_EQ(warm.store.disk_cache->hits, frames);
+  EXPECT_EQ(warm.store.disk_cache->misses, 0u);
+  EXPECT_EQ(warm.store.disk_cache->damaged, 0u);
+  EXPECT_NE(warm.text.find("faultline_disk_cache_hits_total " + std::to_string(frames) + "\n"), std::string::npos)
+      << warm.text;
 }
 
 // Two daemons (two hosts of a fleet) serve one image from one bucket at the

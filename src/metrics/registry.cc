@@ -90,6 +90,11 @@ void Registry::set_frame_cache_source(std::function<FrameCacheCounts()> read) {
   frame_cache_ = std::move(read);
 }
 
+void Registry::set_store_source(std::function<StoreCounts()> read) {
+  std::lock_guard lock(mu_);
+  store_ = std::move(read);
+}
+
 Registry::Snapshot Registry::snapshot() const {
   Snapshot s;
   {
@@ -102,6 +107,7 @@ Registry::Snapshot Registry::snapshot() const {
     s.sessions_started = started_;
     s.sessions_ended = ended_by_reason_;
     if (frame_cache_) s.frame_cache = frame_cache_();
+    if (store_) s.store = store_();
   }
   for (size_t i = 0; i < refused_.size(); ++i) s.handshakes_refused[i] = refused_[i].load(std::memory_order_relaxed);
   return s;
@@ -161,6 +167,36 @@ std::string Registry::render(const Snapshot& s) {
             "Frame memory in the free slots of partly used chunks, usable only by frames of their slot size; beyond "
             "12 MiB the frame cache counts it against its capacity.",
             c.memory_free_slot_bytes);
+  }
+
+  if (s.store) {
+    const StoreCounts& o = *s.store;
+    w.counter("faultline_object_store_requests_total",
+              "HTTP requests sent to object stores (S3), retries included: frame GETs, manifests, listings.",
+              o.requests);
+    w.counter("faultline_object_store_gets_total",
+              "GET requests among them (a frame fetch is one ranged or whole GET).", o.gets);
+    w.counter("faultline_object_store_get_bytes_total", "Bytes of the bodies those GETs received.", o.get_body_bytes);
+    w.counter("faultline_object_store_retries_total",
+              "Requests sent again after a timeout, a reset connection, a 5xx or SlowDown.", o.retries);
+    if (o.disk_cache) {
+      const StoreCounts::DiskCache& d = *o.disk_cache;
+      w.counter("faultline_disk_cache_hits_total", "Frames read from the disk cache (--cache-dir), verified.", d.hits);
+      w.counter("faultline_disk_cache_misses_total",
+                "Frame reads the disk cache could not serve (absent, or damaged and deleted): fetched from the store.",
+                d.misses);
+      w.counter("faultline_disk_cache_damaged_total",
+                "Cached files whose bytes did not match their name: deleted, fetched again (also in misses).",
+                d.damaged);
+      w.counter("faultline_disk_cache_evictions_total",
+                "Frames evicted (least recently used) to stay within --cache-size.", d.evictions);
+      w.counter("faultline_disk_cache_write_failures_total",
+                "Frames that could not be written to the disk cache (a full disk): served without caching.",
+                d.put_failures);
+      w.gauge("faultline_disk_cache_bytes", "Bytes of frame files the disk cache holds now.", d.bytes);
+      w.gauge("faultline_disk_cache_frames", "Frame files the disk cache holds now.", d.blobs);
+      w.gauge("faultline_disk_cache_capacity_bytes", "The disk cache's bound (--cache-size).", d.capacity_bytes);
+    }
   }
 
   w.counter("faultline_faults_total", "Page-fault messages read from the guests' userfaultfds.", t.faults);

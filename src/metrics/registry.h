@@ -66,6 +66,20 @@ struct FrameCacheCounts {
   uint64_t memory_free_slot_bytes = 0;  // free slots of partly used chunks (FrameBuffer::free_slot_bytes())
 };
 
+// The daemon's object-store traffic and disk cache of frames, as scraped.
+struct StoreCounts {
+  // Every S3 client of the process (objstore::S3Client::process_totals()):
+  // requests that reached the network, retries included; of those, GETs and
+  // the bytes of their bodies; attempts after the first of a request.
+  uint64_t requests = 0, gets = 0, get_body_bytes = 0, retries = 0;
+  // The disk cache (serve --cache-dir); absent without one.
+  struct DiskCache {
+    uint64_t hits = 0, misses = 0, damaged = 0, evictions = 0, put_failures = 0;
+    uint64_t bytes = 0, blobs = 0, capacity_bytes = 0;
+  };
+  std::optional<DiskCache> disk_cache;
+};
+
 class Registry {
  public:
   // `end_reasons`: the label values of faultline_sessions_ended_total, each
@@ -94,10 +108,14 @@ class Registry {
     std::vector<std::pair<std::string, uint64_t>> sessions_ended;  // by reason
     std::array<uint64_t, kRefusalCauses> handshakes_refused{};
     std::optional<FrameCacheCounts> frame_cache;  // only when serving an image
+    std::optional<StoreCounts> store;             // only once set_store_source() was called
   };
   // Reads the frame cache's counts at every scrape (set once, before the
   // first scrape; the server does when it serves an image).
   void set_frame_cache_source(std::function<FrameCacheCounts()> read);
+  // Reads the object-store and disk-cache counts at every scrape (set once,
+  // before the first scrape; the server always does).
+  void set_store_source(std::function<StoreCounts()> read);
   Snapshot snapshot() const;
 
   // The Prometheus text exposition (version 0.0.4) of snapshot().
@@ -112,6 +130,7 @@ class Registry {
   uint64_t started_ = 0;                                          // GUARDED_BY(mu_)
   std::array<std::atomic<uint64_t>, kRefusalCauses> refused_{};
   std::function<FrameCacheCounts()> frame_cache_;  // GUARDED_BY(mu_)
+  std::function<StoreCounts()> store_;             // GUARDED_BY(mu_)
 };
 
 }  // namespace faultline::metrics

@@ -112,6 +112,53 @@ TEST(Registry, EveryFamilyIsDocumentedNamedInPrometheusStyleAndRenderedFromTheSt
   }
 }
 
+TEST(Registry, ObjectStoreTrafficIsRenderedAndTheDiskCacheOnlyWhenTheDaemonHasOne) {
+  Registry r(kReasons);
+  EXPECT_EQ(r.render().find("faultline_object_store_"), std::string::npos) << "no source set: nothing rendered";
+  StoreCounts counts{.requests = 9, .gets = 7, .get_body_bytes = 3 << 20, .retries = 2};
+  std::mutex mu;
+  r.set_store_source([&] {
+    std::lock_guard lock(mu);
+    return counts;
+  });
+  auto f = scrape(r);
+  EXPECT_EQ(value(f, "faultline_object_store_requests_total"), 9);
+  EXPECT_EQ(value(f, "faultline_object_store_gets_total"), 7);
+  EXPECT_EQ(value(f, "faultline_object_store_get_bytes_total"), 3 << 20);
+  EXPECT_EQ(value(f, "faultline_object_store_retries_total"), 2);
+  for (const Family& family : f) {
+    EXPECT_FALSE(family.name.starts_with("faultline_disk_cache_")) << family.name << " without --cache-dir";
+  }
+  {
+    std::lock_guard lock(mu);
+    counts.disk_cache = StoreCounts::DiskCache{.hits = 40,
+                                               .misses = 12,
+                                               .damaged = 1,
+                                               .evictions = 5,
+                                               .put_failures = 3,
+                                               .bytes = 6 << 20,
+                                               .blobs = 11,
+                                               .capacity_bytes = 64 << 20};
+  }
+  f = scrape(r);
+  EXPECT_EQ(value(f, "faultline_disk_cache_hits_total"), 40);
+  EXPECT_EQ(value(f, "faultline_disk_cache_misses_total"), 12);
+  EXPECT_EQ(value(f, "faultline_disk_cache_damaged_total"), 1);
+  EXPECT_EQ(value(f, "faultline_disk_cache_evictions_total"), 5);
+  EXPECT_EQ(value(f, "faultline_disk_cache_write_failures_total"), 3);
+  EXPECT_EQ(value(f, "faultline_disk_cache_bytes"), 6 << 20);
+  EXPECT_EQ(value(f, "faultline_disk_cache_frames"), 11);
+  EXPECT_EQ(value(f, "faultline_disk_cache_capacity_bytes"), 64 << 20);
+  // The same naming rules as every other family.
+  for (const Family& family : f) {
+    if (!family.name.starts_with("faultline_disk_cache_") && !family.name.starts_with("faultline_object_store_")) {
+      continue;
+    }
+    EXPECT_FALSE(family.help.empty()) << family.name;
+    EXPECT_EQ(family.type == "counter", family.name.ends_with("_total")) << family.name << " is a " << family.type;
+  }
+}
+
 TEST(Registry, LiveSessionsAreSummedAtScrapeTime) {
   Registry r(kReasons);
   FakeSession a(10), b(5);

@@ -9,18 +9,19 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <filesystem>
 #include <array>
 #include <exception>
+#include <filesystem>
 #include <mutex>
 #include <optional>
 #include <random>
 
 #include "common/atomic_file.h"
 #include "common/text_escape.h"
-#include "objstore/disk_cache.h"
-#include "objstore/s3_store.h"
 #include "kernel/process.h"
+#include "objstore/disk_cache.h"
+#include "objstore/s3_client.h"
+#include "objstore/s3_store.h"
 #include "protocol/handshake_socket.h"
 #include "server/control.h"
 #include "server/diff_export.h"
@@ -356,6 +357,16 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
                                     {"bytes", held.bytes}});
     server->disk_cache_ = std::move(*disk);
   }
+  server->metrics_.set_store_source([disk = server->disk_cache_] {
+    const objstore::S3Client::Totals net = objstore::S3Client::process_totals();
+    metrics::StoreCounts c{net.requests, net.gets, net.get_body_bytes, net.retries, std::nullopt};
+    if (disk) {
+      const objstore::DiskCache::Stats st = disk->stats();
+      c.disk_cache = metrics::StoreCounts::DiskCache{st.hits,         st.misses, st.damaged, st.evictions,
+                                                     st.put_failures, st.bytes,  st.blobs,   disk->max_bytes()};
+    }
+    return c;
+  });
   server->record_dir_fd_ = std::move(record_dir);
   if (startup_socket) {
     auto served = server->open_served(config.memory_path, config.image_path, config.prefetch_path,

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 
 #include <nlohmann/json.hpp>
+#include <regex>
 
 #include "client/firecracker_client.h"
 #include "client/touch.h"
@@ -34,6 +35,23 @@ std::vector<nlohmann::json> json_lines(const std::string& text) {
     if (!j.is_discarded()) out.push_back(j);
   }
   return out;
+}
+
+// What `faultline --version` prints (its exit status checked).
+std::string version_output() {
+  TempDir dir;
+  const std::string out = dir.file("version.out");
+  const int status = wait_child(spawn({built_binary("faultline"), "--version"}, out), std::chrono::seconds(20));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(out);
+  return read_file(out);
+}
+
+TEST(Cli, VersionNamesTheReleaseAndTheCommitItWasBuiltFrom) {
+  const std::string out = version_output();
+  // The project's version, and `git describe --always --dirty` of the tree
+  // it was built from (12 hex digits) or "unknown" outside a checkout.
+  const std::regex form("faultline " FAULTLINE_PROJECT_VERSION " \\(commit ([0-9a-f]{12,40}(-dirty)?|unknown)\\)\n");
+  EXPECT_TRUE(std::regex_match(out, form)) << out;
 }
 
 TEST(Cli, ServeRestoreAndSigtermWithJsonLogs) {
@@ -76,6 +94,11 @@ TEST(Cli, ServeRestoreAndSigtermWithJsonLogs) {
   }
   EXPECT_EQ(starts, 2u);
   EXPECT_EQ(ends, 2u);  // the 1.10 session (socket closed at once) ends when the daemon stops
+  // The start line says which build runs, as `faultline --version` does.
+  auto start = std::find_if(lines.begin(), lines.end(), [](const auto& j) { return j["event"] == "server_start"; });
+  ASSERT_NE(start, lines.end());
+  EXPECT_EQ("faultline " + start->value("version", "?") + " (commit " + start->value("commit", "?") + ")\n",
+            version_output());
   EXPECT_GT(faults, 0u);
   EXPECT_FALSE(std::filesystem::exists(sock)) << "the daemon removes its socket on exit";
 }

@@ -9,18 +9,18 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cstdio>
-#include <map>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "cli/image_command.h"
 #include "common/log.h"
+#include "common/version.h"
 #include "metrics/http_exporter.h"
 #include "server/server.h"
 
@@ -190,8 +190,13 @@ int print_control_reply(const faultline::Result<std::string>& reply) {
 int main(int argc, char** argv) {
   CLI::App app{"faultline: a userfaultfd memory server for Firecracker microVM snapshots"};
   app.require_subcommand(1);
+  app.set_version_flag("--version",
+                       std::string("faultline ") + faultline::version() + " (commit " + faultline::build_commit() + ")",
+                       "Print the version and the commit this build was made from, and exit");
 
   faultline::ServerConfig config;
+  config.version = faultline::version();
+  config.commit = faultline::build_commit();
   std::string on_fatal = "kill";
   std::string log_format = "text";
   std::string log_level = "info";

@@ -416,7 +416,9 @@ Status Server::run() {
     if (!bound_.empty()) first = bound_.front();
   }
   const Served* served = first ? first->served.get() : nullptr;
-  log_.info("server_start", {{"socket", config_.socket_path},
+  log_.info("server_start", {{"version", config_.version},
+                             {"commit", config_.commit},
+                             {"socket", config_.socket_path},
                              {"socket_access", describe_access(config_.socket_access)},
                              {"socket_dir", config_.socket_dir},
                              {"memory", config_.memory_path},

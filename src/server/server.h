@@ -134,6 +134,10 @@ struct ServerConfig {
   // Directory under which `record` through the control socket writes (fixed
   // at start-up); empty: the control socket refuses `record`.
   std::string record_dir;
+  // Which build this is, for the server_start log line: the CLI sets them
+  // from common/version.h (only the command links the generated version, so
+  // a new commit relinks one program, not every test).
+  std::string version, commit;
   // Working-set recording and replay (see snapshot/working_set.h).
   std::string record_path;    // write each session's first touches here when it ends
   std::string prefetch_path;  // install this working set as each VM starts

@@ -80,6 +80,41 @@ TEST(ImageCli, CreateInspectVerifyFlattenAndGcEndToEnd) {
   CommandRun g = run_faultline(dir, {"image", "gc", "--store", store});
   ASSERT_EQ(g.exit_code, 0) << g.output;
   EXPECT_NE(g.output.find("removed 0 of"), std::string::npos) << g.output;
+
+  // list: both images, each with its parent and what it stores itself.
+  CommandRun l = run_faultline(dir, {"image", "list", "--store", store, "--json"});
+  ASSERT_EQ(l.exit_code, 0) << l.output;
+  auto listed = nlohmann::json::parse(l.output, nullptr, false);
+  ASSERT_TRUE(listed.is_array()) << l.output;
+  ASSERT_EQ(listed.size(), 2u) << l.output;
+  EXPECT_EQ(listed[0]["name"], "base");
+  EXPECT_EQ(listed[0]["parent"], nullptr);
+  EXPECT_EQ(listed[0]["guest_bytes"], 8 * kMiB);
+  EXPECT_EQ(listed[1]["name"], "next");
+  EXPECT_EQ(listed[1]["parent"], "base");
+  EXPECT_EQ(listed[1]["stored_pages"], 4);
+  l = run_faultline(dir, {"image", "list", "--store", store});
+  ASSERT_EQ(l.exit_code, 0) << l.output;
+  EXPECT_NE(l.output.find("next: parent base; guest 8.0 MiB"), std::string::npos) << l.output;
+
+  // delete: a parent is refused while its child exists; the child, then the
+  // base, are deleted, and gc frees every frame they held.
+  CommandRun d = run_faultline(dir, {"image", "delete", "--store", store, "--name", "base"});
+  EXPECT_EQ(d.exit_code, 1) << d.output;
+  EXPECT_NE(d.output.find("image base not deleted: it is the parent of next"), std::string::npos) << d.output;
+  d = run_faultline(dir, {"image", "delete", "--store", store, "--name", "next"});
+  ASSERT_EQ(d.exit_code, 0) << d.output;
+  EXPECT_NE(d.output.find("image next deleted"), std::string::npos) << d.output;
+  d = run_faultline(dir, {"image", "delete", "--store", store, "--name", "base"});
+  ASSERT_EQ(d.exit_code, 0) << d.output;
+  l = run_faultline(dir, {"image", "list", "--store", store, "--json"});
+  ASSERT_EQ(l.exit_code, 0) << l.output;
+  EXPECT_EQ(nlohmann::json::parse(l.output, nullptr, false), nlohmann::json::array()) << l.output;
+  g = run_faultline(dir, {"image", "gc", "--store", store});
+  ASSERT_EQ(g.exit_code, 0) << g.output;
+  size_t blobs_left = 0;
+  for (auto& e : std::filesystem::recursive_directory_iterator(store + "/blobs")) blobs_left += e.is_regular_file();
+  EXPECT_EQ(blobs_left, 0u) << g.output;
 }
 
 TEST(ImageCli, DamagedFrameFailsVerifyAndFlattenNamingImageAndBlob) {
@@ -114,7 +149,7 @@ TEST(ImageCli, DamagedFrameFailsVerifyAndFlattenNamingImageAndBlob) {
 
 TEST(ImageCli, EverySubcommandHasHelpAndBadNamesAreRefused) {
   TempDir dir;
-  for (const char* sub : {"create", "inspect", "verify", "flatten", "gc"}) {
+  for (const char* sub : {"create", "list", "inspect", "verify", "flatten", "delete", "gc", "push", "pull"}) {
     CommandRun h = run_faultline(dir, {"image", sub, "--help"});
     EXPECT_EQ(h.exit_code, 0) << sub << ": " << h.output;
     EXPECT_NE(h.output.find("--store"), std::string::npos) << sub << ": " << h.output;

@@ -525,6 +525,7 @@ class ManifestWriteFails final : public Store {
   Result<bool> manifest_exists(const std::string& n) override { return real_.manifest_exists(n); }
   Status write_manifest(const std::string&, std::string_view) override { return fail("no space left", ENOSPC); }
   Result<std::vector<std::string>> list_manifests() override { return real_.list_manifests(); }
+  Status remove_manifest(const std::string& n) override { return real_.remove_manifest(n); }
   std::string describe_manifest(const std::string& n) const override { return real_.describe_manifest(n); }
   Result<std::unique_ptr<StoreLock>> lock_shared(const std::function<void()>& w) override {
     return real_.lock_shared(w);
@@ -561,46 +562,189 @@ TEST(ImageGc, AnInterruptedCreateLeavesNoImageAndGcRemovesItsBlobs) {
   EXPECT_TRUE(v->problems.empty());
 }
 
+// A create parked after writing its blobs and before its manifest, holding
+// the store's shared lock, until released: the moment a gc or a delete that
+// did not wait for it would do harm. The thread is joined by finish().
+class ParkedCreate {
+ public:
+  ParkedCreate(Store& store, CreateOptions options)
+      : thread_([this, &store, options]() mutable {
+          options.before_manifest = [this] {
+            std::unique_lock lk(mu_);
+            parked_ = true;
+            cv_.notify_all();
+            cv_.wait(lk, [this] { return released_; });
+          };
+          result_ = create_image(store, options);
+          std::lock_guard lk(mu_);
+          parked_ = true;  // a create that failed before parking must not hang the test
+          cv_.notify_all();
+        }) {
+    std::unique_lock lk(mu_);
+    cv_.wait(lk, [this] { return parked_; });
+  }
+  ~ParkedCreate() { finish(); }
+  ParkedCreate(const ParkedCreate&) = delete;
+  ParkedCreate& operator=(const ParkedCreate&) = delete;
+
+  void release() {
+    std::lock_guard lk(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+  // Releases it (if nothing did) and waits for the create's result.
+  const Result<CreateReport>& finish() {
+    release();
+    if (thread_.joinable()) thread_.join();
+    return result_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool parked_ = false, released_ = false;
+  Result<CreateReport> result_ = std::unexpected(Error{0, "not finished"});
+  std::thread thread_;  // last: it starts once everything above exists
+};
+
 TEST(ImageGc, GcDuringCreateWaitsAndLosesNothing) {
   TempDir dir;
   const std::string mem = make_memory(dir.file("mem"), 4 * kMiB, 15, 0.2);
   auto store = open_store(dir.file("store"));
-  // create stops after writing its blobs, before its manifest: the moment a
-  // gc without the lock would see them as garbage.
-  std::mutex mu;
-  std::condition_variable cv;
-  bool create_parked = false, gc_waiting = false;
-  std::thread creator([&] {
-    CreateOptions o;
-    o.memory_path = dir.file("mem");
-    o.name = "racing";
-    o.before_manifest = [&] {
-      std::unique_lock lk(mu);
-      create_parked = true;
-      cv.notify_all();
-      cv.wait(lk, [&] { return gc_waiting; });
-    };
-    auto r = create_image(*store, o);
-    EXPECT_TRUE(r) << r.error().describe();
-  });
-  {
-    std::unique_lock lk(mu);
-    cv.wait(lk, [&] { return create_parked; });
-  }
+  CreateOptions o;
+  o.memory_path = dir.file("mem");
+  o.name = "racing";
+  ParkedCreate create(*store, o);
   // A second store object: another process would have its own descriptor.
   auto gc_view = open_store(dir.file("store"));
+  bool waited = false;
   GcOptions g;
   g.on_lock_wait = [&] {
-    std::lock_guard lk(mu);
-    gc_waiting = true;
-    cv.notify_all();
+    waited = true;
+    create.release();
   };
   auto r = gc_store(*gc_view, g);
-  creator.join();
+  const auto& created = create.finish();  // released here if gc did not wait: the test then fails, not hangs
+  ASSERT_TRUE(created) << created.error().describe();
   ASSERT_TRUE(r) << r.error().describe();
-  EXPECT_TRUE(gc_waiting) << "gc must have waited for the create";
+  EXPECT_TRUE(waited) << "gc must have waited for the create";
   EXPECT_EQ(r->removed_blobs, 0u);
   expect_flattens_to(*store, "racing", dir.file("flat"), mem);
+}
+
+// list_images: every image with what its own manifest holds; an unreadable
+// one listed with its problem rather than hidden.
+TEST(ImageDelete, ListShowsEachImagesOwnManifestAndAnUnreadableOneWithItsProblem) {
+  TempDir dir;
+  const std::string base = make_memory(dir.file("base.mem"), 4 * kMiB, 16, 0.2);
+  auto store = open_store(dir.file("store"));
+  const CreateReport b = create(*store, dir.file("base.mem"), "base");
+  std::string next = base;
+  client::fill_write_pattern(7, 3 * 4096, {reinterpret_cast<uint8_t*>(next.data() + 3 * 4096), 4096});
+  write_all(dir.file("next.mem"), next);
+  const CreateReport c = create(*store, dir.file("next.mem"), "child", "base");
+  write_all(dir.file("store/images/broken"), "not a manifest");
+  auto l = list_images(*store);
+  ASSERT_TRUE(l) << l.error().describe();
+  ASSERT_EQ(l->size(), 3u);
+  EXPECT_EQ((*l)[0].name, "base");
+  EXPECT_FALSE((*l)[0].parent);
+  EXPECT_EQ((*l)[0].guest_bytes, 4 * kMiB);
+  EXPECT_EQ((*l)[0].page_size, 4096u);
+  EXPECT_EQ((*l)[0].stored_pages, b.stored_pages);
+  EXPECT_EQ((*l)[0].frames, b.frames);
+  EXPECT_EQ((*l)[0].stored_bytes, b.stored_bytes);
+  EXPECT_EQ((*l)[0].manifest_bytes, b.manifest_bytes);
+  EXPECT_EQ((*l)[1].name, "broken");
+  ASSERT_TRUE((*l)[1].problem);
+  EXPECT_NE((*l)[1].problem->message.find("broken"), std::string::npos) << (*l)[1].problem->message;
+  EXPECT_EQ((*l)[2].name, "child");
+  EXPECT_EQ((*l)[2].parent, std::optional<std::string>("base"));
+  EXPECT_EQ((*l)[2].stored_pages, 1u);
+  EXPECT_EQ((*l)[2].frames, c.frames);
+  EXPECT_FALSE((*l)[2].problem);
+}
+
+// A parent is never deleted under its children, nor while an image that
+// could be a child cannot be read; deleting the leaves first works, and gc
+// then frees exactly the frames no remaining image uses.
+TEST(ImageDelete, AParentIsRefusedUntilItsChildrenAreGoneAndGcThenFreesOnlyItsFrames) {
+  TempDir dir;
+  const std::string base = make_memory(dir.file("base.mem"), 4 * kMiB, 17, 0.2);
+  auto store = open_store(dir.file("store"));
+  const CreateReport b = create(*store, dir.file("base.mem"), "base");
+  std::string next = base;
+  client::fill_write_pattern(9, 5 * 4096, {reinterpret_cast<uint8_t*>(next.data() + 5 * 4096), 4096});
+  write_all(dir.file("next.mem"), next);
+  const CreateReport c = create(*store, dir.file("next.mem"), "child", "base");
+  const std::string other = make_memory(dir.file("other.mem"), 2 * kMiB, 18, 0.2);
+  create(*store, dir.file("other.mem"), "other");
+
+  auto refused = delete_image(*store, "base");
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, EBUSY);
+  EXPECT_NE(refused.error().message.find("parent of child"), std::string::npos) << refused.error().message;
+  EXPECT_TRUE(*store->manifest_exists("base"));
+  expect_flattens_to(*store, "child", dir.file("flat"), next);
+
+  auto missing = delete_image(*store, "nope");
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error().code, ENOENT);
+
+  write_all(dir.file("store/images/broken"), "not a manifest");
+  auto unreadable = delete_image(*store, "child");
+  ASSERT_FALSE(unreadable);
+  EXPECT_NE(unreadable.error().message.find("broken"), std::string::npos) << unreadable.error().message;
+  EXPECT_TRUE(*store->manifest_exists("child"));
+  std::filesystem::remove(dir.file("store/images/broken"));
+
+  const size_t blobs = store->list()->size();
+  ASSERT_TRUE(delete_image(*store, "child"));
+  EXPECT_FALSE(*store->manifest_exists("child"));
+  auto g = gc_store(*store, {});
+  ASSERT_TRUE(g) << g.error().describe();
+  EXPECT_EQ(g->removed_blobs, c.frames_written) << "the child's own frames";
+  ASSERT_TRUE(delete_image(*store, "base"));
+  g = gc_store(*store, {});
+  ASSERT_TRUE(g) << g.error().describe();
+  EXPECT_EQ(g->removed_blobs, b.frames_written);
+  EXPECT_EQ(store->list()->size(), blobs - c.frames_written - b.frames_written);
+  expect_flattens_to(*store, "other", dir.file("flat-other"), other);
+  auto l = list_images(*store);
+  ASSERT_TRUE(l);
+  ASSERT_EQ(l->size(), 1u);
+  EXPECT_EQ((*l)[0].name, "other");
+}
+
+// A delete waits for a create that holds the image as its parent, then sees
+// the new child and refuses: a create never finishes on a deleted parent.
+TEST(ImageDelete, DeleteDuringACreateOnTopOfTheImageWaitsAndThenRefuses) {
+  TempDir dir;
+  const std::string base = make_memory(dir.file("base.mem"), 2 * kMiB, 19, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("base.mem"), "base");
+  std::string next = base;
+  client::fill_write_pattern(11, 0, {reinterpret_cast<uint8_t*>(next.data()), 4096});
+  write_all(dir.file("next.mem"), next);
+  CreateOptions o;
+  o.memory_path = dir.file("next.mem");
+  o.name = "child";
+  o.parent = "base";
+  ParkedCreate creating(*store, o);
+  auto other_process = open_store(dir.file("store"));
+  bool waited = false;
+  DeleteOptions d;
+  d.on_lock_wait = [&] {
+    waited = true;
+    creating.release();
+  };
+  auto r = delete_image(*other_process, "base", d);
+  const auto& created = creating.finish();  // released here if delete did not wait: the test then fails, not hangs
+  ASSERT_TRUE(created) << created.error().describe();
+  EXPECT_TRUE(waited) << "delete must have waited for the create";
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EBUSY) << r.error().describe();
+  expect_flattens_to(*store, "child", dir.file("flat"), next);
 }
 
 }  // namespace

@@ -675,6 +675,27 @@ TEST_F(S3Test, PushThenPullRoundTripsEveryByteOfAChainAndASecondPushCopiesNothin
     EXPECT_TRUE(read_file(sub + "/flat") == child) << "flatten of the pulled image differs from the memory file";
     ASSERT_TRUE(image::flatten_image(*bucket, "child", sub + "/flat-s3", {}));
     EXPECT_TRUE(read_file(sub + "/flat-s3") == child) << "flatten straight from the bucket differs";
+
+    // list and delete work on a bucket too: a parent is refused while its
+    // child is there, the child goes, and its name is then unknown.
+    auto listed = image::list_images(*bucket);
+    ASSERT_TRUE(listed) << listed.error().describe();
+    ASSERT_EQ(listed->size(), 2u);
+    EXPECT_EQ((*listed)[0].name, "base");
+    EXPECT_EQ((*listed)[1].name, "child");
+    EXPECT_EQ((*listed)[1].parent, std::optional<std::string>("base"));
+    EXPECT_EQ((*listed)[1].page_size, page_size);
+    auto refused = image::delete_image(*bucket, "base");
+    ASSERT_FALSE(refused);
+    EXPECT_EQ(refused.error().code, EBUSY) << refused.error().describe();
+    ASSERT_TRUE(image::delete_image(*bucket, "child"));
+    listed = image::list_images(*bucket);
+    ASSERT_TRUE(listed) << listed.error().describe();
+    ASSERT_EQ(listed->size(), 1u);
+    EXPECT_EQ((*listed)[0].name, "base");
+    auto gone = image::delete_image(*bucket, "child");
+    ASSERT_FALSE(gone);
+    EXPECT_EQ(gone.error().code, ENOENT) << gone.error().describe();
   }
 }
 

@@ -59,6 +59,8 @@ struct ImageCommand::Options {
   CLI::App* image = nullptr;
   CLI::App* create = nullptr;
   CLI::App* inspect = nullptr;
+  CLI::App* list = nullptr;
+  CLI::App* remove = nullptr;
   CLI::App* verify = nullptr;
   CLI::App* flatten = nullptr;
   CLI::App* gc = nullptr;
@@ -74,7 +76,8 @@ struct ImageCommand::Options {
 
 ImageCommand::ImageCommand(CLI::App& app) : options_(std::make_unique<Options>()) {
   Options& o = *options_;
-  o.image = app.add_subcommand("image", "Create, inspect, verify, flatten and garbage-collect snapshot images");
+  o.image =
+      app.add_subcommand("image", "Create, list, inspect, verify, flatten, delete and garbage-collect snapshot images");
   o.image->require_subcommand(1);
   o.image->footer(kImageFooter);
   auto add_store = [&o](CLI::App* c) {
@@ -110,6 +113,16 @@ ImageCommand::ImageCommand(CLI::App& app) : options_(std::make_unique<Options>()
   add_store(o.inspect);
   add_name(o.inspect);
   o.inspect->add_flag("--json", o.json, "One JSON object instead of text");
+
+  o.list =
+      o.image->add_subcommand("list", "List a store's images: each one's parent, guest size and what it stores itself");
+  add_store(o.list);
+  o.list->add_flag("--json", o.json, "One JSON array instead of text");
+
+  o.remove = o.image->add_subcommand(
+      "delete", "Delete an image (refused while other images have it as their parent); gc then frees its frames");
+  add_store(o.remove);
+  add_name(o.remove);
 
   o.verify = o.image->add_subcommand(
       "verify", "Check every manifest checksum, every ancestor and every frame (present, SHA-256, decompresses)");
@@ -240,6 +253,56 @@ int ImageCommand::run() {
     std::printf("frames: %llu distinct; stored %s, unique %s, uncompressed %s, compression ratio %.2f\n",
                 static_cast<unsigned long long>(r->frames), mib(r->stored_bytes).c_str(), mib(r->unique_bytes).c_str(),
                 mib(r->uncompressed_bytes).c_str(), r->compression_ratio);
+    return 0;
+  }
+  if (o.list->parsed()) {
+    auto r = image::list_images(**store);
+    if (!r) return report_error(r.error());
+    if (o.json) {
+      nlohmann::json images = nlohmann::json::array();
+      for (const image::ImageListing& l : *r) {
+        nlohmann::json j{{"name", l.name}};
+        if (l.problem) {
+          j["error"] = l.problem->describe();
+        } else {
+          j.update({{"parent", l.parent ? nlohmann::json(*l.parent) : nlohmann::json(nullptr)},
+                    {"page_size", l.page_size},
+                    {"guest_bytes", l.guest_bytes},
+                    {"stored_pages", l.stored_pages},
+                    {"frames", l.frames},
+                    {"stored_bytes", l.stored_bytes},
+                    {"manifest_bytes", l.manifest_bytes}});
+        }
+        images.push_back(std::move(j));
+      }
+      std::printf("%s\n", images.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+    } else {
+      for (const image::ImageListing& l : *r) {
+        if (l.problem) {
+          std::printf("%s: unreadable: %s\n", l.name.c_str(), l.problem->describe().c_str());
+          continue;
+        }
+        std::printf("%s: parent %s; guest %s in pages of %u bytes; stores %llu pages in %llu frames, %s\n",
+                    l.name.c_str(), l.parent ? l.parent->c_str() : "none", mib(l.guest_bytes).c_str(), l.page_size,
+                    static_cast<unsigned long long>(l.stored_pages), static_cast<unsigned long long>(l.frames),
+                    mib(l.stored_bytes).c_str());
+      }
+    }
+    // An unreadable image is listed, and the command says something is wrong.
+    for (const image::ImageListing& l : *r) {
+      if (l.problem) return 1;
+    }
+    return 0;
+  }
+  if (o.remove->parsed()) {
+    if (auto st = image::delete_image(**store, o.name); !st) return report_error(st.error());
+    if (objstore::is_s3_url(o.store)) {
+      std::printf("image %s deleted from %s; its frames stay in the bucket (gc is refused on a bucket)\n",
+                  o.name.c_str(), o.store.c_str());
+    } else {
+      std::printf("image %s deleted from %s; `faultline image gc --store %s` frees the frames no other image uses\n",
+                  o.name.c_str(), o.store.c_str(), o.store.c_str());
+    }
     return 0;
   }
   if (o.verify->parsed()) {

@@ -196,6 +196,20 @@ Status LocalStore::write_manifest(const std::string& name, std::string_view byte
   return write_file_atomically(describe_manifest(name), bytes, 0444);
 }
 
+Status LocalStore::remove_manifest(const std::string& name) {
+  if (auto st = check_image_name(name); !st)
+    return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  const std::string path = describe_manifest(name);
+  if (::unlink(path.c_str()) != 0) {
+    if (errno == ENOENT) return fail("image " + name + " does not exist (no " + path + ")", ENOENT);
+    return fail_errno("cannot remove " + path);
+  }
+  // The name's removal survives a crash once its directory is synced.
+  UniqueFd dir(::open((dir_ + "/images").c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir || ::fsync(dir.get()) != 0) return fail_errno("fsync of " + dir_ + "/images failed");
+  return {};
+}
+
 Result<std::vector<std::string>> LocalStore::list_manifests() {
   auto names = list_dir(dir_ + "/images");
   if (!names) return std::unexpected(names.error());

@@ -44,6 +44,8 @@ class LocalStore final : public Store {
   Result<bool> manifest_exists(const std::string& name) override;
   Status write_manifest(const std::string& name, std::string_view bytes) override;
   Result<std::vector<std::string>> list_manifests() override;
+  // Unlinks DIR/images/NAME and fsyncs DIR/images: the removal is durable when this returns.
+  Status remove_manifest(const std::string& name) override;
   std::string describe_manifest(const std::string& name) const override;
 
   Result<std::unique_ptr<StoreLock>> lock_shared(const std::function<void()>& on_wait) override;

@@ -4,9 +4,9 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
 #include <zstd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <memory>
@@ -628,6 +628,73 @@ Result<InspectReport> inspect_image(Store& store, const std::string& name) {
   }
   r.compression_ratio = r.unique_bytes == 0 ? 0 : static_cast<double>(r.uncompressed_bytes) / r.unique_bytes;
   return r;
+}
+
+Result<std::vector<ImageListing>> list_images(Store& store) {
+  auto names = store.list_manifests();
+  if (!names) return std::unexpected(names.error());
+  std::sort(names->begin(), names->end());
+  std::vector<ImageListing> out;
+  out.reserve(names->size());
+  for (const std::string& name : *names) {
+    ImageListing l;
+    l.name = name;
+    auto bytes = store.read_manifest(name);
+    if (!bytes) {
+      l.problem = bytes.error();
+      out.push_back(std::move(l));
+      continue;
+    }
+    auto m = parse_manifest(*bytes, "image " + name + " (" + store.describe_manifest(name) + ")");
+    if (!m) {
+      l.problem = m.error();
+      out.push_back(std::move(l));
+      continue;
+    }
+    if (m->parent) l.parent = m->parent->name;
+    l.page_size = m->page_size;
+    l.guest_bytes = m->guest_bytes;
+    l.stored_pages = m->stored_pages;
+    l.frames = m->frames.size();
+    for (const FrameRef& f : m->frames) l.stored_bytes += f.compressed_bytes;
+    l.manifest_bytes = bytes->size();
+    out.push_back(std::move(l));
+  }
+  return out;
+}
+
+Status delete_image(Store& store, const std::string& name, const DeleteOptions& options) {
+  if (auto st = check_image_name(name); !st)
+    return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  // Exclusive, as gc: no create holds a parent it read, or is about to read one.
+  std::unique_ptr<StoreLock> lock;
+  auto locked = store.lock_exclusive(options.on_lock_wait);
+  if (locked) {
+    lock = std::move(*locked);
+  } else if (locked.error().code != ENOTSUP) {  // a bucket: no lock (see the contract)
+    return std::unexpected(locked.error());
+  }
+  auto present = store.manifest_exists(name);
+  if (!present) return std::unexpected(present.error());
+  if (!*present) return fail("image " + name + " does not exist (no " + store.describe_manifest(name) + ")", ENOENT);
+  auto images = list_images(store);
+  if (!images) return std::unexpected(images.error());
+  std::vector<std::string> children;
+  for (const ImageListing& l : *images) {
+    if (l.problem) {
+      return fail("image " + name +
+                      " not deleted: another image of the store cannot be read, and could be its child: " +
+                      l.problem->describe(),
+                  l.problem->code);
+    }
+    if (l.parent == name) children.push_back(l.name);
+  }
+  if (!children.empty()) {
+    std::string list;
+    for (const std::string& c : children) list += (list.empty() ? "" : ", ") + c;
+    return fail("image " + name + " not deleted: it is the parent of " + list + " (delete those first)", EBUSY);
+  }
+  return store.remove_manifest(name);
 }
 
 Result<GcReport> gc_store(Store& store, const GcOptions& options) {

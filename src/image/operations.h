@@ -154,6 +154,39 @@ struct InspectReport {
 };
 Result<InspectReport> inspect_image(Store& store, const std::string& name);
 
+// One image of a store as `image list` shows it: its own manifest, not its
+// chain (inspect_image resolves the chain).
+struct ImageListing {
+  std::string name;
+  std::optional<std::string> parent;
+  uint32_t page_size = 0;
+  uint64_t guest_bytes = 0;
+  uint64_t stored_pages = 0;  // pages this image stores itself
+  uint64_t frames = 0;        // its frames
+  uint64_t stored_bytes = 0;  // their compressed bytes
+  uint64_t manifest_bytes = 0;
+  std::optional<Error> problem;  // its manifest could not be read or parsed (the counts above are then 0)
+};
+// Every image of the store, sorted by name; an image whose manifest cannot be
+// read or parsed is listed with its problem. Fails only when the store cannot
+// be listed.
+Result<std::vector<ImageListing>> list_images(Store& store);
+
+struct DeleteOptions {
+  // Test hook: runs if delete has to wait for the store's lock.
+  std::function<void()> on_lock_wait;
+};
+// Removes image `name` (its manifest; gc then removes the blobs no other
+// image references). Refused with EBUSY, naming them, while other images of
+// the store have it as their parent: their chains would break. Refused too,
+// with the problem, when an image of the store cannot be read: it could be a
+// child. In a directory store it holds the gc lock exclusively, so no create
+// (nor `faultline snapshot`) can take the image as a parent meanwhile; a
+// bucket has no such lock (gc is refused there), so a child pushed while a
+// delete runs is the caller's to avoid. A daemon serving the image keeps the
+// manifests it read, but a gc after the delete removes the frames only it used.
+Status delete_image(Store& store, const std::string& name, const DeleteOptions& options = {});
+
 struct GcOptions {
   bool dry_run = false;
   // Test hook: runs if gc has to wait for the lock.

@@ -1,6 +1,7 @@
 // Where images live: blobs (content-addressed frames) and manifests (named
-// images), behind interfaces so that an object store can implement them later.
-// LocalStore (local_store.h) is the only implementation today.
+// images), behind interfaces: LocalStore (a directory, local_store.h), S3Store
+// (a bucket, objstore/s3_store.h) and CachedStore (a disk cache of frames in
+// front of another store, objstore/disk_cache.h) implement them.
 //
 // Contracts every implementation keeps:
 //  - put() is all-or-nothing: a reader sees no blob or the whole blob, never
@@ -85,6 +86,10 @@ class Store : public BlobStore {
   // Fails with EEXIST when the image exists: images are immutable, children pin them.
   virtual Status write_manifest(const std::string& name, std::string_view bytes) = 0;
   virtual Result<std::vector<std::string>> list_manifests() = 0;
+  // Removes the image's manifest (its blobs stay: gc removes those no image
+  // references). ENOENT when there is no such image. Callers check that no
+  // other image has it as its parent first (delete_image, operations.h).
+  virtual Status remove_manifest(const std::string& name) = 0;
   virtual std::string describe_manifest(const std::string& name) const = 0;
 
   // The gc protocol: writers (create) hold a shared lock from before they

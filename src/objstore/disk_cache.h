@@ -102,6 +102,7 @@ class CachedStore final : public image::Store {
     return inner_->write_manifest(name, bytes);
   }
   Result<std::vector<std::string>> list_manifests() override { return inner_->list_manifests(); }
+  Status remove_manifest(const std::string& name) override { return inner_->remove_manifest(name); }
   std::string describe_manifest(const std::string& name) const override { return inner_->describe_manifest(name); }
   Result<std::unique_ptr<image::StoreLock>> lock_shared(const std::function<void()>& on_wait) override {
     return inner_->lock_shared(on_wait);

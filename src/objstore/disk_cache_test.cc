@@ -70,6 +70,7 @@ class CountingStore final : public image::Store {
   Result<bool> manifest_exists(const std::string& n) override { return inner_->manifest_exists(n); }
   Status write_manifest(const std::string& n, std::string_view b) override { return inner_->write_manifest(n, b); }
   Result<std::vector<std::string>> list_manifests() override { return inner_->list_manifests(); }
+  Status remove_manifest(const std::string& n) override { return inner_->remove_manifest(n); }
   std::string describe_manifest(const std::string& n) const override { return inner_->describe_manifest(n); }
   Result<std::unique_ptr<image::StoreLock>> lock_shared(const std::function<void()>& w) override {
     return inner_->lock_shared(w);

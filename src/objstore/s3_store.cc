@@ -86,6 +86,14 @@ Status S3Store::write_manifest(const std::string& name, std::string_view bytes) 
   return client_->put(where_.bucket, manifest_key(name), bytes);
 }
 
+Status S3Store::remove_manifest(const std::string& name) {
+  // S3's DELETE of a missing key succeeds: ask first, for a clear error.
+  auto present = manifest_exists(name);
+  if (!present) return std::unexpected(present.error());
+  if (!*present) return fail("image " + name + " does not exist (no " + describe_manifest(name) + ")", ENOENT);
+  return client_->remove(where_.bucket, manifest_key(name));
+}
+
 Result<std::vector<std::string>> S3Store::list_manifests() {
   const std::string prefix = key("images/");
   auto keys = client_->list(where_.bucket, prefix);

@@ -41,6 +41,7 @@ class S3Store final : public image::Store {
   Result<std::string> read_manifest(const std::string& name) override;
   Result<bool> manifest_exists(const std::string& name) override;
   Status write_manifest(const std::string& name, std::string_view bytes) override;
+  Status remove_manifest(const std::string& name) override;
   Result<std::vector<std::string>> list_manifests() override;
   std::string describe_manifest(const std::string& name) const override;
 

@@ -681,7 +681,7 @@ Status delete_image(Store& store, const std::string& name, const DeleteOptions& 
   if (!images) return std::unexpected(images.error());
   std::vector<std::string> children;
   for (const ImageListing& l : *images) {
-    if (l.problem) {
+    if (l.problem && l.name != name) {  // an image unreadable itself can still be deleted
       return fail("image " + name +
                       " not deleted: another image of the store cannot be read, and could be its child: " +
                       l.problem->describe(),

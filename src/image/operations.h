@@ -179,11 +179,12 @@ struct DeleteOptions {
 // Removes image `name` (its manifest; gc then removes the blobs no other
 // image references). Refused with EBUSY, naming them, while other images of
 // the store have it as their parent: their chains would break. Refused too,
-// with the problem, when an image of the store cannot be read: it could be a
-// child. In a directory store it holds the gc lock exclusively, so no create
-// (nor `faultline snapshot`) can take the image as a parent meanwhile; a
-// bucket has no such lock (gc is refused there), so a child pushed while a
-// delete runs is the caller's to avoid. A daemon serving the image keeps the
+// with the problem, when another image of the store cannot be read: it could
+// be a child (the image itself may be unreadable: it is deleted). In a
+// directory store it holds the gc lock exclusively, so no create (nor
+// `faultline snapshot`) can take the image as a parent meanwhile; a bucket
+// has no such lock (gc is refused there), so a child pushed while a delete
+// runs is the caller's to avoid. A daemon serving the image keeps the
 // manifests it read, but a gc after the delete removes the frames only it used.
 Status delete_image(Store& store, const std::string& name, const DeleteOptions& options = {});
 

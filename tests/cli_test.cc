@@ -40,10 +40,9 @@ std::vector<nlohmann::json> json_lines(const std::string& text) {
 // What `faultline --version` prints (its exit status checked).
 std::string version_output() {
   TempDir dir;
-  const std::string out = dir.file("version.out");
-  const int status = wait_child(spawn({built_binary("faultline"), "--version"}, out), std::chrono::seconds(20));
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << read_file(out);
-  return read_file(out);
+  const CommandRun r = run_faultline(dir, {"--version"}, std::chrono::seconds(20));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  return r.output;
 }
 
 TEST(Cli, VersionNamesTheReleaseAndTheCommitItWasBuiltFrom) {

@@ -14,11 +14,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <chrono>
 #include <functional>
 #include <memory>
 #include <set>
@@ -287,6 +288,25 @@ inline std::string read_file(const std::string& path) {
   std::stringstream ss;
   ss << f.rdbuf();
   return ss.str();
+}
+
+// One run of the faultline command, as an operator runs it: its exit code
+// (-1: killed by a signal, or still running after `limit` and killed) and
+// everything it printed on stdout and stderr (kept in a file of `dir`).
+struct CommandRun {
+  int exit_code = -1;
+  std::string output;
+};
+inline CommandRun run_faultline(const TempDir& dir, std::vector<std::string> args,
+                                std::chrono::seconds limit = std::chrono::seconds(120)) {
+  args.insert(args.begin(), built_binary("faultline"));
+  static std::atomic<int> counter{0};
+  const std::string out = dir.file("faultline-out-" + std::to_string(counter++));
+  const int status = wait_child(spawn(args, out), limit);
+  CommandRun r;
+  r.output = read_file(out);
+  if (status >= 0 && WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
+  return r;
 }
 
 }  // namespace faultline::testing

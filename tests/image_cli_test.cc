@@ -9,23 +9,6 @@
 namespace faultline::testing {
 namespace {
 
-struct CommandRun {
-  int exit_code = -1;
-  std::string output;  // stdout and stderr
-};
-
-CommandRun run_faultline(const TempDir& dir, std::vector<std::string> args) {
-  args.insert(args.begin(), built_binary("faultline"));
-  static int counter = 0;
-  const std::string out = dir.file("out-" + std::to_string(counter++));
-  const pid_t pid = spawn(args, out);
-  const int status = wait_child(pid, std::chrono::seconds(120));
-  CommandRun r;
-  r.output = read_file(out);
-  if (status >= 0 && WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
-  return r;
-}
-
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
   f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));

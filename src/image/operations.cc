@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
 #include <zstd.h>
 
 #include <algorithm>
@@ -674,11 +675,13 @@ Status delete_image(Store& store, const std::string& name, const DeleteOptions& 
   } else if (locked.error().code != ENOTSUP) {  // a bucket: no lock (see the contract)
     return std::unexpected(locked.error());
   }
-  auto present = store.manifest_exists(name);
-  if (!present) return std::unexpected(present.error());
-  if (!*present) return fail("image " + name + " does not exist (no " + store.describe_manifest(name) + ")", ENOENT);
+  // One listing answers both questions: whether the image exists, and which
+  // images name it as their parent.
   auto images = list_images(store);
   if (!images) return std::unexpected(images.error());
+  if (std::ranges::none_of(*images, [&](const ImageListing& l) { return l.name == name; })) {
+    return fail("image " + name + " does not exist (no " + store.describe_manifest(name) + ")", ENOENT);
+  }
   std::vector<std::string> children;
   for (const ImageListing& l : *images) {
     if (l.problem && l.name != name) {  // an image unreadable itself can still be deleted

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -289,10 +290,7 @@ int ImageCommand::run() {
       }
     }
     // An unreadable image is listed, and the command says something is wrong.
-    for (const image::ImageListing& l : *r) {
-      if (l.problem) return 1;
-    }
-    return 0;
+    return std::ranges::any_of(*r, [](const image::ImageListing& l) { return l.problem.has_value(); }) ? 1 : 0;
   }
   if (o.remove->parsed()) {
     if (auto st = image::delete_image(**store, o.name); !st) return report_error(st.error());

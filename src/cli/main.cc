@@ -9,14 +9,15 @@
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cstdio>
+#include <map>
 #include <cstring>
 #include <filesystem>
-#include <map>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "cli/image_command.h"
 #include "common/log.h"

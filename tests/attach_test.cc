@@ -161,11 +161,24 @@ TEST_F(Attach, ADetachedSocketIsGoneAndRefusesNewVmsWhileTheVmConnectedThroughIt
   EXPECT_EQ(h_.server().attachments().size(), 1u);
 
   EXPECT_EQ(std::memcmp(c->guest_ptr(half), model.data() + half, model.size() - half), 0);
+  // The VM still runs from gen1: the daemon's lease keeps a delete (and so
+  // a gc) from taking its frames.
+  auto store = image::LocalStore::open(file("store"), false);
+  ASSERT_TRUE(store);
+  auto refused = image::delete_image(**store, "gen1");
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, EBUSY) << refused.error().describe();
   c->close_socket();
   ASSERT_TRUE(h_.wait_ended(1));
   const SessionSummary s = h_.server().finished_sessions().at(0);
   EXPECT_EQ(s.end, SessionEnd::kSocketClosed) << s.error;
   EXPECT_EQ(s.serves, file("store/gen1"));
+  // Detached and its last VM gone, the daemon lets go of the image.
+  ASSERT_TRUE(wait_until([&] {
+    auto leases = (*store)->live_leases(false, nullptr);
+    return leases && leases->empty();
+  }));
+  ASSERT_TRUE(image::delete_image(**store, "gen1"));
 
   // The name is free again: attached to another image, it serves that one.
   auto again = h_.server().attach({.socket = "vm.sock", .memory = file("gen1")});

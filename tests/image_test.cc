@@ -2,7 +2,9 @@
 // diffs, Firecracker Diff files, dedup, corruption and gc against a real
 // store directory. Every check compares bytes.
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <barrier>
@@ -14,11 +16,10 @@
 #include <set>
 #include <thread>
 
-#include <gtest/gtest.h>
-
 #include "client/test_memory_file.h"
 #include "common/unique_fd.h"
 #include "image/image_chain.h"
+#include "image/image_source.h"
 #include "image/local_store.h"
 #include "image/operations.h"
 #include "snapshot/working_set.h"
@@ -746,6 +747,215 @@ TEST(ImageDelete, DeleteDuringACreateOnTopOfTheImageWaitsAndThenRefuses) {
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, EBUSY) << r.error().describe();
   expect_flattens_to(*store, "child", dir.file("flat"), next);
+}
+
+// Leases: an image a process serves (an ImageSource, as the daemon holds
+// one per served image) is refused by delete, so gc can never take frames
+// from under a running VM; the lease goes with the source or the process.
+
+std::shared_ptr<ImageSource> serve(const std::string& store_dir, const std::string& name,
+                                   const ImageOpenOptions& options = {}) {
+  auto src = ImageSource::open(open_store(store_dir), name, std::make_shared<FrameCache>(16 * kMiB), options);
+  EXPECT_TRUE(src) << src.error().describe();
+  return src ? *src : nullptr;
+}
+
+// Every byte the source serves is the memory file's.
+void expect_serves(const ImageSource& src, const std::string& mem) {
+  std::string read(mem.size(), '\0');
+  ASSERT_TRUE(src.read(0, {reinterpret_cast<uint8_t*>(read.data()), read.size()}));
+  EXPECT_TRUE(read == mem);
+}
+
+std::vector<std::string> lease_files(const std::string& store_dir) {
+  std::vector<std::string> names;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(store_dir + "/leases", ec)) {
+    names.push_back(e.path().filename());
+  }
+  return names;
+}
+
+// A child process leases `names` and exits without releasing them: no
+// destructor runs, so the files stay; the flocks go with the process.
+bool lease_in_a_process_that_dies(Store& store, const std::vector<std::string>& names) {
+  const pid_t child = ::fork();
+  if (child < 0) return false;
+  if (child == 0) {
+    std::vector<std::unique_ptr<StoreLock>> held;
+    for (const std::string& n : names) {
+      auto l = store.lease(n);
+      if (!l) ::_exit(1);
+      held.push_back(std::move(*l));
+    }
+    ::_exit(0);
+  }
+  int status = 0;
+  return ::waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+TEST(ImageLease, AServedImageIsNotDeletedUntilItsSourceIsGone) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 2 * kMiB, 21, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "base");
+  auto src = serve(dir.file("store"), "base");
+  ASSERT_TRUE(src);
+  ASSERT_EQ(lease_files(dir.file("store")).size(), 1u);
+
+  auto listed = list_images(*store);
+  ASSERT_TRUE(listed) << listed.error().describe();
+  ASSERT_EQ(listed->size(), 1u);
+  ASSERT_EQ((*listed)[0].leases.size(), 1u);
+  const ImageLease& lease = (*listed)[0].leases[0];
+  EXPECT_EQ(lease.image, "base");
+  EXPECT_EQ(lease.pid, ::getpid());
+  EXPECT_FALSE(lease.since.empty());
+
+  auto refused = delete_image(*store, "base");
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, EBUSY);
+  EXPECT_NE(refused.error().message.find("being served by pid " + std::to_string(::getpid())), std::string::npos)
+      << refused.error().message;
+  EXPECT_TRUE(*store->manifest_exists("base"));
+  auto g = gc_store(*store, {});
+  ASSERT_TRUE(g) << g.error().describe();
+  EXPECT_EQ(g->removed_blobs, 0u);
+  EXPECT_EQ(g->removed_stale_leases, 0u) << "a live lease is not stale";
+  // The source still serves every byte.
+  expect_serves(*src, mem);
+
+  src.reset();
+  EXPECT_TRUE(lease_files(dir.file("store")).empty()) << "released with the source";
+  ASSERT_TRUE(delete_image(*store, "base"));
+  EXPECT_FALSE(*store->manifest_exists("base"));
+}
+
+TEST(ImageLease, ALeaseWhoseProcessDiedIsStaleAndDeleteAndGcRemoveIt) {
+  TempDir dir;
+  make_memory(dir.file("mem"), 2 * kMiB, 22, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "base");
+  create(*store, dir.file("mem"), "copy");
+  ASSERT_TRUE(lease_in_a_process_that_dies(*store, {"base", "copy"}));
+  ASSERT_EQ(lease_files(dir.file("store")).size(), 2u);
+
+  auto live = store->live_leases(false, nullptr);
+  ASSERT_TRUE(live) << live.error().describe();
+  EXPECT_TRUE(live->empty());
+  auto listed = list_images(*store);
+  ASSERT_TRUE(listed);
+  for (const ImageListing& l : *listed) EXPECT_TRUE(l.leases.empty()) << l.name;
+  EXPECT_EQ(lease_files(dir.file("store")).size(), 2u) << "listing removes nothing";
+
+  ASSERT_TRUE(delete_image(*store, "base")) << "a dead process's lease does not hold an image";
+  EXPECT_TRUE(lease_files(dir.file("store")).empty()) << "delete removed the stale leases it saw";
+  ASSERT_TRUE(lease_in_a_process_that_dies(*store, {"copy"}));
+  ASSERT_EQ(lease_files(dir.file("store")).size(), 1u);
+  auto g = gc_store(*store, {});
+  ASSERT_TRUE(g) << g.error().describe();
+  EXPECT_EQ(g->removed_stale_leases, 1u);
+  EXPECT_TRUE(lease_files(dir.file("store")).empty());
+}
+
+// The order between a server opening an image and a delete, both ways: a
+// delete that comes while an open holds its lease waits and refuses; an open
+// that comes while a delete holds the lock finds no image, and leaves no lease.
+TEST(ImageLease, DeleteWaitsForAnOpeningServerAndRefuses) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 2 * kMiB, 23, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "base");
+  std::mutex mu;
+  std::condition_variable cv;
+  bool leased = false, released = false;
+  ImageOpenOptions o;
+  o.after_lease = [&] {
+    std::unique_lock lk(mu);
+    leased = true;
+    cv.notify_all();
+    cv.wait(lk, [&] { return released; });
+  };
+  std::shared_ptr<ImageSource> src;
+  std::thread opener([&] { src = serve(dir.file("store"), "base", o); });
+  {
+    std::unique_lock lk(mu);
+    cv.wait(lk, [&] { return leased; });
+  }
+  bool waited = false;
+  DeleteOptions d;
+  d.on_lock_wait = [&] {
+    waited = true;
+    std::lock_guard lk(mu);
+    released = true;
+    cv.notify_all();
+  };
+  auto r = delete_image(*open_store(dir.file("store")), "base", d);
+  {
+    std::lock_guard lk(mu);  // released here if delete did not wait: the test then fails, not hangs
+    released = true;
+    cv.notify_all();
+  }
+  opener.join();
+  EXPECT_TRUE(waited) << "delete must have waited for the open";
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, EBUSY) << r.error().describe();
+  ASSERT_TRUE(src);
+  expect_serves(*src, mem);
+}
+
+TEST(ImageLease, AnOpenThatWaitsForADeleteFindsNoImageAndLeavesNoLease) {
+  TempDir dir;
+  make_memory(dir.file("mem"), 2 * kMiB, 24, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "base");
+  auto deleting = store->lock_exclusive({});  // what delete_image holds while it removes the manifest
+  ASSERT_TRUE(deleting);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool waiting = false, waited = false;
+  ImageOpenOptions o;
+  o.on_lock_wait = [&] {
+    std::lock_guard lk(mu);
+    waiting = waited = true;
+    cv.notify_all();
+  };
+  Result<std::shared_ptr<ImageSource>> opened = fail("not run");
+  std::thread opener([&] {
+    opened = ImageSource::open(open_store(dir.file("store")), "base", std::make_shared<FrameCache>(16 * kMiB), o);
+    std::lock_guard lk(mu);
+    waiting = true;  // an open that did not wait must not hang the test
+    cv.notify_all();
+  });
+  {
+    std::unique_lock lk(mu);
+    cv.wait(lk, [&] { return waiting; });
+  }
+  ASSERT_TRUE(store->remove_manifest("base"));
+  deleting->reset();
+  opener.join();
+  EXPECT_TRUE(waited) << "the open must have waited for the delete's lock";
+  ASSERT_FALSE(opened);
+  EXPECT_EQ(opened.error().code, ENOENT) << opened.error().describe();
+  EXPECT_TRUE(lease_files(dir.file("store")).empty());
+}
+
+// A store where no lease can be written still serves the image, and says so.
+TEST(ImageLease, AnImageThatCannotBeLeasedIsServedAndTheFailureReported) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 2 * kMiB, 25, 0.2);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "base");
+  std::filesystem::remove(dir.file("store/leases"));
+  write_all(dir.file("store/leases"), "a file where the directory should be");
+  std::vector<Error> reported;
+  ImageOpenOptions o;
+  o.on_unleased = [&](const Error& e) { reported.push_back(e); };
+  auto src = serve(dir.file("store"), "base", o);
+  ASSERT_TRUE(src);
+  ASSERT_EQ(reported.size(), 1u);
+  EXPECT_NE(reported[0].message.find("leases"), std::string::npos) << reported[0].describe();
+  expect_serves(*src, mem);
 }
 
 }  // namespace

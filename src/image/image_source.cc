@@ -15,20 +15,41 @@ bool retryable_errno(int code) {
 }  // namespace
 
 Result<std::shared_ptr<ImageSource>> ImageSource::open(std::unique_ptr<Store> store, const std::string& name,
-                                                       std::shared_ptr<FrameCache> cache) {
+                                                       std::shared_ptr<FrameCache> cache,
+                                                       const ImageOpenOptions& options) {
+  const auto unleased = [&](const Error& e) {
+    if (e.code != ENOTSUP && options.on_unleased) options.on_unleased(e);
+  };
+  // Shared, as a create: a delete (exclusive) either ran before, and the
+  // image is gone, or runs after and sees the lease.
+  std::unique_ptr<StoreLock> lock;
+  if (auto locked = store->lock_shared(options.on_lock_wait)) {
+    lock = std::move(*locked);
+  } else {
+    unleased(locked.error());
+  }
+  std::unique_ptr<StoreLock> lease;
+  if (auto leased = store->lease(name)) {
+    lease = std::move(*leased);
+  } else {
+    unleased(leased.error());
+  }
+  if (options.after_lease) options.after_lease();
   auto chain = ImageChain::open(*store, name);
   if (!chain) return std::unexpected(chain.error());
   if (chain->guest_bytes() == 0) return fail("image " + name + " holds no memory (guest size 0)", EINVAL);
-  return std::shared_ptr<ImageSource>(new ImageSource(std::move(store), std::move(*chain), name, std::move(cache)));
+  return std::shared_ptr<ImageSource>(
+      new ImageSource(std::move(store), std::move(*chain), name, std::move(cache), std::move(lease)));
 }
 
 ImageSource::ImageSource(std::unique_ptr<Store> store, ImageChain chain, std::string name,
-                         std::shared_ptr<FrameCache> cache)
+                         std::shared_ptr<FrameCache> cache, std::unique_ptr<StoreLock> lease)
     : store_(std::move(store)),
       chain_(std::move(chain)),
       name_(std::move(name)),
       description_(store_->describe_manifest(name_)),
-      cache_(std::move(cache)) {}
+      cache_(std::move(cache)),
+      lease_(std::move(lease)) {}
 
 Result<FrameCache::Frame> ImageSource::frame(const PageLocation& loc) const {
   const FrameRef& ref = chain_.layers()[loc.layer].manifest.frames[loc.frame];

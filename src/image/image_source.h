@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -34,13 +35,28 @@
 
 namespace faultline::image {
 
+struct ImageOpenOptions {
+  // Called when the image cannot be leased (Store::lease; a store on a
+  // read-only file system, say): it is served anyway, but `image delete`
+  // will not know it is in use. Not called for a store that keeps no leases.
+  std::function<void(const Error&)> on_unleased;
+  // Called (once) if a gc or delete holds the store's lock and open waits for it.
+  std::function<void()> on_lock_wait;
+  // Test hook: runs with the lease taken and the store's shared lock held,
+  // before any manifest is read.
+  std::function<void()> after_lease;
+};
+
 class ImageSource final : public PageSource {
  public:
   // Opens image `name` of `store` with all its ancestors (ImageChain::open
   // checks every manifest and the pins between them). `cache` may be shared
-  // with other sources.
+  // with other sources. The source holds a lease on the image for its whole
+  // life (Store::lease), taken under the store's shared lock before the
+  // manifests are read: `image delete` refuses the image meanwhile.
   static Result<std::shared_ptr<ImageSource>> open(std::unique_ptr<Store> store, const std::string& name,
-                                                   std::shared_ptr<FrameCache> cache);
+                                                   std::shared_ptr<FrameCache> cache,
+                                                   const ImageOpenOptions& options = {});
 
   Status read(uint64_t offset, std::span<uint8_t> out) const override;
   // True (bytes copied) when every page of the range is zero or in a frame
@@ -65,7 +81,8 @@ class ImageSource final : public PageSource {
   FrameCache& cache() const { return *cache_; }
 
  private:
-  ImageSource(std::unique_ptr<Store> store, ImageChain chain, std::string name, std::shared_ptr<FrameCache> cache);
+  ImageSource(std::unique_ptr<Store> store, ImageChain chain, std::string name, std::shared_ptr<FrameCache> cache,
+              std::unique_ptr<StoreLock> lease);
   // The frame holding `loc`, from the cache or loaded into it.
   Result<FrameCache::Frame> frame(const PageLocation& loc) const;
   // Copies [offset, offset + out.size()) page by page; `frame_of(loc)` gives
@@ -79,6 +96,7 @@ class ImageSource final : public PageSource {
   std::string name_;
   std::string description_;
   std::shared_ptr<FrameCache> cache_;
+  std::unique_ptr<StoreLock> lease_;  // null when the store keeps no leases or could not record one
 };
 
 }  // namespace faultline::image

@@ -1,5 +1,4 @@
 #include "image/local_store.h"
-#include "image/manifest.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -12,9 +11,14 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <string_view>
+#include <tuple>
 
 #include "common/atomic_file.h"
 #include "common/unique_fd.h"
+#include "image/manifest.h"
 
 namespace faultline::image {
 namespace {
@@ -48,12 +52,62 @@ class FlockLock final : public StoreLock {
   UniqueFd fd_;
 };
 
+// A lease file, exclusively flocked by its holder. Released by unlinking it
+// and then closing it (a checker that opened it just before sees it held a
+// moment longer; one that opens it after finds nothing).
+class LeaseFile final : public StoreLock {
+ public:
+  LeaseFile(UniqueFd fd, std::string path) : fd_(std::move(fd)), path_(std::move(path)) {}
+  ~LeaseFile() override { ::unlink(path_.c_str()); }
+
+ private:
+  UniqueFd fd_;
+  std::string path_;
+};
+
+constexpr std::string_view kLeasePrefix = "lease-";
+
+std::string utc_now() {
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  ::gmtime_r(&now, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+// "image NAME\npid P\nhost H\nsince T\n" -> the fields; unknown lines are skipped.
+ImageLease parse_lease(const std::string& text, std::string path) {
+  ImageLease l;
+  l.path = std::move(path);
+  size_t at = 0;
+  while (at < text.size()) {
+    size_t end = text.find('\n', at);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(at, end - at);
+    at = end + 1;
+    const size_t space = line.find(' ');
+    if (space == std::string::npos) continue;
+    const std::string key = line.substr(0, space), value = line.substr(space + 1);
+    if (key == "image") {
+      l.image = value;
+    } else if (key == "pid") {
+      l.pid = std::strtoll(value.c_str(), nullptr, 10);
+    } else if (key == "host") {
+      l.host = value;
+    } else if (key == "since") {
+      l.since = value;
+    }
+  }
+  return l;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<LocalStore>> LocalStore::open(const std::string& dir, bool create) {
   if (dir.empty()) return fail("the store directory is empty", EINVAL);
   if (create) {
-    for (const std::string& d : {dir, dir + "/blobs", dir + "/blobs/sha256", dir + "/images"}) {
+    for (const std::string& d : {dir, dir + "/blobs", dir + "/blobs/sha256", dir + "/images", dir + "/leases"}) {
       if (auto st = make_dir(d); !st) return std::unexpected(st.error());
     }
   }
@@ -223,6 +277,11 @@ Result<std::vector<std::string>> LocalStore::list_manifests() {
 Result<std::unique_ptr<StoreLock>> LocalStore::lock(int operation, const std::function<void()>& on_wait) {
   const std::string path = dir_ + "/lock";
   UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644));
+  if (!fd && (errno == EROFS || errno == EACCES)) {
+    // A store this process may only read (a read-only mount, another
+    // owner's files): flock needs no write access to the file.
+    fd.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  }
   if (!fd) return fail_errno("cannot open the store lock " + path);
   if (::flock(fd.get(), operation | LOCK_NB) != 0) {
     if (errno != EWOULDBLOCK) return fail_errno("cannot lock " + path);
@@ -242,9 +301,82 @@ Result<std::unique_ptr<StoreLock>> LocalStore::lock_exclusive(const std::functio
   return lock(LOCK_EX, on_wait);
 }
 
+Result<std::unique_ptr<StoreLock>> LocalStore::lease(const std::string& name) {
+  if (auto st = check_image_name(name); !st)
+    return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
+  const std::string leases = dir_ + "/leases";
+  // Stores made before leases existed have no leases/ directory yet.
+  if (auto st = make_dir(leases); !st) return std::unexpected(st.error());
+  UniqueFd dir(::open(leases.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir) return fail_errno("cannot open " + leases);
+  uint64_t r = 0;
+  if (::getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) return fail_errno("getrandom failed");
+  char suffix[24];
+  std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(r & 0xffffffffffffull));
+  const std::string final_name = std::string(kLeasePrefix) + std::to_string(::getpid()) + "-" + suffix;
+  auto tmp = create_temporary_file(dir.get(), final_name, 0644);
+  if (!tmp) return std::unexpected(tmp.error());
+  auto& [fd, tmp_name] = *tmp;
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  const std::string text =
+      "image " + name + "\npid " + std::to_string(::getpid()) + "\nhost " + host + "\nsince " + utc_now() + "\n";
+  Status written = [&]() -> Status {
+    if (::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
+      return fail_errno("cannot write the lease " + leases + "/" + tmp_name);
+    }
+    // Held before the file has its name: a lease seen under its name is held
+    // or its holder is gone, never "not yet held".
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+      return fail_errno("cannot lock the lease " + leases + "/" + tmp_name);
+    }
+    if (::renameat(dir.get(), tmp_name.c_str(), dir.get(), final_name.c_str()) != 0) {
+      return fail_errno("cannot rename the lease " + leases + "/" + tmp_name);
+    }
+    return {};
+  }();
+  if (!written) {
+    ::unlinkat(dir.get(), tmp_name.c_str(), 0);
+    return std::unexpected(written.error());
+  }
+  return std::unique_ptr<StoreLock>(new LeaseFile(std::move(fd), leases + "/" + final_name));
+}
+
+Result<std::vector<ImageLease>> LocalStore::live_leases(bool remove_stale, uint64_t* removed) {
+  if (removed != nullptr) *removed = 0;
+  const std::string leases = dir_ + "/leases";
+  auto names = list_dir(leases);
+  if (!names) return std::unexpected(names.error());
+  std::vector<ImageLease> live;
+  for (const std::string& n : *names) {
+    if (!n.starts_with(kLeasePrefix)) continue;  // temporaries are dot files
+    const std::string path = leases + "/" + n;
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd) {
+      if (errno == ENOENT) continue;  // released meanwhile
+      return fail_errno("cannot open the lease " + path);
+    }
+    if (::flock(fd.get(), LOCK_SH | LOCK_NB) == 0) {  // nobody holds it: its process is gone
+      if (remove_stale && ::unlink(path.c_str()) == 0 && removed != nullptr) ++*removed;
+      continue;
+    }
+    if (errno != EWOULDBLOCK) return fail_errno("cannot check the lease " + path);
+    auto text = read_whole_file(path);
+    if (!text) {
+      if (text.error().code == ENOENT) continue;
+      return std::unexpected(text.error());
+    }
+    live.push_back(parse_lease(*text, path));
+  }
+  std::sort(live.begin(), live.end(), [](const ImageLease& a, const ImageLease& b) {
+    return std::tie(a.image, a.path) < std::tie(b.image, b.path);
+  });
+  return live;
+}
+
 Result<uint64_t> LocalStore::remove_temporaries() {
   uint64_t removed = 0;
-  std::vector<std::string> dirs{dir_ + "/images"};
+  std::vector<std::string> dirs{dir_ + "/images", dir_ + "/leases"};
   auto fans = list_dir(dir_ + "/blobs/sha256");
   if (!fans) return std::unexpected(fans.error());
   for (const std::string& fan : *fans) dirs.push_back(dir_ + "/blobs/sha256/" + fan);

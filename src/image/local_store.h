@@ -1,8 +1,13 @@
 // LocalStore: a store directory on a local file system.
 //
-//   DIR/lock                       the gc lock file (flock: shared = create, exclusive = gc)
+//   DIR/lock                       the gc lock file (flock: shared = create and a daemon opening
+//                                  an image, exclusive = gc and delete)
 //   DIR/blobs/sha256/ab/<64 hex>   one blob per file, fanned out by the first byte
 //   DIR/images/<NAME>              one manifest per image
+//   DIR/leases/lease-<PID>-<RAND>  a lease: a live process serves an image
+//                                  (text: image, pid, host, since); its holder
+//                                  keeps it flocked exclusively, so a lease
+//                                  nobody holds is stale
 //
 // Every file is written to a fresh temporary file in its final directory,
 // fsynced, renamed into place and the directory fsynced (common/atomic_file.h),
@@ -50,6 +55,10 @@ class LocalStore final : public Store {
 
   Result<std::unique_ptr<StoreLock>> lock_shared(const std::function<void()>& on_wait) override;
   Result<std::unique_ptr<StoreLock>> lock_exclusive(const std::function<void()>& on_wait) override;
+  // Writes DIR/leases/lease-PID-RAND (creating leases/ in a store made before
+  // it existed), flocked before it gets its name; the handle unlinks it.
+  Result<std::unique_ptr<StoreLock>> lease(const std::string& name) override;
+  Result<std::vector<ImageLease>> live_leases(bool remove_stale, uint64_t* removed) override;
 
   // Removes temporary files left by interrupted writes. REQUIRES: the
   // exclusive lock (no writer can be mid-write). Returns how many it removed.

@@ -661,6 +661,12 @@ Result<std::vector<ImageListing>> list_images(Store& store) {
     l.manifest_bytes = bytes->size();
     out.push_back(std::move(l));
   }
+  auto leases = store.live_leases(/*remove_stale=*/false, nullptr);
+  if (!leases) return std::unexpected(leases.error());
+  for (ImageLease& lease : *leases) {
+    auto it = std::ranges::find(out, lease.image, &ImageListing::name);
+    if (it != out.end()) it->leases.push_back(std::move(lease));
+  }
   return out;
 }
 
@@ -696,6 +702,20 @@ Status delete_image(Store& store, const std::string& name, const DeleteOptions& 
     std::string list;
     for (const std::string& c : children) list += (list.empty() ? "" : ", ") + c;
     return fail("image " + name + " not deleted: it is the parent of " + list + " (delete those first)", EBUSY);
+  }
+  // Under the exclusive lock (a directory store) a lease's holder cannot be
+  // between taking it and reading the manifests: a server that is not listed
+  // here will find no image.
+  auto leases = store.live_leases(/*remove_stale=*/lock != nullptr, nullptr);
+  if (!leases) return std::unexpected(leases.error());
+  std::string serving;
+  for (const ImageLease& l : *leases) {
+    if (l.image == name) serving += (serving.empty() ? "" : "; ") + l.describe();
+  }
+  if (!serving.empty()) {
+    return fail(
+        "image " + name + " not deleted: it is being served by " + serving + " (detach or stop what serves it first)",
+        EBUSY);
   }
   return store.remove_manifest(name);
 }
@@ -736,6 +756,8 @@ Result<GcReport> gc_store(Store& store, const GcOptions& options) {
     ++report.removed_blobs;
   }
   if (local != nullptr && !options.dry_run) {
+    auto stale = store.live_leases(/*remove_stale=*/true, &report.removed_stale_leases);
+    if (!stale) return std::unexpected(stale.error());
     auto tmp = local->remove_temporaries();
     if (!tmp) return std::unexpected(tmp.error());
     report.removed_temporaries = *tmp;

@@ -166,6 +166,7 @@ struct ImageListing {
   uint64_t stored_bytes = 0;  // their compressed bytes
   uint64_t manifest_bytes = 0;
   std::optional<Error> problem;  // its manifest could not be read or parsed (the counts above are then 0)
+  std::vector<ImageLease> leases;  // the live processes serving it (Store::lease)
 };
 // Every image of the store, sorted by name; an image whose manifest cannot be
 // read or parsed is listed with its problem. Fails only when the store cannot
@@ -184,8 +185,10 @@ struct DeleteOptions {
 // directory store it holds the gc lock exclusively, so no create (nor
 // `faultline snapshot`) can take the image as a parent meanwhile; a bucket
 // has no such lock (gc is refused there), so a child pushed while a delete
-// runs is the caller's to avoid. A daemon serving the image keeps the
-// manifests it read, but a gc after the delete removes the frames only it used.
+// runs is the caller's to avoid. Refused with EBUSY too, naming them, while
+// live processes hold leases on it (a daemon serving it: Store::lease), so a
+// gc after a delete never takes frames a running VM may still need; leases
+// whose holder died are removed on the way. A bucket keeps no leases.
 Status delete_image(Store& store, const std::string& name, const DeleteOptions& options = {});
 
 struct GcOptions {
@@ -198,6 +201,7 @@ struct GcReport {
   uint64_t blobs = 0;
   uint64_t removed_blobs = 0;
   uint64_t removed_bytes = 0;
+  uint64_t removed_stale_leases = 0;  // leases whose holder had died
   uint64_t removed_temporaries = 0;
 };
 // REQUIRES: `store` is a LocalStore (it also removes interrupted writes).

@@ -18,6 +18,7 @@
 // threads and processes (the guarantees above are what makes that so).
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -72,10 +73,22 @@ class BlobStore {
   virtual int useful_concurrent_gets() const { return 0; }
 };
 
-// Held for as long as an operation must not overlap gc (see Store::lock_*).
+// Held for as long as an operation must not overlap gc (see Store::lock_*),
+// or for as long as a process serves an image (Store::lease).
 class StoreLock {
  public:
   virtual ~StoreLock() = default;
+};
+
+// A live process's claim on an image it serves (Store::lease).
+struct ImageLease {
+  std::string image;
+  int64_t pid = 0;
+  std::string host;
+  std::string since;  // UTC, ISO 8601
+  std::string path;   // where the lease is kept, for messages
+  // "pid 1234 on HOST since TIME (PATH)"
+  std::string describe() const;
 };
 
 class Store : public BlobStore {
@@ -100,6 +113,20 @@ class Store : public BlobStore {
   // not free at once, before blocking: tests use it to order threads.
   virtual Result<std::unique_ptr<StoreLock>> lock_shared(const std::function<void()>& on_wait = {}) = 0;
   virtual Result<std::unique_ptr<StoreLock>> lock_exclusive(const std::function<void()>& on_wait = {}) = 0;
+
+  // Leases: a process serving an image holds a lease on it for as long as
+  // it may read the image's frames (the returned handle; a process that dies
+  // releases it too). delete_image refuses a leased image, so a gc after it
+  // can never take frames from under a running VM. Take it while holding
+  // lock_shared() and before reading the manifests: a delete (exclusive)
+  // then either sees the lease or ran first, and the image is gone.
+  // ENOTSUP: the store keeps no leases (a bucket, where gc is refused anyway).
+  virtual Result<std::unique_ptr<StoreLock>> lease(const std::string& name);
+  // The live leases of the store, every image's. A lease whose holder is gone
+  // is stale: skipped, and removed when `remove_stale` (REQUIRES: the
+  // exclusive lock); `removed`, if given, counts those. A store that keeps
+  // no leases has none.
+  virtual Result<std::vector<ImageLease>> live_leases(bool remove_stale, uint64_t* removed);
 };
 
 }  // namespace faultline::image

@@ -110,6 +110,10 @@ class CachedStore final : public image::Store {
   Result<std::unique_ptr<image::StoreLock>> lock_exclusive(const std::function<void()>& on_wait) override {
     return inner_->lock_exclusive(on_wait);
   }
+  Result<std::unique_ptr<image::StoreLock>> lease(const std::string& name) override { return inner_->lease(name); }
+  Result<std::vector<image::ImageLease>> live_leases(bool remove_stale, uint64_t* removed) override {
+    return inner_->live_leases(remove_stale, removed);
+  }
 
  private:
   std::unique_ptr<image::Store> inner_;

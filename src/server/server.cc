@@ -249,7 +249,16 @@ static Result<std::shared_ptr<const image::ImageSource>> open_image(const std::s
                       {{"dir", cache_dir}, {"error", e.describe()}, {"effect", "serving without caching"}});
         });
   }
-  auto source = image::ImageSource::open(std::move(*store), name, std::move(frames));
+  image::ImageOpenOptions options;
+  options.on_unleased = [&logger, &path](const Error& e) {
+    logger.warn("image_unleased", {{"image", path},
+                                   {"error", e.describe()},
+                                   {"effect", "served, but image delete cannot see that it is in use"}});
+  };
+  options.on_lock_wait = [&logger, &path] {
+    logger.info("image_open_waits", {{"image", path}, {"reason", "a gc or delete holds the store's lock"}});
+  };
+  auto source = image::ImageSource::open(std::move(*store), name, std::move(frames), options);
   if (!source) return fail(path + ": " + source.error().message, source.error().code);
   return std::shared_ptr<const image::ImageSource>(std::move(*source));
 }

@@ -191,6 +191,66 @@ TEST(ImageCli, ServeImageRestoresAVmWithEveryByteOfTheFile) {
   EXPECT_NE(served.find("state=socket_closed"), std::string::npos) << served;
 }
 
+// What an operator sees: `image delete` of an image a daemon serves is
+// refused, naming the daemon; `image list` says who serves it. A daemon
+// that stops lets go; one that is killed leaves a stale lease that delete
+// and gc see through and remove.
+TEST(ImageCli, DeleteIsRefusedWhileADaemonServesTheImageAndAKilledDaemonHoldsNothing) {
+  TempDir dir;
+  const std::string store = dir.file("store");
+  ASSERT_TRUE(client::write_test_memory_file(dir.file("mem"), 4 * kMiB, 6, 0.2));
+  for (const char* name : {"a", "b"}) {
+    CommandRun c = run_faultline(dir, {"image", "create", "--from", dir.file("mem"), "--store", store, "--name", name});
+    ASSERT_EQ(c.exit_code, 0) << c.output;
+  }
+  const auto start_daemon = [&](const std::string& image, const std::string& log) {
+    const pid_t pid = spawn(
+        {built_binary("faultline"), "serve", "--socket", dir.file(image + ".sock"), "--image", store + "/" + image},
+        log);
+    EXPECT_TRUE(eventually_true([&] { return read_file(log).find("event=server_start") != std::string::npos; }))
+        << read_file(log);
+    return pid;
+  };
+  const pid_t stopped = start_daemon("a", dir.file("a.log"));
+  const pid_t killed = start_daemon("b", dir.file("b.log"));
+  ASSERT_GT(stopped, 0);
+  ASSERT_GT(killed, 0);
+
+  CommandRun d = run_faultline(dir, {"image", "delete", "--store", store, "--name", "a"});
+  EXPECT_EQ(d.exit_code, 1) << d.output;
+  EXPECT_NE(d.output.find("not deleted: it is being served by pid " + std::to_string(stopped)), std::string::npos)
+      << d.output;
+  CommandRun l = run_faultline(dir, {"image", "list", "--store", store});
+  EXPECT_NE(l.output.find("served by pid " + std::to_string(stopped)), std::string::npos) << l.output;
+  EXPECT_NE(l.output.find("served by pid " + std::to_string(killed)), std::string::npos) << l.output;
+  l = run_faultline(dir, {"image", "list", "--store", store, "--json"});
+  ASSERT_EQ(l.exit_code, 0) << l.output;
+  auto images = nlohmann::json::parse(l.output.substr(0, l.output.find('\n')));
+  ASSERT_EQ(images.size(), 2u);
+  ASSERT_EQ(images[0]["served_by"].size(), 1u);
+  EXPECT_EQ(images[0]["served_by"][0]["pid"], stopped);
+
+  ::kill(stopped, SIGTERM);
+  const int stopped_status = wait_child(stopped, std::chrono::seconds(30));
+  EXPECT_TRUE(WIFEXITED(stopped_status) && WEXITSTATUS(stopped_status) == 0) << read_file(dir.file("a.log"));
+  ::kill(killed, SIGKILL);
+  wait_child(killed, std::chrono::seconds(30));
+  // The stopped daemon removed its lease; the killed one's is left, stale.
+  size_t lease_files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(store + "/leases")) lease_files += e.is_regular_file();
+  EXPECT_EQ(lease_files, 1u);
+
+  l = run_faultline(dir, {"image", "list", "--store", store});
+  EXPECT_EQ(l.output.find("served by"), std::string::npos) << l.output;
+  CommandRun g = run_faultline(dir, {"image", "gc", "--store", store});
+  EXPECT_EQ(g.exit_code, 0) << g.output;
+  EXPECT_NE(g.output.find("1 stale leases removed"), std::string::npos) << g.output;
+  d = run_faultline(dir, {"image", "delete", "--store", store, "--name", "a"});
+  EXPECT_EQ(d.exit_code, 0) << d.output;
+  d = run_faultline(dir, {"image", "delete", "--store", store, "--name", "b"});
+  EXPECT_EQ(d.exit_code, 0) << d.output;
+}
+
 TEST(ImageCli, ServeNeedsExactlyOneOfMemoryAndImage) {
   TempDir dir;
   ASSERT_TRUE(client::write_test_memory_file(dir.file("mem"), 4 * kMiB, 5, 0.2));

@@ -121,7 +121,9 @@ ImageCommand::ImageCommand(CLI::App& app) : options_(std::make_unique<Options>()
   o.list->add_flag("--json", o.json, "One JSON array instead of text");
 
   o.remove = o.image->add_subcommand(
-      "delete", "Delete an image (refused while other images have it as their parent); gc then frees its frames");
+      "delete",
+      "Delete an image (refused while other images have it as their parent or a daemon serves it); gc then frees its "
+      "frames");
   add_store(o.remove);
   add_name(o.remove);
 
@@ -138,7 +140,9 @@ ImageCommand::ImageCommand(CLI::App& app) : options_(std::make_unique<Options>()
   add_quiet(o.flatten);
 
   o.gc = o.image->add_subcommand(
-      "gc", "Remove blobs no image references (safe while other processes create images in the store)");
+      "gc",
+      "Remove blobs no image references and the leases of daemons that died (safe while other processes "
+      "create images in the store)");
   add_store(o.gc);
   o.gc->add_flag("--dry-run", o.dry_run, "Count what would be removed, remove nothing");
 
@@ -274,6 +278,12 @@ int ImageCommand::run() {
                     {"stored_bytes", l.stored_bytes},
                     {"manifest_bytes", l.manifest_bytes}});
         }
+        nlohmann::json served_by = nlohmann::json::array();
+        for (const image::ImageLease& lease : l.leases) {
+          served_by.push_back(
+              {{"pid", lease.pid}, {"host", lease.host}, {"since", lease.since}, {"lease", lease.path}});
+        }
+        j["served_by"] = std::move(served_by);
         images.push_back(std::move(j));
       }
       std::printf("%s\n", images.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
@@ -283,10 +293,15 @@ int ImageCommand::run() {
           std::printf("%s: unreadable: %s\n", l.name.c_str(), l.problem->describe().c_str());
           continue;
         }
-        std::printf("%s: parent %s; guest %s in pages of %u bytes; stores %llu pages in %llu frames, %s\n",
+        std::string served;
+        for (const image::ImageLease& lease : l.leases) {
+          served += (served.empty() ? "; served by pid " : ", pid ") + std::to_string(lease.pid) +
+                    (lease.host.empty() ? "" : " on " + lease.host);
+        }
+        std::printf("%s: parent %s; guest %s in pages of %u bytes; stores %llu pages in %llu frames, %s%s\n",
                     l.name.c_str(), l.parent ? l.parent->c_str() : "none", mib(l.guest_bytes).c_str(), l.page_size,
                     static_cast<unsigned long long>(l.stored_pages), static_cast<unsigned long long>(l.frames),
-                    mib(l.stored_bytes).c_str());
+                    mib(l.stored_bytes).c_str(), served.c_str());
       }
     }
     // An unreadable image is listed, and the command says something is wrong.
@@ -328,10 +343,13 @@ int ImageCommand::run() {
     g.dry_run = o.dry_run;
     auto r = image::gc_store(**store, g);
     if (!r) return report_error(r.error());
-    std::printf("%s %llu of %llu blobs (%s) referenced by none of %llu images; %llu interrupted writes removed\n",
-                o.dry_run ? "would remove" : "removed", static_cast<unsigned long long>(r->removed_blobs),
-                static_cast<unsigned long long>(r->blobs), mib(r->removed_bytes).c_str(),
-                static_cast<unsigned long long>(r->images), static_cast<unsigned long long>(r->removed_temporaries));
+    std::printf(
+        "%s %llu of %llu blobs (%s) referenced by none of %llu images; %llu interrupted writes and %llu stale leases "
+        "removed\n",
+        o.dry_run ? "would remove" : "removed", static_cast<unsigned long long>(r->removed_blobs),
+        static_cast<unsigned long long>(r->blobs), mib(r->removed_bytes).c_str(),
+        static_cast<unsigned long long>(r->images), static_cast<unsigned long long>(r->removed_temporaries),
+        static_cast<unsigned long long>(r->removed_stale_leases));
     return 0;
   }
   return 0;

@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing, and touches apt only then.
 set -euo pipefail
 packages=(g++ cmake make pkg-config zlib1g-dev libgtest-dev libgmock-dev nlohmann-json3-dev libcli11-dev libbenchmark-dev
-          libcpp-httplib-dev gnuplot-nox libzstd-dev libssl-dev
+          libcpp-httplib-dev gnuplot-nox libzstd-dev libxxhash-dev libssl-dev
           python3  # python3: faultline-bench's realistic corpus (bench/corpus.h) runs Debian's interpreter
           libcurl4-openssl-dev curl  # the S3 client (src/objstore), and scripts/rgw.sh's readiness probe
           afl++)  # afl++: scripts/fuzz.sh

@@ -420,6 +420,74 @@ TEST(ImageCorruption, AFlippedByteInAFrameIsAnErrorNamingImageAndBlob) {
   fx.expect_refused(id.hex());
 }
 
+// Frames of a local store are checked against the manifest's XXH3 checksum
+// when served or flattened, and against both it and their SHA-256 name by
+// verify; either way a damaged frame is refused.
+TEST(ImageCorruption, AFrameDamagedOnDiskIsRefusedByItsChecksumWhenServedAndByBothChecksWhenVerified) {
+  CorruptionFixture fx;
+  const BlobId id = fx.first_frame("base");
+  std::string blob = read_all(fx.store->describe(id));
+  blob[blob.size() / 3] ^= 0x40;
+  std::filesystem::remove(fx.store->describe(id));
+  write_all(fx.store->describe(id), blob);
+  auto f = flatten_image(*fx.store, "base", fx.dir.file("out"), {});
+  ASSERT_FALSE(f);
+  EXPECT_NE(f.error().message.find("its checksum does not match the manifest's"), std::string::npos)
+      << f.error().message;
+  auto v = verify_image(*fx.store, "base", {});
+  ASSERT_TRUE(v);
+  ASSERT_EQ(v->problems.size(), 1u);
+  EXPECT_NE(v->problems[0].message.find("its SHA-256 does not match its name"), std::string::npos)
+      << v->problems[0].message;
+}
+
+// A manifest whose checksum is wrong for a sound blob (a writer's bug, or a
+// manifest edited by hand): verify says so, and serving refuses the frame
+// rather than trusting either.
+TEST(ImageCorruption, AManifestChecksumThatDoesNotMatchItsBlobIsFoundByVerifyAndRefusedWhenRead) {
+  CorruptionFixture fx;
+  auto m = parse_manifest(*fx.store->read_manifest("base"), "base");
+  ASSERT_TRUE(m);
+  ASSERT_TRUE(m->frames.at(2).checksum);
+  *m->frames[2].checksum ^= 1;
+  auto bytes = serialize_manifest(*m);
+  ASSERT_TRUE(bytes);
+  ASSERT_TRUE(fx.store->write_manifest("wrongsum", *bytes));
+  auto v = verify_image(*fx.store, "wrongsum", {});
+  ASSERT_TRUE(v);
+  ASSERT_EQ(v->problems.size(), 1u);
+  EXPECT_NE(v->problems[0].message.find("the manifest's checksum of blob " + m->frames[2].id.hex()), std::string::npos)
+      << v->problems[0].message;
+  auto f = flatten_image(*fx.store, "wrongsum", fx.dir.file("out"), {});
+  ASSERT_FALSE(f);
+  EXPECT_NE(f.error().message.find(m->frames[2].id.hex()), std::string::npos) << f.error().message;
+}
+
+// An image written before frames had checksums (manifest version 1) is
+// served, flattened and verified as before: its frames are checked by SHA-256.
+TEST(ImageCorruption, AVersion1ImageWithoutChecksumsIsReadAndItsFramesCheckedBySha256) {
+  CorruptionFixture fx;
+  auto m = parse_manifest(*fx.store->read_manifest("base"), "base");
+  ASSERT_TRUE(m);
+  for (FrameRef& f : m->frames) f.checksum.reset();
+  auto bytes = serialize_manifest(*m);
+  ASSERT_TRUE(bytes);
+  ASSERT_EQ((*bytes)[8], 1) << "written as version 1";
+  ASSERT_TRUE(fx.store->write_manifest("old", *bytes));
+  expect_flattens_to(*fx.store, "old", fx.dir.file("flat"), fx.base_mem);
+  auto v = verify_image(*fx.store, "old", {});
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->problems.empty());
+  const BlobId id = m->frames.at(0).id;
+  std::string blob = read_all(fx.store->describe(id));
+  blob[blob.size() / 2] ^= 1;
+  std::filesystem::remove(fx.store->describe(id));
+  write_all(fx.store->describe(id), blob);
+  auto f = flatten_image(*fx.store, "old", fx.dir.file("out"), {});
+  ASSERT_FALSE(f);
+  EXPECT_NE(f.error().message.find("its SHA-256 does not match its name"), std::string::npos) << f.error().message;
+}
+
 TEST(ImageCorruption, AFlippedByteInAManifestIsAnErrorNamingTheImage) {
   CorruptionFixture fx;
   const std::string path = fx.store->describe_manifest("base");

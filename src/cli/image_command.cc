@@ -127,8 +127,9 @@ ImageCommand::ImageCommand(CLI::App& app) : options_(std::make_unique<Options>()
   add_store(o.remove);
   add_name(o.remove);
 
-  o.verify = o.image->add_subcommand(
-      "verify", "Check every manifest checksum, every ancestor and every frame (present, SHA-256, decompresses)");
+  o.verify = o.image->add_subcommand("verify",
+                                     "Check every manifest checksum, every ancestor and every frame (present, its "
+                                     "SHA-256 and checksum, decompresses)");
   add_store(o.verify);
   add_name(o.verify);
   add_quiet(o.verify);

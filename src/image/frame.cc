@@ -1,5 +1,6 @@
 #include "image/frame.h"
 
+#include <xxhash.h>
 #include <zstd.h>
 
 #include <cstdint>
@@ -38,6 +39,16 @@ Result<FrameBuffer> decode_frame(std::string_view blob, const BlobId& id, uint64
                                  const std::string& what) {
   if (BlobId::of(blob) != id) {
     return fail(what + ": blob " + id.hex() + " is corrupt (its SHA-256 does not match its name)", EIO);
+  }
+  return decode_checked_frame(blob, id, expected_bytes, what);
+}
+
+uint64_t frame_checksum(std::string_view blob) { return XXH3_64bits(blob.data(), blob.size()); }
+
+Result<FrameBuffer> decode_frame_by_checksum(std::string_view blob, const BlobId& id, uint64_t checksum,
+                                             uint64_t expected_bytes, const std::string& what) {
+  if (frame_checksum(blob) != checksum) {
+    return fail(what + ": blob " + id.hex() + " is corrupt (its checksum does not match the manifest's)", EIO);
   }
   return decode_checked_frame(blob, id, expected_bytes, what);
 }

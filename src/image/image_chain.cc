@@ -97,14 +97,21 @@ Result<FrameBuffer> ImageChain::read_frame(uint32_t layer, uint64_t frame) const
       e.message = describe_layer(layer) + ": " + e.message;
       return std::unexpected(std::move(e));  // keeps code and retryable: the store's to say
     }
-    // A blob the store has just checked against its id is not hashed again.
-    const auto decode = blob->checked ? decode_checked_frame : decode_frame;
-    Result<FrameBuffer> frame =
-        blob->bytes.size() != f.compressed_bytes
-            ? fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->bytes.size()) +
-                       " bytes, the manifest says " + std::to_string(f.compressed_bytes),
-                   EIO)
-            : decode(blob->bytes, f.id, static_cast<uint64_t>(f.pages) * m.page_size, describe_layer(layer));
+    const uint64_t bytes = static_cast<uint64_t>(f.pages) * m.page_size;
+    Result<FrameBuffer> frame = [&]() -> Result<FrameBuffer> {
+      if (blob->bytes.size() != f.compressed_bytes) {
+        return fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->bytes.size()) +
+                        " bytes, the manifest says " + std::to_string(f.compressed_bytes),
+                    EIO);
+      }
+      // Checked against its id by the store on this read: not hashed again.
+      if (blob->checked) return decode_checked_frame(blob->bytes, f.id, bytes, describe_layer(layer));
+      // From this host's disk: the manifest's checksum catches damage.
+      if (f.checksum && store_->checksum_suffices()) {
+        return decode_frame_by_checksum(blob->bytes, f.id, *f.checksum, bytes, describe_layer(layer));
+      }
+      return decode_frame(blob->bytes, f.id, bytes, describe_layer(layer));
+    }();
     if (frame || attempt == 2) {
       if (!frame) frame.error().message += " (fetched twice, damaged both times)";
       return frame;

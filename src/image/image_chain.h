@@ -12,8 +12,10 @@
 // division, however long the chain. It costs 8 bytes per guest page
 // (64 MiB for a 32 GiB guest of 4 KiB pages).
 //
-// Frames are fetched from the store, checked against their SHA-256 and
-// decompressed by read_frame(); no byte of an unchecked blob is returned.
+// Frames are fetched from the store, checked (against the manifest's XXH3
+// checksum when the store is this host's disk, else against their SHA-256
+// name; frame.h) and decompressed by read_frame(); no byte of an unchecked
+// blob is returned.
 //
 // Thread-safety: after open(), const methods are safe from any thread as long
 // as the Store is (read_frame() has no cache; ChainPageReader below adds one).

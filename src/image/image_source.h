@@ -5,8 +5,8 @@
 // Every page resolves to zero or (layer, frame, index in frame) through the
 // chain's flattened table: one lookup per page, however long the chain. A
 // read of a stored page takes its whole frame from the daemon's shared
-// FrameCache (loading it once: fetched, checked against its SHA-256 before
-// any byte is used, decompressed) and copies the page out of it; the other
+// FrameCache (loading it once: fetched, checked before any byte is used
+// (ImageChain::read_frame), decompressed) and copies the page out of it; the other
 // pages of that frame are then served from memory, which read_if_cached()
 // does without ever loading. Zero pages are known from the manifests
 // (extent(), known_zero()), so they are installed without reading.

@@ -110,6 +110,9 @@ static Status validate(const Manifest& m, const std::string& what) {
   uint64_t framed = 0;
   for (size_t i = 0; i < m.frames.size(); ++i) {
     const FrameRef& f = m.frames[i];
+    if (f.checksum.has_value() != m.frames[0].checksum.has_value()) {
+      return fail(what + ": some frames have a checksum and some do not", EINVAL);
+    }
     const bool last = i + 1 == m.frames.size();
     if (f.pages == 0 || f.pages > m.frame_pages || (!last && f.pages != m.frame_pages)) {
       return fail(what + ": frame " + std::to_string(i) + " holds " + std::to_string(f.pages) +
@@ -172,9 +175,12 @@ Result<std::string> serialize_manifest(const Manifest& m) {
   } else {
     put_varint(body, 0);
   }
+  // Version 1 had no checksums; a manifest without them is written as one.
+  const uint32_t version = !m.frames.empty() && !m.frames[0].checksum ? 1 : kManifestVersion;
   put_varint(body, m.frames.size());
   for (const FrameRef& f : m.frames) {
     body.append(reinterpret_cast<const char*>(f.id.bytes.data()), 32);
+    if (version >= 2) put_u64(body, *f.checksum);
     put_varint(body, f.compressed_bytes);
     put_varint(body, f.pages);
   }
@@ -191,7 +197,7 @@ Result<std::string> serialize_manifest(const Manifest& m) {
     if (code == kCodeStoredSequential) cursor += r.pages;
   }
   std::string out(kMagic, sizeof kMagic);
-  put_u32(out, kManifestVersion);
+  put_u32(out, version);
   put_u32(out, m.page_size);
   put_u64(out, m.guest_bytes);
   put_u32(out, m.frame_pages);
@@ -231,9 +237,9 @@ Result<Manifest> parse_manifest(std::string_view bytes, const std::string& what)
   const auto* p = reinterpret_cast<const uint8_t*>(bytes.data());
   if (std::memcmp(p, kMagic, sizeof kMagic) != 0) return fail(what + ": not an image manifest (bad magic)", EINVAL);
   const uint32_t version = get_u32(p + 8);
-  if (version != kManifestVersion) {
+  if (version < kOldestManifestVersion || version > kManifestVersion) {
     return fail(what + ": manifest version " + std::to_string(version) + " is not supported (this faultline reads " +
-                    std::to_string(kManifestVersion) + ")",
+                    std::to_string(kOldestManifestVersion) + " to " + std::to_string(kManifestVersion) + ")",
                 EINVAL);
   }
   const uint64_t body_bytes = get_u64(p + 40);
@@ -268,16 +274,20 @@ Result<Manifest> parse_manifest(std::string_view bytes, const std::string& what)
     m.parent = std::move(parent);
   }
   uint64_t frame_count = 0;
-  // Each frame takes at least 34 bytes: a count larger than that is a lie
-  // (and must not size an allocation).
-  if (!r.varint(frame_count) || frame_count > r.remaining() / 34) return bad("frame count");
+  // Each frame takes at least 34 bytes (42 with its checksum): a count larger
+  // than that is a lie (and must not size an allocation).
+  const size_t min_frame_bytes = version >= 2 ? 42 : 34;
+  if (!r.varint(frame_count) || frame_count > r.remaining() / min_frame_bytes) return bad("frame count");
   m.frames.resize(frame_count);
   for (FrameRef& f : m.frames) {
     uint64_t pages = 0;
-    if (!r.bytes(f.id.bytes.data(), 32) || !r.varint(f.compressed_bytes) || !r.varint(pages) ||
-        pages > m.frame_pages) {
-      return bad("frame table");
+    if (!r.bytes(f.id.bytes.data(), 32)) return bad("frame table");
+    if (version >= 2) {
+      uint8_t sum[8];
+      if (!r.bytes(sum, sizeof sum)) return bad("frame table");
+      f.checksum = get_u64(sum);
     }
+    if (!r.varint(f.compressed_bytes) || !r.varint(pages) || pages > m.frame_pages) return bad("frame table");
     f.pages = static_cast<uint32_t>(pages);
   }
   uint64_t cursor = 0, run_count = 0;

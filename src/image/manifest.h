@@ -4,7 +4,7 @@
 // parent image", or stored (a page of one of the image's frames). The
 // manifest names the parent (and pins the exact bytes of the parent's
 // manifest by their SHA-256), the page size, the guest size, the frames
-// (blob id, compressed size, page count) and the page map. The byte layout
+// (blob id, XXH3-64 checksum, compressed size, page count) and the page map. The byte layout
 // is documented in docs/image-format.md; keep the two in step.
 //
 // Stored pages are numbered 0..stored_pages-1 in storage order (the order in
@@ -37,7 +37,10 @@
 
 namespace faultline::image {
 
-inline constexpr uint32_t kManifestVersion = 1;
+// Version 2 adds each frame's XXH3-64 checksum; version 1 manifests (no
+// checksums) are still read, and their frames verified by SHA-256.
+inline constexpr uint32_t kManifestVersion = 2;
+inline constexpr uint32_t kOldestManifestVersion = 1;
 inline constexpr uint32_t kSmallPage = 4096;
 inline constexpr uint32_t kHugePage = 2 * 1024 * 1024;
 // Frames decompress into memory; bound them (and the allocation a hostile
@@ -53,6 +56,9 @@ struct FrameRef {
   BlobId id;
   uint64_t compressed_bytes = 0;
   uint32_t pages = 0;
+  // XXH3-64 of the blob's bytes (manifest version 2; absent in version 1):
+  // what a blob read from a local store is checked against (frame.h).
+  std::optional<uint64_t> checksum;
   friend bool operator==(const FrameRef&, const FrameRef&) = default;
 };
 
@@ -96,7 +102,8 @@ uint64_t sequential_start(const Manifest& m);
 // Checks the invariants parse_manifest() checks (so that serialize never
 // writes what parse would refuse).
 Status validate_manifest(const Manifest& m);
-// Encodes `m` (which must pass validate_manifest()).
+// Encodes `m` (which must pass validate_manifest()): version 2 when every
+// frame has its checksum, version 1 when none has (as older faultlines wrote).
 Result<std::string> serialize_manifest(const Manifest& m);
 // Decodes and validates. `what` (e.g. "image base (store/images/base)") starts every error.
 Result<Manifest> parse_manifest(std::string_view bytes, const std::string& what);

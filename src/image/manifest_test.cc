@@ -9,6 +9,8 @@
 namespace faultline::image {
 namespace {
 
+std::string with_valid_checksum(std::string bytes);
+
 BlobId fake_id(uint64_t n) {
   BlobId id;
   for (int i = 0; i < 8; ++i) id.bytes[i] = static_cast<uint8_t>(n >> (8 * i));
@@ -24,7 +26,7 @@ Manifest base_with_runs(uint64_t guest_pages, const std::vector<PageRun>& runs, 
   m.stored_pages = stored;
   for (uint64_t first = 0; first < stored; first += m.frame_pages) {
     const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(m.frame_pages, stored - first));
-    m.frames.push_back(FrameRef{fake_id(first), 1000, n});
+    m.frames.push_back(FrameRef{fake_id(first), 1000, n, 0x9e3779b97f4a7c15ull * (first + 1)});
   }
   m.runs = runs;
   return m;
@@ -41,6 +43,48 @@ TEST(ImageManifest, RoundTripsAParentFramesAndExplicitRuns) {
   auto back = parse_manifest(*bytes, "test");
   ASSERT_TRUE(back) << back.error().describe();
   EXPECT_EQ(*back, m);
+}
+
+uint32_t version_of(const std::string& bytes) {
+  uint32_t v = 0;
+  for (int i = 3; i >= 0; --i) v = v << 8 | static_cast<uint8_t>(bytes[8 + i]);
+  return v;
+}
+
+// Version 2 keeps each frame's checksum; a manifest without checksums is
+// written and read as version 1, the format older faultlines wrote, and its
+// frames carry none (they are then verified by SHA-256).
+TEST(ImageManifest, FrameChecksumsRoundTripInVersion2AndVersion1HasNone) {
+  Manifest m = base_with_runs(300, {{PageKind::kStored, 200, 0}, {PageKind::kZero, 100, 0}}, 200);
+  auto v2 = serialize_manifest(m);
+  ASSERT_TRUE(v2) << v2.error().describe();
+  EXPECT_EQ(version_of(*v2), 2u);
+  auto back = parse_manifest(*v2, "test");
+  ASSERT_TRUE(back) << back.error().describe();
+  EXPECT_EQ(*back, m);
+  ASSERT_TRUE(back->frames[1].checksum);
+  EXPECT_EQ(*back->frames[1].checksum, 0x9e3779b97f4a7c15ull * 129);
+
+  for (FrameRef& f : m.frames) f.checksum.reset();
+  auto v1 = serialize_manifest(m);
+  ASSERT_TRUE(v1) << v1.error().describe();
+  EXPECT_EQ(version_of(*v1), 1u);
+  EXPECT_EQ(v1->size() + 8 * m.frames.size(), v2->size()) << "8 bytes of checksum per frame";
+  back = parse_manifest(*v1, "test");
+  ASSERT_TRUE(back) << back.error().describe();
+  EXPECT_EQ(*back, m);
+  for (const FrameRef& f : back->frames) EXPECT_FALSE(f.checksum);
+
+  m.frames[0].checksum = 1;  // some frames with, some without: not a manifest of either version
+  EXPECT_FALSE(serialize_manifest(m));
+
+  std::string future = *v2;
+  future[8] = 3;
+  auto refused = parse_manifest(with_valid_checksum(future.substr(0, future.size() - 32)), "image f");
+  ASSERT_FALSE(refused);
+  EXPECT_NE(refused.error().message.find("manifest version 3 is not supported (this faultline reads 1 to 2)"),
+            std::string::npos)
+      << refused.error().message;
 }
 
 TEST(ImageManifest, BaseImageOfA64GiBSparseGuestIsSmall) {

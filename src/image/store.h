@@ -71,6 +71,12 @@ class BlobStore {
   // page-cache reads, each followed by a hash and a decompression, so loads
   // beyond one per core only contend with the installs they feed.
   virtual int useful_concurrent_gets() const { return 0; }
+  // True when the store's blobs are files on this host's disk, where what can
+  // happen to them is damage: a frame read from it is then checked against
+  // its manifest's XXH3-64 checksum, not hashed with SHA-256 (frame.h).
+  // Blobs from anywhere else (a bucket, through a network) are checked
+  // against their SHA-256 name.
+  virtual bool checksum_suffices() const { return false; }
 };
 
 // Held for as long as an operation must not overlap gc (see Store::lock_*),

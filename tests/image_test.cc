@@ -390,6 +390,14 @@ struct CorruptionFixture {
     write_all(dir.file("next"), next);
     create(*store, dir.file("next"), "child", "base");
   }
+  // Flips the bits `mask` of the byte at 1/`part` of blob `id`'s file,
+  // rewritten as a new file as a damaged disk would show it.
+  void damage(const BlobId& id, size_t part, uint8_t mask) {
+    std::string blob = read_all(store->describe(id));
+    blob[blob.size() / part] ^= static_cast<char>(mask);
+    std::filesystem::remove(store->describe(id));
+    write_all(store->describe(id), blob);
+  }
   BlobId first_frame(const std::string& name) {
     return parse_manifest(*store->read_manifest(name), name)->frames.at(0).id;
   }
@@ -412,10 +420,7 @@ struct CorruptionFixture {
 TEST(ImageCorruption, AFlippedByteInAFrameIsAnErrorNamingImageAndBlob) {
   CorruptionFixture fx;
   const BlobId id = fx.first_frame("base");
-  std::string blob = read_all(fx.store->describe(id));
-  blob[blob.size() / 2] ^= 1;
-  std::filesystem::remove(fx.store->describe(id));
-  write_all(fx.store->describe(id), blob);
+  fx.damage(id, 2, 1);
   fx.expect_refused("image base");
   fx.expect_refused(id.hex());
 }
@@ -426,10 +431,7 @@ TEST(ImageCorruption, AFlippedByteInAFrameIsAnErrorNamingImageAndBlob) {
 TEST(ImageCorruption, AFrameDamagedOnDiskIsRefusedByItsChecksumWhenServedAndByBothChecksWhenVerified) {
   CorruptionFixture fx;
   const BlobId id = fx.first_frame("base");
-  std::string blob = read_all(fx.store->describe(id));
-  blob[blob.size() / 3] ^= 0x40;
-  std::filesystem::remove(fx.store->describe(id));
-  write_all(fx.store->describe(id), blob);
+  fx.damage(id, 3, 0x40);
   auto f = flatten_image(*fx.store, "base", fx.dir.file("out"), {});
   ASSERT_FALSE(f);
   EXPECT_NE(f.error().message.find("its checksum does not match the manifest's"), std::string::npos)
@@ -479,10 +481,7 @@ TEST(ImageCorruption, AVersion1ImageWithoutChecksumsIsReadAndItsFramesCheckedByS
   ASSERT_TRUE(v);
   EXPECT_TRUE(v->problems.empty());
   const BlobId id = m->frames.at(0).id;
-  std::string blob = read_all(fx.store->describe(id));
-  blob[blob.size() / 2] ^= 1;
-  std::filesystem::remove(fx.store->describe(id));
-  write_all(fx.store->describe(id), blob);
+  fx.damage(id, 2, 1);
   auto f = flatten_image(*fx.store, "old", fx.dir.file("out"), {});
   ASSERT_FALSE(f);
   EXPECT_NE(f.error().message.find("its SHA-256 does not match its name"), std::string::npos) << f.error().message;

@@ -89,12 +89,14 @@ class ReadBuffer {
 struct CompressedFrame {
   std::string bytes;
   BlobId id;
+  uint64_t checksum = 0;  // frame_checksum(bytes)
 };
 
-// Compresses and hashes frames 0..count-1 on worker threads, at most
-// `window` frames ahead of the consumer (bounded memory), and hands them out
-// in frame order through next(). A frame's blob depends only on its pages and
-// the level (frame.h), so the output is the same for any number of threads.
+// Compresses and hashes (SHA-256 name, XXH3 checksum) frames 0..count-1 on
+// worker threads, at most `window` frames ahead of the consumer (bounded
+// memory), and hands them out in frame order through next(). A frame's blob
+// depends only on its pages and the level (frame.h), so the output is the
+// same for any number of threads.
 // With one thread, next() does the work itself and no thread is started.
 // The destructor stops and joins the workers (also after an error).
 class FramePipeline {
@@ -149,7 +151,8 @@ class FramePipeline {
     auto bytes = compressor.compress(pages);
     if (!bytes) return std::unexpected(bytes.error());
     const BlobId id = BlobId::of(*bytes);
-    return CompressedFrame{std::move(*bytes), id};
+    const uint64_t checksum = frame_checksum(*bytes);
+    return CompressedFrame{std::move(*bytes), id, checksum};
   }
 
   void work() {
@@ -429,8 +432,7 @@ Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOpti
       if (auto put = store.put_deferred(frame->id, frame->bytes); !put) return std::unexpected(put.error());
       ++report.frames_written;
     }
-    m.frames.push_back(
-        FrameRef{frame->id, frame->bytes.size(), static_cast<uint32_t>(n), frame_checksum(frame->bytes)});
+    m.frames.push_back(FrameRef{frame->id, frame->bytes.size(), static_cast<uint32_t>(n), frame->checksum});
     report.stored_bytes += frame->bytes.size();
   }
   report.frames = m.frames.size();

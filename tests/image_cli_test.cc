@@ -46,11 +46,13 @@ TEST(ImageCli, CreateInspectVerifyFlattenAndGcEndToEnd) {
   EXPECT_EQ(j["layers"][0]["parent"], "base");
   EXPECT_EQ(j["layers"][0]["pages"]["stored"], 4);
   EXPECT_EQ(j["layers"][1]["parent"], nullptr);
+  EXPECT_EQ(j["layers"][0]["version"], 2) << "create writes manifest version 2";
   EXPECT_EQ(j["page_size"], 4096);
   EXPECT_EQ(j["guest_bytes"], 8 * kMiB);
   i = run_faultline(dir, {"image", "inspect", "--store", store, "--name", "next"});
   ASSERT_EQ(i.exit_code, 0) << i.output;
   EXPECT_NE(i.output.find("compression ratio"), std::string::npos) << i.output;
+  EXPECT_NE(i.output.find("(version 2)"), std::string::npos) << i.output;
 
   CommandRun v = run_faultline(dir, {"image", "verify", "--store", store, "--name", "next"});
   ASSERT_EQ(v.exit_code, 0) << v.output;
@@ -76,6 +78,7 @@ TEST(ImageCli, CreateInspectVerifyFlattenAndGcEndToEnd) {
   EXPECT_EQ(listed[1]["name"], "next");
   EXPECT_EQ(listed[1]["parent"], "base");
   EXPECT_EQ(listed[1]["stored_pages"], 4);
+  EXPECT_EQ(listed[1]["version"], 2);
   l = run_faultline(dir, {"image", "list", "--store", store});
   ASSERT_EQ(l.exit_code, 0) << l.output;
   EXPECT_NE(l.output.find("next: parent base; guest 8.0 MiB"), std::string::npos) << l.output;

@@ -476,6 +476,12 @@ TEST(ImageCorruption, AVersion1ImageWithoutChecksumsIsReadAndItsFramesCheckedByS
   ASSERT_TRUE(bytes);
   ASSERT_EQ((*bytes)[8], 1) << "written as version 1";
   ASSERT_TRUE(fx.store->write_manifest("old", *bytes));
+  auto inspected = inspect_image(*fx.store, "old");
+  ASSERT_TRUE(inspected) << inspected.error().describe();
+  EXPECT_EQ(inspected->layers.at(0).version, 1u);
+  auto listed = list_images(*fx.store);
+  ASSERT_TRUE(listed);
+  for (const ImageListing& l : *listed) EXPECT_EQ(l.version, l.name == "old" ? 1u : 2u) << l.name;
   expect_flattens_to(*fx.store, "old", fx.dir.file("flat"), fx.base_mem);
   auto v = verify_image(*fx.store, "old", {});
   ASSERT_TRUE(v);

@@ -226,11 +226,13 @@ int ImageCommand::run() {
       nlohmann::json layers = nlohmann::json::array();
       for (const image::LayerInfo& l : r->layers) {
         layers.push_back({{"name", l.name},
+                          {"version", l.version},
                           {"parent", l.parent ? nlohmann::json(*l.parent) : nlohmann::json(nullptr)},
                           {"pages", {{"zero", l.zero_pages}, {"parent", l.parent_pages}, {"stored", l.stored_pages}}},
                           {"frames", l.frames},
                           {"stored_bytes", l.stored_bytes},
-                          {"manifest_bytes", l.manifest_bytes}});
+                          {"manifest_bytes", l.manifest_bytes},
+                          {"version", l.version}});
       }
       nlohmann::json j{{"name", o.name},
                        {"page_size", r->page_size},
@@ -248,11 +250,13 @@ int ImageCommand::run() {
     std::printf("image %s: guest %s in pages of %u bytes, %zu layer(s)\n", o.name.c_str(), mib(r->guest_bytes).c_str(),
                 r->page_size, r->layers.size());
     for (const image::LayerInfo& l : r->layers) {
-      std::printf("  layer %s (parent: %s): %llu stored, %llu zero, %llu as in the parent; %llu frames, %s, manifest %llu bytes\n",
-                  l.name.c_str(), l.parent ? l.parent->c_str() : "none", static_cast<unsigned long long>(l.stored_pages),
-                  static_cast<unsigned long long>(l.zero_pages), static_cast<unsigned long long>(l.parent_pages),
-                  static_cast<unsigned long long>(l.frames), mib(l.stored_bytes).c_str(),
-                  static_cast<unsigned long long>(l.manifest_bytes));
+      std::printf(
+          "  layer %s (parent: %s): %llu stored, %llu zero, %llu as in the parent; %llu frames, %s, manifest %llu "
+          "bytes (version %u)\n",
+          l.name.c_str(), l.parent ? l.parent->c_str() : "none", static_cast<unsigned long long>(l.stored_pages),
+          static_cast<unsigned long long>(l.zero_pages), static_cast<unsigned long long>(l.parent_pages),
+          static_cast<unsigned long long>(l.frames), mib(l.stored_bytes).c_str(),
+          static_cast<unsigned long long>(l.manifest_bytes), l.version);
     }
     std::printf("resolved: %llu pages with data, %llu zero\n", static_cast<unsigned long long>(r->stored_pages),
                 static_cast<unsigned long long>(r->zero_pages));
@@ -277,7 +281,8 @@ int ImageCommand::run() {
                     {"stored_pages", l.stored_pages},
                     {"frames", l.frames},
                     {"stored_bytes", l.stored_bytes},
-                    {"manifest_bytes", l.manifest_bytes}});
+                    {"manifest_bytes", l.manifest_bytes},
+                    {"version", l.version}});
         }
         nlohmann::json served_by = nlohmann::json::array();
         for (const image::ImageLease& lease : l.leases) {

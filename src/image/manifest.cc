@@ -165,6 +165,11 @@ static Status validate(const Manifest& m, const std::string& what) {
 
 Status validate_manifest(const Manifest& m) { return validate(m, "manifest"); }
 
+uint32_t manifest_version(const Manifest& m) {
+  // Version 1 had no checksums; a manifest without them is written as one.
+  return !m.frames.empty() && !m.frames[0].checksum ? 1 : kManifestVersion;
+}
+
 Result<std::string> serialize_manifest(const Manifest& m) {
   if (auto st = validate(m, "manifest"); !st) return std::unexpected(st.error());
   std::string body;
@@ -175,8 +180,7 @@ Result<std::string> serialize_manifest(const Manifest& m) {
   } else {
     put_varint(body, 0);
   }
-  // Version 1 had no checksums; a manifest without them is written as one.
-  const uint32_t version = !m.frames.empty() && !m.frames[0].checksum ? 1 : kManifestVersion;
+  const uint32_t version = manifest_version(m);
   put_varint(body, m.frames.size());
   for (const FrameRef& f : m.frames) {
     body.append(reinterpret_cast<const char*>(f.id.bytes.data()), 32);

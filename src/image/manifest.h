@@ -102,8 +102,12 @@ uint64_t sequential_start(const Manifest& m);
 // Checks the invariants parse_manifest() checks (so that serialize never
 // writes what parse would refuse).
 Status validate_manifest(const Manifest& m);
-// Encodes `m` (which must pass validate_manifest()): version 2 when every
-// frame has its checksum, version 1 when none has (as older faultlines wrote).
+// The version serialize_manifest() writes `m` as: 2 when its frames have
+// checksums (or it has no frames), 1 when they have none (as older
+// faultlines wrote); parse_manifest() of either gives back a manifest of
+// the same version.
+uint32_t manifest_version(const Manifest& m);
+// Encodes `m` (which must pass validate_manifest()), as manifest_version(m).
 Result<std::string> serialize_manifest(const Manifest& m);
 // Decodes and validates. `what` (e.g. "image base (store/images/base)") starts every error.
 Result<Manifest> parse_manifest(std::string_view bytes, const std::string& what);

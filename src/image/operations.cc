@@ -633,6 +633,7 @@ Result<InspectReport> inspect_image(Store& store, const std::string& name) {
   for (const Layer& l : chain->layers()) {
     LayerInfo info;
     info.name = l.name;
+    info.version = manifest_version(l.manifest);
     if (l.manifest.parent) info.parent = l.manifest.parent->name;
     for (const PageRun& run : l.manifest.runs) {
       (run.kind == PageKind::kZero ? info.zero_pages : run.kind == PageKind::kParent ? info.parent_pages
@@ -686,6 +687,7 @@ Result<std::vector<ImageListing>> list_images(Store& store) {
     l.frames = m->frames.size();
     for (const FrameRef& f : m->frames) l.stored_bytes += f.compressed_bytes;
     l.manifest_bytes = bytes->size();
+    l.version = manifest_version(*m);
     out.push_back(std::move(l));
   }
   auto leases = store.live_leases(/*remove_stale=*/false, nullptr);

@@ -134,6 +134,7 @@ Result<VerifyReport> verify_image(Store& store, const std::string& name, const P
 
 struct LayerInfo {
   std::string name;
+  uint32_t version = 0;  // of its manifest (manifest_version)
   std::optional<std::string> parent;
   uint64_t zero_pages = 0, parent_pages = 0, stored_pages = 0;
   uint64_t frames = 0;
@@ -165,6 +166,7 @@ struct ImageListing {
   uint64_t frames = 0;        // its frames
   uint64_t stored_bytes = 0;  // their compressed bytes
   uint64_t manifest_bytes = 0;
+  uint32_t version = 0;          // of its manifest (manifest_version)
   std::optional<Error> problem;  // its manifest could not be read or parsed (the counts above are then 0)
   std::vector<ImageLease> leases;  // the live processes serving it (Store::lease)
 };

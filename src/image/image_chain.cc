@@ -91,7 +91,7 @@ Result<FrameBuffer> ImageChain::read_frame(uint32_t layer, uint64_t frame) const
   // damaged on the way (a proxy, a flaky network card): fetched once more.
   // Damaged twice, they are damaged where they are stored.
   for (int attempt = 1;; ++attempt) {
-    auto blob = store_->get_checked(f.id);
+    auto blob = store_->get_checked(f.id, f.checksum);
     if (!blob) {
       Error e = blob.error();
       e.message = describe_layer(layer) + ": " + e.message;

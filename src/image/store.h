@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -33,8 +34,9 @@ namespace faultline::image {
 // A blob as read by BlobStore::get_checked().
 struct FetchedBlob {
   std::string bytes;
-  // True when the store checked `bytes` against their id (SHA-256) on this
-  // read, so the reader need not hash them a second time.
+  // True when the store checked `bytes` on this read, against their id
+  // (SHA-256) or against the checksum the reader passed, so the reader need
+  // not check them a second time.
   bool checked = false;
 };
 
@@ -42,11 +44,13 @@ class BlobStore {
  public:
   virtual ~BlobStore() = default;
   virtual Result<std::string> get(const BlobId& id) = 0;
-  // get(), saying whether the store has checked the bytes against `id` on the
-  // way: a store that must hash what it reads anyway (a disk cache verifying
-  // what it reads back, or what it fetched before keeping it) says so, and a
-  // frame is then hashed once per read instead of twice.
-  virtual Result<FetchedBlob> get_checked(const BlobId& id) {
+  // get(), saying whether the store has checked the bytes on the way: a store
+  // that must check what it reads anyway (a disk cache verifying what it
+  // reads back, or what it fetched before keeping it) says so, and a frame is
+  // then checked once per read instead of twice. `checksum`, when given, is
+  // the manifest's XXH3 of the blob (frame.h), which such a store may check
+  // a copy on this host's disk against instead of hashing it with SHA-256.
+  virtual Result<FetchedBlob> get_checked(const BlobId& id, std::optional<uint64_t> /*checksum*/) {
     auto bytes = get(id);
     if (!bytes) return std::unexpected(bytes.error());
     return FetchedBlob{std::move(*bytes), false};

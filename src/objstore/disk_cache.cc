@@ -11,6 +11,7 @@
 
 #include "common/atomic_file.h"
 #include "common/unique_fd.h"
+#include "image/frame.h"
 
 namespace faultline::objstore {
 
@@ -72,7 +73,7 @@ void DiskCache::forget_locked(const image::BlobId& id) {
   entries_.erase(it);
 }
 
-std::optional<std::string> DiskCache::get(const image::BlobId& id) {
+std::optional<std::string> DiskCache::get(const image::BlobId& id, std::optional<uint64_t> checksum) {
   {
     std::lock_guard lock(mu_);
     if (!entries_.contains(id)) {
@@ -81,8 +82,9 @@ std::optional<std::string> DiskCache::get(const image::BlobId& id) {
     }
   }
   auto bytes = read_whole_file(path(id));
+  const bool sound = bytes && (checksum ? image::frame_checksum(*bytes) == *checksum : image::BlobId::of(*bytes) == id);
   std::lock_guard lock(mu_);
-  if (!bytes || image::BlobId::of(*bytes) != id) {
+  if (!sound) {
     // Gone (evicted meanwhile) or damaged: never returned; a damaged file goes.
     if (bytes) {
       ::unlink(path(id).c_str());
@@ -161,13 +163,13 @@ DiskCache::Stats DiskCache::stats() const {
 }
 
 Result<std::string> CachedStore::get(const image::BlobId& id) {
-  auto blob = get_checked(id);
+  auto blob = get_checked(id, std::nullopt);
   if (!blob) return std::unexpected(blob.error());
   return std::move(blob->bytes);
 }
 
-Result<image::FetchedBlob> CachedStore::get_checked(const image::BlobId& id) {
-  if (auto hit = cache_->get(id)) return image::FetchedBlob{std::move(*hit), true};  // get() checked it
+Result<image::FetchedBlob> CachedStore::get_checked(const image::BlobId& id, std::optional<uint64_t> checksum) {
+  if (auto hit = cache_->get(id, checksum)) return image::FetchedBlob{std::move(*hit), true};  // get() checked it
   auto bytes = inner_->get(id);
   if (!bytes) return std::unexpected(bytes.error());
   // Bytes damaged on the way are not kept (the caller checks them and may

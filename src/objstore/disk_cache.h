@@ -10,7 +10,8 @@
 //   the whole cache is not cached.
 // - Atomic: a blob is written to a temporary file and renamed into place, so
 //   a name never shows a partial file.
-// - Verified: every read checks the bytes against their name; a file that
+// - Verified: every read checks the bytes, against the manifest's XXH3
+//   checksum when the reader gives it, else against their name; a file that
 //   does not match (a torn write after a crash, a bad disk) is deleted and
 //   reported as a miss, never returned.
 // - Persistent: open() indexes what DIR already holds (last use = the file's
@@ -39,8 +40,11 @@ class DiskCache {
  public:
   static Result<std::shared_ptr<DiskCache>> open(const std::string& dir, uint64_t max_bytes);
 
-  // The blob's bytes, verified; nullopt on a miss (absent, or damaged and now deleted).
-  std::optional<std::string> get(const image::BlobId& id);
+  // The blob's bytes, verified (against `checksum`, the blob's XXH3 from its
+  // manifest, when given: the file is on this host's disk, where a checksum
+  // catches damage; else against its name); nullopt on a miss (absent, or
+  // damaged and now deleted).
+  std::optional<std::string> get(const image::BlobId& id, std::optional<uint64_t> checksum = std::nullopt);
   // Stores the blob (REQUIRES: id == BlobId::of(bytes)), evicting as needed.
   // An error (a full disk) leaves the cache as it was, minus evicted blobs.
   Status put(const image::BlobId& id, std::string_view bytes);
@@ -87,10 +91,11 @@ class CachedStore final : public image::Store {
       : inner_(std::move(inner)), cache_(std::move(cache)), on_cache_error_(std::move(on_cache_error)) {}
 
   Result<std::string> get(const image::BlobId& id) override;
-  // Every blob this returns was hashed once on the way (DiskCache::get checks
-  // a hit; a miss is checked before it is kept): checked, unless a fetched
-  // blob did not match its name (returned unchecked, for the caller's error).
-  Result<image::FetchedBlob> get_checked(const image::BlobId& id) override;
+  // Every blob this returns was checked once on the way (DiskCache::get
+  // checks a hit, against `checksum` when given, else its name; a miss is
+  // hashed before it is kept): checked, unless a fetched blob did not match
+  // its name (returned unchecked, for the caller's error).
+  Result<image::FetchedBlob> get_checked(const image::BlobId& id, std::optional<uint64_t> checksum) override;
   Status put(const image::BlobId& id, std::string_view bytes) override { return inner_->put(id, bytes); }
   Result<bool> exists(const image::BlobId& id) override { return inner_->exists(id); }
   Result<std::vector<image::BlobId>> list() override { return inner_->list(); }

@@ -5,6 +5,7 @@
 // full disk.
 #include "objstore/disk_cache.h"
 
+#include <gtest/gtest.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -15,10 +16,9 @@
 #include <random>
 #include <thread>
 
-#include <gtest/gtest.h>
-
-#include "tests/capability.h"
+#include "image/frame.h"
 #include "image/local_store.h"
+#include "tests/capability.h"
 
 namespace faultline::objstore {
 namespace {
@@ -199,6 +199,39 @@ TEST_F(CachedStoreTest, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFi
   EXPECT_EQ(inner->gets.load(), 2) << "the refetched blob was cached again";
 }
 
+// Given the manifest's checksum, a hit is checked against it (XXH3, not
+// SHA-256): a damaged file is dropped and fetched again as before, and a
+// checksum that the file does not match is never trusted over it.
+TEST_F(CachedStoreTest, AHitIsCheckedAgainstTheManifestsChecksumWhenGivenOne) {
+  const uint64_t sum = image::frame_checksum(b);
+  ASSERT_TRUE(store->get_checked(id, sum));  // a miss: fetched, hashed by name, kept
+  auto hit = store->get_checked(id, sum);
+  ASSERT_TRUE(hit) << hit.error().describe();
+  EXPECT_TRUE(hit->checked);
+  EXPECT_TRUE(hit->bytes == b);
+  EXPECT_EQ(inner->gets.load(), 1);
+  EXPECT_EQ(cache->stats().hits, 1u);
+  {
+    std::fstream f(dir.path() + "/cache/" + id.hex(), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(700);
+    f.put('\x11' ^ b[700]);
+  }
+  auto refetched = store->get_checked(id, sum);
+  ASSERT_TRUE(refetched);
+  EXPECT_TRUE(refetched->checked);
+  EXPECT_TRUE(refetched->bytes == b);
+  EXPECT_EQ(inner->gets.load(), 2) << "the damaged file was caught by the checksum";
+  EXPECT_EQ(cache->stats().damaged, 1u);
+  // A sound file and a checksum it does not match (a wrong manifest, which
+  // verify reports): the cache cannot tell which is wrong, so it drops the
+  // file and fetches; the blob comes back checked by its name: right bytes.
+  auto mismatched = store->get_checked(id, sum ^ 1);
+  ASSERT_TRUE(mismatched);
+  EXPECT_TRUE(mismatched->bytes == b);
+  EXPECT_EQ(inner->gets.load(), 3);
+  EXPECT_EQ(cache->stats().damaged, 2u);
+}
+
 // A frame read through the cache is hashed once: get_checked() says
 // `checked` for what it has hashed itself (a hit, a fetch that matched its
 // name), and never for bytes that did not match, which the reader must check
@@ -206,20 +239,20 @@ TEST_F(CachedStoreTest, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFi
 TEST_F(CachedStoreTest, GetCheckedSaysCheckedOnlyForBytesItHashedAndFoundRight) {
 
   inner->damage = true;
-  auto damaged = store->get_checked(id);
+  auto damaged = store->get_checked(id, std::nullopt);
   ASSERT_TRUE(damaged) << damaged.error().describe();
   EXPECT_FALSE(damaged->checked);
   EXPECT_NE(BlobId::of(damaged->bytes), id);
   EXPECT_EQ(cache->stats().bytes, 0u) << "damaged bytes were kept";
 
   inner->damage = false;
-  auto fetched = store->get_checked(id);
+  auto fetched = store->get_checked(id, std::nullopt);
   ASSERT_TRUE(fetched) << fetched.error().describe();
   EXPECT_TRUE(fetched->checked);
   EXPECT_TRUE(fetched->bytes == b);
   EXPECT_EQ(inner->gets.load(), 2);
 
-  auto hit = store->get_checked(id);
+  auto hit = store->get_checked(id, std::nullopt);
   ASSERT_TRUE(hit) << hit.error().describe();
   EXPECT_TRUE(hit->checked);
   EXPECT_TRUE(hit->bytes == b);
@@ -228,7 +261,7 @@ TEST_F(CachedStoreTest, GetCheckedSaysCheckedOnlyForBytesItHashedAndFoundRight) 
   // A store without a cache hashes nothing on the way: the reader must.
   auto plain = image::LocalStore::open(dir.path() + "/store", false);
   ASSERT_TRUE(plain);
-  auto unchecked = (*plain)->get_checked(id);
+  auto unchecked = (*plain)->get_checked(id, std::nullopt);
   ASSERT_TRUE(unchecked);
   EXPECT_FALSE(unchecked->checked);
   EXPECT_TRUE(unchecked->bytes == b);

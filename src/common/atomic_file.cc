@@ -22,17 +22,23 @@ Status check_plain_file_name(std::string_view name) {
   return {};
 }
 
+Result<std::string> random_name_suffix() {
+  uint64_t r = 0;
+  if (::getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) return fail_errno("getrandom failed");
+  char suffix[24];
+  std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(r & 0xffffffffffffull));
+  return std::string(suffix);
+}
+
 Result<std::pair<UniqueFd, std::string>> create_temporary_file(int dir_fd, const std::string& final_name, mode_t mode) {
   // A random suffix: a name someone planted in advance is never ours, and
   // O_EXCL refuses it instead of writing through it.
   std::string tmp;
   UniqueFd file;
   for (int attempt = 0; attempt < 8 && !file; ++attempt) {
-    uint64_t r = 0;
-    if (::getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) return fail_errno("getrandom failed");
-    char suffix[24];
-    std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(r & 0xffffffffffffull));
-    tmp = "." + final_name + ".tmp-" + suffix;
+    auto suffix = random_name_suffix();
+    if (!suffix) return std::unexpected(suffix.error());
+    tmp = "." + final_name + ".tmp-" + *suffix;
     file.reset(::openat(dir_fd, tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode));
     if (!file && errno != EEXIST) return fail_errno("cannot create " + tmp);
   }

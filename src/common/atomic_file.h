@@ -29,6 +29,9 @@ namespace faultline {
 // files are dot files; hidden names are refused so none can be clobbered).
 Status check_plain_file_name(std::string_view name);
 
+// 12 random hex digits (getrandom), for names no one can plant in advance.
+Result<std::string> random_name_suffix();
+
 // Creates the temporary ".FINAL_NAME.tmp-XXXXXXXXXXXX" (random suffix) in the
 // directory open as `dir_fd`, with O_CREAT|O_EXCL|O_NOFOLLOW and exactly
 // `mode`; returns its fd and its name relative to `dir_fd`. Every crash-safe

@@ -309,11 +309,9 @@ Result<std::unique_ptr<StoreLock>> LocalStore::lease(const std::string& name) {
   if (auto st = make_dir(leases); !st) return std::unexpected(st.error());
   UniqueFd dir(::open(leases.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!dir) return fail_errno("cannot open " + leases);
-  uint64_t r = 0;
-  if (::getrandom(&r, sizeof r, 0) != static_cast<ssize_t>(sizeof r)) return fail_errno("getrandom failed");
-  char suffix[24];
-  std::snprintf(suffix, sizeof suffix, "%012llx", static_cast<unsigned long long>(r & 0xffffffffffffull));
-  const std::string final_name = std::string(kLeasePrefix) + std::to_string(::getpid()) + "-" + suffix;
+  auto suffix = random_name_suffix();
+  if (!suffix) return std::unexpected(suffix.error());
+  const std::string final_name = std::string(kLeasePrefix) + std::to_string(::getpid()) + "-" + *suffix;
   auto tmp = create_temporary_file(dir.get(), final_name, 0644);
   if (!tmp) return std::unexpected(tmp.error());
   auto& [fd, tmp_name] = *tmp;

@@ -84,39 +84,59 @@ std::string ImageChain::describe_layer(uint32_t layer) const {
   return "image " + layers_[layer].name + " (" + store_->describe_manifest(layers_[layer].name) + ")";
 }
 
-Result<FrameBuffer> ImageChain::read_frame(uint32_t layer, uint64_t frame) const {
-  const Manifest& m = layers_[layer].manifest;
-  const FrameRef& f = m.frames[frame];
+Result<FrameBuffer> load_frame(BlobStore& store, const FrameRef& f, uint32_t page_size, const std::string& what,
+                               FrameCheck check) {
+  const uint64_t bytes = static_cast<uint64_t>(f.pages) * page_size;
   // Bytes that do not match the blob's address (or size) may have been
   // damaged on the way (a proxy, a flaky network card): fetched once more.
   // Damaged twice, they are damaged where they are stored.
   for (int attempt = 1;; ++attempt) {
-    auto blob = store_->get_checked(f.id, f.checksum);
+    Result<FetchedBlob> blob = [&]() -> Result<FetchedBlob> {
+      if (check == FrameCheck::kToServe) return store.get_checked(f.id, f.checksum);
+      auto plain = store.get(f.id);
+      if (!plain) return std::unexpected(plain.error());
+      return FetchedBlob{std::move(*plain), false};
+    }();
     if (!blob) {
       Error e = blob.error();
-      e.message = describe_layer(layer) + ": " + e.message;
+      e.message = what + ": " + e.message;
       return std::unexpected(std::move(e));  // keeps code and retryable: the store's to say
     }
-    const uint64_t bytes = static_cast<uint64_t>(f.pages) * m.page_size;
+    bool manifest_wrong = false;  // a sound blob, a wrong checksum: fetching again cannot help
     Result<FrameBuffer> frame = [&]() -> Result<FrameBuffer> {
       if (blob->bytes.size() != f.compressed_bytes) {
-        return fail(describe_layer(layer) + ": blob " + f.id.hex() + " has " + std::to_string(blob->bytes.size()) +
+        return fail(what + ": blob " + f.id.hex() + " has " + std::to_string(blob->bytes.size()) +
                         " bytes, the manifest says " + std::to_string(f.compressed_bytes),
                     EIO);
       }
-      // Checked against its id by the store on this read: not hashed again.
-      if (blob->checked) return decode_checked_frame(blob->bytes, f.id, bytes, describe_layer(layer));
-      // From this host's disk: the manifest's checksum catches damage.
-      if (f.checksum && store_->checksum_suffices()) {
-        return decode_frame_by_checksum(blob->bytes, f.id, *f.checksum, bytes, describe_layer(layer));
+      if (check == FrameCheck::kEverything) {
+        auto decoded = decode_frame(blob->bytes, f.id, bytes, what);
+        if (decoded && f.checksum && frame_checksum(blob->bytes) != *f.checksum) {
+          // Served from a local store, this frame would be refused.
+          manifest_wrong = true;
+          return fail(what + ": the manifest's checksum of blob " + f.id.hex() + " does not match the blob", EIO);
+        }
+        return decoded;
       }
-      return decode_frame(blob->bytes, f.id, bytes, describe_layer(layer));
+      // Checked against its id by the store on this read: not hashed again.
+      if (blob->checked) return decode_checked_frame(blob->bytes, f.id, bytes, what);
+      // From this host's disk: the manifest's checksum catches damage.
+      if (f.checksum && store.checksum_suffices()) {
+        return decode_frame_by_checksum(blob->bytes, f.id, *f.checksum, bytes, what);
+      }
+      return decode_frame(blob->bytes, f.id, bytes, what);
     }();
-    if (frame || attempt == 2) {
-      if (!frame) frame.error().message += " (fetched twice, damaged both times)";
+    if (frame || manifest_wrong) return frame;
+    if (attempt == 2) {
+      frame.error().message += " (fetched twice, damaged both times)";
       return frame;
     }
   }
+}
+
+Result<FrameBuffer> ImageChain::read_frame(uint32_t layer, uint64_t frame) const {
+  const Manifest& m = layers_[layer].manifest;
+  return load_frame(*store_, m.frames[frame], m.page_size, describe_layer(layer), FrameCheck::kToServe);
 }
 
 std::vector<uint64_t> ImageChain::guest_pages_of_storage(uint32_t layer) const {

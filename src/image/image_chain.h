@@ -41,6 +41,27 @@ struct Layer {
   uint64_t manifest_bytes = 0;
 };
 
+// How load_frame() checks a frame's blob.
+enum class FrameCheck {
+  // As a server must before installing any byte: against the manifest's
+  // XXH3 checksum when the blob is on this host's disk
+  // (BlobStore::checksum_suffices) or its store has just checked it
+  // (FetchedBlob::checked), else against its SHA-256 name.
+  kToServe,
+  // As `verify` does: always against its SHA-256 name, and (version 2) the
+  // manifest's checksum against the blob too, so that a manifest whose
+  // checksum is wrong for a sound blob is found.
+  kEverything,
+};
+
+// Fetches the blob of frame `f` (of an image of `page_size` pages) from
+// `store`, checks its size and bytes as `check` says and decompresses it.
+// Bytes that fail a check are fetched once more (they may have been damaged
+// on the way); damaged twice, the error says so. `what` names the image in
+// errors. A store's own error is returned as it is, prefixed with `what`.
+Result<FrameBuffer> load_frame(BlobStore& store, const FrameRef& f, uint32_t page_size, const std::string& what,
+                               FrameCheck check);
+
 struct PageLocation {
   bool zero = true;
   uint32_t layer = 0;         // index into ImageChain::layers()

@@ -561,30 +561,14 @@ Status flatten_image(Store& store, const std::string& name, const std::string& o
   return out->commit();
 }
 
-// Everything about one frame that verify checks: the blob is there, has the
-// manifest's size, matches its SHA-256 name and (version 2) the manifest's
-// checksum, and decompresses to the frame's pages. Bytes damaged on the way
-// from a remote store are fetched once more. Null when all is well.
+// Everything about one frame that verify checks (load_frame's kEverything):
+// the blob is there, has the manifest's size, matches its SHA-256 name and
+// (version 2) the manifest's checksum, and decompresses to the frame's pages.
+// Null when all is well.
 static std::optional<Error> check_frame(Store& store, const FrameRef& f, uint32_t page_size, const std::string& what) {
-  std::optional<Error> problem;
-  for (int attempt = 1; attempt <= 2; ++attempt) {
-    auto blob = store.get(f.id);
-    if (!blob) return Error{blob.error().code, what + ": " + blob.error().describe()};
-    if (blob->size() != f.compressed_bytes) {
-      problem = Error{EIO, what + ": blob " + f.id.hex() + " has " + std::to_string(blob->size()) +
-                               " bytes, the manifest says " + std::to_string(f.compressed_bytes)};
-    } else if (auto frame = decode_frame(*blob, f.id, static_cast<uint64_t>(f.pages) * page_size, what); !frame) {
-      problem = frame.error();
-    } else if (f.checksum && frame_checksum(*blob) != *f.checksum) {
-      // The blob is right and the manifest's checksum wrong: served from a
-      // local store, the frame would be refused.
-      return Error{EIO, what + ": the manifest's checksum of blob " + f.id.hex() + " does not match the blob"};
-    } else {
-      return std::nullopt;
-    }
-  }
-  problem->message += " (fetched twice, damaged both times)";
-  return problem;
+  auto frame = load_frame(store, f, page_size, what, FrameCheck::kEverything);
+  if (frame) return std::nullopt;
+  return frame.error();
 }
 
 Result<VerifyReport> verify_image(Store& store, const std::string& name, const Progress& progress) {

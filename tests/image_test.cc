@@ -867,11 +867,21 @@ bool lease_in_a_process_that_dies(Store& store, const std::vector<std::string>& 
   return ::waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
-TEST(ImageLease, AServedImageIsNotDeletedUntilItsSourceIsGone) {
+// Each test starts with a store holding "base", an image of `mem`.
+class ImageLeases : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    mem = make_memory(dir.file("mem"), 2 * kMiB, 21, 0.2);
+    store = open_store(dir.file("store"));
+    create(*store, dir.file("mem"), "base");
+  }
+
   TempDir dir;
-  const std::string mem = make_memory(dir.file("mem"), 2 * kMiB, 21, 0.2);
-  auto store = open_store(dir.file("store"));
-  create(*store, dir.file("mem"), "base");
+  std::string mem;
+  std::unique_ptr<LocalStore> store;
+};
+
+TEST_F(ImageLeases, AServedImageIsNotDeletedUntilItsSourceIsGone) {
   auto src = serve(dir.file("store"), "base");
   ASSERT_TRUE(src);
   ASSERT_EQ(lease_files(dir.file("store")).size(), 1u);
@@ -904,11 +914,7 @@ TEST(ImageLease, AServedImageIsNotDeletedUntilItsSourceIsGone) {
   EXPECT_FALSE(*store->manifest_exists("base"));
 }
 
-TEST(ImageLease, ALeaseWhoseProcessDiedIsStaleAndDeleteAndGcRemoveIt) {
-  TempDir dir;
-  make_memory(dir.file("mem"), 2 * kMiB, 22, 0.2);
-  auto store = open_store(dir.file("store"));
-  create(*store, dir.file("mem"), "base");
+TEST_F(ImageLeases, ALeaseWhoseProcessDiedIsStaleAndDeleteAndGcRemoveIt) {
   create(*store, dir.file("mem"), "copy");
   ASSERT_TRUE(lease_in_a_process_that_dies(*store, {"base", "copy"}));
   ASSERT_EQ(lease_files(dir.file("store")).size(), 2u);
@@ -934,11 +940,7 @@ TEST(ImageLease, ALeaseWhoseProcessDiedIsStaleAndDeleteAndGcRemoveIt) {
 // The order between a server opening an image and a delete, both ways: a
 // delete that comes while an open holds its lease waits and refuses; an open
 // that comes while a delete holds the lock finds no image, and leaves no lease.
-TEST(ImageLease, DeleteWaitsForAnOpeningServerAndRefuses) {
-  TempDir dir;
-  const std::string mem = make_memory(dir.file("mem"), 2 * kMiB, 23, 0.2);
-  auto store = open_store(dir.file("store"));
-  create(*store, dir.file("mem"), "base");
+TEST_F(ImageLeases, DeleteWaitsForAnOpeningServerAndRefuses) {
   std::mutex mu;
   std::condition_variable cv;
   bool leased = false, released = false;
@@ -977,11 +979,7 @@ TEST(ImageLease, DeleteWaitsForAnOpeningServerAndRefuses) {
   expect_serves(*src, mem);
 }
 
-TEST(ImageLease, AnOpenThatWaitsForADeleteFindsNoImageAndLeavesNoLease) {
-  TempDir dir;
-  make_memory(dir.file("mem"), 2 * kMiB, 24, 0.2);
-  auto store = open_store(dir.file("store"));
-  create(*store, dir.file("mem"), "base");
+TEST_F(ImageLeases, AnOpenThatWaitsForADeleteFindsNoImageAndLeavesNoLease) {
   auto deleting = store->lock_exclusive({});  // what delete_image holds while it removes the manifest
   ASSERT_TRUE(deleting);
   std::mutex mu;
@@ -1014,11 +1012,7 @@ TEST(ImageLease, AnOpenThatWaitsForADeleteFindsNoImageAndLeavesNoLease) {
 }
 
 // A store where no lease can be written still serves the image, and says so.
-TEST(ImageLease, AnImageThatCannotBeLeasedIsServedAndTheFailureReported) {
-  TempDir dir;
-  const std::string mem = make_memory(dir.file("mem"), 2 * kMiB, 25, 0.2);
-  auto store = open_store(dir.file("store"));
-  create(*store, dir.file("mem"), "base");
+TEST_F(ImageLeases, AnImageThatCannotBeLeasedIsServedAndTheFailureReported) {
   std::filesystem::remove(dir.file("store/leases"));
   write_all(dir.file("store/leases"), "a file where the directory should be");
   std::vector<Error> reported;

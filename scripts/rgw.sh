@@ -156,6 +156,35 @@ mon warn on pool no redundancy = false
 # a quick first start (else ~9 s of paxos waits)
 paxos propose interval = 0.05
 paxos min wait = 0.01
+# Ceph's daemons format their debug messages into an in-memory ring as
+# well as the log file (the second number of each level): off here, errors
+# still logged. Measured by faultline-bench --scenario store: see
+# docs/performance.md "Images in an object store".
+debug asok = 0/0
+debug auth = 0/0
+debug buffer = 0/0
+debug context = 0/0
+debug crush = 0/0
+debug finisher = 0/0
+debug heartbeatmap = 0/0
+debug memdb = 0/0
+debug mon = 0/0
+debug monc = 0/0
+debug ms = 0/0
+debug objclass = 0/0
+debug objecter = 0/0
+debug optracker = 0/0
+debug osd = 0/0
+debug paxos = 0/0
+debug perfcounter = 0/0
+debug rados = 0/0
+debug reserver = 0/0
+debug rgw = 0/0
+debug rocksdb = 0/0
+debug leveldb = 0/0
+debug throttle = 0/0
+debug timer = 0/0
+debug tp = 0/0
 [mon]
 mon data = $dir/mon
 [osd]

@@ -22,6 +22,7 @@
 #include "image/image_source.h"
 #include "image/local_store.h"
 #include "image/operations.h"
+#include "image/transfer.h"
 #include "snapshot/working_set.h"
 
 namespace faultline::image {
@@ -1009,6 +1010,62 @@ TEST_F(ImageLeases, AnOpenThatWaitsForADeleteFindsNoImageAndLeavesNoLease) {
   ASSERT_FALSE(opened);
   EXPECT_EQ(opened.error().code, ENOENT) << opened.error().describe();
   EXPECT_TRUE(lease_files(dir.file("store")).empty());
+}
+
+// The commands that read an image for a while (flatten, verify, and push,
+// pull or copy reading it: copy_image) lease it too: a delete meanwhile is
+// refused with what they do, and the image is deletable once they are done.
+TEST_F(ImageLeases, AFlattenAVerifyAndACopyAreNotDeletedFromUnderThem) {
+  auto other = open_store(dir.file("other"));
+  const std::string me = "by pid " + std::to_string(::getpid());
+  int tries = 0;
+  // Tried from inside each operation's progress callback, while it works.
+  const auto refused_while = [&](const std::string& use) {
+    return [this, use, me, &tries, tried = false](uint64_t, uint64_t) mutable {
+      if (tried) return;
+      tried = true;
+      ++tries;
+      auto live = store->live_leases(false, nullptr);
+      ASSERT_TRUE(live) << live.error().describe();
+      ASSERT_EQ(live->size(), 1u);
+      EXPECT_EQ((*live)[0].use, use);
+      auto r = delete_image(*open_store(dir.file("store")), "base");
+      ASSERT_FALSE(r) << use << ": deleted from under it";
+      EXPECT_EQ(r.error().code, EBUSY);
+      EXPECT_NE(r.error().message.find("it is being " + use + " " + me), std::string::npos) << r.error().message;
+    };
+  };
+  ASSERT_TRUE(flatten_image(*store, "base", dir.file("flat"), refused_while("flattened")));
+  EXPECT_TRUE(read_all(dir.file("flat")) == mem);
+  auto v = verify_image(*store, "base", refused_while("verified"));
+  ASSERT_TRUE(v) << v.error().describe();
+  EXPECT_TRUE(v->problems.empty());
+  CopyOptions c;
+  c.progress = refused_while("copied");
+  ASSERT_TRUE(copy_image(*store, *other, "base", c));
+  EXPECT_EQ(tries, 3) << "each operation reported progress while it held its lease";
+  EXPECT_TRUE(lease_files(dir.file("store")).empty()) << "each released its lease when done";
+  EXPECT_TRUE(lease_files(dir.file("other")).empty()) << "the destination of a copy is not leased";
+  ASSERT_TRUE(delete_image(*store, "base"));
+}
+
+// A lease file written before leases said what they are for is a server's.
+TEST_F(ImageLeases, ALeaseWithoutAUseIsAServers) {
+  auto lease = store->lease("base", "flattened");
+  ASSERT_TRUE(lease) << lease.error().describe();
+  const std::string path = dir.file("store/leases/") + lease_files(dir.file("store")).at(0);
+  std::string text = read_all(path);
+  const size_t use = text.find("use flattened\n");
+  ASSERT_NE(use, std::string::npos) << text;
+  text.erase(use);
+  {
+    std::ofstream out(path, std::ios::trunc);  // the same file: its flock stays held
+    out << text;
+  }
+  auto live = store->live_leases(false, nullptr);
+  ASSERT_TRUE(live) << live.error().describe();
+  ASSERT_EQ(live->size(), 1u);
+  EXPECT_EQ((*live)[0].use, "served");
 }
 
 // A store where no lease can be written still serves the image, and says so.

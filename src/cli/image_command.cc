@@ -122,8 +122,8 @@ ImageCommand::ImageCommand(CLI::App& app) : options_(std::make_unique<Options>()
 
   o.remove = o.image->add_subcommand(
       "delete",
-      "Delete an image (refused while other images have it as their parent or a daemon serves it); gc then frees its "
-      "frames");
+      "Delete an image (refused while other images have it as their parent, or a daemon serves it, or a flatten, "
+      "verify or push reads it); gc then frees its frames");
   add_store(o.remove);
   add_name(o.remove);
 
@@ -286,8 +286,11 @@ int ImageCommand::run() {
         }
         nlohmann::json served_by = nlohmann::json::array();
         for (const image::ImageLease& lease : l.leases) {
-          served_by.push_back(
-              {{"pid", lease.pid}, {"host", lease.host}, {"since", lease.since}, {"lease", lease.path}});
+          served_by.push_back({{"pid", lease.pid},
+                               {"host", lease.host},
+                               {"since", lease.since},
+                               {"lease", lease.path},
+                               {"use", lease.use}});
         }
         j["served_by"] = std::move(served_by);
         images.push_back(std::move(j));
@@ -299,9 +302,10 @@ int ImageCommand::run() {
           std::printf("%s: unreadable: %s\n", l.name.c_str(), l.problem->describe().c_str());
           continue;
         }
+        // "; served by pid 12 on h, flattened by pid 34 on h"
         std::string served;
         for (const image::ImageLease& lease : l.leases) {
-          served += (served.empty() ? "; served by pid " : ", pid ") + std::to_string(lease.pid) +
+          served += (served.empty() ? "; " : ", ") + lease.use + " by pid " + std::to_string(lease.pid) +
                     (lease.host.empty() ? "" : " on " + lease.host);
         }
         std::printf("%s: parent %s; guest %s in pages of %u bytes; stores %llu pages in %llu frames, %s%s\n",

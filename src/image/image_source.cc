@@ -17,29 +17,15 @@ bool retryable_errno(int code) {
 Result<std::shared_ptr<ImageSource>> ImageSource::open(std::unique_ptr<Store> store, const std::string& name,
                                                        std::shared_ptr<FrameCache> cache,
                                                        const ImageOpenOptions& options) {
-  const auto unleased = [&](const Error& e) {
-    if (e.code != ENOTSUP && options.on_unleased) options.on_unleased(e);
-  };
-  // Shared, as a create: a delete (exclusive) either ran before, and the
-  // image is gone, or runs after and sees the lease.
-  std::unique_ptr<StoreLock> lock;
-  if (auto locked = store->lock_shared(options.on_lock_wait)) {
-    lock = std::move(*locked);
-  } else {
-    unleased(locked.error());
-  }
-  std::unique_ptr<StoreLock> lease;
-  if (auto leased = store->lease(name)) {
-    lease = std::move(*leased);
-  } else {
-    unleased(leased.error());
-  }
+  // The shared lock is held until the manifests are read (a delete either
+  // ran before, and the image is gone, or runs after and sees the lease).
+  ImageHold hold = hold_image(*store, name, "served", {options.on_lock_wait, options.on_unleased});
   if (options.after_lease) options.after_lease();
   auto chain = ImageChain::open(*store, name);
   if (!chain) return std::unexpected(chain.error());
   if (chain->guest_bytes() == 0) return fail("image " + name + " holds no memory (guest size 0)", EINVAL);
   return std::shared_ptr<ImageSource>(
-      new ImageSource(std::move(store), std::move(*chain), name, std::move(cache), std::move(lease)));
+      new ImageSource(std::move(store), std::move(*chain), name, std::move(cache), std::move(hold.lease)));
 }
 
 ImageSource::ImageSource(std::unique_ptr<Store> store, ImageChain chain, std::string name,

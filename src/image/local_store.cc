@@ -76,7 +76,8 @@ std::string utc_now() {
   return buf;
 }
 
-// "image NAME\npid P\nhost H\nsince T\n" -> the fields; unknown lines are skipped.
+// "image NAME\npid P\nhost H\nsince T\nuse U\n" -> the fields; unknown lines
+// are skipped, and a lease without "use" (written before it existed) is "served".
 ImageLease parse_lease(const std::string& text, std::string path) {
   ImageLease l;
   l.path = std::move(path);
@@ -97,6 +98,8 @@ ImageLease parse_lease(const std::string& text, std::string path) {
       l.host = value;
     } else if (key == "since") {
       l.since = value;
+    } else if (key == "use" && !value.empty()) {
+      l.use = value;
     }
   }
   return l;
@@ -301,7 +304,7 @@ Result<std::unique_ptr<StoreLock>> LocalStore::lock_exclusive(const std::functio
   return lock(LOCK_EX, on_wait);
 }
 
-Result<std::unique_ptr<StoreLock>> LocalStore::lease(const std::string& name) {
+Result<std::unique_ptr<StoreLock>> LocalStore::lease(const std::string& name, std::string_view use) {
   if (auto st = check_image_name(name); !st)
     return fail("bad image name '" + name + "': " + st.error().message, EINVAL);
   const std::string leases = dir_ + "/leases";
@@ -317,8 +320,8 @@ Result<std::unique_ptr<StoreLock>> LocalStore::lease(const std::string& name) {
   auto& [fd, tmp_name] = *tmp;
   char host[256] = {};
   ::gethostname(host, sizeof host - 1);
-  const std::string text =
-      "image " + name + "\npid " + std::to_string(::getpid()) + "\nhost " + host + "\nsince " + utc_now() + "\n";
+  const std::string text = "image " + name + "\npid " + std::to_string(::getpid()) + "\nhost " + host + "\nsince " +
+                           utc_now() + "\nuse " + std::string(use) + "\n";
   Status written = [&]() -> Status {
     if (::write(fd.get(), text.data(), text.size()) != static_cast<ssize_t>(text.size())) {
       return fail_errno("cannot write the lease " + leases + "/" + tmp_name);

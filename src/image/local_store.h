@@ -58,7 +58,7 @@ class LocalStore final : public Store {
   Result<std::unique_ptr<StoreLock>> lock_exclusive(const std::function<void()>& on_wait) override;
   // Writes DIR/leases/lease-PID-RAND (creating leases/ in a store made before
   // it existed), flocked before it gets its name; the handle unlinks it.
-  Result<std::unique_ptr<StoreLock>> lease(const std::string& name) override;
+  Result<std::unique_ptr<StoreLock>> lease(const std::string& name, std::string_view use) override;
   Result<std::vector<ImageLease>> live_leases(bool remove_stale, uint64_t* removed) override;
 
   // Removes temporary files left by interrupted writes. REQUIRES: the

@@ -520,7 +520,9 @@ Result<CreateReport> create_image(Store& store, const CreateOptions& o) {
 }
 
 Status flatten_image(Store& store, const std::string& name, const std::string& out_path, const Progress& progress) {
+  ImageHold hold = hold_image(store, name, "flattened");  // the lease, until the file is written
   auto chain = ImageChain::open(store, name);
+  hold.lock.reset();
   if (!chain) return std::unexpected(chain.error());
   auto out = AtomicFileWriter::create(out_path);
   if (!out) return std::unexpected(out.error());
@@ -573,7 +575,9 @@ static std::optional<Error> check_frame(Store& store, const FrameRef& f, uint32_
 
 Result<VerifyReport> verify_image(Store& store, const std::string& name, const Progress& progress) {
   VerifyReport report;
+  ImageHold hold = hold_image(store, name, "verified");  // the lease, until every frame is checked
   auto chain = ImageChain::open(store, name);
+  hold.lock.reset();
   if (!chain) {
     report.problems.push_back(chain.error());
     // The chain is broken (a missing or changed ancestor, say), but the
@@ -721,14 +725,14 @@ Status delete_image(Store& store, const std::string& name, const DeleteOptions& 
   // here will find no image.
   auto leases = store.live_leases(/*remove_stale=*/lock != nullptr, nullptr);
   if (!leases) return std::unexpected(leases.error());
-  std::string serving;
+  std::string users;
   for (const ImageLease& l : *leases) {
-    if (l.image == name) serving += (serving.empty() ? "" : "; ") + l.describe();
+    if (l.image == name) users += (users.empty() ? "" : "; ") + l.use + " by " + l.describe();
   }
-  if (!serving.empty()) {
-    return fail(
-        "image " + name + " not deleted: it is being served by " + serving + " (detach or stop what serves it first)",
-        EBUSY);
+  if (!users.empty()) {
+    return fail("image " + name + " not deleted: it is being " + users +
+                    " (detach or stop what serves it, or let the reading command finish, first)",
+                EBUSY);
   }
   return store.remove_manifest(name);
 }

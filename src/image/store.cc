@@ -4,12 +4,30 @@
 
 namespace faultline::image {
 
+ImageHold hold_image(Store& store, const std::string& name, std::string_view use, const HoldOptions& options) {
+  const auto unleased = [&](const Error& e) {
+    if (e.code != ENOTSUP && options.on_unleased) options.on_unleased(e);
+  };
+  ImageHold hold;
+  if (auto locked = store.lock_shared(options.on_lock_wait)) {
+    hold.lock = std::move(*locked);
+  } else {
+    unleased(locked.error());
+  }
+  if (auto leased = store.lease(name, use)) {
+    hold.lease = std::move(*leased);
+  } else {
+    unleased(leased.error());
+  }
+  return hold;
+}
+
 std::string ImageLease::describe() const {
   return "pid " + std::to_string(pid) + " on " + (host.empty() ? std::string("an unnamed host") : host) + " since " +
          since + " (" + path + ")";
 }
 
-Result<std::unique_ptr<StoreLock>> Store::lease(const std::string& name) {
+Result<std::unique_ptr<StoreLock>> Store::lease(const std::string& name, std::string_view /*use*/) {
   return fail("this store keeps no leases (image " + name + " is served unleased)", ENOTSUP);
 }
 

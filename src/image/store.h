@@ -90,9 +90,13 @@ class StoreLock {
   virtual ~StoreLock() = default;
 };
 
-// A live process's claim on an image it serves (Store::lease).
+// A live process's claim on an image it serves or reads (Store::lease).
 struct ImageLease {
   std::string image;
+  // What the holder does with the image, as a past participle for messages:
+  // "served" (a daemon; also a lease written before leases said), "flattened",
+  // "verified", "copied" (image push, pull or copy reading it).
+  std::string use = "served";
   int64_t pid = 0;
   std::string host;
   std::string since;  // UTC, ISO 8601
@@ -131,12 +135,34 @@ class Store : public BlobStore {
   // lock_shared() and before reading the manifests: a delete (exclusive)
   // then either sees the lease or ran first, and the image is gone.
   // ENOTSUP: the store keeps no leases (a bucket, where gc is refused anyway).
-  virtual Result<std::unique_ptr<StoreLock>> lease(const std::string& name);
+  virtual Result<std::unique_ptr<StoreLock>> lease(const std::string& name, std::string_view use = "served");
   // The live leases of the store, every image's. A lease whose holder is gone
   // is stale: skipped, and removed when `remove_stale` (REQUIRES: the
   // exclusive lock); `removed`, if given, counts those. A store that keeps
   // no leases has none.
   virtual Result<std::vector<ImageLease>> live_leases(bool remove_stale, uint64_t* removed);
 };
+
+// What hold_image() holds: the store's shared lock (drop it once the image's
+// manifests are read: while held, a delete or gc waits) and the lease (keep
+// it for as long as the image is read: while held, a delete is refused).
+// Either is null where the store has none.
+struct ImageHold {
+  std::unique_ptr<StoreLock> lock;
+  std::unique_ptr<StoreLock> lease;
+};
+
+struct HoldOptions {
+  std::function<void()> on_lock_wait;  // the lock is held by another process: waiting
+  // A lock or lease the store could not give (not one it keeps none of): the
+  // image is read anyway, unprotected from a delete. Default: ignored.
+  std::function<void(const Error&)> on_unleased;
+};
+
+// Takes the store's shared lock, then a lease on image `name` for `use`
+// (ImageLease::use), so that a delete either ran before (the image is gone
+// when its manifests are read) or runs after and sees the lease. Never fails:
+// what it could not take is null and reported to on_unleased.
+ImageHold hold_image(Store& store, const std::string& name, std::string_view use, const HoldOptions& options = {});
 
 }  // namespace faultline::image

@@ -13,6 +13,9 @@ namespace faultline::image {
 
 Result<CopyReport> copy_image(Store& from, Store& to, const std::string& name, const CopyOptions& options) {
   if (auto st = check_image_name(name); !st) return std::unexpected(st.error());
+  // The source's lease (a directory store), until every blob is copied; its
+  // lock only while the chain's manifests are read.
+  ImageHold hold = hold_image(from, name, "copied");
   // The chain, image first, each manifest checked against its child's pin.
   struct Layer {
     std::string name;
@@ -38,6 +41,7 @@ Result<CopyReport> copy_image(Store& from, Store& to, const std::string& name, c
     pinned = parent->manifest_sha256;
     next = parent->name;
   }
+  hold.lock.reset();
 
   CopyReport report;
   report.layers = chain.size();

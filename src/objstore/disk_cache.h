@@ -115,7 +115,9 @@ class CachedStore final : public image::Store {
   Result<std::unique_ptr<image::StoreLock>> lock_exclusive(const std::function<void()>& on_wait) override {
     return inner_->lock_exclusive(on_wait);
   }
-  Result<std::unique_ptr<image::StoreLock>> lease(const std::string& name) override { return inner_->lease(name); }
+  Result<std::unique_ptr<image::StoreLock>> lease(const std::string& name, std::string_view use) override {
+    return inner_->lease(name, use);
+  }
   Result<std::vector<image::ImageLease>> live_leases(bool remove_stale, uint64_t* removed) override {
     return inner_->live_leases(remove_stale, removed);
   }

@@ -858,7 +858,7 @@ bool lease_in_a_process_that_dies(Store& store, const std::vector<std::string>& 
   if (child == 0) {
     std::vector<std::unique_ptr<StoreLock>> held;
     for (const std::string& n : names) {
-      auto l = store.lease(n);
+      auto l = store.lease(n, "served");
       if (!l) ::_exit(1);
       held.push_back(std::move(*l));
     }

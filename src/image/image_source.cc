@@ -19,7 +19,7 @@ Result<std::shared_ptr<ImageSource>> ImageSource::open(std::unique_ptr<Store> st
                                                        const ImageOpenOptions& options) {
   // The shared lock is held until the manifests are read (a delete either
   // ran before, and the image is gone, or runs after and sees the lease).
-  ImageHold hold = hold_image(*store, name, "served", {options.on_lock_wait, options.on_unleased});
+  ImageHold hold = hold_image(*store, name, "served", options);
   if (options.after_lease) options.after_lease();
   auto chain = ImageChain::open(*store, name);
   if (!chain) return std::unexpected(chain.error());

@@ -35,13 +35,11 @@
 
 namespace faultline::image {
 
-struct ImageOpenOptions {
-  // Called when the image cannot be leased (Store::lease; a store on a
-  // read-only file system, say): it is served anyway, but `image delete`
-  // will not know it is in use. Not called for a store that keeps no leases.
-  std::function<void(const Error&)> on_unleased;
-  // Called (once) if a gc or delete holds the store's lock and open waits for it.
-  std::function<void()> on_lock_wait;
+// on_unleased (HoldOptions): the image cannot be leased (a store on a
+// read-only file system, say): it is served anyway, but `image delete` will
+// not know it is in use. on_lock_wait: a gc or delete holds the store's lock
+// and open waits for it.
+struct ImageOpenOptions : HoldOptions {
   // Test hook: runs with the lease taken and the store's shared lock held,
   // before any manifest is read.
   std::function<void()> after_lease;

@@ -95,7 +95,7 @@ struct ImageLease {
   std::string image;
   // What the holder does with the image, as a past participle for messages:
   // "served" (a daemon; also a lease written before leases said), "flattened",
-  // "verified", "copied" (image push, pull or copy reading it).
+  // "verified", "copied" (image push, or copy_image, reading it).
   std::string use = "served";
   int64_t pid = 0;
   std::string host;
@@ -135,7 +135,7 @@ class Store : public BlobStore {
   // lock_shared() and before reading the manifests: a delete (exclusive)
   // then either sees the lease or ran first, and the image is gone.
   // ENOTSUP: the store keeps no leases (a bucket, where gc is refused anyway).
-  virtual Result<std::unique_ptr<StoreLock>> lease(const std::string& name, std::string_view use = "served");
+  virtual Result<std::unique_ptr<StoreLock>> lease(const std::string& name, std::string_view use);
   // The live leases of the store, every image's. A lease whose holder is gone
   // is stale: skipped, and removed when `remove_stale` (REQUIRES: the
   // exclusive lock); `removed`, if given, counts those. A store that keeps

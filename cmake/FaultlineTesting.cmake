@@ -2,11 +2,12 @@
 #
 # Every test program goes through one of the two functions below; nothing
 # calls gtest_discover_tests() or add_test() directly. Both REQUIRE an explicit
-# SANITIZERS YES|NO, and configuration fails without it. The sanitizer stages of
-# scripts/test.sh build the target `sanitizer-test-programs` (every program
-# registered with SANITIZERS YES, plus the programs they spawn) and run
-# `ctest -L sanitizers --no-tests=error`: a new suite cannot miss them, it can
-# only be left out by writing SANITIZERS NO. faultline_check_test_registrations()
+# SANITIZERS YES|NO, and configuration fails without it. Every test, YES or NO,
+# runs in scripts/test.sh's AddressSanitizer and UBSan tree; its
+# ThreadSanitizer stage builds the target `sanitizer-test-programs` (every
+# program registered with SANITIZERS YES, plus the programs they spawn) and
+# runs `ctest -L sanitizers --no-tests=error`: a new suite cannot miss it, it
+# can only be left out by writing SANITIZERS NO. faultline_check_test_registrations()
 # (called at the end of the root CMakeLists.txt) fails configuration when a
 # Google Test program or an add_test() bypassed these functions.
 #
@@ -14,16 +15,16 @@
 #                   [SPAWNS <program>...] [TIMEOUT <s>] [DISCOVERY_TIMEOUT <s>]
 #                   [PROPERTIES <name> <value>...])
 #     <target>: a Google Test executable already made with add_executable().
-#     SANITIZERS YES: its tests run again under ThreadSanitizer and
-#       AddressSanitizer (label `sanitizers`). Say YES for anything that runs
-#       threads, the fault path, the protocol or the kernel interface; NO only
-#       with a reason written beside the call.
+#     SANITIZERS YES: its tests run again under ThreadSanitizer (label
+#       `sanitizers`). Say YES for anything that runs threads, the fault path,
+#       the protocol or the kernel interface; NO only with a reason written
+#       beside the call.
 #     HUGEPAGES: its tests change vm.nr_hugepages, which is system-wide: they
 #       take the `hugepages` resource lock, so ctest never runs two at once.
 #     HUGEPAGE_TESTS: only the tests this --gtest_filter pattern matches take
 #       the lock (a program of which few tests reserve huge pages).
 #     SPAWNS: programs its tests start (faultline, faultline-client): built
-#       before it, and with it into the sanitizer stages.
+#       before it, and with it into the ThreadSanitizer stage.
 #     TIMEOUT: seconds per test (default 300); a fault nobody serves hangs,
 #       and a hang must fail. DISCOVERY_TIMEOUT: for --gtest_list_tests (default 60).
 #     PROPERTIES: more ctest properties for every test of the program, each
@@ -44,7 +45,7 @@ set_property(GLOBAL PROPERTY FAULTLINE_REGISTERED_TESTS "")
 function(_faultline_sanitizer_choice out function_name what value)
   if(NOT DEFINED value OR value STREQUAL "")
     message(FATAL_ERROR "${function_name}(${what}): SANITIZERS YES|NO is required, so that no test program "
-                        "leaves the ThreadSanitizer/AddressSanitizer stages by accident (cmake/FaultlineTesting.cmake)")
+                        "leaves the ThreadSanitizer stage by accident (cmake/FaultlineTesting.cmake)")
   endif()
   string(TOUPPER "${value}" v)
   if(v STREQUAL "YES" OR v STREQUAL "ON" OR v STREQUAL "TRUE")

@@ -1,18 +1,36 @@
 #!/usr/bin/env bash
-# Installs, builds and runs every test: the whole suite in a normal build,
-# then every test program registered with SANITIZERS YES (ctest label
-# `sanitizers`, see cmake/FaultlineTesting.cmake) again under ThreadSanitizer
-# and AddressSanitizer, then the fuzzers (scripts/fuzz.sh) once they exist.
+# Installs, builds and runs every test. What CI runs (.ci/run), in order:
+#   1. build-asan/: every target with AddressSanitizer and UBSan (-O1 -g1,
+#      test hooks on, every directory), and the whole suite in it (ctest -j2);
+#   2. build-tsan/: every test program registered with SANITIZERS YES (ctest
+#      label `sanitizers`, see cmake/FaultlineTesting.cmake), and those tests
+#      under ThreadSanitizer;
+#   3. the fuzzers once they exist (scripts/fuzz.sh), what they find replayed
+#      with build-asan/'s programs.
+# No unsanitized tree is tested here: each tree is a full compile (~6 minutes
+# on this kind of 2-core host), and an unsanitized tree plus a second
+# AddressSanitizer run of the `sanitizers` tests made CI take ~35 minutes. The
+# unsanitized -O2 tree is what `scripts/test.sh plain` tests, and what the
+# demo and the benchmarks build.
 #
 # Each ctest stage ends with its test count and every skipped test with its
 # reason. With CI=true (.ci/run sets it) a missing host capability fails its
 # test (tests/capability.h), and a stage in which any test skipped fails,
 # except for tests of a capability waived by name in FAULTLINE_CI_WAIVE.
 #
-#   scripts/test.sh         everything
+#   scripts/test.sh         everything CI runs
+#   scripts/test.sh plain   the whole suite in the unsanitized -O2 tree build/, nothing else
 #   scripts/test.sh build   only configure (options checked) and build build/
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode=${1:-ci}
+case "$mode" in
+  ci | plain | build) ;;
+  *)
+    echo "usage: scripts/test.sh [plain | build]" >&2
+    exit 2
+    ;;
+esac
 scripts/install-deps.sh
 ci=false
 case "${CI:-}" in true | 1) ci=true ;; esac
@@ -69,21 +87,27 @@ run_ctest() {
   return $rc
 }
 
-# -O2 as a release build, but -g1 (line tables only, as the sanitizer trees):
-# a failure's backtrace keeps file:line, and the compile is about a third
-# shorter (measured: tests/s3_test.cc 13.6 s against 20.5 s with -g).
-stage "build (RelWithDebInfo -O2 -g1, every directory, test hooks on)"
-configure build CMAKE_BUILD_TYPE=RelWithDebInfo "CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" \
-  "CMAKE_C_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" FAULTLINE_SANITIZER= "${test_options[@]}"
-cmake --build build -j"$(nproc)"
-echo "$(ctest --test-dir build -N | tail -1 | sed 's/^ *//') registered in build/"
-[ "${1:-}" = build ] && exit 0
+# The unsanitized tree: -O2 as a release build, but -g1 (line tables only, as
+# the sanitizer trees): a failure's backtrace keeps file:line, and the compile
+# is about a third shorter (measured: tests/s3_test.cc 13.6 s against 20.5 s with -g).
+if [ "$mode" != ci ]; then
+  stage "build (RelWithDebInfo -O2 -g1, every directory, test hooks on)"
+  configure build CMAKE_BUILD_TYPE=RelWithDebInfo "CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" \
+    "CMAKE_C_FLAGS_RELWITHDEBINFO=-O2 -g1 -DNDEBUG" FAULTLINE_SANITIZER= "${test_options[@]}"
+  cmake --build build -j"$(nproc)"
+  echo "$(ctest --test-dir build -N | tail -1 | sed 's/^ *//') registered in build/"
+  [ "$mode" = build ] && exit 0
+  stage "test (RelWithDebInfo -O2 -g1)"
+  run_ctest all build -j2 --timeout 600
+  echo "== all stages passed in ${SECONDS} s"
+  exit 0
+fi
 
 # -O1 -g1 (line tables only): sanitizer reports keep file:line, and each build
 # compiles in ~2 minutes instead of ~3 on 2 cores (measured: 126 s against 191 s
 # for the TSan targets; their tests ran 158 s against 150 s).
 #
-# Each sanitizer tree is compiled while the stage before it runs its tests, at
+# The ThreadSanitizer tree is compiled while the stage before it runs its tests, at
 # the lowest CPU priority (nice 19): tests spend much of their time waiting
 # (on gates, faults, sessions ending, the hugepages lock) and keep priority
 # over the compiler whenever they run. The build is its own process group, so
@@ -109,7 +133,7 @@ finish_sanitizer_build() {  # $1 = build dir
   echo "$1 built (after ${SECONDS} s)"
 }
 # The AFL++ targets (~170 s of compiling on 2 cores) build in the same way
-# while the AddressSanitizer stage runs its tests. Whether that build failed
+# while the ThreadSanitizer stage runs its tests. Whether that build failed
 # does not matter here: scripts/fuzz.sh builds again (nothing left to do when
 # it succeeded) and reports a failure itself.
 fuzz_build=""
@@ -132,28 +156,32 @@ stop_background_build() {
 }
 trap stop_background_build EXIT
 
+# The whole suite, AddressSanitizer and UBSan on: -O1 -g1 as the ThreadSanitizer
+# tree. Undefined behaviour aborts (cmake: -fno-sanitize-recover=undefined).
+# Leak detection is on by default on x86-64 (a program may turn it off in its
+# __asan_default_options, as events_test does; an ASAN_OPTIONS here would
+# override that).
+stage "build with AddressSanitizer and UBSan (RelWithDebInfo -O1 -g1, every directory, test hooks on)"
+configure build-asan CMAKE_BUILD_TYPE=RelWithDebInfo "CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1" \
+  "CMAKE_C_FLAGS_RELWITHDEBINFO=-O1 -g1" FAULTLINE_SANITIZER=address,undefined "${test_options[@]}"
+cmake --build build-asan -j"$(nproc)"
+echo "$(ctest --test-dir build-asan -N | tail -1 | sed 's/^ *//') registered in build-asan/"
+
 start_sanitizer_build thread build-tsan
-stage "test (RelWithDebInfo)"
-run_ctest all build -j2 --timeout 600
+stage "test (every test, AddressSanitizer and UBSan)"
+UBSAN_OPTIONS="print_stacktrace=1" run_ctest asan build-asan -j2 --timeout 900
 
 stage "ThreadSanitizer"
 finish_sanitizer_build build-tsan
-start_sanitizer_build address build-asan
+start_fuzz_build
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
   run_ctest tsan build-tsan -j2 --timeout 900 -L '^sanitizers$'
 
-stage "AddressSanitizer"
-finish_sanitizer_build build-asan
-start_fuzz_build
-# Leak detection is on by default on x86-64 (a program may turn it off in its
-# __asan_default_options, as events_test does; an ASAN_OPTIONS here would override that).
-run_ctest asan build-asan -j2 --timeout 900 -L '^sanitizers$'
-
 # ---- fuzzing: a bounded run of every fuzz target (fuzz/, scripts/fuzz.sh).
 # Runs once scripts/fuzz.sh exists; it fails this command on a crash.
-# 20 s per target; what AFL++ finds is replayed under AddressSanitizer with
-# the replay programs build-asan/ already has (the sanitizer stages replay the
-# committed seeds and crash inputs too). Longer runs: docs/fuzzing.md.
+# 20 s per target; what AFL++ finds is replayed under AddressSanitizer and
+# UBSan with the replay programs build-asan/ already has (both ctest stages
+# replay the committed seeds and crash inputs too). Longer runs: docs/fuzzing.md.
 if [ -f scripts/fuzz.sh ]; then
   stage "fuzzing (scripts/fuzz.sh)"
   finish_fuzz_build

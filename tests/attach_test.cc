@@ -26,14 +26,9 @@ namespace {
 
 constexpr uint64_t kGuestBytes = 8 * kMiB;
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
 // A copy of `from` with about `fraction` of its pages rewritten.
 void write_generation(const std::string& from, const std::string& to, double fraction, uint64_t seed) {
-  std::string bytes = read_bytes(from);
+  std::string bytes = read_file(from);
   std::mt19937_64 rng(seed);
   for (uint64_t p = 0; p < bytes.size() / 4096; ++p) {
     if (std::uniform_real_distribution<double>(0, 1)(rng) >= fraction) continue;
@@ -146,7 +141,7 @@ TEST_F(Attach, ADetachedSocketIsGoneAndRefusesNewVmsWhileTheVmConnectedThroughIt
   // Half the guest read before the detach, half after.
   ASSERT_TRUE(c->connect_and_send(vm_socket("vm.sock")));
   ASSERT_TRUE(wait_until([&] { return h_.server().live_sessions().size() == 1; }));
-  const std::string model = read_bytes(file("gen1"));
+  const std::string model = read_file(file("gen1"));
   ASSERT_EQ(c->guest_size(), model.size());
   const uint64_t half = model.size() / 2;
   EXPECT_EQ(std::memcmp(c->guest_ptr(0), model.data(), half), 0);

@@ -28,11 +28,6 @@
 namespace faultline::testing {
 namespace {
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
 std::unique_ptr<image::LocalStore> open_store(const std::string& dir) {
   auto s = image::LocalStore::open(dir, true);
   EXPECT_TRUE(s) << s.error().describe();
@@ -66,7 +61,7 @@ class Vm {
     EXPECT_FALSE(h.server().live_sessions().empty());
     if (h.server().live_sessions().empty()) return;
     session_ = h.server().session(h.server().live_sessions().at(0).id);
-    model_ = read_bytes(memory_path);
+    model_ = read_file(memory_path);
     EXPECT_EQ(model_.size(), client_->guest_size());
   }
   ~Vm() {
@@ -147,7 +142,7 @@ void expect_flattens_to(image::Store& store, const std::string& name, const std:
                         const std::string& expected, uint64_t page_size) {
   auto st = image::flatten_image(store, name, out, {});
   ASSERT_TRUE(st) << st.error().describe();
-  const std::string got = read_bytes(out);
+  const std::string got = read_file(out);
   ASSERT_EQ(got.size(), expected.size());
   for (uint64_t p = 0; p * page_size < got.size(); ++p) {
     ASSERT_EQ(got.compare(p * page_size, page_size, expected, p * page_size, page_size), 0)
@@ -211,7 +206,7 @@ class DiffExport : public ::testing::Test {
     o.page_size = page_size;
     auto r = image::create_image(*store_, o);
     ASSERT_TRUE(r) << r.error().describe();
-    base_ = read_bytes(harness_->memory());
+    base_ = read_file(harness_->memory());
   }
   Result<ExportReport> run_export(const std::string& name, bool force_fallback = false,
                                   std::function<void()> after_first_read = {}) {
@@ -469,7 +464,7 @@ class CreateFromPages : public ::testing::Test {
     o.memory_path = dir_.file("mem");
     o.name = "base";
     ASSERT_TRUE(image::create_image(*store_, o));
-    base_ = read_bytes(dir_.file("mem"));
+    base_ = read_file(dir_.file("mem"));
   }
   image::PagesCreateOptions options(const std::string& name) {
     image::PagesCreateOptions o;
@@ -555,7 +550,7 @@ Result<image::CreateReport> create_base_generation(image::Store& store, const Te
   co.memory_path = dir.file("gen0.mem");
   co.name = "gen0";
   auto base = image::create_image(store, co);
-  model = read_bytes(dir.file("gen0.mem"));
+  model = read_file(dir.file("gen0.mem"));
   return base;
 }
 
@@ -586,7 +581,7 @@ TEST(DiffExportChain, TenGenerationsRestoreExactlyAndStoreOnlyTheBaseAndChangedP
   for (int g = 1; g <= 10; ++g) {
     const std::string mem = dir.file("restore.mem");
     ASSERT_TRUE(image::flatten_image(*store, "gen" + std::to_string(g - 1), mem, {}));
-    ASSERT_TRUE(read_bytes(mem) == model) << "generation " << g << " restores what generation " << g - 1 << " had";
+    ASSERT_TRUE(read_file(mem) == model) << "generation " << g << " restores what generation " << g - 1 << " had";
     ServerHarness::Options ho;
     ho.memory_bytes = 4 * 4096;  // the harness's own file is not served
     ho.configure = [&](ServerConfig& c, const TempDir&) { c.memory_path = mem; };

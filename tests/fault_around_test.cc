@@ -36,8 +36,8 @@ ServerHarness::Options with_fault_around(uint32_t pages = 64) {
 }
 
 std::vector<uint8_t> file_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), {}};
+  const std::string s = read_file(path);
+  return {s.begin(), s.end()};
 }
 
 // Pagemap entries of this process for `count` guest pages from `first`.

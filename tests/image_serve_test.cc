@@ -27,8 +27,8 @@ namespace {
 constexpr uint64_t kGuestBytes = 16 * kMiB;
 
 std::vector<uint8_t> read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {});
+  const std::string s = read_file(path);
+  return std::vector<uint8_t>(s.begin(), s.end());
 }
 
 void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {

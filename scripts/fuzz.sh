@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every fuzz target (fuzz/CMakeLists.txt) with AFL++ for SECONDS each,
-# then replays everything the fuzzer kept under AddressSanitizer.
+# Runs every fuzz target (fuzz/CMakeLists.txt) with AFL++ for SECONDS each
+# (as many at once as there are cores), then replays everything the fuzzer
+# kept under AddressSanitizer.
 #
 #   bash scripts/fuzz.sh [SECONDS]        (default 30)
 #
@@ -14,6 +15,7 @@
 #   FUZZ_TARGETS      space-separated subset of targets (default: all)
 #   FUZZ_ASAN_REPLAY  0 skips the ASan build and replay (default 1)
 #   FUZZ_JOBS         build parallelism (default 2)
+#   FUZZ_PARALLEL     targets fuzzed at once, one afl-fuzz each (default: the cores)
 #   FUZZ_REPLAY_BUILD an AddressSanitizer build directory whose bin/fuzz_NAME
 #                     replay programs are used instead of building new ones
 #   FUZZ_BUILD_ONLY   1: only build the AFL++ targets, then exit (scripts/test.sh
@@ -24,6 +26,7 @@ seconds=${1:-30}
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${FUZZ_WORK_DIR:-$root/build-fuzz}
 jobs=${FUZZ_JOBS:-2}
+parallel=${FUZZ_PARALLEL:-$(nproc)}
 asan_replay=${FUZZ_ASAN_REPLAY:-1}
 afl_build=$work/afl
 asan_build=$work/asan
@@ -63,7 +66,7 @@ if [ "$asan_replay" = 1 ] && [ -n "${FUZZ_REPLAY_BUILD:-}" ]; then
   # The replay programs of an AddressSanitizer build that already exists
   # (scripts/test.sh passes its build-asan/, whose sanitizer stage built them).
   asan_build=$FUZZ_REPLAY_BUILD
-  replayed_under="ASan ($asan_build)"
+  replayed_under="$(sed -n 's/^FAULTLINE_SANITIZER:[A-Z]*=//p' "$asan_build/CMakeCache.txt" 2>/dev/null) ($asan_build)"
   for t in "${targets[@]}"; do
     [ -x "$asan_build/bin/fuzz_$t" ] || { echo "fuzz.sh: $asan_build/bin/fuzz_$t is missing"; exit 1; }
   done
@@ -91,21 +94,43 @@ show_inputs() {
   done
 }
 
-failed=0
-summary=()
-for t in "${targets[@]}"; do
-  corpus=$root/fuzz/corpus/$t
-  dict=()
+# One afl-fuzz per target, FUZZ_PARALLEL of them at once (each is one
+# process on one core), then each target's results in order.
+run_afl() {  # $1 = target; its exit code goes to $out/$1.rc
+  local t=$1 corpus=$root/fuzz/corpus/$1 rc=0
+  local dict=()
   [ -f "$root/fuzz/dict/$t.dict" ] && dict=(-x "$root/fuzz/dict/$t.dict")
-  rm -rf "${out:?}/$t"
-  mkdir -p "$out/$t"
-  stamp "fuzzing $t for ${seconds}s"
   # -t 1000: an input that runs longer than 1 s is a hang. AFL_NO_AFFINITY:
   # CI machines share their cores. AFL_SKIP_CPUFREQ: no root needed for the
   # governor check.
   AFL_SKIP_CPUFREQ=1 AFL_NO_UI=1 AFL_NO_AFFINITY=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 \
     afl-fuzz -i "$corpus" -o "$out/$t" -V "$seconds" -t 1000 "${dict[@]}" -- "$afl_build/bin/fuzz_$t" \
-    >"$out/$t.log" 2>&1 || { echo "afl-fuzz failed for $t:"; tail -30 "$out/$t.log"; failed=1; continue; }
+    >"$out/$t.log" 2>&1 || rc=$?
+  echo "$rc" >"$out/$t.rc"
+}
+running=0
+for t in "${targets[@]}"; do
+  rm -rf "${out:?}/$t" "$out/$t.rc"
+  mkdir -p "$out/$t"
+  stamp "fuzzing $t for ${seconds}s"
+  run_afl "$t" &
+  running=$((running + 1))
+  if [ "$running" -ge "$parallel" ]; then
+    wait -n
+    running=$((running - 1))
+  fi
+done
+wait
+
+failed=0
+summary=()
+for t in "${targets[@]}"; do
+  if [ "$(cat "$out/$t.rc" 2>/dev/null)" != 0 ]; then
+    echo "afl-fuzz failed for $t:"
+    tail -30 "$out/$t.log"
+    failed=1
+    continue
+  fi
   stats=$out/$t/default/fuzzer_stats
   stat_of() { awk -v k="$1" -F' *: *' '$1 == k { print $2 }' "$stats"; }
   execs=$(stat_of execs_done) paths=$(stat_of corpus_count) edges=$(stat_of edges_found) total=$(stat_of total_edges)

@@ -763,6 +763,10 @@ void Server::refuse(UniqueFd connection, const protocol::PeerIdentity& peer, Ref
     // connection freed one fd for it now.
     if (auto p = kernel::PeerProcess::open(peer.cred.pid)) killed = p->kill().has_value();
   }
+  // Counted before the log line: whoever reads the line (an operator, a
+  // test) and then scrapes the metrics sees this refusal in them. Noted as
+  // ended last: a wait for ended connections then sees both.
+  count_refused(cause);
   log_.error("connection_refused", {{"socket", "vm"},
                                     {"reason", to_string(cause)},
                                     {"error", why},
@@ -771,7 +775,6 @@ void Server::refuse(UniqueFd connection, const protocol::PeerIdentity& peer, Ref
                                     {"gid", static_cast<uint64_t>(peer.cred.gid)},
                                     {"uffd_received", uffd},
                                     {"peer_killed", killed}});
-  count_refused(cause);
   note_rejected(std::string(to_string(cause)) + ": " + why);
 }
 

@@ -112,10 +112,13 @@ fi
 # (on gates, faults, sessions ending, the hugepages lock) and keep priority
 # over the compiler whenever they run. The build is its own process group, so
 # that it is stopped if this script stops early.
+configure_sanitized() {  # $1 = build dir, $2 = FAULTLINE_SANITIZER
+  configure "$1" CMAKE_BUILD_TYPE=RelWithDebInfo "CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1" \
+    "CMAKE_C_FLAGS_RELWITHDEBINFO=-O1 -g1" FAULTLINE_SANITIZER="$2" "${test_options[@]}"
+}
 background_build=""
 start_sanitizer_build() {  # $1 = sanitizer, $2 = build dir
-  configure "$2" CMAKE_BUILD_TYPE=RelWithDebInfo "CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1" \
-    "CMAKE_C_FLAGS_RELWITHDEBINFO=-O1 -g1" FAULTLINE_SANITIZER="$1" "${test_options[@]}"
+  configure_sanitized "$2" "$1"
   # Every program registered with SANITIZERS YES, and the programs they spawn.
   setsid nice -n 19 cmake --build "$2" -j"$(nproc)" --target sanitizer-test-programs >"$2/build.log" 2>&1 &
   background_build=$!
@@ -162,8 +165,7 @@ trap stop_background_build EXIT
 # __asan_default_options, as events_test does; an ASAN_OPTIONS here would
 # override that).
 stage "build with AddressSanitizer and UBSan (RelWithDebInfo -O1 -g1, every directory, test hooks on)"
-configure build-asan CMAKE_BUILD_TYPE=RelWithDebInfo "CMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1" \
-  "CMAKE_C_FLAGS_RELWITHDEBINFO=-O1 -g1" FAULTLINE_SANITIZER=address,undefined "${test_options[@]}"
+configure_sanitized build-asan address,undefined
 cmake --build build-asan -j"$(nproc)"
 echo "$(ctest --test-dir build-asan -N | tail -1 | sed 's/^ *//') registered in build-asan/"
 

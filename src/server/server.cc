@@ -722,6 +722,10 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
     if (auto peer = kernel::PeerProcess::open(cred.pid)) killed = peer->kill().has_value();
   }
   reserve_fd_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  // Counted before the line, noted as ended after it (as refuse() does): a
+  // reader of the line then finds the refusal in the metrics.
+  const bool vm = std::string_view(socket) == "vm";
+  if (vm) count_refused(RefusalCause::kOutOfResources);
   log_.error("connection_refused", {{"socket", socket},
                                     {"reason", to_string(RefusalCause::kOutOfResources)},
                                     {"error", std::string(std::strerror(err))},
@@ -729,10 +733,7 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
                                     {"uid", static_cast<uint64_t>(cred.uid)},
                                     {"uffd_received", uffd},
                                     {"peer_killed", killed}});
-  if (std::string_view(socket) == "vm") {
-    count_refused(RefusalCause::kOutOfResources);
-    note_rejected(std::string("out of resources: ") + std::strerror(err));
-  }
+  if (vm) note_rejected(std::string("out of resources: ") + std::strerror(err));
   return false;
 }
 
@@ -862,15 +863,17 @@ void Server::note_rejected(std::string why) {
 void Server::handle_connection_or_log(Connection& c) {
   // No exception may end the process from this thread: log it, end this
   // connection. (Sessions catch their own threads' exceptions.)
+  std::string error;
   try {
     handle_connection(c);
     return;
   } catch (const std::exception& e) {
-    log_.error("internal_error", {{"where", "connection"}, {"session", c.id}, {"error", e.what()}});
+    error = e.what();
   } catch (...) {
-    log_.error("internal_error", {{"where", "connection"}, {"session", c.id}, {"error", "unknown exception"}});
+    error = "unknown exception";
   }
-  if (!c.serving) count_refused(RefusalCause::kOutOfResources);
+  if (!c.serving) count_refused(RefusalCause::kOutOfResources);  // before the line, as refuse()
+  log_.error("internal_error", {{"where", "connection"}, {"session", c.id}, {"error", error}});
   std::lock_guard lock(mu_);
   if (!c.done) {
     (c.serving ? serving_ : handshaking_)--;
@@ -885,13 +888,13 @@ void Server::handle_connection_or_log(Connection& c) {
 void Server::reject_session(Connection& c, RefusalCause cause, const std::string& error) {
   // We hold the VM's uffd and cannot serve it: the guest would hang.
   const bool killed = kill_unserved_peer(c.peer);
+  count_refused(cause);  // before the line, as refuse()
   log_.error("session_rejected", {{"session", c.id},
                                   {"pid", static_cast<int64_t>(c.peer.cred.pid)},
                                   {"reason", to_string(cause)},
                                   {"error", error},
                                   {"peer_killed", killed},
                                   {"on_fatal", to_string(config_.on_fatal)}});
-  count_refused(cause);
   {
     std::lock_guard lock(mu_);
     --handshaking_;
@@ -916,13 +919,13 @@ void Server::handle_connection(Connection& c) {
     const RefusalCause cause = failure.over_region_limit       ? RefusalCause::kTooManyRegions
                                : hs.error().code == ETIMEDOUT ? RefusalCause::kHandshakeTimeout
                                                               : RefusalCause::kHandshakeFailed;
+    count_refused(cause);  // before the line, as refuse()
     log_.error("handshake_failed", {{"session", c.id},
                                     {"pid", static_cast<int64_t>(c.peer.cred.pid)},
                                     {"reason", to_string(cause)},
                                     {"error", hs.error().describe()},
                                     {"uffd_received", failure.uffd_received},
                                     {"peer_killed", killed}});
-    count_refused(cause);
     {
       std::lock_guard lock(mu_);
       --handshaking_;

@@ -35,11 +35,6 @@ ServerHarness::Options with_fault_around(uint32_t pages = 64) {
   return o;
 }
 
-std::vector<uint8_t> file_bytes(const std::string& path) {
-  const std::string s = read_file(path);
-  return {s.begin(), s.end()};
-}
-
 // Pagemap entries of this process for `count` guest pages from `first`.
 std::vector<uint64_t> pagemap(const client::FirecrackerClient& c, uint64_t first, size_t count) {
   auto m = kernel::read_pagemap(::getpid(), reinterpret_cast<uint64_t>(c.guest_ptr(first * kPage)), count);
@@ -54,7 +49,8 @@ uint64_t read_pages(const client::FirecrackerClient& c, uint64_t first, uint64_t
   return sum;
 }
 
-void expect_page_is(const client::FirecrackerClient& c, const std::vector<uint8_t>& file, uint64_t page) {
+void expect_page_is(const client::FirecrackerClient& c, const FileView& file, uint64_t page) {
+  ASSERT_NE(file.data(), nullptr);
   EXPECT_EQ(std::memcmp(c.guest_ptr(page * kPage), file.data() + page * kPage, kPage), 0) << "page " << page;
 }
 
@@ -168,7 +164,7 @@ TEST(FaultAroundServe, AnImagesWindowEndsAtAFrameNotInMemoryAndRunsOnOverOneThat
   ServerHarness::Options o = with_fault_around();
   o.serve_image = true;
   ServerHarness h(o);
-  const auto file = file_bytes(h.memory());
+  const FileView file(h.memory());
   // Two frame edges inside a 64 KiB block (a fresh session's first window is
   // the rest of its fault's 16-page block), the fault's page in the frame
   // before, far enough apart to share no frame.
@@ -237,7 +233,7 @@ TEST(FaultAroundServe, OffInstallsOnlyTheFaultingPage) {
 
 TEST(FaultAroundServe, AWindowEndsAtTheBlockAndStopsAtRemovedAndPresentPages) {
   ServerHarness h(with_fault_around());
-  const auto file = file_bytes(h.memory());
+  const FileView file(h.memory());
   auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
   ASSERT_TRUE(c) << c.error().describe();
   ASSERT_TRUE(c->connect_and_send(h.socket()));
@@ -269,7 +265,7 @@ TEST(FaultAroundServe, ARemoveReadWhileTheWindowWasStagedCutsTheWindowBeforeTheR
   ServerHarness::Options ho = with_fault_around();
   ho.reader_serves_cached = false;  // the fault goes through a worker, where the hook is
   ServerHarness h(ho);
-  const auto file = file_bytes(h.memory());
+  const FileView file(h.memory());
   auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
   ASSERT_TRUE(c) << c.error().describe();
   ASSERT_TRUE(c->connect_and_send(h.socket()));
@@ -294,7 +290,7 @@ TEST(FaultAroundServe, ARemoveReadWhileTheWindowWasStagedCutsTheWindowBeforeTheR
 
 TEST(FaultAroundServe, UnderWpNeighboursAreInstalledWriteProtectedAndOnlyWrittenPagesAreDirty) {
   ServerHarness h(with_fault_around());
-  const auto file = file_bytes(h.memory());
+  const FileView file(h.memory());
   auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}, .wp_async = true});
   ASSERT_TRUE(c) << c.error().describe();
   ASSERT_TRUE(c->connect_and_send(h.socket()));
@@ -346,7 +342,7 @@ void fault_stream_to_full_speed(const client::FirecrackerClient& c, uint64_t fir
 
 TEST(FaultAroundServe, AStreamAtFullSpeedHasItsNextWindowReadAheadWriteProtectedAndFaultsPastIt) {
   ServerHarness h(with_readahead());
-  const auto file = file_bytes(h.memory());
+  const FileView file(h.memory());
   auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}, .wp_async = true});
   ASSERT_TRUE(c) << c.error().describe();
   ASSERT_TRUE(c->connect_and_send(h.socket()));
@@ -399,7 +395,7 @@ TEST(FaultAroundServe, ARemoveReadWhileAReadaheadWasStagedCutsItBeforeTheRemoved
   // A readahead's bytes are read before the install fence, as a window's; a
   // REMOVE of one of its pages read in between must cut the run there.
   ServerHarness h(with_readahead());
-  const auto file = file_bytes(h.memory());
+  const FileView file(h.memory());
   auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {64 * kMiB}});
   ASSERT_TRUE(c) << c.error().describe();
   ASSERT_TRUE(c->connect_and_send(h.socket()));

@@ -91,12 +91,11 @@ Result<FrameBuffer> load_frame(BlobStore& store, const FrameRef& f, uint32_t pag
   // damaged on the way (a proxy, a flaky network card): fetched once more.
   // Damaged twice, they are damaged where they are stored.
   for (int attempt = 1;; ++attempt) {
-    Result<FetchedBlob> blob = [&]() -> Result<FetchedBlob> {
-      if (check == FrameCheck::kToServe) return store.get_checked(f.id, f.checksum);
-      auto plain = store.get(f.id);
-      if (!plain) return std::unexpected(plain.error());
-      return FetchedBlob{std::move(*plain), false};
-    }();
+    // kEverything passes no checksum: a store that checks what it reads
+    // (a disk cache) then checks it against its SHA-256 name, the check
+    // verify makes, and the blob is not hashed a second time here.
+    Result<FetchedBlob> blob =
+        store.get_checked(f.id, check == FrameCheck::kToServe ? f.checksum : std::optional<uint64_t>());
     if (!blob) {
       Error e = blob.error();
       e.message = what + ": " + e.message;
@@ -110,7 +109,8 @@ Result<FrameBuffer> load_frame(BlobStore& store, const FrameRef& f, uint32_t pag
                     EIO);
       }
       if (check == FrameCheck::kEverything) {
-        auto decoded = decode_frame(blob->bytes, f.id, bytes, what);
+        auto decoded = blob->checked ? decode_checked_frame(blob->bytes, f.id, bytes, what)
+                                     : decode_frame(blob->bytes, f.id, bytes, what);
         if (decoded && f.checksum && frame_checksum(blob->bytes) != *f.checksum) {
           // Served from a local store, this frame would be refused.
           manifest_wrong = true;

@@ -48,9 +48,10 @@ enum class FrameCheck {
   // (BlobStore::checksum_suffices) or its store has just checked it
   // (FetchedBlob::checked), else against its SHA-256 name.
   kToServe,
-  // As `verify` does: always against its SHA-256 name, and (version 2) the
-  // manifest's checksum against the blob too, so that a manifest whose
-  // checksum is wrong for a sound blob is found.
+  // As `verify` does: always against its SHA-256 name (once: by the store
+  // when it checked the read that way, FetchedBlob::checked, else here), and
+  // (version 2) the manifest's checksum against the blob too, so that a
+  // manifest whose checksum is wrong for a sound blob is found.
   kEverything,
 };
 

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "image/frame.h"
+#include "image/image_chain.h"
 #include "image/local_store.h"
 #include "tests/capability.h"
 
@@ -265,6 +266,79 @@ TEST_F(CachedStoreTest, GetCheckedSaysCheckedOnlyForBytesItHashedAndFoundRight) 
   ASSERT_TRUE(unchecked);
   EXPECT_FALSE(unchecked->checked);
   EXPECT_TRUE(unchecked->bytes == b);
+}
+
+// What `verify` does with a frame (load_frame, FrameCheck::kEverything)
+// through the cache, which checks the read against the blob's SHA-256 name
+// (it is given no checksum to check instead) so that load_frame need not
+// hash it again: the right bytes from a miss and from a hit, a hit damaged
+// on disk caught by its name and fetched again, bytes damaged on the way
+// twice an error, and a manifest checksum that a sound blob does not match
+// still found although the cache vouched for the blob. (That the frame is
+// hashed once is not visible from here.)
+TEST(CachedStore, VerifyThroughTheCacheFindsDamageAndAWrongManifestChecksum) {
+  TempDir dir;
+  std::string pages = blob(8 * 4096, 9);
+  pages.replace(4096, 4096, std::string(4096, 'z'));
+  image::FrameCompressor compressor(3);
+  auto compressed = compressor.compress(pages);
+  ASSERT_TRUE(compressed) << compressed.error().describe();
+  const image::FrameRef f{BlobId::of(*compressed), compressed->size(), 8, image::frame_checksum(*compressed)};
+  auto local = image::LocalStore::open(dir.path() + "/store", true);
+  ASSERT_TRUE(local);
+  ASSERT_TRUE((*local)->put(f.id, *compressed));
+  auto counting = std::make_unique<CountingStore>(std::move(*local));
+  CountingStore* inner = counting.get();
+  auto cache = DiskCache::open(dir.path() + "/cache", 1 << 20);
+  ASSERT_TRUE(cache);
+  CachedStore store(std::move(counting), *cache);
+  const auto verify = [&](const image::FrameRef& ref) {
+    return image::load_frame(store, ref, 4096, "image v", image::FrameCheck::kEverything);
+  };
+
+  // A miss (fetched, hashed once by name, kept), then a hit (read back, hashed once).
+  for (int i = 0; i < 2; ++i) {
+    auto frame = verify(f);
+    ASSERT_TRUE(frame) << frame.error().describe();
+    EXPECT_TRUE(frame->view() == pages);
+  }
+  EXPECT_EQ(inner->gets.load(), 1);
+  EXPECT_EQ((*cache)->stats().hits, 1u);
+  EXPECT_EQ((*cache)->stats().damaged, 0u) << "the hit was checked by its name, not by a checksum";
+
+  // The cached file damaged on disk: caught by its name, fetched again.
+  {
+    std::fstream file(dir.path() + "/cache/" + f.id.hex(), std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(static_cast<std::streamoff>(compressed->size() / 2));
+    file.put(static_cast<char>((*compressed)[compressed->size() / 2] ^ 0x40));
+  }
+  auto refetched = verify(f);
+  ASSERT_TRUE(refetched) << refetched.error().describe();
+  EXPECT_TRUE(refetched->view() == pages);
+  EXPECT_EQ(inner->gets.load(), 2);
+  EXPECT_EQ((*cache)->stats().damaged, 1u);
+
+  // A sound blob (a hit) and a manifest checksum it does not match: the
+  // manifest is wrong, whatever the cache checked.
+  image::FrameRef wrong = f;
+  wrong.checksum = *f.checksum ^ 1;
+  auto mismatch = verify(wrong);
+  ASSERT_FALSE(mismatch);
+  EXPECT_NE(mismatch.error().message.find("checksum"), std::string::npos) << mismatch.error().message;
+  EXPECT_EQ(inner->gets.load(), 2) << "fetching again cannot mend a wrong manifest";
+
+  // Damaged on the way, twice (the cache dropped nothing sound: evict it
+  // by damaging the file again, so the read goes to the store).
+  {
+    std::fstream file(dir.path() + "/cache/" + f.id.hex(), std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(0);
+    file.put(static_cast<char>((*compressed)[0] ^ 0x40));
+  }
+  inner->damage = true;
+  auto damaged = verify(f);
+  ASSERT_FALSE(damaged);
+  EXPECT_NE(damaged.error().message.find("damaged both times"), std::string::npos) << damaged.error().message;
+  EXPECT_EQ(inner->gets.load(), 4);
 }
 
 TEST(CachedStore, ThreadsSharingASmallCacheAlwaysGetTheRightBytes) {

@@ -401,14 +401,6 @@ Result<PagesRead> read_pages(Context& ctx, Backend backend, const GuestSpec& spe
 
 }  // namespace
 
-Result<Mapping> map_memory_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) return fail_errno("cannot open " + path);
-  struct stat st{};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
-  return Mapping::map(static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get(), 0);
-}
-
 Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::string& memory_path,
                                                   const std::string& name, FaultlineHost::Options o, bool fault_around) {
   o.memory_path = memory_path;
@@ -432,7 +424,7 @@ void run_scenario1(Context& ctx) {
     return;
   }
   warm_page_cache(ctx.file_small);
-  auto file = map_memory_file(ctx.file_small);
+  auto file = Mapping::map_file(ctx.file_small);
   if (!file) {
     ctx.results->notes.push_back("scenario 1: cannot map the memory file: " + file.error().describe());
     return;
@@ -572,7 +564,7 @@ void run_scenario2(Context& ctx) {
     }
   }
   warm_page_cache(ctx.file_large);
-  auto file = map_memory_file(ctx.file_large);
+  auto file = Mapping::map_file(ctx.file_large);
   if (!file) {
     ctx.results->notes.push_back("scenario 2: cannot map the memory file: " + file.error().describe());
     return;
@@ -930,7 +922,7 @@ size_t measure_subject(Context& ctx, int scenario, const ImageSubject& subject, 
 // Serves `subject` from the raw file and from images of it, side by side.
 Status measure_image_serving(Context& ctx, const ImageSubject& subject) {
   warm_page_cache(subject.path);
-  auto file = map_memory_file(subject.path);
+  auto file = Mapping::map_file(subject.path);
   if (!file) return std::unexpected(file.error());
   const uint64_t size = file->size();
   if (size == 0 || size % kPageSize4K != 0) return fail(subject.path + ": not a whole number of 4 KiB pages", EINVAL);
@@ -1261,7 +1253,7 @@ class Gateway {
 // file, interleaved, every byte read compared with the file.
 Status measure_store_serving(Context& ctx, const ImageSubject& subject, const Gateway& gateway) {
   warm_page_cache(subject.path);
-  auto file = map_memory_file(subject.path);
+  auto file = Mapping::map_file(subject.path);
   if (!file) return std::unexpected(file.error());
   const uint64_t size = file->size();
   if (size == 0 || size % kPageSize4K != 0) return fail(subject.path + ": not a whole number of 4 KiB pages", EINVAL);

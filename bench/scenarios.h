@@ -116,11 +116,6 @@ struct Context {
   Results* results = nullptr;
 };
 
-// The memory file mapped read-only and shared (its page cache is warm): what
-// every byte of a served page must equal. Guest offset == file offset (one
-// region at file offset 0).
-Result<Mapping> map_memory_file(const std::string& path);
-
 // A faultline server on its own thread with the context's settings, its
 // socket ctx.dir/NAME.sock; fault_around false serves with fault-around off.
 Result<std::unique_ptr<FaultlineHost>> start_host(Context& ctx, const std::string& memory_path,

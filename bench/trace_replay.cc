@@ -331,7 +331,7 @@ void run_trace_scenario(Context& ctx, const TraceScenarioOptions& options) {
       continue;
     }
     warm_page_cache(memory_path);
-    auto file = map_memory_file(memory_path);
+    auto file = Mapping::map_file(memory_path);
     if (!file) {
       error_row(ctx, nt.name, "cannot map the memory file: " + file.error().describe());
       continue;

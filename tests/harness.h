@@ -292,7 +292,7 @@ inline std::string read_file(const std::string& path) {
   return bytes ? std::move(*bytes) : std::string();
 }
 
-// A read-only view of a whole file, mapped (MAP_PRIVATE): comparing a few
+// A read-only view of a whole file, mapped (Mapping::map_file): comparing a few
 // pages with it touches only those pages, where a copy of the file costs a
 // pass over every byte (under ThreadSanitizer, seconds per 64 MiB of shadow
 // memory). Empty (data() null) when the file cannot be mapped, after a test
@@ -300,21 +300,9 @@ inline std::string read_file(const std::string& path) {
 class FileView {
  public:
   explicit FileView(const std::string& path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      ADD_FAILURE() << "cannot open " << path << ": " << std::strerror(errno);
-      return;
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || st.st_size == 0) {
-      ADD_FAILURE() << "cannot map " << path << ": fstat failed or the file is empty";
-      ::close(fd);
-      return;
-    }
-    auto m = Mapping::map(static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd);
-    ::close(fd);
+    auto m = Mapping::map_file(path);
     if (!m) {
-      ADD_FAILURE() << path << ": " << m.error().describe();
+      ADD_FAILURE() << m.error().describe();
       return;
     }
     map_ = std::move(*m);

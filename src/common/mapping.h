@@ -4,13 +4,17 @@
 // used from any thread while the owner is alive.
 #pragma once
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <utility>
 
 #include "common/error.h"
+#include "common/unique_fd.h"
 
 namespace faultline {
 
@@ -38,6 +42,19 @@ class Mapping {
     void* p = ::mmap(nullptr, length, prot, flags, fd, offset);
     if (p == MAP_FAILED) return fail_errno("mmap of " + std::to_string(length) + " bytes failed");
     return Mapping(p, length);
+  }
+
+  // The whole file at `path`, mapped read-only and shared (no copy); an
+  // error naming the path when it cannot be opened, stat'ed or mapped (an
+  // empty file cannot be mapped).
+  static Result<Mapping> map_file(const std::string& path) {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) return fail_errno("cannot open " + path);
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
+    auto m = map(static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get());
+    if (!m) return fail(path + ": " + m.error().message, m.error().code);
+    return m;
   }
 
   void* get() const { return addr_; }

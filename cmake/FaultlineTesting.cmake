@@ -57,6 +57,17 @@ function(_faultline_sanitizer_choice out function_name what value)
   endif()
 endfunction()
 
+# In a sanitizer build the test programs' own sources (not the code they
+# test, which keeps the build's -O1) compile with -Og: they are most of the
+# compiling (~450 of ~820 CPU-seconds under AddressSanitizer on a 2-core
+# host), and an instrumented -O1 compile of a Google Test file costs ~1.6x an
+# -Og one (tests/security_test.cc: 17-23 s against 11-16 s).
+function(_faultline_test_code_options target)
+  if(FAULTLINE_SANITIZER)
+    target_compile_options(${target} PRIVATE -Og)
+  endif()
+endfunction()
+
 function(faultline_gtest target)
   cmake_parse_arguments(PARSE_ARGV 1 ARG "HUGEPAGES" "SANITIZERS;TIMEOUT;DISCOVERY_TIMEOUT;HUGEPAGE_TESTS"
                         "SPAWNS;PROPERTIES")
@@ -77,6 +88,7 @@ function(faultline_gtest target)
   if(ARG_HUGEPAGES)
     list(APPEND properties RESOURCE_LOCK hugepages)
   endif()
+  _faultline_test_code_options(${target})
   if(sanitized)
     # One label only: gtest_discover_tests() cannot pass a list-valued property.
     list(APPEND properties LABELS sanitizers)

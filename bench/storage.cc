@@ -61,15 +61,6 @@ double median_of(std::vector<double> v) {
   return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
-Result<Mapping> map_file(const std::string& path, uint64_t* size, bool writable = false) {
-  UniqueFd fd(::open(path.c_str(), (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC));
-  if (!fd) return fail_errno("cannot open " + path);
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
-  *size = static_cast<uint64_t>(st.st_size);
-  return Mapping::map(*size, PROT_READ | (writable ? PROT_WRITE : 0), MAP_SHARED, fd.get());
-}
-
 Result<uint64_t> zstd_size(const uint8_t* p, uint64_t n, double* seconds) {
   ZSTD_CCtx* cctx = ZSTD_createCCtx();
   if (cctx == nullptr) return fail("cannot allocate a zstd context", ENOMEM);
@@ -169,9 +160,9 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
   const bool in_memory = mem_work != work;
   row.metrics.emplace_back("load1_before", load_average_1min());
   warm_page_cache(path);
-  uint64_t size = 0;
-  auto raw = map_file(path, &size);
+  auto raw = Mapping::map_file(path);
   if (!raw) return std::unexpected(raw.error());
+  const uint64_t size = raw->size();
   const uint64_t pages = size / kPage;
   row.guest_bytes = size;
   row.pages = pages;
@@ -262,10 +253,9 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
     const auto t0 = Clock::now();
     if (auto st = image::flatten_image(*stores[0], "base", out, {}); !st) return fail("flatten: " + st.error().describe());
     row.metrics.emplace_back("flatten_mb_s", mb_per_s(size, seconds_since(t0)));
-    uint64_t flat_size = 0;
-    auto flat = map_file(out, &flat_size);
+    auto flat = Mapping::map_file(out);
     if (!flat) return std::unexpected(flat.error());
-    if (flat_size != size || std::memcmp(flat->bytes(), raw->bytes(), size) != 0) {
+    if (flat->size() != size || std::memcmp(flat->bytes(), raw->bytes(), size) != 0) {
       ++ctx.results->data_mismatches;
       row.note = "error: the flattened image differs from the raw file";
     }
@@ -372,8 +362,7 @@ Status measure_file(Context& ctx, const std::string& path, const std::string& ws
   {
     const std::string gen_path = mem_work + "/generation";
     std::filesystem::copy_file(path, gen_path);
-    uint64_t gen_size = 0;
-    auto gen = map_file(gen_path, &gen_size, true);
+    auto gen = Mapping::map_file(gen_path, Mapping::Access::kReadWrite);
     if (!gen) return std::unexpected(gen.error());
     auto store = image::LocalStore::open(mem_work + "/chain", true);
     if (!store) return std::unexpected(store.error());

@@ -44,15 +44,18 @@ class Mapping {
     return Mapping(p, length);
   }
 
-  // The whole file at `path`, mapped read-only and shared (no copy); an
-  // error naming the path when it cannot be opened, stat'ed or mapped (an
-  // empty file cannot be mapped).
-  static Result<Mapping> map_file(const std::string& path) {
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  enum class Access { kReadOnly, kReadWrite };
+
+  // The whole file at `path`, mapped shared (no copy; with kReadWrite, writes
+  // reach the file); an error naming the path when it cannot be opened,
+  // stat'ed or mapped (an empty file cannot be mapped).
+  static Result<Mapping> map_file(const std::string& path, Access access = Access::kReadOnly) {
+    const bool rw = access == Access::kReadWrite;
+    UniqueFd fd(::open(path.c_str(), (rw ? O_RDWR : O_RDONLY) | O_CLOEXEC));
     if (!fd) return fail_errno("cannot open " + path);
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
-    auto m = map(static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd.get());
+    auto m = map(static_cast<size_t>(st.st_size), PROT_READ | (rw ? PROT_WRITE : 0), MAP_SHARED, fd.get());
     if (!m) return fail(path + ": " + m.error().message, m.error().code);
     return m;
   }

@@ -183,7 +183,8 @@ start_fuzz_build
 # here; perf of the slowest tests put more than half their time there). With
 # the flag off it madvises MADV_HUGEPAGE instead: one fault per 2 MiB.
 # Measured on the 602 tests, alone on an idle 2-core host: 373 s against
-# 714 s (666 against 1271 test-seconds), peak RSS of a test up to ~2x (the 500-thread race test: 1.7 GB).
+# 714 s (666 against 1271 test-seconds); peak RSS of a test up to ~2x (the
+# 500-thread race test: 1.7 GB).
 # AddressSanitizer's shadow is an eighth of the memory instead of 4x, and
 # the same flag there made no test faster.
 TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 no_huge_pages_for_shadow=0" \

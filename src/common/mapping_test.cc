@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <fstream>
 
+#include "common/atomic_file.h"
+
 namespace faultline {
 namespace {
 
@@ -20,10 +22,6 @@ class ScratchFile {
   ~ScratchFile() { std::filesystem::remove_all(dir_); }
   std::string path() const { return dir_ + "/file"; }
   void write(const std::string& bytes) const { std::ofstream(path(), std::ios::binary | std::ios::trunc) << bytes; }
-  std::string read() const {
-    std::ifstream in(path(), std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), {});
-  }
 
  private:
   std::string dir_;
@@ -47,10 +45,11 @@ TEST(MapFile, ReadWriteMappingWritesReachTheFile) {
     ASSERT_TRUE(m) << m.error().describe();
     std::memcpy(m->bytes() + 4096, "written", 7);
   }
-  const std::string after = f.read();
-  ASSERT_EQ(after.size(), 8192u);
-  EXPECT_EQ(after.substr(4096, 7), "written");
-  EXPECT_EQ(after.substr(0, 4096), std::string(4096, '\0'));
+  auto after = read_whole_file(f.path());
+  ASSERT_TRUE(after) << after.error().describe();
+  ASSERT_EQ(after->size(), 8192u);
+  EXPECT_EQ(after->substr(4096, 7), "written");
+  EXPECT_EQ(after->substr(0, 4096), std::string(4096, '\0'));
 }
 
 TEST(MapFile, AMissingOrEmptyFileIsAnErrorNamingThePath) {

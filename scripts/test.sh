@@ -176,18 +176,18 @@ UBSAN_OPTIONS="print_stacktrace=1" run_ctest asan build-asan -j2 --timeout 900
 stage "ThreadSanitizer"
 finish_sanitizer_build build-tsan
 start_fuzz_build
-# no_huge_pages_for_shadow=0: ThreadSanitizer's runtime madvises its shadow
-# memory MADV_NOHUGEPAGE by default, so every 4 KiB of shadow a test first
-# touches costs a read fault on the zero page, then a write fault that copies
-# it and flushes the TLB of every CPU the process runs on (~12 µs a fault
-# here; perf of the slowest tests put more than half their time there). With
-# the flag off it madvises MADV_HUGEPAGE instead: one fault per 2 MiB.
-# Measured on the 602 tests, alone on an idle 2-core host: 373 s against
-# 714 s (666 against 1271 test-seconds); peak RSS of a test up to ~2x (the
-# 500-thread race test: 1.7 GB).
-# AddressSanitizer's shadow is an eighth of the memory instead of 4x, and
-# the same flag there made no test faster.
-TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 no_huge_pages_for_shadow=0" \
+# Every program of this tree also runs with no_huge_pages_for_shadow=0, its
+# own default (cmake/tsan_default_options.cc): ThreadSanitizer's runtime
+# madvises its shadow memory MADV_NOHUGEPAGE otherwise, so every 4 KiB of
+# shadow a test first touches costs a read fault on the zero page, then a
+# write fault that copies it and flushes the TLB of every CPU the process
+# runs on (~12 µs a fault here; perf of the slowest tests put more than half
+# their time there). With it, one fault per 2 MiB. Measured on the 602 tests,
+# alone on an idle 2-core host: 373 s against 714 s (666 against 1271
+# test-seconds); peak RSS of a test up to ~2x (the 500-thread race test:
+# 1.7 GB). AddressSanitizer's shadow is an eighth of the memory instead of 4x,
+# and the same flag there made no test faster.
+TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
   run_ctest tsan build-tsan -j2 --timeout 900 -L '^sanitizers$'
 
 # ---- fuzzing: a bounded run of every fuzz target (fuzz/, scripts/fuzz.sh).

@@ -19,7 +19,8 @@
 // Capability names: "hugepages" (2 MiB hugetlb pages reserved through
 // vm.nr_hugepages, which needs root), "kvm" (a usable /dev/kvm), "root"
 // (other privileged setup, such as mounting a small tmpfs), "thp"
-// (transparent huge pages not turned off: /sys/kernel/mm/transparent_hugepage/enabled).
+// (transparent huge pages not turned off: /sys/kernel/mm/transparent_hugepage/enabled),
+// "direct-io" (/tmp on a disk-backed file system that takes O_DIRECT).
 //
 // Header-only, so that tests in tests/, client/ and client/kvm/ share it
 // without a library dependency (includes are rooted at the repository).

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "common/atomic_file.h"
@@ -14,7 +16,50 @@
 #include "image/frame.h"
 
 namespace faultline::objstore {
+namespace {
 
+// Direct I/O moves whole blocks between disk and memory: the buffer's
+// address, the file offset and the length must be multiples of the device's
+// logical block size (512 or 4096 bytes; 4096 suits both).
+constexpr size_t kDirectIoAlign = 4096;
+// Blobs up to this size go through a buffer each thread keeps; a larger one
+// (no frame is) gets a buffer of its own.
+constexpr size_t kKeptBufferBytes = 4 << 20;
+
+size_t round_up_to_block(size_t n) { return (n + kDirectIoAlign - 1) / kDirectIoAlign * kDirectIoAlign; }
+
+// A block-aligned buffer for direct I/O. Each thread keeps one and reuses it
+// for every blob it reads or writes: memory already faulted in, where a
+// buffer per blob would be fresh pages every time (a fresh 4 KiB page costs
+// 10-16 µs to fault in on the kvm-pvm hosts this was measured on).
+class DirectIoBuffer {
+ public:
+  DirectIoBuffer() = default;
+  DirectIoBuffer(const DirectIoBuffer&) = delete;
+  DirectIoBuffer& operator=(const DirectIoBuffer&) = delete;
+  ~DirectIoBuffer() { std::free(data_); }
+  // REQUIRES: bytes is a multiple of kDirectIoAlign. nullptr when out of memory.
+  char* reserve(size_t bytes) {
+    if (bytes > capacity_) {
+      std::free(data_);
+      data_ = static_cast<char*>(std::aligned_alloc(kDirectIoAlign, bytes));
+      capacity_ = data_ ? bytes : 0;
+    }
+    return data_;
+  }
+
+ private:
+  char* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// The calling thread's buffer, or `own` for a blob larger than a kept buffer.
+char* direct_io_buffer(size_t bytes, DirectIoBuffer& own) {
+  thread_local DirectIoBuffer kept;
+  return bytes <= kKeptBufferBytes ? kept.reserve(bytes) : own.reserve(bytes);
+}
+
+}  // namespace
 
 Result<std::shared_ptr<DiskCache>> DiskCache::open(const std::string& dir, uint64_t max_bytes) {
   if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) return fail_errno("cannot create cache directory " + dir);
@@ -48,6 +93,7 @@ Result<std::shared_ptr<DiskCache>> DiskCache::open(const std::string& dir, uint6
     cache->entries_[f.id] = {f.bytes, std::prev(cache->order_.end())};
     cache->bytes_ += f.bytes;
   }
+  cache->direct_io_.store(cache->probe_direct_io(), std::memory_order_relaxed);
   // A smaller bound than last time: evict down to it now.
   std::lock_guard lock(cache->mu_);
   while (cache->bytes_ > max_bytes && !cache->order_.empty()) {
@@ -81,7 +127,7 @@ std::optional<std::string> DiskCache::get(const image::BlobId& id, std::optional
       return std::nullopt;
     }
   }
-  auto bytes = read_whole_file(path(id));
+  auto bytes = read_blob(path(id));
   const bool sound = bytes && (checksum ? image::frame_checksum(*bytes) == *checksum : image::BlobId::of(*bytes) == id);
   std::lock_guard lock(mu_);
   if (!sound) {
@@ -134,12 +180,10 @@ Status DiskCache::put(const image::BlobId& id, std::string_view bytes) {
   auto tmp = create_temporary_file(dir_fd.get(), id.hex(), 0600);
   if (!tmp) return failed(tmp.error());
   auto& [fd, tmp_name] = *tmp;
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd.get(), bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return failed(Error{errno, "cannot write to the frame cache " + dir_}, dir_fd.get(), tmp_name);
-    done += static_cast<size_t>(n);
+  if (auto written = write_blob(fd.get(), bytes); !written) {
+    return failed(
+        Error{written.error().code, "cannot write to the frame cache " + dir_ + " (" + written.error().message + ")"},
+        dir_fd.get(), tmp_name);
   }
   if (::renameat(dir_fd.get(), tmp_name.c_str(), dir_fd.get(), id.hex().c_str()) != 0) {
     return failed(Error{errno, "cannot rename into the frame cache " + dir_}, dir_fd.get(), tmp_name);
@@ -152,6 +196,116 @@ Status DiskCache::put(const image::BlobId& id, std::string_view bytes) {
     bytes_ += bytes.size();
   }
   return {};
+}
+
+// Measured on the 2-core kvm-pvm host (7 Dec 2026): 463 puts of 512 KiB
+// through the page cache cost 0.44-0.57 s of system time when the page cache
+// had to take memory the host had reclaimed (free page reporting), 0.16-0.18 s
+// when it reused pages just freed; with O_DIRECT the data goes from the
+// buffer to the device and the page cache takes nothing. A read of what was
+// written that way goes to the disk (O_DIRECT again: no page cache filled
+// either); a frame in use is in the daemon's frame cache.
+bool DiskCache::probe_direct_io() const {
+  UniqueFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir_fd) return true;  // the puts will say what is wrong
+  auto tmp = create_temporary_file(dir_fd.get(), "direct-io-probe", 0600);
+  if (!tmp) return true;
+  auto& [fd, name] = *tmp;
+  DirectIoBuffer own;
+  char* block = direct_io_buffer(kDirectIoAlign, own);
+  bool taken = true;
+  const int flags = ::fcntl(fd.get(), F_GETFL);
+  if (flags >= 0 && ::fcntl(fd.get(), F_SETFL, flags | O_DIRECT) != 0) {
+    taken = errno != EINVAL;
+  } else if (flags >= 0 && block) {
+    std::memset(block, 0, kDirectIoAlign);
+    taken = !(::pwrite(fd.get(), block, kDirectIoAlign, 0) < 0 && errno == EINVAL);
+  }
+  ::unlinkat(dir_fd.get(), name.c_str(), 0);
+  return taken;
+}
+
+Result<std::string> DiskCache::read_blob(const std::string& path) {
+  if (direct_io()) {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_DIRECT));
+    if (!fd && errno != EINVAL) return fail_errno("cannot open " + path);
+    if (fd) {
+      struct stat st {};
+      if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
+      if (!S_ISREG(st.st_mode)) return fail(path + " is not a regular file", EINVAL);
+      const size_t size = static_cast<size_t>(st.st_size);
+      if (size == 0) return std::string();
+      const size_t padded = round_up_to_block(size);
+      DirectIoBuffer own;
+      char* buffer = direct_io_buffer(padded, own);
+      if (!buffer) return fail("out of memory reading " + path, ENOMEM);
+      size_t done = 0;
+      bool refused = false;
+      while (done < padded) {
+        const ssize_t n = ::pread(fd.get(), buffer + done, padded - done, static_cast<off_t>(done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EINVAL && done == 0) {
+          refused = true;  // the file system takes O_DIRECT opens but not the reads
+          break;
+        }
+        if (n < 0) return fail_errno("reading " + path + " failed");
+        if (n == 0) break;  // shrank under us: what we got is what the checks see
+        done += static_cast<size_t>(n);
+        if (done % kDirectIoAlign != 0) break;  // end of file inside a block
+      }
+      if (!refused) return std::string(buffer, std::min(done, size));
+    }
+    direct_io_.store(false, std::memory_order_relaxed);
+  }
+  return read_whole_file(path);
+}
+
+Status DiskCache::write_blob(int fd, std::string_view bytes) {
+  const auto write_all = [fd](const char* data, size_t size, size_t done) -> Status {
+    while (done < size) {
+      const ssize_t n = ::pwrite(fd, data + done, size - done, static_cast<off_t>(done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return fail_errno("write");
+      done += static_cast<size_t>(n);
+    }
+    return {};
+  };
+  if (bytes.empty()) return {};
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (direct_io() && flags >= 0) {
+    if (::fcntl(fd, F_SETFL, flags | O_DIRECT) == 0) {
+      // The blob padded with zeros to whole blocks, written from a buffer
+      // aligned to them, then cut back to its size.
+      const size_t padded = round_up_to_block(bytes.size());
+      DirectIoBuffer own;
+      char* buffer = direct_io_buffer(padded, own);
+      if (!buffer) return fail("no memory for a direct I/O buffer", ENOMEM);
+      std::memcpy(buffer, bytes.data(), bytes.size());
+      std::memset(buffer + bytes.size(), 0, padded - bytes.size());
+      size_t done = 0;
+      int error = 0;
+      while (done < padded) {
+        const ssize_t n = ::pwrite(fd, buffer + done, padded - done, static_cast<off_t>(done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) {
+          error = n < 0 ? errno : EIO;  // 0 bytes written of a whole block: no progress to wait for
+          break;
+        }
+        done += static_cast<size_t>(n);
+        if (done % kDirectIoAlign != 0) break;  // a short write inside a block: the rest through the page cache
+      }
+      if (error != 0 && !(error == EINVAL && done == 0)) return fail("write", error);
+      if (error != 0) direct_io_.store(false, std::memory_order_relaxed);  // EINVAL: O_DIRECT taken, writes refused
+      if (done < padded) {
+        if (::fcntl(fd, F_SETFL, flags) != 0) return fail_errno("fcntl turning O_DIRECT off");
+        if (auto rest = write_all(buffer, padded, done); !rest) return rest;
+      }
+      if (::ftruncate(fd, static_cast<off_t>(bytes.size())) != 0) return fail_errno("ftruncate");
+      return {};
+    }
+    if (errno == EINVAL) direct_io_.store(false, std::memory_order_relaxed);  // no O_DIRECT on this file system
+  }
+  return write_all(bytes.data(), bytes.size(), 0);
 }
 
 DiskCache::Stats DiskCache::stats() const {

@@ -16,6 +16,11 @@
 //   reported as a miss, never returned.
 // - Persistent: open() indexes what DIR already holds (last use = the file's
 //   modification time, which a hit refreshes), so a restarted daemon starts warm.
+// - Outside the page cache where the file system allows (O_DIRECT): the frames
+//   a daemon uses are in its in-memory frame cache already, so a second copy in
+//   the page cache would be memory spent twice, and filling it is most of what
+//   a put costs (see disk_cache.cc). Where O_DIRECT is refused (EINVAL: a file
+//   system without it) the cache reads and writes through the page cache.
 //
 // Thread-safety: safe for concurrent use by the threads of one process. Two
 // processes must not share one DIR (each keeps its own index and bound).
@@ -56,12 +61,18 @@ class DiskCache {
   Stats stats() const;
   const std::string& dir() const { return dir_; }
   uint64_t max_bytes() const { return max_bytes_; }
+  // Whether blob files are read and written with O_DIRECT (false once the
+  // file system refused it; the cache then goes through the page cache).
+  bool direct_io() const { return direct_io_.load(std::memory_order_relaxed); }
 
  private:
   DiskCache(std::string dir, uint64_t max_bytes) : dir_(std::move(dir)), max_bytes_(max_bytes) {}
   std::string path(const image::BlobId& id) const { return dir_ + "/" + id.hex(); }
   void touch_locked(const image::BlobId& id);
   void forget_locked(const image::BlobId& id);
+  bool probe_direct_io() const;  // false when the file system refuses O_DIRECT
+  Result<std::string> read_blob(const std::string& path);
+  Status write_blob(int fd, std::string_view bytes);
 
   struct Entry {
     uint64_t bytes = 0;
@@ -75,6 +86,7 @@ class DiskCache {
   uint64_t bytes_ = 0;
   uint64_t reserved_ = 0;  // bytes of puts being written
   Stats counts_;
+  std::atomic<bool> direct_io_{true};
 };
 
 // A Store whose blob reads go through a DiskCache: a hit never reaches the

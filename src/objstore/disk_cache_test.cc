@@ -1,21 +1,27 @@
 // DiskCache and CachedStore over a local store standing in for the bucket
 // (the cache does not care where misses go; tests/s3_test.cc runs it in
 // front of a real gateway): bounded LRU with every byte checked, a restart
-// over a warm cache, damaged and half-written files, concurrent use, and a
-// full disk.
+// over a warm cache, damaged and half-written files, concurrent use, a full
+// disk, and blob files kept out of the page cache (O_DIRECT) where the file
+// system allows it and written through it where it does not.
 #include "objstore/disk_cache.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <thread>
 
+#include "common/atomic_file.h"
 #include "image/frame.h"
 #include "image/image_chain.h"
 #include "image/local_store.h"
@@ -376,6 +382,105 @@ TEST(CachedStore, ThreadsSharingASmallCacheAlwaysGetTheRightBytes) {
   uint64_t on_disk = 0;
   for (const auto& e : std::filesystem::directory_iterator(dir.path() + "/cache")) on_disk += e.file_size();
   EXPECT_LE(on_disk, 6 * kBlob);
+}
+
+// How many of the file's pages are in the page cache (mincore of a shared
+// mapping of it reports the page cache's pages, not the mapping's).
+size_t pages_in_page_cache(const std::string& path) {
+  const size_t size = std::filesystem::file_size(path);
+  if (size == 0) return 0;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return SIZE_MAX;
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) return SIZE_MAX;
+  const size_t pages = (size + 4095) / 4096;
+  std::vector<unsigned char> resident(pages);
+  size_t in_cache = SIZE_MAX;
+  if (::mincore(map, size, resident.data()) == 0) {
+    in_cache = 0;
+    for (unsigned char r : resident) in_cache += r & 1;
+  }
+  ::munmap(map, size);
+  return in_cache;
+}
+
+// Sizes around the 4 KiB blocks direct I/O moves, and one above the buffer
+// each thread keeps (4 MiB).
+const std::vector<size_t> kDirectIoSizes = {1, 4095, 4096, 4097, 12288, 512 * 1024 + 123, (4 << 20) + 1};
+
+TEST(DiskCache, BlobsOfEverySizeStayOutOfThePageCacheWhereTheFileSystemTakesODirect) {
+  TempDir dir;
+  struct statfs fs {};
+  ASSERT_EQ(::statfs(dir.path().c_str(), &fs), 0);
+  auto cache = DiskCache::open(dir.path() + "/cache", 64 << 20);
+  ASSERT_TRUE(cache);
+  // tmpfs keeps every file in the page cache, O_DIRECT or not.
+  FAULTLINE_REQUIRE_CAPABILITY("direct-io", fs.f_type != 0x01021994 /* TMPFS_MAGIC */ && (*cache)->direct_io(),
+                               dir.path() << " is on tmpfs or on a file system that refuses O_DIRECT");
+  std::vector<std::string> blobs;
+  for (size_t size : kDirectIoSizes) {
+    blobs.push_back(blob(size, size));
+    ASSERT_TRUE((*cache)->put(BlobId::of(blobs.back()), blobs.back()));
+  }
+  for (const auto& b : blobs) {
+    SCOPED_TRACE(b.size());
+    const std::string path = dir.path() + "/cache/" + BlobId::of(b).hex();
+    EXPECT_EQ(std::filesystem::file_size(path), b.size()) << "the padding to whole blocks was cut off";
+    EXPECT_EQ(pages_in_page_cache(path), 0u) << "a put filled the page cache";
+    auto hit = (*cache)->get(BlobId::of(b));
+    ASSERT_TRUE(hit);
+    EXPECT_TRUE(*hit == b);
+    EXPECT_EQ(pages_in_page_cache(path), 0u) << "a hit filled the page cache";
+    auto plain = read_whole_file(path);  // what any reader of the file sees
+    ASSERT_TRUE(plain);
+    EXPECT_TRUE(*plain == b);
+  }
+  EXPECT_TRUE((*cache)->direct_io());
+  EXPECT_EQ((*cache)->stats().damaged, 0u);
+  // A file written through the page cache (by a daemon that cached that way,
+  // or an edit) reads back right too: direct reads see it.
+  const std::string written_plainly = blob(70000, 7);
+  ASSERT_TRUE(write_file_atomically(dir.path() + "/cache/" + BlobId::of(written_plainly).hex(), written_plainly, 0600));
+  EXPECT_GT(pages_in_page_cache(dir.path() + "/cache/" + BlobId::of(written_plainly).hex()), 0u)
+      << "mincore does not see the page cache: the checks above prove nothing";
+  auto reopened = DiskCache::open(dir.path() + "/cache", 64 << 20);
+  ASSERT_TRUE(reopened);
+  auto hit = (*reopened)->get(BlobId::of(written_plainly));
+  ASSERT_TRUE(hit);
+  EXPECT_TRUE(*hit == written_plainly);
+}
+
+TEST(DiskCache, AFileSystemWithoutODirectIsUsedThroughThePageCache) {
+  TempDir dir;
+  const std::string mnt = dir.path() + "/ramfs";
+  std::filesystem::create_directories(mnt);
+  // ramfs has no direct I/O: open(O_DIRECT) and fcntl(O_DIRECT) fail with EINVAL.
+  const bool mounted = ::mount("ramfs", mnt.c_str(), "ramfs", 0, nullptr) == 0;
+  FAULTLINE_REQUIRE_CAPABILITY("root", mounted, "cannot mount a ramfs: " << std::strerror(errno));
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+  auto cache = DiskCache::open(mnt + "/cache", 64 << 20);
+  ASSERT_TRUE(cache);
+  EXPECT_FALSE((*cache)->direct_io());
+  std::vector<std::string> blobs;
+  for (size_t size : kDirectIoSizes) {
+    blobs.push_back(blob(size, size + 1));
+    ASSERT_TRUE((*cache)->put(BlobId::of(blobs.back()), blobs.back()));
+  }
+  for (const auto& b : blobs) {
+    SCOPED_TRACE(b.size());
+    EXPECT_EQ(std::filesystem::file_size(mnt + "/cache/" + BlobId::of(b).hex()), b.size());
+    auto hit = (*cache)->get(BlobId::of(b));
+    ASSERT_TRUE(hit);
+    EXPECT_TRUE(*hit == b);
+  }
+  const auto s = (*cache)->stats();
+  EXPECT_EQ(s.hits, blobs.size());
+  EXPECT_EQ(s.put_failures, 0u);
+  EXPECT_EQ(s.damaged, 0u);
 }
 
 TEST(CachedStore, AFullDiskIsReportedOnceAndServingGoesOnWithoutCaching) {

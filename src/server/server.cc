@@ -363,7 +363,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
     logger.info("disk_cache_open", {{"dir", config.cache_dir},
                                     {"max_bytes", config.cache_bytes},
                                     {"blobs", held.blobs},
-                                    {"bytes", held.bytes}});
+                                    {"bytes", held.bytes},
+                                    {"direct_io", (*disk)->direct_io()}});
     server->disk_cache_ = std::move(*disk);
   }
   server->metrics_.set_store_source([disk = server->disk_cache_] {

@@ -27,12 +27,15 @@ namespace {
 // the client verifies costs ~50x; 16 MiB is still 32 frames of 128 pages.
 constexpr uint64_t kGuestBytes = 16 * kMiB;
 
-// One copy, from a mapping of the file (empty when it cannot be mapped):
-// an element-wise char-to-uint8_t copy is a store per byte, which
+// One copy, from a mapping of the file (a file that cannot be mapped fails
+// the test): an element-wise char-to-uint8_t copy is a store per byte, which
 // ThreadSanitizer checks one by one (seconds per 64 MiB).
 std::vector<uint8_t> read_bytes(const std::string& path) {
   auto file = Mapping::map_file(path);
-  if (!file) return {};
+  if (!file) {
+    ADD_FAILURE() << file.error().describe();
+    return {};
+  }
   return std::vector<uint8_t>(file->bytes(), file->bytes() + file->size());
 }
 

@@ -3,6 +3,7 @@
 // End-to-end tests use TestFaultServer (a minimal server in this directory),
 // not faultline's server.
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
@@ -11,7 +12,6 @@
 
 #include <cstring>
 #include <filesystem>
-#include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <thread>
@@ -29,6 +29,7 @@
 #include "client/verifier.h"
 #include "client/version.h"
 #include "tests/capability.h"
+#include "tests/temp_dir.h"
 
 namespace faultline::client {
 namespace {
@@ -46,18 +47,7 @@ uint64_t pagemap_entry(const void* address) {
 bool present(const void* address) { return (pagemap_entry(address) >> 63) & 1; }
 bool uffd_wp(const void* address) { return (pagemap_entry(address) >> 57) & 1; }
 
-class TempDir {
- public:
-  TempDir() {
-    char name[] = "/tmp/faultline-client-test-XXXXXX";
-    path_ = ::mkdtemp(name);
-  }
-  ~TempDir() { std::filesystem::remove_all(path_); }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+using faultline::testing::TempDir;
 
 FirecrackerClient make_client(ClientConfig config) {
   auto client = FirecrackerClient::create(config);

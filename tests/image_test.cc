@@ -25,6 +25,7 @@
 #include "image/operations.h"
 #include "image/transfer.h"
 #include "snapshot/working_set.h"
+#include "tests/temp_dir.h"
 
 namespace faultline::image {
 namespace {
@@ -39,23 +40,7 @@ constexpr bool kUnderTsan = true;
 constexpr bool kUnderTsan = false;
 #endif
 
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/faultline-image-test-XXXXXX";  // unique: ctest runs tests side by side
-    const char* made = ::mkdtemp(tmpl);
-    EXPECT_NE(made, nullptr);
-    path_ = made != nullptr ? made : "/nonexistent";
-  }
-  ~TempDir() {
-    std::error_code ec;  // never throws (see tests/harness.h)
-    std::filesystem::remove_all(path_, ec);
-  }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
+using faultline::testing::TempDir;
 
 // The whole file ("" when it cannot be read), in one read: a character-at-a-
 // time istreambuf_iterator cost seconds per guest under ThreadSanitizer.

@@ -1,30 +1,20 @@
 // AtomicFileWriter: a large file appears whole under its name or not at all.
 #include "common/atomic_file.h"
 
+#include <gtest/gtest.h>
 #include <stdlib.h>
 
 #include <filesystem>
 #include <fstream>
 
-#include <gtest/gtest.h>
+#include "tests/temp_dir.h"
 
 namespace faultline {
 namespace {
 
-class ScratchDir {
+class ScratchDir : public faultline::testing::TempDir {
  public:
-  ScratchDir() {
-    char tmpl[] = "/tmp/faultline-atomic-XXXXXX";  // unique per test
-    path_ = ::mkdtemp(tmpl);
-  }
-  ~ScratchDir() { std::filesystem::remove_all(path_); }
-  std::string file(const std::string& n) const { return path_ + "/" + n; }
-  size_t entries() const {
-    return static_cast<size_t>(std::distance(std::filesystem::directory_iterator(path_), {}));
-  }
-
- private:
-  std::string path_;
+  size_t entries() const { return static_cast<size_t>(std::distance(std::filesystem::directory_iterator(path()), {})); }
 };
 
 std::string contents(const std::string& path) {

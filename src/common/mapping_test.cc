@@ -9,22 +9,18 @@
 #include <fstream>
 
 #include "common/atomic_file.h"
+#include "tests/temp_dir.h"
 
 namespace faultline {
 namespace {
 
 class ScratchFile {
  public:
-  ScratchFile() {
-    char tmpl[] = "/tmp/faultline-mapping-XXXXXX";  // unique per test
-    dir_ = ::mkdtemp(tmpl);
-  }
-  ~ScratchFile() { std::filesystem::remove_all(dir_); }
-  std::string path() const { return dir_ + "/file"; }
+  std::string path() const { return dir_.file("file"); }
   void write(const std::string& bytes) const { std::ofstream(path(), std::ios::binary | std::ios::trunc) << bytes; }
 
  private:
-  std::string dir_;
+  faultline::testing::TempDir dir_;
 };
 
 TEST(MapFile, ReadOnlyMappingHoldsTheFilesBytesAndItsSize) {

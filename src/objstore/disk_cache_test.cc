@@ -26,27 +26,14 @@
 #include "image/image_chain.h"
 #include "image/local_store.h"
 #include "tests/capability.h"
+#include "tests/temp_dir.h"
 
 namespace faultline::objstore {
 namespace {
 
 using image::BlobId;
 
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/faultline-cache-test-XXXXXX";
-    path_ = ::mkdtemp(tmpl);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using faultline::testing::TempDir;
 
 std::string blob(size_t n, uint64_t seed) {
   std::string s(n, '\0');

@@ -18,6 +18,7 @@
 #include "image/image_source.h"
 #include "image/local_store.h"
 #include "image/operations.h"
+#include "tests/temp_dir.h"
 
 namespace faultline::image {
 namespace {
@@ -313,9 +314,7 @@ TEST(FrameCache, LoadAheadNeverWaitsAndAGetDuringItSharesItsLoad) {
 class ImageSourceTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/faultline-imgsrc-XXXXXX";
-    ASSERT_NE(::mkdtemp(tmpl), nullptr);
-    dir_ = tmpl;
+    dir_ = scratch_.path();
     // 600 pages: data, zero runs, and a last frame that is not full.
     std::mt19937_64 rng(5);
     memory_.resize(600 * 4096);
@@ -335,7 +334,6 @@ class ImageSourceTest : public ::testing::Test {
     o.name = "base";
     ASSERT_TRUE(create_image(**store, o));
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   std::shared_ptr<ImageSource> open(std::shared_ptr<FrameCache> cache) {
     auto store = LocalStore::open(dir_ + "/store", false);
@@ -356,6 +354,7 @@ class ImageSourceTest : public ::testing::Test {
     }
   }
 
+  faultline::testing::TempDir scratch_;
   std::string dir_;
   std::vector<uint8_t> memory_;
 };

@@ -1,6 +1,8 @@
 #include "protocol/handshake_socket.h"
 
 #include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <linux/kcmp.h>
 #include <linux/userfaultfd.h>
 #include <sched.h>
@@ -12,15 +14,14 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "tests/temp_dir.h"
 
 namespace faultline::protocol {
 namespace {
@@ -474,12 +475,9 @@ TEST_F(ReceiveHandshake, RejectsAnInvalidConnection) {
 class UnixListenerTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char templ[] = "/tmp/faultline-protocol-XXXXXX";
-    ASSERT_NE(::mkdtemp(templ), nullptr);
-    dir_ = templ;
+    dir_ = scratch_.path();
     path_ = dir_ + "/uffd.sock";
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   UniqueFd connect_client() {
     UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -490,6 +488,7 @@ class UnixListenerTest : public ::testing::Test {
     return fd;
   }
 
+  faultline::testing::TempDir scratch_;
   std::string dir_;
   std::string path_;
 };

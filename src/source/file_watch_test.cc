@@ -1,6 +1,7 @@
 #include "source/file_watch.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -10,7 +11,7 @@
 #include <mutex>
 #include <vector>
 
-#include <gtest/gtest.h>
+#include "tests/temp_dir.h"
 
 namespace faultline {
 namespace {
@@ -19,12 +20,10 @@ namespace {
 class FileWatchTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    char tmpl[] = "/tmp/faultline-watch-XXXXXX";
-    dir_ = ::mkdtemp(tmpl);
+    dir_ = scratch_.path();
     path_ = dir_ + "/mem";
     write_file(path_, 'a');
   }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
 
   static void write_file(const std::string& path, char fill) {
     UniqueFd fd(::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0644));
@@ -57,6 +56,7 @@ class FileWatchTest : public ::testing::Test {
     }
   };
 
+  faultline::testing::TempDir scratch_;
   std::string dir_, path_;
 };
 

@@ -70,7 +70,7 @@ class DiskCache {
   std::string path(const image::BlobId& id) const { return dir_ + "/" + id.hex(); }
   void touch_locked(const image::BlobId& id);
   void forget_locked(const image::BlobId& id);
-  bool probe_direct_io() const;  // false when the file system refuses O_DIRECT
+  void probe_direct_io();  // direct_io() false when the file system refuses O_DIRECT
   Result<std::string> read_blob(const std::string& path);
   Status write_blob(int fd, std::string_view bytes);
 

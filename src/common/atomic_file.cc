@@ -63,12 +63,8 @@ Status write_file_atomically(int dir_fd, std::string_view name, std::string_view
     ::unlinkat(dir_fd, tmp.c_str(), 0);
     return e;
   };
-  size_t off = 0;
-  while (off < bytes.size()) {
-    const ssize_t n = ::write(file.get(), bytes.data() + off, bytes.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return abandon(fail_errno("writing " + tmp + " failed"));
-    off += static_cast<size_t>(n);
+  if (auto st = pwrite_all(file.get(), bytes, 0); !st) {
+    return abandon(fail("writing " + tmp + " failed", st.error().code));
   }
   if (::fsync(file.get()) != 0) return abandon(fail_errno("fsync of " + tmp + " failed"));
   if (::close(file.release()) != 0) return abandon(fail_errno("closing " + tmp + " failed"));
@@ -128,12 +124,8 @@ AtomicFileWriter::~AtomicFileWriter() {
 }
 
 Status AtomicFileWriter::pwrite_all(std::string_view bytes, uint64_t offset) {
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::pwrite(file_fd_, bytes.data() + done, bytes.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return fail_errno("writing " + dir_ + "/" + tmp_ + " failed");
-    done += static_cast<size_t>(n);
+  if (auto st = faultline::pwrite_all(file_fd_, bytes, offset); !st) {
+    return fail("writing " + dir_ + "/" + tmp_ + " failed", st.error().code);
   }
   return {};
 }
@@ -156,13 +148,20 @@ Status AtomicFileWriter::commit() {
   return {};
 }
 
-Result<std::string> read_whole_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+Result<std::pair<UniqueFd, uint64_t>> open_regular_file(const std::string& path, int extra_flags) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | extra_flags));
   if (!fd) return fail_errno("cannot open " + path);
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
   if (!S_ISREG(st.st_mode)) return fail(path + " is not a regular file", EINVAL);
-  std::string out(static_cast<size_t>(st.st_size), '\0');
+  return std::make_pair(std::move(fd), static_cast<uint64_t>(st.st_size));
+}
+
+Result<std::string> read_whole_file(const std::string& path) {
+  auto opened = open_regular_file(path);
+  if (!opened) return std::unexpected(opened.error());
+  const auto& [fd, size] = *opened;
+  std::string out(static_cast<size_t>(size), '\0');
   size_t done = 0;
   while (done < out.size()) {
     const ssize_t n = ::read(fd.get(), out.data() + done, out.size() - done);
@@ -173,6 +172,18 @@ Result<std::string> read_whole_file(const std::string& path) {
   }
   out.resize(done);
   return out;
+}
+
+Status pwrite_all(int fd, std::string_view bytes, uint64_t offset) {
+  size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return fail_errno("write failed");
+    if (n == 0) return fail("write failed", EIO);
+    done += static_cast<size_t>(n);
+  }
+  return {};
 }
 
 }  // namespace faultline

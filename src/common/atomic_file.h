@@ -38,9 +38,18 @@ Result<std::string> random_name_suffix();
 // writer uses it, so one naming covers gc's cleanup of interrupted writes.
 Result<std::pair<UniqueFd, std::string>> create_temporary_file(int dir_fd, const std::string& final_name, mode_t mode);
 
+// Opens `path` read-only with O_NOFOLLOW and `extra_flags` (e.g. O_DIRECT)
+// and returns it with its size; anything but a regular file is refused.
+Result<std::pair<UniqueFd, uint64_t>> open_regular_file(const std::string& path, int extra_flags = 0);
+
 // The whole of a regular file (O_NOFOLLOW): what a reader of files written
 // by the functions below sees. A file that shrinks while read gives what was read.
 Result<std::string> read_whole_file(const std::string& path);
+
+// pwrite()s all of `bytes` at `offset`, again after EINTR and short writes.
+// The error's code is the errno (EIO for a write that made no progress); its
+// message says only "write failed", so callers name the file.
+Status pwrite_all(int fd, std::string_view bytes, uint64_t offset);
 
 // Writes `bytes` to `name` (checked with check_plain_file_name()) inside the
 // directory open as `dir_fd`.

@@ -1,8 +1,11 @@
 // AtomicFileWriter: a large file appears whole under its name or not at all.
 #include "common/atomic_file.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -51,6 +54,48 @@ TEST(AtomicFileWriter, RefusesANameThatIsNotAPlainFile) {
   ScratchDir dir;
   EXPECT_FALSE(AtomicFileWriter::create(dir.file(".hidden")));
   EXPECT_FALSE(AtomicFileWriter::create(dir.file("")));
+}
+
+TEST(FileIo, PwriteAllWritesEveryByteAtItsOffsetAndReportsTheErrno) {
+  ScratchDir dir;
+  std::string bytes(3 << 20, '\0');
+  for (size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(i * 131 + 7);
+  {
+    UniqueFd fd(::open(dir.file("f").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+    ASSERT_TRUE(fd);
+    auto st = pwrite_all(fd.get(), bytes, 4096);
+    ASSERT_TRUE(st) << st.error().describe();
+  }
+  auto read = read_whole_file(dir.file("f"));
+  ASSERT_TRUE(read) << read.error().describe();
+  EXPECT_EQ(*read, std::string(4096, '\0') + bytes);
+
+  UniqueFd full(::open("/dev/full", O_WRONLY | O_CLOEXEC));
+  ASSERT_TRUE(full);
+  auto no_space = pwrite_all(full.get(), "x", 0);
+  ASSERT_FALSE(no_space);
+  EXPECT_EQ(no_space.error().code, ENOSPC);
+  UniqueFd read_only(::open(dir.file("f").c_str(), O_RDONLY | O_CLOEXEC));
+  auto not_writable = pwrite_all(read_only.get(), "x", 0);
+  ASSERT_FALSE(not_writable);
+  EXPECT_EQ(not_writable.error().code, EBADF);
+}
+
+TEST(FileIo, ReadingRefusesADirectoryAndASymlink) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_file_atomically(dir.file("target"), "bytes"));
+  ASSERT_EQ(::symlink(dir.file("target").c_str(), dir.file("link").c_str()), 0);
+  ASSERT_EQ(::mkdir(dir.file("sub").c_str(), 0700), 0);
+  auto opened = open_regular_file(dir.file("target"));
+  ASSERT_TRUE(opened) << opened.error().describe();
+  EXPECT_EQ(opened->second, 5u);
+  auto link = read_whole_file(dir.file("link"));
+  ASSERT_FALSE(link);
+  EXPECT_EQ(link.error().code, ELOOP);
+  auto sub = read_whole_file(dir.file("sub"));
+  ASSERT_FALSE(sub);
+  EXPECT_EQ(sub.error().code, EINVAL);
+  EXPECT_NE(sub.error().message.find("not a regular file"), std::string::npos) << sub.error().message;
 }
 
 }  // namespace

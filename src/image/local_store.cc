@@ -171,16 +171,9 @@ Status LocalStore::put_deferred(const BlobId& id, std::string_view bytes) {
   if (!created) return std::unexpected(created.error());
   UniqueFd file = std::move(created->first);
   const std::string tmp = dir + "/" + created->second;
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(file.get(), bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      auto e = fail_errno("writing " + tmp + " failed");
-      ::unlink(tmp.c_str());
-      return e;
-    }
-    done += static_cast<size_t>(n);
+  if (auto st = pwrite_all(file.get(), bytes, 0); !st) {
+    ::unlink(tmp.c_str());
+    return fail("writing " + tmp + " failed", st.error().code);
   }
   std::lock_guard lock(pending_mutex_);
   pending_.emplace_back(tmp, describe(id));

@@ -219,13 +219,11 @@ void DiskCache::probe_direct_io() {
 // either); a frame in use is in the daemon's frame cache.
 Result<std::string> DiskCache::read_blob(const std::string& path) {
   if (direct_io()) {
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_DIRECT));
-    if (!fd && errno != EINVAL) return fail_errno("cannot open " + path);
-    if (fd) {
-      struct stat st {};
-      if (::fstat(fd.get(), &st) != 0) return fail_errno("cannot stat " + path);
-      if (!S_ISREG(st.st_mode)) return fail(path + " is not a regular file", EINVAL);
-      const size_t size = static_cast<size_t>(st.st_size);
+    auto opened = open_regular_file(path, O_DIRECT);
+    if (!opened && opened.error().code != EINVAL) return std::unexpected(opened.error());
+    if (opened) {
+      const auto& [fd, file_size] = *opened;
+      const size_t size = static_cast<size_t>(file_size);
       if (size == 0) return std::string();
       const size_t padded = round_up_to_block(size);
       DirectIoBuffer own;
@@ -253,15 +251,6 @@ Result<std::string> DiskCache::read_blob(const std::string& path) {
 }
 
 Status DiskCache::write_blob(int fd, std::string_view bytes) {
-  const auto write_all = [fd](const char* data, size_t size, size_t done) -> Status {
-    while (done < size) {
-      const ssize_t n = ::pwrite(fd, data + done, size - done, static_cast<off_t>(done));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) return fail_errno("write");
-      done += static_cast<size_t>(n);
-    }
-    return {};
-  };
   if (bytes.empty()) return {};
   const int flags = ::fcntl(fd, F_GETFL);
   if (direct_io() && flags >= 0) {
@@ -290,14 +279,14 @@ Status DiskCache::write_blob(int fd, std::string_view bytes) {
       if (error != 0) direct_io_.store(false, std::memory_order_relaxed);  // EINVAL: O_DIRECT taken, writes refused
       if (done < padded) {
         if (::fcntl(fd, F_SETFL, flags) != 0) return fail_errno("fcntl turning O_DIRECT off");
-        if (auto rest = write_all(buffer, padded, done); !rest) return rest;
+        if (auto rest = pwrite_all(fd, std::string_view(buffer + done, padded - done), done); !rest) return rest;
       }
       if (::ftruncate(fd, static_cast<off_t>(bytes.size())) != 0) return fail_errno("ftruncate");
       return {};
     }
     if (errno == EINVAL) direct_io_.store(false, std::memory_order_relaxed);  // no O_DIRECT on this file system
   }
-  return write_all(bytes.data(), bytes.size(), 0);
+  return pwrite_all(fd, bytes, 0);
 }
 
 DiskCache::Stats DiskCache::stats() const {

@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <random>
 #include <set>
@@ -584,6 +585,7 @@ class ManifestWriteFails final : public Store {
   Result<std::vector<BlobId>> list() override { return real_.list(); }
   Status remove(const BlobId& id) override { return real_.remove(id); }
   std::string describe(const BlobId& id) const override { return real_.describe(id); }
+  std::string identity() const override { return real_.identity(); }
   Result<std::string> read_manifest(const std::string& n) override { return real_.read_manifest(n); }
   Result<bool> manifest_exists(const std::string& n) override { return real_.manifest_exists(n); }
   Status write_manifest(const std::string&, std::string_view) override { return fail("no space left", ENOSPC); }
@@ -693,6 +695,67 @@ TEST(ImageGc, GcDuringCreateWaitsAndLosesNothing) {
   EXPECT_TRUE(waited) << "gc must have waited for the create";
   EXPECT_EQ(r->removed_blobs, 0u);
   expect_flattens_to(*store, "racing", dir.file("flat"), mem);
+}
+
+// copy_image (image pull into a directory store) holds the destination's
+// shared lock as create does: a gc that starts while it copies waits for its
+// manifest (it used to remove the blobs copied so far, leaving an image that
+// looked whole with frames missing), and a copy that starts while a gc runs
+// waits for it.
+TEST(ImageGc, GcInTheDestinationOfACopyWaitsForItAndACopyWaitsForAGc) {
+  TempDir dir;
+  const std::string mem = make_memory(dir.file("mem"), 4 * kMiB, 17, 0.2);
+  auto from = open_store(dir.file("from"));
+  create(*from, dir.file("mem"), "base");
+  auto to = open_store(dir.file("to"));
+  auto gc_view = open_store(dir.file("to"));  // another process's descriptor
+
+  std::promise<void> gc_waits;
+  std::future<Result<GcReport>> gc;
+  CopyOptions c;
+  c.threads = 1;
+  c.progress = [&](uint64_t, uint64_t) {
+    if (gc.valid()) return;
+    GcOptions g;
+    g.on_lock_wait = [&] { gc_waits.set_value(); };
+    gc = std::async(std::launch::async, [&, g] { return gc_store(*gc_view, g); });
+    // Until the gc waits for the lock, or (without it) has run: the checks
+    // below then fail.
+    auto waits = gc_waits.get_future();
+    while (waits.wait_for(std::chrono::milliseconds(5)) != std::future_status::ready &&
+           gc.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+    }
+  };
+  auto copied = copy_image(*from, *to, "base", c);
+  ASSERT_TRUE(copied) << copied.error().describe();
+  ASSERT_TRUE(gc.valid()) << "the copy reported progress";
+  auto r = gc.get();
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->removed_blobs, 0u);
+  auto v = verify_image(*to, "base", {});
+  ASSERT_TRUE(v) << v.error().describe();
+  EXPECT_TRUE(v->problems.empty()) << v->problems.front().message;
+  expect_flattens_to(*to, "base", dir.file("flat"), mem);
+
+  // The other order: a gc holds the lock; the copy (of a new image) waits.
+  const std::string next = make_memory(dir.file("next"), 4 * kMiB, 18, 0.2);
+  create(*from, dir.file("next"), "next");
+  auto held = gc_view->lock_exclusive({});
+  ASSERT_TRUE(held) << held.error().describe();
+  std::promise<void> copy_waits;
+  CopyOptions waiting;
+  waiting.on_lock_wait = [&] { copy_waits.set_value(); };
+  auto second = std::async(std::launch::async, [&] { return copy_image(*from, *to, "next", waiting); });
+  auto waits = copy_waits.get_future();
+  while (waits.wait_for(std::chrono::milliseconds(5)) != std::future_status::ready &&
+         second.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+  }
+  EXPECT_EQ(waits.wait_for(std::chrono::seconds(0)), std::future_status::ready) << "the copy waited for the gc";
+  EXPECT_FALSE(to->manifest_exists("next").value_or(true)) << "nothing written while the gc holds the lock";
+  held->reset();
+  auto done = second.get();
+  ASSERT_TRUE(done) << done.error().describe();
+  expect_flattens_to(*to, "next", dir.file("flat2"), next);
 }
 
 // list_images: every image with what its own manifest holds; an unreadable

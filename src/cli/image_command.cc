@@ -179,6 +179,9 @@ int ImageCommand::run() {
     image::CopyOptions c;
     c.threads = o.threads;
     c.progress = progress_line((o.push->parsed() ? "pushing " : "pulling ") + o.name, o.quiet);
+    c.on_lock_wait = [&o] {
+      std::fprintf(stderr, "waiting for the lock of %s: a gc or an image delete is running there\n", o.store.c_str());
+    };
     const auto start = std::chrono::steady_clock::now();
     auto r = o.push->parsed() ? image::copy_image(**local, **remote, o.name, c)
                               : image::copy_image(**remote, **local, o.name, c);

@@ -15,6 +15,15 @@ size_t shard_count(uint64_t capacity) {
 }
 }  // namespace
 
+uint64_t FrameCache::store_tag(const std::string& identity) {
+  // Never destroyed: a daemon's threads may still open images while the
+  // process exits.
+  static auto* mu = new std::mutex;
+  static auto* tags = new std::unordered_map<std::string, uint64_t>;
+  std::lock_guard lock(*mu);
+  return tags->try_emplace(identity, tags->size() + 1).first->second;
+}
+
 FrameCache::FrameCache(uint64_t capacity_bytes)
     : capacity_(capacity_bytes), shards_(shard_count(capacity_bytes)) {}
 
@@ -23,27 +32,27 @@ void FrameCache::touch(Shard& s, Entry& e) {
   e.last_use = clock_.fetch_add(1, std::memory_order_relaxed) + 1;
 }
 
-FrameCache::Frame FrameCache::find(const BlobId& id) {
-  Shard& s = shard_of(id);
+FrameCache::Frame FrameCache::find(const FrameKey& key) {
+  Shard& s = shard_of(key);
   std::lock_guard lock(s.mu);
-  auto it = s.entries.find(id);
+  auto it = s.entries.find(key);
   if (it == s.entries.end()) return {};
   touch(s, it->second);
   ++s.hits;
   return it->second.frame;
 }
 
-Result<FrameCache::Frame> FrameCache::get(const BlobId& id, const Loader& load) {
-  Shard& s = shard_of(id);
+Result<FrameCache::Frame> FrameCache::get(const FrameKey& key, const Loader& load) {
+  Shard& s = shard_of(key);
   std::shared_ptr<Load> mine;
   {
     std::unique_lock lock(s.mu);
-    if (auto it = s.entries.find(id); it != s.entries.end()) {
+    if (auto it = s.entries.find(key); it != s.entries.end()) {
       touch(s, it->second);
       ++s.hits;
       return it->second.frame;
     }
-    if (auto it = s.loading.find(id); it != s.loading.end()) {
+    if (auto it = s.loading.find(key); it != s.loading.end()) {
       // Another thread is loading this frame: share its result.
       std::shared_ptr<Load> theirs = it->second;
       ++s.waits;
@@ -51,31 +60,31 @@ Result<FrameCache::Frame> FrameCache::get(const BlobId& id, const Loader& load) 
       return theirs->result;
     }
     mine = std::make_shared<Load>();
-    s.loading.emplace(id, mine);
+    s.loading.emplace(key, mine);
     ++s.misses;
   }
-  return finish_load(s, id, mine, load);
+  return finish_load(s, key, mine, load);
 }
 
-Result<FrameCache::Frame> FrameCache::load_ahead(const BlobId& id, const Loader& load) {
-  Shard& s = shard_of(id);
+Result<FrameCache::Frame> FrameCache::load_ahead(const FrameKey& key, const Loader& load) {
+  Shard& s = shard_of(key);
   std::shared_ptr<Load> mine;
   {
     std::lock_guard lock(s.mu);
-    if (auto it = s.entries.find(id); it != s.entries.end()) {
+    if (auto it = s.entries.find(key); it != s.entries.end()) {
       touch(s, it->second);
       return Frame{};
     }
-    if (s.loading.contains(id)) return Frame{};
+    if (s.loading.contains(key)) return Frame{};
     mine = std::make_shared<Load>();
-    s.loading.emplace(id, mine);
+    s.loading.emplace(key, mine);
     ++s.misses;
     ++s.loads_ahead;
   }
-  return finish_load(s, id, mine, load);
+  return finish_load(s, key, mine, load);
 }
 
-Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const BlobId& id, const std::shared_ptr<Load>& mine,
+Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const FrameKey& key, const std::shared_ptr<Load>& mine,
                                                   const Loader& load) {
   // The load (storage read, checksum, decompression) runs with no lock held.
   // A loader that throws (bad_alloc) must still release the waiters, or they
@@ -83,6 +92,13 @@ Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const BlobId& id, co
   Result<Frame> result = Frame{};
   try {
     Result<FrameBuffer> bytes = load();
+    if (bytes && key.bytes != 0 && bytes->size() != key.bytes) {
+      // The loader checks the size too; held under this key, a frame of
+      // another size would make the copies of its pages read past it.
+      bytes = fail("frame " + key.id.hex() + " decompressed to " + std::to_string(bytes->size()) +
+                       " bytes, its manifest says " + std::to_string(key.bytes),
+                   EIO);
+    }
     result = bytes ? Result<Frame>(std::make_shared<const FrameBuffer>(std::move(*bytes)))
                    : Result<Frame>(std::unexpected(bytes.error()));
   } catch (const std::exception& e) {
@@ -90,9 +106,9 @@ Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const BlobId& id, co
   }
   {
     std::lock_guard lock(s.mu);
-    s.loading.erase(id);
+    s.loading.erase(key);
     if (result) {
-      insert(s, id, *result);
+      insert(s, key, *result);
     } else {
       ++s.load_failures;
     }
@@ -104,11 +120,11 @@ Result<FrameCache::Frame> FrameCache::finish_load(Shard& s, const BlobId& id, co
   return result;
 }
 
-void FrameCache::insert(Shard& s, const BlobId& id, const Frame& frame) {
+void FrameCache::insert(Shard& s, const FrameKey& key, const Frame& frame) {
   // A frame counts the memory it holds (its slot), not only its bytes.
   if (frame->footprint() > capacity_) return;  // would evict everything and still not fit
-  s.lru.push_front(id);
-  s.entries.emplace(id, Entry{frame, s.lru.begin(), clock_.fetch_add(1, std::memory_order_relaxed) + 1});
+  s.lru.push_front(key);
+  s.entries.emplace(key, Entry{frame, s.lru.begin(), clock_.fetch_add(1, std::memory_order_relaxed) + 1});
   s.bytes += frame->footprint();
   bytes_.fetch_add(frame->footprint(), std::memory_order_relaxed);
 }

@@ -1,8 +1,10 @@
 // FrameCache: decompressed frames kept in memory, bounded in bytes, shared by
 // every image and every session of a daemon.
 //
-// Frames are keyed by their blob id (the SHA-256 of the compressed bytes), so
-// a frame that several images or layers share is decompressed and held once.
+// Frames are keyed by their blob id (the SHA-256 of the compressed bytes) and
+// by what their manifest expects of them and where they are read from
+// (FrameKey), so a frame that several images or layers of one store share is
+// decompressed and held once.
 // A page fault on a compressed frame decompresses the whole frame once; the
 // other pages of that frame are then served from here without I/O, which is
 // what lets a session's event reader serve them itself (find() never loads).
@@ -38,6 +40,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -47,6 +50,26 @@
 #include "image/frame_buffer.h"
 
 namespace faultline::image {
+
+// What a frame is held under. Besides its blob id: the store it is read from
+// (FrameCache::store_tag of BlobStore::identity) and what the manifest naming
+// it expects (its decompressed size, its XXH3 checksum), each checked when
+// the frame is loaded. Images share a held frame only when all of these
+// agree, so a hit never hands out a frame of another size (which a copy of
+// one of its pages would read past) or one another store's check let in.
+struct FrameKey {
+  BlobId id;
+  uint64_t store = 0;
+  uint64_t bytes = 0;
+  std::optional<uint64_t> checksum;
+  friend bool operator==(const FrameKey&, const FrameKey&) = default;
+};
+
+struct FrameKeyHash {
+  size_t operator()(const FrameKey& k) const {
+    return BlobIdHash{}(k.id) ^ (k.store * 0x9e3779b97f4a7c15ull) ^ (k.bytes << 1) ^ k.checksum.value_or(0);
+  }
+};
 
 class FrameCache {
  public:
@@ -71,16 +94,20 @@ class FrameCache {
   FrameCache(const FrameCache&) = delete;
   FrameCache& operator=(const FrameCache&) = delete;
 
+  // A small number naming the store `identity` (BlobStore::identity), the
+  // same for the same identity for the life of the process (never 0).
+  static uint64_t store_tag(const std::string& identity);
+
   // The frame if it is held now; never loads, never waits for a load.
-  Frame find(const BlobId& id);
+  Frame find(const FrameKey& key);
   // The frame, loading it with `load` (decompressed bytes) if it is not held.
-  Result<Frame> get(const BlobId& id, const Loader& load);
+  Result<Frame> get(const FrameKey& key, const Loader& load);
   // Read-ahead: loads the frame with `load` if it is neither held nor being
   // loaded, and returns it; returns null, having loaded nothing and waited
   // for nothing, when it is held (then marked recently used, so it stays as
   // long as what is read ahead after it) or another thread is loading it. A
   // get() of the frame while this load runs waits for it: one load, shared.
-  Result<Frame> load_ahead(const BlobId& id, const Loader& load);
+  Result<Frame> load_ahead(const FrameKey& key, const Loader& load);
 
   Stats stats() const;
   uint64_t capacity() const { return capacity_; }
@@ -96,22 +123,22 @@ class FrameCache {
   };
   struct Entry {
     Frame frame;
-    std::list<BlobId>::iterator lru;  // position in Shard::lru (front: most recent)
+    std::list<FrameKey>::iterator lru;  // position in Shard::lru (front: most recent)
     uint64_t last_use = 0;            // a tick of clock_: orders uses across shards
   };
   struct Shard {
     mutable std::mutex mu;
-    std::unordered_map<BlobId, Entry, BlobIdHash> entries;
-    std::unordered_map<BlobId, std::shared_ptr<Load>, BlobIdHash> loading;
-    std::list<BlobId> lru;
+    std::unordered_map<FrameKey, Entry, FrameKeyHash> entries;
+    std::unordered_map<FrameKey, std::shared_ptr<Load>, FrameKeyHash> loading;
+    std::list<FrameKey> lru;
     uint64_t bytes = 0;
     uint64_t hits = 0, misses = 0, waits = 0, load_failures = 0, evictions = 0, loads_ahead = 0;
   };
-  Shard& shard_of(const BlobId& id) { return shards_[BlobIdHash{}(id) % shards_.size()]; }
+  Shard& shard_of(const FrameKey& key) { return shards_[BlobIdHash{}(key.id) % shards_.size()]; }
   // Marks a held frame most recently used. REQUIRES: s.mu held.
   void touch(Shard& s, Entry& e);
   // REQUIRES: s.mu held. May leave the cache over its capacity: make_room().
-  void insert(Shard& s, const BlobId& id, const Frame& frame);
+  void insert(Shard& s, const FrameKey& key, const Frame& frame);
   // Frame memory kept beyond the capacity is over it: the frames held, and
   // the free slots of partly used chunks beyond kFreeSlotAllowance
   // (FrameBuffer::free_slot_bytes(), process-wide).
@@ -121,7 +148,7 @@ class FrameCache {
   void make_room();
   // Runs `load` for a miss registered in s.loading as `mine`, keeps and
   // hands out the result. REQUIRES: s.mu not held.
-  Result<Frame> finish_load(Shard& s, const BlobId& id, const std::shared_ptr<Load>& mine, const Loader& load);
+  Result<Frame> finish_load(Shard& s, const FrameKey& key, const std::shared_ptr<Load>& mine, const Loader& load);
 
   // One 2 MiB chunk per slot size (64 KiB to 2 MiB, frame_buffer.h).
   static constexpr uint64_t kFreeSlotAllowance = 6 * FrameBuffer::kChunk;

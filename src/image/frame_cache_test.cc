@@ -15,8 +15,10 @@
 #include <random>
 #include <thread>
 
+#include "image/frame.h"
 #include "image/image_source.h"
 #include "image/local_store.h"
+#include "image/manifest.h"
 #include "image/operations.h"
 #include "tests/temp_dir.h"
 
@@ -34,7 +36,7 @@ constexpr size_t kMiBUnit = 256 << 10;
 constexpr size_t kMiBUnit = 1 << 20;
 #endif
 
-BlobId id_of(const std::string& s) { return BlobId::of(s); }
+FrameKey id_of(const std::string& s) { return FrameKey{BlobId::of(s)}; }
 
 Result<FrameBuffer> bytes_of(size_t n, char c) { return FrameBuffer::copy_of(std::string(n, c)); }
 
@@ -121,11 +123,11 @@ TEST(FrameCache, EvictsTheLeastRecentlyUsedFrameToStayWithinCapacity) {
 
 // `n` blob ids that all fall into the same shard whatever the shard count
 // (the count is at most 16 and divides 16 for the capacities used here).
-std::vector<BlobId> ids_of_one_shard(size_t n) {
-  std::vector<BlobId> out;
+std::vector<FrameKey> ids_of_one_shard(size_t n) {
+  std::vector<FrameKey> out;
   for (uint64_t i = 0; out.size() < n; ++i) {
-    const BlobId id = id_of("frame " + std::to_string(i));
-    if (BlobIdHash{}(id) % 16 == 0) out.push_back(id);
+    const FrameKey id = id_of("frame " + std::to_string(i));
+    if (BlobIdHash{}(id.id) % 16 == 0) out.push_back(id);
   }
   return out;
 }
@@ -137,7 +139,7 @@ TEST(FrameCache, ACacheOfNBytesHoldsNBytesOfFramesHoweverTheyHashAndEvictsTheOld
   constexpr size_t kFrame = kMiBUnit;
   constexpr size_t kFrames = 64;
   FrameCache cache(kFrames * kFrame);  // several shards
-  const std::vector<BlobId> same_shard = ids_of_one_shard(kFrames);
+  const std::vector<FrameKey> same_shard = ids_of_one_shard(kFrames);
   for (size_t i = 0; i < kFrames; ++i) {
     ASSERT_TRUE(cache.get(same_shard[i], [] { return bytes_of(kFrame, 's'); }));
   }
@@ -149,10 +151,10 @@ TEST(FrameCache, ACacheOfNBytesHoldsNBytesOfFramesHoweverTheyHashAndEvictsTheOld
   // Frames in other shards push the oldest ones out, oldest first, wherever
   // they are; a frame used again stays.
   ASSERT_NE(cache.find(same_shard[0]), nullptr);  // now the most recent
-  std::vector<BlobId> others;
+  std::vector<FrameKey> others;
   for (uint64_t i = 0; others.size() < 3; ++i) {
-    const BlobId id = id_of("other " + std::to_string(i));
-    if (BlobIdHash{}(id) % 16 != 0) others.push_back(id);
+    const FrameKey id = id_of("other " + std::to_string(i));
+    if (BlobIdHash{}(id.id) % 16 != 0) others.push_back(id);
   }
   for (size_t k = 0; k < others.size(); ++k) {
     ASSERT_TRUE(cache.get(others[k], [] { return bytes_of(kFrame, 'o'); }));
@@ -163,7 +165,7 @@ TEST(FrameCache, ACacheOfNBytesHoldsNBytesOfFramesHoweverTheyHashAndEvictsTheOld
   }
   EXPECT_NE(cache.find(same_shard[0]), nullptr);
   EXPECT_NE(cache.find(same_shard[4]), nullptr);
-  for (const BlobId& id : others) EXPECT_NE(cache.find(id), nullptr);
+  for (const FrameKey& id : others) EXPECT_NE(cache.find(id), nullptr);
 }
 
 // Many threads loading distinct frames at once into a small cache: it ends
@@ -179,7 +181,7 @@ TEST(FrameCache, ConcurrentLoadsIntoAFullCacheEndWithinItsCapacity) {
   for (int t = 0; t < kThreads; ++t) {
     threads.emplace_back([&, t] {
       for (int i = 0; i < kPerThread; ++i) {
-        const BlobId id = id_of("t" + std::to_string(t) + " f" + std::to_string(i));
+        const FrameKey id = id_of("t" + std::to_string(t) + " f" + std::to_string(i));
         auto f = cache.get(id, [&] { return bytes_of(kFrame, static_cast<char>('a' + t)); });
         if (!f || (**f)[kFrame - 1] != 'a' + t) failures.fetch_add(1);
         // Now and then a frame of another thread is used again.
@@ -358,6 +360,123 @@ class ImageSourceTest : public ::testing::Test {
   std::string dir_;
   std::vector<uint8_t> memory_;
 };
+
+// Writes an image of one frame, `blob`, holding `frame_pages` pages (true
+// or not) of a guest of 128 pages, the rest zero; with `checksum` as the
+// frame's XXH3 (default: the blob's).
+void write_one_frame_image(LocalStore& store, const std::string& name, const std::string& blob, uint32_t frame_pages,
+                           std::optional<uint64_t> checksum = std::nullopt) {
+  Manifest m;
+  m.page_size = 4096;
+  m.guest_bytes = 128 * 4096;
+  m.frame_pages = 128;
+  m.stored_pages = frame_pages;
+  m.frames.push_back(FrameRef{BlobId::of(blob), blob.size(), frame_pages, checksum.value_or(frame_checksum(blob))});
+  m.runs = {PageRun{PageKind::kStored, frame_pages, 0}};
+  if (frame_pages < 128) m.runs.push_back(PageRun{PageKind::kZero, 128 - frame_pages, 0});
+  auto bytes = serialize_manifest(m);
+  ASSERT_TRUE(bytes) << bytes.error().describe();
+  ASSERT_TRUE(store.write_manifest(name, *bytes));
+}
+
+std::shared_ptr<ImageSource> open_image(const std::string& store_dir, const std::string& name,
+                                        std::shared_ptr<FrameCache> cache) {
+  auto store = LocalStore::open(store_dir, false);
+  EXPECT_TRUE(store);
+  auto src = ImageSource::open(std::move(*store), name, std::move(cache));
+  EXPECT_TRUE(src) << src.error().describe();
+  return src ? *src : nullptr;
+}
+
+// A manifest that names another image's blob with more pages than it holds
+// is refused on its own; with the blob already in the shared cache (the
+// other image loaded it), a hit must not hand it the smaller frame either,
+// whose pages past the end a copy would read (found by review: ASan saw a
+// heap-buffer-overflow there).
+TEST(FrameCacheSharing, ABlobNamedWithAnotherSizeIsNeverTheFrameAnotherImageLoaded) {
+  faultline::testing::TempDir dir;
+  const std::string store_dir = dir.path() + "/store";
+  auto store = LocalStore::open(store_dir, true);
+  ASSERT_TRUE(store);
+  FrameCompressor compressor(3);
+  auto blob = compressor.compress(std::string(2 * 4096, '\x5a'));
+  ASSERT_TRUE(blob);
+  ASSERT_TRUE((*store)->put(BlobId::of(*blob), *blob));
+  write_one_frame_image(**store, "honest", *blob, 2);
+  write_one_frame_image(**store, "liar", *blob, 128);
+
+  auto cache = std::make_shared<FrameCache>(64 << 20);
+  auto honest = open_image(store_dir, "honest", cache);
+  auto liar = open_image(store_dir, "liar", cache);
+  ASSERT_TRUE(honest && liar);
+  std::vector<uint8_t> page(4096, 0xEE);
+  for (int round = 0; round < 2; ++round) {  // before and after the honest image loads the blob
+    if (round == 1) {
+      ASSERT_TRUE(honest->read(4096, page));
+      EXPECT_EQ(page, std::vector<uint8_t>(4096, 0x5a));
+      std::fill(page.begin(), page.end(), 0xEE);
+    }
+    for (uint64_t p : {3u, 100u}) {
+      auto r = liar->read(p * 4096, page);
+      ASSERT_FALSE(r) << "round " << round << ", page " << p;
+      EXPECT_FALSE(r.error().retryable);
+      EXPECT_NE(r.error().message.find("liar"), std::string::npos) << r.error().message;
+      EXPECT_EQ(page, std::vector<uint8_t>(4096, 0xEE)) << "no byte handed out";
+    }
+  }
+  EXPECT_EQ(cache->stats().frames, 1u) << "only the honest image's frame is held";
+}
+
+// Two stores that hold different bytes under one blob name (a damaged or a
+// hostile store: a blob on local disk is checked against its manifest's XXH3
+// checksum, which its own manifest can give for any bytes): an image of each
+// reads its own store's bytes, whichever loads first into the shared cache.
+// Images of one store still share the frame.
+TEST(FrameCacheSharing, AFrameIsSharedOnlyBetweenImagesOfOneStore) {
+  faultline::testing::TempDir dir;
+  FrameCompressor compressor(3);
+  auto good = compressor.compress(std::string(128 * 4096, '\x11'));
+  auto other = compressor.compress(std::string(128 * 4096, '\x66'));
+  ASSERT_TRUE(good && other);
+  const BlobId id = BlobId::of(*good);
+  auto honest_store = LocalStore::open(dir.path() + "/honest", true);
+  auto hostile_store = LocalStore::open(dir.path() + "/hostile", true);
+  ASSERT_TRUE(honest_store && hostile_store);
+  ASSERT_TRUE((*honest_store)->put(id, *good));
+  write_one_frame_image(**honest_store, "base", *good, 128);
+  write_one_frame_image(**honest_store, "twin", *good, 128);
+  // The hostile store's file of that name holds the other bytes, and its
+  // manifest names the good id with the other bytes' checksum and size.
+  {
+    const std::string path = (*hostile_store)->describe(id);
+    std::filesystem::create_directories(std::filesystem::path(path).parent_path());
+    std::ofstream(path, std::ios::binary).write(other->data(), static_cast<std::streamsize>(other->size()));
+    Manifest m;
+    m.page_size = 4096;
+    m.guest_bytes = 128 * 4096;
+    m.frame_pages = 128;
+    m.stored_pages = 128;
+    m.frames.push_back(FrameRef{id, other->size(), 128, frame_checksum(*other)});
+    m.runs = {PageRun{PageKind::kStored, 128, 0}};
+    auto bytes = serialize_manifest(m);
+    ASSERT_TRUE(bytes);
+    ASSERT_TRUE((*hostile_store)->write_manifest("base", *bytes));
+  }
+  auto cache = std::make_shared<FrameCache>(64 << 20);
+  auto hostile = open_image(dir.path() + "/hostile", "base", cache);
+  auto honest = open_image(dir.path() + "/honest", "base", cache);
+  auto twin = open_image(dir.path() + "/honest", "twin", cache);
+  ASSERT_TRUE(hostile && honest && twin);
+  std::vector<uint8_t> page(4096);
+  ASSERT_TRUE(hostile->read(5 * 4096, page));
+  EXPECT_EQ(page, std::vector<uint8_t>(4096, 0x66)) << "the hostile store serves its own bytes to its own image";
+  ASSERT_TRUE(honest->read(5 * 4096, page));
+  EXPECT_EQ(page, std::vector<uint8_t>(4096, 0x11)) << "never the frame the other store put in the cache";
+  const uint64_t misses = cache->stats().misses;
+  ASSERT_TRUE(twin->read(7 * 4096, page));
+  EXPECT_EQ(page, std::vector<uint8_t>(4096, 0x11));
+  EXPECT_EQ(cache->stats().misses, misses) << "an image of the same store shares the frame held";
+}
 
 TEST_F(ImageSourceTest, ReadsMatchTheFileAcrossPageAndFrameBoundaries) {
   auto src = open(std::make_shared<FrameCache>(64 << 20));

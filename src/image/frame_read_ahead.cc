@@ -110,7 +110,8 @@ void FrameReadAhead::fetch_loop() {
       ahead_.emplace(key, Ahead{.bytes = c.bytes});
       ahead_bytes_ += c.bytes;
       lock.unlock();
-      Result<FrameCache::Frame> got = cache_.load_ahead(c.id, [&] { return chain_.read_frame(c.layer, c.frame); });
+      Result<FrameCache::Frame> got =
+          cache_.load_ahead(chain_.frame_key(c.layer, c.frame), [&] { return chain_.read_frame(c.layer, c.frame); });
       lock.lock();
       auto it = ahead_.find(key);
       if (!got || !*got) {

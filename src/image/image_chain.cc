@@ -1,6 +1,7 @@
 #include "image/image_chain.h"
 
 #include <cstring>
+#include <new>
 #include <set>
 
 #include "image/frame.h"
@@ -10,6 +11,7 @@ namespace faultline::image {
 Result<ImageChain> ImageChain::open(Store& store, const std::string& name) {
   ImageChain chain;
   chain.store_ = &store;
+  chain.store_tag_ = FrameCache::store_tag(store.identity());
   std::set<std::string> seen;
   std::string next = name;
   std::optional<BlobId> pinned;  // what the child says its parent's manifest hashes to
@@ -51,7 +53,13 @@ Result<ImageChain> ImageChain::open(Store& store, const std::string& name) {
   }
 
   // Base first, each child over it: afterwards no entry says "parent".
-  chain.table_.assign(chain.layers_[0].manifest.guest_pages(), 0);
+  try {
+    chain.table_.assign(chain.layers_[0].manifest.guest_pages(), 0);
+  } catch (const std::bad_alloc&) {
+    return fail("image " + name + ": no memory for the page table of its " +
+                    std::to_string(chain.layers_[0].manifest.guest_bytes) + "-byte guest (8 bytes per page)",
+                ENOMEM);
+  }
   for (size_t li = chain.layers_.size(); li-- > 0;) {
     uint64_t page = 0;
     for (const PageRun& r : chain.layers_[li].manifest.runs) {

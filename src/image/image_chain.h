@@ -29,6 +29,7 @@
 
 #include "common/error.h"
 #include "image/frame_buffer.h"
+#include "image/frame_cache.h"
 #include "image/manifest.h"
 #include "image/store.h"
 
@@ -88,6 +89,12 @@ class ImageChain {
 
   // Fetches, checks and decompresses frame `frame` of layer `layer`.
   Result<FrameBuffer> read_frame(uint32_t layer, uint64_t frame) const;
+  // What a FrameCache holds that frame under.
+  FrameKey frame_key(uint32_t layer, uint64_t frame) const {
+    const Manifest& m = layers_[layer].manifest;
+    const FrameRef& f = m.frames[frame];
+    return FrameKey{f.id, store_tag_, static_cast<uint64_t>(f.pages) * m.page_size, f.checksum};
+  }
 
   // For a layer, the guest page of each of its storage indexes (the inverse of
   // its page map): lets flatten decompress each frame once.
@@ -102,6 +109,7 @@ class ImageChain {
   // table_ entry: 0 = zero page, else (layer + 1) << 40 | storage index.
   static constexpr int kLayerShift = 40;
   Store* store_ = nullptr;
+  uint64_t store_tag_ = 0;  // FrameCache::store_tag(store_->identity())
   std::vector<Layer> layers_;
   std::vector<uint64_t> table_;
 };

@@ -38,8 +38,8 @@ ImageSource::ImageSource(std::unique_ptr<Store> store, ImageChain chain, std::st
       lease_(std::move(lease)) {}
 
 Result<FrameCache::Frame> ImageSource::frame(const PageLocation& loc) const {
-  const FrameRef& ref = chain_.layers()[loc.layer].manifest.frames[loc.frame];
-  auto got = cache_->get(ref.id, [&] { return chain_.read_frame(loc.layer, loc.frame); });
+  auto got =
+      cache_->get(chain_.frame_key(loc.layer, loc.frame), [&] { return chain_.read_frame(loc.layer, loc.frame); });
   if (!got) {
     Error e = got.error();
     // A store that knows (an S3 client: timeouts, resets, 5xx) said so itself.
@@ -95,7 +95,7 @@ Status ImageSource::read(uint64_t offset, std::span<uint8_t> out) const {
 
 Result<bool> ImageSource::read_if_cached(uint64_t offset, std::span<uint8_t> out) const {
   auto r = copy_out(offset, out, [this](const PageLocation& loc) -> Result<FrameCache::Frame> {
-    return cache_->find(chain_.layers()[loc.layer].manifest.frames[loc.frame].id);
+    return cache_->find(chain_.frame_key(loc.layer, loc.frame));
   });
   if (!r) return std::unexpected(r.error());
   return *r == out.size();
@@ -113,7 +113,7 @@ Result<uint64_t> ImageSource::read_window(uint64_t offset, std::span<uint8_t> ou
   auto r = copy_out(offset, out, [&](const PageLocation& loc) -> Result<FrameCache::Frame> {
     const bool heads_frame = !head.zero && loc.layer == head.layer && loc.frame == head.frame;
     if (heads_frame && !cached_only) return frame(loc);
-    return cache_->find(chain_.layers()[loc.layer].manifest.frames[loc.frame].id);
+    return cache_->find(chain_.frame_key(loc.layer, loc.frame));
   });
   if (!r) return std::unexpected(r.error());
   const uint64_t whole = *r - *r % page_size;

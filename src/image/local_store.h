@@ -42,6 +42,7 @@ class LocalStore final : public Store {
   Result<std::vector<BlobId>> list() override;
   Status remove(const BlobId& id) override;
   std::string describe(const BlobId& id) const override;
+  std::string identity() const override { return dir_; }
   // The CPUs this process may run on (sched_getaffinity).
   int useful_concurrent_gets() const override;
   bool checksum_suffices() const override { return true; }

@@ -80,7 +80,11 @@ Status check_header_fields(const Manifest& m, const std::string& what) {
   if (m.guest_bytes % m.page_size != 0) {
     return fail(what + ": guest size " + std::to_string(m.guest_bytes) + " is not a whole number of pages", EINVAL);
   }
-  if (m.guest_pages() > kMaxGuestPages) return fail(what + ": guest size is implausibly large", EINVAL);
+  if (m.guest_bytes > kMaxGuestBytes) {
+    return fail(what + ": guest size " + std::to_string(m.guest_bytes) + " is larger than an image may be (" +
+                    std::to_string(kMaxGuestBytes) + " bytes)",
+                EINVAL);
+  }
   if (m.frame_pages == 0 || static_cast<uint64_t>(m.frame_pages) * m.page_size > kMaxFrameBytes) {
     return fail(what + ": frame size " + std::to_string(m.frame_pages) + " pages is out of range (1.." +
                     std::to_string(kMaxFrameBytes / m.page_size) + ")",

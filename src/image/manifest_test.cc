@@ -184,6 +184,25 @@ TEST(ImageManifest, SerializeRefusesInconsistentManifests) {
   }
 }
 
+// A manifest of a few bytes may claim any guest size; a served image's page
+// table costs 8 bytes per guest page, so a claim over 1 TiB is refused before
+// anything is allocated for it (a 2^40-page claim used to abort inspect).
+TEST(ImageManifest, AGuestLargerThanOneTebibyteIsRefused) {
+  constexpr uint64_t kPages = kMaxGuestBytes / kSmallPage;
+  auto largest = serialize_manifest(base_with_runs(kPages, {{PageKind::kZero, kPages, 0}}, 0));
+  ASSERT_TRUE(largest) << largest.error().describe();
+  ASSERT_TRUE(parse_manifest(*largest, "largest")) << "1 TiB is allowed";
+  for (uint64_t claim : {kMaxGuestBytes + kSmallPage, uint64_t{1} << 52}) {
+    std::string bytes = largest->substr(0, largest->size() - 32);
+    for (int i = 0; i < 8; ++i) bytes[16 + i] = static_cast<char>(claim >> (8 * i));
+    auto parsed = parse_manifest(with_valid_checksum(bytes), "huge");
+    ASSERT_FALSE(parsed) << claim;
+    EXPECT_EQ(parsed.error().code, EINVAL);
+    EXPECT_NE(parsed.error().message.find("larger than an image may be"), std::string::npos) << parsed.error().message;
+  }
+  EXPECT_FALSE(serialize_manifest(base_with_runs(kPages + 1, {{PageKind::kZero, kPages + 1, 0}}, 0)));
+}
+
 // The checksum would stop almost every random input at the door; this test
 // appends a valid checksum so the random bytes reach the parser itself.
 std::string with_valid_checksum(std::string bytes) {

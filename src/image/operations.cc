@@ -202,7 +202,11 @@ Result<uint64_t> check_guest_size(const std::string& source, uint64_t size, uint
                 EINVAL);
   }
   const uint64_t pages = size / page_size;
-  if (pages > kMaxGuestPages) return fail(source + " is too large", EFBIG);
+  if (size > kMaxGuestBytes) {
+    return fail(source + " is " + std::to_string(size) + " bytes, larger than an image may be (" +
+                    std::to_string(kMaxGuestBytes) + " bytes)",
+                EFBIG);
+  }
   return pages;
 }
 

@@ -69,6 +69,12 @@ class BlobStore {
   virtual Status remove(const BlobId& id) = 0;
   // Where the blob is, for error messages (a path, a URL).
   virtual std::string describe(const BlobId& id) const = 0;
+  // Which store this is (its directory; its endpoint, bucket and prefix): a
+  // daemon's frame cache shares a frame between images of one store only
+  // (FrameKey), so a store holding other bytes under a blob's name, or a
+  // manifest naming a blob with another size or checksum, never hands its
+  // bytes to the images of another.
+  virtual std::string identity() const = 0;
   // How many get()s in flight at once still make loading frames faster; 0:
   // no limit of the store's own (a remote store, whose get()s wait on round
   // trips). A store on this host's disk says its CPU count: its get()s are

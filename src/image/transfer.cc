@@ -42,6 +42,11 @@ Result<CopyReport> copy_image(Store& from, Store& to, const std::string& name, c
     next = parent->name;
   }
   hold.lock.reset();
+  // Until the last manifest is written: a gc in the destination would
+  // otherwise remove the blobs copied (or found there) so far, none of which
+  // a manifest references yet.
+  auto lock = to.lock_shared(options.on_lock_wait);
+  if (!lock) return std::unexpected(lock.error());
 
   CopyReport report;
   report.layers = chain.size();

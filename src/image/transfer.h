@@ -10,10 +10,17 @@
 // leaves no image that looks whole in the destination. A manifest already
 // in the destination must be byte-identical (images are immutable).
 //
+// The destination's shared lock (a directory store's gc protocol, store.h)
+// is held from before the first blob is looked for until the last manifest
+// is written, as `create` holds it: a gc or delete in the destination waits,
+// so it never removes a blob the copy wrote or found there before the
+// manifest that references it exists.
+//
 // Thread-safety: each call is independent; it runs `threads` threads of its own.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "image/operations.h"
@@ -24,6 +31,8 @@ namespace faultline::image {
 struct CopyOptions {
   unsigned threads = 8;  // blobs in flight at once
   Progress progress;     // (bytes copied, bytes to copy)
+  // The destination's lock is held by another process (a gc): waiting.
+  std::function<void()> on_lock_wait;
 };
 
 struct CopyReport {

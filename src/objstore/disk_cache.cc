@@ -28,6 +28,17 @@ constexpr size_t kKeptBufferBytes = 4 << 20;
 
 size_t round_up_to_block(size_t n) { return (n + kDirectIoAlign - 1) / kDirectIoAlign * kDirectIoAlign; }
 
+// The name create_temporary_file gave a put or the O_DIRECT probe that a
+// crash interrupted: ".BLOBHEX.tmp-SUFFIX" or ".direct-io-probe.tmp-SUFFIX".
+// Only those are removed at open: a --cache-dir that holds other dot-files
+// (a home directory by mistake, a .keep) keeps them.
+bool is_interrupted_write(const std::string& name) {
+  const size_t tmp = name.find(".tmp-");
+  if (name.size() < 2 || name[0] != '.' || tmp == std::string::npos || tmp + 5 == name.size()) return false;
+  const std::string final_name = name.substr(1, tmp - 1);
+  return final_name == "direct-io-probe" || image::BlobId::from_hex(final_name).has_value();
+}
+
 // A block-aligned buffer for direct I/O. Each thread keeps one and reuses it
 // for every blob it reads or writes: memory already faulted in, where a
 // buffer per blob would be fresh pages every time (a fresh 4 KiB page costs
@@ -75,8 +86,8 @@ Result<std::shared_ptr<DiskCache>> DiskCache::open(const std::string& dir, uint6
     const std::string name = e->d_name;
     if (name == "." || name == "..") continue;
     const std::string path = dir + "/" + name;
-    if (name[0] == '.') {
-      ::unlink(path.c_str());  // a write a crash interrupted
+    if (is_interrupted_write(name)) {
+      ::unlink(path.c_str());
       continue;
     }
     auto id = image::BlobId::from_hex(name);
@@ -131,12 +142,17 @@ std::optional<std::string> DiskCache::get(const image::BlobId& id, std::optional
   const bool sound = bytes && (checksum ? image::frame_checksum(*bytes) == *checksum : image::BlobId::of(*bytes) == id);
   std::lock_guard lock(mu_);
   if (!sound) {
-    // Gone (evicted meanwhile) or damaged: never returned; a damaged file goes.
+    // Never returned. A damaged file goes; one that could not be read for
+    // now (out of fds, of memory, an I/O error) stays held, so the bound
+    // still counts it; one evicted meanwhile is forgotten, unless a put has
+    // written it again since.
     if (bytes) {
       ::unlink(path(id).c_str());
       ++counts_.damaged;
+      forget_locked(id);
+    } else if (bytes.error().code == ENOENT && ::access(path(id).c_str(), F_OK) != 0) {
+      forget_locked(id);
     }
-    forget_locked(id);
     ++counts_.misses;
     return std::nullopt;
   }

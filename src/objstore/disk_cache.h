@@ -113,6 +113,7 @@ class CachedStore final : public image::Store {
   Result<std::vector<image::BlobId>> list() override { return inner_->list(); }
   Status remove(const image::BlobId& id) override { return inner_->remove(id); }
   std::string describe(const image::BlobId& id) const override { return inner_->describe(id); }
+  std::string identity() const override { return inner_->identity(); }
   Result<std::string> read_manifest(const std::string& name) override { return inner_->read_manifest(name); }
   Result<bool> manifest_exists(const std::string& name) override { return inner_->manifest_exists(name); }
   Status write_manifest(const std::string& name, std::string_view bytes) override {

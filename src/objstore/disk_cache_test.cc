@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -60,6 +61,7 @@ class CountingStore final : public image::Store {
   Result<std::vector<BlobId>> list() override { return inner_->list(); }
   Status remove(const BlobId& id) override { return inner_->remove(id); }
   std::string describe(const BlobId& id) const override { return inner_->describe(id); }
+  std::string identity() const override { return inner_->identity(); }
   Result<std::string> read_manifest(const std::string& n) override { return inner_->read_manifest(n); }
   Result<bool> manifest_exists(const std::string& n) override { return inner_->manifest_exists(n); }
   Status write_manifest(const std::string& n, std::string_view b) override { return inner_->write_manifest(n, b); }
@@ -133,6 +135,9 @@ TEST(DiskCache, ARestartedCacheKnowsItsBlobsEvictsByLastUseAndDropsHalfWrittenFi
   set_mtime(blobs[2], 2000);
   set_mtime(blobs[0], 3000);
   std::ofstream(cdir + "/." + BlobId::of(blobs[0]).hex() + ".tmp-abcdef") << "half";  // a crash mid-write
+  std::ofstream(cdir + "/.direct-io-probe.tmp-0123456789ab") << "probe";              // and mid-probe
+  // Files that are not the cache's, dot-files too, stay where they are.
+  for (const char* other : {".keep", ".bashrc", ".notes.tmp-1", "notes"}) std::ofstream(cdir + "/" + other) << other;
   auto cache = DiskCache::open(cdir, 2 * kBlob);  // a smaller bound: the oldest goes
   ASSERT_TRUE(cache);
   EXPECT_EQ((*cache)->stats().blobs, 2u);
@@ -143,6 +148,37 @@ TEST(DiskCache, ARestartedCacheKnowsItsBlobsEvictsByLastUseAndDropsHalfWrittenFi
     EXPECT_TRUE(*got == blobs[i]);
   }
   EXPECT_FALSE(std::filesystem::exists(cdir + "/." + BlobId::of(blobs[0]).hex() + ".tmp-abcdef"));
+  EXPECT_FALSE(std::filesystem::exists(cdir + "/.direct-io-probe.tmp-0123456789ab"));
+  for (const char* other : {".keep", ".bashrc", ".notes.tmp-1", "notes"}) {
+    EXPECT_TRUE(std::filesystem::exists(cdir + "/" + other)) << other << " is not the cache's to remove";
+  }
+}
+
+// A blob that cannot be read for the moment (no fd left) is a miss, and
+// stays held: its file is still there, so the bound still counts it, and the
+// next get reads it.
+TEST(DiskCache, ABlobThatCannotBeReadForNowIsAMissAndStaysHeld) {
+  TempDir dir;
+  auto cache = DiskCache::open(dir.path() + "/cache", 1 << 20);
+  ASSERT_TRUE(cache);
+  const std::string b = blob(50000, 9);
+  ASSERT_TRUE((*cache)->put(BlobId::of(b), b));
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  rlimit low = old;
+  low.rlim_cur = 256;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  std::vector<int> fillers;
+  for (int fd; (fd = ::dup(0)) >= 0;) fillers.push_back(fd);
+  auto missed = (*cache)->get(BlobId::of(b));
+  for (int fd : fillers) ::close(fd);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  EXPECT_FALSE(missed);
+  EXPECT_EQ((*cache)->stats().blobs, 1u);
+  EXPECT_EQ((*cache)->stats().bytes, b.size());
+  auto hit = (*cache)->get(BlobId::of(b));
+  ASSERT_TRUE(hit);
+  EXPECT_TRUE(*hit == b);
 }
 
 // One blob `b` in a local store standing in for the bucket, read through a

@@ -60,6 +60,8 @@ Status S3Store::remove(const image::BlobId& id) { return client_->remove(where_.
 
 std::string S3Store::describe(const image::BlobId& id) const { return "s3://" + where_.bucket + "/" + blob_key(id); }
 
+std::string S3Store::identity() const { return client_->config().endpoint + " " + where_.url(); }
+
 Result<std::string> S3Store::read_manifest(const std::string& name) {
   if (auto st = check_plain_file_name(name); !st) return std::unexpected(st.error());
   auto r = client_->get(where_.bucket, manifest_key(name));

@@ -37,6 +37,7 @@ class S3Store final : public image::Store {
   Result<std::vector<image::BlobId>> list() override;
   Status remove(const image::BlobId& id) override;
   std::string describe(const image::BlobId& id) const override;
+  std::string identity() const override;
 
   Result<std::string> read_manifest(const std::string& name) override;
   Result<bool> manifest_exists(const std::string& name) override;

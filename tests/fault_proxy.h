@@ -1,7 +1,8 @@
 // FaultProxy: a small HTTP proxy in front of the real S3 gateway that
 // misbehaves on purpose, the way a store and a network do: answers 503
 // SlowDown, resets connections (before forwarding the request, or after it:
-// the store acted, its answer is lost), waits, or damages a response body, each when
+// the store acted, its answer is lost), waits, takes a request and never
+// answers (a hung store), or damages a response body, each when
 // the test's rule says so for that request. Everything else is forwarded
 // byte for byte (SigV4 signs the Host header, which the client computed for
 // the proxy's address and which reaches the gateway unchanged).
@@ -17,6 +18,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -33,7 +35,7 @@ namespace faultline::testing {
 
 class FaultProxy {
  public:
-  enum class Action { kForward, kSlowDown, kReset, kCorruptBody, kDelay, kLoseAnswer };
+  enum class Action { kForward, kSlowDown, kRequestTimeout, kReset, kCorruptBody, kDelay, kLoseAnswer, kHang };
   struct Decision {
     Action action = Action::kForward;
     std::chrono::milliseconds delay{0};  // kDelay: then forward
@@ -129,10 +131,27 @@ class FaultProxy {
       ::close(fd);
       return;
     }
-    if (d.action == Action::kSlowDown) {
-      const std::string body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code></Error>";
-      write_all(fd, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-                    "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body);
+    if (d.action == Action::kSlowDown || d.action == Action::kRequestTimeout) {
+      // S3's answers: 503 SlowDown, and 400 RequestTimeout for a request
+      // whose body came too slowly.
+      const bool slow = d.action == Action::kSlowDown;
+      const std::string body = std::string("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>") +
+                               (slow ? "SlowDown" : "RequestTimeout") + "</Code></Error>";
+      write_all(fd, std::string(slow ? "HTTP/1.1 503 Service Unavailable" : "HTTP/1.1 400 Bad Request") +
+                        "\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                        "Content-Length: " +
+                        std::to_string(body.size()) + "\r\n\r\n" + body);
+      ::close(fd);
+      return;
+    }
+    if (d.action == Action::kHang) {
+      // The request taken, no answer ever: until the client gives up (closes)
+      // or the proxy goes.
+      while (!stopping_) {
+        pollfd p{fd, POLLIN, 0};
+        char c;
+        if (::poll(&p, 1, 50) > 0 && ::recv(fd, &c, 1, MSG_DONTWAIT) <= 0) break;
+      }
       ::close(fd);
       return;
     }

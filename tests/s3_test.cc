@@ -4,10 +4,11 @@
 // checked coming out; errors are checked for what they say and for what they
 // must not say (a secret key).
 #include <arpa/inet.h>
-#include <signal.h>
-#include <sys/wait.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,15 +16,13 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 #include <future>
+#include <iterator>
 #include <map>
 #include <mutex>
-#include <fstream>
-#include <iterator>
 #include <random>
 #include <set>
-
-#include <gtest/gtest.h>
 
 #include "capability.h"
 #include "client/firecracker_client.h"
@@ -31,6 +30,7 @@
 #include "client/test_memory_file.h"
 #include "client/touch.h"
 #include "client/verifier.h"
+#include "common/deadline.h"
 #include "fault_proxy.h"
 #include "harness.h"
 #include "image/local_store.h"
@@ -764,7 +764,7 @@ TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
   ASSERT_TRUE(client_->create_bucket(bucket_name("fl-flaky")));
   const std::string bytes = random_bytes(256 * 1024, 3);
   ASSERT_TRUE(client_->put(bucket_name("fl-flaky"), "obj", bytes));
-  // The first three GETs of the object misbehave, one way each; the fourth is forwarded.
+  // The first four GETs of the object misbehave, one way each; the fifth is forwarded.
   std::atomic<int> gets{0};
   FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
     FaultProxy::Decision d;
@@ -775,6 +775,9 @@ TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
       case 2:
         d.action = FaultProxy::Action::kDelay;
         d.delay = std::chrono::milliseconds(1500);  // past the client's request timeout below
+        break;
+      case 3:
+        d.action = FaultProxy::Action::kRequestTimeout;
         break;
       default: break;
     }
@@ -790,8 +793,8 @@ TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
   auto got = (*flaky)->get(bucket_name("fl-flaky"), "obj");
   ASSERT_TRUE(got) << got.error().describe();
   EXPECT_TRUE(*got == bytes);
-  EXPECT_EQ(gets.load(), 4);
-  EXPECT_EQ((*flaky)->requests(), 4u);
+  EXPECT_EQ(gets.load(), 5);
+  EXPECT_EQ((*flaky)->requests(), 5u);
 
   // A store that keeps answering 503: the last error says so and is retryable.
   FaultProxy down(port_, [](const std::string&, const std::string&) {
@@ -806,6 +809,69 @@ TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
   EXPECT_TRUE(refused.error().retryable);
   EXPECT_NE(refused.error().message.find("503 SlowDown"), std::string::npos) << refused.error().message;
   EXPECT_NE(refused.error().message.find("after 3 attempts"), std::string::npos) << refused.error().message;
+}
+
+// A GET told how many bytes to expect stops receiving an object that is
+// larger (a wrong object under a blob's name must not take its size in
+// memory), at once and for good: EFBIG, not retried.
+TEST_F(S3Test, AnObjectLargerThanExpectedIsNotReceived) {
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-large")));
+  const std::string bytes = random_bytes(4 << 20, 8);
+  ASSERT_TRUE(client_->put(bucket_name("fl-large"), "obj", bytes));
+  const uint64_t before = client_->requests();
+  auto refused = client_->get(bucket_name("fl-large"), "obj", std::nullopt, 64 << 10);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, EFBIG) << refused.error().describe();
+  EXPECT_FALSE(refused.error().retryable);
+  EXPECT_NE(refused.error().message.find("more than the 65536 bytes expected"), std::string::npos)
+      << refused.error().message;
+  EXPECT_EQ(client_->requests(), before + 1);
+  auto exact = client_->get(bucket_name("fl-large"), "obj", std::nullopt, bytes.size());
+  ASSERT_TRUE(exact) << exact.error().describe();
+  EXPECT_TRUE(*exact == bytes);
+}
+
+// A thread with a ScopedDeadline (a session serving a fault) gets no
+// request, retry or wait past it, and none at all once its flag is set: a
+// store that never answers holds it until the deadline, not for every
+// timeout and retry (here 5 attempts of 30 s).
+TEST_F(S3Test, ARequestGivesUpAtTheCallersDeadlineAndWhenItsFlagIsSet) {
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-deadline-get")));
+  ASSERT_TRUE(client_->put(bucket_name("fl-deadline-get"), "obj", "bytes"));
+  FaultProxy proxy(port_, [](const std::string& method, const std::string&) {
+    return FaultProxy::Decision{method == "GET" ? FaultProxy::Action::kHang : FaultProxy::Action::kForward, {}};
+  });
+  ASSERT_NE(proxy.port(), 0);
+  S3Config c = config_;
+  c.endpoint = proxy.endpoint();
+  c.request_timeout = std::chrono::seconds(30);
+  c.stall_timeout = std::chrono::seconds(30);
+  auto client = S3Client::create(c);
+  ASSERT_TRUE(client);
+  {
+    const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::milliseconds(300));
+    auto r = (*client)->get(bucket_name("fl-deadline-get"), "obj");
+    ASSERT_FALSE(r);
+    EXPECT_TRUE(r.error().retryable);
+    EXPECT_EQ(r.error().code, ETIMEDOUT) << r.error().describe();
+    EXPECT_NE(r.error().message.find("stopped at the caller's deadline"), std::string::npos) << r.error().message;
+    auto late = (*client)->get(bucket_name("fl-deadline-get"), "obj");  // the deadline has passed: nothing sent
+    ASSERT_FALSE(late);
+    EXPECT_NE(late.error().message.find("not sent"), std::string::npos) << late.error().message;
+  }
+  std::atomic<bool> stop{false};
+  const uint64_t before = (*client)->requests();
+  auto cancelled = std::async(std::launch::async, [&] {
+    const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::minutes(5), &stop);
+    return (*client)->get(bucket_name("fl-deadline-get"), "obj");
+  });
+  ASSERT_TRUE(wait_until([&] { return (*client)->requests() > before; }));  // sent, and hanging
+  stop.store(true);
+  auto r = cancelled.get();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ECANCELED) << r.error().describe();
+  EXPECT_FALSE(r.error().retryable);
+  EXPECT_EQ((*client)->requests(), before + 1);
 }
 
 // Every frame's first GET arrives damaged (one byte of the body flipped):
@@ -1131,6 +1197,44 @@ TEST_F(S3Test, PastTheStoreDeadlineTheSessionIsFatalAndTheVmIsKilled) {
   EXPECT_NE(served.find("retried for 1000 ms"), std::string::npos) << served;
   EXPECT_NE(served.find("s3://" + bucket_name("fl-deadline") + "/images/blobs/sha256/"), std::string::npos) << served;
   EXPECT_NE(served.find("peer_killed=true"), std::string::npos) << served;
+}
+
+// A store that takes every frame GET and never answers (a gateway hung or
+// stopped with SIGSTOP, a black-holed connection) ends the session at its
+// --store-deadline, and --on-fatal applies. The fault used to wait for every
+// timeout and retry of the S3 client (5 attempts of up to 60 s) before the
+// session's deadline was even looked at.
+TEST_F(S3Test, AStoreThatNeverAnswersEndsTheSessionAtItsDeadline) {
+  std::atomic<int> hung{0};
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (method == "GET" && path.find("/blobs/sha256/") != std::string::npos) {
+      hung.fetch_add(1);
+      d.action = FaultProxy::Action::kHang;
+    }
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  ServerHarness h(
+      bucket_image("s3://" + bucket_name("fl-hung") + "/images", true, 4096, proxy.endpoint(), [](ServerConfig& c) {
+        c.store_deadline = std::chrono::milliseconds(1500);
+        c.on_fatal = OnFatal::kKill;
+      }));
+  const std::string out = dir_.path() + "/client.out";
+  const pid_t vm = spawn(
+      {built_binary("faultline-client"), "restore", "--socket", h.socket(), "--memory", h.memory(), "--threads", "2"},
+      out);
+  ASSERT_GT(vm, 0);
+  // Bounded: without the deadline in the S3 client this took minutes.
+  const int status = wait_child(vm, std::chrono::seconds(60));
+  ASSERT_TRUE(WIFSIGNALED(status)) << "the VM was not killed: " << read_file(out);
+  EXPECT_EQ(WTERMSIG(status), SIGKILL);
+  ASSERT_TRUE(h.wait_ended(1));
+  const SessionSummary s = h.server().finished_sessions().at(0);
+  EXPECT_EQ(s.end, SessionEnd::kFatal) << s.error;
+  EXPECT_NE(s.error.find("retried for 1500 ms"), std::string::npos) << s.error;
+  EXPECT_NE(s.error.find("/blobs/sha256/"), std::string::npos) << s.error;
+  EXPECT_GT(hung.load(), 0);
 }
 
 // --- working-set prefetch from the bucket, with frames read ahead ----------

@@ -4,6 +4,8 @@
 #include <cerrno>
 #include <exception>
 
+#include "common/deadline.h"
+
 namespace faultline::image {
 
 namespace {
@@ -53,10 +55,21 @@ Result<FrameCache::Frame> FrameCache::get(const FrameKey& key, const Loader& loa
       return it->second.frame;
     }
     if (auto it = s.loading.find(key); it != s.loading.end()) {
-      // Another thread is loading this frame: share its result.
+      // Another thread is loading this frame: share its result, waiting no
+      // longer than the calling thread's deadline (common/deadline.h: a
+      // session's store deadline) for a load that may be stuck on a store.
       std::shared_ptr<Load> theirs = it->second;
       ++s.waits;
-      theirs->cv.wait(lock, [&] { return theirs->done; });
+      const auto done = [&] { return theirs->done; };
+      if (const std::optional<ThreadDeadline> deadline = current_deadline()) {
+        if (!theirs->cv.wait_until(lock, deadline->at, done)) {
+          return std::unexpected(
+              Error{ETIMEDOUT, "waited for another thread's load of frame " + key.id.hex() + " until the deadline",
+                    /*retryable=*/true});
+        }
+      } else {
+        theirs->cv.wait(lock, done);
+      }
       return theirs->result;
     }
     mine = std::make_shared<Load>();

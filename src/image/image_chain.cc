@@ -102,8 +102,8 @@ Result<FrameBuffer> load_frame(BlobStore& store, const FrameRef& f, uint32_t pag
     // kEverything passes no checksum: a store that checks what it reads
     // (a disk cache) then checks it against its SHA-256 name, the check
     // verify makes, and the blob is not hashed a second time here.
-    Result<FetchedBlob> blob =
-        store.get_checked(f.id, check == FrameCheck::kToServe ? f.checksum : std::optional<uint64_t>());
+    Result<FetchedBlob> blob = store.get_checked(
+        f.id, check == FrameCheck::kToServe ? f.checksum : std::optional<uint64_t>(), f.compressed_bytes);
     if (!blob) {
       Error e = blob.error();
       e.message = what + ": " + e.message;

@@ -44,14 +44,19 @@ class BlobStore {
  public:
   virtual ~BlobStore() = default;
   virtual Result<std::string> get(const BlobId& id) = 0;
-  // get(), saying whether the store has checked the bytes on the way: a store
-  // that must check what it reads anyway (a disk cache verifying what it
-  // reads back, or what it fetched before keeping it) says so, and a frame is
-  // then checked once per read instead of twice. `checksum`, when given, is
-  // the manifest's XXH3 of the blob (frame.h), which such a store may check
-  // a copy on this host's disk against instead of hashing it with SHA-256.
-  virtual Result<FetchedBlob> get_checked(const BlobId& id, std::optional<uint64_t> /*checksum*/) {
-    auto bytes = get(id);
+  // get() of a blob its reader knows the size of (`size` bytes; 0: unknown):
+  // a store that receives blobs over a network stops receiving one that is
+  // larger (EFBIG), so a wrong object cannot take the memory its size would.
+  virtual Result<std::string> get_sized(const BlobId& id, uint64_t /*size*/) { return get(id); }
+  // get_sized(), saying whether the store has checked the bytes on the way: a
+  // store that must check what it reads anyway (a disk cache verifying what
+  // it reads back, or what it fetched before keeping it) says so, and a frame
+  // is then checked once per read instead of twice. `checksum`, when given,
+  // is the manifest's XXH3 of the blob (frame.h), which such a store may
+  // check a copy on this host's disk against instead of hashing it with
+  // SHA-256.
+  virtual Result<FetchedBlob> get_checked(const BlobId& id, std::optional<uint64_t> /*checksum*/, uint64_t size) {
+    auto bytes = get_sized(id, size);
     if (!bytes) return std::unexpected(bytes.error());
     return FetchedBlob{std::move(*bytes), false};
   }

@@ -83,7 +83,7 @@ Result<CopyReport> copy_image(Store& from, Store& to, const std::string& name, c
       auto present = to.exists(f.id);
       if (!present) return fail_with(present.error());
       if (!*present) {
-        auto bytes = from.get(f.id);
+        auto bytes = from.get_sized(f.id, f.compressed_bytes);
         if (!bytes) return fail_with(bytes.error());
         if (BlobId::of(*bytes) != f.id) {
           return fail_with(Error{EIO, "blob " + from.describe(f.id) + " does not hold the bytes its name says "

@@ -313,15 +313,18 @@ DiskCache::Stats DiskCache::stats() const {
   return s;
 }
 
-Result<std::string> CachedStore::get(const image::BlobId& id) {
-  auto blob = get_checked(id, std::nullopt);
+Result<std::string> CachedStore::get(const image::BlobId& id) { return get_sized(id, 0); }
+
+Result<std::string> CachedStore::get_sized(const image::BlobId& id, uint64_t size) {
+  auto blob = get_checked(id, std::nullopt, size);
   if (!blob) return std::unexpected(blob.error());
   return std::move(blob->bytes);
 }
 
-Result<image::FetchedBlob> CachedStore::get_checked(const image::BlobId& id, std::optional<uint64_t> checksum) {
+Result<image::FetchedBlob> CachedStore::get_checked(const image::BlobId& id, std::optional<uint64_t> checksum,
+                                                    uint64_t size) {
   if (auto hit = cache_->get(id, checksum)) return image::FetchedBlob{std::move(*hit), true};  // get() checked it
-  auto bytes = inner_->get(id);
+  auto bytes = inner_->get_sized(id, size);
   if (!bytes) return std::unexpected(bytes.error());
   // Bytes damaged on the way are not kept (the caller checks them and may
   // fetch again).

@@ -107,7 +107,9 @@ class CachedStore final : public image::Store {
   // checks a hit, against `checksum` when given, else its name; a miss is
   // hashed before it is kept): checked, unless a fetched blob did not match
   // its name (returned unchecked, for the caller's error).
-  Result<image::FetchedBlob> get_checked(const image::BlobId& id, std::optional<uint64_t> checksum) override;
+  Result<image::FetchedBlob> get_checked(const image::BlobId& id, std::optional<uint64_t> checksum,
+                                         uint64_t size) override;
+  Result<std::string> get_sized(const image::BlobId& id, uint64_t size) override;
   Status put(const image::BlobId& id, std::string_view bytes) override { return inner_->put(id, bytes); }
   Result<bool> exists(const image::BlobId& id) override { return inner_->exists(id); }
   Result<std::vector<image::BlobId>> list() override { return inner_->list(); }

@@ -234,8 +234,8 @@ TEST_F(CachedStoreTest, AMissFetchesOnceAndAHitNeverReachesTheStoreAndADamagedFi
 // checksum that the file does not match is never trusted over it.
 TEST_F(CachedStoreTest, AHitIsCheckedAgainstTheManifestsChecksumWhenGivenOne) {
   const uint64_t sum = image::frame_checksum(b);
-  ASSERT_TRUE(store->get_checked(id, sum));  // a miss: fetched, hashed by name, kept
-  auto hit = store->get_checked(id, sum);
+  ASSERT_TRUE(store->get_checked(id, sum, 0));  // a miss: fetched, hashed by name, kept
+  auto hit = store->get_checked(id, sum, 0);
   ASSERT_TRUE(hit) << hit.error().describe();
   EXPECT_TRUE(hit->checked);
   EXPECT_TRUE(hit->bytes == b);
@@ -246,7 +246,7 @@ TEST_F(CachedStoreTest, AHitIsCheckedAgainstTheManifestsChecksumWhenGivenOne) {
     f.seekp(700);
     f.put('\x11' ^ b[700]);
   }
-  auto refetched = store->get_checked(id, sum);
+  auto refetched = store->get_checked(id, sum, 0);
   ASSERT_TRUE(refetched);
   EXPECT_TRUE(refetched->checked);
   EXPECT_TRUE(refetched->bytes == b);
@@ -255,7 +255,7 @@ TEST_F(CachedStoreTest, AHitIsCheckedAgainstTheManifestsChecksumWhenGivenOne) {
   // A sound file and a checksum it does not match (a wrong manifest, which
   // verify reports): the cache cannot tell which is wrong, so it drops the
   // file and fetches; the blob comes back checked by its name: right bytes.
-  auto mismatched = store->get_checked(id, sum ^ 1);
+  auto mismatched = store->get_checked(id, sum ^ 1, 0);
   ASSERT_TRUE(mismatched);
   EXPECT_TRUE(mismatched->bytes == b);
   EXPECT_EQ(inner->gets.load(), 3);
@@ -269,20 +269,20 @@ TEST_F(CachedStoreTest, AHitIsCheckedAgainstTheManifestsChecksumWhenGivenOne) {
 TEST_F(CachedStoreTest, GetCheckedSaysCheckedOnlyForBytesItHashedAndFoundRight) {
 
   inner->damage = true;
-  auto damaged = store->get_checked(id, std::nullopt);
+  auto damaged = store->get_checked(id, std::nullopt, 0);
   ASSERT_TRUE(damaged) << damaged.error().describe();
   EXPECT_FALSE(damaged->checked);
   EXPECT_NE(BlobId::of(damaged->bytes), id);
   EXPECT_EQ(cache->stats().bytes, 0u) << "damaged bytes were kept";
 
   inner->damage = false;
-  auto fetched = store->get_checked(id, std::nullopt);
+  auto fetched = store->get_checked(id, std::nullopt, 0);
   ASSERT_TRUE(fetched) << fetched.error().describe();
   EXPECT_TRUE(fetched->checked);
   EXPECT_TRUE(fetched->bytes == b);
   EXPECT_EQ(inner->gets.load(), 2);
 
-  auto hit = store->get_checked(id, std::nullopt);
+  auto hit = store->get_checked(id, std::nullopt, 0);
   ASSERT_TRUE(hit) << hit.error().describe();
   EXPECT_TRUE(hit->checked);
   EXPECT_TRUE(hit->bytes == b);
@@ -291,7 +291,7 @@ TEST_F(CachedStoreTest, GetCheckedSaysCheckedOnlyForBytesItHashedAndFoundRight) 
   // A store without a cache hashes nothing on the way: the reader must.
   auto plain = image::LocalStore::open(dir.path() + "/store", false);
   ASSERT_TRUE(plain);
-  auto unchecked = (*plain)->get_checked(id, std::nullopt);
+  auto unchecked = (*plain)->get_checked(id, std::nullopt, 0);
   ASSERT_TRUE(unchecked);
   EXPECT_FALSE(unchecked->checked);
   EXPECT_TRUE(unchecked->bytes == b);

@@ -15,6 +15,7 @@
 #include <system_error>
 #include <thread>
 
+#include "common/deadline.h"
 #include "common/text_escape.h"
 
 namespace faultline::objstore {
@@ -148,9 +149,28 @@ std::string xml_value(std::string_view xml, std::string_view tag) {
   return v.empty() ? std::string() : v[0];
 }
 
+// Where write_body() puts a body, and how much of one it takes (0: any).
+struct BodySink {
+  std::string* body;
+  uint64_t limit = 0;
+  bool over = false;
+};
+
 size_t write_body(char* data, size_t size, size_t n, void* user) {
-  static_cast<std::string*>(user)->append(data, size * n);
+  auto* sink = static_cast<BodySink*>(user);
+  if (sink->limit != 0 && sink->body->size() + size * n > sink->limit) {
+    sink->over = true;
+    return 0;  // curl stops the transfer: CURLE_WRITE_ERROR
+  }
+  sink->body->append(data, size * n);
   return size * n;
+}
+
+// Stops a transfer once the calling thread's ScopedDeadline is cancelled
+// (its session stopping); curl calls it at least once a second.
+int check_cancelled(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  const auto* cancelled = static_cast<const std::atomic<bool>*>(user);
+  return cancelled != nullptr && cancelled->load(std::memory_order_acquire) ? 1 : 0;
 }
 
 // What read_header() fills in.
@@ -301,7 +321,8 @@ constexpr long kReceiveBufferBytes = 512 * 1024;  // curl's maximum before 7.88
 
 Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& method, const std::string& url,
                                                   const std::string& what, std::string_view body,
-                                                  std::optional<ByteRange> range) {
+                                                  std::optional<ByteRange> range, std::chrono::milliseconds timeout,
+                                                  uint64_t max_body) {
   CURL* c = h.curl;
   if (!c) return fail("curl_easy_init failed", ENOMEM);
   curl_easy_reset(c);  // keeps the connection; forgets the last request's options
@@ -315,12 +336,22 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
   curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(c, CURLOPT_TCP_NODELAY, 1L);
   curl_easy_setopt(c, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(config_.connect_timeout.count()));
-  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(config_.request_timeout.count()));
+  curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, static_cast<long>(std::max<int64_t>(1, timeout.count())));
+  curl_easy_setopt(c, CURLOPT_LOW_SPEED_LIMIT, 1L);
+  curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME,
+                   static_cast<long>(std::max<int64_t>(1, (config_.stall_timeout.count() + 999) / 1000)));
+  const std::optional<ThreadDeadline> deadline = current_deadline();
+  if (deadline && deadline->cancelled) {
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, check_cancelled);
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<std::atomic<bool>*>(deadline->cancelled));
+    curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+  }
   // A frame (hundreds of KiB to 2 MiB) arrives in reads of this size rather
   // than curl's default 16 KiB: fewer recv() calls and callbacks per GET.
   curl_easy_setopt(c, CURLOPT_BUFFERSIZE, kReceiveBufferBytes);
+  BodySink body_sink{&r.body, max_body};
   curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, write_body);
-  curl_easy_setopt(c, CURLOPT_WRITEDATA, &r.body);
+  curl_easy_setopt(c, CURLOPT_WRITEDATA, &body_sink);
   HeaderSink sink{&r.etag, &r.body};
   curl_easy_setopt(c, CURLOPT_HEADERFUNCTION, read_header);
   curl_easy_setopt(c, CURLOPT_HEADERDATA, &sink);
@@ -363,10 +394,21 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
   const CURLcode rc = curl_easy_perform(c);
   curl_slist_free_all(headers);
   if (rc != CURLE_OK) {
+    if (body_sink.over) {
+      return fail(method + " " + what + ": the store sent more than the " + std::to_string(max_body) +
+                      " bytes expected (an object of the wrong size)",
+                  EFBIG);
+    }
     Error e{0, method + " " + what + " (" + config_.endpoint + ") failed: " + curl_easy_strerror(rc)};
-    // Connection and timeout failures may pass; a malformed URL will not.
-    e.retryable = rc != CURLE_URL_MALFORMAT && rc != CURLE_UNSUPPORTED_PROTOCOL;
-    e.code = rc == CURLE_OPERATION_TIMEDOUT ? ETIMEDOUT : rc == CURLE_COULDNT_CONNECT ? ECONNREFUSED : EIO;
+    // Connection and timeout failures may pass; a malformed URL, a
+    // certificate that does not verify or a stop asked for will not.
+    e.retryable = rc != CURLE_URL_MALFORMAT && rc != CURLE_UNSUPPORTED_PROTOCOL && rc != CURLE_NOT_BUILT_IN &&
+                  rc != CURLE_PEER_FAILED_VERIFICATION && rc != CURLE_SSL_CERTPROBLEM &&
+                  rc != CURLE_SSL_CACERT_BADFILE && rc != CURLE_SSL_CIPHER && rc != CURLE_ABORTED_BY_CALLBACK;
+    e.code = rc == CURLE_OPERATION_TIMEDOUT    ? ETIMEDOUT
+             : rc == CURLE_COULDNT_CONNECT     ? ECONNREFUSED
+             : rc == CURLE_ABORTED_BY_CALLBACK ? ECANCELED
+                                               : EIO;
     return std::unexpected(e);
   }
   curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &r.status);
@@ -378,21 +420,35 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
 
 Result<S3Client::Response> S3Client::perform(const std::string& method, const std::string& bucket,
                                              const std::string& key, const std::string& query, std::string_view body,
-                                             std::optional<ByteRange> range) {
+                                             std::optional<ByteRange> range, uint64_t max_body) {
+  using std::chrono::milliseconds;
   const std::string u = url(bucket, key, query);
   const std::string what = "s3://" + bucket + (key.empty() ? "" : "/" + key);
   thread_local std::minstd_rand jitter(std::random_device{}());
+  const std::optional<ThreadDeadline> deadline = current_deadline();
+  const auto left = [&] {
+    return std::chrono::duration_cast<milliseconds>(deadline->at - std::chrono::steady_clock::now());
+  };
   auto backoff = config_.first_backoff;
   Error last;
+  int attempts = 0;
   for (int attempt = 1; attempt <= config_.max_attempts; ++attempt) {
     if (attempt > 1) {
       // Full jitter: a fleet retrying together does not hit the store in step.
-      std::uniform_int_distribution<int64_t> d(backoff.count() / 2, backoff.count());
-      std::this_thread::sleep_for(std::chrono::milliseconds(d(jitter)));
+      std::uniform_int_distribution<int64_t> d(0, backoff.count());
+      const milliseconds pause(d(jitter));
+      if (deadline && (deadline->passed() || pause >= left())) break;  // no attempt would finish in time
+      std::this_thread::sleep_for(pause);
       backoff *= 2;
     }
+    milliseconds timeout = config_.request_timeout;
+    if (deadline) {
+      if (deadline->passed()) break;
+      timeout = std::min(timeout, left());
+    }
+    ++attempts;
     auto h = acquire();
-    auto r = perform_once(*h, method, u, what, body, range);
+    auto r = perform_once(*h, method, u, what, body, range, timeout, max_body);
     release(std::move(h));
     g_requests.fetch_add(1, std::memory_order_relaxed);
     if (attempt > 1) g_retries.fetch_add(1, std::memory_order_relaxed);
@@ -409,8 +465,10 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
     if (status >= 200 && status < 300) return r;
     const std::string code = xml_value(r->body, "Code");
     // 5xx (503 SlowDown among them) and 429: the store is busy or failing
-    // for a moment. Everything else is an answer that would repeat itself.
-    if (status >= 500 || status == 429) {
+    // for a moment; 408 and S3's 400 RequestTimeout: the request was too
+    // slow to arrive (a congested link). Everything else is an answer that
+    // would repeat itself.
+    if (status >= 500 || status == 429 || status == 408 || code == "RequestTimeout") {
       last = Error{EAGAIN, method + " " + what + ": the store answered " + std::to_string(status) +
                                (code.empty() ? "" : " " + code),
                    true};
@@ -431,12 +489,18 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
                     (code.empty() ? "" : " " + code) + (xml_value(r->body, "Message").empty() ? "" : ": " + escape_untrusted(xml_value(r->body, "Message"))),
                 EIO);
   }
-  last.message += " (after " + std::to_string(config_.max_attempts) + " attempts)";
+  if (attempts == 0) {
+    return std::unexpected(
+        Error{ETIMEDOUT, method + " " + what + ": not sent: the caller's deadline had passed", true});
+  }
+  last.message += " (after " + std::to_string(attempts) + (attempts == 1 ? " attempt" : " attempts") +
+                  (attempts < config_.max_attempts ? ", stopped at the caller's deadline)" : ")");
   return std::unexpected(last);
 }
 
-Result<std::string> S3Client::get(const std::string& bucket, const std::string& key, std::optional<ByteRange> range) {
-  auto r = perform("GET", bucket, key, "", {}, range);
+Result<std::string> S3Client::get(const std::string& bucket, const std::string& key, std::optional<ByteRange> range,
+                                  uint64_t max_bytes) {
+  auto r = perform("GET", bucket, key, "", {}, range, max_bytes);
   if (!r) return std::unexpected(r.error());
   if (range && r->body.size() != range->length) {
     // A 200 (the whole object) or a short 206: not the bytes asked for.

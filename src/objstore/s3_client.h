@@ -10,11 +10,17 @@
 // a small ranged GET on a kept-alive one, measured on loopback here); a
 // request waits for a free handle when all are busy.
 //
-// Errors: timeouts, connection failures and resets, 5xx answers and 503
-// SlowDown are retried with exponential backoff and jitter, up to
-// `max_attempts`; what is left is returned with Error::retryable set, so a
-// caller with a deadline of its own (a session serving faults) can retry
-// longer. A missing object or bucket is ENOENT, refused credentials EACCES,
+// Errors: timeouts, connection failures and resets, 5xx answers, 503
+// SlowDown, 429 and 408/400 RequestTimeout are retried with exponential
+// backoff and full jitter, up to `max_attempts`; what is left is returned
+// with Error::retryable set, so a caller with a deadline of its own (a
+// session serving faults) can retry longer. A request that receives nothing
+// for `stall_timeout` fails as a timeout (a store that accepts connections
+// and never answers). A thread with a ScopedDeadline (common/deadline.h:
+// a session serving a fault) gets no attempt, backoff or wait past it: the
+// request fails then, retryable, and stops at once when the scope's flag is
+// set (the session stopping). A certificate that does not verify is not
+// retried. A missing object or bucket is ENOENT, refused credentials EACCES,
 // each with a sentence naming what is missing or refused. Credentials never
 // appear in an error or a log line.
 //
@@ -50,6 +56,10 @@ struct S3Config {
   int max_attempts = 5;  // per request, the first included
   std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds request_timeout{60000};
+  // No byte received (nor sent) for this long: the attempt fails as a
+  // timeout and is retried on a new connection. Whole seconds (libcurl's
+  // low-speed check); at least 1.
+  std::chrono::milliseconds stall_timeout{10000};
   std::chrono::milliseconds first_backoff{50};  // doubled per attempt, with jitter
   // Bodies of this size or more go up in parts of `multipart_part_size`
   // bytes (the last part smaller), `multipart_parallel_parts` at once.
@@ -80,8 +90,11 @@ class S3Client {
   S3Client& operator=(const S3Client&) = delete;
 
   // The object's bytes, or `range` of them (REQUIRES: within the object).
+  // With `max_bytes` > 0 a body longer than that is not received: the GET
+  // fails (EFBIG, not retried) as soon as the store has sent more, so an
+  // object of the wrong size cannot take the memory its size would.
   Result<std::string> get(const std::string& bucket, const std::string& key,
-                          std::optional<ByteRange> range = std::nullopt);
+                          std::optional<ByteRange> range = std::nullopt, uint64_t max_bytes = 0);
   // Stores the object whole (S3 makes it visible all at once, a multipart
   // upload too: only when it completes). On failure no object of that key
   // was created by this call and no part of it is left in the bucket
@@ -128,11 +141,15 @@ class S3Client {
   explicit S3Client(S3Config config);
   Status put_multipart(const std::string& bucket, const std::string& key, std::string_view body);
   // One request with retries. `body` for PUT and POST; `range` for GET.
+  // `max_body` > 0: a GET whose body grows past it fails (EFBIG).
   Result<Response> perform(const std::string& method, const std::string& bucket, const std::string& key,
-                           const std::string& query, std::string_view body, std::optional<ByteRange> range);
-  // `what`: "s3://bucket/key", for error messages.
+                           const std::string& query, std::string_view body, std::optional<ByteRange> range,
+                           uint64_t max_body = 0);
+  // `what`: "s3://bucket/key", for error messages. `timeout`: this
+  // attempt's, at most config_.request_timeout.
   Result<Response> perform_once(Handle& h, const std::string& method, const std::string& url, const std::string& what,
-                                std::string_view body, std::optional<ByteRange> range);
+                                std::string_view body, std::optional<ByteRange> range,
+                                std::chrono::milliseconds timeout, uint64_t max_body);
   std::unique_ptr<Handle> acquire();
   void release(std::unique_ptr<Handle> h);
   std::string url(const std::string& bucket, const std::string& key, const std::string& query) const;

@@ -4,6 +4,7 @@
 
 #include "common/atomic_file.h"
 #include "image/local_store.h"
+#include "image/manifest.h"
 
 namespace faultline::objstore {
 
@@ -23,8 +24,13 @@ Result<std::unique_ptr<S3Store>> S3Store::open(std::shared_ptr<S3Client> client,
   return std::unique_ptr<S3Store>(new S3Store(std::move(client), std::move(where)));
 }
 
-Result<std::string> S3Store::get(const image::BlobId& id) {
-  auto r = client_->get(where_.bucket, blob_key(id));
+Result<std::string> S3Store::get(const image::BlobId& id) { return get_sized(id, 0); }
+
+Result<std::string> S3Store::get_sized(const image::BlobId& id, uint64_t size) {
+  // What zstd may make of the largest frame (ZSTD_compressBound: n + n/256
+  // + a little), when the reader does not know the blob's size.
+  constexpr uint64_t kLargestBlob = image::kMaxFrameBytes + image::kMaxFrameBytes / 128 + (64 << 10);
+  auto r = client_->get(where_.bucket, blob_key(id), std::nullopt, size != 0 ? size : kLargestBlob);
   if (!r && r.error().code == ENOENT) {
     return fail("blob " + id.hex() + " is missing from the store (no " + describe(id) + ")", ENOENT);
   }

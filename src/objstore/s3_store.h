@@ -31,7 +31,11 @@ class S3Store final : public image::Store {
   static Result<std::unique_ptr<S3Store>> open(std::shared_ptr<S3Client> client, S3Location where,
                                                bool create_bucket);
 
+  // At most a frame's largest compressed size (image::kMaxFrameBytes and
+  // zstd's bound): a larger object is not received (EFBIG).
   Result<std::string> get(const image::BlobId& id) override;
+  // Exactly `size` bytes, when known: a larger object is not received.
+  Result<std::string> get_sized(const image::BlobId& id, uint64_t size) override;
   Status put(const image::BlobId& id, std::string_view bytes) override;
   Result<bool> exists(const image::BlobId& id) override;
   Result<std::vector<image::BlobId>> list() override;

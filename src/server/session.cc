@@ -4,8 +4,8 @@
 #include "server/session.h"
 
 #include <poll.h>
-#include <sched.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 
@@ -18,6 +18,7 @@
 #include <new>
 #include <system_error>
 
+#include "common/deadline.h"
 #include "metrics/fault_metrics.h"
 #include "server/fault_ring.h"
 #include "server/install_fence.h"
@@ -786,6 +787,10 @@ Status Session::read_source(uint64_t offset, std::span<uint8_t> out) {
 
 Result<uint64_t> Session::read_source_window(uint64_t offset, std::span<uint8_t> out, uint64_t window_page_size) {
   const auto deadline = std::chrono::steady_clock::now() + config_.source_retry_deadline;
+  // The store's requests and waits on the way give up at the same deadline,
+  // or at once when the session stops (common/deadline.h): a store that
+  // never answers must not hold a fault past it.
+  const ScopedDeadline scope(deadline, &stopping_);
   auto backoff = std::chrono::milliseconds{1};
   for (;;) {
     HookContext hook{offset, 0};
@@ -1084,6 +1089,15 @@ Session::Served Session::serve(Worker& w, QueuedFault& fault, bool by_reader) {
       if (fault.readahead > 0 && run.installed == pages && pages == fault.window) {
         queue_readahead(w, *loc, fault, pages, false);
       }
+    }
+    // A window over two VMAs of one region (a region registered in part, an
+    // mprotect or madvise of part of it) fails whole with ENOENT, nothing
+    // installed. Its page is then tried alone: woken instead, its thread
+    // would fault into the same window again, forever.
+    if (r.outcome == kernel::IoctlOutcome::kUnmapped && pages > 1) {
+      fault.window = 1;
+      fault.readahead = 0;
+      continue;
     }
     return finish_install(*layout, w, r, installed, *loc, fault, /*count=*/true, removed || snapshot_zero, by_reader);
   }

@@ -57,6 +57,9 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
   if (!buffer) return fail("prefault: allocating its " + std::to_string(buffer_bytes) + "-byte buffer failed", ENOMEM);
 
   size_t i = 0;
+  // Set after a run failed whole with ENOENT: the next run is its first page
+  // alone (a run over two VMAs of one region cannot be installed in one copy).
+  bool single_page = false;
   while (i < pages.size()) {
     if (stopping_.load(std::memory_order_acquire)) return fail("prefault: the session ended");
     // Demand faults first: a guest thread waiting on a fault matters more
@@ -89,21 +92,26 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
     // without reading the file.
     const bool zero_run = snapshot_known_zero(first.file_offset, first.page_size);
     // Extend the run page by page while the pages stay untouched, of the same
-    // zero class and contiguous in the client's address space; a gap of up to
+    // zero class, in the same region and contiguous both in the client's
+    // address space and in the file (two regions may sit side by side in
+    // memory with their bytes apart in the file: one read serves one
+    // region's pages only); a gap of up to
     // max_gap_pages unplanned pages is filled too, because one large copy
     // costs less than several small ones (the extra pages are snapshot bytes
     // the guest may or may not use, never a wrong byte).
     const uint64_t base = pages[i];
     uint64_t run = 1;  // pages in the run, gap fill included
     size_t next = i + 1;  // first entry of `pages` not covered by the run
-    const uint64_t max_pages = std::max<uint64_t>(1, options.max_run_bytes / first.page_size);
+    const uint64_t max_pages = single_page ? 1 : std::max<uint64_t>(1, options.max_run_bytes / first.page_size);
+    single_page = false;
     while (next < pages.size() && pages[next] - base < max_pages &&
            pages[next] - (base + run - 1) - 1 <= (first.page_size == kPageSize4K ? options.max_gap_pages : 0)) {
       const uint64_t target = pages[next] - base + 1;  // run length that reaches pages[next]
       uint64_t k = run;
       for (; k < target; ++k) {
         const std::optional<PageLocation> at = layout_now.page(base + k);
-        if (!at || at->address != first.address + k * first.page_size ||
+        if (!at || at->region != first.region || at->address != first.address + k * first.page_size ||
+            at->file_offset != first.file_offset + k * first.page_size ||
             pages_->state(base + k) != PageState::kUntouched ||
             snapshot_known_zero(first.file_offset + k * first.page_size, first.page_size) != zero_run) {
           break;
@@ -162,8 +170,12 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
         if (i < pages.size() && pages[i] == base + done_pages) ++i;
         break;
       case kernel::IoctlOutcome::kRetry: {
-        // A REMOVE is pending: wait until the reader has read it, then the
-        // loop re-checks every remaining page against it.
+        // A copy that installed some pages and then met a present one also
+        // ends in EAGAIN (the kernel reports any partial copy so): the loop
+        // goes on at that page, which it then skips as present. With nothing
+        // installed, a REMOVE is pending: wait until the reader has read it,
+        // then the loop re-checks every remaining page against it.
+        if (done_pages > 0) break;
         report.retries++;
         const uint32_t seen = reader_progress_.value();
         reader_progress_.wait(seen, milliseconds{5});
@@ -173,6 +185,10 @@ Result<PrefaultReport> Session::prefault_in_slot(std::span<const uint64_t> page_
         end(SessionEnd::kPeerGone);
         return fail("prefault: the client process is gone", ESRCH);
       case kernel::IoctlOutcome::kUnmapped:
+        if (run > 1 && done_pages == 0) {
+          single_page = true;  // the same first page again, alone
+          break;
+        }
         report.skipped_unmapped++;
         if (i < pages.size() && pages[i] == base + done_pages) ++i;
         break;

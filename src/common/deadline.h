@@ -1,0 +1,60 @@
+// ScopedDeadline: a deadline, and a stop flag, for the blocking calls the
+// calling thread makes while the scope lives.
+//
+// A session serving a fault may wait for its page's bytes only until its
+// store deadline (serve --store-deadline). The calls it makes on the way
+// (an S3 GET with its retries, a wait for another thread's load of the same
+// frame) know nothing of sessions; they ask current_deadline() instead, and
+// give up (with a retryable error) once it has passed or the flag is set, so
+// that a store that accepts connections and never answers ends the session
+// at its deadline rather than after every timeout and retry of every layer.
+//
+// Scopes nest: the inner one's deadline is the earlier of the two, its flag
+// its own if it has one, else the outer one's.
+//
+// Thread-safety: per thread (thread_local); the flag is read from any thread.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <optional>
+
+namespace faultline {
+
+struct ThreadDeadline {
+  std::chrono::steady_clock::time_point at;
+  const std::atomic<bool>* cancelled = nullptr;  // set: give up now
+
+  bool passed() const {
+    return (cancelled != nullptr && cancelled->load(std::memory_order_acquire)) ||
+           std::chrono::steady_clock::now() >= at;
+  }
+};
+
+namespace detail {
+inline thread_local std::optional<ThreadDeadline> g_thread_deadline;
+}  // namespace detail
+
+// The calling thread's deadline, if a ScopedDeadline is live on it.
+inline std::optional<ThreadDeadline> current_deadline() { return detail::g_thread_deadline; }
+
+class ScopedDeadline {
+ public:
+  explicit ScopedDeadline(std::chrono::steady_clock::time_point at, const std::atomic<bool>* cancelled = nullptr)
+      : outer_(detail::g_thread_deadline) {
+    ThreadDeadline d{at, cancelled};
+    if (outer_) {
+      d.at = std::min(d.at, outer_->at);
+      if (d.cancelled == nullptr) d.cancelled = outer_->cancelled;
+    }
+    detail::g_thread_deadline = d;
+  }
+  ~ScopedDeadline() { detail::g_thread_deadline = outer_; }
+  ScopedDeadline(const ScopedDeadline&) = delete;
+  ScopedDeadline& operator=(const ScopedDeadline&) = delete;
+
+ private:
+  std::optional<ThreadDeadline> outer_;
+};
+
+}  // namespace faultline

@@ -573,6 +573,17 @@ void Session::reader_loop() {
   std::vector<std::pair<size_t, QueuedFault>> overflow;  // faults a full ring could not take
   uint64_t generation = 0;
   int socket_fd = handshake_.connection.get();
+  // The last fault at an address no region holds, once the layout has
+  // changed: such a fault is woken (its thread retries against the new
+  // layout), but the same page faulting again and again with no change in
+  // between is registered memory the layout lacks (a region grown by mremap,
+  // memory registered after an UNMAP), never served: fatal, not a livelock.
+  struct {
+    uint64_t page = 0;
+    uint64_t changes = 0;
+    uint32_t repeats = 0;
+  } unknown_fault;
+  constexpr uint32_t kUnknownFaultRepeats = 10000;
 
   // Busy-polling: until `busy_poll` has passed since the last event, poll()
   // does not sleep. A fault that arrives then is read at once; a sleeping
@@ -679,9 +690,24 @@ void Session::reader_loop() {
               // Either the range was unmapped or moved away after the thread
               // faulted (its retry then sees the new mapping, or none), or the
               // client registered memory it never described.
-              if (layout_->changes() > 0) {
-                wake_page(layout_->current_for_writer(), f->address);
-                continue;
+              const uint64_t changes = layout_->changes();
+              if (changes > 0) {
+                const uint64_t page = f->address & ~(kPageSize4K - 1);
+                if (page == unknown_fault.page && changes == unknown_fault.changes) {
+                  ++unknown_fault.repeats;
+                } else {
+                  unknown_fault = {page, changes, 1};
+                }
+                if (unknown_fault.repeats < kUnknownFaultRepeats) {
+                  wake_page(layout_->current_for_writer(), f->address);
+                  continue;
+                }
+                end(SessionEnd::kFatal, "fault at " + hex(f->address) + " lies outside every region (after " +
+                                            std::to_string(changes) + " layout changes), " +
+                                            std::to_string(kUnknownFaultRepeats) +
+                                            " times with no change in between: the client registered memory it "
+                                            "did not describe (a region grown by mremap?)");
+                break;
               }
               end(SessionEnd::kFatal, "fault at " + hex(f->address) +
                                           " lies outside every region of the handshake: the client registered "

@@ -45,7 +45,10 @@ bool all_zero(const uint8_t* p, size_t n) {
 
 // Marks the pages that hold data in a sparse file (SEEK_DATA/SEEK_HOLE): a
 // Firecracker Diff snapshot writes only the pages dirtied since the last
-// snapshot and leaves the rest holes. A page partly covered by data is data.
+// snapshot and leaves the rest holes. A page partly data and partly hole (a
+// 2 MiB page of which some 4 KiB blocks were written) is refused: its holes
+// mean "as in the parent", but read from the file they are zeros, and
+// storing the page would replace the parent's bytes there with zeros.
 Result<std::vector<bool>> data_pages(int fd, const std::string& path, uint64_t size, uint32_t page_size) {
   std::vector<bool> data(size / page_size, false);
   off_t pos = 0;
@@ -58,6 +61,17 @@ Result<std::vector<bool>> data_pages(int fd, const std::string& path, uint64_t s
     off_t end = ::lseek(fd, start, SEEK_HOLE);
     if (end < 0) return fail_errno("SEEK_HOLE on " + path + " failed");
     if (static_cast<uint64_t>(end) > size) end = static_cast<off_t>(size);
+    for (const off_t edge : {start, end}) {
+      if (static_cast<uint64_t>(edge) % page_size != 0 && static_cast<uint64_t>(edge) != size) {
+        const uint64_t page = static_cast<uint64_t>(edge) / page_size;
+        return fail(path + ": page " + std::to_string(page) + " (" + std::to_string(page_size) + " bytes at offset " +
+                        std::to_string(page * page_size) +
+                        ") is partly data and partly hole; a diff file's holes mean \"as in the parent\", and "
+                        "faultline does not merge the parent's bytes into a page: create the image from a Full "
+                        "snapshot instead",
+                    EINVAL);
+      }
+    }
     for (uint64_t p = static_cast<uint64_t>(start) / page_size; p * page_size < static_cast<uint64_t>(end); ++p) {
       data[p] = true;
     }

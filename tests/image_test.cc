@@ -624,8 +624,10 @@ class ManifestWriteFails final : public Store {
   explicit ManifestWriteFails(LocalStore& real) : real_(real) {}
   Result<std::string> get(const BlobId& id) override { return real_.get(id); }
   Status put(const BlobId& id, std::string_view b) override { return real_.put(id, b); }
-  Status put_deferred(const BlobId& id, std::string_view b) override { return real_.put_deferred(id, b); }
-  Status sync() override { return real_.sync(); }
+  Status put_deferred(const BlobId& id, std::string_view b, DeferredPuts& d) override {
+    return real_.put_deferred(id, b, d);
+  }
+  Status sync(DeferredPuts& d) override { return real_.sync(d); }
   Result<bool> exists(const BlobId& id) override { return real_.exists(id); }
   Result<std::vector<BlobId>> list() override { return real_.list(); }
   Status remove(const BlobId& id) override { return real_.remove(id); }
@@ -801,6 +803,54 @@ TEST(ImageGc, GcInTheDestinationOfACopyWaitsForItAndACopyWaitsForAGc) {
   auto done = second.get();
   ASSERT_TRUE(done) << done.error().describe();
   expect_flattens_to(*to, "next", dir.file("flat2"), next);
+}
+
+// A create that fails after writing some of its blobs (here: its input
+// changed between two reads, as a snapshot export of a VM that was not
+// paused is refused) leaves no temporary, and a later create through the
+// same LocalStore object (a daemon keeps one per image) is not handed the
+// failed one's blobs: its sync used to rename them too, and failed on the
+// first one a gc had removed in between.
+TEST(ImageCreate, AFailedCreateLeavesNoTemporaryAndTheNextCreateOfTheSameStoreObjectSucceeds) {
+  TempDir dir;
+  auto store = open_store(dir.file("store"));
+  std::string mem(4 * kMiB, '\0');
+  for (size_t i = 0; i < mem.size(); ++i) mem[i] = static_cast<char>((i * 2654435761u) >> 11);
+  int calls = 0;
+  const auto make = [&](const std::string& name, int fail_at) {
+    PagesCreateOptions o;
+    o.name = name;
+    o.source = "vm";
+    o.guest_bytes = mem.size();
+    o.threads = 1;
+    o.pages.assign(mem.size() / 4096, PageInput::kCandidate);
+    o.max_read_bytes = mem.size();
+    calls = 0;
+    o.read = [&, fail_at](uint64_t first, uint64_t, std::span<uint8_t>) -> Result<const uint8_t*> {
+      if (++calls == fail_at) return fail("page changed between two reads", EBUSY);
+      return reinterpret_cast<const uint8_t*>(mem.data()) + first * 4096;
+    };
+    return create_image_from_pages(*store, o);
+  };
+  const auto temporaries = [&] {
+    size_t n = 0;
+    for (const auto& e : std::filesystem::recursive_directory_iterator(dir.file("store/blobs"))) {
+      if (e.path().filename().string().front() == '.') ++n;
+    }
+    return n;
+  };
+  auto failed = make("a", 3);  // refused in its second pass, after frame 0 was written
+  ASSERT_FALSE(failed);
+  EXPECT_EQ(failed.error().code, EBUSY);
+  EXPECT_EQ(temporaries(), 0u) << "the failed create's blobs were left behind";
+  auto g = gc_store(*open_store(dir.file("store")), {});
+  ASSERT_TRUE(g) << g.error().describe();
+  mem[0] ^= 1;  // the next snapshot
+  auto next = make("b", -1);
+  ASSERT_TRUE(next) << next.error().describe();
+  EXPECT_EQ(temporaries(), 0u);
+  write_all(dir.file("mem-b"), mem);
+  expect_flattens_to(*store, "b", dir.file("flat"), mem);
 }
 
 // list_images: every image with what its own manifest holds; an unreadable

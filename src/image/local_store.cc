@@ -157,7 +157,7 @@ Status LocalStore::put(const BlobId& id, std::string_view bytes) {
   return write_file_atomically(describe(id), bytes, 0444);
 }
 
-Status LocalStore::put_deferred(const BlobId& id, std::string_view bytes) {
+Status LocalStore::put_deferred(const BlobId& id, std::string_view bytes, DeferredPuts& batch) {
   auto present = exists(id);
   if (!present) return std::unexpected(present.error());
   if (*present) return {};
@@ -175,17 +175,14 @@ Status LocalStore::put_deferred(const BlobId& id, std::string_view bytes) {
     ::unlink(tmp.c_str());
     return fail("writing " + tmp + " failed", st.error().code);
   }
-  std::lock_guard lock(pending_mutex_);
-  pending_.emplace_back(tmp, describe(id));
+  batch.add(tmp, describe(id));
   return {};
 }
 
-Status LocalStore::sync() {
-  std::vector<std::pair<std::string, std::string>> batch;
-  {
-    std::lock_guard lock(pending_mutex_);
-    batch.swap(pending_);
-  }
+Status LocalStore::sync(DeferredPuts& pending) {
+  // Taken: from here on, what fails to be renamed is reported, not removed
+  // (a renamed one is in place, and may be another writer's too).
+  const std::vector<std::pair<std::string, std::string>> batch = pending.take();
   UniqueFd dir_fd(::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!dir_fd) return fail_errno("cannot open " + dir_);
   // Even with nothing of our own pending: a blob we found present may have

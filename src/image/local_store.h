@@ -33,11 +33,11 @@ class LocalStore final : public Store {
   Result<std::string> get(const BlobId& id) override;
   Status put(const BlobId& id, std::string_view bytes) override;
   // Writes a temporary file without fsync; sync() runs syncfs(), renames
-  // every pending temporary into place, and runs syncfs() again: two flushes
-  // per batch instead of two fsyncs per blob, and a name still only ever
-  // appears over durable bytes.
-  Status put_deferred(const BlobId& id, std::string_view bytes) override;
-  Status sync() override;
+  // every temporary of the batch into place, and runs syncfs() again: two
+  // flushes per batch instead of two fsyncs per blob, and a name still only
+  // ever appears over durable bytes.
+  Status put_deferred(const BlobId& id, std::string_view bytes, DeferredPuts& batch) override;
+  Status sync(DeferredPuts& batch) override;
   Result<bool> exists(const BlobId& id) override;
   Result<std::vector<BlobId>> list() override;
   Status remove(const BlobId& id) override;
@@ -73,8 +73,6 @@ class LocalStore final : public Store {
   std::string blob_dir(const BlobId& id) const;
   Result<std::unique_ptr<StoreLock>> lock(int operation, const std::function<void()>& on_wait);
   std::string dir_;
-  std::mutex pending_mutex_;
-  std::vector<std::pair<std::string, std::string>> pending_;  // (temporary path, final path)
 };
 
 }  // namespace faultline::image

@@ -437,6 +437,9 @@ Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOpti
         }
         return {};
       });
+  // This create's blobs, until its sync: on any failure before it, their
+  // temporaries are removed when this goes.
+  DeferredPuts deferred;
   for (uint64_t f = 0; f < frame_count; ++f) {
     if (o.progress && f % 16 == 0) {
       o.progress(size + static_cast<uint64_t>(static_cast<double>(size) * f / frame_count), size * 2);
@@ -447,7 +450,7 @@ Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOpti
     auto present = store.exists(frame->id);
     if (!present) return std::unexpected(present.error());
     if (!*present) {
-      if (auto put = store.put_deferred(frame->id, frame->bytes); !put) return std::unexpected(put.error());
+      if (auto put = store.put_deferred(frame->id, frame->bytes, deferred); !put) return std::unexpected(put.error());
       ++report.frames_written;
     }
     m.frames.push_back(FrameRef{frame->id, frame->bytes.size(), static_cast<uint32_t>(n), frame->checksum});
@@ -474,7 +477,7 @@ Result<CreateReport> create_image_from_pages(Store& store, const PagesCreateOpti
   if (!encoded) return std::unexpected(encoded.error());
   report.manifest_bytes = encoded->size();
   // Every blob durable and in place before the manifest that names them.
-  if (auto st = store.sync(); !st) return std::unexpected(st.error());
+  if (auto st = store.sync(deferred); !st) return std::unexpected(st.error());
   if (o.check_before_manifest) {
     if (auto st = o.check_before_manifest(); !st) return std::unexpected(st.error());
   }

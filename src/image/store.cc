@@ -1,8 +1,24 @@
 #include "image/store.h"
 
+#include <unistd.h>
+
 #include <cerrno>
 
 namespace faultline::image {
+
+DeferredPuts::~DeferredPuts() {
+  for (const auto& [temporary, final_path] : pending_) ::unlink(temporary.c_str());
+}
+
+void DeferredPuts::add(std::string temporary, std::string final_path) {
+  std::lock_guard lock(mu_);
+  pending_.emplace_back(std::move(temporary), std::move(final_path));
+}
+
+std::vector<std::pair<std::string, std::string>> DeferredPuts::take() {
+  std::lock_guard lock(mu_);
+  return std::exchange(pending_, {});
+}
 
 ImageHold hold_image(Store& store, const std::string& name, std::string_view use, const HoldOptions& options) {
   const auto unleased = [&](const Error& e) {

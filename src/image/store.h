@@ -21,9 +21,11 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/error.h"
@@ -38,6 +40,27 @@ struct FetchedBlob {
   // (SHA-256) or against the checksum the reader passed, so the reader need
   // not check them a second time.
   bool checked = false;
+};
+
+// The deferred puts of one writer (BlobStore::put_deferred), until its
+// sync(). Each writer has its own: a sync makes visible only the writer's
+// own blobs, and a writer that fails before its sync (its batch destroyed
+// unsynced) removes the temporaries it wrote instead of leaving them to the
+// next writer's sync, which failed on the first one a gc had removed since.
+// Thread-safety: add() and take() from any thread.
+class DeferredPuts {
+ public:
+  DeferredPuts() = default;
+  ~DeferredPuts();
+  DeferredPuts(const DeferredPuts&) = delete;
+  DeferredPuts& operator=(const DeferredPuts&) = delete;
+  // A temporary file, and the path it is renamed to by sync().
+  void add(std::string temporary, std::string final_path);
+  std::vector<std::pair<std::string, std::string>> take();
+
+ private:
+  std::mutex mu_;
+  std::vector<std::pair<std::string, std::string>> pending_;  // GUARDED_BY(mu_)
 };
 
 class BlobStore {
@@ -62,13 +85,15 @@ class BlobStore {
   }
   // Stores `bytes` under `id` (REQUIRES: id == BlobId::of(bytes)), unless present.
   virtual Status put(const BlobId& id, std::string_view bytes) = 0;
-  // Like put(), but the blob need not be visible or durable before the next
-  // sync(): lets an implementation pay for durability once per batch rather
-  // than once per blob. A blob is never visible under its name before its
-  // bytes are durable.
-  virtual Status put_deferred(const BlobId& id, std::string_view bytes) { return put(id, bytes); }
-  // Makes every put_deferred() blob visible and durable.
-  virtual Status sync() { return {}; }
+  // Like put(), but the blob need not be visible or durable before
+  // sync(batch): lets an implementation pay for durability once per batch
+  // rather than once per blob. A blob is never visible under its name before
+  // its bytes are durable.
+  virtual Status put_deferred(const BlobId& id, std::string_view bytes, DeferredPuts& /*batch*/) {
+    return put(id, bytes);
+  }
+  // Makes every blob put_deferred() added to `batch` visible and durable.
+  virtual Status sync(DeferredPuts& /*batch*/) { return {}; }
   virtual Result<bool> exists(const BlobId& id) = 0;
   virtual Result<std::vector<BlobId>> list() = 0;
   virtual Status remove(const BlobId& id) = 0;

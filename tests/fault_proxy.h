@@ -1,6 +1,6 @@
 // FaultProxy: a small HTTP proxy in front of the real S3 gateway that
 // misbehaves on purpose, the way a store and a network do: answers 503
-// SlowDown, resets connections (before forwarding the request, or after it:
+// SlowDown (or 400 RequestTimeout, 403 AccessDenied), resets connections (before forwarding the request, or after it:
 // the store acted, its answer is lost), waits, takes a request and never
 // answers (a hung store), or damages a response body, each when
 // the test's rule says so for that request. Everything else is forwarded
@@ -35,7 +35,17 @@ namespace faultline::testing {
 
 class FaultProxy {
  public:
-  enum class Action { kForward, kSlowDown, kRequestTimeout, kReset, kCorruptBody, kDelay, kLoseAnswer, kHang };
+  enum class Action {
+    kForward,
+    kSlowDown,
+    kRequestTimeout,
+    kAccessDenied,
+    kReset,
+    kCorruptBody,
+    kDelay,
+    kLoseAnswer,
+    kHang
+  };
   struct Decision {
     Action action = Action::kForward;
     std::chrono::milliseconds delay{0};  // kDelay: then forward
@@ -131,15 +141,20 @@ class FaultProxy {
       ::close(fd);
       return;
     }
-    if (d.action == Action::kSlowDown || d.action == Action::kRequestTimeout) {
-      // S3's answers: 503 SlowDown, and 400 RequestTimeout for a request
-      // whose body came too slowly.
-      const bool slow = d.action == Action::kSlowDown;
-      const std::string body = std::string("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>") +
-                               (slow ? "SlowDown" : "RequestTimeout") + "</Code></Error>";
-      write_all(fd, std::string(slow ? "HTTP/1.1 503 Service Unavailable" : "HTTP/1.1 400 Bad Request") +
-                        "\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-                        "Content-Length: " +
+    if (d.action == Action::kSlowDown || d.action == Action::kRequestTimeout || d.action == Action::kAccessDenied) {
+      // S3's answers: 503 SlowDown, 400 RequestTimeout for a request whose
+      // body came too slowly, 403 AccessDenied for what the credentials may
+      // not do.
+      const char* status = d.action == Action::kSlowDown         ? "503 Service Unavailable"
+                           : d.action == Action::kRequestTimeout ? "400 Bad Request"
+                                                                 : "403 Forbidden";
+      const char* code = d.action == Action::kSlowDown         ? "SlowDown"
+                         : d.action == Action::kRequestTimeout ? "RequestTimeout"
+                                                               : "AccessDenied";
+      const std::string body =
+          std::string("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>") + code + "</Code></Error>";
+      write_all(fd, std::string("HTTP/1.1 ") + status +
+                        "\r\nContent-Type: application/xml\r\nConnection: close\r\nContent-Length: " +
                         std::to_string(body.size()) + "\r\n\r\n" + body);
       ::close(fd);
       return;

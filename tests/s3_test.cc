@@ -811,6 +811,35 @@ TEST_F(S3Test, SlowDownResetsAndTimeoutsAreRetriedAndTheBytesComeOutRight) {
   EXPECT_NE(refused.error().message.find("after 3 attempts"), std::string::npos) << refused.error().message;
 }
 
+// Pushing into a bucket that exists needs no CreateBucket: credentials that
+// may write objects but not create buckets (or a bucket of another account
+// shared for writing) push as well. push used to send CreateBucket first,
+// and took the 403 for refused credentials.
+TEST_F(S3Test, APushIntoAnExistingBucketNeverAsksToCreateIt) {
+  const std::string bucket = bucket_name("fl-no-create");
+  ASSERT_TRUE(client_->create_bucket(bucket));
+  std::atomic<int> creates{0};
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (method == "PUT" && (path == "/" + bucket || path == "/" + bucket + "/")) {
+      creates.fetch_add(1);
+      d.action = FaultProxy::Action::kAccessDenied;  // these credentials may not create buckets
+    }
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  ::setenv("AWS_ENDPOINT_URL", proxy.endpoint().c_str(), 1);
+  auto pushed = objstore::open_store("s3://" + bucket + "/images", /*create=*/true);
+  ::setenv("AWS_ENDPOINT_URL", config_.endpoint.c_str(), 1);
+  ASSERT_TRUE(pushed) << pushed.error().describe();
+  EXPECT_EQ(creates.load(), 0);
+  // A missing bucket is still created by a push.
+  ::setenv("AWS_ENDPOINT_URL", proxy.endpoint().c_str(), 1);
+  auto missing = objstore::open_store("s3://" + bucket_name("fl-no-create-missing") + "/images", true);
+  ::setenv("AWS_ENDPOINT_URL", config_.endpoint.c_str(), 1);
+  ASSERT_TRUE(missing) << missing.error().describe();
+}
+
 // A GET told how many bytes to expect stops receiving an object that is
 // larger (a wrong object under a blob's name must not take its size in
 // memory), at once and for good: EFBIG, not retried.

@@ -14,12 +14,17 @@ class NoLock final : public image::StoreLock {};
 
 Result<std::unique_ptr<S3Store>> S3Store::open(std::shared_ptr<S3Client> client, S3Location where,
                                                bool create_bucket) {
-  if (create_bucket) {
-    if (auto st = client->create_bucket(where.bucket); !st) return std::unexpected(st.error());
-  }
   // One LIST of at most one key: a missing bucket, an unreachable endpoint
-  // or refused credentials show here, before any work starts.
-  auto probe = client->list(where.bucket, where.prefix.empty() ? "images/" : where.prefix + "/images/", 1);
+  // or refused credentials show here, before any work starts. The bucket is
+  // created only when it is missing: credentials that may write objects but
+  // not create buckets, or a bucket another account owns, still push into
+  // an existing one (CreateBucket would be refused).
+  const std::string prefix = where.prefix.empty() ? "images/" : where.prefix + "/images/";
+  auto probe = client->list(where.bucket, prefix, 1);
+  if (!probe && probe.error().code == ENOENT && create_bucket) {
+    if (auto st = client->create_bucket(where.bucket); !st) return std::unexpected(st.error());
+    probe = client->list(where.bucket, prefix, 1);
+  }
   if (!probe) return std::unexpected(probe.error());
   return std::unique_ptr<S3Store>(new S3Store(std::move(client), std::move(where)));
 }

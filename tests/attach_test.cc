@@ -133,6 +133,23 @@ TEST_F(Attach, OneDaemonServesAMemoryFileAndTwoImagesOnThreeSocketsAtOnceEachVmG
   for (const auto& att : h_.server().attachments()) EXPECT_EQ(att.connections, 1u) << att.socket;
 }
 
+// The control socket writes no file (README, --record-dir): a memory file
+// attached through it gets its zero index built in memory, not saved beside
+// it as the daemon's own --memory does (found by review: attach wrote
+// FILE.zeroidx as the daemon's user wherever FILE's directory was writable).
+TEST_F(Attach, AnAttachedMemoryFileGetsNoZeroIndexFileBesideIt) {
+  ASSERT_FALSE(std::filesystem::exists(file("gen1.zeroidx")));
+  auto a = h_.server().attach({.socket = "gen1-file.sock", .memory = file("gen1")});
+  ASSERT_TRUE(a) << a.error().describe();
+  auto r = restore(vm_socket("gen1-file.sock"), file("gen1"));
+  ASSERT_TRUE(r) << r.error().describe();
+  EXPECT_EQ(r->mismatches, 0u) << (r->mismatch_descriptions.empty() ? "" : r->mismatch_descriptions[0]);
+  EXPECT_FALSE(std::filesystem::exists(file("gen1.zeroidx")));
+  EXPECT_TRUE(eventually_true([&] { return h_.log().find("event=zero_index_not_saved") != std::string::npos; }))
+      << h_.log();
+  EXPECT_TRUE(std::filesystem::exists(h_.memory() + ".zeroidx")) << "the daemon's own --memory still saves its index";
+}
+
 TEST_F(Attach, ADetachedSocketIsGoneAndRefusesNewVmsWhileTheVmConnectedThroughItIsServedOn) {
   auto a = h_.server().attach({.socket = "vm.sock", .image = file("store/gen1")});
   ASSERT_TRUE(a) << a.error().describe();

@@ -921,7 +921,9 @@ TEST(SecurityFlags, ServeAppliesSocketModeAndRefusesUnboundedValues) {
   }
   EXPECT_EQ(st.st_mode & 07777, 0640u) << read_file(log);
   ::kill(d, SIGTERM);
-  EXPECT_NE(wait_child(d, std::chrono::seconds(20)), -1);
+  // (Once, under ThreadSanitizer in CI, the daemon had not exited 20 s after
+  // the SIGTERM; its log is printed should it happen again.)
+  EXPECT_NE(wait_child(d, std::chrono::seconds(20)), -1) << read_file(log);
 }
 
 }  // namespace

@@ -96,8 +96,11 @@ struct WatchedZeroIndex {
 // fd, a loaded index has a sample of its pages checked against the file, and
 // a FileWatch disables it if the file is written while it is in use. With no
 // way to watch the file, there is no index (zero pages are read like others).
+// `may_save`: an index built here is saved beside the memory file (the
+// daemon's own --memory); an attach through the control socket, which writes
+// no file, keeps the one it builds in memory only.
 Result<std::shared_ptr<const ZeroIndex>> open_zero_index(const std::string& memory_path, const std::string& index_path,
-                                                         const MemoryFile& memory, const Logger& log) {
+                                                         const MemoryFile& memory, const Logger& log, bool may_save) {
   const std::string path = index_path.empty() ? memory_path + ".zeroidx" : index_path;
   auto state = std::make_shared<WatchedZeroIndex>();
   // Watch before reading anything: a write from here on is seen.
@@ -171,7 +174,10 @@ Result<std::shared_ptr<const ZeroIndex>> open_zero_index(const std::string& memo
                                     {"seconds", seconds},
                                     {"guard", guard},
                                     {"guard_note", guard_note}});
-      if (auto st = built->save(path); !st) {
+      if (!may_save) {
+        log.info("zero_index_not_saved",
+                 {{"path", path}, {"reason", "attached through the control socket, which writes no files"}});
+      } else if (auto st = built->save(path); !st) {
         log.warn("zero_index_not_saved", {{"path", path}, {"error", st.error().describe()}});
       }
     }
@@ -265,9 +271,9 @@ static Result<std::shared_ptr<const image::ImageSource>> open_image(const std::s
 
 Result<std::shared_ptr<const Server::Served>> Server::open_served(const std::string& memory_path,
                                                                   const std::string& image_path,
-                                                                  const std::string& prefetch_path,
-                                                                  bool prefetch_all,
-                                                                  const std::string& zero_index_path) const {
+                                                                  const std::string& prefetch_path, bool prefetch_all,
+                                                                  const std::string& zero_index_path,
+                                                                  bool save_zero_index) const {
   auto served = std::make_shared<Served>();
   served->memory_path = memory_path;
   served->image_path = image_path;
@@ -285,7 +291,7 @@ Result<std::shared_ptr<const Server::Served>> Server::open_served(const std::str
     auto memory = MemoryFile::open(memory_path);
     if (!memory) return std::unexpected(memory.error());
     if (config_.zero_index) {
-      auto z = open_zero_index(memory_path, zero_index_path, **memory, log_);
+      auto z = open_zero_index(memory_path, zero_index_path, **memory, log_, save_zero_index);
       if (!z) return std::unexpected(z.error());
       served->zero_index = std::move(*z);
     }
@@ -379,8 +385,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   });
   server->record_dir_fd_ = std::move(record_dir);
   if (startup_socket) {
-    auto served = server->open_served(config.memory_path, config.image_path, config.prefetch_path,
-                                      config.prefetch_all, config.zero_index_path);
+    auto served = server->open_served(config.memory_path, config.image_path, config.prefetch_path, config.prefetch_all,
+                                      config.zero_index_path, /*save_zero_index=*/true);
     if (!served) {
       if (config.image_path.empty()) return std::unexpected(served.error());
       return fail("--image " + served.error().message, served.error().code);
@@ -622,7 +628,7 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
   const bool prefetch_all = request.prefetch == "all";
   const std::string serves = request.image.empty() ? request.memory : request.image;
   auto served = open_served(request.memory, request.image, prefetch_all ? std::string() : request.prefetch,
-                            prefetch_all, /*zero_index_path=*/{});
+                            prefetch_all, /*zero_index_path=*/{}, /*save_zero_index=*/false);
   if (!served) {
     log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", served.error().describe()}});
     if (!request.image.empty()) return std::unexpected(served.error());  // it names the image already

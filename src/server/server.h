@@ -272,9 +272,11 @@ class Server {
   struct Bound;
   Server(ServerConfig config, const Logger& logger, UniqueFd stop_efd, UniqueFd wake_efd, UniqueFd reserve_fd);
   // Opens what a socket will serve (exactly one of image and memory).
+  // `save_zero_index`: a zero index built for a memory file is saved beside
+  // it (start-up); an attach saves none (the control socket writes no file).
   Result<std::shared_ptr<const Served>> open_served(const std::string& memory, const std::string& image,
                                                     const std::string& prefetch, bool prefetch_all,
-                                                    const std::string& zero_index_path) const;
+                                                    const std::string& zero_index_path, bool save_zero_index) const;
   // Adds a bound socket to the list run() accepts on; EMFILE-like refusal
   // past max_attachments. REQUIRES: attach_op_mu_ held.
   Result<Attachment> add_bound(std::shared_ptr<const Served> served, protocol::UnixListener listener);

@@ -135,6 +135,14 @@ Result<FrameBuffer> load_frame(BlobStore& store, const FrameRef& f, uint32_t pag
       return decode_frame(blob->bytes, f.id, bytes, what);
     }();
     if (frame || manifest_wrong) return frame;
+    // A blob whose bytes match its name is sound where it is stored: what
+    // failed is the manifest's description of it (its size, page count or
+    // checksum). Fetching it again cannot help, and "damaged" would blame
+    // the storage.
+    if (BlobId::of(blob->bytes) == f.id) {
+      frame.error().message += " (the blob itself is sound: its SHA-256 matches its name; the manifest is wrong)";
+      return frame;
+    }
     if (attempt == 2) {
       frame.error().message += " (fetched twice, damaged both times)";
       return frame;

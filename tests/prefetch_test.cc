@@ -13,9 +13,12 @@
 #include "client/touch.h"
 #include "client/verifier.h"
 #include "harness.h"
+#include "image/local_store.h"
+#include "image/operations.h"
 #include "kernel/process.h"
 #include "kernel/uffd_abi.h"
 #include "race_harness.h"
+#include "server/diff_export.h"
 #include "server/session.h"
 #include "snapshot/working_set.h"
 
@@ -155,6 +158,42 @@ TEST(Prefetch, NeverRevivesARemovedPageNorOverwritesAWrittenOne) {
   auto r = client::touch_pages(*c, **v, ws, client::Access::kRead);
   ASSERT_TRUE(r);
   EXPECT_EQ(r->mismatches, 0u) << "the written page, the removed ones (zero) and the rest (snapshot)";
+}
+
+// Without WP every present page counts as written, and a prefetch makes
+// pages present with the VM paused: an export then said "the VM is not
+// paused" (found by review). It now says the prefetch is still running, and
+// works once the prefetch is done.
+TEST(Prefetch, AnExportWithoutWpWhilePrefetchInstallsSaysSoAndWorksOnceItIsDone) {
+  InstallPark park(HookPoint::kBeforePrefaultInstall, 0, true);
+  PrefetchServer s(16 * kMiB, [&](ServerConfig& c) { c.prefetch_all = true; });
+  ASSERT_TRUE(s.created) << s.error;
+  auto store = image::LocalStore::open(s.dir.file("store"), true);
+  ASSERT_TRUE(store);
+  image::CreateOptions base;
+  base.memory_path = s.memory;
+  base.name = "base";
+  ASSERT_TRUE(image::create_image(**store, base));
+  auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {16 * kMiB}});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(s.socket));
+  auto session = s.wait_session();
+  ASSERT_NE(session, nullptr);
+  ASSERT_TRUE(park.wait_parked());
+  ExportOptions o;
+  o.parent = "base";
+  o.name = "during";
+  auto refused = export_session_diff(*session, **store, o);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, EBUSY);
+  EXPECT_NE(refused.error().message.find("its prefetch is still installing pages"), std::string::npos)
+      << refused.error().message;
+  park.release();
+  ASSERT_TRUE(wait_until([&] { return !session->prefetching(); })) << s.log();
+  o.name = "after";
+  auto exported = export_session_diff(*session, **store, o);
+  ASSERT_TRUE(exported) << exported.error().describe();
+  EXPECT_EQ(exported->image.stored_pages, 0u) << "every page present is the parent's";
 }
 
 TEST(Prefetch, EagerFillInstallsTheWholeSnapshotAndDemandFaultsStillWork) {

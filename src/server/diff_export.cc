@@ -86,6 +86,15 @@ Result<ExportReport> export_session_diff(const Session& session, image::Store& s
 
   auto before = session.page_map(o.force_fallback);
   if (!before) return std::unexpected(before.error());
+  if (!before->write_protect && session.prefetching()) {
+    // Without WP every present page counts as written, and the prefetch
+    // makes pages present with the VM paused: the two page maps would
+    // differ, and the refusal would blame the VM.
+    return fail(refuse_prefix(session, o) +
+                    ": its prefetch is still installing pages, and without write-protect tracking every "
+                    "present page counts as written: wait for its prefetch_done log line, then export",
+                EBUSY);
+  }
   const pid_t pid = before->pid;
 
   ExportReport report;

@@ -266,11 +266,13 @@ Status Session::launch() {
     });
     if (config_.prefetch || config_.prefetch_all) {
       step = "prefetch thread";
+      prefetching_.store(true, std::memory_order_release);
       prefetcher_ = start_thread(step, [this, id] {
         run_guarded("prefetch thread", [&] {
           name_this_thread("fl-p" + id);
           prefetch_loop();
         });
+        prefetching_.store(false, std::memory_order_release);
       });
     }
   } catch (const std::system_error& e) {

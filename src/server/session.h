@@ -237,6 +237,10 @@ class Session {
   // Blocks until every thread of the session has exited.
   void wait();
   bool finished() const { return finished_.load(std::memory_order_acquire); }
+  // True from the start of a session with --prefetch until its prefetch has
+  // installed what it will (prefetch_done logged) or ended: meanwhile pages
+  // turn present with the VM paused.
+  bool prefetching() const { return prefetching_.load(std::memory_order_acquire); }
   // Fd that becomes readable when the session has finished (for poll loops).
   int finished_fd() const { return finished_efd_.get(); }
 
@@ -429,6 +433,7 @@ class Session {
   std::atomic<uint64_t> prefaulted_pages_{0};
   std::atomic<uint64_t> prefaulted_bytes_{0};  // for metrics
   std::atomic<uint64_t> prefetch_late_{0};
+  std::atomic<bool> prefetching_{false};
   std::atomic<uint64_t> busy_poll_reads_{0};
   std::atomic<uint64_t> source_retries_{0};
   std::atomic<uint64_t> ahead_faulted_{0};

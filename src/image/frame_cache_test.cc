@@ -4,7 +4,6 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sched.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -20,6 +19,7 @@
 #include "image/local_store.h"
 #include "image/manifest.h"
 #include "image/operations.h"
+#include "tests/no_free_fd.h"
 #include "tests/temp_dir.h"
 
 namespace faultline::image {
@@ -620,19 +620,9 @@ TEST_F(ImageSourceTest, ADamagedFrameIsAFinalErrorNamingTheImageAndBlob) {
 TEST_F(ImageSourceTest, AStoreOutOfFileDescriptorsIsARetryableError) {
   auto src = open(std::make_shared<FrameCache>(64 << 20));
   ASSERT_TRUE(src);
-  // Fill the fd table so the store cannot open the blob (EMFILE), as a busy
-  // daemon may for a moment.
-  rlimit old{};
-  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
-  rlimit low = old;
-  low.rlim_cur = 256;
-  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-  std::vector<int> fillers;
-  for (int fd; (fd = ::dup(0)) >= 0;) fillers.push_back(fd);
+  // The store cannot open the blob (EMFILE), as a busy daemon may for a moment.
   std::vector<uint8_t> page(4096);
-  auto r = src->read(0, page);
-  for (int fd : fillers) ::close(fd);
-  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  auto r = faultline::testing::with_no_free_fd([&] { return src->read(0, page); });
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, EMFILE) << r.error().describe();
   EXPECT_TRUE(r.error().retryable);

@@ -10,7 +10,6 @@
 #include <gtest/gtest.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -27,6 +26,7 @@
 #include "image/image_chain.h"
 #include "image/local_store.h"
 #include "tests/capability.h"
+#include "tests/no_free_fd.h"
 #include "tests/temp_dir.h"
 
 namespace faultline::objstore {
@@ -163,16 +163,7 @@ TEST(DiskCache, ABlobThatCannotBeReadForNowIsAMissAndStaysHeld) {
   ASSERT_TRUE(cache);
   const std::string b = blob(50000, 9);
   ASSERT_TRUE((*cache)->put(BlobId::of(b), b));
-  rlimit old{};
-  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
-  rlimit low = old;
-  low.rlim_cur = 256;
-  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-  std::vector<int> fillers;
-  for (int fd; (fd = ::dup(0)) >= 0;) fillers.push_back(fd);
-  auto missed = (*cache)->get(BlobId::of(b));
-  for (int fd : fillers) ::close(fd);
-  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  auto missed = faultline::testing::with_no_free_fd([&] { return (*cache)->get(BlobId::of(b)); });
   EXPECT_FALSE(missed);
   EXPECT_EQ((*cache)->stats().blobs, 1u);
   EXPECT_EQ((*cache)->stats().bytes, b.size());

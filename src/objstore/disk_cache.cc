@@ -162,13 +162,13 @@ std::optional<std::string> DiskCache::get(const image::BlobId& id, std::optional
   return std::move(*bytes);
 }
 
-Status DiskCache::put(const image::BlobId& id, std::string_view bytes) {
-  if (bytes.size() > max_bytes_) return {};
+Result<bool> DiskCache::put(const image::BlobId& id, std::string_view bytes) {
+  if (bytes.size() > max_bytes_) return false;
   {
     std::lock_guard lock(mu_);
     if (entries_.contains(id)) {
       touch_locked(id);
-      return {};
+      return false;
     }
     // Room first, so the directory never holds more than the bound; bytes
     // being written by other puts count as held.
@@ -178,11 +178,11 @@ Status DiskCache::put(const image::BlobId& id, std::string_view bytes) {
       forget_locked(victim);
       ++counts_.evictions;
     }
-    if (bytes_ + reserved_ + bytes.size() > max_bytes_) return {};  // the rest is being written: skip this one
+    if (bytes_ + reserved_ + bytes.size() > max_bytes_) return false;  // the rest is being written: skip this one
     reserved_ += bytes.size();
   }
   // A put that fails gives its reservation back and leaves no temporary file.
-  const auto failed = [&](Error e, int dir_fd = -1, const std::string& tmp_name = {}) -> Status {
+  const auto failed = [&](Error e, int dir_fd = -1, const std::string& tmp_name = {}) -> Result<bool> {
     if (!tmp_name.empty()) ::unlinkat(dir_fd, tmp_name.c_str(), 0);
     std::lock_guard lock(mu_);
     reserved_ -= bytes.size();
@@ -211,7 +211,7 @@ Status DiskCache::put(const image::BlobId& id, std::string_view bytes) {
     entries_[id] = {bytes.size(), std::prev(order_.end())};
     bytes_ += bytes.size();
   }
-  return {};
+  return true;
 }
 
 // One block written with O_DIRECT into a temporary file: write_blob turns
@@ -330,10 +330,12 @@ Result<image::FetchedBlob> CachedStore::get_checked(const image::BlobId& id, std
   // fetch again).
   const bool matches = image::BlobId::of(*bytes) == id;
   if (matches) {
+    // Reported once per episode of failures, for every image of the
+    // daemon together; a put that skipped the blob says nothing either way.
     if (auto st = cache_->put(id, *bytes); !st) {
-      if (!failing_.exchange(true) && on_cache_error_) on_cache_error_(st.error());
-    } else {
-      failing_.store(false);
+      if (cache_->failure_starts_episode() && on_cache_error_) on_cache_error_(st.error());
+    } else if (*st) {
+      cache_->put_worked();
     }
   }
   return image::FetchedBlob{std::move(*bytes), matches};

@@ -50,9 +50,17 @@ class DiskCache {
   // catches damage; else against its name); nullopt on a miss (absent, or
   // damaged and now deleted).
   std::optional<std::string> get(const image::BlobId& id, std::optional<uint64_t> checksum = std::nullopt);
-  // Stores the blob (REQUIRES: id == BlobId::of(bytes)), evicting as needed.
-  // An error (a full disk) leaves the cache as it was, minus evicted blobs.
-  Status put(const image::BlobId& id, std::string_view bytes);
+  // Stores the blob (REQUIRES: id == BlobId::of(bytes)), evicting as needed:
+  // true when this call wrote it, false when it skipped it (held already,
+  // larger than the bound, or no room while other puts write). An error (a
+  // full disk) leaves the cache as it was, minus evicted blobs.
+  Result<bool> put(const image::BlobId& id, std::string_view bytes);
+
+  // The "writes are failing" episode every CachedStore of this cache shares
+  // (one daemon, many images): true for the first failure of an episode,
+  // the one to report; a put that wrote a file ends it.
+  bool failure_starts_episode() { return !failing_.exchange(true); }
+  void put_worked() { failing_.store(false); }
 
   struct Stats {
     uint64_t hits = 0, misses = 0, damaged = 0, evictions = 0, put_failures = 0;
@@ -87,6 +95,7 @@ class DiskCache {
   uint64_t reserved_ = 0;  // bytes of puts being written
   Stats counts_;
   std::atomic<bool> direct_io_{true};
+  std::atomic<bool> failing_{false};  // failure_starts_episode()
 };
 
 // A Store whose blob reads go through a DiskCache: a hit never reaches the
@@ -141,7 +150,6 @@ class CachedStore final : public image::Store {
   std::unique_ptr<image::Store> inner_;
   std::shared_ptr<DiskCache> cache_;
   std::function<void(const Error&)> on_cache_error_;
-  std::atomic<bool> failing_{false};
 };
 
 }  // namespace faultline::objstore

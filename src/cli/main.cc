@@ -550,6 +550,18 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "faultline serve: --memory and --image serve the --socket: give --socket too\n");
       return 2;
     }
+    // SIGTERM and SIGINT stay blocked until their handler is installed: the
+    // threads Server::create starts inherit the block, so a stop signal goes
+    // to this thread, and one that arrives during start-up waits (pending)
+    // and then stops the daemon the usual way. (Under ThreadSanitizer a
+    // signal the kernel gave a start-up thread blocked in a call TSan does
+    // not treat as blocking was never handled: the daemon ignored a SIGTERM
+    // sent right after it bound its socket, twice in CI.)
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
     auto server = faultline::Server::create(config, logger);
     if (!server) {
       logger.error("startup_failed", {{"error", server.error().describe()}});
@@ -575,6 +587,7 @@ int main(int argc, char** argv) {
     sigemptyset(&sa.sa_mask);
     ::sigaction(SIGTERM, &sa, nullptr);
     ::sigaction(SIGINT, &sa, nullptr);
+    ::pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);  // a pending one is handled now
     auto status = (*server)->run();
     g_server.store(nullptr);
     if (!status) {

@@ -2,22 +2,21 @@
 #include <grp.h>
 #include <pwd.h>
 #include <signal.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
-#include <atomic>
 #include <cstdio>
-#include <map>
 #include <cstring>
 #include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "cli/image_command.h"
 #include "common/log.h"
@@ -26,12 +25,6 @@
 #include "server/server.h"
 
 namespace {
-
-std::atomic<faultline::Server*> g_server{nullptr};
-
-void on_signal(int) {
-  if (faultline::Server* s = g_server.load()) s->stop();  // writes an eventfd: async-signal-safe
-}
 
 constexpr const char* kServeDescription = R"(Serve Firecracker VMs' guest memory from a memory snapshot over userfaultfd.
 
@@ -550,18 +543,24 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "faultline serve: --memory and --image serve the --socket: give --socket too\n");
       return 2;
     }
-    // SIGTERM and SIGINT stay blocked until their handler is installed: the
-    // threads Server::create starts inherit the block, so a stop signal goes
-    // to this thread, and one that arrives during start-up waits (pending)
-    // and then stops the daemon the usual way. (Under ThreadSanitizer a
-    // signal the kernel gave a start-up thread blocked in a call TSan does
-    // not treat as blocking was never handled: the daemon ignored a SIGTERM
-    // sent right after it bound its socket, twice in CI.)
+    // SIGTERM and SIGINT are blocked in every thread (the ones Server::create
+    // and the exporter start inherit the mask) and read from a signalfd in
+    // run()'s poll set: no handler runs, so nothing can defer or lose a stop
+    // signal (under ThreadSanitizer a handler-based stop was lost in CI: the
+    // daemon ignored a SIGTERM sent right after it bound its socket). One
+    // sent during start-up stays pending and stops the daemon once run()
+    // polls. The block is not inherited by anyone: the daemon runs no program.
     sigset_t stop_signals;
     sigemptyset(&stop_signals);
     sigaddset(&stop_signals, SIGTERM);
     sigaddset(&stop_signals, SIGINT);
     ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+    const faultline::UniqueFd signal_fd(::signalfd(-1, &stop_signals, SFD_CLOEXEC | SFD_NONBLOCK));
+    if (!signal_fd) {
+      logger.error("startup_failed",
+                   {{"error", std::string("signalfd for SIGTERM and SIGINT: ") + std::strerror(errno)}});
+      return 1;
+    }
     auto server = faultline::Server::create(config, logger);
     if (!server) {
       logger.error("startup_failed", {{"error", server.error().describe()}});
@@ -581,15 +580,7 @@ int main(int argc, char** argv) {
       exporter = std::move(*e);
     }
     ::signal(SIGPIPE, SIG_IGN);
-    g_server.store(server->get());
-    struct sigaction sa {};
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    ::sigaction(SIGTERM, &sa, nullptr);
-    ::sigaction(SIGINT, &sa, nullptr);
-    ::pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);  // a pending one is handled now
-    auto status = (*server)->run();
-    g_server.store(nullptr);
+    auto status = (*server)->run(signal_fd.get());
     if (!status) {
       logger.error("server_failed", {{"error", status.error().describe()}});
       return 1;

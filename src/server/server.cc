@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <mutex>
@@ -425,7 +427,7 @@ void Server::stop() {
   (void)!::write(stop_efd_.get(), &one, sizeof one);
 }
 
-Status Server::run() {
+Status Server::run(int stop_signal_fd) {
   std::shared_ptr<Bound> first;
   {
     std::lock_guard lock(bound_mu_);
@@ -476,7 +478,8 @@ Status Server::run() {
       std::lock_guard lock(bound_mu_);
       bound = bound_;
     }
-    fds.assign({{stop_efd_.get(), POLLIN, 0}, {wake_efd_.get(), POLLIN, 0}});
+    // A negative fd is ignored by poll.
+    fds.assign({{stop_efd_.get(), POLLIN, 0}, {wake_efd_.get(), POLLIN, 0}, {stop_signal_fd, POLLIN, 0}});
     for (const auto& b : bound) fds.push_back({b->listener.fd(), POLLIN, 0});
     // Wake up now and then to join the threads of sessions that ended.
     const int rc = ::poll(fds.data(), fds.size(), 200);
@@ -486,12 +489,17 @@ Status Server::run() {
     }
     reap(false);
     if (fds[0].revents) break;
+    if (fds[2].revents & (POLLNVAL | POLLERR)) {
+      status = fail("the stop signal fd " + std::to_string(stop_signal_fd) + " cannot be polled", EBADF);
+      break;
+    }
+    if ((fds[2].revents & POLLIN) && stopped_by_signal(stop_signal_fd)) break;
     if (fds[1].revents) {
       uint64_t drained;
       (void)!::read(wake_efd_.get(), &drained, sizeof drained);
     }
     for (size_t i = 0; rc > 0 && i < bound.size(); ++i) {
-      if (!(fds[i + 2].revents & POLLIN)) continue;
+      if (!(fds[i + 3].revents & POLLIN)) continue;
       // Nothing a client does may take the daemon down: an exception here
       // (an allocation failing under memory pressure) refuses that client.
       try {
@@ -1219,6 +1227,17 @@ Result<Server::Recorded> Server::record(uint64_t id, const std::string& name) co
 }
 
 // --- bookkeeping -----------------------------------------------------------
+
+bool Server::stopped_by_signal(int stop_signal_fd) const {
+  signalfd_siginfo info{};
+  if (::read(stop_signal_fd, &info, sizeof info) != static_cast<ssize_t>(sizeof info)) return false;
+  const int signo = static_cast<int>(info.ssi_signo);
+  const char* abbrev = ::sigabbrev_np(signo);
+  log_.info("stop_signal", {{"signal", abbrev ? std::string("SIG") + abbrev : std::to_string(signo)},
+                            {"sender_pid", static_cast<int64_t>(info.ssi_pid)},
+                            {"sender_uid", static_cast<uint64_t>(info.ssi_uid)}});
+  return true;
+}
 
 void Server::reap(bool all) {
   std::list<std::unique_ptr<Connection>> done;

@@ -176,9 +176,11 @@ class Server {
   static Result<std::unique_ptr<Server>> create(const ServerConfig& config, const Logger& logger);
   ~Server();
 
-  // Serves until stop(). Live sessions are then stopped (their peers killed
-  // unless on_fatal == kLeave) and joined before run() returns.
-  Status run();
+  // Serves until stop(), or until stop_signal_fd (a signalfd, when >= 0)
+  // reads a signal, which is logged by name. Live sessions are then stopped
+  // (their peers killed unless on_fatal == kLeave) and joined before run()
+  // returns.
+  Status run(int stop_signal_fd = -1);
   // Async-signal-safe.
   void stop();
 
@@ -311,6 +313,9 @@ class Server {
   void serve_control(UniqueFd connection);
   void note_rejected(std::string why);
   void reap(bool all);
+  // Reads one signal from run()'s stop_signal_fd and logs it (stop_signal);
+  // false when there was none to read.
+  bool stopped_by_signal(int stop_signal_fd) const;
   // Counts a connection refused before it became a session, by cause.
   void count_refused(metrics::RefusalCause cause) { metrics_.handshake_refused(cause); }
 

@@ -899,7 +899,10 @@ TEST_F(S3Test, ARequestGivesUpAtTheCallersDeadlineAndWhenItsFlagIsSet) {
   auto r = cancelled.get();
   ASSERT_FALSE(r);
   EXPECT_EQ(r.error().code, ECANCELED) << r.error().describe();
-  EXPECT_FALSE(r.error().retryable);
+  // Retryable: the caller stopped, not the store (a thread that waited for
+  // this load does not fail for it), and no attempt followed the stop.
+  EXPECT_TRUE(r.error().retryable);
+  EXPECT_NE(r.error().message.find("the caller is stopping"), std::string::npos) << r.error().message;
   EXPECT_EQ((*client)->requests(), before + 1);
 }
 
@@ -1108,6 +1111,51 @@ TEST_F(S3Test, OneDaemonServesABucketImageAndALocalImageOnSocketsAttachedAtRunTi
   EXPECT_EQ(h.server().metrics().snapshot().frame_cache->misses, misses) << "frames read twice";
 }
 
+// An attach of a bucket image whose store takes the manifest's GET and
+// never answers: the control socket serves one request at a time, so the
+// attach gives up at the daemon's store deadline (not after every timeout
+// and retry of the S3 client: minutes), and at once when the daemon stops.
+TEST_F(S3Test, AnAttachWhoseStoreNeverAnswersEndsAtTheStoreDeadlineAndWhenTheDaemonStops) {
+  std::atomic<bool> hang{false};
+  std::atomic<int> hung{0};
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (hang.load() && method == "GET" && path.find("/blobs/") == std::string::npos) {
+      hung.fetch_add(1);
+      d.action = FaultProxy::Action::kHang;  // the manifests
+    }
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  const std::string url = "s3://" + bucket_name("fl-attach-hung") + "/images";
+  for (const bool by_stop : {false, true}) {
+    SCOPED_TRACE(by_stop ? "the daemon stops" : "the store deadline");
+    hang.store(false);
+    ServerHarness h(bucket_image(url, !by_stop, 4096, proxy.endpoint(), [&](ServerConfig& c) {
+      std::filesystem::create_directories(dir_.path() + "/vms");
+      c.socket_dir = dir_.path() + "/vms";
+      c.store_deadline = by_stop ? std::chrono::seconds(120) : std::chrono::milliseconds(1500);
+    }));
+    hang.store(true);
+    const int before = hung.load();
+    auto attach = std::async(std::launch::async, [&] {
+      return h.server().attach({.socket = by_stop ? "stop.sock" : "late.sock", .image = url + "/base"});
+    });
+    ASSERT_TRUE(wait_until([&] { return hung.load() > before; }));  // the manifest's GET hangs
+    if (by_stop) h.server().stop();
+    // Bounded, not timed: without the deadline this took minutes.
+    // (The S3 client alone gives up after 5 attempts of 10 s without a byte.)
+    ASSERT_EQ(attach.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "the attach still waits";
+    auto a = attach.get();
+    ASSERT_FALSE(a);
+    EXPECT_TRUE(a.error().retryable) << a.error().describe();
+    EXPECT_NE(a.error().message.find(by_stop ? "the caller is stopping" : "deadline"), std::string::npos)
+        << a.error().message;
+    EXPECT_NE(a.error().message.find(url + "/base"), std::string::npos) << a.error().message;
+    EXPECT_FALSE(std::filesystem::exists(dir_.path() + "/vms/" + (by_stop ? "stop.sock" : "late.sock")));
+  }
+}
+
 // Pause-and-snapshot in a fleet: a VM restored straight from the bucket
 // writes and balloons some pages; `snapshot` (the control command and the
 // CLI) writes its diff into the same bucket, on top of the served image; a
@@ -1264,6 +1312,60 @@ TEST_F(S3Test, AStoreThatNeverAnswersEndsTheSessionAtItsDeadline) {
   EXPECT_NE(s.error.find("retried for 1500 ms"), std::string::npos) << s.error;
   EXPECT_NE(s.error.find("/blobs/sha256/"), std::string::npos) << s.error;
   EXPECT_GT(hung.load(), 0);
+}
+
+// Two VMs restore from one bucket image and fault on the same frame: the
+// first one's GET hangs, the second waits for that load (one load, shared).
+// The first VM dies; its session stops and cancels its GET. That
+// cancellation is the stopping session's, not the store's: the second VM's
+// fault must load the frame itself and its VM must get every byte. (The
+// cancelled GET was a final error, handed to the waiting session, which
+// ended fatal.)
+TEST_F(S3Test, ASessionThatStopsMidGetDoesNotFailAnotherSessionWaitingForThatFrame) {
+  std::atomic<int> blob_gets{0};
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (method == "GET" && path.find("/blobs/sha256/") != std::string::npos && blob_gets.fetch_add(1) == 0) {
+      d.action = FaultProxy::Action::kHang;  // the first frame GET only
+    }
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  ServerHarness h(bucket_image("s3://" + bucket_name("fl-shared-load") + "/images", true, 4096, proxy.endpoint(),
+                               [](ServerConfig& c) {
+                                 c.store_deadline = std::chrono::seconds(60);
+                                 c.on_fatal = OnFatal::kKill;
+                               }));
+  const std::string out = dir_.path() + "/first.out";
+  const pid_t first = spawn(
+      {built_binary("faultline-client"), "restore", "--socket", h.socket(), "--memory", h.memory(), "--threads", "1"},
+      out);
+  ASSERT_GT(first, 0);
+  ASSERT_TRUE(wait_until([&] { return blob_gets.load() >= 1; })) << read_file(out);  // its GET hangs
+  const auto load_waits = [&] {
+    const std::string m = h.server().metrics().render();
+    const std::string name = "faultline_frame_cache_load_waits_total ";
+    const size_t at = m.find("\n" + name);
+    return at == std::string::npos ? uint64_t{0} : std::stoull(m.substr(at + 1 + name.size()));
+  };
+  // Sequential on one thread, as the first VM: its first frame is the hung
+  // one. A fatal session kills its VM (rather than leave it hanging).
+  const std::string second_out = dir_.path() + "/second.out";
+  const pid_t second = spawn(
+      {built_binary("faultline-client"), "restore", "--socket", h.socket(), "--memory", h.memory(), "--threads", "1"},
+      second_out);
+  ASSERT_GT(second, 0);
+  ASSERT_TRUE(wait_until([&] { return load_waits() >= 1; })) << "the second VM never waited for the first's load";
+  EXPECT_EQ(blob_gets.load(), 1) << "the second VM fetched the hung frame itself";
+  ::kill(first, SIGKILL);
+  (void)wait_child(first, std::chrono::seconds(30));
+  const int status = wait_child(second, std::chrono::seconds(120));
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      << "exit status " << status << " (exits 0 only with every byte right): " << read_file(second_out);
+  ASSERT_TRUE(h.wait_ended(2));
+  for (const SessionSummary& s : h.server().finished_sessions()) {
+    EXPECT_NE(s.end, SessionEnd::kFatal) << "session " << s.id << ": " << s.error;
+  }
 }
 
 // --- working-set prefetch from the bucket, with frames read ahead ----------

@@ -314,7 +314,8 @@ int main(int argc, char** argv) {
   double store_deadline_s = 30;
   serve->add_option("--store-deadline", store_deadline_s,
                     "Seconds a fault waits for a store failing in a way that may pass (an object store down, "
-                    "timing out, answering 5xx) before its session is fatal and --on-fatal applies")
+                    "timing out, answering 5xx) before its session is fatal and --on-fatal applies; loads read ahead "
+                    "for a prefetch and reading an image's manifests (start-up, attach) give up at it too")
       ->default_val(30)
       ->check(CLI::Range(0.0, 86400.0));
   serve->add_option("--prefetch-threads", config.prefetch_threads,

@@ -9,26 +9,37 @@
 // that a store that accepts connections and never answers ends the session
 // at its deadline rather than after every timeout and retry of every layer.
 //
-// Scopes nest: the inner one's deadline is the earlier of the two, its flag
-// its own if it has one, else the outer one's.
+// Scopes nest: the inner one's deadline is the earlier of the two, and it
+// is cancelled by its own flag and by every flag of the scopes around it (up
+// to kMaxFlags in all; an innermost scope past that keeps the outer ones').
 //
 // Thread-safety: per thread (thread_local); the flag is read from any thread.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
+#include <cstddef>
 #include <optional>
 
 namespace faultline {
 
 struct ThreadDeadline {
-  std::chrono::steady_clock::time_point at;
-  const std::atomic<bool>* cancelled = nullptr;  // set: give up now
+  static constexpr size_t kMaxFlags = 4;
 
-  bool passed() const {
-    return (cancelled != nullptr && cancelled->load(std::memory_order_acquire)) ||
-           std::chrono::steady_clock::now() >= at;
+  std::chrono::steady_clock::time_point at;
+  // Any of them set: give up now. The first `flag_count` are in use.
+  std::array<const std::atomic<bool>*, kMaxFlags> flags{};
+  size_t flag_count = 0;
+
+  bool has_flags() const { return flag_count != 0; }
+  bool cancelled() const {
+    for (size_t i = 0; i < flag_count; ++i) {
+      if (flags[i]->load(std::memory_order_acquire)) return true;
+    }
+    return false;
   }
+  bool passed() const { return cancelled() || std::chrono::steady_clock::now() >= at; }
 };
 
 namespace detail {
@@ -42,11 +53,12 @@ class ScopedDeadline {
  public:
   explicit ScopedDeadline(std::chrono::steady_clock::time_point at, const std::atomic<bool>* cancelled = nullptr)
       : outer_(detail::g_thread_deadline) {
-    ThreadDeadline d{at, cancelled};
+    ThreadDeadline d{.at = at};
     if (outer_) {
-      d.at = std::min(d.at, outer_->at);
-      if (d.cancelled == nullptr) d.cancelled = outer_->cancelled;
+      d = *outer_;
+      d.at = std::min(at, outer_->at);
     }
+    if (cancelled != nullptr && d.flag_count < ThreadDeadline::kMaxFlags) d.flags[d.flag_count++] = cancelled;
     detail::g_thread_deadline = d;
   }
   ~ScopedDeadline() { detail::g_thread_deadline = outer_; }

@@ -14,11 +14,13 @@
 #include <random>
 #include <thread>
 
+#include "common/deadline.h"
 #include "image/frame.h"
 #include "image/image_source.h"
 #include "image/local_store.h"
 #include "image/manifest.h"
 #include "image/operations.h"
+#include "tests/delegating_store.h"
 #include "tests/no_free_fd.h"
 #include "tests/temp_dir.h"
 
@@ -71,6 +73,51 @@ TEST(FrameCache, ConcurrentMissesOfOneFrameRunOneLoad) {
   EXPECT_EQ(a->get(), b->get()) << "both callers get the one decompressed frame";
   EXPECT_EQ(loads.load(), 1);
   EXPECT_EQ(cache.stats().misses, 1u);
+}
+
+// A get() that waits for another thread's load waits no longer than its
+// thread's deadline (common/deadline.h), and stops waiting as soon as its
+// scope is cancelled (its session stopping), though nothing notifies the
+// wait of that: the load itself goes on for whoever else wants it.
+TEST(FrameCache, AWaitForAnotherThreadsLoadEndsAtTheDeadlineAndWhenCancelled) {
+  FrameCache cache(64 << 20);
+  std::promise<void> gate;
+  std::shared_future<void> opened = gate.get_future().share();
+  std::atomic<int> loads{0};
+  auto loader = [&]() -> Result<FrameBuffer> {
+    loads.fetch_add(1);
+    opened.wait();  // a load stuck on a store, until the end of the test
+    return bytes_of(4096, 'w');
+  };
+  auto loading = std::async(std::launch::async, [&] { return cache.get(id_of("stuck"), loader); });
+  ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
+  {
+    const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::milliseconds(100));
+    auto r = cache.get(id_of("stuck"), loader);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code, ETIMEDOUT);
+    EXPECT_TRUE(r.error().retryable);
+    EXPECT_NE(r.error().message.find("until the deadline"), std::string::npos) << r.error().message;
+  }
+  std::atomic<bool> stop{false};
+  auto waiting = std::async(std::launch::async, [&] {
+    const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::seconds(60), &stop);
+    return cache.get(id_of("stuck"), loader);
+  });
+  ASSERT_TRUE(eventually([&] { return cache.stats().waits == 2; }));
+  stop.store(true);
+  // Bounded, not timed: without the cancellation this waits for the deadline.
+  const bool ended = waiting.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  gate.set_value();  // lets a failed test end
+  ASSERT_TRUE(ended) << "the wait did not end when its scope was cancelled";
+  auto r = waiting.get();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ETIMEDOUT);
+  EXPECT_TRUE(r.error().retryable);
+  EXPECT_NE(r.error().message.find("until asked to stop"), std::string::npos) << r.error().message;
+  auto a = loading.get();
+  ASSERT_TRUE(a) << "the load itself was not given up";
+  EXPECT_EQ(loads.load(), 1);
 }
 
 TEST(FrameCache, AFailedLoadReachesEveryWaiterAndIsNotCached) {
@@ -721,6 +768,85 @@ TEST_F(ImageSourceTest, ReadAheadStopsWhenCancelledAndOnStopWithLoadsLeft) {
   auto ahead = src->read_ahead(every_page(memory_.size()), {.fetches = 2});
   ASSERT_NE(ahead, nullptr);
   ahead.reset();
+}
+
+// A store whose blob reads never answer by themselves (a bucket that takes
+// requests and never replies): each read waits until its thread's deadline
+// passes or its scope is cancelled (common/deadline.h; the S3 client does
+// the same, tests/s3_test.cc), or until the test releases it.
+class StallingStore final : public faultline::testing::DelegatingStore {
+ public:
+  using DelegatingStore::DelegatingStore;
+  std::atomic<int> waiting{0};           // reads stalled now
+  std::atomic<int> without_deadline{0};  // reads made with no ScopedDeadline
+  std::atomic<bool> released{false};
+  Result<std::string> get(const BlobId& id) override {
+    const std::optional<ThreadDeadline> deadline = current_deadline();
+    if (!deadline) without_deadline.fetch_add(1);
+    waiting.fetch_add(1);
+    while (!released.load() && !(deadline && deadline->passed())) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));  // a store's wait, not an ordering
+    }
+    waiting.fetch_sub(1);
+    if (released.load()) return DelegatingStore::get(id);
+    return std::unexpected(Error{deadline->cancelled() ? ECANCELED : ETIMEDOUT, "stalled read given up", true});
+  }
+};
+
+// A read-ahead whose loads wait on a store that never answers: stop()
+// cancels the loads in flight instead of waiting for the store (a session's
+// teardown waited for every GET's timeouts and retries, ~50 s), and so does
+// the reader's flag (its session stopping) without a stop(). Every load ran
+// under a deadline.
+TEST_F(ImageSourceTest, ReadAheadLoadsInFlightAreCancelledByStopAndByTheReadersFlag) {
+  for (const bool by_flag : {false, true}) {
+    SCOPED_TRACE(by_flag ? "the reader's flag" : "stop()");
+    auto local = LocalStore::open(dir_ + "/store", false);
+    ASSERT_TRUE(local);
+    auto stalling = std::make_unique<StallingStore>(std::move(*local));
+    StallingStore& store = *stalling;
+    auto src = ImageSource::open(std::move(stalling), "base", std::make_shared<FrameCache>(64 << 20));
+    ASSERT_TRUE(src) << src.error().describe();
+    std::atomic<bool> cancelled{false};
+    auto ahead = (*src)->read_ahead(every_page(memory_.size()), {.fetches = 2, .cancelled = &cancelled});
+    ASSERT_NE(ahead, nullptr);
+    ASSERT_TRUE(eventually([&] { return store.waiting.load() == 2; }));
+    std::future<void> stopped = std::async(std::launch::async, [&] {
+      if (by_flag) {
+        cancelled.store(true);
+        ASSERT_TRUE(eventually([&] { return ahead->stats().failed == 2; }));
+      }
+      ahead->stop();
+    });
+    // Bounded, not timed: without the cancellation this waits forever.
+    const bool done = stopped.wait_for(std::chrono::seconds(30)) == std::future_status::ready;
+    store.released.store(true);  // lets a failed test end
+    stopped.get();
+    ASSERT_TRUE(done) << "the read-ahead waited for its stalled loads";
+    const ReadAheadStats st = ahead->stats();
+    EXPECT_EQ(st.failed, 2u);
+    EXPECT_EQ(st.loaded, 0u);
+    EXPECT_EQ(store.without_deadline.load(), 0);
+  }
+}
+
+// With a load deadline (a session's store deadline), each load of a
+// read-ahead gives up by itself when the store does not answer in time; the
+// read-ahead goes on with the next frames.
+TEST_F(ImageSourceTest, ReadAheadLoadsGiveUpAtTheirDeadline) {
+  auto local = LocalStore::open(dir_ + "/store", false);
+  ASSERT_TRUE(local);
+  auto stalling = std::make_unique<StallingStore>(std::move(*local));
+  StallingStore& store = *stalling;
+  auto src = ImageSource::open(std::move(stalling), "base", std::make_shared<FrameCache>(64 << 20));
+  ASSERT_TRUE(src) << src.error().describe();
+  auto ahead =
+      (*src)->read_ahead(every_page(memory_.size()), {.fetches = 1, .load_deadline = std::chrono::milliseconds(50)});
+  ASSERT_NE(ahead, nullptr);
+  ASSERT_TRUE(eventually([&] { return ahead->stats().failed >= 2; })) << "the loads did not give up by themselves";
+  store.released.store(true);
+  ahead->stop();
+  EXPECT_EQ(store.without_deadline.load(), 0);
 }
 
 }  // namespace

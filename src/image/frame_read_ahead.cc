@@ -6,11 +6,18 @@
 #include <string>
 #include <system_error>
 
+#include "common/deadline.h"
+
 namespace faultline::image {
 
 FrameReadAhead::FrameReadAhead(const ImageChain& chain, FrameCache& cache, std::vector<SourceRange> plan,
                                const ReadAheadOptions& options, uint64_t window_bytes)
-    : chain_(chain), cache_(cache), plan_(std::move(plan)), window_bytes_(window_bytes), cancelled_(options.cancelled) {
+    : chain_(chain),
+      cache_(cache),
+      plan_(std::move(plan)),
+      window_bytes_(window_bytes),
+      cancelled_(options.cancelled),
+      load_deadline_(options.load_deadline) {
   const int fetches = options.fetches;
   threads_.reserve(static_cast<size_t>(std::max(fetches, 0)));
   for (int k = 0; k < fetches; ++k) {
@@ -36,6 +43,7 @@ void FrameReadAhead::stop() {
     std::lock_guard lock(mu_);
     stopping_ = true;
   }
+  abort_.store(true, std::memory_order_release);
   room_.notify_all();
   std::lock_guard join(join_mu_);
   for (auto& t : threads_) {
@@ -89,6 +97,9 @@ void FrameReadAhead::fetch_loop() {
   // No exception leaves the thread: a read-ahead that fails only counts it
   // (the reader loads the frame itself).
   try {
+    // Loads give up when the reader's flag is set too (its session
+    // stopping), not only on stop().
+    const ScopedDeadline reader_scope(std::chrono::steady_clock::time_point::max(), cancelled_);
     std::unique_lock lock(mu_);
     for (;;) {
       if (stopping_ || (cancelled_ != nullptr && cancelled_->load(std::memory_order_acquire))) return;
@@ -110,8 +121,13 @@ void FrameReadAhead::fetch_loop() {
       ahead_.emplace(key, Ahead{.bytes = c.bytes});
       ahead_bytes_ += c.bytes;
       lock.unlock();
-      Result<FrameCache::Frame> got =
-          cache_.load_ahead(chain_.frame_key(c.layer, c.frame), [&] { return chain_.read_frame(c.layer, c.frame); });
+      Result<FrameCache::Frame> got = [&] {
+        const auto at = load_deadline_.count() > 0 ? std::chrono::steady_clock::now() + load_deadline_
+                                                   : std::chrono::steady_clock::time_point::max();
+        const ScopedDeadline load_scope(at, &abort_);
+        return cache_.load_ahead(chain_.frame_key(c.layer, c.frame),
+                                 [&] { return chain_.read_frame(c.layer, c.frame); });
+      }();
       lock.lock();
       auto it = ahead_.find(key);
       if (!got || !*got) {

@@ -20,12 +20,17 @@
 // and meets the real error there.
 //
 // Stopping: no load starts once stop() was called or options.cancelled reads
-// true; stop() and the destructor join the fetch threads (a load in flight
-// ends first: a store read is not interrupted).
+// true, and a load in flight is cancelled then (its store request through
+// a ScopedDeadline, common/deadline.h, which also ends it after
+// options.load_deadline); stop() and the destructor join the fetch threads.
+// A cancelled load fails retryable, so a fault that waited for it loads the
+// frame itself.
 //
 // Thread-safety: every method is safe from any thread.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <map>
@@ -95,6 +100,8 @@ class FrameReadAhead final : public ReadAhead {
   const std::vector<SourceRange> plan_;
   const uint64_t window_bytes_;
   const std::atomic<bool>* const cancelled_;
+  const std::chrono::milliseconds load_deadline_;
+  std::atomic<bool> abort_{false};  // set by stop(): loads in flight give up
 
   mutable std::mutex mu_;
   std::condition_variable room_;                 // the window has room again, or stopping_

@@ -26,6 +26,7 @@
 #include "image/image_chain.h"
 #include "image/local_store.h"
 #include "tests/capability.h"
+#include "tests/delegating_store.h"
 #include "tests/no_free_fd.h"
 #include "tests/temp_dir.h"
 
@@ -45,38 +46,17 @@ std::string blob(size_t n, uint64_t seed) {
 
 // Counts the inner store's blob reads; with `damage` set, flips a byte of
 // every blob it returns (a body damaged on the way).
-class CountingStore final : public image::Store {
+class CountingStore final : public faultline::testing::DelegatingStore {
  public:
-  explicit CountingStore(std::unique_ptr<image::Store> inner) : inner_(std::move(inner)) {}
+  using DelegatingStore::DelegatingStore;
   std::atomic<int> gets{0};
   std::atomic<bool> damage{false};
   Result<std::string> get(const BlobId& id) override {
     gets.fetch_add(1);
-    auto bytes = inner_->get(id);
+    auto bytes = DelegatingStore::get(id);
     if (bytes && damage.load() && !bytes->empty()) (*bytes)[bytes->size() / 2] ^= 0x20;
     return bytes;
   }
-  Status put(const BlobId& id, std::string_view b) override { return inner_->put(id, b); }
-  Result<bool> exists(const BlobId& id) override { return inner_->exists(id); }
-  Result<std::vector<BlobId>> list() override { return inner_->list(); }
-  Status remove(const BlobId& id) override { return inner_->remove(id); }
-  std::string describe(const BlobId& id) const override { return inner_->describe(id); }
-  std::string identity() const override { return inner_->identity(); }
-  Result<std::string> read_manifest(const std::string& n) override { return inner_->read_manifest(n); }
-  Result<bool> manifest_exists(const std::string& n) override { return inner_->manifest_exists(n); }
-  Status write_manifest(const std::string& n, std::string_view b) override { return inner_->write_manifest(n, b); }
-  Result<std::vector<std::string>> list_manifests() override { return inner_->list_manifests(); }
-  Status remove_manifest(const std::string& n) override { return inner_->remove_manifest(n); }
-  std::string describe_manifest(const std::string& n) const override { return inner_->describe_manifest(n); }
-  Result<std::unique_ptr<image::StoreLock>> lock_shared(const std::function<void()>& w) override {
-    return inner_->lock_shared(w);
-  }
-  Result<std::unique_ptr<image::StoreLock>> lock_exclusive(const std::function<void()>& w) override {
-    return inner_->lock_exclusive(w);
-  }
-
- private:
-  std::unique_ptr<image::Store> inner_;
 };
 
 TEST(DiskCache, KeepsTheMostRecentlyUsedBlobsWithinItsBoundAndReturnsTheirExactBytes) {

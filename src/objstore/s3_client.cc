@@ -169,8 +169,7 @@ size_t write_body(char* data, size_t size, size_t n, void* user) {
 // Stops a transfer once the calling thread's ScopedDeadline is cancelled
 // (its session stopping); curl calls it at least once a second.
 int check_cancelled(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
-  const auto* cancelled = static_cast<const std::atomic<bool>*>(user);
-  return cancelled != nullptr && cancelled->load(std::memory_order_acquire) ? 1 : 0;
+  return static_cast<const ThreadDeadline*>(user)->cancelled() ? 1 : 0;
 }
 
 // What read_header() fills in.
@@ -341,9 +340,9 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
   curl_easy_setopt(c, CURLOPT_LOW_SPEED_TIME,
                    static_cast<long>(std::max<int64_t>(1, (config_.stall_timeout.count() + 999) / 1000)));
   const std::optional<ThreadDeadline> deadline = current_deadline();
-  if (deadline && deadline->cancelled) {
-    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, check_cancelled);
-    curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<std::atomic<bool>*>(deadline->cancelled));
+  if (deadline && deadline->has_flags()) {
+    curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, check_cancelled);  // reads `deadline`, which outlives the transfer
+    curl_easy_setopt(c, CURLOPT_XFERINFODATA, const_cast<ThreadDeadline*>(&*deadline));
     curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
   }
   // A frame (hundreds of KiB to 2 MiB) arrives in reads of this size rather
@@ -400,11 +399,15 @@ Result<S3Client::Response> S3Client::perform_once(Handle& h, const std::string& 
                   EFBIG);
     }
     Error e{0, method + " " + what + " (" + config_.endpoint + ") failed: " + curl_easy_strerror(rc)};
-    // Connection and timeout failures may pass; a malformed URL, a
-    // certificate that does not verify or a stop asked for will not.
+    // Connection and timeout failures may pass; a malformed URL or a
+    // certificate that does not verify will not. A stop asked for (the
+    // caller's ScopedDeadline cancelled) says nothing of the store: it is
+    // retryable, since the error reaches every thread that waited for this
+    // load (FrameCache), and those did not stop. perform() tries no further
+    // attempt for the caller that stopped.
     e.retryable = rc != CURLE_URL_MALFORMAT && rc != CURLE_UNSUPPORTED_PROTOCOL && rc != CURLE_NOT_BUILT_IN &&
                   rc != CURLE_PEER_FAILED_VERIFICATION && rc != CURLE_SSL_CERTPROBLEM &&
-                  rc != CURLE_SSL_CACERT_BADFILE && rc != CURLE_SSL_CIPHER && rc != CURLE_ABORTED_BY_CALLBACK;
+                  rc != CURLE_SSL_CACERT_BADFILE && rc != CURLE_SSL_CIPHER;
     e.code = rc == CURLE_OPERATION_TIMEDOUT    ? ETIMEDOUT
              : rc == CURLE_COULDNT_CONNECT     ? ECONNREFUSED
              : rc == CURLE_ABORTED_BY_CALLBACK ? ECANCELED
@@ -493,8 +496,10 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
     return std::unexpected(
         Error{ETIMEDOUT, method + " " + what + ": not sent: the caller's deadline had passed", true});
   }
+  const char* why =
+      deadline && deadline->cancelled() ? ", stopped: the caller is stopping)" : ", stopped at the caller's deadline)";
   last.message += " (after " + std::to_string(attempts) + (attempts == 1 ? " attempt" : " attempts") +
-                  (attempts < config_.max_attempts ? ", stopped at the caller's deadline)" : ")");
+                  (attempts < config_.max_attempts ? why : ")");
   return std::unexpected(last);
 }
 

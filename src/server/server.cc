@@ -19,6 +19,7 @@
 #include <random>
 
 #include "common/atomic_file.h"
+#include "common/deadline.h"
 #include "common/text_escape.h"
 #include "kernel/process.h"
 #include "objstore/disk_cache.h"
@@ -246,8 +247,14 @@ static Result<std::shared_ptr<const image::ImageSource>> open_image(const std::s
   // A directory, or s3://BUCKET/PREFIX: frames are then fetched from the
   // bucket as faults need them (one GET per frame, shared by the faults
   // that wait for it through the frame cache).
+  // Errors name the image, and keep whether they may pass (a store that did
+  // not answer in time).
+  const auto named = [&path](Error e) {
+    e.message = path + ": " + e.message;
+    return std::unexpected(std::move(e));
+  };
   auto store = objstore::open_store(dir, /*create=*/false);
-  if (!store) return fail(path + ": " + store.error().message, store.error().code);
+  if (!store) return named(store.error());
   if (disk && objstore::is_s3_url(dir)) {
     // A full disk (or any write error) does not stop serving: frames are
     // served without being kept, and the log says so once per episode.
@@ -267,7 +274,7 @@ static Result<std::shared_ptr<const image::ImageSource>> open_image(const std::s
     logger.info("image_open_waits", {{"image", path}, {"reason", "a gc or delete holds the store's lock"}});
   };
   auto source = image::ImageSource::open(std::move(*store), name, std::move(frames), options);
-  if (!source) return fail(path + ": " + source.error().message, source.error().code);
+  if (!source) return named(source.error());
   return std::shared_ptr<const image::ImageSource>(std::move(*source));
 }
 
@@ -387,6 +394,10 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   });
   server->record_dir_fd_ = std::move(record_dir);
   if (startup_socket) {
+    // A store that does not answer fails the start-up at the store deadline,
+    // as it would fail a fault (not after every timeout and retry of every
+    // manifest's GET).
+    const ScopedDeadline store_scope(std::chrono::steady_clock::now() + config.store_deadline);
     auto served = server->open_served(config.memory_path, config.image_path, config.prefetch_path, config.prefetch_all,
                                       config.zero_index_path, /*save_zero_index=*/true);
     if (!served) {
@@ -423,6 +434,7 @@ Server::~Server() {
 }
 
 void Server::stop() {
+  stop_requested_.store(true, std::memory_order_release);
   uint64_t one = 1;
   (void)!::write(stop_efd_.get(), &one, sizeof one);
 }
@@ -635,8 +647,14 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
   }
   const bool prefetch_all = request.prefetch == "all";
   const std::string serves = request.image.empty() ? request.memory : request.image;
-  auto served = open_served(request.memory, request.image, prefetch_all ? std::string() : request.prefetch,
-                            prefetch_all, /*zero_index_path=*/{}, /*save_zero_index=*/false);
+  // Reading the image's manifests waits for its store no longer than a
+  // fault would, and not at all once the daemon stops: the control socket
+  // serves one request at a time.
+  auto served = [&] {
+    const ScopedDeadline store_scope(std::chrono::steady_clock::now() + config_.store_deadline, &stop_requested_);
+    return open_served(request.memory, request.image, prefetch_all ? std::string() : request.prefetch, prefetch_all,
+                       /*zero_index_path=*/{}, /*save_zero_index=*/false);
+  }();
   if (!served) {
     log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", served.error().describe()}});
     if (!request.image.empty()) return std::unexpected(served.error());  // it names the image already

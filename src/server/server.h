@@ -337,6 +337,8 @@ class Server {
   std::optional<protocol::UnixListener> control_;
   UniqueFd record_dir_fd_;
   UniqueFd stop_efd_;
+  // Set by stop(): a store read made for an attach gives up (ScopedDeadline).
+  std::atomic<bool> stop_requested_{false};
   // An fd held in reserve: under EMFILE it is closed to accept (and shed) the
   // pending connection, then taken again.
   mutable std::mutex reserve_mu_;

@@ -265,8 +265,9 @@ void Session::prefetch_loop() {
         if (auto loc = l->page(plan[k])) ranges[k] = {loc->file_offset, loc->page_size};
       }
     }
-    read_ahead =
-        source_->read_ahead(std::move(ranges), {.fetches = config_.prefetch_fetches, .cancelled = &stopping_});
+    read_ahead = source_->read_ahead(
+        std::move(ranges),
+        {.fetches = config_.prefetch_fetches, .cancelled = &stopping_, .load_deadline = config_.source_retry_deadline});
   }
   // In first-touch order, a chunk at a time: each chunk is sorted and
   // coalesced into large runs by prefault(), so the pages the guest needs

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -71,6 +72,11 @@ struct ReadAheadOptions {
   // session is stopping). Null: only stop() ends the read-ahead early.
   // REQUIRES: outlives the read-ahead.
   const std::atomic<bool>* cancelled = nullptr;
+  // Each load gives up after this long, a store read in flight too
+  // (common/deadline.h): a read-ahead waits for a store no longer than a
+  // fault would (the session's store deadline). Zero: no limit but the
+  // store client's own timeouts and retries.
+  std::chrono::milliseconds load_deadline{0};
 };
 
 // A read-ahead running for one reader of a plan. It owns its threads: the
@@ -84,9 +90,9 @@ class ReadAhead {
   // for good): what only they needed no longer holds back the read-ahead.
   // Entries may be reported in any order, each once.
   virtual void consumed(size_t from, size_t to) = 0;
-  // Stops the threads and joins them (after the loads in flight end: a
-  // store read is not interrupted); afterwards stats() is final. Idempotent;
-  // the destructor does it too.
+  // Stops the threads and joins them; a load in flight stops with them (an
+  // object store's request is cancelled within about a second); afterwards
+  // stats() is final. Idempotent; the destructor does it too.
   virtual void stop() = 0;
   virtual ReadAheadStats stats() const = 0;
 };

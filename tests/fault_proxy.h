@@ -1,11 +1,10 @@
 // FaultProxy: a small HTTP proxy in front of the real S3 gateway that
 // misbehaves on purpose, the way a store and a network do: answers 503
-// SlowDown (or 400 RequestTimeout, 403 AccessDenied), resets connections (before forwarding the request, or after it:
-// the store acted, its answer is lost), waits, takes a request and never
-// answers (a hung store), or damages a response body, each when
-// the test's rule says so for that request. Everything else is forwarded
-// byte for byte (SigV4 signs the Host header, which the client computed for
-// the proxy's address and which reaches the gateway unchanged).
+// SlowDown (or 400 RequestTimeout, 403 AccessDenied, or 404 NoSuchUpload as
+// AWS answers a completion repeated after it succeeded), resets connections (before forwarding the request, or after
+// it: the store acted, its answer is lost), waits, takes a request and never answers (a hung store), or damages a
+// response body, each when the test's rule says so for that request. Everything else is forwarded byte for byte (SigV4
+// signs the Host header, which the client computed for the proxy's address and which reaches the gateway unchanged).
 //
 // One request per client connection: the proxy asks the gateway to close
 // after its answer and closes the client's connection after forwarding it,
@@ -40,6 +39,7 @@ class FaultProxy {
     kSlowDown,
     kRequestTimeout,
     kAccessDenied,
+    kNoSuchUpload,
     kReset,
     kCorruptBody,
     kDelay,
@@ -141,16 +141,19 @@ class FaultProxy {
       ::close(fd);
       return;
     }
-    if (d.action == Action::kSlowDown || d.action == Action::kRequestTimeout || d.action == Action::kAccessDenied) {
+    if (d.action == Action::kSlowDown || d.action == Action::kRequestTimeout || d.action == Action::kAccessDenied ||
+        d.action == Action::kNoSuchUpload) {
       // S3's answers: 503 SlowDown, 400 RequestTimeout for a request whose
       // body came too slowly, 403 AccessDenied for what the credentials may
-      // not do.
+      // not do, 404 NoSuchUpload for an upload completed or aborted already.
       const char* status = d.action == Action::kSlowDown         ? "503 Service Unavailable"
                            : d.action == Action::kRequestTimeout ? "400 Bad Request"
-                                                                 : "403 Forbidden";
+                           : d.action == Action::kAccessDenied   ? "403 Forbidden"
+                                                                 : "404 Not Found";
       const char* code = d.action == Action::kSlowDown         ? "SlowDown"
                          : d.action == Action::kRequestTimeout ? "RequestTimeout"
-                                                               : "AccessDenied";
+                         : d.action == Action::kAccessDenied   ? "AccessDenied"
+                                                               : "NoSuchUpload";
       const std::string body =
           std::string("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>") + code + "</Code></Error>";
       write_all(fd, std::string("HTTP/1.1 ") + status +

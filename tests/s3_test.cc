@@ -576,31 +576,71 @@ TEST_F(S3MultipartTest, AnUploadThatFailsForGoodIsAbortedAndLeavesNeitherObjectN
 
 // The store completes the upload but its answer is lost (the connection is
 // reset after the gateway answered): the retried completion finds the upload
-// gone, and put still succeeds because the object is there, whole.
+// gone, and put still succeeds because the object is there, whole. RGW
+// answers the repeat with the result once more; AWS answers NoSuchUpload,
+// which the proxy gives in the second round: put then checks that the
+// object is the one these parts make (its multipart ETag and size).
 TEST_F(S3MultipartTest, ACompletionWhoseAnswerIsLostSucceedsAndTheObjectIsRight) {
-  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-multipart-lost")));
-  std::atomic<int> completions{0};
-  auto first_completion_answer_lost = [&](const std::string& method, const std::string& path) {
-    FaultProxy::Decision d;
-    if (method == "POST" && path.find("?uploadId=") != std::string::npos && completions.fetch_add(1) == 0) {
-      d.action = FaultProxy::Action::kLoseAnswer;
-    }
-    return d;
-  };
-  FaultProxy proxy(port_, recording(first_completion_answer_lost));
-  ASSERT_NE(proxy.port(), 0);
-  auto client = multipart_client(proxy);
-  ASSERT_TRUE(client);
-  const std::string body = random_bytes(11 * kMiB, 26);
-  auto put = client->put(bucket_name("fl-multipart-lost"), "obj", body);
-  ASSERT_TRUE(put) << put.error().describe();
-  EXPECT_EQ(completions.load(), 2) << "the completion was not sent again";
-  auto got = client_->get(bucket_name("fl-multipart-lost"), "obj");
-  ASSERT_TRUE(got) << got.error().describe();
-  EXPECT_TRUE(*got == body);
-  auto unfinished = client_->unfinished_uploads(bucket_name("fl-multipart-lost"), "");
-  ASSERT_TRUE(unfinished);
-  EXPECT_TRUE(unfinished->empty());
+  for (const bool repeat_no_such_upload : {false, true}) {
+    SCOPED_TRACE(repeat_no_such_upload ? "the repeat answered NoSuchUpload (AWS)" : "the gateway's own answer");
+    const std::string bucket = bucket_name(repeat_no_such_upload ? "fl-multipart-lost-aws" : "fl-multipart-lost");
+    ASSERT_TRUE(client_->create_bucket(bucket));
+    std::atomic<int> completions{0};
+    auto first_completion_answer_lost = [&](const std::string& method, const std::string& path) {
+      FaultProxy::Decision d;
+      if (method == "POST" && path.find("?uploadId=") != std::string::npos) {
+        const int n = completions.fetch_add(1);
+        if (n == 0) d.action = FaultProxy::Action::kLoseAnswer;
+        if (n == 1 && repeat_no_such_upload) d.action = FaultProxy::Action::kNoSuchUpload;
+      }
+      return d;
+    };
+    FaultProxy proxy(port_, recording(first_completion_answer_lost));
+    ASSERT_NE(proxy.port(), 0);
+    auto client = multipart_client(proxy);
+    ASSERT_TRUE(client);
+    const std::string body = random_bytes(11 * kMiB, 26);
+    auto put = client->put(bucket, "obj", body);
+    ASSERT_TRUE(put) << put.error().describe();
+    EXPECT_EQ(completions.load(), 2) << "the completion was not sent again";
+    auto got = client_->get(bucket, "obj");
+    ASSERT_TRUE(got) << got.error().describe();
+    EXPECT_TRUE(*got == body);
+    auto unfinished = client_->unfinished_uploads(bucket, "");
+    ASSERT_TRUE(unfinished);
+    EXPECT_TRUE(unfinished->empty());
+  }
+}
+
+// A completion answered NoSuchUpload when it did not complete (the upload
+// aborted by someone else, or an object of other bytes at the key): put
+// fails saying so, and nothing is left behind.
+TEST_F(S3MultipartTest, ACompletionAnsweredNoSuchUploadFailsUnlessTheObjectIsTheOneItsPartsMake) {
+  for (const bool other_object : {false, true}) {
+    SCOPED_TRACE(other_object ? "another object at the key" : "no object at the key");
+    const std::string bucket = bucket_name(other_object ? "fl-multipart-gone-other" : "fl-multipart-gone");
+    ASSERT_TRUE(client_->create_bucket(bucket));
+    if (other_object) ASSERT_TRUE(client_->put(bucket, "obj", random_bytes(11 * kMiB, 28)));  // same size, other bytes
+    auto gone = [&](const std::string& method, const std::string& path) {
+      FaultProxy::Decision d;
+      if (method == "POST" && path.find("?uploadId=") != std::string::npos)
+        d.action = FaultProxy::Action::kNoSuchUpload;
+      return d;
+    };
+    FaultProxy proxy(port_, recording(gone));
+    ASSERT_NE(proxy.port(), 0);
+    auto client = multipart_client(proxy);
+    ASSERT_TRUE(client);
+    auto put = client->put(bucket, "obj", random_bytes(11 * kMiB, 27));
+    ASSERT_FALSE(put);
+    EXPECT_EQ(put.error().code, ENOENT) << put.error().describe();
+    const std::string& m = put.error().message;
+    EXPECT_NE(m.find("no such multipart upload"), std::string::npos) << m;
+    EXPECT_NE(m.find(other_object ? "is not the one these parts make" : "no object is there"), std::string::npos) << m;
+    auto unfinished = client_->unfinished_uploads(bucket, "");
+    ASSERT_TRUE(unfinished);
+    EXPECT_TRUE(unfinished->empty()) << "the upload was not aborted";
+  }
 }
 
 TEST(S3ClientOffline, APartSizeBelowS3sMinimumIsRefused) {

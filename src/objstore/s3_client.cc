@@ -1,6 +1,7 @@
 #include "objstore/s3_client.h"
 
 #include <curl/curl.h>
+#include <openssl/evp.h>
 #include <strings.h>
 
 #include <algorithm>
@@ -528,6 +529,41 @@ Status S3Client::put(const std::string& bucket, const std::string& key, std::str
 // Query strings below are written in SigV4's canonical form (parameters
 // sorted by name, a valueless one as "uploads="): libcurl 7.88 signs the
 // query exactly as given, while the store signs its canonical form.
+namespace {
+
+// The ETag S3 gives the object a multipart upload of parts with these
+// ETags makes: the MD5 of the parts' MD5s (each part's ETag, quoted hex),
+// then "-" and the part count, quoted. Empty when a part's ETag is not a
+// plain MD5 (a store that encrypts with KMS, for one): then nothing can be
+// concluded from the object's ETag.
+std::string multipart_etag(const std::vector<std::string>& part_etags) {
+  std::string md5s;
+  for (const std::string& etag : part_etags) {
+    const std::string_view hex = std::string_view(etag).substr(etag.starts_with('"') ? 1 : 0, 32);
+    if (hex.size() != 32 || (etag.starts_with('"') ? etag.size() != 34 || etag.back() != '"' : etag.size() != 32)) {
+      return {};
+    }
+    for (size_t i = 0; i < 32; i += 2) {
+      unsigned byte = 0;
+      const auto [end, ec] = std::from_chars(hex.data() + i, hex.data() + i + 2, byte, 16);
+      if (ec != std::errc() || end != hex.data() + i + 2) return {};
+      md5s.push_back(static_cast<char>(byte));
+    }
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned len = 0;
+  if (EVP_Digest(md5s.data(), md5s.size(), digest, &len, EVP_md5(), nullptr) != 1 || len != 16) return {};
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string out = "\"";
+  for (unsigned i = 0; i < len; ++i) {
+    out.push_back(kHex[digest[i] >> 4]);
+    out.push_back(kHex[digest[i] & 15]);
+  }
+  return out + "-" + std::to_string(part_etags.size()) + "\"";
+}
+
+}  // namespace
+
 Status S3Client::put_multipart(const std::string& bucket, const std::string& key, std::string_view body) {
   const std::string what = "multipart upload of s3://" + bucket + "/" + key;
   const uint64_t part_size = std::max(config_.multipart_part_size, (body.size() + kMaxParts - 1) / kMaxParts);
@@ -609,6 +645,23 @@ Status S3Client::put_multipart(const std::string& bucket, const std::string& key
   }
   complete += "</CompleteMultipartUpload>";
   auto completed = perform("POST", bucket, key, upload_query, complete, std::nullopt);
+  if (!completed && completed.error().code == ENOENT) {
+    // NoSuchUpload: the upload is gone. An attempt of this completion may
+    // have succeeded with its answer lost (perform() then sent it again, and
+    // AWS answers a repeat NoSuchUpload where RGW answers the result once
+    // more): the object is then there, with the ETag of exactly these
+    // parts. Anything else (the upload aborted by someone else) is an error.
+    const std::string expected = multipart_etag(etags);
+    auto object = perform("HEAD", bucket, key, "", {}, std::nullopt);
+    if (object && !expected.empty() && object->etag == expected && object->content_length == body.size()) return {};
+    Error e = completed.error();
+    e.message += object ? "; the object there is not the one these parts make (ETag " + escape_untrusted(object->etag) +
+                              ", " + std::to_string(object->content_length) + " bytes; expected " +
+                              (expected.empty() ? std::string("an ETag the parts' ETags do not give") : expected) +
+                              ", " + std::to_string(body.size()) + " bytes)"
+                        : "; and no object is there (" + object.error().message + ")";
+    return abort_upload(std::move(e));
+  }
   if (!completed) return abort_upload(completed.error());
   // S3 may answer 200 and then fail while assembling the parts: the error
   // is then in the body ("a 200 OK response can contain either a success

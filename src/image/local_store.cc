@@ -23,8 +23,21 @@
 namespace faultline::image {
 namespace {
 
+// Creates `path` unless it exists. A directory it creates is made durable
+// in its parent (fsync of the parent), so that a blob or manifest written
+// into it and fsynced afterwards cannot be lost with the directory's entry
+// in a crash (a blob fan directory of put(), whose file's own fsync covers
+// only the fan).
 Status make_dir(const std::string& path) {
-  if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) return fail_errno("cannot create directory " + path);
+  if (::mkdir(path.c_str(), 0755) != 0) {
+    if (errno == EEXIST) return {};
+    return fail_errno("cannot create directory " + path);
+  }
+  const size_t slash = path.find_last_of('/');
+  const std::string parent = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  UniqueFd dir(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir || ::fsync(dir.get()) != 0)
+    return fail_errno("fsync of " + parent + " (holding the new " + path + ") failed");
   return {};
 }
 

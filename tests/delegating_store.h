@@ -1,6 +1,9 @@
-// DelegatingStore: an image::Store that passes every call to another store;
-// a test derives from it and overrides what it wants to watch or break (a
-// blob read that counts, damages or stalls), and the rest stays real.
+// DelegatingStore: an image::Store that passes the blob and manifest calls
+// and the locks to another store; a test derives from it and overrides what
+// it wants to watch or break (a blob read that counts, damages or stalls).
+// Leases, put_deferred/sync and the hints (useful_concurrent_gets,
+// checksum_suffices) keep image::Store's defaults: a wrapped LocalStore
+// keeps no leases and its frames are checked by SHA-256.
 #pragma once
 
 #include <functional>

@@ -26,6 +26,7 @@
 #include "image/operations.h"
 #include "image/transfer.h"
 #include "snapshot/working_set.h"
+#include "tests/delegating_store.h"
 #include "tests/temp_dir.h"
 
 namespace faultline::image {
@@ -615,6 +616,36 @@ TEST(ImageGc, RefusesToRemoveAnythingWhenAManifestIsUnreadable) {
   ASSERT_FALSE(r);
   EXPECT_NE(r.error().message.find("broken"), std::string::npos) << r.error().message;
   EXPECT_EQ(store->list()->size(), blobs);
+}
+
+// A parent manifest the store cannot read for a moment (a bucket timing out,
+// or a daemon stopping mid-attach) is not "missing": the error says it
+// cannot be read and stays retryable; a parent that is gone is missing.
+TEST(Image, AParentThatCannotBeReadForAMomentIsNotCalledMissingAndStaysRetryable) {
+  TempDir dir;
+  make_memory(dir.file("mem"), 4 * kMiB, 12, 0.1);
+  auto store = open_store(dir.file("store"));
+  create(*store, dir.file("mem"), "base", std::nullopt, 4096);
+  create(*store, dir.file("mem"), "child", std::string("base"), 4096);
+  struct ParentTimesOut final : faultline::testing::DelegatingStore {
+    using DelegatingStore::DelegatingStore;
+    int code = ETIMEDOUT;
+    Result<std::string> read_manifest(const std::string& n) override {
+      if (n != "base") return DelegatingStore::read_manifest(n);
+      return std::unexpected(Error{code, "GET s3://b/images/base: timed out", code != ENOENT});
+    }
+  };
+  ParentTimesOut flaky(LocalStore::open(dir.file("store"), false).value());
+  auto chain = ImageChain::open(flaky, "child");
+  ASSERT_FALSE(chain);
+  EXPECT_TRUE(chain.error().retryable) << chain.error().describe();
+  EXPECT_EQ(chain.error().code, ETIMEDOUT);
+  EXPECT_NE(chain.error().message.find("its parent base cannot be read"), std::string::npos) << chain.error().message;
+  flaky.code = ENOENT;
+  chain = ImageChain::open(flaky, "child");
+  ASSERT_FALSE(chain);
+  EXPECT_FALSE(chain.error().retryable);
+  EXPECT_NE(chain.error().message.find("its parent base is missing"), std::string::npos) << chain.error().message;
 }
 
 // A store whose manifest writes fail (a full disk, a crash at the last step):

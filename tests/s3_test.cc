@@ -946,6 +946,65 @@ TEST_F(S3Test, ARequestGivesUpAtTheCallersDeadlineAndWhenItsFlagIsSet) {
   EXPECT_EQ((*client)->requests(), before + 1);
 }
 
+// The wait for a free connection of the pool is bounded the same way: with
+// the only connection held by a GET the store never answers, a request
+// under a deadline gives up at it without sending anything, and one whose
+// flag is set gives up at once (the wait used to last until the held
+// request's timeouts and retries freed the connection).
+TEST_F(S3Test, AWaitForAFreeConnectionEndsAtTheCallersDeadlineAndWhenItsFlagIsSet) {
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-deadline-pool")));
+  ASSERT_TRUE(client_->put(bucket_name("fl-deadline-pool"), "obj", "bytes"));
+  FaultProxy proxy(port_, [](const std::string& method, const std::string&) {
+    return FaultProxy::Decision{method == "GET" ? FaultProxy::Action::kHang : FaultProxy::Action::kForward, {}};
+  });
+  ASSERT_NE(proxy.port(), 0);
+  S3Config c = config_;
+  c.endpoint = proxy.endpoint();
+  c.max_connections = 1;
+  c.request_timeout = std::chrono::seconds(30);
+  c.stall_timeout = std::chrono::seconds(30);
+  auto client = S3Client::create(c);
+  ASSERT_TRUE(client);
+  std::atomic<bool> stop_holder{false};
+  auto holder = std::async(std::launch::async, [&] {
+    const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::minutes(2), &stop_holder);
+    return (*client)->get(bucket_name("fl-deadline-pool"), "obj");
+  });
+  struct StopHolder {
+    std::atomic<bool>& flag;
+    ~StopHolder() { flag.store(true); }  // a failed ASSERT still lets `holder` end
+  } stop_on_exit{stop_holder};
+  ASSERT_TRUE(wait_until([&] { return (*client)->requests() == 1; }));  // it holds the connection, hanging
+  {
+    const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::milliseconds(300));
+    auto r = (*client)->get(bucket_name("fl-deadline-pool"), "obj");
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code, ETIMEDOUT) << r.error().describe();
+    EXPECT_TRUE(r.error().retryable);
+    EXPECT_NE(r.error().message.find("not sent after waiting for one of the 1 connections"), std::string::npos)
+        << r.error().message;
+  }
+  std::atomic<bool> stop{false};
+  auto waiting = std::async(std::launch::async, [&] {
+    const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::minutes(2), &stop);
+    return (*client)->get(bucket_name("fl-deadline-pool"), "obj");
+  });
+  stop.store(true);
+  // Bounded, not timed: without the flag this waits for the holder's GET.
+  ASSERT_EQ(waiting.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+  auto r = waiting.get();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ECANCELED) << r.error().describe();
+  EXPECT_NE(r.error().message.find("not sent"), std::string::npos) << r.error().message;
+  EXPECT_NE(r.error().message.find("the caller is stopping"), std::string::npos) << r.error().message;
+  EXPECT_EQ((*client)->requests(), 1u) << "only the holder's GET was sent";
+  stop_holder.store(true);
+  ASSERT_EQ(holder.wait_for(std::chrono::seconds(20)), std::future_status::ready);
+  auto held = holder.get();
+  ASSERT_FALSE(held);
+  EXPECT_EQ(held.error().code, ECANCELED) << held.error().describe();
+}
+
 // Every frame's first GET arrives damaged (one byte of the body flipped):
 // each is fetched once more, and the VM gets every byte right.
 TEST_F(S3Test, AFrameDamagedOnTheWayIsFetchedOnceMoreAndTheVmGetsEveryByteRight) {
@@ -1149,6 +1208,41 @@ TEST_F(S3Test, OneDaemonServesABucketImageAndALocalImageOnSocketsAttachedAtRunTi
   ASSERT_TRUE(r) << r.error().describe();
   EXPECT_EQ(r->mismatches, 0u);
   EXPECT_EQ(h.server().metrics().snapshot().frame_cache->misses, misses) << "frames read twice";
+}
+
+// --store-deadline 0: a session does not retry a failed read, but each
+// store request still makes its attempts (a passed deadline would send
+// none, and every fault, start-up and attach would fail unsent). Every
+// first GET of a frame or manifest is answered 503 SlowDown.
+TEST_F(S3Test, AStoreDeadlineOfZeroStillGivesEachRequestItsAttempts) {
+  std::mutex mu;
+  std::map<std::string, int> gets;
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    std::lock_guard lock(mu);
+    if (method == "GET" && gets[path]++ == 0) d.action = FaultProxy::Action::kSlowDown;
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  const std::string url = "s3://" + bucket_name("fl-deadline-zero") + "/images";
+  ServerHarness h(bucket_image(url, true, 4096, proxy.endpoint(), [&](ServerConfig& c) {
+    std::filesystem::create_directories(dir_.path() + "/vms");
+    c.socket_dir = dir_.path() + "/vms";
+    c.store_deadline = std::chrono::milliseconds(0);
+  }));
+  restore_every_byte(h);
+  {
+    std::lock_guard lock(mu);
+    gets.clear();  // the attach's manifest GETs are answered 503 first too
+  }
+  auto a = h.server().attach({.socket = "zero.sock", .image = url + "/base"});
+  ASSERT_TRUE(a) << a.error().describe();
+  std::lock_guard lock(mu);
+  size_t blobs = 0;
+  for (const auto& [path, n] : gets) EXPECT_EQ(n, 2) << path << ": answered 503, then sent again";
+  for (const auto& [path, n] : gets) blobs += path.find("/blobs/") != std::string::npos;
+  EXPECT_EQ(blobs, 0u) << "an attach reads manifests only";
+  EXPECT_FALSE(gets.empty());
 }
 
 // An attach of a bucket image whose store takes the manifest's GET and

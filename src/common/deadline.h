@@ -49,6 +49,15 @@ inline thread_local std::optional<ThreadDeadline> g_thread_deadline;
 // The calling thread's deadline, if a ScopedDeadline is live on it.
 inline std::optional<ThreadDeadline> current_deadline() { return detail::g_thread_deadline; }
 
+// The deadline `wait` from now for a ScopedDeadline; none (the far
+// future) when `wait` is zero or less. A caller that will not wait for a
+// store at all (serve --store-deadline 0: its first failure counts) still
+// lets each request make its attempts: a passed deadline would send none.
+inline std::chrono::steady_clock::time_point deadline_in(std::chrono::milliseconds wait) {
+  if (wait.count() <= 0) return std::chrono::steady_clock::time_point::max();
+  return std::chrono::steady_clock::now() + wait;
+}
+
 class ScopedDeadline {
  public:
   explicit ScopedDeadline(std::chrono::steady_clock::time_point at, const std::atomic<bool>* cancelled = nullptr)

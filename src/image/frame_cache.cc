@@ -67,7 +67,7 @@ Result<FrameCache::Frame> FrameCache::get(const FrameKey& key, const Loader& loa
         constexpr auto kSlice = std::chrono::milliseconds(50);
         while (!done()) {
           if (deadline->passed()) {
-            return std::unexpected(Error{ETIMEDOUT,
+            return std::unexpected(Error{deadline->cancelled() ? ECANCELED : ETIMEDOUT,
                                          "waited for another thread's load of frame " + key.id.hex() +
                                              (deadline->cancelled() ? " until asked to stop" : " until the deadline"),
                                          /*retryable=*/true});

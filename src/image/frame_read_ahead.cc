@@ -122,9 +122,7 @@ void FrameReadAhead::fetch_loop() {
       ahead_bytes_ += c.bytes;
       lock.unlock();
       Result<FrameCache::Frame> got = [&] {
-        const auto at = load_deadline_.count() > 0 ? std::chrono::steady_clock::now() + load_deadline_
-                                                   : std::chrono::steady_clock::time_point::max();
-        const ScopedDeadline load_scope(at, &abort_);
+        const ScopedDeadline load_scope(deadline_in(load_deadline_), &abort_);
         return cache_.load_ahead(chain_.frame_key(c.layer, c.frame),
                                  [&] { return chain_.read_frame(c.layer, c.frame); });
       }();

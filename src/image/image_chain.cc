@@ -24,8 +24,12 @@ Result<ImageChain> ImageChain::open(Store& store, const std::string& name) {
     auto bytes = store.read_manifest(next);
     if (!bytes) {
       if (!child.empty()) {
-        return fail("image " + child + ": its parent " + next + " is missing: " + bytes.error().describe(),
-                    bytes.error().code);
+        // Keeps whether it may pass: a store that timed out is not a
+        // missing parent.
+        Error e = bytes.error();
+        e.message = "image " + child + ": its parent " + next +
+                    (e.code == ENOENT ? " is missing: " : " cannot be read: ") + e.message;
+        return std::unexpected(std::move(e));
       }
       return std::unexpected(bytes.error());
     }

@@ -33,8 +33,11 @@ Status make_dir(const std::string& path) {
     if (errno == EEXIST) return {};
     return fail_errno("cannot create directory " + path);
   }
-  const size_t slash = path.find_last_of('/');
-  const std::string parent = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const std::string_view trimmed(path.data(), path.find_last_not_of('/') + 1);  // "store/" -> "store"
+  const size_t slash = trimmed.find_last_of('/');
+  const std::string parent = slash == std::string_view::npos ? "."
+                             : slash == 0                    ? "/"
+                                                             : std::string(trimmed.substr(0, slash));
   UniqueFd dir(::open(parent.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!dir || ::fsync(dir.get()) != 0)
     return fail_errno("fsync of " + parent + " (holding the new " + path + ") failed");

@@ -285,9 +285,20 @@ uint64_t S3Client::requests() const {
   return requests_;
 }
 
-std::unique_ptr<S3Client::Handle> S3Client::acquire() {
+std::unique_ptr<S3Client::Handle> S3Client::acquire(const std::optional<ThreadDeadline>& deadline) {
   std::unique_lock lock(mu_);
-  free_cv_.wait(lock, [&] { return !free_.empty() || open_ < config_.max_connections; });
+  const auto ready = [&] { return !free_.empty() || open_ < config_.max_connections; };
+  if (deadline) {
+    // In slices: a cancelled scope is seen within one (nothing notifies
+    // this wait of it).
+    constexpr auto kSlice = std::chrono::milliseconds(50);
+    while (!ready()) {
+      if (deadline->passed()) return nullptr;
+      free_cv_.wait_until(lock, std::min(deadline->at, std::chrono::steady_clock::now() + kSlice), ready);
+    }
+  } else {
+    free_cv_.wait(lock, ready);
+  }
   if (!free_.empty()) {
     auto h = std::move(free_.back());
     free_.pop_back();
@@ -436,6 +447,7 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
   auto backoff = config_.first_backoff;
   Error last;
   int attempts = 0;
+  bool waited_for_connection = false;
   for (int attempt = 1; attempt <= config_.max_attempts; ++attempt) {
     if (attempt > 1) {
       // Full jitter: a fleet retrying together does not hit the store in step.
@@ -445,13 +457,15 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
       std::this_thread::sleep_for(pause);
       backoff *= 2;
     }
-    milliseconds timeout = config_.request_timeout;
-    if (deadline) {
-      if (deadline->passed()) break;
-      timeout = std::min(timeout, left());
+    if (deadline && deadline->passed()) break;
+    auto h = acquire(deadline);
+    if (!h) {
+      waited_for_connection = true;  // the deadline passed (or the scope was cancelled) first
+      break;
     }
+    milliseconds timeout = config_.request_timeout;
+    if (deadline) timeout = std::min(timeout, std::max(left(), milliseconds(1)));
     ++attempts;
-    auto h = acquire();
     auto r = perform_once(*h, method, u, what, body, range, timeout, max_body);
     release(std::move(h));
     g_requests.fetch_add(1, std::memory_order_relaxed);
@@ -493,14 +507,19 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
                     (code.empty() ? "" : " " + code) + (xml_value(r->body, "Message").empty() ? "" : ": " + escape_untrusted(xml_value(r->body, "Message"))),
                 EIO);
   }
+  const bool cancelled = deadline && deadline->cancelled();
   if (attempts == 0) {
-    return std::unexpected(
-        Error{ETIMEDOUT, method + " " + what + ": not sent: the caller's deadline had passed", true});
+    const std::string waited = waited_for_connection ? " after waiting for one of the " +
+                                                           std::to_string(config_.max_connections) + " connections"
+                                                     : std::string();
+    return std::unexpected(Error{cancelled ? ECANCELED : ETIMEDOUT,
+                                 method + " " + what + ": not sent" + waited +
+                                     (cancelled ? ": the caller is stopping" : ": the caller's deadline had passed"),
+                                 true});
   }
-  const char* why =
-      deadline && deadline->cancelled() ? ", stopped: the caller is stopping)" : ", stopped at the caller's deadline)";
+  const char* why = cancelled ? ", stopped: the caller is stopping)" : ", stopped at the caller's deadline)";
   last.message += " (after " + std::to_string(attempts) + (attempts == 1 ? " attempt" : " attempts") +
-                  (attempts < config_.max_attempts ? why : ")");
+                  (attempts < config_.max_attempts || cancelled ? why : ")");
   return std::unexpected(last);
 }
 
@@ -655,11 +674,22 @@ Status S3Client::put_multipart(const std::string& bucket, const std::string& key
     auto object = perform("HEAD", bucket, key, "", {}, std::nullopt);
     if (object && !expected.empty() && object->etag == expected && object->content_length == body.size()) return {};
     Error e = completed.error();
-    e.message += object ? "; the object there is not the one these parts make (ETag " + escape_untrusted(object->etag) +
-                              ", " + std::to_string(object->content_length) + " bytes; expected " +
-                              (expected.empty() ? std::string("an ETag the parts' ETags do not give") : expected) +
-                              ", " + std::to_string(body.size()) + " bytes)"
-                        : "; and no object is there (" + object.error().message + ")";
+    if (object) {
+      e.message += "; the object there is not the one these parts make (ETag " + escape_untrusted(object->etag) + ", " +
+                   std::to_string(object->content_length) + " bytes; expected " +
+                   (expected.empty() ? std::string("an ETag the parts' ETags do not give") : expected) + ", " +
+                   std::to_string(body.size()) + " bytes)";
+    } else if (object.error().code == ENOENT) {
+      e.message += "; and no object is there";
+    } else {
+      // Whether the upload completed is unknown: the object may well be
+      // there. Retryable when the HEAD was.
+      e = object.error();
+      e.message =
+          "CompleteMultipartUpload answered NoSuchUpload, and whether the object is there could not be "
+          "checked: " +
+          e.message;
+    }
     return abort_upload(std::move(e));
   }
   if (!completed) return abort_upload(completed.error());

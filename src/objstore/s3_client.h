@@ -43,6 +43,7 @@
 #include <string_view>
 #include <vector>
 
+#include "common/deadline.h"
 #include "common/error.h"
 
 namespace faultline::objstore {
@@ -150,7 +151,9 @@ class S3Client {
   Result<Response> perform_once(Handle& h, const std::string& method, const std::string& url, const std::string& what,
                                 std::string_view body, std::optional<ByteRange> range,
                                 std::chrono::milliseconds timeout, uint64_t max_body);
-  std::unique_ptr<Handle> acquire();
+  // A free handle (a new one while fewer than max_connections are open);
+  // waits for one, no longer than `deadline` (nullptr then).
+  std::unique_ptr<Handle> acquire(const std::optional<ThreadDeadline>& deadline);
   void release(std::unique_ptr<Handle> h);
   std::string url(const std::string& bucket, const std::string& key, const std::string& query) const;
 

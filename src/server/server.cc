@@ -397,7 +397,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
     // A store that does not answer fails the start-up at the store deadline,
     // as it would fail a fault (not after every timeout and retry of every
     // manifest's GET).
-    const ScopedDeadline store_scope(std::chrono::steady_clock::now() + config.store_deadline);
+    const ScopedDeadline store_scope(deadline_in(config.store_deadline));
     auto served = server->open_served(config.memory_path, config.image_path, config.prefetch_path, config.prefetch_all,
                                       config.zero_index_path, /*save_zero_index=*/true);
     if (!served) {
@@ -651,7 +651,7 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
   // fault would, and not at all once the daemon stops: the control socket
   // serves one request at a time.
   auto served = [&] {
-    const ScopedDeadline store_scope(std::chrono::steady_clock::now() + config_.store_deadline, &stop_requested_);
+    const ScopedDeadline store_scope(deadline_in(config_.store_deadline), &stop_requested_);
     return open_served(request.memory, request.image, prefetch_all ? std::string() : request.prefetch, prefetch_all,
                        /*zero_index_path=*/{}, /*save_zero_index=*/false);
   }();

@@ -818,7 +818,7 @@ Result<uint64_t> Session::read_source_window(uint64_t offset, std::span<uint8_t>
   // The store's requests and waits on the way give up at the same deadline,
   // or at once when the session stops (common/deadline.h): a store that
   // never answers must not hold a fault past it.
-  const ScopedDeadline scope(deadline, &stopping_);
+  const ScopedDeadline scope(deadline_in(config_.source_retry_deadline), &stopping_);
   auto backoff = std::chrono::milliseconds{1};
   for (;;) {
     HookContext hook{offset, 0};

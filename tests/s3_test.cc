@@ -1290,6 +1290,48 @@ TEST_F(S3Test, AnAttachWhoseStoreNeverAnswersEndsAtTheStoreDeadlineAndWhenTheDae
   }
 }
 
+// A snapshot into a bucket that takes the new blobs' PUTs and never
+// answers is cancelled when the daemon stops (instead of holding the
+// control socket and the daemon's exit for every timeout and retry), and
+// writes no image.
+TEST_F(S3Test, ASnapshotIntoAStoreThatNeverAnswersEndsWhenTheDaemonStops) {
+  std::atomic<bool> hang{false};
+  std::atomic<int> hung{0};
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string& path) {
+    FaultProxy::Decision d;
+    if (hang.load() && method == "PUT" && path.find("/blobs/") != std::string::npos) {
+      hung.fetch_add(1);
+      d.action = FaultProxy::Action::kHang;
+    }
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  const std::string url = "s3://" + bucket_name("fl-snap-hung") + "/fleet";
+  ServerHarness h(bucket_image(url, true, 4096, proxy.endpoint()));
+  auto c = client::FirecrackerClient::create({.version = {1, 14}, .region_sizes = {8 * kMiB}});
+  ASSERT_TRUE(c) << c.error().describe();
+  ASSERT_TRUE(c->connect_and_send(h.socket()));
+  std::memset(c->guest_ptr(5 * 4096), 0x5a, 4096);  // one page written: the diff has a blob to PUT
+  const auto sessions = h.server().live_sessions();
+  ASSERT_EQ(sessions.size(), 1u);
+  hang.store(true);
+  auto snap = std::async(std::launch::async, [&] { return h.server().snapshot(sessions[0].id, url, "gen1"); });
+  ASSERT_TRUE(wait_until([&] { return hung.load() > 0; }));  // its PUT hangs
+  h.server().stop();
+  // Bounded, not timed: without the cancellation this took 5 attempts of 10 s.
+  ASSERT_EQ(snap.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "the snapshot still waits";
+  auto r = snap.get();
+  ASSERT_FALSE(r);
+  EXPECT_NE(r.error().message.find("the caller is stopping"), std::string::npos) << r.error().describe();
+  hang.store(false);
+  auto bucket = s3_store(url, false);
+  ASSERT_TRUE(bucket);
+  auto manifest = bucket->manifest_exists("gen1");
+  ASSERT_TRUE(manifest) << manifest.error().describe();
+  EXPECT_FALSE(*manifest) << "an interrupted snapshot left an image";
+  c->close_socket();
+}
+
 // Pause-and-snapshot in a fleet: a VM restored straight from the bucket
 // writes and balloons some pages; `snapshot` (the control command and the
 // CLI) writes its diff into the same bucket, on top of the served image; a

@@ -1214,7 +1214,13 @@ Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_
   // Through the store the session reads its image from: in a bucket, the new
   // frames are PUT there and the parent's frames the diff compares against
   // come through the daemon's disk cache when it has them.
-  auto report = export_session_diff(*s, served->image->chain().store(), options);
+  // A stop of the daemon cancels the export's store requests (an object
+  // store that does not answer would hold it for every timeout and retry);
+  // the image is then not written.
+  auto report = [&] {
+    const ScopedDeadline stop_scope(std::chrono::steady_clock::time_point::max(), &stop_requested_);
+    return export_session_diff(*s, served->image->chain().store(), options);
+  }();
   if (!report) {
     log_.warn("snapshot_failed", {{"session", id}, {"image", name}, {"error", report.error().describe()}});
     return std::unexpected(report.error());

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -193,6 +194,28 @@ inline UniqueFd try_connect_unix(const std::string& path) {
   std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
   if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return UniqueFd();
   return fd;
+}
+
+// Sends one request line to the control socket at `path` and returns the
+// reply line; "connect failed" / "send failed" when it cannot, and what
+// arrived when the daemon sends nothing more for 20 s.
+inline std::string control(const std::string& path, const std::string& request) {
+  UniqueFd fd = try_connect_unix(path);
+  if (!fd) return "connect failed";
+  const std::string line = request + "\n";
+  if (::send(fd.get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size()))
+    return "send failed";
+  timeval tv{20, 0};
+  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  std::string reply;
+  char buf[65536];
+  for (;;) {
+    const ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
+    if (n <= 0) break;
+    reply.append(buf, static_cast<size_t>(n));
+  }
+  while (!reply.empty() && reply.back() == '\n') reply.pop_back();
+  return reply;
 }
 
 // A connection to the Unix socket at `path`; a failed connect() fails the test.

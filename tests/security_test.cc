@@ -41,25 +41,6 @@ bool closed_by_server(int fd, std::chrono::milliseconds limit) {
   return ::recv(fd, &c, 1, MSG_DONTWAIT) == 0;
 }
 
-// Sends one control request and returns the reply line.
-std::string control(const std::string& path, const std::string& request) {
-  UniqueFd fd = try_connect_unix(path);
-  if (!fd) return "connect failed";
-  const std::string line = request + "\n";
-  if (::send(fd.get(), line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size())) return "send failed";
-  timeval tv{20, 0};
-  ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  std::string reply;
-  char buf[65536];
-  for (;;) {
-    const ssize_t n = ::recv(fd.get(), buf, sizeof buf, 0);
-    if (n <= 0) break;
-    reply.append(buf, static_cast<size_t>(n));
-  }
-  while (!reply.empty() && reply.back() == '\n') reply.pop_back();
-  return reply;
-}
-
 size_t count(const std::string& text, const std::string& needle) {
   size_t n = 0;
   for (size_t at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
@@ -691,7 +672,7 @@ TEST_F(ControlDeadline, TricklingClientCannotWedgeTheDaemon) {
   ASSERT_EQ(::send(slow.get(), "{\"cmd\"", 6, MSG_NOSIGNAL), 6);  // and never the rest
   // VMs are accepted and served meanwhile: the control socket has its own thread.
   expect_served(*h_);
-  // Another control client is answered once the slow one's deadline passed.
+  // Another control client is answered (by another control thread).
   EXPECT_EQ(control(ctl_, R"({"cmd":"sessions"})"), R"({"sessions":[]})");
   EXPECT_TRUE(closed_by_server(slow.get(), std::chrono::seconds(20)));
   EXPECT_NE(h_->log().find("event=control_timeout phase=request bytes=6"), std::string::npos) << h_->log();

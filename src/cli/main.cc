@@ -274,6 +274,12 @@ int main(int argc, char** argv) {
                     "dropped")
       ->default_val(2000)
       ->check(CLI::Range(1, 60000));
+  serve
+      ->add_option("--control-threads", config.control_threads,
+                   "Control requests served at once, a thread each (a snapshot, or an attach waiting on its "
+                   "store, holds one); more wait until one ends")
+      ->default_val(4)
+      ->check(CLI::Range(1, 64));
   serve->add_option("--record-dir", config.record_dir,
                     "Directory under which `faultline record` (through the control socket) writes working sets; "
                     "without it the control socket refuses to write files")

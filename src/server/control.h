@@ -15,10 +15,10 @@
 //   {"cmd":"attachments"}                 -> {"attachments":[{attachment}, ...]}
 // Errors come back as {"error":"..."}.
 //
-// The socket is served on its own thread, one request at a time, with a
-// deadline for reading the request and one for writing the reply (see
-// Server); a snapshot holds the thread while it writes its image, an attach
-// while it opens its image. This file turns a request line into a reply and never throws,
+// The socket is served by ServerConfig::control_threads threads, a request
+// each, with a deadline for reading the request and one for writing the
+// reply (see Server); a snapshot holds its thread while it writes its image,
+// an attach while it opens its image. This file turns a request line into a reply and never throws,
 // whatever bytes the line holds.
 //
 // Thread-safety: every function is safe from any thread.

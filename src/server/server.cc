@@ -413,6 +413,11 @@ Result<std::unique_ptr<Server>> Server::create(const ServerConfig& config, const
   if (!config.control_path.empty()) {
     auto control = protocol::UnixListener::bind(config.control_path, config.control_access);
     if (!control) return std::unexpected(control.error());
+    // Non-blocking: every control thread polls it, and those that lose the
+    // race for a connection must not block in accept (they would miss a stop).
+    if (::fcntl(control->fd(), F_SETFL, ::fcntl(control->fd(), F_GETFL) | O_NONBLOCK) != 0) {
+      return fail_errno("cannot make the control socket non-blocking");
+    }
     server->control_.emplace(std::move(*control));
   }
   return server;
@@ -429,8 +434,14 @@ Server::Server(ServerConfig config, const Logger& logger, UniqueFd stop_efd, Uni
 
 Server::~Server() {
   stop();
-  if (control_thread_.joinable()) control_thread_.join();
+  join_control_threads();
   reap(true);
+}
+
+void Server::join_control_threads() {
+  for (std::thread& t : control_threads_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 void Server::stop() {
@@ -472,10 +483,15 @@ Status Server::run(int stop_signal_fd) {
                              {"zero_pages", served && served->zero_index ? served->zero_index->zero_pages() : 0}});
   first.reset();
   if (control_) {
-    try {
-      control_thread_ = std::thread([this] { control_loop(); });
-    } catch (const std::system_error& e) {
-      return fail(std::string("cannot start the control socket thread: ") + e.what(), e.code().value());
+    for (size_t i = 0; i < std::max<size_t>(config_.control_threads, 1); ++i) {
+      try {
+        control_threads_.emplace_back([this] { control_loop(); });
+      } catch (const std::system_error& e) {
+        if (control_threads_.empty()) {
+          return fail(std::string("cannot start the control socket thread: ") + e.what(), e.code().value());
+        }
+        break;  // fewer requests served at once
+      }
     }
   }
   Status status;
@@ -545,8 +561,8 @@ Status Server::run(int stop_signal_fd) {
       if (c->session) c->session->stop();
     }
   }
-  stop();  // the control thread watches the same eventfd
-  if (control_thread_.joinable()) control_thread_.join();
+  stop();  // the control threads watch the same eventfd
+  join_control_threads();
   reap(true);
   log_.info("server_stop", {{"sessions", finished_total()}});
   return status;
@@ -648,8 +664,8 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
   const bool prefetch_all = request.prefetch == "all";
   const std::string serves = request.image.empty() ? request.memory : request.image;
   // Reading the image's manifests waits for its store no longer than a
-  // fault would, and not at all once the daemon stops: the control socket
-  // serves one request at a time.
+  // fault would, and not at all once the daemon stops: it holds a control
+  // thread meanwhile.
   auto served = [&] {
     const ScopedDeadline store_scope(deadline_in(config_.store_deadline), &stop_requested_);
     return open_served(request.memory, request.image, prefetch_all ? std::string() : request.prefetch, prefetch_all,

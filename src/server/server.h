@@ -25,11 +25,12 @@
 //
 // Threads: run()'s thread accepts VM connections on every attached socket;
 // one thread per connection receives the handshake and then waits for its
-// session; one thread serves the control socket, one request at a time.
+// session; control_threads threads serve the control socket, a request
+// each (so a snapshot or an attach waiting on its store holds one of them).
 //
 // Thread-safety: run() from one thread; stop() from any thread or a signal
-// handler (it only writes an eventfd); attach(), detach() and the query
-// methods from any thread.
+// handler (it only sets a flag and writes an eventfd); attach(), detach(),
+// snapshot() and the query methods from any thread.
 #pragma once
 
 #include <atomic>
@@ -125,6 +126,9 @@ struct ServerConfig {
   std::string control_path;
   // A control request must arrive and its reply be read within this time.
   std::chrono::milliseconds control_timeout{2000};
+  // Control requests served at once (a thread each); more wait in the
+  // socket's backlog until one ends.
+  size_t control_threads = 4;
   // How long a control request naming a session still in Session::start
   // (serving, not yet listed) waits for it to be listed or refused.
   std::chrono::milliseconds session_start_wait{5000};
@@ -310,6 +314,7 @@ class Server {
   // (session_rejected), counted, and killed under --on-fatal=kill.
   void reject_session(Connection& c, RefusalCause cause, const std::string& error);
   void control_loop();
+  void join_control_threads();
   void serve_control(UniqueFd connection);
   void note_rejected(std::string why);
   void reap(bool all);
@@ -344,7 +349,7 @@ class Server {
   mutable std::mutex reserve_mu_;
   UniqueFd reserve_fd_;  // GUARDED_BY(reserve_mu_)
   uint64_t next_id_ = 1;
-  std::thread control_thread_;
+  std::vector<std::thread> control_threads_;
 
   std::atomic<size_t> connection_threads_{0};
   metrics::Registry metrics_;

@@ -6,13 +6,13 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <barrier>
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <set>
-
-#include <nlohmann/json.hpp>
 
 #include "client/firecracker_client.h"
 #include "harness.h"
@@ -202,6 +202,37 @@ TEST_F(Attach, ADetachedSocketIsGoneAndRefusesNewVmsWhileTheVmConnectedThroughIt
   // The start-up socket can be detached like any other.
   ASSERT_TRUE(h_.server().detach(h_.socket()));
   EXPECT_FALSE(std::filesystem::exists(h_.socket()));
+}
+
+// Attaches open their image without holding the attach lock: several at
+// once for one socket name bind it once, the others are refused as taken,
+// and --max-attachments holds across them too.
+TEST_F(Attach, ConcurrentAttachesOfOneSocketBindItOnceAndTheLimitHolds) {
+  constexpr int kThreads = 6;
+  std::barrier start(kThreads);
+  std::vector<std::future<Result<Server::Attachment>>> tries;
+  for (int i = 0; i < kThreads; ++i) {
+    tries.push_back(std::async(std::launch::async, [&, i] {
+      start.arrive_and_wait();
+      // Half for one name; the rest for names of their own, of which the
+      // limit (4, the start-up socket included) admits some.
+      const std::string name = i % 2 == 0 ? "same.sock" : "own" + std::to_string(i) + ".sock";
+      return h_.server().attach({.socket = name, .image = file("store/gen0")});
+    }));
+  }
+  int same_bound = 0, own_bound = 0;
+  for (int i = 0; i < kThreads; ++i) {
+    auto a = tries[i].get();
+    if (a) {
+      (i % 2 == 0 ? same_bound : own_bound)++;
+    } else {
+      EXPECT_TRUE(a.error().code == EEXIST || a.error().code == EMFILE) << a.error().describe();
+    }
+  }
+  EXPECT_EQ(same_bound, 1) << "one socket name bound by several attaches";
+  EXPECT_EQ(h_.server().attachments().size(), static_cast<size_t>(1 + same_bound + own_bound));
+  EXPECT_LE(h_.server().attachments().size(), 4u) << "over --max-attachments";
+  EXPECT_TRUE(std::filesystem::exists(vm_socket("same.sock")));
 }
 
 TEST_F(Attach, EachRefusalSaysWhyAndBindsNothing) {

@@ -1276,7 +1276,18 @@ TEST_F(S3Test, AnAttachWhoseStoreNeverAnswersEndsAtTheStoreDeadlineAndWhenTheDae
       return h.server().attach({.socket = by_stop ? "stop.sock" : "late.sock", .image = url + "/base"});
     });
     ASSERT_TRUE(wait_until([&] { return hung.load() > before; }));  // the manifest's GET hangs
-    if (by_stop) h.server().stop();
+    if (by_stop) {
+      // Other attaches and detaches go on meanwhile (the slow one holds no lock).
+      auto other = std::async(std::launch::async, [&] {
+        auto a = h.server().attach({.socket = "other.sock", .memory = h.memory()});
+        if (!a) return a.error().describe();
+        auto d = h.server().detach("other.sock");
+        return d ? std::string("ok") : d.error().describe();
+      });
+      ASSERT_EQ(other.wait_for(std::chrono::seconds(20)), std::future_status::ready) << "held up by the slow attach";
+      EXPECT_EQ(other.get(), "ok");
+      h.server().stop();
+    }
     // Bounded, not timed: without the deadline this took minutes.
     // (The S3 client alone gives up after 5 attempts of 10 s without a byte.)
     ASSERT_EQ(attach.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "the attach still waits";

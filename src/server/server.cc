@@ -634,7 +634,6 @@ Server::Attachment Server::describe(const Bound& b) const {
 }
 
 Result<Server::Attachment> Server::attach(const AttachRequest& request) {
-  std::lock_guard op(attach_op_mu_);
   auto path = attach_socket_path(request.socket);
   if (!path) return std::unexpected(path.error());
   if (request.image.empty() == request.memory.empty()) {
@@ -645,10 +644,9 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
     std::error_code ec;
     return !other.empty() && std::filesystem::weakly_canonical(other, ec) == std::filesystem::path(*path) && !ec;
   };
-  if (same_file(config_.control_path)) {
-    return fail(*path + " is this daemon's control socket", EEXIST);
-  }
-  {
+  // REQUIRES: attach_op_mu_ held.
+  auto check_free = [&]() -> Status {
+    if (same_file(config_.control_path)) return fail(*path + " is this daemon's control socket", EEXIST);
     std::lock_guard lock(bound_mu_);
     for (const auto& b : bound_) {
       if (same_file(b->listener.path())) {
@@ -660,12 +658,17 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
                       std::to_string(config_.max_attachments) + ")",
                   EMFILE);
     }
+    return {};
+  };
+  {
+    std::lock_guard op(attach_op_mu_);
+    if (auto st = check_free(); !st) return std::unexpected(st.error());  // refused before any I/O
   }
   const bool prefetch_all = request.prefetch == "all";
   const std::string serves = request.image.empty() ? request.memory : request.image;
-  // Reading the image's manifests waits for its store no longer than a
-  // fault would, and not at all once the daemon stops: it holds a control
-  // thread meanwhile.
+  // Opened without attach_op_mu_, so that an image whose store is slow holds
+  // up no other attach or detach. Reading its manifests waits for the store
+  // no longer than a fault would, and not at all once the daemon stops.
   auto served = [&] {
     const ScopedDeadline store_scope(deadline_in(config_.store_deadline), &stop_requested_);
     return open_served(request.memory, request.image, prefetch_all ? std::string() : request.prefetch, prefetch_all,
@@ -675,6 +678,12 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
     log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", served.error().describe()}});
     if (!request.image.empty()) return std::unexpected(served.error());  // it names the image already
     return fail(request.memory + ": " + served.error().message, served.error().code);
+  }
+  std::lock_guard op(attach_op_mu_);
+  // Again: another attach may have taken the socket (or the last slot) meanwhile.
+  if (auto st = check_free(); !st) {
+    log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", st.error().describe()}});
+    return std::unexpected(st.error());
   }
   auto listener = protocol::UnixListener::bind(*path, config_.socket_access);
   if (!listener) {

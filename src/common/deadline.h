@@ -19,7 +19,9 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstddef>
+#include <mutex>
 #include <optional>
 
 namespace faultline {
@@ -56,6 +58,20 @@ inline std::optional<ThreadDeadline> current_deadline() { return detail::g_threa
 inline std::chrono::steady_clock::time_point deadline_in(std::chrono::milliseconds wait) {
   if (wait.count() <= 0) return std::chrono::steady_clock::time_point::max();
   return std::chrono::steady_clock::now() + wait;
+}
+
+// Waits on `cv` (with `lock` held) until `done()` holds: true; or until
+// `deadline` has passed or its scope is cancelled: false. It looks every
+// 50 ms, since nothing notifies the wait of a cancellation.
+template <typename Predicate>
+bool wait_unless_given_up(std::condition_variable& cv, std::unique_lock<std::mutex>& lock,
+                          const ThreadDeadline& deadline, Predicate done) {
+  constexpr auto kSlice = std::chrono::milliseconds(50);
+  while (!done()) {
+    if (deadline.passed()) return false;
+    cv.wait_until(lock, std::min(deadline.at, std::chrono::steady_clock::now() + kSlice), done);
+  }
+  return true;
 }
 
 class ScopedDeadline {

@@ -62,17 +62,11 @@ Result<FrameCache::Frame> FrameCache::get(const FrameKey& key, const Loader& loa
       ++s.waits;
       const auto done = [&] { return theirs->done; };
       if (const std::optional<ThreadDeadline> deadline = current_deadline()) {
-        // In slices, so that a scope cancelled meanwhile (its session
-        // stopping) is seen within one: nothing notifies this wait of it.
-        constexpr auto kSlice = std::chrono::milliseconds(50);
-        while (!done()) {
-          if (deadline->passed()) {
-            return std::unexpected(Error{deadline->cancelled() ? ECANCELED : ETIMEDOUT,
-                                         "waited for another thread's load of frame " + key.id.hex() +
-                                             (deadline->cancelled() ? " until asked to stop" : " until the deadline"),
-                                         /*retryable=*/true});
-          }
-          theirs->cv.wait_until(lock, std::min(deadline->at, std::chrono::steady_clock::now() + kSlice), done);
+        if (!wait_unless_given_up(theirs->cv, lock, *deadline, done)) {
+          return std::unexpected(Error{deadline->cancelled() ? ECANCELED : ETIMEDOUT,
+                                       "waited for another thread's load of frame " + key.id.hex() +
+                                           (deadline->cancelled() ? " until asked to stop" : " until the deadline"),
+                                       /*retryable=*/true});
         }
       } else {
         theirs->cv.wait(lock, done);

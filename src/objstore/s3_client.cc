@@ -289,13 +289,7 @@ std::unique_ptr<S3Client::Handle> S3Client::acquire(const std::optional<ThreadDe
   std::unique_lock lock(mu_);
   const auto ready = [&] { return !free_.empty() || open_ < config_.max_connections; };
   if (deadline) {
-    // In slices: a cancelled scope is seen within one (nothing notifies
-    // this wait of it).
-    constexpr auto kSlice = std::chrono::milliseconds(50);
-    while (!ready()) {
-      if (deadline->passed()) return nullptr;
-      free_cv_.wait_until(lock, std::min(deadline->at, std::chrono::steady_clock::now() + kSlice), ready);
-    }
+    if (!wait_unless_given_up(free_cv_, lock, *deadline, ready)) return nullptr;
   } else {
     free_cv_.wait(lock, ready);
   }

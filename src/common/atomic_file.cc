@@ -52,7 +52,23 @@ Result<std::pair<UniqueFd, std::string>> create_temporary_file(int dir_fd, const
   return std::make_pair(std::move(file), tmp);
 }
 
-Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode) {
+namespace {
+// Renames `tmp` to `final_name` in `dir_fd`, failing with EEXIST when
+// `final_name` exists and `if_exists` says so.
+int rename_into_place(int dir_fd, const std::string& tmp, const std::string& final_name, IfExists if_exists) {
+  if (if_exists == IfExists::kReplace) return ::renameat(dir_fd, tmp.c_str(), dir_fd, final_name.c_str());
+  if (::renameat2(dir_fd, tmp.c_str(), dir_fd, final_name.c_str(), RENAME_NOREPLACE) == 0) return 0;
+  if (errno != EINVAL) return -1;
+  // A file system without RENAME_NOREPLACE: a hard link is just as
+  // exclusive (EEXIST), and the temporary name then goes.
+  if (::linkat(dir_fd, tmp.c_str(), dir_fd, final_name.c_str(), 0) != 0) return -1;
+  ::unlinkat(dir_fd, tmp.c_str(), 0);
+  return 0;
+}
+}  // namespace
+
+Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode,
+                             IfExists if_exists) {
   if (auto st = check_plain_file_name(name); !st) return st;
   const std::string final_name(name);
   auto created = create_temporary_file(dir_fd, final_name, mode);
@@ -68,7 +84,8 @@ Status write_file_atomically(int dir_fd, std::string_view name, std::string_view
   }
   if (::fsync(file.get()) != 0) return abandon(fail_errno("fsync of " + tmp + " failed"));
   if (::close(file.release()) != 0) return abandon(fail_errno("closing " + tmp + " failed"));
-  if (::renameat(dir_fd, tmp.c_str(), dir_fd, final_name.c_str()) != 0) {
+  if (rename_into_place(dir_fd, tmp, final_name, if_exists) != 0) {
+    if (errno == EEXIST) return abandon(fail(final_name + " exists already", EEXIST));
     return abandon(fail_errno("renaming " + tmp + " to " + final_name + " failed"));
   }
   // The rename is durable only once the directory is.
@@ -76,13 +93,13 @@ Status write_file_atomically(int dir_fd, std::string_view name, std::string_view
   return {};
 }
 
-Status write_file_atomically(const std::string& path, std::string_view bytes, mode_t mode) {
+Status write_file_atomically(const std::string& path, std::string_view bytes, mode_t mode, IfExists if_exists) {
   const size_t slash = path.rfind('/');
   const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
   const std::string name = slash == std::string::npos ? path : path.substr(slash + 1);
   UniqueFd dir_fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!dir_fd) return fail_errno("cannot open directory " + dir);
-  auto st = write_file_atomically(dir_fd.get(), name, bytes, mode);
+  auto st = write_file_atomically(dir_fd.get(), name, bytes, mode, if_exists);
   if (!st) return fail(path + ": " + st.error().message, st.error().code);
   return {};
 }

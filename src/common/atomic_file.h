@@ -51,14 +51,21 @@ Result<std::string> read_whole_file(const std::string& path);
 // message says only "write failed", so callers name the file.
 Status pwrite_all(int fd, std::string_view bytes, uint64_t offset);
 
+// What write_file_atomically() does when a file of that name exists: replace
+// it, or fail with EEXIST (the rename is RENAME_NOREPLACE, so of two writers
+// racing on one name exactly one succeeds).
+enum class IfExists { kReplace, kFail };
+
 // Writes `bytes` to `name` (checked with check_plain_file_name()) inside the
 // directory open as `dir_fd`.
-Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode = 0644);
+Status write_file_atomically(int dir_fd, std::string_view name, std::string_view bytes, mode_t mode = 0644,
+                             IfExists if_exists = IfExists::kReplace);
 
 // Same, for a path: its directory is opened (O_DIRECTORY) and the last
 // component is the name. Trusted paths only (the operator's command line):
 // directories along the path are followed as usual.
-Status write_file_atomically(const std::string& path, std::string_view bytes, mode_t mode = 0644);
+Status write_file_atomically(const std::string& path, std::string_view bytes, mode_t mode = 0644,
+                             IfExists if_exists = IfExists::kReplace);
 
 // A file too large to hold in memory, written the same way: the bytes go to a
 // fresh temporary file beside `path` (pwrite at any offset, so a sparse file

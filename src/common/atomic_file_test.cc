@@ -7,8 +7,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <barrier>
 #include <filesystem>
 #include <fstream>
+#include <thread>
+#include <vector>
 
 #include "tests/temp_dir.h"
 
@@ -54,6 +58,43 @@ TEST(AtomicFileWriter, RefusesANameThatIsNotAPlainFile) {
   ScratchDir dir;
   EXPECT_FALSE(AtomicFileWriter::create(dir.file(".hidden")));
   EXPECT_FALSE(AtomicFileWriter::create(dir.file("")));
+}
+
+TEST(WriteFileAtomically, IfExistsFailRefusesAnExistingNameAndLeavesItsFileAndNoTemporary) {
+  ScratchDir dir;
+  ASSERT_TRUE(write_file_atomically(dir.file("out"), "first", 0644, IfExists::kFail));
+  auto again = write_file_atomically(dir.file("out"), "second", 0644, IfExists::kFail);
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, EEXIST) << again.error().describe();
+  EXPECT_EQ(contents(dir.file("out")), "first");
+  EXPECT_EQ(dir.entries(), 1u) << "the refused write left its temporary file";
+  // The default replaces.
+  ASSERT_TRUE(write_file_atomically(dir.file("out"), "third"));
+  EXPECT_EQ(contents(dir.file("out")), "third");
+}
+
+TEST(WriteFileAtomically, OfWritersRacingOnOneNameWithIfExistsFailExactlyOneWins) {
+  ScratchDir dir;
+  constexpr int kWriters = 8;
+  std::barrier start(kWriters);
+  std::vector<int> won(kWriters, 0);
+  {
+    std::vector<std::jthread> writers;
+    for (int i = 0; i < kWriters; ++i) {
+      writers.emplace_back([&, i] {
+        start.arrive_and_wait();
+        auto st = write_file_atomically(dir.file("out"), "writer " + std::to_string(i), 0644, IfExists::kFail);
+        won[i] = st ? 1 : 0;
+        if (!st) {
+          EXPECT_EQ(st.error().code, EEXIST) << st.error().describe();
+        }
+      });
+    }
+  }
+  ASSERT_EQ(std::count(won.begin(), won.end(), 1), 1);
+  const int winner = static_cast<int>(std::find(won.begin(), won.end(), 1) - won.begin());
+  EXPECT_EQ(contents(dir.file("out")), "writer " + std::to_string(winner)) << "a later writer replaced the winner";
+  EXPECT_EQ(dir.entries(), 1u);
 }
 
 TEST(FileIo, PwriteAllWritesEveryByteAtItsOffsetAndReportsTheErrno) {

@@ -112,6 +112,16 @@ std::string json_quote(std::string_view bytes) {
   return out;
 }
 
+std::string hex_lower(std::span<const uint8_t> bytes) {
+  std::string out;
+  out.reserve(2 * bytes.size());
+  for (const uint8_t b : bytes) {
+    out += kHex[b >> 4];
+    out += kHex[b & 0xf];
+  }
+  return out;
+}
+
 std::string escape_untrusted(std::string_view bytes, size_t max_bytes) {
   const bool cut = bytes.size() > max_bytes;
   if (cut) bytes = bytes.substr(0, max_bytes);

@@ -37,6 +37,8 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -53,6 +55,9 @@ std::string json_quote(std::string_view bytes);
 // At most `max_bytes` input bytes are rendered; when more were given, "..."
 // is appended.
 std::string escape_untrusted(std::string_view bytes, size_t max_bytes = 128);
+
+// `bytes` as lower-case hexadecimal, two digits per byte (a digest, a blob name).
+std::string hex_lower(std::span<const uint8_t> bytes);
 
 // Length of the well-formed UTF-8 sequence starting at bytes[0] (1-4), or 0
 // when bytes[0] does not start one (or bytes is empty).

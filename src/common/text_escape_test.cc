@@ -65,5 +65,11 @@ TEST(TextEscape, EscapeUntrustedIsPrintableAsciiAndKeepsByteValues) {
   }
 }
 
+TEST(TextEscape, HexLowerIsTwoLowerCaseDigitsPerByte) {
+  const uint8_t bytes[] = {0x00, 0x0f, 0xa5, 0xff, 0x10};
+  EXPECT_EQ(hex_lower(bytes), "000fa5ff10");
+  EXPECT_EQ(hex_lower({}), "");
+}
+
 }  // namespace
 }  // namespace faultline

@@ -4,17 +4,11 @@
 
 #include <cstdlib>
 
+#include "common/text_escape.h"
+
 namespace faultline::image {
 
-std::string BlobId::hex() const {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string out(64, '0');
-  for (size_t i = 0; i < bytes.size(); ++i) {
-    out[2 * i] = kDigits[bytes[i] >> 4];
-    out[2 * i + 1] = kDigits[bytes[i] & 15];
-  }
-  return out;
-}
+std::string BlobId::hex() const { return hex_lower(bytes); }
 
 std::optional<BlobId> BlobId::from_hex(std::string_view hex) {
   if (hex.size() != 64) return std::nullopt;

@@ -256,7 +256,12 @@ Status LocalStore::write_manifest(const std::string& name, std::string_view byte
   auto present = manifest_exists(name);
   if (!present) return std::unexpected(present.error());
   if (*present) return fail("image " + name + " exists already in " + dir_, EEXIST);
-  return write_file_atomically(describe_manifest(name), bytes, 0444);
+  // Checked again by the rename itself: of two writers of one name that
+  // both passed the check above, the later one fails instead of replacing
+  // the image the first one wrote.
+  auto st = write_file_atomically(describe_manifest(name), bytes, 0444, IfExists::kFail);
+  if (!st && st.error().code == EEXIST) return fail("image " + name + " exists already in " + dir_, EEXIST);
+  return st;
 }
 
 Status LocalStore::remove_manifest(const std::string& name) {

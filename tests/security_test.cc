@@ -13,9 +13,11 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 
+#include <condition_variable>
 #include <filesystem>
-#include <stdexcept>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
 
 #include "client/firecracker_client.h"
 #include "client/handshake.h"
@@ -24,8 +26,8 @@
 #include "client/uffd_setup.h"
 #include "client/verifier.h"
 #include "harness.h"
-#include "race_harness.h"
 #include "protocol/handshake_socket.h"
+#include "race_harness.h"
 #include "server/test_hooks.h"
 #include "snapshot/working_set.h"
 
@@ -875,6 +877,105 @@ TEST(Resources, AcceptUnderEmfileShedsTheConnectionThroughTheReservedFd) {
   EXPECT_NE(text.find("event=handshake_failed"), std::string::npos) << text;
   EXPECT_NE(text.find("event=server_stop"), std::string::npos) << text;
 }
+
+#ifdef FAULTLINE_TEST_HOOKS
+// The control socket is polled by several threads: under EMFILE each of
+// them may see accept() fail for one connection. Exactly one sheds it; the
+// others find nothing queued and neither log a refusal nor spin. A gate
+// makes two threads woken by the first connection meet before either
+// accepts.
+TEST(Resources, ControlThreadsUnderEmfileShedEachConnectionOnceAndServeAgain) {
+  TempDir dir;
+  const std::string mem = dir.file("mem"), sock = dir.file("vm.sock"), ctl = dir.file("ctl"), log = dir.file("log");
+  ASSERT_TRUE(client::write_test_memory_file(mem, 4 * kMiB, 3, 0.1));
+  constexpr int kConnections = 5;
+  const pid_t child = ::fork();
+  if (child == 0) {
+    const int log_fd = ::open(log.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
+    Logger logger(LogFormat::kText, LogLevel::kDebug, log_fd);
+    ServerConfig c;
+    c.socket_path = sock;
+    c.memory_path = mem;
+    c.control_path = ctl;
+    c.control_threads = 4;
+    c.zero_index = false;
+    c.on_fatal = OnFatal::kLeave;
+    auto server = Server::create(c, logger);
+    if (!server) ::_exit(10);
+    std::thread serving([&] { (void)(*server)->run(); });
+    // The control threads are polling before the fd table fills.
+    if (control(ctl, R"({"cmd":"sessions"})") != R"({"sessions":[]})") ::_exit(15);
+    // Two threads woken by the first connection wait for each other before
+    // they accept (bounded: a single thread would go on after 10 s).
+    std::mutex gate_mu;
+    std::condition_variable gate_cv;
+    int arrived = 0;
+    test_hooks::set(HookPoint::kControlBeforeAccept, [&](HookContext&) {
+      std::unique_lock lock(gate_mu);
+      if (++arrived > 2) return;
+      gate_cv.notify_all();
+      gate_cv.wait_for(lock, std::chrono::seconds(10), [&] { return arrived >= 2; });
+    });
+    // ...and the client keeps the first connection (its fd slot) until both
+    // have tried, so that the second one meets a full table too.
+    int tried = 0;
+    test_hooks::set(HookPoint::kControlAfterAccept, [&](HookContext&) {
+      std::lock_guard lock(gate_mu);
+      ++tried;
+      gate_cv.notify_all();
+    });
+    rlimit lim{64, 64};
+    if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) ::_exit(11);
+    std::vector<int> fillers;
+    for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) fillers.push_back(fd);
+    ::close(fillers.back());  // room for the client's socket, none for the daemon's accept
+    fillers.pop_back();
+    // The client shares the daemon's full fd table: a control thread's
+    // accept() that finds nothing queued holds the free slot for a moment
+    // (the kernel takes the fd first), and the client's socket() can meet
+    // EMFILE then; it tries again.
+    auto connect_client = [&] {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      while (!fd && errno == EMFILE && std::chrono::steady_clock::now() < until) {
+        std::this_thread::yield();
+        fd.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      }
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::strncpy(addr.sun_path, ctl.c_str(), sizeof addr.sun_path - 1);
+      if (!fd || ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return UniqueFd();
+      return fd;
+    };
+    for (int i = 0; i < kConnections; ++i) {
+      UniqueFd shed = connect_client();
+      if (!shed) ::_exit(12);
+      if (!closed_by_server(shed.get(), std::chrono::seconds(20))) ::_exit(13);
+      if (i == 0) {
+        std::unique_lock lock(gate_mu);
+        if (!gate_cv.wait_for(lock, std::chrono::seconds(10), [&] { return tried >= 2; })) ::_exit(17);
+      }
+    }
+    for (int fd : fillers) ::close(fd);
+    const bool served = control(ctl, R"({"cmd":"sessions"})") == R"({"sessions":[]})";
+    (*server)->stop();
+    serving.join();
+    test_hooks::clear(HookPoint::kControlBeforeAccept);
+    test_hooks::clear(HookPoint::kControlAfterAccept);
+    if (arrived < 2) ::_exit(16);  // the gate saw one thread: the case was not made
+    ::_exit(served ? 0 : 14);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  const std::string text = read_file(log);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status << "\n" << text;
+  // One refusal per connection, each naming the client (the child itself).
+  const std::string refused = "event=connection_refused socket=control reason=out_of_resources";
+  EXPECT_EQ(count(text, refused), static_cast<size_t>(kConnections)) << text;
+  EXPECT_EQ(count(text, "pid=" + std::to_string(child) + " "), static_cast<size_t>(kConnections)) << text;
+  EXPECT_EQ(count(text, " pid=0 "), 0u) << text;
+}
+#endif
 
 // --- flags -----------------------------------------------------------------
 

@@ -490,7 +490,11 @@ Status Server::run(int stop_signal_fd) {
         if (control_threads_.empty()) {
           return fail(std::string("cannot start the control socket thread: ") + e.what(), e.code().value());
         }
-        break;  // fewer requests served at once
+        // Fewer requests served at once: said, not silent.
+        log_.warn("control_threads_short", {{"started", control_threads_.size()},
+                                            {"wanted", config_.control_threads},
+                                            {"error", std::string(e.what())}});
+        break;
       }
     }
   }
@@ -551,6 +555,7 @@ Status Server::run(int stop_signal_fd) {
   {
     std::lock_guard lock(bound_mu_);
     accepting_ = false;
+    run_ended_ = true;
   }
   bound_cv_.notify_all();
   {
@@ -599,6 +604,9 @@ Result<Server::Attachment> Server::add_bound(std::shared_ptr<const Served> serve
   std::shared_ptr<Bound> b;
   {
     std::lock_guard lock(bound_mu_);
+    // A socket bound once run() has stopped polling would take connections
+    // nobody accepts.
+    if (auto st = check_not_stopping(); !st) return std::unexpected(st.error());
     if (bound_.size() >= config_.max_attachments) {
       return fail(std::to_string(bound_.size()) + " sockets are attached (--max-attachments " +
                       std::to_string(config_.max_attachments) + ")",
@@ -634,6 +642,25 @@ Server::Attachment Server::describe(const Bound& b) const {
 }
 
 Result<Server::Attachment> Server::attach(const AttachRequest& request) {
+  auto a = attach_unlogged(request);
+  if (!a) {
+    log_.warn("attach_failed",
+              {{"socket", escape_untrusted(request.socket, 256)},
+               {"serves", escape_untrusted(request.image.empty() ? request.memory : request.image, 256)},
+               {"error", a.error().describe()}});
+  }
+  return a;
+}
+
+Status Server::check_not_stopping() const {
+  // REQUIRES: bound_mu_ held.
+  if (stop_requested_.load(std::memory_order_acquire) || run_ended_) {
+    return fail("the daemon is stopping: it binds no more sockets", ESHUTDOWN);
+  }
+  return {};
+}
+
+Result<Server::Attachment> Server::attach_unlogged(const AttachRequest& request) {
   auto path = attach_socket_path(request.socket);
   if (!path) return std::unexpected(path.error());
   if (request.image.empty() == request.memory.empty()) {
@@ -648,6 +675,7 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
   auto check_free = [&]() -> Status {
     if (same_file(config_.control_path)) return fail(*path + " is this daemon's control socket", EEXIST);
     std::lock_guard lock(bound_mu_);
+    if (auto st = check_not_stopping(); !st) return st;
     for (const auto& b : bound_) {
       if (same_file(b->listener.path())) {
         return fail(*path + " is attached already (to " + b->served->name() + "; detach it first)", EEXIST);
@@ -665,7 +693,6 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
     if (auto st = check_free(); !st) return std::unexpected(st.error());  // refused before any I/O
   }
   const bool prefetch_all = request.prefetch == "all";
-  const std::string serves = request.image.empty() ? request.memory : request.image;
   // Opened without attach_op_mu_, so that an image whose store is slow holds
   // up no other attach or detach. Reading its manifests waits for the store
   // no longer than a fault would, and not at all once the daemon stops.
@@ -675,21 +702,14 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
                        /*zero_index_path=*/{}, /*save_zero_index=*/false);
   }();
   if (!served) {
-    log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", served.error().describe()}});
     if (!request.image.empty()) return std::unexpected(served.error());  // it names the image already
     return fail(request.memory + ": " + served.error().message, served.error().code);
   }
   std::lock_guard op(attach_op_mu_);
   // Again: another attach may have taken the socket (or the last slot) meanwhile.
-  if (auto st = check_free(); !st) {
-    log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", st.error().describe()}});
-    return std::unexpected(st.error());
-  }
+  if (auto st = check_free(); !st) return std::unexpected(st.error());
   auto listener = protocol::UnixListener::bind(*path, config_.socket_access);
-  if (!listener) {
-    log_.warn("attach_failed", {{"socket", *path}, {"serves", serves}, {"error", listener.error().describe()}});
-    return std::unexpected(listener.error());
-  }
+  if (!listener) return std::unexpected(listener.error());
   return add_bound(std::move(*served), std::move(*listener));
 }
 
@@ -764,6 +784,7 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
   std::lock_guard lock(reserve_mu_);
   reserve_fd_.reset();
   UniqueFd shed(::accept4(listener_fd, nullptr, nullptr, SOCK_CLOEXEC));
+  const int shed_err = shed ? 0 : errno;
   protocol::PeerCredentials cred;
   bool uffd = false;
   if (shed) {
@@ -780,6 +801,12 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
     if (auto peer = kernel::PeerProcess::open(cred.pid)) killed = peer->kill().has_value();
   }
   reserve_fd_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  // Nothing queued any more: another thread polling the same listener (the
+  // control socket has several) took the connection, or its client gave
+  // up. Nothing was refused, so nothing is logged or counted.
+  if (!shed && (shed_err == EAGAIN || shed_err == EWOULDBLOCK || shed_err == ECONNABORTED || shed_err == EINTR)) {
+    return false;
+  }
   // Counted before the line, noted as ended after it (as refuse() does): a
   // reader of the line then finds the refusal in the metrics.
   const bool vm = std::string_view(socket) == "vm";
@@ -1081,8 +1108,21 @@ void Server::control_loop() {
     if (fds[1].revents) return;
     if (rc <= 0 || !(fds[0].revents & POLLIN)) continue;
     try {
+      HookContext accept_hook;
+      FAULTLINE_HOOK(HookPoint::kControlBeforeAccept, accept_hook);
       UniqueFd conn;
-      if (!accept_or_shed(control_->fd(), "control", &conn)) continue;
+      bool accepted = false;
+      {
+        // One control thread accepts at a time: under EMFILE another one's
+        // accept() must not take the slot a shed frees before the reserve
+        // fd is taken back (the reserve would be lost, and with it the
+        // next shed).
+        std::lock_guard accepting(control_accept_mu_);
+        accepted = accept_or_shed(control_->fd(), "control", &conn);
+      }
+      accept_hook.address = accepted ? 1 : 0;
+      FAULTLINE_HOOK(HookPoint::kControlAfterAccept, accept_hook);
+      if (!accepted) continue;
       auto cred = protocol::peer_credentials(conn.get());
       if (!cred || !allowed(config_.control_allow, conn.get(), *cred)) {
         log_.error("connection_refused",
@@ -1232,6 +1272,23 @@ Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_
   }
   auto s = session(id);
   if (!s) return fail("no running session " + std::to_string(id), ESRCH);
+  const std::pair<std::string, std::string> writing{served->store, name};
+  {
+    std::lock_guard lock(snapshots_mu_);
+    if (!snapshots_writing_.insert(writing).second) {
+      return fail("a snapshot named \"" + name + "\" is being written into " + served->store +
+                      " now (images are immutable; pick another name)",
+                  EBUSY);
+    }
+  }
+  struct Done {
+    const Server* server;
+    const std::pair<std::string, std::string>& key;
+    ~Done() {
+      std::lock_guard lock(server->snapshots_mu_);
+      server->snapshots_writing_.erase(key);
+    }
+  } done_writing{this, writing};
   ExportOptions options;
   options.parent = served->image->name();
   options.name = name;

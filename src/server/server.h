@@ -42,6 +42,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -49,13 +50,13 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "common/unique_fd.h"
-#include "metrics/registry.h"
-#include "protocol/handshake_socket.h"
-#include "server/session.h"
-#include "snapshot/working_set.h"
 #include "image/frame_cache.h"
 #include "image/image_source.h"
+#include "metrics/registry.h"
+#include "protocol/handshake_socket.h"
 #include "server/diff_export.h"
+#include "server/session.h"
+#include "snapshot/working_set.h"
 #include "snapshot/zero_index.h"
 #include "source/page_source.h"
 
@@ -285,6 +286,10 @@ class Server {
                                                     const std::string& zero_index_path, bool save_zero_index) const;
   // Adds a bound socket to the list run() accepts on; EMFILE-like refusal
   // past max_attachments. REQUIRES: attach_op_mu_ held.
+  // attach() without its attach_failed line.
+  Result<Attachment> attach_unlogged(const AttachRequest& request);
+  // ESHUTDOWN once stop() was called or run() has ended. REQUIRES: bound_mu_ held.
+  Status check_not_stopping() const;
   Result<Attachment> add_bound(std::shared_ptr<const Served> served, protocol::UnixListener listener);
   Attachment describe(const Bound& b) const;
   // The socket path attach()/detach() mean by `socket`.
@@ -338,16 +343,25 @@ class Server {
   uint64_t next_attachment_id_ = 1;            // GUARDED_BY(bound_mu_)
   uint64_t run_passes_ = 0;                    // GUARDED_BY(bound_mu_): run() loop iterations
   bool accepting_ = false;                     // GUARDED_BY(bound_mu_): run()'s loop is running
+  bool run_ended_ = false;                     // GUARDED_BY(bound_mu_): run()'s loop has ended
   UniqueFd wake_efd_;                          // wakes run() when bound_ changes
   std::optional<protocol::UnixListener> control_;
   UniqueFd record_dir_fd_;
   UniqueFd stop_efd_;
-  // Set by stop(): a store read made for an attach gives up (ScopedDeadline).
+  // Set by stop(): a store request made for an attach or a snapshot gives up
+  // (ScopedDeadline).
   std::atomic<bool> stop_requested_{false};
+  // The images snapshot() is writing now, each as its store and name: the
+  // same name into the same store again meanwhile is refused (EBUSY) instead
+  // of racing the first to the manifest (an object store has no
+  // create-if-absent PUT: the later one would replace it).
+  mutable std::mutex snapshots_mu_;
+  mutable std::set<std::pair<std::string, std::string>> snapshots_writing_;  // GUARDED_BY(snapshots_mu_)
   // An fd held in reserve: under EMFILE it is closed to accept (and shed) the
   // pending connection, then taken again.
   mutable std::mutex reserve_mu_;
   UniqueFd reserve_fd_;  // GUARDED_BY(reserve_mu_)
+  std::mutex control_accept_mu_;  // held by the control thread calling accept_or_shed()
   uint64_t next_id_ = 1;
   std::vector<std::thread> control_threads_;
 

@@ -20,17 +20,20 @@
 namespace faultline {
 
 enum class HookPoint {
-  kReaderBeforeRead,       // event reader, before it reads a batch from the uffd
-  kBeforeInstallIoctl,     // worker, before an install ioctl for a fault (page staged, fence not yet entered)
-  kBeforePrefaultInstall,  // prefault, before its install ioctl
-  kBeforeReadaheadInstall, // worker, before a fault-around readahead's install (pages staged, fence not yet entered)
-  kServerBeforeRefuse,     // accept thread, before it drains a connection it refuses (address = the fd)
-  kMetricsCollect,         // a scrape, reading a live session's counts (registry lock held)
-  kBeforeMetricsFold,      // a session's end, final counts taken, before they are folded into the registry
-  kSessionSetup,           // Session::start, before each step that can fail (`what` names it)
-  kSourceRead,             // worker or prefault, before a read of snapshot bytes (address = file offset)
-  kServerBeforePublish,    // connection thread, session started (serving), before the server lists it (address = session id)
-  kLookupWaitsForStart,    // a session lookup (control), about to wait for a session mid-start (address = id, 0: any)
+  kReaderBeforeRead,        // event reader, before it reads a batch from the uffd
+  kBeforeInstallIoctl,      // worker, before an install ioctl for a fault (page staged, fence not yet entered)
+  kBeforePrefaultInstall,   // prefault, before its install ioctl
+  kBeforeReadaheadInstall,  // worker, before a fault-around readahead's install (pages staged, fence not yet entered)
+  kServerBeforeRefuse,      // accept thread, before it drains a connection it refuses (address = the fd)
+  kMetricsCollect,          // a scrape, reading a live session's counts (registry lock held)
+  kBeforeMetricsFold,       // a session's end, final counts taken, before they are folded into the registry
+  kSessionSetup,            // Session::start, before each step that can fail (`what` names it)
+  kSourceRead,              // worker or prefault, before a read of snapshot bytes (address = file offset)
+  kServerBeforePublish,  // connection thread, session started (serving), before the server lists it (address = session
+                         // id)
+  kLookupWaitsForStart,  // a session lookup (control), about to wait for a session mid-start (address = id, 0: any)
+  kControlBeforeAccept,  // control thread, its poll saw the listener readable, before it accepts
+  kControlAfterAccept,   // control thread, after its accept (address = 1 when it took a connection to serve)
   kCount,
 };
 

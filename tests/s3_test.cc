@@ -574,6 +574,56 @@ TEST_F(S3MultipartTest, AnUploadThatFailsForGoodIsAbortedAndLeavesNeitherObjectN
   }
 }
 
+// An upload whose parts the store takes and never answers ends with its
+// caller: at the caller's deadline, or when it stops, the parts in flight on
+// helper threads included (joining them used to wait for every timeout and
+// retry of theirs); then the upload is aborted, past that deadline.
+TEST_F(S3MultipartTest, AnUploadEndsWithItsCallerPartsOnHelperThreadsIncludedAndIsAborted) {
+  const std::string bucket = bucket_name("fl-multipart-deadline");
+  ASSERT_TRUE(client_->create_bucket(bucket));
+  std::atomic<int> hung{0};
+  FaultProxy proxy(port_, recording([&](const std::string& method, const std::string& path) {
+                     FaultProxy::Decision d;
+                     if (method == "PUT" && path.find("partNumber=") != std::string::npos) {
+                       hung.fetch_add(1);
+                       d.action = FaultProxy::Action::kHang;
+                     }
+                     return d;
+                   }));
+  ASSERT_NE(proxy.port(), 0);
+  auto client = multipart_client(proxy);
+  ASSERT_TRUE(client);
+  for (const bool by_stop : {false, true}) {
+    SCOPED_TRACE(by_stop ? "the caller stops" : "the caller's deadline");
+    const std::string key = by_stop ? "stopped" : "late";
+    const int before = hung.load();
+    std::atomic<bool> stop{false};
+    auto put = std::async(std::launch::async, [&] {
+      const auto at = std::chrono::steady_clock::now() +
+                      (by_stop ? std::chrono::milliseconds(std::chrono::minutes(5)) : std::chrono::milliseconds(1500));
+      const ScopedDeadline scope(at, &stop);
+      return client->put(bucket, key, random_bytes(11 * kMiB, 26));  // 3 parts, all at once
+    });
+    struct StopOnExit {
+      std::atomic<bool>& flag;
+      ~StopOnExit() { flag.store(true); }  // a failed ASSERT does not wait for the parts
+    } stop_on_exit{stop};
+    ASSERT_TRUE(wait_until([&] { return hung.load() >= before + 3; }));  // every part sent, and hanging
+    if (by_stop) stop.store(true);
+    // Bounded, not timed: a helper's part alone took 5 attempts of 10 s.
+    ASSERT_EQ(put.wait_for(std::chrono::seconds(30)), std::future_status::ready) << "a part outlived its caller";
+    auto r = put.get();
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code, by_stop ? ECANCELED : ETIMEDOUT) << r.error().describe();
+    EXPECT_TRUE(r.error().retryable) << r.error().describe();
+    EXPECT_EQ(hung.load(), before + 3) << "a part was sent again after its caller gave up";
+    EXPECT_EQ(count("DELETE", "/" + bucket + "/" + key + "?uploadId="), 1u) << "the upload was not aborted";
+    auto unfinished = client_->unfinished_uploads(bucket, key);
+    ASSERT_TRUE(unfinished) << unfinished.error().describe();
+    EXPECT_TRUE(unfinished->empty()) << unfinished->size() << " unfinished uploads left";
+  }
+}
+
 // The store completes the upload but its answer is lost (the connection is
 // reset after the gateway answered): the retried completion finds the upload
 // gone, and put still succeeds because the object is there, whole. RGW
@@ -620,7 +670,9 @@ TEST_F(S3MultipartTest, ACompletionAnsweredNoSuchUploadFailsUnlessTheObjectIsThe
     SCOPED_TRACE(other_object ? "another object at the key" : "no object at the key");
     const std::string bucket = bucket_name(other_object ? "fl-multipart-gone-other" : "fl-multipart-gone");
     ASSERT_TRUE(client_->create_bucket(bucket));
-    if (other_object) ASSERT_TRUE(client_->put(bucket, "obj", random_bytes(11 * kMiB, 28)));  // same size, other bytes
+    if (other_object) {
+      ASSERT_TRUE(client_->put(bucket, "obj", random_bytes(11 * kMiB, 28)));  // same size, other bytes
+    }
     auto gone = [&](const std::string& method, const std::string& path) {
       FaultProxy::Decision d;
       if (method == "POST" && path.find("?uploadId=") != std::string::npos)
@@ -946,6 +998,52 @@ TEST_F(S3Test, ARequestGivesUpAtTheCallersDeadlineAndWhenItsFlagIsSet) {
   EXPECT_EQ((*client)->requests(), before + 1);
 }
 
+// A stop between attempts (the store answered 503 SlowDown, and the caller
+// stopped during the backoff before the next attempt): the request ends
+// within the backoff's 50 ms slice, and the error says cancelled
+// (ECANCELED), not the store's last answer (EAGAIN).
+TEST_F(S3Test, ARequestStoppedBetweenAttemptsEndsCancelledNotWithTheStoresLastAnswer) {
+  ASSERT_TRUE(client_->create_bucket(bucket_name("fl-cancel-retry")));
+  std::atomic<int> gets{0};
+  FaultProxy proxy(port_, [&](const std::string& method, const std::string&) {
+    FaultProxy::Decision d;
+    if (method == "GET") {
+      gets.fetch_add(1);
+      d.action = FaultProxy::Action::kSlowDown;
+    }
+    return d;
+  });
+  ASSERT_NE(proxy.port(), 0);
+  S3Config c = config_;
+  c.endpoint = proxy.endpoint();
+  // The backoff before the second attempt is drawn from 0-20 s: the stop
+  // lands in it but for the 1 draw in 400 that is under 50 ms (then it ends
+  // the second attempt in flight, also ECANCELED).
+  c.first_backoff = std::chrono::seconds(20);
+  auto client = S3Client::create(c);
+  ASSERT_TRUE(client);
+  std::atomic<bool> stop{false};
+  const uint64_t before = S3Client::process_totals().requests;  // counts attempts that ended
+  auto get = std::async(std::launch::async, [&] {
+    const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::minutes(2), &stop);
+    return (*client)->get(bucket_name("fl-cancel-retry"), "obj");
+  });
+  struct StopOnExit {
+    std::atomic<bool>& flag;
+    ~StopOnExit() { flag.store(true); }
+  } stop_on_exit{stop};
+  ASSERT_TRUE(wait_until([&] { return S3Client::process_totals().requests > before; }));  // answered 503
+  stop.store(true);
+  // Bounded, not timed: the backoff alone may be 20 s.
+  ASSERT_EQ(get.wait_for(std::chrono::seconds(10)), std::future_status::ready) << "the backoff ignored the stop";
+  auto r = get.get();
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, ECANCELED) << r.error().describe();
+  EXPECT_TRUE(r.error().retryable);
+  EXPECT_NE(r.error().message.find("stopped: the caller is stopping"), std::string::npos) << r.error().message;
+  EXPECT_LE(gets.load(), 2) << "an attempt after the stop";
+}
+
 // The wait for a free connection of the pool is bounded the same way: with
 // the only connection held by a GET the store never answers, a request
 // under a deadline gives up at it without sending anything, and one whose
@@ -989,6 +1087,9 @@ TEST_F(S3Test, AWaitForAFreeConnectionEndsAtTheCallersDeadlineAndWhenItsFlagIsSe
     const ScopedDeadline scope(std::chrono::steady_clock::now() + std::chrono::minutes(2), &stop);
     return (*client)->get(bucket_name("fl-deadline-pool"), "obj");
   });
+  // Destroyed before `waiting`: a failed ASSERT ends the holder's GET first,
+  // so `waiting`, should it still wait for the connection, ends too.
+  StopHolder stop_holder_first{stop_holder};
   stop.store(true);
   // Bounded, not timed: without the flag this waits for the holder's GET.
   ASSERT_EQ(waiting.wait_for(std::chrono::seconds(20)), std::future_status::ready);
@@ -1246,9 +1347,9 @@ TEST_F(S3Test, AStoreDeadlineOfZeroStillGivesEachRequestItsAttempts) {
 }
 
 // An attach of a bucket image whose store takes the manifest's GET and
-// never answers: the control socket serves one request at a time, so the
-// attach gives up at the daemon's store deadline (not after every timeout
-// and retry of the S3 client: minutes), and at once when the daemon stops.
+// never answers holds a control thread: it gives up at the daemon's store
+// deadline (not after every timeout and retry of the S3 client: minutes),
+// and at once when the daemon stops.
 TEST_F(S3Test, AnAttachWhoseStoreNeverAnswersEndsAtTheStoreDeadlineAndWhenTheDaemonStops) {
   std::atomic<bool> hang{false};
   std::atomic<int> hung{0};
@@ -1275,6 +1376,10 @@ TEST_F(S3Test, AnAttachWhoseStoreNeverAnswersEndsAtTheStoreDeadlineAndWhenTheDae
     auto attach = std::async(std::launch::async, [&] {
       return h.server().attach({.socket = by_stop ? "stop.sock" : "late.sock", .image = url + "/base"});
     });
+    struct StopOnExit {
+      Server& server;
+      ~StopOnExit() { server.stop(); }  // a failed ASSERT does not wait for the store deadline
+    } stop_on_exit{h.server()};
     ASSERT_TRUE(wait_until([&] { return hung.load() > before; }));  // the manifest's GET hangs
     if (by_stop) {
       // Other attaches and detaches go on meanwhile (the slow one holds no lock).
@@ -1284,9 +1389,10 @@ TEST_F(S3Test, AnAttachWhoseStoreNeverAnswersEndsAtTheStoreDeadlineAndWhenTheDae
         auto d = h.server().detach("other.sock");
         return d ? std::string("ok") : d.error().describe();
       });
-      ASSERT_EQ(other.wait_for(std::chrono::seconds(20)), std::future_status::ready) << "held up by the slow attach";
+      const bool other_done = other.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+      h.server().stop();  // before a failed ASSERT: it ends both attaches
+      ASSERT_TRUE(other_done) << "held up by the slow attach";
       EXPECT_EQ(other.get(), "ok");
-      h.server().stop();
     }
     // Bounded, not timed: without the deadline this took minutes.
     // (The S3 client alone gives up after 5 attempts of 10 s without a byte.)
@@ -1337,6 +1443,11 @@ TEST_F(S3Test, ASnapshotIntoAStoreThatNeverAnswersHoldsOneControlThreadAndEndsWh
   // Another control request is answered while the snapshot waits.
   const std::string listed = control(dir_.file("ctl"), R"({"cmd":"sessions"})");
   EXPECT_NE(listed.find(R"({"session":)" + id + ","), std::string::npos) << listed;
+  // The same name again meanwhile is refused at once: a bucket has no
+  // create-if-absent PUT, so its manifest would replace the first one's.
+  const std::string twice =
+      control(dir_.file("ctl"), R"({"cmd":"snapshot","session":)" + id + R"(,"store":")" + url + R"(","name":"gen1"})");
+  EXPECT_NE(twice.find("is being written"), std::string::npos) << twice;
   EXPECT_EQ(snap.wait_for(std::chrono::milliseconds(0)), std::future_status::timeout) << "the snapshot did not wait";
   h.server().stop();
   // Bounded, not timed: without the cancellation this took 5 attempts of 10 s.

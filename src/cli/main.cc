@@ -318,10 +318,13 @@ int main(int argc, char** argv) {
       ->default_val(100)
       ->check(CLI::Range(int64_t{0}, int64_t{1000000}));
   double store_deadline_s = 30;
-  serve->add_option("--store-deadline", store_deadline_s,
-                    "Seconds a fault waits for a store failing in a way that may pass (an object store down, "
-                    "timing out, answering 5xx) before its session is fatal and --on-fatal applies; loads read ahead "
-                    "for a prefetch and reading an image's manifests (start-up, attach) give up at it too")
+  serve
+      ->add_option("--store-deadline", store_deadline_s,
+                   "Seconds a fault waits for a store failing in a way that may pass (an object store down, "
+                   "timing out, answering 5xx) before its session is fatal and --on-fatal applies; loads read ahead "
+                   "for a prefetch and reading an image's manifests (start-up, attach) give up at it too. 0: a "
+                   "fault's first failed read is fatal, and those loads and reads have no deadline beyond the "
+                   "store client's own attempts")
       ->default_val(30)
       ->check(CLI::Range(0.0, 86400.0));
   serve->add_option("--prefetch-threads", config.prefetch_threads,

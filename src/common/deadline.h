@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <mutex>
 #include <optional>
+#include <thread>
 
 namespace faultline {
 
@@ -60,6 +61,18 @@ inline std::chrono::steady_clock::time_point deadline_in(std::chrono::millisecon
   return std::chrono::steady_clock::now() + wait;
 }
 
+// Sleeps for `pause`: true; or until `deadline` has passed or its scope is
+// cancelled: false, within 50 ms of the cancellation.
+inline bool sleep_unless_given_up(std::chrono::milliseconds pause, const ThreadDeadline& deadline) {
+  constexpr auto kSlice = std::chrono::milliseconds(50);
+  const auto until = std::chrono::steady_clock::now() + pause;
+  for (auto now = std::chrono::steady_clock::now(); now < until; now = std::chrono::steady_clock::now()) {
+    if (deadline.passed()) return false;
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(until - now, kSlice));
+  }
+  return !deadline.passed();
+}
+
 // Waits on `cv` (with `lock` held) until `done()` holds: true; or until
 // `deadline` has passed or its scope is cancelled: false. It looks every
 // 50 ms, since nothing notifies the wait of a cancellation.
@@ -85,6 +98,14 @@ class ScopedDeadline {
     }
     if (cancelled != nullptr && d.flag_count < ThreadDeadline::kMaxFlags) d.flags[d.flag_count++] = cancelled;
     detail::g_thread_deadline = d;
+  }
+  // Replaces this thread's deadline with `replacement` (none: no deadline)
+  // until the scope ends, whatever scopes are around it: a helper thread
+  // doing part of another thread's work adopts that thread's
+  // current_deadline(), and cleanup that must run even past its caller's
+  // deadline (aborting a multipart upload) gets a bounded one of its own.
+  explicit ScopedDeadline(const std::optional<ThreadDeadline>& replacement) : outer_(detail::g_thread_deadline) {
+    detail::g_thread_deadline = replacement;
   }
   ~ScopedDeadline() { detail::g_thread_deadline = outer_; }
   ScopedDeadline(const ScopedDeadline&) = delete;

@@ -253,6 +253,9 @@ std::atomic<uint64_t> g_requests{0}, g_gets{0}, g_get_body_bytes{0}, g_retries{0
 // parts in one upload.
 constexpr uint64_t kMinPartSize = 5 * 1024 * 1024;
 constexpr uint64_t kMaxParts = 10000;
+// How long aborting a failed multipart upload may take, past its caller's
+// deadline or stop.
+constexpr auto kAbortDeadline = std::chrono::seconds(10);
 }  // namespace
 
 struct S3Client::Handle {
@@ -448,13 +451,20 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
       std::uniform_int_distribution<int64_t> d(0, backoff.count());
       const milliseconds pause(d(jitter));
       if (deadline && (deadline->passed() || pause >= left())) break;  // no attempt would finish in time
-      std::this_thread::sleep_for(pause);
+      if (!deadline) {
+        std::this_thread::sleep_for(pause);
+      } else if (!sleep_unless_given_up(pause, *deadline)) {
+        break;  // stopped while it waited
+      }
       backoff *= 2;
     }
     if (deadline && deadline->passed()) break;
     auto h = acquire(deadline);
-    if (!h) {
-      waited_for_connection = true;  // the deadline passed (or the scope was cancelled) first
+    if (!h || (deadline && deadline->passed())) {
+      // The deadline passed (or the scope was cancelled) first, or while the
+      // connection was handed over: an attempt now would be cut short at once.
+      if (h) release(std::move(h));
+      waited_for_connection = true;
       break;
     }
     milliseconds timeout = config_.request_timeout;
@@ -511,6 +521,9 @@ Result<S3Client::Response> S3Client::perform(const std::string& method, const st
                                      (cancelled ? ": the caller is stopping" : ": the caller's deadline had passed"),
                                  true});
   }
+  // A stop says more than the last attempt's failure: callers tell a
+  // cancellation by its code (it stays retryable, see perform_once()).
+  if (cancelled) last.code = ECANCELED;
   const char* why = cancelled ? ", stopped: the caller is stopping)" : ", stopped at the caller's deadline)";
   last.message += " (after " + std::to_string(attempts) + (attempts == 1 ? " attempt" : " attempts") +
                   (attempts < config_.max_attempts || cancelled ? why : ")");
@@ -566,13 +579,7 @@ std::string multipart_etag(const std::vector<std::string>& part_etags) {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned len = 0;
   if (EVP_Digest(md5s.data(), md5s.size(), digest, &len, EVP_md5(), nullptr) != 1 || len != 16) return {};
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out = "\"";
-  for (unsigned i = 0; i < len; ++i) {
-    out.push_back(kHex[digest[i] >> 4]);
-    out.push_back(kHex[digest[i] & 15]);
-  }
-  return out + "-" + std::to_string(part_etags.size()) + "\"";
+  return "\"" + hex_lower({digest, len}) + "-" + std::to_string(part_etags.size()) + "\"";
 }
 
 }  // namespace
@@ -596,6 +603,10 @@ Status S3Client::put_multipart(const std::string& bucket, const std::string& key
   // stored would otherwise stay in the bucket (invisible, but kept and
   // billed) until someone aborts it.
   auto abort_upload = [&](Error cause) {
+    // Cleanup, so not under the caller's deadline (a part that failed at it
+    // would leave the upload's parts in the bucket), but bounded by one of
+    // its own, which a stopping caller does not cancel.
+    const ScopedDeadline cleanup(ThreadDeadline{.at = std::chrono::steady_clock::now() + kAbortDeadline});
     auto aborted = perform("DELETE", bucket, key, upload_query, {}, std::nullopt);
     // NoSuchUpload: nothing is left to abort.
     if (!aborted && aborted.error().code != ENOENT) {
@@ -639,9 +650,16 @@ Status S3Client::put_multipart(const std::string& bucket, const std::string& key
   {
     std::vector<std::jthread> helpers;
     const size_t width = std::min({parts, config_.multipart_parallel_parts, config_.max_connections});
+    // The helpers' requests end with the caller's: at its deadline, or when
+    // it stops (the join below would otherwise wait for every timeout and
+    // retry of theirs).
+    const std::optional<ThreadDeadline> caller = current_deadline();
     for (size_t t = 1; t < width; ++t) {
       try {
-        helpers.emplace_back(upload_parts);
+        helpers.emplace_back([&] {
+          const ScopedDeadline inherited(caller);
+          upload_parts();
+        });
       } catch (const std::system_error&) {
         break;  // no thread to spare: the parts go up on fewer
       }

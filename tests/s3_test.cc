@@ -598,11 +598,14 @@ TEST_F(S3MultipartTest, AnUploadEndsWithItsCallerPartsOnHelperThreadsIncludedAnd
     const std::string key = by_stop ? "stopped" : "late";
     const int before = hung.load();
     std::atomic<bool> stop{false};
+    const std::string body = random_bytes(11 * kMiB, 26);  // 3 parts, all at once
     auto put = std::async(std::launch::async, [&] {
+      // Room to send every part on a loaded machine, and far below the 50 s
+      // a part alone took.
       const auto at = std::chrono::steady_clock::now() +
-                      (by_stop ? std::chrono::milliseconds(std::chrono::minutes(5)) : std::chrono::milliseconds(1500));
+                      (by_stop ? std::chrono::milliseconds(std::chrono::minutes(5)) : std::chrono::milliseconds(5000));
       const ScopedDeadline scope(at, &stop);
-      return client->put(bucket, key, random_bytes(11 * kMiB, 26));  // 3 parts, all at once
+      return client->put(bucket, key, body);
     });
     struct StopOnExit {
       std::atomic<bool>& flag;

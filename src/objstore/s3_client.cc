@@ -648,12 +648,12 @@ Status S3Client::put_multipart(const std::string& bucket, const std::string& key
     }
   };
   {
-    std::vector<std::jthread> helpers;
-    const size_t width = std::min({parts, config_.multipart_parallel_parts, config_.max_connections});
     // The helpers' requests end with the caller's: at its deadline, or when
     // it stops (the join below would otherwise wait for every timeout and
-    // retry of theirs).
+    // retry of theirs). Declared before `helpers`: it outlives their join.
     const std::optional<ThreadDeadline> caller = current_deadline();
+    std::vector<std::jthread> helpers;
+    const size_t width = std::min({parts, config_.multipart_parallel_parts, config_.max_connections});
     for (size_t t = 1; t < width; ++t) {
       try {
         helpers.emplace_back([&] {

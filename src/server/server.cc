@@ -488,6 +488,7 @@ Status Server::run(int stop_signal_fd) {
         control_threads_.emplace_back([this] { control_loop(); });
       } catch (const std::system_error& e) {
         if (control_threads_.empty()) {
+          stop();  // the daemon will not run: nothing attaches from here on
           return fail(std::string("cannot start the control socket thread: ") + e.what(), e.code().value());
         }
         // Fewer requests served at once: said, not silent.
@@ -551,11 +552,14 @@ Status Server::run(int stop_signal_fd) {
     }
     bound_cv_.notify_all();
   }
+  // At once, whatever ended the loop (a signal, a failed poll): from here on
+  // no attach binds a socket nobody would accept on, and the control
+  // threads (which watch the same eventfd) end.
+  stop();
   bound.clear();
   {
     std::lock_guard lock(bound_mu_);
     accepting_ = false;
-    run_ended_ = true;
   }
   bound_cv_.notify_all();
   {
@@ -566,7 +570,6 @@ Status Server::run(int stop_signal_fd) {
       if (c->session) c->session->stop();
     }
   }
-  stop();  // the control threads watch the same eventfd
   join_control_threads();
   reap(true);
   log_.info("server_stop", {{"sessions", finished_total()}});
@@ -601,6 +604,11 @@ Result<std::string> Server::attach_socket_path(const std::string& socket) const 
 }
 
 Result<Server::Attachment> Server::add_bound(std::shared_ptr<const Served> served, protocol::UnixListener listener) {
+  // Non-blocking: accept_or_shed() accepts holding reserve_mu_, which the
+  // control threads' accepts wait for, so an accept must never block.
+  if (::fcntl(listener.fd(), F_SETFL, ::fcntl(listener.fd(), F_GETFL) | O_NONBLOCK) != 0) {
+    return fail_errno("cannot make " + listener.path() + " non-blocking");
+  }
   std::shared_ptr<Bound> b;
   {
     std::lock_guard lock(bound_mu_);
@@ -653,8 +661,7 @@ Result<Server::Attachment> Server::attach(const AttachRequest& request) {
 }
 
 Status Server::check_not_stopping() const {
-  // REQUIRES: bound_mu_ held.
-  if (stop_requested_.load(std::memory_order_acquire) || run_ended_) {
+  if (stop_requested_.load(std::memory_order_acquire)) {
     return fail("the daemon is stopping: it binds no more sockets", ESHUTDOWN);
   }
   return {};
@@ -767,6 +774,7 @@ std::vector<Server::Attachment> Server::attachments() const {
 }
 
 bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) {
+  std::lock_guard lock(reserve_mu_);
   const int fd = ::accept4(listener_fd, nullptr, nullptr, SOCK_CLOEXEC);
   if (fd >= 0) {
     out->reset(fd);
@@ -781,10 +789,10 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
   // Out of fds: the connection stays queued and the listener readable, so
   // without this every poll would return at once. Free the reserved fd,
   // accept the connection on it and refuse it; then take the reserve back.
-  std::lock_guard lock(reserve_mu_);
   reserve_fd_.reset();
   UniqueFd shed(::accept4(listener_fd, nullptr, nullptr, SOCK_CLOEXEC));
-  const int shed_err = shed ? 0 : errno;
+  const bool took = static_cast<bool>(shed);
+  const int shed_err = took ? 0 : errno;
   protocol::PeerCredentials cred;
   bool uffd = false;
   if (shed) {
@@ -801,10 +809,15 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
     if (auto peer = kernel::PeerProcess::open(cred.pid)) killed = peer->kill().has_value();
   }
   reserve_fd_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-  // Nothing queued any more: another thread polling the same listener (the
-  // control socket has several) took the connection, or its client gave
-  // up. Nothing was refused, so nothing is logged or counted.
-  if (!shed && (shed_err == EAGAIN || shed_err == EWOULDBLOCK || shed_err == ECONNABORTED || shed_err == EINTR)) {
+  if (!took) {
+    // Nothing was refused, so nothing is logged or counted as a refusal.
+    // Nothing queued any more: another thread polling the same listener (the
+    // control socket has several) took the connection, or its client gave up.
+    if (shed_err == EAGAIN || shed_err == EWOULDBLOCK || shed_err == ECONNABORTED || shed_err == EINTR) return false;
+    // The slot freed was taken by another thread of the daemon first.
+    log_.error(
+        "accept_failed",
+        {{"socket", socket}, {"error", std::string("no fd to shed the connection with: ") + std::strerror(shed_err)}});
     return false;
   }
   // Counted before the line, noted as ended after it (as refuse() does): a
@@ -1111,15 +1124,7 @@ void Server::control_loop() {
       HookContext accept_hook;
       FAULTLINE_HOOK(HookPoint::kControlBeforeAccept, accept_hook);
       UniqueFd conn;
-      bool accepted = false;
-      {
-        // One control thread accepts at a time: under EMFILE another one's
-        // accept() must not take the slot a shed frees before the reserve
-        // fd is taken back (the reserve would be lost, and with it the
-        // next shed).
-        std::lock_guard accepting(control_accept_mu_);
-        accepted = accept_or_shed(control_->fd(), "control", &conn);
-      }
+      const bool accepted = accept_or_shed(control_->fd(), "control", &conn);
       accept_hook.address = accepted ? 1 : 0;
       FAULTLINE_HOOK(HookPoint::kControlAfterAccept, accept_hook);
       if (!accepted) continue;
@@ -1255,15 +1260,18 @@ Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_
   // its parent is there, and a control client must not be able to make the
   // daemon write into any other directory or bucket.
   bool same_store = false;
+  std::string store_key;  // the store, one spelling per store (for snapshots_writing_)
   if (objstore::is_s3_url(served->store)) {
     const auto asked = objstore::S3Location::parse(store_dir);
     const auto serving = objstore::S3Location::parse(served->store);
     same_store = asked && serving && asked->bucket == serving->bucket && asked->prefix == serving->prefix;
+    if (same_store) store_key = serving->url();
   } else {
     std::error_code ec1, ec2;
     const auto asked = std::filesystem::canonical(store_dir, ec1);
     const auto serving = std::filesystem::canonical(served->store, ec2);
     same_store = !ec1 && !ec2 && asked == serving;
+    store_key = serving.string();
   }
   if (!same_store) {
     return fail("snapshot writes only into the store the session is served from (" + served->store + "), not \"" +
@@ -1272,7 +1280,7 @@ Result<Server::Snapshot> Server::snapshot(uint64_t id, const std::string& store_
   }
   auto s = session(id);
   if (!s) return fail("no running session " + std::to_string(id), ESRCH);
-  const std::pair<std::string, std::string> writing{served->store, name};
+  const std::pair<std::string, std::string> writing{store_key, name};
   {
     std::lock_guard lock(snapshots_mu_);
     if (!snapshots_writing_.insert(writing).second) {

@@ -284,12 +284,12 @@ class Server {
   Result<std::shared_ptr<const Served>> open_served(const std::string& memory, const std::string& image,
                                                     const std::string& prefetch, bool prefetch_all,
                                                     const std::string& zero_index_path, bool save_zero_index) const;
-  // Adds a bound socket to the list run() accepts on; EMFILE-like refusal
-  // past max_attachments. REQUIRES: attach_op_mu_ held.
   // attach() without its attach_failed line.
   Result<Attachment> attach_unlogged(const AttachRequest& request);
-  // ESHUTDOWN once stop() was called or run() has ended. REQUIRES: bound_mu_ held.
+  // ESHUTDOWN once stop() was called (run() calls it as its loop ends).
   Status check_not_stopping() const;
+  // Adds a bound socket to the list run() accepts on; EMFILE-like refusal
+  // past max_attachments. REQUIRES: attach_op_mu_ held.
   Result<Attachment> add_bound(std::shared_ptr<const Served> served, protocol::UnixListener listener);
   Attachment describe(const Bound& b) const;
   // The socket path attach()/detach() mean by `socket`.
@@ -343,7 +343,6 @@ class Server {
   uint64_t next_attachment_id_ = 1;            // GUARDED_BY(bound_mu_)
   uint64_t run_passes_ = 0;                    // GUARDED_BY(bound_mu_): run() loop iterations
   bool accepting_ = false;                     // GUARDED_BY(bound_mu_): run()'s loop is running
-  bool run_ended_ = false;                     // GUARDED_BY(bound_mu_): run()'s loop has ended
   UniqueFd wake_efd_;                          // wakes run() when bound_ changes
   std::optional<protocol::UnixListener> control_;
   UniqueFd record_dir_fd_;
@@ -351,17 +350,19 @@ class Server {
   // Set by stop(): a store request made for an attach or a snapshot gives up
   // (ScopedDeadline).
   std::atomic<bool> stop_requested_{false};
-  // The images snapshot() is writing now, each as its store and name: the
+  // The images snapshot() is writing now, each as its store (a canonical
+  // directory, or s3://BUCKET/PREFIX) and name: the
   // same name into the same store again meanwhile is refused (EBUSY) instead
   // of racing the first to the manifest (an object store has no
   // create-if-absent PUT: the later one would replace it).
   mutable std::mutex snapshots_mu_;
   mutable std::set<std::pair<std::string, std::string>> snapshots_writing_;  // GUARDED_BY(snapshots_mu_)
   // An fd held in reserve: under EMFILE it is closed to accept (and shed) the
-  // pending connection, then taken again.
+  // pending connection, then taken again. Every accept (run()'s for the VM
+  // sockets, the control threads') holds reserve_mu_, so no other accept
+  // takes the slot a shed frees before the reserve is taken back.
   mutable std::mutex reserve_mu_;
   UniqueFd reserve_fd_;  // GUARDED_BY(reserve_mu_)
-  std::mutex control_accept_mu_;  // held by the control thread calling accept_or_shed()
   uint64_t next_id_ = 1;
   std::vector<std::thread> control_threads_;
 

@@ -19,7 +19,9 @@ namespace faultline::testing {
 
 class DelegatingStore : public image::Store {
  public:
-  explicit DelegatingStore(std::unique_ptr<image::Store> inner) : inner_(std::move(inner)) {}
+  explicit DelegatingStore(std::unique_ptr<image::Store> inner) : owned_(std::move(inner)), inner_(owned_.get()) {}
+  // Passes to a store the caller keeps (it must outlive this one).
+  explicit DelegatingStore(image::Store& inner) : inner_(&inner) {}
 
   // Blob reads come here: the defaults of get_sized() and get_checked() call
   // get(), so an override of get() sees every read.
@@ -44,7 +46,8 @@ class DelegatingStore : public image::Store {
   }
 
  private:
-  std::unique_ptr<image::Store> inner_;
+  std::unique_ptr<image::Store> owned_;
+  image::Store* inner_;
 };
 
 }  // namespace faultline::testing

@@ -650,35 +650,10 @@ TEST(Image, AParentThatCannotBeReadForAMomentIsNotCalledMissingAndStaysRetryable
 
 // A store whose manifest writes fail (a full disk, a crash at the last step):
 // everything else goes to a real LocalStore.
-class ManifestWriteFails final : public Store {
+class ManifestWriteFails final : public faultline::testing::DelegatingStore {
  public:
-  explicit ManifestWriteFails(LocalStore& real) : real_(real) {}
-  Result<std::string> get(const BlobId& id) override { return real_.get(id); }
-  Status put(const BlobId& id, std::string_view b) override { return real_.put(id, b); }
-  Status put_deferred(const BlobId& id, std::string_view b, DeferredPuts& d) override {
-    return real_.put_deferred(id, b, d);
-  }
-  Status sync(DeferredPuts& d) override { return real_.sync(d); }
-  Result<bool> exists(const BlobId& id) override { return real_.exists(id); }
-  Result<std::vector<BlobId>> list() override { return real_.list(); }
-  Status remove(const BlobId& id) override { return real_.remove(id); }
-  std::string describe(const BlobId& id) const override { return real_.describe(id); }
-  std::string identity() const override { return real_.identity(); }
-  Result<std::string> read_manifest(const std::string& n) override { return real_.read_manifest(n); }
-  Result<bool> manifest_exists(const std::string& n) override { return real_.manifest_exists(n); }
+  using DelegatingStore::DelegatingStore;
   Status write_manifest(const std::string&, std::string_view) override { return fail("no space left", ENOSPC); }
-  Result<std::vector<std::string>> list_manifests() override { return real_.list_manifests(); }
-  Status remove_manifest(const std::string& n) override { return real_.remove_manifest(n); }
-  std::string describe_manifest(const std::string& n) const override { return real_.describe_manifest(n); }
-  Result<std::unique_ptr<StoreLock>> lock_shared(const std::function<void()>& w) override {
-    return real_.lock_shared(w);
-  }
-  Result<std::unique_ptr<StoreLock>> lock_exclusive(const std::function<void()>& w) override {
-    return real_.lock_exclusive(w);
-  }
-
- private:
-  LocalStore& real_;
 };
 
 TEST(ImageGc, AnInterruptedCreateLeavesNoImageAndGcRemovesItsBlobs) {

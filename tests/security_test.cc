@@ -893,6 +893,59 @@ TEST(Resources, AcceptUnderEmfileShedsTheConnectionThroughTheReservedFd) {
 }
 
 #ifdef FAULTLINE_TEST_HOOKS
+// Out of fds, another thread of the daemon takes the slot the reserve fd
+// freed (the hook opens a file there): the connection cannot be shed and the
+// reserve is lost. The daemon says so once, retries every 10 ms without
+// another line, and once a slot is free again takes the reserve back and
+// sheds the connection.
+TEST(Resources, AReserveFdLostToAnotherThreadIsSaidOnceAndTakenBackWhenASlotIsFree) {
+  TempDir dir;
+  const std::string mem = dir.file("mem"), sock = dir.file("vm.sock"), log = dir.file("log");
+  ASSERT_TRUE(client::write_test_memory_file(mem, 4 * kMiB, 3, 0.1));
+  const pid_t child = ::fork();
+  if (child == 0) {
+    const int log_fd = ::open(log.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
+    Logger logger(LogFormat::kText, LogLevel::kDebug, log_fd);
+    auto server = Server::create(emfile_test_config(sock, mem), logger);
+    if (!server) ::_exit(10);
+    std::thread serving([&] { (void)(*server)->run(); });
+    std::atomic<int> stolen{-1};
+    std::atomic<int> sheds{0};
+    test_hooks::set(HookPoint::kBeforeShedAccept, [&](HookContext&) {
+      if (sheds.fetch_add(1) == 0) stolen.store(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    });
+    const std::vector<int> fillers = fill_fd_table_but_one();
+    UniqueFd queued = try_connect_unix(sock);
+    if (!queued) ::_exit(12);
+    // Retried (each try reaches the hook) while the slot stays taken.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (sheds.load() < 5 && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+    if (sheds.load() < 5 || stolen.load() < 0) ::_exit(13);
+    ::close(stolen.load());  // a slot is free again
+    const bool refused = closed_by_server(queued.get(), std::chrono::seconds(20));
+    for (int fd : fillers) ::close(fd);
+    queued.reset();
+    UniqueFd next = try_connect_unix(sock);
+    const bool read_again =
+        next && ::send(next.get(), "x", 1, MSG_NOSIGNAL) == 1 && closed_by_server(next.get(), std::chrono::seconds(20));
+    (*server)->stop();
+    serving.join();
+    test_hooks::clear(HookPoint::kBeforeShedAccept);
+    ::_exit(refused ? (read_again ? 0 : 15) : 14);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  const std::string text = read_file(log);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child status " << status << "\n" << text;
+  EXPECT_EQ(
+      count(text, "event=accept_failed socket=vm error=\"no fd to shed the connection with: Too many open files\""), 1u)
+      << text;
+  EXPECT_EQ(count(text, "event=accept_failed"), 1u) << "said more than once for one episode\n" << text;
+  EXPECT_EQ(count(text, "event=connection_refused socket=vm reason=out_of_resources"), 1u) << text;
+  EXPECT_NE(text.find("pid=" + std::to_string(child) + " "), std::string::npos) << text;
+  EXPECT_NE(text.find("event=handshake_failed"), std::string::npos) << text;
+}
+
 // The control socket is polled by several threads: under EMFILE each of
 // them may see accept() fail for one connection. Exactly one sheds it; the
 // others find nothing queued and neither log a refusal nor spin. A gate

@@ -59,7 +59,7 @@ int rename_into_place(int dir_fd, const std::string& tmp, const std::string& fin
   if (if_exists == IfExists::kReplace) return ::renameat(dir_fd, tmp.c_str(), dir_fd, final_name.c_str());
   if (::renameat2(dir_fd, tmp.c_str(), dir_fd, final_name.c_str(), RENAME_NOREPLACE) == 0) return 0;
   if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) return -1;
-  // A file system (EINVAL) or a kernel or sandbox (ENOSYS) without
+  // A file system (EINVAL, EOPNOTSUPP) or a kernel or sandbox (ENOSYS) without
   // RENAME_NOREPLACE: a hard link is just as exclusive (EEXIST), and the
   // temporary name then goes.
   if (::linkat(dir_fd, tmp.c_str(), dir_fd, final_name.c_str(), 0) != 0) return -1;

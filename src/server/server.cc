@@ -774,10 +774,11 @@ std::vector<Server::Attachment> Server::attachments() const {
 }
 
 bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) {
-  std::lock_guard lock(reserve_mu_);
+  std::unique_lock lock(reserve_mu_);
   const int fd = ::accept4(listener_fd, nullptr, nullptr, SOCK_CLOEXEC);
   if (fd >= 0) {
     out->reset(fd);
+    shed_failing_ = false;
     return true;
   }
   const int err = errno;
@@ -790,6 +791,9 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
   // without this every poll would return at once. Free the reserved fd,
   // accept the connection on it and refuse it; then take the reserve back.
   reserve_fd_.reset();
+  HookContext shed_hook;
+  shed_hook.address = static_cast<uint64_t>(listener_fd);
+  FAULTLINE_HOOK(HookPoint::kBeforeShedAccept, shed_hook);
   UniqueFd shed(::accept4(listener_fd, nullptr, nullptr, SOCK_CLOEXEC));
   const bool took = static_cast<bool>(shed);
   const int shed_err = took ? 0 : errno;
@@ -814,12 +818,22 @@ bool Server::accept_or_shed(int listener_fd, const char* socket, UniqueFd* out) 
     // Nothing queued any more: another thread polling the same listener (the
     // control socket has several) took the connection, or its client gave up.
     if (shed_err == EAGAIN || shed_err == EWOULDBLOCK || shed_err == ECONNABORTED || shed_err == EINTR) return false;
-    // The slot freed was taken by another thread of the daemon first.
-    log_.error(
-        "accept_failed",
-        {{"socket", socket}, {"error", std::string("no fd to shed the connection with: ") + std::strerror(shed_err)}});
+    // The reserve was lost (another thread of the daemon took the slot it
+    // freed) or freeing it freed nothing (ENOBUFS, ENOMEM): the connection
+    // stays queued and the listener readable. Said once for the episode;
+    // the caller's poll returns at once, so wait a little before it does.
+    if (!shed_failing_) {
+      shed_failing_ = true;
+      log_.error("accept_failed",
+                 {{"socket", socket},
+                  {"error", std::string("no fd to shed the connection with: ") + std::strerror(shed_err)},
+                  {"effect", "said once until an accept succeeds; retried every 10 ms"}});
+    }
+    lock.unlock();
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
     return false;
   }
+  shed_failing_ = false;
   // Counted before the line, noted as ended after it (as refuse() does): a
   // reader of the line then finds the refusal in the metrics.
   const bool vm = std::string_view(socket) == "vm";

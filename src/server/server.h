@@ -361,8 +361,10 @@ class Server {
   // pending connection, then taken again. Every accept (run()'s for the VM
   // sockets, the control threads') holds reserve_mu_, so no other accept
   // takes the slot a shed frees before the reserve is taken back.
+  // Lock order: reserve_mu_ before mu_ (a refusal is noted under mu_).
   mutable std::mutex reserve_mu_;
-  UniqueFd reserve_fd_;  // GUARDED_BY(reserve_mu_)
+  UniqueFd reserve_fd_;        // GUARDED_BY(reserve_mu_)
+  bool shed_failing_ = false;  // GUARDED_BY(reserve_mu_): accept_failed said for this episode
   uint64_t next_id_ = 1;
   std::vector<std::thread> control_threads_;
 

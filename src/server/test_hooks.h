@@ -34,6 +34,8 @@ enum class HookPoint {
   kLookupWaitsForStart,  // a session lookup (control), about to wait for a session mid-start (address = id, 0: any)
   kControlBeforeAccept,  // control thread, its poll saw the listener readable, before it accepts
   kControlAfterAccept,   // control thread, after its accept (address = 1 when it took a connection to serve)
+  kBeforeShedAccept,  // accept_or_shed, out of fds, reserve fd closed, before the accept that sheds (address = listener
+                      // fd)
   kCount,
 };
 

@@ -60,21 +60,36 @@ bool eventually(const std::function<bool()>& cond) {
   return true;
 }
 
-TEST(FrameCache, ConcurrentMissesOfOneFrameRunOneLoad) {
-  FrameCache cache(64 << 20);
+// A loader held inside its load (a load stuck on a store) until open(),
+// counting its calls; open() may be called more than once.
+struct HeldLoader {
   std::promise<void> gate;
   std::shared_future<void> opened = gate.get_future().share();
+  std::once_flag once;
   std::atomic<int> loads{0};
-  auto loader = [&]() -> Result<FrameBuffer> {
-    loads.fetch_add(1);
-    opened.wait();  // held until the second get() is waiting on this load
-    return bytes_of(4096, 'a');
-  };
+  // A loader that, once opened, returns what `result` gives.
+  std::function<Result<FrameBuffer>()> returning(std::function<Result<FrameBuffer>()> result) {
+    return [this, result = std::move(result)] {
+      loads.fetch_add(1);
+      opened.wait();
+      return result();
+    };
+  }
+  void open() {
+    std::call_once(once, [this] { gate.set_value(); });
+  }
+};
+
+TEST(FrameCache, ConcurrentMissesOfOneFrameRunOneLoad) {
+  FrameCache cache(64 << 20);
+  HeldLoader held;  // held until the second get() is waiting on this load
+  auto loader = held.returning([] { return bytes_of(4096, 'a'); });
+  std::atomic<int>& loads = held.loads;
   auto first = std::async(std::launch::async, [&] { return cache.get(id_of("x"), loader); });
   ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
   auto second = std::async(std::launch::async, [&] { return cache.get(id_of("x"), loader); });
   ASSERT_TRUE(eventually([&] { return cache.stats().waits == 1; }));
-  gate.set_value();
+  held.open();
   auto a = first.get();
   auto b = second.get();
   ASSERT_TRUE(a && b);
@@ -89,16 +104,10 @@ TEST(FrameCache, ConcurrentMissesOfOneFrameRunOneLoad) {
 // wait of that: the load itself goes on for whoever else wants it.
 TEST(FrameCache, AWaitForAnotherThreadsLoadEndsAtTheDeadlineAndWhenCancelled) {
   FrameCache cache(64 << 20);
-  std::promise<void> gate;
-  std::shared_future<void> opened = gate.get_future().share();
-  std::atomic<int> loads{0};
-  auto loader = [&]() -> Result<FrameBuffer> {
-    loads.fetch_add(1);
-    opened.wait();  // a load stuck on a store, until the end of the test
-    return bytes_of(4096, 'w');
-  };
-  std::once_flag gate_opened;
-  const auto open_gate = [&] { std::call_once(gate_opened, [&] { gate.set_value(); }); };
+  HeldLoader held;  // a load stuck on a store, until the end of the test
+  auto loader = held.returning([] { return bytes_of(4096, 'w'); });
+  std::atomic<int>& loads = held.loads;
+  const auto open_gate = [&] { held.open(); };
   auto loading = std::async(std::launch::async, [&] { return cache.get(id_of("stuck"), loader); });
   const OnExit release_loader{open_gate};  // after `loading`: a failed ASSERT opens the gate before waiting for it
   ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
@@ -133,19 +142,13 @@ TEST(FrameCache, AWaitForAnotherThreadsLoadEndsAtTheDeadlineAndWhenCancelled) {
 
 TEST(FrameCache, AFailedLoadReachesEveryWaiterAndIsNotCached) {
   FrameCache cache(64 << 20);
-  std::promise<void> gate;
-  std::shared_future<void> opened = gate.get_future().share();
-  std::atomic<int> loads{0};
-  auto failing = [&]() -> Result<FrameBuffer> {
-    loads.fetch_add(1);
-    opened.wait();
-    return fail("blob damaged", EIO);
-  };
+  HeldLoader held;
+  auto failing = held.returning([]() -> Result<FrameBuffer> { return fail("blob damaged", EIO); });
   auto first = std::async(std::launch::async, [&] { return cache.get(id_of("y"), failing); });
-  ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
+  ASSERT_TRUE(eventually([&] { return held.loads.load() == 1; }));
   auto second = std::async(std::launch::async, [&] { return cache.get(id_of("y"), failing); });
   ASSERT_TRUE(eventually([&] { return cache.stats().waits == 1; }));
-  gate.set_value();
+  held.open();
   auto a = first.get();
   auto b = second.get();
   ASSERT_FALSE(a);
@@ -339,14 +342,9 @@ TEST(FrameCache, FindNeverLoadsAndAFrameLargerThanTheCacheIsNotKept) {
 
 TEST(FrameCache, LoadAheadNeverWaitsAndAGetDuringItSharesItsLoad) {
   FrameCache cache(64 << 20);
-  std::promise<void> gate;
-  std::shared_future<void> opened = gate.get_future().share();
-  std::atomic<int> loads{0};
-  auto held_loader = [&]() -> Result<FrameBuffer> {
-    loads.fetch_add(1);
-    opened.wait();
-    return bytes_of(4096, 'a');
-  };
+  HeldLoader held;
+  auto held_loader = held.returning([] { return bytes_of(4096, 'a'); });
+  std::atomic<int>& loads = held.loads;
   auto ahead = std::async(std::launch::async, [&] { return cache.load_ahead(id_of("x"), held_loader); });
   ASSERT_TRUE(eventually([&] { return loads.load() == 1; }));
   // Another load ahead of the same frame returns at once, having done nothing.
@@ -355,7 +353,7 @@ TEST(FrameCache, LoadAheadNeverWaitsAndAGetDuringItSharesItsLoad) {
   EXPECT_EQ(*again, nullptr);
   auto wanted = std::async(std::launch::async, [&] { return cache.get(id_of("x"), held_loader); });
   ASSERT_TRUE(eventually([&] { return cache.stats().waits == 1; }));
-  gate.set_value();
+  held.open();
   auto a = ahead.get();
   auto w = wanted.get();
   ASSERT_TRUE(a && w);
@@ -363,9 +361,9 @@ TEST(FrameCache, LoadAheadNeverWaitsAndAGetDuringItSharesItsLoad) {
   EXPECT_EQ(a->get(), w->get()) << "the get() had the frame of the load ahead";
   EXPECT_EQ(loads.load(), 1);
   // Held now: nothing to do.
-  auto held = cache.load_ahead(id_of("x"), held_loader);
-  ASSERT_TRUE(held);
-  EXPECT_EQ(*held, nullptr);
+  auto resident = cache.load_ahead(id_of("x"), held_loader);
+  ASSERT_TRUE(resident);
+  EXPECT_EQ(*resident, nullptr);
   EXPECT_EQ(loads.load(), 1);
 }
 

@@ -838,6 +838,32 @@ std::vector<int> fill_fd_table_but_one() {
   return fillers;
 }
 
+// The daemon of a forked EMFILE test child, logging to `log` (exit 10 when
+// it cannot be created). finish() stops it and joins its run(); the child
+// calls it before it clears its hooks and exits, so that no hook runs on
+// the child's state after that.
+class ChildDaemon {
+ public:
+  ChildDaemon(const std::string& log, const ServerConfig& config)
+      : logger_(LogFormat::kText, LogLevel::kDebug,
+                ::open(log.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644)) {
+    auto server = Server::create(config, logger_);
+    if (!server) ::_exit(10);
+    server_ = std::move(*server);
+    serving_ = std::thread([this] { (void)server_->run(); });
+  }
+  int finish(int code) {
+    server_->stop();
+    serving_.join();
+    return code;
+  }
+
+ private:
+  Logger logger_;
+  std::unique_ptr<Server> server_;
+  std::thread serving_;
+};
+
 TEST(Resources, AcceptUnderEmfileShedsTheConnectionThroughTheReservedFd) {
   // In a child process (RLIMIT_NOFILE and a full fd table are per process):
   // the fd table is filled to the last slot, one slot is freed for a client
@@ -850,11 +876,7 @@ TEST(Resources, AcceptUnderEmfileShedsTheConnectionThroughTheReservedFd) {
   ASSERT_TRUE(client::write_test_memory_file(mem, 4 * kMiB, 3, 0.1));
   const pid_t child = ::fork();
   if (child == 0) {
-    const int log_fd = ::open(log.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
-    Logger logger(LogFormat::kText, LogLevel::kDebug, log_fd);
-    auto server = Server::create(emfile_test_config(sock, mem), logger);
-    if (!server) ::_exit(10);
-    std::thread serving([&] { (void)(*server)->run(); });
+    ChildDaemon server(log, emfile_test_config(sock, mem));
     const std::vector<int> fillers = fill_fd_table_but_one();
     UniqueFd shed = try_connect_unix(sock);
     if (!shed) ::_exit(12);
@@ -865,9 +887,7 @@ TEST(Resources, AcceptUnderEmfileShedsTheConnectionThroughTheReservedFd) {
     UniqueFd next = try_connect_unix(sock);
     const bool read_again = next && ::send(next.get(), "x", 1, MSG_NOSIGNAL) == 1 &&
                             closed_by_server(next.get(), std::chrono::seconds(20));
-    (*server)->stop();
-    serving.join();
-    ::_exit(refused ? (read_again ? 0 : 14) : 13);
+    ::_exit(server.finish(refused ? (read_again ? 0 : 14) : 13));
   }
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
@@ -904,11 +924,7 @@ TEST(Resources, AReserveFdLostToAnotherThreadIsSaidOnceAndTakenBackWhenASlotIsFr
   ASSERT_TRUE(client::write_test_memory_file(mem, 4 * kMiB, 3, 0.1));
   const pid_t child = ::fork();
   if (child == 0) {
-    const int log_fd = ::open(log.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
-    Logger logger(LogFormat::kText, LogLevel::kDebug, log_fd);
-    auto server = Server::create(emfile_test_config(sock, mem), logger);
-    if (!server) ::_exit(10);
-    std::thread serving([&] { (void)(*server)->run(); });
+    ChildDaemon server(log, emfile_test_config(sock, mem));
     std::atomic<int> stolen{-1};
     std::atomic<int> sheds{0};
     test_hooks::set(HookPoint::kBeforeShedAccept, [&](HookContext&) {
@@ -928,10 +944,9 @@ TEST(Resources, AReserveFdLostToAnotherThreadIsSaidOnceAndTakenBackWhenASlotIsFr
     UniqueFd next = try_connect_unix(sock);
     const bool read_again =
         next && ::send(next.get(), "x", 1, MSG_NOSIGNAL) == 1 && closed_by_server(next.get(), std::chrono::seconds(20));
-    (*server)->stop();
-    serving.join();
+    const int code = server.finish(refused ? (read_again ? 0 : 15) : 14);
     test_hooks::clear(HookPoint::kBeforeShedAccept);
-    ::_exit(refused ? (read_again ? 0 : 15) : 14);
+    ::_exit(code);
   }
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
@@ -958,14 +973,10 @@ TEST(Resources, ControlThreadsUnderEmfileShedEachConnectionOnceAndServeAgain) {
   constexpr int kConnections = 5;
   const pid_t child = ::fork();
   if (child == 0) {
-    const int log_fd = ::open(log.c_str(), O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
-    Logger logger(LogFormat::kText, LogLevel::kDebug, log_fd);
     ServerConfig c = emfile_test_config(sock, mem);
     c.control_path = ctl;
     c.control_threads = 4;
-    auto server = Server::create(c, logger);
-    if (!server) ::_exit(10);
-    std::thread serving([&] { (void)(*server)->run(); });
+    ChildDaemon server(log, c);
     // The control threads are polling before the fd table fills.
     if (control(ctl, R"({"cmd":"sessions"})") != R"({"sessions":[]})") ::_exit(15);
     // Two threads woken by the first connection wait for each other before
@@ -1016,12 +1027,11 @@ TEST(Resources, ControlThreadsUnderEmfileShedEachConnectionOnceAndServeAgain) {
     }
     for (int fd : fillers) ::close(fd);
     const bool served = control(ctl, R"({"cmd":"sessions"})") == R"({"sessions":[]})";
-    (*server)->stop();
-    serving.join();
+    const int code = server.finish(served ? 0 : 14);
     test_hooks::clear(HookPoint::kControlBeforeAccept);
     test_hooks::clear(HookPoint::kControlAfterAccept);
     if (arrived < 2) ::_exit(16);  // the gate saw one thread: the case was not made
-    ::_exit(served ? 0 : 14);
+    ::_exit(code);
   }
   int status = 0;
   ASSERT_EQ(::waitpid(child, &status, 0), child);
